@@ -1,0 +1,35 @@
+"""Root pytest configuration: shared fixtures for the unit tier.
+
+Each xdist worker runs Paddle on one thread so that ``pytest -n 2`` does not oversubscribe the two cores.
+"""
+
+import os
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+warnings.filterwarnings("ignore", message="No ccache found")
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent
+SHARED = ROOT.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def project_root() -> Path:
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Path:
+    """The bundled default data set (40 people x 6 images + a 100-pair .bin), always present."""
+    return ROOT / "data" / "tiny"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """``../shared`` (read-only material); tests that need it skip when it is absent."""
+    if not SHARED.is_dir():
+        pytest.skip(f"needs the shared material at {SHARED} (not present on this machine)")
+    return SHARED

@@ -1,0 +1,214 @@
+"""Typed configuration: dataclasses loaded from YAML, overridable with ``section.key=value`` strings.
+
+Unknown sections or keys are errors, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from plsc.errors import PlscError
+
+
+class ConfigError(PlscError):
+    """A configuration file or override that cannot be used; the message is one line for the user."""
+
+
+@dataclass
+class DataConfig:
+    source: typing.Literal["folder", "rec", "synthetic"] = "folder"
+    root: str = "data/tiny"
+    label_file: str = "label.txt"
+    rec_file: str = "train.rec"  # for source=rec, relative to root; the .idx sits beside it
+    val_bins: list[str] = field(default_factory=lambda: ["data/tiny/lfw_disjoint_100.bin"])
+    num_classes: int = 0  # 0: read from the labels
+    image_size: int = 112  # images are resized to this square size when it differs from the files
+    num_workers: int = 2
+    skip_bad_samples: bool = False  # True: skip and count unreadable samples instead of stopping
+    synthetic_samples: int = 1024  # for source=synthetic
+
+
+@dataclass
+class ModelConfig:
+    name: str = "iresnet50"
+    embedding_size: int = 512
+    width: float = 1.0  # multiplier on every stage's channel count; tests use tiny models
+    data_format: typing.Literal["NCHW", "NHWC"] = "NCHW"
+    dropout: float = 0.0
+
+
+@dataclass
+class LossConfig:
+    margins: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.0])  # (m1, m2, m3): ArcFace
+    scale: float = 64.0
+    sample_ratio: float = 1.0  # PartialFC: fraction of each rank's class centers used per step
+    momentum_mode: typing.Literal["lazy", "dense"] = "lazy"
+    center_dtype: typing.Literal["float32", "float16"] = "float32"  # storage dtype of class centers
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_steps: int = 0
+    schedule: typing.Literal["step", "poly"] = "step"
+    decay_unit: typing.Literal["epoch", "step"] = "epoch"
+    decay_boundaries: list[int] = field(default_factory=lambda: [10, 16, 22])
+    decay_factor: float = 0.1
+    poly_power: float = 2.0
+    clip_norm: float = 0.0  # 0 disables clip-by-global-norm
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 128  # per rank, as in PLSC
+    epochs: int = 25
+    max_steps: int = 0  # > 0 stops after this many steps, whatever epochs says
+    seed: int = 42
+    log_interval: int = 100
+    eval_interval: int = 2000
+    save_interval: int = 0  # 0: save at the end of every epoch only
+    keep_checkpoints: int = 1
+    mode: typing.Literal["dynamic", "static"] = "dynamic"
+    precision: typing.Literal["fp32", "fp16", "amp"] = "fp32"
+    eval_batch_size: int = 64
+    loss_scale_init: float = 27648.0
+    loss_scale_growth_interval: int = 2000
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value, annotation, where: str):
+    """Convert a YAML value to the field's declared type, or raise ConfigError."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(annotation):
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[-1])
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {annotation}")
+
+
+def _section_types(cls) -> dict[str, object]:
+    return typing.get_type_hints(cls)
+
+
+def _merge(config: Config, raw: dict, origin: str) -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: the top level must be a mapping of sections")
+    sections = _section_types(Config)
+    for section_name, values in raw.items():
+        if section_name not in sections:
+            raise ConfigError(f"{origin}: unknown section '{section_name}' (known: {', '.join(sections)})")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{origin}: section '{section_name}' must be a mapping")
+        section = getattr(config, section_name)
+        hints = _section_types(type(section))
+        for key, value in values.items():
+            if key not in hints:
+                raise ConfigError(f"{origin}: unknown key '{section_name}.{key}'")
+            setattr(section, key, _coerce(value, hints[key], f"{origin}: {section_name}.{key}"))
+    return config
+
+
+def parse_override(text: str) -> dict:
+    """``section.key=value`` -> ``{section: {key: value}}``; the value is parsed as YAML (so 0.1, true, [1,2])."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form section.key=value")
+    path, raw_value = text.split("=", 1)
+    parts = path.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override '{text}': the key must be section.key, e.g. train.batch_size")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    except yaml.YAMLError:
+        value = raw_value
+    return {parts[0]: {parts[1]: value}}
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Config:
+    config = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        _merge(config, raw, str(path))
+    for text in overrides:
+        _merge(config, parse_override(text), f"--set {text}")
+    validate(config)
+    return config
+
+
+def config_from_dict(raw: dict) -> Config:
+    config = _merge(Config(), raw, "config")
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    if not 0.0 < config.loss.sample_ratio <= 1.0:
+        raise ConfigError(f"loss.sample_ratio must be in (0, 1], got {config.loss.sample_ratio}")
+    if len(config.loss.margins) != 3:
+        raise ConfigError(f"loss.margins must be [m1, m2, m3], got {config.loss.margins}")
+    if config.train.batch_size < 1:
+        raise ConfigError(f"train.batch_size must be >= 1, got {config.train.batch_size}")
+    if config.model.width <= 0:
+        raise ConfigError(f"model.width must be > 0, got {config.model.width}")
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
