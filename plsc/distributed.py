@@ -1,0 +1,139 @@
+"""The few collectives the model-parallel classifier needs, behind one small interface.
+
+Single-process training uses :class:`LocalComm`, whose collectives are identities, so the single-process and
+distributed paths run the same loss code. :class:`CollectiveComm` does the real thing with
+``paddle.distributed`` (gloo on CPU, NCCL on GPU).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import paddle
+import paddle.distributed as dist
+
+
+@dataclass(frozen=True)
+class ClassShard:
+    """The contiguous range of global class ids one rank owns: ``[start, start + count)``."""
+
+    start: int
+    count: int
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.count
+
+
+def shard_classes(num_classes: int, rank: int, world_size: int) -> ClassShard:
+    """Balanced contiguous sharding: the first ``num_classes % world_size`` ranks get one extra class.
+
+    Works for any ``num_classes >= 0`` (a rank may own zero classes when there are fewer classes than ranks).
+    """
+    base, extra = divmod(num_classes, world_size)
+    start = rank * base + min(rank, extra)
+    return ClassShard(start, base + (1 if rank < extra else 0))
+
+
+class LocalComm:
+    """One process: every collective is the identity."""
+
+    rank = 0
+    world_size = 1
+
+    def all_gather_with_grad(self, tensor: paddle.Tensor) -> paddle.Tensor:
+        return tensor
+
+    def all_gather(self, tensor: paddle.Tensor) -> paddle.Tensor:
+        return tensor
+
+    def all_reduce_max(self, tensor: paddle.Tensor) -> paddle.Tensor:
+        return tensor
+
+    def sum_across_ranks(self, tensor: paddle.Tensor) -> paddle.Tensor:
+        """Sum over ranks; the gradient flows to this rank's own term only."""
+        return tensor
+
+    def all_reduce_sum_(self, tensor: paddle.Tensor) -> paddle.Tensor:
+        return tensor
+
+    def any_true(self, flag: bool) -> bool:
+        return flag
+
+    def barrier(self) -> None:
+        pass
+
+
+class _AllGatherWithGrad(paddle.autograd.PyLayer):
+    """all_gather forward; backward returns this rank's slice of the gradient summed over ranks.
+
+    ``dist.all_gather`` alone passes no gradient. Gloo has no reduce_scatter, so the backward is an all_reduce
+    followed by a slice; on NCCL the same result could come from reduce_scatter with less traffic.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor):
+        ctx.rank = dist.get_rank()
+        ctx.rows = tensor.shape[0]
+        parts: list[paddle.Tensor] = []
+        dist.all_gather(parts, tensor)
+        return paddle.concat(parts, axis=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        begin = ctx.rank * ctx.rows
+        return grad[begin : begin + ctx.rows]
+
+
+class CollectiveComm:
+    """Collectives across the ranks of the default process group (initialised by the caller)."""
+
+    def __init__(self) -> None:
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+
+    def all_gather_with_grad(self, tensor: paddle.Tensor) -> paddle.Tensor:
+        return _AllGatherWithGrad.apply(tensor)
+
+    def all_gather(self, tensor: paddle.Tensor) -> paddle.Tensor:
+        parts: list[paddle.Tensor] = []
+        dist.all_gather(parts, tensor)
+        return paddle.concat(parts, axis=0)
+
+    def all_reduce_max(self, tensor: paddle.Tensor) -> paddle.Tensor:
+        result = tensor.detach().clone()
+        dist.all_reduce(result, op=dist.ReduceOp.MAX)
+        return result
+
+    def sum_across_ranks(self, tensor: paddle.Tensor) -> paddle.Tensor:
+        # The others' terms enter as a constant: each rank differentiates only its own contribution, and
+        # the all-gather backward sums those contributions where they meet (the embeddings).
+        total = tensor.detach().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return tensor + (total - tensor.detach())
+
+    def all_reduce_sum_(self, tensor: paddle.Tensor) -> paddle.Tensor:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def any_true(self, flag: bool) -> bool:
+        """A decision every rank takes together (found_inf, early stop, best model)."""
+        value = paddle.to_tensor([1.0 if flag else 0.0])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item() > 0)
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+
+def make_comm():
+    """LocalComm for a single process, CollectiveComm when launched with more than one rank."""
+    world_size = int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))
+    if world_size <= 1:
+        return LocalComm()
+    if not dist.is_initialized():
+        dist.init_parallel_env()
+    return CollectiveComm()

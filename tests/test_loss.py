@@ -1,0 +1,238 @@
+"""Margin softmax, PartialFC sampling and sparse momentum, each against an independent numpy reference."""
+
+import math
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+import pytest
+
+from plsc.distributed import shard_classes
+from plsc.loss.margin import ARCFACE, COSFACE, Margin, margin_logits, softmax_cross_entropy, target_logit
+from plsc.loss.partial_fc import PartialFC, init_class_centers, num_sampled, sample_centers
+from plsc.distributed import LocalComm
+
+COMBINED = Margin(0.9, 0.4, 0.15, 32.0)
+
+
+def numpy_margin_loss(cosine, labels, margin):
+    """Reference: float64, explicit theta, per-row log-sum-exp."""
+    cosine = cosine.astype(np.float64)
+    logits = margin.scale * cosine.copy()
+    rows = np.arange(len(labels))
+    theta = np.arccos(cosine[rows, labels])
+    logits[rows, labels] = margin.scale * (np.cos(margin.m1 * theta + margin.m2) - margin.m3)
+    top = logits.max(axis=1, keepdims=True)
+    log_sum = np.log(np.exp(logits - top).sum(axis=1)) + top[:, 0]
+    return np.mean(log_sum - logits[rows, labels])
+
+
+def random_cosine(rng, batch, classes):
+    return rng.uniform(-0.95, 0.95, size=(batch, classes))
+
+
+@pytest.mark.parametrize("margin", [ARCFACE, COSFACE, COMBINED], ids=["arcface", "cosface", "combined"])
+def test_margin_loss_matches_numpy(margin):
+    rng = np.random.default_rng(0)
+    cosine = random_cosine(rng, 6, 11)
+    labels = rng.integers(0, 11, size=6)
+    x = paddle.to_tensor(cosine)
+    y = paddle.to_tensor(labels)
+    loss = softmax_cross_entropy(margin_logits(x, y, margin), y, LocalComm())
+    np.testing.assert_allclose(float(loss), numpy_margin_loss(cosine, labels, margin), rtol=1e-10)
+
+
+@pytest.mark.parametrize("margin", [ARCFACE, COSFACE, COMBINED], ids=["arcface", "cosface", "combined"])
+def test_margin_loss_gradient_matches_finite_differences(margin):
+    rng = np.random.default_rng(1)
+    cosine = random_cosine(rng, 4, 5)
+    labels = rng.integers(0, 5, size=4)
+    x = paddle.to_tensor(cosine, stop_gradient=False)
+    y = paddle.to_tensor(labels)
+    softmax_cross_entropy(margin_logits(x, y, margin), y, LocalComm()).backward()
+    numeric = np.zeros_like(cosine)
+    h = 1e-6
+    for i in range(cosine.shape[0]):
+        for j in range(cosine.shape[1]):
+            plus, minus = cosine.copy(), cosine.copy()
+            plus[i, j] += h
+            minus[i, j] -= h
+            numeric[i, j] = (numpy_margin_loss(plus, labels, margin) - numpy_margin_loss(minus, labels, margin)) / (
+                2 * h
+            )
+    np.testing.assert_allclose(x.grad.numpy(), numeric, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("margin", [ARCFACE, COMBINED], ids=["arcface", "combined"])
+def test_target_logit_is_finite_at_theta_zero_and_pi(margin):
+    # Normalised dot products can round slightly past +-1.
+    x = paddle.to_tensor(np.array([1.0, 1.0000001, -1.0, -1.0000001, 0.9999999], dtype=np.float32), stop_gradient=False)
+    y = target_logit(x, margin)
+    y.sum().backward()
+    assert np.all(np.isfinite(y.numpy())) and np.all(np.isfinite(x.grad.numpy()))
+    np.testing.assert_allclose(y.numpy()[0], math.cos(margin.m2) - margin.m3, atol=2e-3)
+
+
+def test_rows_without_target_get_no_margin():
+    rng = np.random.default_rng(2)
+    cosine = paddle.to_tensor(random_cosine(rng, 3, 4))
+    logits = margin_logits(cosine, paddle.to_tensor(np.array([-1, -1, -1])), ARCFACE)
+    np.testing.assert_allclose(logits.numpy(), 64.0 * cosine.numpy(), rtol=1e-12)
+
+
+# --- PartialFC -------------------------------------------------------------------------------------------
+
+
+def test_init_is_per_class_and_independent_of_sharding():
+    full = init_class_centers(7, 0, 9000, 8)
+    for world in (2, 3, 4):
+        parts = [init_class_centers(7, s.start, s.count, 8) for s in (shard_classes(9000, r, world) for r in range(world))]
+        np.testing.assert_array_equal(np.concatenate(parts), full)
+    assert full.dtype == np.float32
+    assert abs(full.std() - 0.01) < 1e-3
+    assert not np.array_equal(init_class_centers(8, 0, 10, 8), full[:10])
+
+
+@pytest.mark.parametrize("num_classes,world", [(9, 4), (10, 3), (3, 4), (100, 1)])
+def test_shards_are_balanced_and_contiguous(num_classes, world):
+    shards = [shard_classes(num_classes, r, world) for r in range(world)]
+    assert shards[0].start == 0 and shards[-1].stop == num_classes
+    assert all(a.stop == b.start for a, b in zip(shards, shards[1:]))
+    sizes = [s.count for s in shards]
+    assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5, 1.0])
+def test_sampling_keeps_positives_and_count(ratio):
+    rng = np.random.default_rng(3)
+    num_local = 200
+    labels = rng.integers(-50, 250, size=64)  # values outside [0, 200) belong to other ranks
+    index, remapped = sample_centers(labels, num_local, ratio, seed=5, step=11, rank=1)
+    mine = (labels >= 0) & (labels < num_local)
+    positives = set(labels[mine].tolist())
+    assert positives <= set(index.tolist())
+    assert len(index) == max(num_sampled(num_local, ratio), len(positives))
+    assert len(set(index.tolist())) == len(index)
+    assert np.all(np.diff(index) > 0) and index.min() >= 0 and index.max() < num_local
+    np.testing.assert_array_equal(index[remapped[mine]], labels[mine])
+    assert np.all(remapped[~mine] == -1)
+
+
+def test_sampling_is_deterministic_and_varies_with_step_and_rank():
+    labels = np.arange(5)
+    first = sample_centers(labels, 1000, 0.1, seed=1, step=3, rank=0)[0]
+    np.testing.assert_array_equal(first, sample_centers(labels, 1000, 0.1, seed=1, step=3, rank=0)[0])
+    assert not np.array_equal(first, sample_centers(labels, 1000, 0.1, seed=1, step=4, rank=0)[0])
+    assert not np.array_equal(first, sample_centers(labels, 1000, 0.1, seed=1, step=3, rank=1)[0])
+    assert not np.array_equal(first, sample_centers(labels, 1000, 0.1, seed=2, step=3, rank=0)[0])
+
+
+def test_negatives_are_uniform():
+    counts = np.zeros(50)
+    labels = np.array([0, 1, 2, 3, 4])
+    for step in range(2000):
+        index, _ = sample_centers(labels, 50, 0.2, seed=0, step=step, rank=0)
+        counts[index] += 1
+    assert np.all(counts[:5] == 2000)
+    negatives = counts[5:] / 2000  # each of the 45 negatives is drawn with probability 5/45
+    assert np.all(np.abs(negatives - 5 / 45) < 0.03)
+
+
+def test_full_ratio_equals_full_classifier_loss_and_gradients():
+    rng = np.random.default_rng(4)
+    batch, emb, classes = 8, 16, 13
+    head = PartialFC(classes, emb, ARCFACE, sample_ratio=1.0, seed=3)
+    embeddings = rng.standard_normal((batch, emb)).astype(np.float32)
+    labels = rng.integers(0, classes, size=batch)
+
+    x = paddle.to_tensor(embeddings, stop_gradient=False)
+    loss = head(x, paddle.to_tensor(labels), step=0)
+    loss.backward()
+
+    # Independent reference: a plain full classifier with the weight as an ordinary parameter.
+    x_ref = paddle.to_tensor(embeddings, stop_gradient=False)
+    w_ref = paddle.to_tensor(init_class_centers(3, 0, classes, emb), stop_gradient=False)
+    cosine = paddle.matmul(F.normalize(x_ref, axis=1), F.normalize(w_ref, axis=1), transpose_y=True)
+    logits = cosine * 64.0
+    theta = paddle.acos(paddle.clip(cosine, -1, 1))
+    target = 64.0 * paddle.cos(theta + 0.5)
+    one_hot = F.one_hot(paddle.to_tensor(labels), classes)
+    logits = logits * (1 - one_hot) + target * one_hot
+    loss_ref = F.cross_entropy(logits, paddle.to_tensor(labels).unsqueeze(1))
+    loss_ref.backward()
+
+    np.testing.assert_allclose(float(loss), float(loss_ref), rtol=1e-5)
+    np.testing.assert_allclose(x.grad.numpy(), x_ref.grad.numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(head.sampled_grad.numpy(), w_ref.grad.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_sampled_loss_equals_full_classifier_restricted_to_sampled_columns():
+    rng = np.random.default_rng(5)
+    batch, emb, classes = 6, 8, 40
+    head = PartialFC(classes, emb, COSFACE, sample_ratio=0.25, seed=1)
+    embeddings = rng.standard_normal((batch, emb)).astype(np.float32)
+    labels = rng.integers(0, classes, size=batch)
+    loss = head(paddle.to_tensor(embeddings), paddle.to_tensor(labels), step=7)
+    index, remapped = head.sample(labels, 7)
+    assert len(index) == max(10, len(set(labels.tolist())))
+
+    weight = init_class_centers(1, 0, classes, emb)[index].astype(np.float64)
+    e = embeddings.astype(np.float64)
+    cosine = (e / np.linalg.norm(e, axis=1, keepdims=True)) @ (weight / np.linalg.norm(weight, axis=1, keepdims=True)).T
+    np.testing.assert_allclose(float(loss), numpy_margin_loss(cosine, remapped, COSFACE), rtol=1e-5)
+
+
+# --- sparse momentum --------------------------------------------------------------------------------------
+
+
+def numpy_momentum(weight, velocity, full_grad, lr, mu, wd, rows=None):
+    """Dense Paddle-Momentum reference; ``rows`` restricts the update to those rows (lazy)."""
+    w, v = weight.astype(np.float64).copy(), velocity.astype(np.float64).copy()
+    rows = np.arange(len(w)) if rows is None else rows
+    g = full_grad[rows] + wd * w[rows]
+    v[rows] = mu * v[rows] + g
+    w[rows] = w[rows] - lr * v[rows]
+    return w, v
+
+
+@pytest.mark.parametrize("mode", ["lazy", "dense"])
+def test_sparse_momentum_matches_numpy_over_several_steps(mode):
+    rng = np.random.default_rng(6)
+    classes, emb, lr, mu, wd = 30, 4, 0.1, 0.9, 5e-4
+    head = PartialFC(classes, emb, ARCFACE, sample_ratio=0.3, momentum_mode=mode, seed=2)
+    w_ref = head.weight.numpy().astype(np.float64)
+    v_ref = np.zeros_like(w_ref)
+    for step in range(5):
+        embeddings = paddle.to_tensor(rng.standard_normal((4, emb)).astype(np.float32))
+        labels = rng.integers(0, classes, size=4)
+        head(embeddings, paddle.to_tensor(labels), step).backward()
+        index = head._index.numpy()
+        full_grad = np.zeros_like(w_ref)
+        full_grad[index] = head.sampled_grad.numpy()
+        w_ref, v_ref = numpy_momentum(w_ref, v_ref, full_grad, lr, mu, wd, rows=index if mode == "lazy" else None)
+        head.step(lr, mu, wd)
+    np.testing.assert_allclose(head.weight.numpy(), w_ref, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(head.velocity.numpy(), v_ref, rtol=1e-5, atol=1e-8)
+    if mode == "lazy":
+        untouched = np.all(v_ref == 0, axis=1)
+        assert untouched.any(), "test needs some never-sampled rows"
+        np.testing.assert_array_equal(head.weight.numpy()[untouched], init_class_centers(2, 0, classes, emb)[untouched])
+
+
+def test_fp16_storage_halves_bytes_and_tracks_fp32():
+    rng = np.random.default_rng(7)
+    heads = {dtype: PartialFC(50, 8, ARCFACE, 0.5, center_dtype=dtype, seed=0) for dtype in ("float32", "float16")}
+    assert heads["float16"].weight.dtype == paddle.float16 and heads["float16"].velocity.dtype == paddle.float16
+    nbytes = {d: h.weight.numel().item() * h.weight.element_size() for d, h in heads.items()}
+    assert nbytes["float16"] * 2 == nbytes["float32"]
+    losses = {d: [] for d in heads}
+    for step in range(10):
+        embeddings = rng.standard_normal((4, 8)).astype(np.float32)
+        labels = rng.integers(0, 50, size=4)
+        for dtype, head in heads.items():
+            loss = head(paddle.to_tensor(embeddings), paddle.to_tensor(labels), step)
+            loss.backward()
+            head.step(0.1, 0.9, 5e-4)
+            losses[dtype].append(float(loss))
+    # Relative: at scale 64 the loss is ~50, and float16 rounding of the centers moves each logit by ~1e-3 * s.
+    np.testing.assert_allclose(losses["float16"], losses["float32"], rtol=1e-2)
