@@ -14,23 +14,20 @@ from __future__ import annotations
 import paddle
 
 
-def _as_bits(matrix: paddle.Tensor) -> paddle.Tensor:
-    # Paddle's CPU gather/scatter have no float16 kernels; pairs of float16 values move as one int32.
-    return paddle.view(matrix, "int32") if matrix.dtype == paddle.float16 else matrix
-
-
 def gather_rows(matrix: paddle.Tensor, index: paddle.Tensor) -> paddle.Tensor:
     """``matrix[index]`` as float32, whatever the storage dtype."""
-    rows = paddle.gather(_as_bits(matrix), index)
     if matrix.dtype == paddle.float16:
-        rows = paddle.view(rows, "float16")
+        # Paddle's CPU gather has no float16 kernel; bfloat16 has one in 2.6 and 3.x and the same width, so
+        # the bits move through a free view and are never interpreted as bfloat16 numbers.
+        rows = paddle.view(paddle.gather(paddle.view(matrix, "bfloat16"), index), "float16")
+    else:
+        rows = paddle.gather(matrix, index)
     return rows.astype("float32")
 
 
 def scatter_rows_(matrix: paddle.Tensor, index: paddle.Tensor, rows: paddle.Tensor) -> None:
-    """``matrix[index] = rows`` in place, rounding to the storage dtype."""
-    rows = rows.astype(matrix.dtype)
-    paddle.scatter_(_as_bits(matrix), index, _as_bits(rows), overwrite=True)
+    """``matrix[index] = rows`` in place, rounding to the storage dtype (index_put_ has float16 CPU kernels)."""
+    paddle.index_put_(matrix, (index,), rows.astype(matrix.dtype))
 
 
 @paddle.no_grad()

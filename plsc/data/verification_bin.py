@@ -1,0 +1,172 @@
+"""Face verification sets in insightface's ``.bin`` format (lfw.bin, cfp_fp.bin, agedb_30.bin, ...).
+
+The format is a pickle of ``(images, issame)``: ``images`` is a list of 2P encoded images (JPEG bytes; some
+files hold them as uint8 numpy arrays) and ``issame`` a list of P booleans; pair ``i`` is images ``2i`` and
+``2i+1``. Files written by Python 2 need ``encoding='bytes'`` to unpickle, so we always pass it.
+
+Decoded images are kept as uint8 **RGB** (the channel order the models are trained on), never as floats: a
+full lfw.bin is 12,000 images, 0.45 GB as uint8 but 3.6 GB as float64.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+from plsc.errors import PlscError
+
+# Only these globals may be resolved while unpickling: a .bin is data, and pickle can otherwise run arbitrary
+# code from a downloaded file. ``_codecs.encode`` is how Python 3 pickles bytes at protocol <= 2; the numpy
+# names cover files whose images or labels were stored as arrays.
+_ALLOWED_GLOBALS = frozenset(
+    {
+        ("_codecs", "encode"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "scalar"),
+    }
+)
+
+
+@dataclass(eq=False)
+class VerificationSet:
+    """A decoded verification set.
+
+    ``images``: uint8 [2P, H, W, 3] in RGB order; pair ``i`` is ``images[2*i]`` and ``images[2*i+1]``.
+    ``issame``: bool [P], True when the two images of a pair show the same person.
+    ``name``: the file stem (``lfw`` for ``lfw.bin``), used to label logged results.
+    """
+
+    images: np.ndarray
+    issame: np.ndarray
+    name: str
+
+    @property
+    def pairs(self) -> int:
+        return int(self.issame.shape[0])
+
+
+class _DataOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing to load the global {module}.{name}")
+        return super().find_class(module, name)
+
+
+def load_bin(path: str | os.PathLike, image_size: int | tuple[int, int] = 112) -> VerificationSet:
+    """Read and decode an insightface ``.bin``; images not of ``image_size`` (int or (h, w)) are resized."""
+    path = Path(path)
+    encoded, issame = _read_pickle(path)
+    height, width = _size_pair(image_size)
+    images = np.empty((len(encoded), height, width, 3), dtype=np.uint8)
+    for index, item in enumerate(encoded):
+        images[index] = _decode_rgb(path, index, item, height, width)
+    return VerificationSet(images=images, issame=issame, name=path.stem)
+
+
+def save_bin(path: str | os.PathLike, jpeg_bytes_list: Sequence[bytes], issame: Sequence[bool]) -> None:
+    """Write ``(jpeg_bytes_list, issame)`` as a ``.bin``, atomically (a temp file renamed into place)."""
+    path = Path(path)
+    encoded = [bytes(item) for item in jpeg_bytes_list]
+    labels = [bool(flag) for flag in issame]
+    if len(encoded) != 2 * len(labels):
+        raise PlscError(f"{path}: {len(encoded)} images for {len(labels)} pairs (need exactly 2 per pair)")
+    payload = pickle.dumps((encoded, labels), protocol=4)
+    descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(payload)
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def _read_pickle(path: Path) -> tuple[list, np.ndarray]:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise PlscError(f"cannot read verification file {path}: {exc.strerror or exc}") from None
+    try:
+        content = _DataOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except Exception as exc:  # garbage bytes can raise almost any exception type from the unpickler
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        message = f"{path} is not an insightface verification .bin (cannot unpickle: {reason})"
+        raise PlscError(message) from None
+    return _check_structure(path, content)
+
+
+def _check_structure(path: Path, content) -> tuple[list, np.ndarray]:
+    if not (isinstance(content, (tuple, list)) and len(content) == 2):
+        raise PlscError(f"{path}: expected a pickled (images, issame) pair, found {type(content).__name__}")
+    encoded, flags = content
+    if not isinstance(encoded, (list, tuple)) or not isinstance(flags, (list, tuple, np.ndarray)):
+        raise PlscError(
+            f"{path}: expected (list of encoded images, list of bools), found "
+            f"({type(encoded).__name__}, {type(flags).__name__})"
+        )
+    issame = _as_bool_array(path, flags)
+    if len(issame) == 0:
+        raise PlscError(f"{path}: the verification set has no pairs")
+    if len(encoded) != 2 * len(issame):
+        raise PlscError(f"{path}: {len(encoded)} images for {len(issame)} pairs (need exactly 2 per pair)")
+    # Type errors are checked up front so a malformed file fails before minutes of decoding, not after.
+    for index, item in enumerate(encoded):
+        if not _is_encoded_image(item):
+            raise PlscError(f"{path}: image {index} has type {type(item).__name__}, not encoded image bytes")
+    return list(encoded), issame
+
+
+def _is_encoded_image(item) -> bool:
+    if isinstance(item, (bytes, bytearray)):
+        return True
+    return isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim == 1
+
+
+def _as_bool_array(path: Path, flags) -> np.ndarray:
+    values = np.asarray(flags)
+    if values.ndim != 1:
+        raise PlscError(f"{path}: issame must be a flat list of bools")
+    if values.dtype == np.bool_ or values.size == 0:
+        return values.astype(bool)
+    # Some writers stored 0/1 integers; anything else is not a same/different label.
+    if values.dtype.kind in "iu" and np.isin(values, (0, 1)).all():
+        return values.astype(bool)
+    raise PlscError(f"{path}: issame must hold booleans, found dtype {values.dtype}")
+
+
+def _decode_rgb(path: Path, index: int, item, height: int, width: int) -> np.ndarray:
+    buffer = item if isinstance(item, np.ndarray) else np.frombuffer(item, dtype=np.uint8)
+    image = None
+    if buffer.size:
+        try:
+            image = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+        except cv2.error:
+            image = None
+    if image is None:
+        raise PlscError(f"{path}: image {index} cannot be decoded (corrupt or not an image)")
+    if image.shape[:2] != (height, width):
+        shrinking = image.shape[0] > height or image.shape[1] > width
+        interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR  # area averaging avoids aliasing
+        image = cv2.resize(image, (width, height), interpolation=interpolation)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _size_pair(image_size: int | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(image_size, int):
+        image_size = (image_size, image_size)
+    height, width = (int(side) for side in image_size)
+    if height <= 0 or width <= 0:
+        raise PlscError(f"image_size must be positive, got {image_size}")
+    return height, width
