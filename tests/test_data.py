@@ -1,0 +1,428 @@
+"""Training data: folder data set with injected faults, synthetic data, transforms, sampler, loader."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from plsc.config import DataConfig
+from plsc.data import (
+    DistributedShuffleSampler,
+    EvalTransform,
+    FolderDataset,
+    SyntheticDataset,
+    TrainTransform,
+    build_dataset,
+    build_train_loader,
+    read_image,
+    sample_rng,
+)
+from plsc.data.folder import _is_truncated_jpeg
+from plsc.errors import PlscError
+
+SUBSET = 12  # images copied into each faulty data set: enough for every case, cheap to copy
+
+
+def _tiny_lines(tiny_dir: Path, count: int) -> list[str]:
+    return (tiny_dir / "label.txt").read_text().splitlines()[:count]
+
+
+@pytest.fixture
+def tiny_copy(tmp_path, tiny_dir) -> Path:
+    """The first SUBSET samples of data/tiny in a writable folder."""
+    root = tmp_path / "tiny"
+    (root / "images").mkdir(parents=True)
+    lines = _tiny_lines(tiny_dir, SUBSET)
+    for line in lines:
+        rel = line.split("\t")[0]
+        shutil.copyfile(tiny_dir / rel, root / rel)
+    (root / "label.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _replace_line(root: Path, line_number: int, text: str) -> None:
+    lines = (root / "label.txt").read_text().splitlines()
+    lines[line_number - 1] = text
+    (root / "label.txt").write_text("\n".join(lines) + "\n")
+
+
+def _assert_one_line(error: pytest.ExceptionInfo) -> str:
+    message = str(error.value)
+    assert "\n" not in message and message
+    return message
+
+
+# --- folder data set: the bundled data -------------------------------------------------------------------
+
+
+def test_tiny_folder_dataset_matches_label_file(tiny_dir):
+    dataset = FolderDataset(tiny_dir)
+    assert len(dataset) == 240
+    assert dataset.num_classes == 40
+    assert dataset.labels.dtype == np.int64
+    assert np.array_equal(np.bincount(dataset.labels), np.full(40, 6))
+    image, label = dataset[7]
+    assert image.dtype == np.uint8 and image.shape == (112, 112, 3)
+    assert label == 1 and isinstance(label, int)
+    assert np.array_equal(image, cv2.imread(str(tiny_dir / "images" / "00000008.jpg"), cv2.IMREAD_COLOR))
+    assert np.array_equal(dataset[-1][0], dataset[239][0])
+    with pytest.raises(IndexError):
+        dataset[240]
+
+
+# --- folder data set: strict mode faults -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad_line, expected",
+    [
+        ("images/00000003.jpg", "got 1 fields"),
+        ("images/00000003.jpg\t0\t7", "got 3 fields"),
+        ("images/00000003.jpg\tzero", "'zero' is not a non-negative integer"),
+        ("images/00000003.jpg\t-1", "'-1' is not a non-negative integer"),
+        ("images/00000003.jpg\t1.5", "'1.5' is not a non-negative integer"),
+    ],
+)
+def test_bad_line_names_label_file_and_line(tiny_copy, bad_line, expected):
+    _replace_line(tiny_copy, 3, bad_line)
+    with pytest.raises(PlscError) as error:
+        FolderDataset(tiny_copy)
+    message = _assert_one_line(error)
+    assert str(tiny_copy / "label.txt") in message
+    assert "line 3:" in message and expected in message
+
+
+def test_missing_image_names_line_and_path(tiny_copy):
+    (tiny_copy / "images" / "00000005.jpg").unlink()
+    (tiny_copy / "images" / "00000009.jpg").unlink()
+    with pytest.raises(PlscError) as error:
+        FolderDataset(tiny_copy)
+    message = _assert_one_line(error)
+    assert "label.txt line 5: image not found" in message
+    assert "00000005.jpg" in message and "1 more missing" in message
+
+
+def test_missing_label_file_and_root(tmp_path):
+    with pytest.raises(PlscError, match="label file not found"):
+        FolderDataset(tmp_path)
+    with pytest.raises(PlscError, match="not a directory"):
+        FolderDataset(tmp_path / "nowhere")
+
+
+def test_label_file_without_samples(tmp_path):
+    (tmp_path / "label.txt").write_text("# only a comment\n\n")
+    with pytest.raises(PlscError, match="no usable samples"):
+        FolderDataset(tmp_path)
+
+
+def _corrupt(path: Path, kind: str) -> None:
+    if kind == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif kind == "text":
+        path.write_text("this is not a JPEG\n")
+    else:
+        path.write_bytes(b"")
+
+
+@pytest.mark.parametrize("kind", ["truncated", "text", "empty"])
+def test_corrupt_image_fails_when_read_naming_the_file(tiny_copy, kind):
+    _corrupt(tiny_copy / "images" / "00000004.jpg", kind)
+    dataset = FolderDataset(tiny_copy)  # existence is checked up front, decodability only when read
+    assert len(dataset) == SUBSET
+    dataset[2]
+    with pytest.raises(PlscError) as error:
+        dataset[3]
+    message = _assert_one_line(error)
+    assert "cannot decode image" in message and str(tiny_copy / "images" / "00000004.jpg") in message
+
+
+def test_truncated_jpeg_is_detected_without_relying_on_opencv(tiny_dir):
+    raw = (tiny_dir / "images" / "00000001.jpg").read_bytes()
+    assert not _is_truncated_jpeg(raw)
+    assert all(_is_truncated_jpeg(raw[:cut]) for cut in range(len(raw) // 3, len(raw) - 1, 97))
+    assert not _is_truncated_jpeg(b"\x89PNG not a jpeg")
+
+
+# --- folder data set: skip mode ---------------------------------------------------------------------------
+
+
+def test_skip_mode_counts_bad_lines_and_missing_images(tiny_copy):
+    _replace_line(tiny_copy, 2, "images/00000002.jpg")
+    _replace_line(tiny_copy, 4, "images/00000004.jpg\tx")
+    (tiny_copy / "images" / "00000007.jpg").unlink()
+    dataset = FolderDataset(tiny_copy, skip_bad=True)
+    assert len(dataset) == SUBSET - 3
+    assert dataset.skipped == 3
+    assert [reason.split(":")[:2] for reason in dataset.skipped_reasons] == [
+        ["label.txt", "2"],
+        ["label.txt", "4"],
+        ["label.txt", "7"],
+    ]
+    assert "image not found" in dataset.skipped_reasons[2]
+    kept = ["00000001", "00000003", "00000005", "00000006", "00000008"]
+    assert [dataset.relative_path(i)[7:15] for i in range(5)] == kept
+
+
+def test_skip_mode_substitutes_the_next_readable_image(tiny_copy):
+    _corrupt(tiny_copy / "images" / "00000004.jpg", "text")
+    _corrupt(tiny_copy / "images" / "00000005.jpg", "truncated")
+    dataset = FolderDataset(tiny_copy, skip_bad=True)
+    image, label = dataset[3]
+    expected_image, expected_label = dataset[5]
+    assert np.array_equal(image, expected_image) and label == expected_label
+    assert dataset.unreadable_indices == {3, 4}
+    assert len(dataset) == SUBSET and dataset.skipped == 0  # nothing was dropped: batches stay full
+
+
+def test_skip_mode_gives_up_when_everything_is_unreadable(tiny_copy):
+    for path in (tiny_copy / "images").iterdir():
+        _corrupt(path, "text")
+    dataset = FolderDataset(tiny_copy, skip_bad=True)
+    with pytest.raises(PlscError, match="consecutive images .* are unreadable"):
+        dataset[0]
+
+
+def test_verify_images_drops_or_reports_undecodable_files(tiny_copy):
+    _corrupt(tiny_copy / "images" / "00000006.jpg", "truncated")
+    dataset = FolderDataset(tiny_copy, skip_bad=True, verify_images=True)
+    assert len(dataset) == SUBSET - 1 and dataset.skipped == 1
+    assert dataset.skipped_reasons == ["cannot decode image images/00000006.jpg"]
+    with pytest.raises(PlscError, match="cannot decode image .*00000006.jpg"):
+        FolderDataset(tiny_copy, verify_images=True)
+
+
+# --- folder data set: label file syntax -------------------------------------------------------------------
+
+
+def test_spaces_comments_and_blank_lines_parse_like_tabs(tiny_copy):
+    reference = FolderDataset(tiny_copy)
+    lines = (tiny_copy / "label.txt").read_text().splitlines()
+    messy = ["# written by hand", ""]
+    for number, line in enumerate(lines):
+        path, label = line.split("\t")
+        messy.append(f"{path}   {label}  " if number % 2 else f"  {path} \t {label}")
+        messy.append("   # a comment between samples" if number == 3 else "")
+    (tiny_copy / "messy.txt").write_text("\n".join(messy))
+    dataset = FolderDataset(tiny_copy, label_file="messy.txt")
+    assert np.array_equal(dataset.labels, reference.labels)
+    assert [dataset.relative_path(i) for i in range(len(dataset))] == [
+        reference.relative_path(i) for i in range(len(reference))
+    ]
+
+
+def test_tab_separated_path_may_contain_spaces_and_unicode(tiny_copy):
+    shutil.copyfile(tiny_copy / "images" / "00000001.jpg", tiny_copy / "images" / "Zoë Ball 1.jpg")
+    (tiny_copy / "label.txt").write_text("images/Zoë Ball 1.jpg\t3\n")
+    dataset = FolderDataset(tiny_copy)
+    assert dataset.num_classes == 4
+    assert np.array_equal(dataset[0][0], read_image(tiny_copy / "images" / "00000001.jpg"))
+
+
+# --- configuration dispatch and num_classes --------------------------------------------------------------
+
+
+def test_build_dataset_checks_configured_num_classes(tiny_copy):
+    dataset = build_dataset(DataConfig(source="folder", root=str(tiny_copy), num_classes=10))
+    assert dataset.num_classes == 10 and int(dataset.labels.max()) == 1
+    with pytest.raises(PlscError, match="num_classes is 1 but the folder data has label 1; .* >= 2"):
+        build_dataset(DataConfig(source="folder", root=str(tiny_copy), num_classes=1))
+
+
+def test_build_dataset_synthetic_and_rec(monkeypatch, tmp_path):
+    config = DataConfig(source="synthetic", num_classes=1000, synthetic_samples=50, image_size=32)
+    dataset = build_dataset(config, seed=5)
+    assert isinstance(dataset, SyntheticDataset) and len(dataset) == 50 and dataset.num_classes == 1000
+    with pytest.raises(PlscError, match="num_classes must be set"):
+        build_dataset(DataConfig(source="synthetic"))
+
+    calls = []
+
+    class FakeRecordDataset:
+        def __init__(self, rec_path, idx_path=None):
+            calls.append((rec_path, idx_path))
+            self.labels = np.array([0, 2], dtype=np.int64)
+            self.num_classes = 3
+
+    fake_module = types.ModuleType("plsc.data.recordio")
+    fake_module.RecordDataset = FakeRecordDataset
+    monkeypatch.setitem(sys.modules, "plsc.data.recordio", fake_module)
+    (tmp_path / "train.idx").write_text("")
+    dataset = build_dataset(DataConfig(source="rec", root=str(tmp_path)))
+    assert calls == [(str(tmp_path / "train.rec"), str(tmp_path / "train.idx"))]
+    assert dataset.num_classes == 3
+
+
+# --- synthetic data ---------------------------------------------------------------------------------------
+
+
+def test_synthetic_dataset_is_deterministic_and_bounded():
+    first, again, other = (SyntheticDataset(64, 10_000_000, 24, seed) for seed in (1, 1, 2))
+    image, label = first[17]
+    assert image.shape == (24, 24, 3) and image.dtype == np.uint8
+    assert np.array_equal(image, again[17][0]) and label == again[17][1]
+    assert not np.array_equal(image, other[17][0])
+    assert first.labels.dtype == np.int64 and first.labels.max() < 10_000_000
+    assert first.num_classes == 10_000_000 and len(first) == 64
+    with pytest.raises(PlscError, match="num_classes must be a positive integer"):
+        SyntheticDataset(10, 0, 24)
+
+
+# --- transforms -------------------------------------------------------------------------------------------
+
+
+def _reference(image_bgr: np.ndarray, flip: bool) -> np.ndarray:
+    """Independent float64 computation, HWC RGB."""
+    rgb = image_bgr[:, :, [2, 1, 0]].astype(np.float64)
+    if flip:
+        rgb = rgb[:, list(range(rgb.shape[1] - 1, -1, -1)), :]
+    return (rgb / 255.0 - 0.5) / 0.5
+
+
+class _FixedDraw:
+    """A stand-in generator whose random() always returns the same value."""
+
+    def __init__(self, value: float):
+        self.value = value
+
+    def random(self) -> float:
+        return self.value
+
+
+@pytest.fixture
+def face(tiny_dir) -> np.ndarray:
+    return read_image(tiny_dir / "images" / "00000001.jpg")
+
+
+@pytest.mark.parametrize("draw, flipped", [(0.1, True), (0.9, False)])
+def test_train_transform_math(face, draw, flipped):
+    nchw = TrainTransform(112, "NCHW")(face, _FixedDraw(draw))
+    nhwc = TrainTransform(112, "NHWC")(face, _FixedDraw(draw))
+    expected = _reference(face, flipped)
+    assert nchw.dtype == np.float32 and nchw.shape == (3, 112, 112) and nchw.flags.c_contiguous
+    assert nhwc.dtype == np.float32 and nhwc.shape == (112, 112, 3) and nhwc.flags.c_contiguous
+    np.testing.assert_allclose(nhwc, expected, atol=1e-6)
+    np.testing.assert_array_equal(nchw.transpose(1, 2, 0), nhwc)
+
+
+def test_eval_transform_and_no_flip_training_are_deterministic(face):
+    expected = _reference(face, flip=False).transpose(2, 0, 1)
+    np.testing.assert_allclose(EvalTransform(112)(face), expected, atol=1e-6)
+    np.testing.assert_allclose(TrainTransform(112, flip=False)(face), expected, atol=1e-6)
+    with pytest.raises(PlscError, match="needs a numpy Generator"):
+        TrainTransform(112)(face)
+
+
+def test_transform_resizes_and_validates():
+    flat = np.full((150, 130, 3), (10, 20, 30), dtype=np.uint8)
+    out = EvalTransform(112, "NHWC")(flat)
+    assert out.shape == (112, 112, 3)
+    np.testing.assert_allclose(out[50, 50], np.array([30, 20, 10]) / 127.5 - 1, atol=1e-6)
+    assert EvalTransform(200)(flat).shape == (3, 200, 200)
+    with pytest.raises(PlscError, match="data_format must be one of NCHW, NHWC"):
+        EvalTransform(112, "CHW")
+    with pytest.raises(PlscError, match="expected a uint8 HxWx3 BGR image"):
+        EvalTransform(112)(flat.astype(np.float32))
+
+
+def test_flip_decisions_are_seeded_per_sample_and_balanced():
+    draws = [sample_rng(7, 2, index).random() < 0.5 for index in range(1000)]
+    assert draws == [sample_rng(7, 2, index).random() < 0.5 for index in range(1000)]
+    assert draws != [sample_rng(7, 3, index).random() < 0.5 for index in range(1000)]
+    assert 420 < sum(draws) < 580
+
+
+# --- sampler ----------------------------------------------------------------------------------------------
+
+
+def _epoch(sampler: DistributedShuffleSampler, epoch: int) -> list[list[int]]:
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def test_sampler_shares_are_disjoint_equal_and_cover_full_global_batches():
+    num_samples, batch, world = 103, 4, 3
+    samplers = [DistributedShuffleSampler(num_samples, batch, rank, world, seed=11) for rank in range(world)]
+    per_rank = [_epoch(sampler, 0) for sampler in samplers]
+    steps = num_samples // (world * batch)
+    assert all(
+        len(batches) == steps == len(sampler) for batches, sampler in zip(per_rank, samplers, strict=True)
+    )
+    assert all(len(b) == batch for batches in per_rank for b in batches)
+    everything = [i for batches in per_rank for b in batches for i in b]
+    assert len(everything) == len(set(everything)) == world * steps * batch
+    assert set(everything) <= set(range(num_samples))
+    # a global step holds the same samples as one process with the global batch size would
+    single = _epoch(DistributedShuffleSampler(num_samples, batch * world, seed=11), 0)
+    assert [sorted(sum((per_rank[r][s] for r in range(world)), [])) for s in range(steps)] == [
+        sorted(b) for b in single
+    ]
+
+
+def test_sampler_order_depends_on_seed_and_epoch_only():
+    first, twin, other_seed = (DistributedShuffleSampler(50, 5, seed=seed) for seed in (3, 3, 4))
+    assert _epoch(first, 1) == _epoch(twin, 1)
+    assert _epoch(first, 1) != _epoch(first, 2)
+    assert _epoch(first, 1) != _epoch(other_seed, 1)
+    full = _epoch(first, 4)
+    first.set_epoch(4, start_batch=3)
+    assert list(first) == full[3:] and len(first) == len(full) - 3
+
+
+def test_sampler_without_drop_last_pads_and_validates():
+    sampler = DistributedShuffleSampler(10, 4, rank=1, world_size=2, drop_last=False)
+    batches = _epoch(sampler, 0)
+    assert len(batches) == 2 and all(len(b) == 4 for b in batches)
+    both = batches + _epoch(DistributedShuffleSampler(10, 4, rank=0, world_size=2, drop_last=False), 0)
+    assert set(i for b in both for i in b) == set(range(10))
+    with pytest.raises(PlscError, match="fewer than one global batch"):
+        DistributedShuffleSampler(7, 4, world_size=2)
+    with pytest.raises(PlscError, match="rank must be in"):
+        DistributedShuffleSampler(70, 4, rank=2, world_size=2)
+
+
+# --- loader -----------------------------------------------------------------------------------------------
+
+
+def _all_batches(loader, sampler, epoch: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    sampler.set_epoch(epoch)
+    return [(images.numpy(), labels.numpy()) for images, labels in loader]
+
+
+def test_loader_batches_match_sampler_and_transform(tiny_dir):
+    dataset = FolderDataset(tiny_dir)
+    loader, sampler = build_train_loader(
+        dataset, batch_size=16, image_size=56, data_format="NHWC", seed=9, rank=1, world_size=2
+    )
+    batches = _all_batches(loader, sampler, 3)
+    indices = sampler.rank_batches()
+    assert len(batches) == 240 // 32 == len(indices)
+    images, labels = batches[2]
+    assert images.dtype == np.float32 and images.shape == (16, 56, 56, 3)
+    assert labels.dtype == np.int64 and labels.shape == (16,)
+    assert np.array_equal(labels, dataset.labels[indices[2]])
+    transform = TrainTransform(56, "NHWC")
+    expected = transform(dataset[int(indices[2][5])][0], sample_rng(9, 3, int(indices[2][5])))
+    np.testing.assert_array_equal(images[5], expected)
+
+
+def test_loader_is_identical_with_and_without_workers(tiny_dir):
+    dataset = FolderDataset(tiny_dir)
+    results = {}
+    for workers in (0, 2):
+        loader, sampler = build_train_loader(
+            dataset, batch_size=24, image_size=32, data_format="NCHW", num_workers=workers, seed=1
+        )
+        results[workers] = [_all_batches(loader, sampler, epoch) for epoch in (0, 1)]
+    for epoch_0, epoch_2 in zip(results[0], results[2], strict=True):
+        assert len(epoch_0) == len(epoch_2) == 10
+        for (images_0, labels_0), (images_2, labels_2) in zip(epoch_0, epoch_2, strict=True):
+            np.testing.assert_array_equal(images_0, images_2)
+            np.testing.assert_array_equal(labels_0, labels_2)
+    assert results[0][0][0][0].shape == (24, 3, 32, 32)
+    assert not np.array_equal(results[0][0][0][1], results[0][1][0][1])  # epochs are shuffled differently
