@@ -1,0 +1,730 @@
+"""MXNet RecordIO (``.rec`` + ``.idx``) read and write, without mxnet.
+
+Format (checked against files written by MXNet 1.9.1, see tests/test_recordio.py):
+
+- A ``.rec`` is a sequence of parts. Each part is the magic word 0xced7230a (uint32 little-endian), a
+  uint32 ``lrecord`` whose top 3 bits are a continuation flag (0 whole record, 1 first part, 2 middle
+  part, 3 last part) and whose low 29 bits are the part's length, then the part's bytes. The last part of a
+  record is zero-padded to a multiple of 4 bytes, so every part starts 4-byte aligned.
+- The writer splits a record wherever the magic word occurs at a 4-byte-aligned position of the record,
+  dropping that word; the reader rejoins the parts with the magic word re-inserted between them. This keeps
+  a reader that resynchronises on the magic word from mistaking record content for a record boundary.
+- A ``.idx`` is text, one ``key<TAB>offset`` line per record; the offset is where its first part starts.
+- A record made by ``mx.recordio.pack`` starts with the IRHeader ``<IfQQ`` (flag, label, id, id2). When
+  flag > 0, ``flag`` float32 labels follow the header and the header's own label is 0.
+
+InsightFace's layout (MS1M, Glint360k, ...): record 0 is a header with flag 2 and label ``[first identity
+key, end]``; images are keys ``1..label[0]-1`` with scalar labels; then one record per identity with label
+``[first image key, end key)``. A ``property`` file beside the ``.rec`` holds ``num_classes,height,width``.
+im2rec's layout has no header records: every key is an image.
+
+Nothing here imports paddle, so the module also works where only mxnet is installed (the compat tests).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
+
+import cv2
+import numpy as np
+
+from plsc.errors import PlscError
+
+MAGIC = 0xCED7230A
+MAGIC_BYTES = struct.pack("<I", MAGIC)
+_PART_HEADER = struct.Struct("<II")  # magic, lrecord
+_LENGTH_BITS = 29
+_LENGTH_MASK = (1 << _LENGTH_BITS) - 1
+MAX_RECORD_BYTES = 1 << _LENGTH_BITS  # a record (before splitting) must be shorter than this
+
+WHOLE, FIRST, MIDDLE, LAST = 0, 1, 2, 3
+
+_IR_HEADER = struct.Struct("<IfQQ")
+IR_HEADER_SIZE = _IR_HEADER.size  # 24
+
+# float32 holds every integer up to 2**24 exactly; InsightFace stores record keys in float labels.
+_FLOAT32_EXACT_LIMIT = 1 << 24
+
+
+class IRHeader(NamedTuple):
+    """The header MXNet's ``recordio.pack`` puts before a payload.
+
+    ``label`` is a float when ``flag`` is 0, otherwise a tuple of ``flag`` floats.
+    """
+
+    flag: int
+    label: float | tuple[float, ...]
+    id: int
+    id2: int
+
+
+# ----------------------------------------------------------------------------------------------------
+# IRHeader packing
+
+
+def pack(header: IRHeader, payload: bytes) -> bytes:
+    """IRHeader + payload -> record bytes; ``flag`` follows ``label`` (scalar: 0, sequence: its length)."""
+    if np.ndim(header.label) == 0:
+        prefix = _IR_HEADER.pack(0, float(header.label), header.id, header.id2)
+        return prefix + bytes(payload)
+    labels = np.asarray(header.label, dtype="<f4").ravel()
+    if labels.size == 0:
+        raise PlscError("IRHeader label sequence is empty; use a scalar label for flag 0")
+    prefix = _IR_HEADER.pack(labels.size, 0.0, header.id, header.id2)
+    return prefix + labels.tobytes() + bytes(payload)
+
+
+def unpack(record: bytes, where: str = "record") -> tuple[IRHeader, bytes]:
+    """Record bytes -> (IRHeader, payload). ``where`` names the record in error messages (file and key)."""
+    header = unpack_header(record, where)
+    start = IR_HEADER_SIZE + 4 * header.flag
+    return header, bytes(record[start:])
+
+
+def unpack_header(record: bytes, where: str = "record") -> IRHeader:
+    """The IRHeader at the start of ``record`` (which may be just a prefix of the full record)."""
+    if len(record) < IR_HEADER_SIZE:
+        raise PlscError(f"{where}: {len(record)} bytes is shorter than the {IR_HEADER_SIZE}-byte IRHeader")
+    flag, label, record_id, record_id2 = _IR_HEADER.unpack_from(record, 0)
+    if flag == 0:
+        return IRHeader(0, label, record_id, record_id2)
+    end = IR_HEADER_SIZE + 4 * flag
+    if len(record) < end:
+        raise PlscError(
+            f"{where}: IRHeader flag {flag} needs {end} bytes of header, record has {len(record)}"
+        )
+    labels = np.frombuffer(record, dtype="<f4", count=flag, offset=IR_HEADER_SIZE)
+    return IRHeader(flag, tuple(float(x) for x in labels), record_id, record_id2)
+
+
+def first_label(header: IRHeader) -> float:
+    """The class label of an image record: the scalar label, or the first of several (multi-label records)."""
+    return header.label if header.flag == 0 else header.label[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading
+
+
+def _padded(length: int) -> int:
+    return (length + 3) & ~3
+
+
+class RecordReader:
+    """Random and sequential access to a ``.rec``, by key when an ``.idx`` is given.
+
+    Without an ``.idx`` the keys are the records' positions in the file (0, 1, ...), found by one scan over
+    the part headers on first use of ``keys``/``read``/``len``.
+
+    The file is opened lazily in each process (the pid is checked on every read) and read with
+    ``os.pread``, so one reader can be shared by DataLoader workers (fork or spawn) and by threads: no file
+    position is shared.
+    """
+
+    def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None):
+        self.rec_path = Path(rec_path)
+        self.idx_path = Path(idx_path) if idx_path is not None else None
+        self._fd: int | None = None
+        self._fd_pid: int | None = None
+        self._size = 0
+        self._check_rec_file()
+        self._keys: np.ndarray | None = None
+        self._offsets: np.ndarray | None = None
+        self._dense = False  # keys are exactly 0..n-1, so a key is its own position in _offsets
+        self._sorted_order: np.ndarray | None = None  # otherwise keys are found by binary search
+        self._sorted_keys: np.ndarray | None = None
+        if self.idx_path is not None:
+            self._keys, self._offsets = _read_idx(self.idx_path, self.rec_path, self._size)
+            self._index_ready()
+        self._check_last_record()
+
+    # -- opening and validation ------------------------------------------------------------------
+
+    def _check_rec_file(self) -> None:
+        if not self.rec_path.is_file():
+            raise PlscError(f"{self.rec_path}: no such RecordIO file")
+        size = self.rec_path.stat().st_size
+        if size % 4:
+            raise PlscError(f"{self.rec_path}: size {size} is not a multiple of 4; the file is truncated")
+        self._size = size
+        if size:
+            self._read_part_header(0)  # a file not starting with the magic word is not RecordIO at all
+
+    def _check_last_record(self) -> None:
+        """Walk the parts of the record at the highest indexed offset: catches a file truncated inside it."""
+        if self._offsets is not None and len(self._offsets):
+            self._record_end(int(self._offsets.max()))
+
+    def _index_ready(self) -> None:
+        keys = self._keys
+        keys.flags.writeable = False  # handed out by .keys
+        self._dense = bool(len(keys) == 0 or (keys[0] == 0 and np.array_equal(keys, np.arange(len(keys)))))
+        if not self._dense:
+            self._sorted_order = np.argsort(keys, kind="stable")
+            self._sorted_keys = keys[self._sorted_order]
+
+    def _ensure_index(self) -> None:
+        if self._offsets is None:
+            self._offsets = np.fromiter(self._scan_offsets(), dtype=np.int64)
+            self._keys = np.arange(len(self._offsets), dtype=np.int64)
+            self._index_ready()
+
+    # -- low-level reads -------------------------------------------------------------------------
+
+    def _file(self) -> int:
+        pid = os.getpid()
+        if self._fd_pid != pid:
+            # After fork the inherited descriptor still works, but each process gets its own as promised.
+            self._fd = os.open(self.rec_path, os.O_RDONLY)
+            self._fd_pid = pid
+        return self._fd
+
+    def _pread(self, length: int, offset: int) -> bytes:
+        data = os.pread(self._file(), length, offset)
+        if len(data) != length:
+            raise PlscError(
+                f"{self.rec_path}: offset {offset}: needs {length} bytes but the file ends at {self._size} "
+                "(truncated)"
+            )
+        return data
+
+    def _read_part_header(self, offset: int) -> tuple[int, int]:
+        """(continuation flag, length) of the part starting at ``offset``."""
+        if offset + _PART_HEADER.size > self._size:
+            raise PlscError(
+                f"{self.rec_path}: offset {offset}: record header past the end of the file (truncated)"
+            )
+        magic, lrecord = _PART_HEADER.unpack(self._pread(_PART_HEADER.size, offset))
+        if magic != MAGIC:
+            raise PlscError(
+                f"{self.rec_path}: offset {offset}: bad magic 0x{magic:08x}, not a RecordIO record"
+            )
+        cflag, length = lrecord >> _LENGTH_BITS, lrecord & _LENGTH_MASK
+        if offset + _PART_HEADER.size + _padded(length) > self._size:
+            raise PlscError(
+                f"{self.rec_path}: offset {offset}: record of {length} bytes runs past the end "
+                f"of the file ({self._size} bytes); truncated"
+            )
+        return cflag, length
+
+    def _parts(self, offset: int) -> Iterator[tuple[int, int]]:
+        """(data offset, length) of each part of the record at ``offset``; checks the flag sequence."""
+        cflag, length = self._read_part_header(offset)
+        if cflag not in (WHOLE, FIRST):
+            raise PlscError(
+                f"{self.rec_path}: offset {offset}: not the start of a record (continuation flag {cflag})"
+            )
+        yield offset + _PART_HEADER.size, length
+        position = offset + _PART_HEADER.size + _padded(length)
+        while cflag in (FIRST, MIDDLE):
+            cflag, length = self._read_part_header(position)
+            if cflag not in (MIDDLE, LAST):
+                raise PlscError(
+                    f"{self.rec_path}: offset {position}: split record started at {offset} "
+                    f"is not continued (continuation flag {cflag})"
+                )
+            yield position + _PART_HEADER.size, length
+            position += _PART_HEADER.size + _padded(length)
+
+    def _record_end(self, offset: int) -> int:
+        end = offset
+        for data_offset, length in self._parts(offset):
+            end = data_offset + _padded(length)
+        return end
+
+    def _scan_offsets(self) -> Iterator[int]:
+        offset = 0
+        while offset < self._size:
+            yield offset
+            offset = self._record_end(offset)
+
+    def _read_with_end(self, offset: int) -> tuple[bytes, int]:
+        """(record with its parts rejoined, offset just past its padding)."""
+        chunks, end = [], offset
+        for data_offset, length in self._parts(offset):
+            chunks.append(self._pread(length, data_offset))
+            end = data_offset + _padded(length)
+        return MAGIC_BYTES.join(chunks), end
+
+    # -- public API ------------------------------------------------------------------------------
+
+    @property
+    def keys(self) -> np.ndarray:
+        """The record keys (int64), in ``.idx`` order; positions 0..n-1 without an ``.idx``."""
+        self._ensure_index()
+        return self._keys
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __contains__(self, key: int) -> bool:
+        return self._position(key) is not None
+
+    def offset_of(self, key: int) -> int:
+        position = self._position(key)
+        if position is None:
+            raise PlscError(f"{self._index_name()}: no record with key {key}")
+        return int(self._offsets[position])
+
+    def read_at(self, offset: int) -> bytes:
+        """The record (parts rejoined) whose first part starts at byte ``offset``."""
+        if offset < 0 or offset >= self._size or offset % 4:
+            raise PlscError(
+                f"{self.rec_path}: offset {offset} is not a record position (file is {self._size} bytes)"
+            )
+        return self._read_with_end(offset)[0]
+
+    def read(self, key: int) -> bytes:
+        """The record stored under ``key``."""
+        return self.read_at(self.offset_of(key))
+
+    def read_header(self, key: int) -> IRHeader:
+        """The IRHeader of record ``key``, reading only its first bytes when the record is not split."""
+        offset = self.offset_of(key)
+        cflag, length = self._read_part_header(offset)
+        where = f"{self.rec_path}: key {key}"
+        if cflag != WHOLE:
+            return unpack_header(self.read_at(offset), where)
+        # One read covers the header and up to 8 labels; a longer label list costs a second read.
+        prefix = self._pread(min(length, IR_HEADER_SIZE + 32), offset + _PART_HEADER.size)
+        flag = _IR_HEADER.unpack_from(prefix)[0] if len(prefix) >= IR_HEADER_SIZE else 0
+        if IR_HEADER_SIZE + 4 * flag > len(prefix):
+            prefix = self._pread(min(length, IR_HEADER_SIZE + 4 * flag), offset + _PART_HEADER.size)
+        return unpack_header(prefix, where)
+
+    def first_labels(self, keys: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The class label (scalar, or first of several) of each record in ``keys``, as float32.
+
+        Reading 5M headers one ``pread`` at a time takes minutes in Python; here the headers are gathered from
+        a read-only memory map in one vectorised pass. Records that are split or look wrong go through
+        :meth:`read_header`, which either copes or raises the precise error.
+        """
+        offsets = self._offsets[self._positions(keys)]
+        labels = np.zeros(len(offsets), dtype=np.float32)
+        if not len(offsets):
+            return labels
+        words = np.memmap(self.rec_path, dtype="<u4", mode="r")
+        last = len(words) - 1
+
+        def word(index: np.ndarray) -> np.ndarray:  # clipped: out-of-file reads are excluded from `simple`
+            return words[np.minimum(index, last)]
+
+        first_word = offsets // 4  # records start 4-byte aligned, checked when the index was read
+        lrecord = word(first_word + 1)
+        length, cflag = lrecord & _LENGTH_MASK, lrecord >> _LENGTH_BITS
+        flag = word(first_word + 2)
+        label_word = np.where(flag == 0, first_word + 3, first_word + 8)
+        simple = (
+            (word(first_word) == MAGIC)
+            & (cflag == WHOLE)
+            & (length >= IR_HEADER_SIZE + 4 * np.minimum(flag, 1))
+            & (label_word <= last)
+        )
+        labels[simple] = words[label_word[simple]].view("<f4")
+        keys = np.asarray(keys).ravel()
+        for position in np.flatnonzero(~simple):
+            labels[position] = first_label(self.read_header(int(keys[position])))
+        return labels
+
+    def __iter__(self) -> Iterator[bytes]:
+        """Every record in file order (ignores the ``.idx``)."""
+        offset = 0
+        while offset < self._size:
+            record, offset = self._read_with_end(offset)
+            yield record
+
+    def close(self) -> None:
+        if self._fd is not None and self._fd_pid == os.getpid():
+            os.close(self._fd)
+        self._fd, self._fd_pid = None, None
+
+    def __enter__(self) -> RecordReader:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: os may already be gone
+            pass
+
+    def __getstate__(self) -> dict:
+        # A descriptor means nothing in another process; the receiver opens its own on first read.
+        state = self.__dict__.copy()
+        state["_fd"], state["_fd_pid"] = None, None
+        return state
+
+    # -- key lookup ------------------------------------------------------------------------------
+
+    def _lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Vectorised key -> (position in ``_offsets``, whether the key exists)."""
+        self._ensure_index()
+        if self._dense:
+            return keys, (keys >= 0) & (keys < len(self._keys))
+        if not len(self._sorted_keys):
+            return keys, np.zeros(len(keys), dtype=bool)
+        slots = np.minimum(np.searchsorted(self._sorted_keys, keys), len(self._sorted_keys) - 1)
+        return self._sorted_order[slots], self._sorted_keys[slots] == keys
+
+    def _positions(self, keys: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Positions of ``keys`` in ``_offsets``; PlscError naming the first key that is absent."""
+        keys = np.asarray(keys, dtype=np.int64).ravel()
+        positions, found = self._lookup(keys)
+        if not found.all():
+            raise PlscError(f"{self._index_name()}: no record with key {keys[~found][0]}")
+        return positions
+
+    def _position(self, key: int) -> int | None:
+        positions, found = self._lookup(np.array([int(key)], dtype=np.int64))
+        return int(positions[0]) if found[0] else None
+
+    def _index_name(self) -> str:
+        return str(self.idx_path) if self.idx_path is not None else str(self.rec_path)
+
+
+def _read_idx(idx_path: Path, rec_path: Path, rec_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``key<TAB>offset`` lines -> (keys, offsets), checking that every offset is inside the ``.rec``."""
+    if not idx_path.is_file():
+        raise PlscError(f"{idx_path}: no such RecordIO index file")
+    try:
+        text = idx_path.read_text(encoding="ascii")
+    except UnicodeDecodeError:
+        raise PlscError(f"{idx_path}: not a RecordIO index (not ASCII text)") from None
+    table = _parse_idx_fast(text)
+    if table is None:
+        table = _parse_idx_lines(idx_path, text)
+    keys, offsets = table[:, 0].copy(), table[:, 1].copy()
+    _check_idx_table(idx_path, rec_path, rec_size, keys, offsets)
+    return keys, offsets
+
+
+def _parse_idx_fast(text: str) -> np.ndarray | None:
+    """numpy parse of a well-formed index (MS1M's has 5M lines); None when anything looks off."""
+    fields = text.split()
+    lines = sum(1 for line in text.splitlines() if line.strip())
+    if len(fields) != 2 * lines or text.count("\t") != lines:
+        return None
+    try:
+        return np.array(fields, dtype=np.int64).reshape(-1, 2)
+    except ValueError:
+        return None
+
+
+def _parse_idx_lines(idx_path: Path, text: str) -> np.ndarray:
+    """Line-by-line parse, so the error names the first bad line."""
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        try:
+            if len(fields) != 2:
+                raise ValueError
+            rows.append((int(fields[0]), int(fields[1])))
+        except ValueError:
+            raise PlscError(
+                f"{idx_path}: line {number}: expected 'key<TAB>offset', got {line[:60]!r}"
+            ) from None
+    return np.array(rows, dtype=np.int64).reshape(-1, 2)
+
+
+def _check_idx_table(
+    idx_path: Path, rec_path: Path, rec_size: int, keys: np.ndarray, offsets: np.ndarray
+) -> None:
+    if len(keys) == 0:
+        return
+    bad = np.flatnonzero((offsets < 0) | (offsets >= rec_size) | (offsets % 4 != 0))
+    if len(bad):
+        at = int(bad[0])
+        raise PlscError(
+            f"{idx_path}: key {keys[at]} points at offset {offsets[at]}, which is not a record position "
+            f"in {rec_path} ({rec_size} bytes)"
+        )
+    unique, counts = np.unique(keys, return_counts=True)
+    if len(unique) != len(keys):
+        raise PlscError(f"{idx_path}: key {unique[counts > 1][0]} appears more than once")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing
+
+
+def split_parts(record: bytes) -> list[bytes]:
+    """Cut ``record`` at every magic word found at a 4-byte-aligned position, dropping the word itself."""
+    parts, start, search = [], 0, 0
+    while True:
+        found = record.find(MAGIC_BYTES, search)
+        if found < 0 or found + 4 > len(record):
+            break
+        if found % 4 == 0:
+            parts.append(record[start:found])
+            start = found + 4
+        search = found + 1
+    parts.append(record[start:])
+    return parts
+
+
+def encode_record(record: bytes) -> bytes:
+    """The on-disk bytes of one record: its parts with their headers, plus the final padding."""
+    record = bytes(record)
+    if len(record) >= MAX_RECORD_BYTES:
+        raise PlscError(
+            f"record of {len(record)} bytes is too large for RecordIO (limit {MAX_RECORD_BYTES - 1})"
+        )
+    parts = split_parts(record)
+    flags = [WHOLE] if len(parts) == 1 else [FIRST] + [MIDDLE] * (len(parts) - 2) + [LAST]
+    out = bytearray()
+    for cflag, part in zip(flags, parts, strict=True):
+        out += _PART_HEADER.pack(MAGIC, (cflag << _LENGTH_BITS) | len(part))
+        out += part
+    out += bytes(_padded(len(out)) - len(out))
+    return bytes(out)
+
+
+class RecordWriter:
+    """Write a ``.rec`` (and optionally its ``.idx``) atomically.
+
+    Data goes to temporary files beside the targets, renamed into place by :meth:`close`. Leaving the ``with``
+    block on an exception (or calling :meth:`abort`) removes them, so a failed write never leaves a truncated
+    ``.rec`` that looks valid next to an older ``.idx``.
+    """
+
+    def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None):
+        self.rec_path = Path(rec_path)
+        self.idx_path = Path(idx_path) if idx_path is not None else None
+        self._rec_tmp = _temp_name(self.rec_path)
+        self._idx_tmp = _temp_name(self.idx_path) if self.idx_path is not None else None
+        self._rec = open(self._rec_tmp, "wb")
+        self._idx = open(self._idx_tmp, "w", encoding="ascii", newline="\n") if self._idx_tmp else None
+        self._offset = 0
+        self._count = 0
+        self._keys: set[int] = set()
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def write(self, record: bytes, key: int | None = None) -> int:
+        """Append one record (key defaults to the number written so far); returns its offset."""
+        key = self._count if key is None else int(key)
+        if key in self._keys:
+            raise PlscError(f"{self.rec_path}: key {key} written twice")
+        encoded = encode_record(record)
+        offset = self._offset
+        self._rec.write(encoded)
+        if self._idx is not None:
+            self._idx.write(f"{key}\t{offset}\n")
+        self._keys.add(key)
+        self._offset += len(encoded)
+        self._count += 1
+        return offset
+
+    def close(self) -> None:
+        """Finish: flush and move the files into place."""
+        if self._rec.closed:
+            return
+        for handle in (self._rec, self._idx):
+            if handle is not None:
+                handle.flush()
+                os.fsync(handle.fileno())
+                handle.close()
+        os.replace(self._rec_tmp, self.rec_path)
+        if self._idx_tmp is not None:
+            os.replace(self._idx_tmp, self.idx_path)
+
+    def abort(self) -> None:
+        """Discard everything written."""
+        for handle, temp in ((self._rec, self._rec_tmp), (self._idx, self._idx_tmp)):
+            if handle is not None:
+                handle.close()
+            if temp is not None and temp.exists():
+                temp.unlink()
+
+    def __enter__(self) -> RecordWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def write_property(path: str | os.PathLike, num_classes: int, height: int, width: int) -> None:
+    """InsightFace's ``property`` file, ``num_classes,height,width``, written atomically."""
+    path = Path(path)
+    temp = _temp_name(path)
+    temp.write_text(f"{int(num_classes)},{int(height)},{int(width)}\n", encoding="ascii")
+    os.replace(temp, path)
+
+
+def read_property(path: str | os.PathLike) -> tuple[int, int, int]:
+    """(num_classes, height, width) from an InsightFace ``property`` file."""
+    path = Path(path)
+    try:
+        num_classes, height, width = (int(field) for field in path.read_text().strip().split(","))
+    except (OSError, ValueError):
+        raise PlscError(f"{path}: expected 'num_classes,height,width' (e.g. 93431,112,112)") from None
+    return num_classes, height, width
+
+
+def write_insightface(
+    output_prefix: str | os.PathLike,
+    samples: Sequence[tuple[bytes | os.PathLike | str, int]],
+    image_size: tuple[int, int] = (112, 112),
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> dict:
+    """Write ``<prefix>.rec``, ``<prefix>.idx`` and ``property`` (beside them) in InsightFace's layout.
+
+    ``samples`` are (encoded image bytes or a path to read them from, label). Images are stored verbatim and
+    ordered by label (stable), because identity records describe each class as one contiguous key range.
+    ``image_size`` is (height, width) for ``property``. ``progress``: optional callable wrapping an iterable
+    (e.g. ``functools.partial(tqdm, desc=...)``).
+    Returns ``{"images", "num_classes", "rec", "idx", "property"}``.
+    """
+    labels = _check_labels(output_prefix, [label for _, label in samples])
+    order = np.argsort(labels, kind="stable")
+    num_images, num_classes = len(labels), int(labels.max()) + 1
+    first_identity_key = num_images + 1
+    end_key = first_identity_key + num_classes
+    if end_key > _FLOAT32_EXACT_LIMIT:
+        raise PlscError(
+            f"{output_prefix}: {end_key} records exceed what float32 header labels can address exactly"
+        )
+    prefix = Path(output_prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    rec_path, idx_path = prefix.with_name(prefix.name + ".rec"), prefix.with_name(prefix.name + ".idx")
+    items = order if progress is None else progress(order)
+    with RecordWriter(rec_path, idx_path) as writer:
+        writer.write(pack(IRHeader(2, (first_identity_key, end_key), 0, 0), b""), key=0)
+        for key, index in enumerate(items, start=1):
+            source, label = samples[index]
+            header = IRHeader(0, float(label), key, 0)
+            writer.write(pack(header, _payload_bytes(source)), key=key)
+        _write_identity_records(writer, labels[order], first_identity_key)
+    property_path = prefix.parent / "property"
+    write_property(property_path, num_classes, *image_size)
+    return {
+        "images": num_images,
+        "num_classes": num_classes,
+        "rec": rec_path,
+        "idx": idx_path,
+        "property": property_path,
+    }
+
+
+def _check_labels(where, labels: Sequence[int]) -> np.ndarray:
+    if not len(labels):
+        raise PlscError(f"{where}: no images to write")
+    array = np.asarray(labels)
+    if not np.issubdtype(array.dtype, np.integer) or array.min() < 0:
+        raise PlscError(f"{where}: labels must be non-negative integers")
+    return array.astype(np.int64)
+
+
+def _write_identity_records(writer: RecordWriter, sorted_labels: np.ndarray, first_identity_key: int) -> None:
+    """One record per class 0..max: label [first image key, end key); an absent class gets an empty range."""
+    num_classes = int(sorted_labels[-1]) + 1
+    starts = np.searchsorted(sorted_labels, np.arange(num_classes), side="left") + 1
+    ends = np.searchsorted(sorted_labels, np.arange(num_classes), side="right") + 1
+    for label in range(num_classes):
+        key = first_identity_key + label
+        header = IRHeader(2, (int(starts[label]), int(ends[label])), key, 0)
+        writer.write(pack(header, b""), key=key)
+
+
+def _payload_bytes(source: bytes | os.PathLike | str) -> bytes:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source)
+    try:
+        return Path(source).read_bytes()
+    except OSError as error:
+        raise PlscError(f"{source}: cannot read image ({error.strerror})") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training dataset
+
+
+class RecordDataset:
+    """Face training samples straight from a ``.rec``: ``dataset[i] -> (BGR uint8 HxWx3, label)``.
+
+    Layouts: InsightFace (record 0 is a header with flag > 0 and an empty payload; images are keys
+    ``1..label[0]-1``) and im2rec's flat layout (every key is an image). Multi-label image headers use their
+    first label as the class. When ``idx_path`` is None the ``.idx`` beside the ``.rec`` is used if it exists.
+
+    Opening reads only the image headers (labels), not the images.
+    """
+
+    def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None):
+        rec_path = Path(rec_path)
+        if idx_path is None and rec_path.with_suffix(".idx").is_file():
+            idx_path = rec_path.with_suffix(".idx")
+        self.reader = RecordReader(rec_path, idx_path)
+        self.rec_path = rec_path
+        self.layout, self.image_keys = self._find_image_keys()  # "insightface" or "flat"
+        self.labels = self._read_labels()
+        self.num_classes = int(self.labels.max()) + 1
+
+    def _find_image_keys(self) -> tuple[str, np.ndarray]:
+        reader = self.reader
+        if len(reader) == 0:
+            raise PlscError(f"{self.rec_path}: contains no records")
+        if 0 in reader:
+            header, payload = unpack(reader.read(0), f"{self.rec_path}: key 0")
+            # An image always has bytes; InsightFace's header record has none (its multi-label images also
+            # have flag > 0, so the flag alone cannot tell the two apart).
+            if header.flag > 0 and not payload:
+                return "insightface", self._insightface_image_keys(header)
+        return "flat", np.array(reader.keys, dtype=np.int64)
+
+    def _insightface_image_keys(self, header: IRHeader) -> np.ndarray:
+        end = int(header.label[0])
+        keys = np.arange(1, end, dtype=np.int64)
+        if not len(keys):
+            raise PlscError(f"{self.rec_path}: header record says there are no images (label {header.label})")
+        missing = keys[~np.isin(keys, self.reader.keys)]
+        if len(missing):
+            raise PlscError(
+                f"{self.rec_path}: header record says images are keys 1..{end - 1}, "
+                f"but key {missing[0]} is missing"
+            )
+        return keys
+
+    def _read_labels(self) -> np.ndarray:
+        values = self.reader.first_labels(self.image_keys)
+        bad = np.flatnonzero(~((values >= 0) & (values == np.floor(values))))
+        if len(bad):
+            key, value = int(self.image_keys[bad[0]]), values[bad[0]]
+            raise PlscError(f"{self.rec_path}: key {key}: label {value} is not a non-negative integer class")
+        return values.astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.image_keys)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} images")
+        key = int(self.image_keys[index])
+        _, payload = unpack(self.reader.read(key), f"{self.rec_path}: key {key}")
+        image = decode_image(payload, f"{self.rec_path}: key {key}")
+        return image, int(self.labels[index])
+
+
+def decode_image(payload: bytes, where: str) -> np.ndarray:
+    """Encoded bytes -> BGR uint8 HxWx3, or a PlscError naming ``where``."""
+    image = None
+    if payload:
+        image = cv2.imdecode(np.frombuffer(payload, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise PlscError(f"{where}: payload of {len(payload)} bytes is not a decodable image")
+    return image
