@@ -1,0 +1,120 @@
+"""``plsc``: the command line.
+
+Bad input ends in one ``plsc: error: ...`` line and a non-zero exit code, never a traceback (set
+``PLSC_DEBUG=1`` to see one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from plsc.errors import PlscError
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a model from a YAML config")
+    p.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value; repeatable, e.g. --set train.batch_size=64")
+    p.add_argument("--output", default=None, help="output folder (default: output/<config name>)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT_DIR",
+                   help="continue from <output>/checkpoints/latest, or from the given checkpoint folder")
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args) -> int:
+    from plsc.config import load_config
+    from plsc.engine.trainer import Trainer, TrainingInterrupted
+
+    config = load_config(args.config, args.overrides)
+    output = Path(args.output or Path("output") / Path(args.config).stem)
+    trainer = Trainer(config, output, resume=args.resume)
+    try:
+        result = trainer.run()
+    except TrainingInterrupted as exc:
+        print(f"plsc: {exc}; continue with: plsc train --config {args.config} --output {output} --resume",
+              file=sys.stderr)
+        return 128 + exc.signum
+    if trainer.rank == 0:
+        _print_metrics(result.last_eval, f"verification at step {result.steps}")
+        print(f"checkpoint: {result.last_checkpoint}")
+        for name, metrics in result.best.items():
+            print(f"best model for {name}: {output / 'best_model' / name} "
+                  f"(accuracy {metrics['accuracy']:.4f} at step {metrics['step']})")
+        print(f"wall time: {result.wall_time_s:.0f} s")
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="verification accuracy of a checkpoint on .bin files")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (a step folder or best_model/<name>)")
+    p.add_argument("--bin", dest="bins", action="append", required=True, metavar="FILE",
+                   help="insightface .bin verification file; repeatable")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(run=_run_eval)
+
+
+def _run_eval(args) -> int:
+    from plsc.eval.runner import evaluate_checkpoint
+
+    results = evaluate_checkpoint(args.checkpoint, args.bins, args.batch_size, progress=sys.stderr.isatty())
+    _print_metrics(results, f"verification of {args.checkpoint}")
+    if args.json:
+        from plsc.engine.checkpoint import write_text_atomic
+
+        write_text_atomic(Path(args.json), json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+def _print_metrics(results: dict, title: str) -> None:
+    if not results:
+        return
+    from tabulate import tabulate
+
+    rows = [
+        [name, m["accuracy"], m["std"], m["threshold"], m["xnorm"], m["tar_at_far_1e-3"], m["pairs"]]
+        for name, m in results.items()
+    ]
+    print(title)
+    print(tabulate(rows, headers=["set", "accuracy", "std", "threshold", "xnorm", "TAR@FAR=1e-3", "pairs"],
+                   floatfmt=".4f"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="plsc", description="Paddle Large Scale Classification")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_eval):
+        add(sub)
+    return parser
+
+
+def _quiet_paddle() -> None:
+    warnings.filterwarnings("ignore", message="No ccache found")
+    warnings.filterwarnings("ignore", message=".*always track global mean and variance.*")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_paddle()
+    try:
+        return args.run(args)
+    except PlscError as exc:
+        if os.environ.get("PLSC_DEBUG"):
+            raise
+        print(f"plsc: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("plsc: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

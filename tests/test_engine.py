@@ -1,0 +1,241 @@
+"""The training loop end to end on the bundled faces: outputs, checkpoints, resume, signals, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import paddle
+import pytest
+
+from plsc import cli
+from plsc.config import OptimConfig, load_config
+from plsc.engine import checkpoint as ckpt
+from plsc.engine.schedule import learning_rate
+from plsc.engine.trainer import Trainer
+
+TINY_OVERRIDES = [
+    "model.name=iresnet18",
+    "model.width=0.125",
+    "model.embedding_size=16",
+    "data.image_size=32",
+    "data.num_workers=0",
+    "loss.scale=16",
+    "loss.sample_ratio=0.5",
+    "optim.lr=0.05",
+    "optim.clip_norm=5.0",
+    "optim.decay_boundaries=[1]",
+    "train.batch_size=48",  # 240 images -> 5 steps per epoch
+    "train.log_interval=1",
+    "train.eval_interval=4",
+    "train.eval_batch_size=50",
+]
+
+
+def tiny_config(tiny_dir: Path, *extra: str):
+    return load_config(
+        overrides=[
+            f"data.root={tiny_dir}",
+            f"data.val_bins=[{tiny_dir / 'lfw_disjoint_100.bin'}]",
+            *TINY_OVERRIDES,
+            *extra,
+        ]
+    )
+
+
+def read_log(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines()]
+
+
+# --- schedule ---------------------------------------------------------------------------------------------
+
+
+def test_learning_rate_warmup_then_epoch_steps():
+    optim = OptimConfig(lr=0.1, warmup_steps=4, decay_boundaries=[2, 3], decay_factor=0.1)
+    lrs = [learning_rate(optim, step, steps_per_epoch=10, total_steps=100) for step in range(40)]
+    np.testing.assert_allclose(lrs[:4], [0.025, 0.05, 0.075, 0.1])
+    np.testing.assert_allclose(lrs[4:20], 0.1)
+    np.testing.assert_allclose(lrs[20:30], 0.01)
+    np.testing.assert_allclose(lrs[30:], 0.001, rtol=1e-9)
+
+
+def test_learning_rate_step_unit_and_poly():
+    optim = OptimConfig(lr=1.0, decay_unit="step", decay_boundaries=[5], decay_factor=0.5)
+    assert learning_rate(optim, 4, 1000, 10) == 1.0 and learning_rate(optim, 5, 1000, 10) == 0.5
+    poly = OptimConfig(lr=1.0, schedule="poly", poly_power=2.0, warmup_steps=0)
+    assert learning_rate(poly, 5, 10, 10) == pytest.approx(0.25)
+    assert learning_rate(poly, 10, 10, 10) == 0.0
+
+
+# --- training ---------------------------------------------------------------------------------------------
+
+
+def test_training_writes_log_checkpoints_and_best_model(tiny_dir, tmp_path):
+    config = tiny_config(tiny_dir, "train.max_steps=6")
+    result = Trainer(config, tmp_path).run()
+    assert result.steps == 6
+    records = read_log(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert set(records[0]) >= {"step", "epoch", "loss", "lr", "ips", "eta_s", "mem_mb"}
+    assert records[-1]["epoch"] == 1 and records[-1]["lr"] == pytest.approx(0.005)  # decayed after epoch 1
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert load_config(tmp_path / "config.yaml").to_dict() == config.to_dict()
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "6"
+    # keep_checkpoints=1: the epoch-end checkpoint at step 5 was pruned when step 6 was saved
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()) == ["6"]
+    manifest = ckpt.read_manifest(tmp_path / "checkpoints" / "6")
+    assert manifest["step"] == 6 and manifest["num_classes"] == 40 and manifest["world_size"] == 1
+    best = tmp_path / "best_model" / "lfw_disjoint_100"
+    assert ckpt.read_manifest(best)["best_metric"]["lfw_disjoint_100"]["pairs"] == 100
+    assert result.best["lfw_disjoint_100"]["step"] in (4, 6)
+
+
+def test_resume_continues_the_same_trajectory(tiny_dir, tmp_path):
+    """3 steps, stop, resume to 8 (crossing an epoch end) == 8 steps in one go."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    Trainer(tiny_config(tiny_dir, "train.max_steps=8", "train.eval_interval=0"), whole).run()
+    Trainer(tiny_config(tiny_dir, "train.max_steps=3", "train.eval_interval=0"), split).run()
+    resumed = Trainer(tiny_config(tiny_dir, "train.max_steps=8", "train.eval_interval=0"), split, resume=True)
+    assert resumed.state.step == 3 and resumed.state.step_in_epoch == 3
+    resumed.run()
+    whole_losses = [r["loss"] for r in read_log(whole)]
+    split_losses = [r["loss"] for r in read_log(split)]
+    assert len(split_losses) == 8
+    np.testing.assert_allclose(split_losses, whole_losses, rtol=1e-6)
+    a, b = (ckpt.read_manifest(d / "checkpoints" / "8") for d in (whole, split))
+    assert a["epoch"] == b["epoch"] == 1
+    for kind in ("weight", "velocity"):
+        np.testing.assert_allclose(
+            np.load(whole / "checkpoints/8" / ckpt.shard_file(0, kind)),
+            np.load(split / "checkpoints/8" / ckpt.shard_file(0, kind)),
+            rtol=1e-5,
+            atol=1e-7,
+        )
+
+
+def test_clip_factor_is_the_global_norm_over_backbone_and_centers(tiny_dir, tmp_path):
+    trainer = Trainer(tiny_config(tiny_dir, "optim.clip_norm=0.01"), tmp_path)
+    images, labels = next(iter(trainer.loader))
+    trainer.head(trainer.model(images), labels, 0).backward()
+    params = [p for p in trainer.model.parameters() if p.grad is not None]
+    norm_sq = sum(float(np.sum(p.grad.numpy().astype(np.float64) ** 2)) for p in params)
+    norm_sq += float(np.sum(trainer.head.sampled_grad.numpy().astype(np.float64) ** 2))
+    assert trainer._clip_factor(params) == pytest.approx(0.01 / math.sqrt(norm_sq), rel=1e-4)
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tiny_dir, tmp_path, monkeypatch):
+    trainer = Trainer(tiny_config(tiny_dir, "train.max_steps=2", "train.eval_interval=0"), tmp_path)
+    trainer.run()
+    before = ckpt.read_manifest(tmp_path / "checkpoints" / "2")
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt.paddle, "save", fail)
+    trainer.state.step = 3
+    with pytest.raises(OSError):
+        trainer.save_step_checkpoint()
+    assert trainer.checkpoints.latest() == tmp_path / "checkpoints" / "2"
+    assert ckpt.read_manifest(tmp_path / "checkpoints" / "2") == before
+    assert not (tmp_path / "checkpoints" / "3").exists()
+
+
+def test_missing_shard_is_a_clear_error(tiny_dir, tmp_path):
+    Trainer(tiny_config(tiny_dir, "train.max_steps=1", "train.eval_interval=0"), tmp_path).run()
+    (tmp_path / "checkpoints" / "1" / ckpt.shard_file(0, "velocity")).unlink()
+    with pytest.raises(Exception, match="incomplete.*rank00000.velocity"):
+        ckpt.read_manifest(tmp_path / "checkpoints" / "1")
+
+
+def test_new_class_count_reuses_only_the_backbone(tiny_dir, tmp_path, caplog):
+    Trainer(tiny_config(tiny_dir, "train.max_steps=1", "train.eval_interval=0"), tmp_path / "a").run()
+    finetune = Trainer(
+        tiny_config(tiny_dir, "train.max_steps=1", "data.num_classes=50"),
+        tmp_path / "b",
+        resume=tmp_path / "a" / "checkpoints" / "1",
+    )
+    assert "reusing the backbone only" in caplog.text
+    assert finetune.state.step == 0 and finetune.head.weight.shape == [50, 16]
+    saved = paddle.load(str(tmp_path / "a" / "checkpoints" / "1" / ckpt.BACKBONE))
+    for name, value in finetune.model.state_dict().items():
+        np.testing.assert_array_equal(value.numpy(), saved[name].numpy())
+
+
+# --- command line -----------------------------------------------------------------------------------------
+
+
+def write_tiny_yaml(tiny_dir: Path, path: Path, *extra: str) -> Path:
+    lines = []
+    for override in [
+        f"data.root={tiny_dir}",
+        f"data.val_bins=[{tiny_dir / 'lfw_disjoint_100.bin'}]",
+        *TINY_OVERRIDES,
+        *extra,
+    ]:
+        key, value = override.split("=", 1)
+        section, name = key.split(".")
+        lines.append((section, f"  {name}: {value}"))
+    sections: dict[str, list[str]] = {}
+    for section, line in lines:
+        sections.setdefault(section, []).append(line)
+    path.write_text("".join(f"{s}:\n" + "\n".join(ls) + "\n" for s, ls in sections.items()))
+    return path
+
+
+def test_eval_cli_prints_table_and_writes_json(tiny_dir, tmp_path, capsys):
+    config = write_tiny_yaml(tiny_dir, tmp_path / "tiny.yaml", "train.max_steps=2", "train.eval_interval=0")
+    assert cli.main(["train", "--config", str(config), "--output", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "lfw_disjoint_100" in out and "checkpoint:" in out
+    checkpoint = tmp_path / "run" / "checkpoints" / "2"
+    bin_file = str(tiny_dir / "lfw_disjoint_100.bin")
+    report = tmp_path / "eval.json"
+    assert cli.main(["eval", "--checkpoint", str(checkpoint), "--bin", bin_file, "--json", str(report)]) == 0
+    results = json.loads(report.read_text())
+    assert set(results["lfw_disjoint_100"]) >= {"accuracy", "std", "threshold", "xnorm", "tar_at_far_1e-3", "pairs"}
+    # The same weights evaluated inside training give the same numbers.
+    best = ckpt.read_manifest(tmp_path / "run" / "best_model" / "lfw_disjoint_100")["best_metric"]
+    assert results["lfw_disjoint_100"]["accuracy"] == pytest.approx(best["lfw_disjoint_100"]["accuracy"])
+
+
+@pytest.mark.parametrize(
+    "argv_tail,message",
+    [
+        (["--set", "train.nope=1"], "unknown key 'train.nope'"),
+        (["--set", "model.name=resnet9000"], "resnet9000"),
+        (["--set", "data.root=/does/not/exist"], "/does/not/exist"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(tiny_dir, tmp_path, capsys, argv_tail, message):
+    config = write_tiny_yaml(tiny_dir, tmp_path / "tiny.yaml", "train.max_steps=1")
+    code = cli.main(["train", "--config", str(config), "--output", str(tmp_path / "o"), *argv_tail])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1 and message in err and err.startswith("plsc: error:")
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(tiny_dir, tmp_path):
+    config = write_tiny_yaml(tiny_dir, tmp_path / "tiny.yaml", "train.max_steps=200", "train.eval_interval=0")
+    output = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "plsc.cli", "train", "--config", str(config), "--output", str(output)]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = output / "train_log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "--resume" in err
+    latest = int((output / "checkpoints" / "latest").read_text())
+    assert latest >= 2 and latest == read_log(output)[-1]["step"]
+    resumed = Trainer(load_config(config, ["train.max_steps=" + str(latest + 1)]), output, resume=True)
+    assert resumed.state.step == latest
+    assert resumed.run().steps == latest + 1
