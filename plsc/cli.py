@@ -87,10 +87,42 @@ def _print_metrics(results: dict, title: str) -> None:
                    floatfmt=".4f"))
 
 
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="convert between MXNet RecordIO and PLSC's folder layout")
+    kinds = p.add_subparsers(dest="kind", required=True)
+    rec = kinds.add_parser("rec2images", help=".rec/.idx -> images/NNNNNNNN.jpg + label.txt (bytes verbatim)")
+    rec.add_argument("--rec", required=True, help="the .rec file")
+    rec.add_argument("--idx", default=None, help="its .idx (default: beside the .rec)")
+    rec.add_argument("--output", required=True, help="output folder; rerun after an interruption to finish")
+    rec.set_defaults(run=_run_rec2images)
+    images = kinds.add_parser("images2rec", help="images/ + label.txt -> InsightFace .rec/.idx/property")
+    images.add_argument("--root", required=True, help="folder holding label.txt and images/")
+    images.add_argument("--label-file", default=None, help="label file inside --root (default: label.txt)")
+    images.add_argument("--output", required=True, help="output prefix: writes PREFIX.rec, PREFIX.idx, property")
+    images.set_defaults(run=_run_images2rec)
+
+
+def _run_rec2images(args) -> int:
+    from plsc.data.convert import rec_to_images
+
+    summary = rec_to_images(args.rec, args.idx, args.output, progress=True)
+    print(f"{summary.images} images of {summary.num_classes} classes in {summary.output} "
+          f"({summary.written} written, {summary.skipped} already there); copied: {', '.join(summary.copied) or '-'}")
+    return 0
+
+
+def _run_images2rec(args) -> int:
+    from plsc.data.convert import images_to_rec
+
+    summary = images_to_rec(args.root, args.label_file, args.output, progress=True)
+    print(f"{summary.images} images of {summary.num_classes} classes written to {summary.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plsc", description="Paddle Large Scale Classification")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_eval):
+    for add in (_add_train, _add_eval, _add_convert):
         add(sub)
     return parser
 
