@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.plsc-installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: venv mini test lint tox clean
+.PHONY: venv mini test lint tox clean repro-cpu repro-accuracy repro-capacity repro-throughput report report-check
 
 venv: $(STAMP)
 
@@ -33,6 +33,31 @@ lint: venv
 tox: venv
 	$(BIN)/python -m pip install --quiet tox
 	$(BIN)/tox
+
+# Reproduction of PLSC v2.2's published claims (README "Reproduction"). Optional variables:
+#   DATA_DIR=MS1M_v3 (agedb_30.bin, cfp_fp.bin, lfw.bin)  CHECKPOINT_DIR=dir  DOWNLOAD=1  GPUS=n  RESULTS_DIR=dir
+# Cases whose data, checkpoints or hardware are missing are skipped with the reason (-rs prints it).
+REPRO_OPTS = $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(CHECKPOINT_DIR),--checkpoint-dir $(CHECKPOINT_DIR)) \
+	$(if $(DOWNLOAD),--download) $(if $(GPUS),--gpus $(GPUS)) $(if $(RESULTS_DIR),--results-dir $(RESULTS_DIR))
+REPRO_PYTEST = $(BIN)/python -m pytest -rs
+
+repro-cpu: venv
+	$(REPRO_PYTEST) -q repro -m cpu $(REPRO_OPTS)
+
+repro-accuracy: venv
+	$(REPRO_PYTEST) repro/accuracy $(REPRO_OPTS)
+
+repro-capacity: venv
+	$(REPRO_PYTEST) repro/capacity $(REPRO_OPTS)
+
+repro-throughput: venv
+	$(REPRO_PYTEST) repro/throughput $(REPRO_OPTS)
+
+report: venv
+	$(BIN)/python -m repro.report
+
+report-check: venv
+	$(BIN)/python -m repro.report --check
 
 clean:
 	rm -rf $(VENV) .tox output .pytest_cache

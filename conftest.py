@@ -1,6 +1,8 @@
 """Root pytest configuration: shared fixtures for the unit tier.
 
 Each xdist worker runs Paddle on one thread so that ``pytest -n 2`` does not oversubscribe the two cores.
+Test tiers (markers cpu, cpu_slow, gpu, gpu8, multinode, and the options --run-slow and --gpus) come from the
+plugin ``repro.tiers``: a test whose tier this machine lacks is skipped with a reason saying what it needs.
 """
 
 import os
@@ -11,6 +13,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 warnings.filterwarnings("ignore", message="No ccache found")
 
 import pytest  # noqa: E402
+
+pytest_plugins = ("repro.tiers", "pytester")
 
 ROOT = Path(__file__).resolve().parent
 SHARED = ROOT.parent / "shared"

@@ -1,0 +1,299 @@
+"""Render the reproduction tables into README.md and draw the capacity / throughput figure.
+
+    python -m repro.report            # rewrite README.md's marker blocks and the PNG, only where they changed
+    python -m repro.report --check    # exit 1 when README.md or the PNG is stale, 0 when both are current
+
+Inputs are ``repro/claims.yaml`` and the newest result of each claim under ``--results-dir``. Each table sits
+between ``<!-- repro:<name>:begin -->`` and ``<!-- repro:<name>:end -->`` (names: accuracy, capacity, nhwc,
+throughput, figure); everything outside the markers is left alone. Rendering is a pure function of its inputs,
+and the PNG is drawn with fixed size, dpi, style and no metadata, so regenerating gives identical bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import os
+import re
+import sys
+from pathlib import Path
+
+from tabulate import tabulate
+
+from repro.claims import (
+    AccuracyGroup,
+    CapacityGroup,
+    Claim,
+    ClaimGroup,
+    Claims,
+    NhwcGroup,
+    ThroughputGroup,
+    load_claims,
+)
+from repro.results import RESULTS_DIR, CaseResult, load_results
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+FIGURE = ROOT / "repro" / "figures" / "capacity_throughput.png"
+BLOCKS = ("accuracy", "capacity", "nhwc", "throughput", "figure")
+NOT_RUN = "not run"
+NONE = "—"
+FIGURE_SIZE_IN, FIGURE_DPI = (11.0, 4.2), 100
+
+Results = dict[str, CaseResult]
+
+
+class ReportError(RuntimeError):
+    """README.md lacks a marker block, or has it twice."""
+
+
+# --- tables
+
+
+def render_blocks(claims: Claims, results: Results, figure_link: str) -> dict[str, str]:
+    return {
+        "accuracy": accuracy_block(claims.accuracy, results),
+        "capacity": capacity_block(claims.capacity, results),
+        "nhwc": nhwc_block(claims.nhwc, results),
+        "throughput": throughput_block(claims.throughput, results),
+        "figure": f"![Maximum classes and throughput: published and measured]({figure_link})",
+    }
+
+
+def accuracy_block(group: AccuracyGroup, results: Results) -> str:
+    keys = list(group.bins)
+    header = ["Mode", "Backbone", "Precision", "Format", "Ratio"]
+    header += [f"{key} published / measured" for key in keys] + ["Verdict", "Hardware"]
+    rows = []
+    for claim in group.rows:
+        result = results.get(claim.id)
+        pairs = [_pair(claim, result, key, "{:.5f}") for key in keys]
+        setting = [claim.mode, claim.backbone, claim.precision, claim.format, f"{claim.ratio:.1f}"]
+        rows.append(setting + pairs + _outcome(result))
+    return _block(group, results, header, rows)
+
+
+def capacity_block(group: CapacityGroup, results: Results) -> str:
+    header = ["Framework", "Mode", "Precision", "Backbone", "Published classes (pool)", "Measured classes"]
+    header += ["Verdict", "Hardware"]
+    rows = []
+    for claim in group.rows:
+        result = results.get(claim.id)
+        published = f"{claim.published['classes']:,.0f} ({claim.pool_mib} MiB)"
+        measured = _measured(result, "classes", "{:,.0f}")
+        outcome = ["reference (other framework)", NONE] if claim.reference else _outcome(result)
+        rows.append(
+            [claim.framework, claim.mode, claim.precision, claim.backbone, published, measured] + outcome
+        )
+    return _block(group, results, header, rows, f"Batch {group.batch}, sample ratio {group.ratio:g}.")
+
+
+def nhwc_block(group: NhwcGroup, results: Results) -> str:
+    header = ["Claim", "Precision", "Published", "Measured", "Pass range", "Verdict", "Hardware"]
+    rows = []
+    for claim in group.rows:
+        result = results.get(claim.id)
+        published = f"{claim.published['change']:+.0%} {claim.quantity.replace('_', ' ')}"
+        tolerance = _accepted_range(group.tolerance_for(claim).bounds(claim.published["change"]))
+        measured = _measured(result, "change", "{:+.1%}")
+        rows.append([claim.id, claim.precision, published, measured, tolerance] + _outcome(result))
+    return _block(group, results, header, rows, f'The README says: "{group.text}"')
+
+
+def throughput_block(group: ThroughputGroup, results: Results) -> str:
+    header = ["Mode", "Backbone", "Precision", "Format", "Published", "Measured (images/s)", "Verdict"]
+    header += ["Hardware"]
+    rows = []
+    for claim in group.rows:
+        result = results.get(claim.id)
+        measured = _measured(result, "images_per_s", "{:,.0f}")
+        setting = [claim.mode, claim.backbone, claim.precision, claim.format]
+        rows.append(setting + ["unavailable (approximate, chart image only)", measured] + _outcome(result))
+    return _block(group, results, header, rows, f"Batch {group.batch}, sample ratio {group.ratio:g}.")
+
+
+def _block(group: ClaimGroup, results: Results, header, rows, setting: str = "") -> str:
+    tolerance = f"Tolerance: {group.tolerance.describe()}, {group.tolerance.note}" if group.tolerance else ""
+    lines = [
+        f"Published (seed README {group.section}; {group.hardware}). {setting}".strip(),
+        tolerance,
+        group.note,
+        f"Tier `{group.tier}`: {_run_count(group, results)} of {len(group.rows)} cases run.",
+    ]
+    prose = "\n\n".join(line for line in lines if line)
+    return prose + "\n\n" + tabulate(rows, header, tablefmt="github", disable_numparse=True)
+
+
+def _accepted_range(bounds: tuple[float, float]) -> str:
+    low, high = bounds
+    if math.isinf(low):
+        return f"accepts <= {high:+.0%}"
+    if math.isinf(high):
+        return f"accepts >= {low:+.0%}"
+    return f"accepts {low:+.0%} to {high:+.0%}"
+
+
+def _run_count(group: ClaimGroup, results: Results) -> int:
+    return sum(claim.id in results for claim in group.rows)
+
+
+def _pair(claim: Claim, result: CaseResult | None, key: str, spec: str) -> str:
+    return f"{spec.format(claim.published[key])} / {_measured(result, key, spec)}"
+
+
+def _measured(result: CaseResult | None, key: str, spec: str) -> str:
+    if result is None or result.measured.get(key) is None:
+        return NONE
+    return spec.format(result.measured[key])
+
+
+def _outcome(result: CaseResult | None) -> list[str]:
+    """[verdict, hardware] cells: "not run" and a dash when there is no result."""
+    if result is None:
+        return [NOT_RUN, NONE]
+    return [result.verdict, result.hardware.get("summary", NONE)]
+
+
+# --- README
+
+
+def marker(name: str, edge: str) -> str:
+    return f"<!-- repro:{name}:{edge} -->"
+
+
+def replace_blocks(text: str, blocks: dict[str, str]) -> str:
+    """``text`` with the content between each block's begin/end markers replaced."""
+    for name, content in blocks.items():
+        pattern = re.compile(re.escape(marker(name, "begin")) + r".*?" + re.escape(marker(name, "end")), re.S)
+        found = len(pattern.findall(text))
+        if found != 1:
+            raise ReportError(
+                f"README needs exactly one {marker(name, 'begin')} ... {marker(name, 'end')} block"
+            )
+        replacement = f"{marker(name, 'begin')}\n{content}\n{marker(name, 'end')}"
+        text = pattern.sub(lambda _match, new=replacement: new, text)
+    return text
+
+
+# --- figure
+
+
+def render_figure(claims: Claims, results: Results) -> bytes:
+    """PNG bytes of the figure; identical inputs give identical bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import style
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    with style.context("default"):
+        figure = Figure(figsize=FIGURE_SIZE_IN, dpi=FIGURE_DPI)
+        FigureCanvasAgg(figure)
+        capacity_axes, throughput_axes = figure.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.2]})
+        _plot_capacity(capacity_axes, claims.capacity, results)
+        _plot_throughput(throughput_axes, claims.throughput, results)
+        figure.tight_layout()
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=FIGURE_DPI, metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def _plot_capacity(axes, group: CapacityGroup, results: Results) -> None:
+    settings = list(dict.fromkeys(map(_capacity_setting, group.rows)))
+    backbones = list(dict.fromkeys(claim.backbone for claim in group.rows))
+    width = 0.8 / len(backbones)
+    for offset, backbone in enumerate(backbones):
+        claims = [claim for claim in group.rows if claim.backbone == backbone]
+        xs = [settings.index(_capacity_setting(claim)) + (offset - 0.5) * width for claim in claims]
+        published = [claim.published["classes"] / 1e6 for claim in claims]
+        axes.bar(xs, published, width, label=f"{backbone} published")
+        measured = [
+            (x, results[claim.id].measured["classes"] / 1e6)
+            for x, claim in zip(xs, claims, strict=True)
+            if claim.id in results
+        ]
+        if measured:
+            axes.plot(*zip(*measured, strict=True), "kD", label="measured" if offset == 0 else None)
+    axes.set_xticks(range(len(settings)), settings, fontsize=8)
+    axes.set_ylabel("maximum classes (millions)")
+    axes.set_title(f"Maximum classes, {group.hardware}", fontsize=9)
+    axes.legend(fontsize=8)
+
+
+def _capacity_setting(claim) -> str:
+    return f"{claim.framework}\n{claim.mode} {claim.precision}"
+
+
+def _plot_throughput(axes, group: ThroughputGroup, results: Results) -> None:
+    axes.set_title(f"Throughput, batch {group.batch}, ratio {group.ratio:g}", fontsize=9)
+    measured = [
+        (claim, results[claim.id].measured["images_per_s"])
+        for claim in group.rows
+        if results.get(claim.id) and results[claim.id].measured.get("images_per_s") is not None
+    ]
+    if not measured:
+        message = "not measured yet\n(published values: chart image only)"
+        axes.text(0.5, 0.5, message, ha="center", va="center")
+        axes.set_axis_off()
+        return
+    labels = [f"{claim.mode}\n{claim.backbone} {claim.precision}" for claim, _ in measured]
+    axes.bar(range(len(measured)), [value for _, value in measured], color="tab:green", label="measured")
+    axes.set_xticks(range(len(measured)), labels, fontsize=7)
+    axes.set_ylabel("images / s")
+    axes.legend(fontsize=8)
+
+
+# --- command line
+
+
+def build(claims: Claims, results: Results, readme: Path, figure: Path) -> tuple[str, bytes]:
+    """(README text, PNG bytes) as they should be."""
+    link = Path(os.path.relpath(figure, readme.parent)).as_posix()
+    text = replace_blocks(readme.read_text(encoding="utf-8"), render_blocks(claims, results, link))
+    return text, render_figure(claims, results)
+
+
+def stale_files(readme: Path, figure: Path, text: str, png: bytes) -> list[Path]:
+    stale = [] if readme.read_text(encoding="utf-8") == text else [readme]
+    return stale + ([] if figure.is_file() and figure.read_bytes() == png else [figure])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        text, png = build(load_claims(), load_results(args.results_dir), args.readme, args.figure)
+    except (ReportError, OSError, ValueError) as exc:
+        print(f"repro.report: {exc}", file=sys.stderr)
+        return 2
+    stale = stale_files(args.readme, args.figure, text, png)
+    if args.check:
+        for path in stale:
+            print(f"{path} is stale: run `make report` (python -m repro.report)", file=sys.stderr)
+        return 1 if stale else 0
+    _write_changed(stale, args.readme, text, args.figure, png)
+    return 0
+
+
+def _write_changed(stale: list[Path], readme: Path, text: str, figure: Path, png: bytes) -> None:
+    if readme in stale:
+        readme.write_text(text, encoding="utf-8")
+        print(f"updated {readme}")
+    if figure in stale:
+        figure.parent.mkdir(parents=True, exist_ok=True)
+        figure.write_bytes(png)
+        print(f"updated {figure}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m repro.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--readme", type=Path, default=README, help="README with the marker blocks")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="results to render")
+    parser.add_argument("--figure", type=Path, default=FIGURE, help="PNG to draw (linked from the README)")
+    parser.add_argument("--check", action="store_true", help="exit 1 when stale; writes nothing")
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

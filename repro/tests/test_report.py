@@ -1,0 +1,170 @@
+"""python -m repro.report: README tables between markers, a byte-reproducible PNG, --check for staleness."""
+
+from __future__ import annotations
+
+import pytest
+
+from repro import report
+from repro.claims import load_claims
+from repro.hardware import Gpu, Hardware
+from repro.results import new_result, write_result
+
+pytestmark = pytest.mark.cpu
+
+README_TEMPLATE = """# Project
+
+Text before, kept as it is.
+
+{blocks}
+
+Text after, kept as it is.
+"""
+GPU_MACHINE = Hardware(
+    cpu_model="Test CPU",
+    cpu_count=64,
+    memory_mib=512 * 1024,
+    gpus=(Gpu("Tesla V100-SXM2-32GB", 32510),) * 8,
+    gpu_source="paddle",
+    paddle_cuda=True,
+)
+CPU_MACHINE = Hardware(cpu_model="Test CPU", cpu_count=2, memory_mib=4096, paddle_version="3.3.1")
+
+
+@pytest.fixture(scope="module")
+def claims():
+    return load_claims()
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    """(README with empty marker blocks, figure path, results folder) in a temporary folder."""
+    blocks = "\n\n".join(
+        f"{report.marker(name, 'begin')}\n{report.marker(name, 'end')}" for name in report.BLOCKS
+    )
+    readme = tmp_path / "README.md"
+    readme.write_text(README_TEMPLATE.format(blocks=blocks), encoding="utf-8")
+    return readme, tmp_path / "figures" / "plot.png", tmp_path / "results"
+
+
+@pytest.fixture
+def run_report(workspace):
+    readme, figure, results = workspace
+
+    def run(*extra: str) -> int:
+        return report.main(
+            ["--readme", str(readme), "--figure", str(figure), "--results-dir", str(results), *extra]
+        )
+
+    return run
+
+
+@pytest.fixture
+def record(claims, workspace):
+    def record(claim_id: str, measured: dict, machine: Hardware, tier: str) -> None:
+        claim = claims.find(claim_id)[1]
+        result = new_result(
+            claims,
+            claim,
+            tier=tier,
+            config="test",
+            measured=measured,
+            machine=machine,
+            command="python -m pytest",
+            duration_s=1.0,
+        )
+        write_result(workspace[2], result)
+
+    return record
+
+
+def test_the_report_fills_every_block_and_keeps_the_rest(run_report, workspace):
+    readme, figure, _ = workspace
+    assert run_report() == 0
+    text = readme.read_text(encoding="utf-8")
+    assert text.startswith("# Project\n\nText before, kept as it is.") and text.endswith(
+        "Text after, kept as it is.\n"
+    )
+    assert "| static  | Res50 " in text and "0.98200 / —" in text
+    assert "![Maximum classes and throughput: published and measured](figures/plot.png)" in text
+    assert figure.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_rows_without_results_say_not_run(run_report, workspace):
+    run_report()
+    text = workspace[0].read_text(encoding="utf-8")
+    verdicts = [row[6] for row in table_rows(text, "capacity")[2:]]
+    assert verdicts == ["reference (other framework)"] * 4 + ["not run"] * 4  # Paddle's rows need 8 GPUs
+    assert "Tier `gpu8`: 0 of 8 cases run." in text
+
+
+def test_a_second_run_changes_nothing(run_report, workspace, capsys):
+    readme, figure, _ = workspace
+    run_report()
+    first = readme.read_bytes(), figure.read_bytes()
+    capsys.readouterr()
+    assert run_report() == 0
+    assert (readme.read_bytes(), figure.read_bytes()) == first
+    assert capsys.readouterr().out == ""  # nothing was rewritten
+
+
+def test_the_png_has_identical_bytes_each_time_and_no_metadata(claims):
+    png = report.render_figure(claims, {})
+    assert report.render_figure(claims, {}) == png
+    assert b"Software" not in png and b"matplotlib" not in png
+
+
+def test_results_appear_beside_the_published_values(run_report, workspace, record, claims):
+    accuracy = {"agedb30": 0.98370, "cfp_fp": 0.99000, "lfw": 0.99850}
+    record("dynamic_res50_fp16_nhwc_r0.1", accuracy, CPU_MACHINE, "cpu")
+    record("capacity_paddle_static_fp16_res50", {"classes": 91_000_000}, GPU_MACHINE, "gpu8")
+    record("nhwc_fp16_memory", {"change": -0.05}, GPU_MACHINE, "gpu")
+    run_report()
+    text = workspace[0].read_text(encoding="utf-8")
+    accuracy_row = ["dynamic", "Res50", "FP16", "NHWC", "0.1", "0.98367 / 0.98370", "0.99029 / 0.99000"]
+    accuracy_row += ["0.99850 / 0.99850", "pass", "CPU: Test CPU, 2 cores, 4 GiB"]
+    assert accuracy_row in table_rows(text, "accuracy")
+    capacity_row = ["Paddle", "static", "FP16", "Res50", "92,000,000 (32298 MiB)", "91,000,000", "pass"]
+    assert capacity_row + ["8 x Tesla V100-SXM2-32GB (32510 MiB)"] in table_rows(text, "capacity")
+    nhwc_row = ["nhwc_fp16_memory", "FP16", "-30% gpu memory", "-5.0%", "accepts <= -20%", "fail"]
+    assert nhwc_row + ["8 x Tesla V100-SXM2-32GB (32510 MiB)"] in table_rows(text, "nhwc")
+    assert report.render_figure(claims, {}) != workspace[1].read_bytes()  # the measured capacity is drawn
+
+
+def table_rows(text: str, block: str) -> list[list[str]]:
+    """The cells of every table line between the block's markers."""
+    inside = text.split(report.marker(block, "begin"))[1].split(report.marker(block, "end"))[0]
+    lines = [line for line in inside.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+
+
+def test_check_passes_when_current_and_fails_when_stale(run_report, workspace, record, capsys):
+    readme, figure, _ = workspace
+    assert run_report("--check") == 1  # never rendered
+    run_report()
+    assert run_report("--check") == 0
+    record("nhwc_fp16_throughput", {"change": 0.12}, GPU_MACHINE, "gpu")
+    capsys.readouterr()
+    assert run_report("--check") == 1
+    assert f"{readme} is stale" in capsys.readouterr().err
+    run_report()
+    figure.write_bytes(b"not the figure")
+    assert run_report("--check") == 1
+    assert f"{figure} is stale" in capsys.readouterr().err
+
+
+def test_check_writes_nothing(run_report, workspace):
+    readme, figure, _ = workspace
+    before = readme.read_bytes()
+    run_report("--check")
+    assert readme.read_bytes() == before and not figure.exists()
+
+
+def test_a_missing_marker_block_is_an_error(run_report, workspace, capsys):
+    readme = workspace[0]
+    readme.write_text(readme.read_text().replace(report.marker("nhwc", "end"), ""))
+    assert run_report() == 2
+    assert "<!-- repro:nhwc:begin --> ... <!-- repro:nhwc:end -->" in capsys.readouterr().err
+
+
+def test_the_project_readme_and_figure_are_current():
+    assert report.main(["--check"]) == 0, "README.md or the figure is stale: run `make report`"

@@ -1,0 +1,107 @@
+"""The tier plugin (repro/tiers.py): every test is collected; a missing tier is a skip with a reason."""
+
+from __future__ import annotations
+
+import pytest
+
+from repro import hardware
+from repro.hardware import Gpu, Hardware
+
+pytestmark = pytest.mark.cpu
+
+ONE_TEST_PER_TIER = """
+import pytest
+
+def test_unmarked():
+    pass
+
+@pytest.mark.cpu
+def test_cpu():
+    pass
+
+@pytest.mark.cpu_slow
+def test_cpu_slow():
+    pass
+
+@pytest.mark.gpu
+def test_gpu(gpu_count):
+    assert gpu_count >= 1
+
+@pytest.mark.gpu8
+def test_gpu8(gpu_count):
+    assert gpu_count >= 8
+
+@pytest.mark.multinode
+def test_multinode():
+    pass
+"""
+NO_GPU = Hardware("Test CPU", 2, 4096, paddle_version="3.3.1")
+
+
+def machine_with(gpus: int) -> Hardware:
+    return Hardware("Test CPU", 2, 4096, gpus=(Gpu("Tesla V100", 32510),) * gpus, paddle_cuda=True)
+
+
+@pytest.fixture
+def tier_run(pytester, monkeypatch):
+    """Run ONE_TEST_PER_TIER under the tier plugin on a machine with the given hardware."""
+    pytester.makepyfile(test_tiers_demo=ONE_TEST_PER_TIER)
+
+    def run(machine: Hardware, *args: str) -> pytest.RunResult:
+        monkeypatch.setattr(hardware, "detect", lambda: machine)
+        return pytester.runpytest("-p", "repro.tiers", "-rs", *args)
+
+    return run
+
+
+def test_without_gpus_only_the_cpu_tier_runs_and_the_rest_say_what_they_need(tier_run):
+    result = tier_run(NO_GPU)
+    result.assert_outcomes(passed=2, skipped=4)
+    result.stdout.fnmatch_lines_random(
+        [
+            "SKIPPED*cpu_slow tier: takes minutes on CPU; run with --run-slow",
+            "SKIPPED*gpu tier: needs 1 GPU(s) usable by paddle; found none (paddle 3.3.1 is not compiled*",
+            "SKIPPED*gpu8 tier: needs 8 GPU(s) usable by paddle; found none*",
+            "SKIPPED*multinode tier: needs 2+ nodes*found 1 node",
+        ]
+    )
+
+
+def test_run_slow_runs_the_cpu_slow_tier(tier_run):
+    tier_run(NO_GPU, "--run-slow").assert_outcomes(passed=3, skipped=3)
+
+
+def test_two_gpus_run_the_gpu_tier_but_not_gpu8(tier_run):
+    result = tier_run(machine_with(2))
+    result.assert_outcomes(passed=3, skipped=3)
+    result.stdout.fnmatch_lines(
+        ["SKIPPED*gpu8 tier: needs 8 GPU(s) usable by paddle; found 2 (Tesla V100, 32510 MiB)"]
+    )
+
+
+def test_eight_gpus_run_both_gpu_tiers(tier_run):
+    tier_run(machine_with(8)).assert_outcomes(passed=4, skipped=2)
+
+
+def test_gpus_option_caps_the_gpus_a_tier_may_use(tier_run):
+    result = tier_run(machine_with(8), "--gpus", "1")
+    result.assert_outcomes(passed=3, skipped=3)
+    result.stdout.fnmatch_lines(
+        ["SKIPPED*gpu8 tier: needs 8 GPU(s) usable by paddle; --gpus 1 allows 1 of the 8 found"]
+    )
+
+
+def test_cpu_only_runs_never_detect_hardware(pytester, monkeypatch):
+    def refuse():
+        raise AssertionError("hardware detection ran for a CPU-only selection")
+
+    monkeypatch.setattr(hardware, "detect", refuse)
+    pytester.makepyfile(test_cpu_only="import pytest\n\n@pytest.mark.cpu\ndef test_cpu():\n    pass\n")
+    pytester.runpytest("-p", "repro.tiers").assert_outcomes(passed=1)
+
+
+def test_the_tier_markers_are_registered(pytester):
+    result = pytester.runpytest("-p", "repro.tiers", "--markers")
+    result.stdout.fnmatch_lines_random(
+        [f"@pytest.mark.{tier}:*" for tier in ("cpu", "cpu_slow", "gpu", "gpu8")]
+    )
