@@ -25,6 +25,9 @@ def _add_train(sub) -> None:
     p.add_argument("--output", default=None, help="output folder (default: output/<config name>)")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT_DIR",
                    help="continue from <output>/checkpoints/latest, or from the given checkpoint folder")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train on N local processes (started through paddle.distributed.launch; "
+                        "per-rank logs in <output>/log)")
     p.set_defaults(run=_run_train)
 
 
@@ -34,6 +37,10 @@ def _run_train(args) -> int:
 
     config = load_config(args.config, args.overrides)
     output = Path(args.output or Path("output") / Path(args.config).stem)
+    if args.nproc is not None and args.nproc != 1:
+        from plsc.launch import run_train  # the config loaded: a bad one fails here once, not in N children
+
+        return run_train(args.nproc, args.argv, output)
     trainer = Trainer(config, output, resume=args.resume)
     try:
         result = trainer.run()
@@ -53,18 +60,34 @@ def _run_train(args) -> int:
 
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="verification accuracy of a checkpoint on .bin files")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder (a step folder or best_model/<name>)")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint folder: a step folder, best_model/<name>, or a PLSC v2.2 checkpoint")
     p.add_argument("--bin", dest="bins", action="append", required=True, metavar="FILE",
                    help="insightface .bin verification file; repeatable")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
     p.add_argument("--batch-size", type=int, default=64)
+    _add_model_flags(p)
     p.set_defaults(run=_run_eval)
+
+
+def _add_model_flags(p) -> None:
+    group = p.add_argument_group("PLSC v2.2 checkpoints (detected from the tensors when omitted; must agree)")
+    group.add_argument("--backbone", default=None, help="e.g. FresResNet50, FresResNet100, MobileFaceNet_128")
+    group.add_argument("--embedding-size", type=int, default=None)
+    group.add_argument("--data-format", choices=["NCHW", "NHWC"], default=None,
+                       help="the backbone's layout (default: the checkpoint's, else NCHW); exports take NCHW")
+
+
+def _model_hints(args) -> dict:
+    return {"backbone": args.backbone, "embedding_size": args.embedding_size, "data_format": args.data_format}
 
 
 def _run_eval(args) -> int:
     from plsc.eval.runner import evaluate_checkpoint
 
-    results = evaluate_checkpoint(args.checkpoint, args.bins, args.batch_size, progress=sys.stderr.isatty())
+    results = evaluate_checkpoint(
+        args.checkpoint, args.bins, args.batch_size, progress=sys.stderr.isatty(), **_model_hints(args)
+    )
     _print_metrics(results, f"verification of {args.checkpoint}")
     if args.json:
         from plsc.engine.checkpoint import write_text_atomic
@@ -119,10 +142,62 @@ def _run_images2rec(args) -> int:
     return 0
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a checkpoint's backbone for Paddle Inference or ONNX Runtime")
+    p.add_argument("--checkpoint", required=True,
+                   help="a plsc checkpoint or best_model/<name> folder, or a PLSC v2.2 checkpoint folder")
+    p.add_argument("--format", "--export_type", dest="format", choices=["paddle", "onnx"], default="paddle",
+                   help="paddle: Paddle Inference files (paddle.jit.save); onnx: converted by paddle2onnx")
+    p.add_argument("--output", required=True, help="output folder (gets <name>.* and export.json)")
+    p.add_argument("--name", default=None, help="file name stem (default: the backbone name, as PLSC)")
+    p.add_argument("--opset", type=int, default=11, help="ONNX opset version")
+    _add_model_flags(p)
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args) -> int:
+    from plsc.export import export_checkpoint
+
+    description = export_checkpoint(
+        args.checkpoint, args.output, args.format, name=args.name, opset=args.opset, **_model_hints(args)
+    )
+    files = description["artifacts"][args.format]["files"]
+    print(f"exported {description['model']['name']} to {args.output}: {', '.join(files)}, export.json")
+    return 0
+
+
+def _add_infer(sub) -> None:
+    p = sub.add_parser("infer", help="embed images with an exported model")
+    p.add_argument("--model", required=True, help="export folder (with export.json), or a model file")
+    p.add_argument("--images", required=True, help="an image file, or a folder (searched recursively)")
+    p.add_argument("--engine", choices=["paddle", "onnx"], default=None,
+                   help="Paddle Inference or onnxruntime (default: paddle if exported, else onnx)")
+    p.add_argument("--output", default=None, metavar="F.npy",
+                   help="write the embeddings [N, E] here and the image list to F.txt (default: print them)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(run=_run_infer)
+
+
+def _run_infer(args) -> int:
+    from plsc.export import embeddings_path, run_inference, save_embeddings
+
+    if args.output:
+        embeddings_path(args.output)  # a bad name fails now, not after the whole run
+    paths, embeddings = run_inference(args.model, args.images, args.engine, args.batch_size)
+    if args.output:
+        save_embeddings(args.output, paths, embeddings, args.images)
+        print(f"{len(paths)} embeddings of size {embeddings.shape[1]} written to {args.output}")
+        return 0
+    for path, embedding in zip(paths, embeddings, strict=True):
+        head = " ".join(f"{value:.4f}" for value in embedding[:4])
+        print(f"{path}\tnorm {float((embedding ** 2).sum()) ** 0.5:.4f}\t[{head} ...]")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plsc", description="Paddle Large Scale Classification")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_eval, _add_convert):
+    for add in (_add_train, _add_eval, _add_convert, _add_export, _add_infer):
         add(sub)
     return parser
 
@@ -135,6 +210,7 @@ def _quiet_paddle() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nproc hands on to each process
     _quiet_paddle()
     try:
         return args.run(args)

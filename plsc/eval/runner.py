@@ -10,20 +10,58 @@ import paddle
 from plsc.config import Config, config_from_dict
 from plsc.data.verification_bin import load_bin
 from plsc.engine import checkpoint as ckpt
+from plsc.engine import plsc22
+from plsc.errors import PlscError
 from plsc.eval.verification import verify
-from plsc.models import build_model
+from plsc.models import MODELS, build_model
 
 
-def restore_backbone(directory: str | Path) -> tuple[paddle.nn.Layer, Config]:
-    """The backbone of a plsc checkpoint (a step directory or a best_model/<name> directory), in eval mode."""
+def restore_backbone(
+    directory: str | Path,
+    backbone: str | None = None,
+    embedding_size: int | None = None,
+    data_format: str | None = None,
+) -> tuple[paddle.nn.Layer, Config]:
+    """The backbone of a checkpoint directory in eval mode, and the Config it was built from.
+
+    ``directory`` is a plsc checkpoint (a step directory or best_model/<name>) or a PLSC v2.2 one (an epoch
+    directory or best_model/<val set>), whose backbone, embedding size and layout are detected from its
+    tensors (see :mod:`plsc.engine.plsc22`). ``backbone`` and ``embedding_size``, when given, must agree
+    with the checkpoint; ``data_format`` builds the model in that layout (the weights fit either).
+    """
     directory = Path(directory)
+    if plsc22.is_plsc22_checkpoint(directory):
+        return plsc22.restore_backbone(directory, backbone, embedding_size, data_format)
+    if directory.is_dir() and not (directory / ckpt.MANIFEST).exists():
+        raise PlscError(_not_a_checkpoint(directory))
     manifest = ckpt.read_manifest(directory)
     config = config_from_dict(manifest["config"])
+    _check_expected_model(directory, config, backbone, embedding_size)
+    config.model.data_format = data_format or config.model.data_format
     with paddle.utils.unique_name.guard():
         model = build_model(config.model, image_size=config.data.image_size)
     model.set_state_dict(ckpt.load_backbone_state(directory))
     model.eval()
     return model, config
+
+
+def _is_checkpoint(directory: Path) -> bool:
+    return (directory / ckpt.MANIFEST).is_file() or plsc22.is_plsc22_checkpoint(directory)
+
+
+def _not_a_checkpoint(directory: Path) -> str:
+    """Names the checkpoints one or two levels down: users often pass <output> or <output>/<backbone>."""
+    candidates = [*directory.glob("*"), *directory.glob("*/*")]
+    inside = sorted(str(p.relative_to(directory)) for p in candidates if p.is_dir() and _is_checkpoint(p))
+    found = f"; checkpoints inside: {', '.join(inside[:6])}" if inside else ""
+    return f"{directory} is not a checkpoint (no manifest.json, no PLSC v2.2 *.pdparam files){found}"
+
+
+def _check_expected_model(directory: Path, config: Config, backbone: str | None, embedding_size: int | None):
+    if backbone is not None and MODELS.get(backbone) is not MODELS.get(config.model.name):
+        raise PlscError(f"{directory} holds {config.model.name}, not {backbone}")
+    if embedding_size is not None and embedding_size != config.model.embedding_size:
+        raise PlscError(f"{directory} has embedding size {config.model.embedding_size}, not {embedding_size}")
 
 
 def embedder(model: paddle.nn.Layer):
@@ -36,11 +74,17 @@ def embedder(model: paddle.nn.Layer):
     return embed
 
 
-def evaluate_checkpoint(directory: str | Path, bins: list[str], batch_size: int = 64, progress: bool = False):
-    """``{bin stem: metrics}`` for each file, metrics as returned by :func:`verify`."""
-    model, config = restore_backbone(directory)
+def evaluate_checkpoint(
+    directory: str | Path, bins: list[str], batch_size: int = 64, progress: bool = False, **model_hints
+):
+    """``{bin stem: metrics}`` for each file, metrics as returned by :func:`verify`.
+
+    ``model_hints``: ``backbone``, ``embedding_size``, ``data_format`` as for :func:`restore_backbone`.
+    """
+    model, config = restore_backbone(directory, **model_hints)
     results = {}
     for path in bins:
         vset = load_bin(path, config.data.image_size)
-        results[vset.name] = verify(embedder(model), vset, batch_size, config.model.data_format, progress=progress)
+        layout = config.model.data_format
+        results[vset.name] = verify(embedder(model), vset, batch_size, layout, progress=progress)
     return results

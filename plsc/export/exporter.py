@@ -1,0 +1,195 @@
+"""Export a checkpoint's backbone for deployment: Paddle Inference (``paddle.jit.save``) or ONNX (paddle2onnx)
+
+What the exported graph takes and gives, whatever the checkpoint:
+
+* input ``images``: float32 [N, 3, S, S], N dynamic, RGB, ``(x / 255 - 0.5) / 0.5`` (as in training);
+* output: raw (not L2-normalised) embeddings [N, E].
+
+NHWC-trained backbones are exported as their NCHW twin: plsc's tensors have the same shapes in both layouts,
+so the NCHW model with the same weights computes the same function. We do not put a transpose in front of the
+NHWC graph instead, because Paddle Inference on CPU mis-runs that graph (3.3.1's oneDNN conv and 2.6.2's IR
+passes both reject it), and NCHW is the faster layout on CPU anyway.
+
+BatchNorm is exported as eval-mode BatchNorm ops. Folding is left to the inference engines, as in Paddle's own
+deployment: Paddle Inference's IR passes (``conv2d_bn_fuse_pass`` and its oneDNN variant) fold every BN that
+follows a conv, and onnxruntime's default graph optimisation does the same (Conv + BatchNormalization fusion).
+BNs that precede a conv (IResNet's pre-activation BN) or follow the embedding Linear stay as cheap affine ops.
+
+Files, named like PLSC's ``<backbone>.*``: what ``paddle.jit.save`` writes (Paddle 3: ``<name>.json`` +
+``<name>.pdiparams``; Paddle 2.6: ``<name>.pdmodel`` + ``<name>.pdiparams``), or ``<name>.onnx``; plus
+``export.json`` describing input, output, model and source. Exporting both formats into one folder keeps both
+in export.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import inspect
+import json
+import os
+import shutil
+from pathlib import Path
+
+import paddle
+
+import plsc
+from plsc.engine import plsc22
+from plsc.engine.checkpoint import write_text_atomic
+from plsc.errors import PlscError
+from plsc.eval.runner import restore_backbone
+from plsc.models import build_model
+
+EXPORT_JSON = "export.json"
+FORMATS = ("paddle", "onnx")
+INPUT_NAME = "images"
+ONNX_OPSET = 11
+NORMALIZATION = "RGB, (x / 255 - 0.5) / 0.5"
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    output: str | Path,
+    export_format: str = "paddle",
+    name: str | None = None,
+    opset: int = ONNX_OPSET,
+    **model_hints,
+) -> dict:
+    """Export the backbone of ``checkpoint`` into ``output``; returns the export.json description.
+
+    ``checkpoint``: a plsc checkpoint, a best_model/<name> folder or a PLSC v2.2 checkpoint folder;
+    ``model_hints``: ``backbone``, ``embedding_size``, ``data_format`` as for ``restore_backbone``.
+    """
+    if export_format not in FORMATS:
+        raise PlscError(f"export format must be one of {', '.join(FORMATS)}, got {export_format!r}")
+    model, config = restore_backbone(checkpoint, **model_hints)
+    if config.model.data_format != "NCHW":
+        model = nchw_twin(model, config)
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    name = name or config.model.name
+    artifact = _export_files(model, output, name, config.data.image_size, export_format, opset)
+    return write_description(output, describe(checkpoint, config), export_format, artifact)
+
+
+def _export_files(model, output: Path, name: str, image_size: int, export_format: str, opset: int) -> dict:
+    """Write one format's files through a staging folder, so that a failed export leaves none behind."""
+    staging = output / f".export-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        files = save_inference_model(model, staging / name, image_size)
+        artifact = {"files": [path.name for path in files], "paddle": paddle.__version__}
+        if export_format == "onnx":
+            onnx_file = convert_to_onnx(files, staging / f"{name}.onnx", opset)
+            files, artifact = [onnx_file], {"files": [onnx_file.name], "opset": opset, **onnx_versions()}
+        for path in files:
+            os.replace(path, output / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return artifact
+
+
+def nchw_twin(model: paddle.nn.Layer, config) -> paddle.nn.Layer:
+    """The same backbone built channels-first with the same weights (their shapes do not depend on layout)."""
+    model_config = dataclasses.replace(config.model, data_format="NCHW")
+    with paddle.utils.unique_name.guard():
+        twin = build_model(model_config, image_size=config.data.image_size)
+    twin.set_state_dict(model.state_dict())
+    twin.eval()
+    return twin
+
+
+def input_spec(image_size: int) -> paddle.static.InputSpec:
+    return paddle.static.InputSpec([None, 3, image_size, image_size], "float32", name=INPUT_NAME)
+
+
+def save_inference_model(model: paddle.nn.Layer, prefix: Path, image_size: int) -> list[Path]:
+    """``paddle.jit.save`` the eval-mode model; returns the files written (their names depend on Paddle)."""
+    model.eval()
+    paddle.jit.save(model, str(prefix), input_spec=[input_spec(image_size)])
+    return sorted(path for path in prefix.parent.iterdir() if path.name.startswith(f"{prefix.name}."))
+
+
+def _graph_file(files: list[Path]) -> Path:
+    return next(path for path in files if path.suffix in (".json", ".pdmodel"))
+
+
+def _params_file(files: list[Path]) -> Path:
+    return next(path for path in files if path.suffix == ".pdiparams")
+
+
+def _import_paddle2onnx():
+    try:
+        import paddle2onnx
+    except ImportError:
+        raise PlscError("ONNX export needs paddle2onnx: pip install 'plsc[export]'") from None
+    except ValueError:  # paddle2onnx 2.x refuses to import under Paddle < 3
+        version = importlib.metadata.version("paddle2onnx")
+        raise PlscError(
+            f"paddle2onnx {version} needs Paddle 3, this is Paddle {paddle.__version__}: "
+            "pip install 'paddle2onnx==1.3.1'"
+        ) from None
+    return paddle2onnx
+
+
+def convert_to_onnx(files: list[Path], onnx_file: Path, opset: int = ONNX_OPSET) -> Path:
+    """Convert a ``paddle.jit.save`` output to ONNX with paddle2onnx (no optimisation pass)."""
+    paddle2onnx = _import_paddle2onnx()
+    options = {"opset_version": opset, "enable_optimize": False, "verbose": False}
+    if "optimize_tool" in inspect.signature(paddle2onnx.export).parameters:
+        # paddle2onnx 2.x folds constants with polygraphy even when enable_optimize is False, and polygraphy
+        # pip-installs packages at run time; any other tool name skips that step.
+        options["optimize_tool"] = "none"
+    paddle2onnx.export(str(_graph_file(files)), str(_params_file(files)), str(onnx_file), **options)
+    if not onnx_file.is_file():
+        raise PlscError(f"paddle2onnx could not convert {_graph_file(files).name} (see its log above)")
+    return onnx_file
+
+
+def onnx_versions() -> dict[str, str]:
+    return {"paddle": paddle.__version__, "paddle2onnx": importlib.metadata.version("paddle2onnx")}
+
+
+def describe(checkpoint: str | Path, config) -> dict:
+    """The format-independent part of export.json."""
+    size, embedding = config.data.image_size, config.model.embedding_size
+    kind = "plsc-v2.2" if plsc22.is_plsc22_checkpoint(checkpoint) else "plsc"
+    return {
+        "model": {
+            "name": config.model.name,
+            "embedding_size": embedding,
+            "width": config.model.width,
+            "trained_data_format": config.model.data_format,
+        },
+        "input": {
+            "name": INPUT_NAME,
+            "shape": [None, 3, size, size],
+            "dtype": "float32",
+            "layout": "NCHW",
+            "normalization": NORMALIZATION,
+        },
+        "output": {"shape": [None, embedding], "dtype": "float32", "embedding": "raw, not L2-normalised"},
+        "source": {"checkpoint": str(Path(checkpoint).resolve()), "format": kind},
+    }
+
+
+def read_description(directory: str | Path) -> dict | None:
+    path = Path(directory) / EXPORT_JSON
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise PlscError(f"{path}: corrupt export description ({exc.msg})") from None
+
+
+def write_description(output: Path, description: dict, export_format: str, artifact: dict) -> dict:
+    """Write export.json, keeping the other format's entry when it was exported from the same model."""
+    previous = read_description(output) or {}
+    same_model = all(previous.get(key) == description[key] for key in ("model", "input", "source"))
+    artifacts = dict(previous.get("artifacts", {})) if same_model else {}
+    artifacts[export_format] = artifact
+    description = {**description, "artifacts": artifacts, "plsc": plsc.__version__}
+    write_text_atomic(output / EXPORT_JSON, json.dumps(description, indent=1) + "\n")
+    return description
