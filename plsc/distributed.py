@@ -10,8 +10,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import paddle
 import paddle.distributed as dist
+
+from plsc.errors import PlscError
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,12 @@ class LocalComm:
 
     def any_true(self, flag: bool) -> bool:
         return flag
+
+    def gather_rows(self, array: np.ndarray) -> np.ndarray:
+        return array
+
+    def broadcast_(self, tensor: paddle.Tensor, src: int = 0) -> paddle.Tensor:
+        return tensor
 
     def barrier(self) -> None:
         pass
@@ -125,6 +134,21 @@ class CollectiveComm:
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item() > 0)
 
+    def gather_rows(self, array: np.ndarray) -> np.ndarray:
+        """Every rank's rows, concatenated in rank order; ranks may hold different row counts.
+
+        all_gather needs equal shapes, so each rank pads to the largest count and the padding is cut off.
+        """
+        counts = self.all_gather(paddle.to_tensor([array.shape[0]], dtype="int64")).numpy()
+        padded = np.zeros((int(counts.max()), *array.shape[1:]), dtype=array.dtype)
+        padded[: array.shape[0]] = array
+        gathered = self.all_gather(paddle.to_tensor(padded)).numpy().reshape(len(counts), *padded.shape)
+        return np.concatenate([rows[:count] for rows, count in zip(gathered, counts, strict=True)])
+
+    def broadcast_(self, tensor: paddle.Tensor, src: int = 0) -> paddle.Tensor:
+        dist.broadcast(tensor, src=src)
+        return tensor
+
     def barrier(self) -> None:
         dist.barrier()
 
@@ -137,3 +161,41 @@ def make_comm():
     if not dist.is_initialized():
         dist.init_parallel_env()
     return CollectiveComm()
+
+
+def require_classes_per_rank(num_classes: int, world_size: int) -> None:
+    """Every rank must own at least one class: the sharded softmax has no columns to work with otherwise."""
+    if num_classes < world_size:
+        raise PlscError(
+            f"cannot shard {num_classes} classes over {world_size} ranks; use at most {num_classes} ranks"
+        )
+
+
+def share_statistics_from_rank0(model: paddle.nn.Layer, comm) -> None:
+    """Copy rank 0's non-learned state (BatchNorm running statistics) to every rank.
+
+    Each rank normalises its own batches in training, so running statistics drift apart; checkpoints hold
+    rank 0's. Sharing them first makes every rank evaluate exactly the model a checkpoint saves.
+    """
+    for tensor in model.state_dict().values():
+        if tensor.stop_gradient:
+            comm.broadcast_(tensor, src=0)
+
+
+def verify_across_ranks(model_fn, vset, batch_size: int, data_format: str, embedding_size: int, comm) -> dict:
+    """:func:`plsc.eval.verification.verify` with the embedding work split: each rank embeds a contiguous
+    share of the pairs, and every rank scores the gathered embeddings, so all ranks get identical results."""
+    from plsc.data.verification_bin import VerificationSet
+    from plsc.eval.verification import combine_flip, embed_verification_set, evaluate, xnorm
+
+    share = shard_classes(vset.pairs, comm.rank, comm.world_size)  # the same balanced split, over pairs
+    if share.count:
+        images = vset.images[2 * share.start : 2 * share.stop]
+        part = VerificationSet(images, vset.issame[share.start : share.stop], vset.name)
+        raw, raw_flipped = embed_verification_set(model_fn, part, batch_size, data_format)
+    else:
+        raw = raw_flipped = np.zeros((0, embedding_size), dtype=np.float32)
+    raw, raw_flipped = comm.gather_rows(raw), comm.gather_rows(raw_flipped)
+    result = evaluate(combine_flip(raw, raw_flipped), vset.issame)
+    result["xnorm"] = (xnorm(raw) + xnorm(raw_flipped)) / 2  # as verify(): over plain and mirrored halves
+    return result

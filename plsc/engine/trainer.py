@@ -20,12 +20,16 @@ import paddle
 from plsc.config import Config, save_config
 from plsc.data import build_dataset, build_train_loader_from_config
 from plsc.data.verification_bin import load_bin
-from plsc.distributed import make_comm
+from plsc.distributed import (
+    make_comm,
+    require_classes_per_rank,
+    share_statistics_from_rank0,
+    verify_across_ranks,
+)
 from plsc.engine import checkpoint as ckpt
 from plsc.engine.schedule import learning_rate
 from plsc.errors import PlscError
 from plsc.eval.runner import embedder
-from plsc.eval.verification import verify
 from plsc.loss.margin import Margin
 from plsc.loss.partial_fc import PartialFC
 from plsc.models import build_model
@@ -72,6 +76,7 @@ class Trainer:
         self.rank = self.comm.rank
         self.dataset = build_dataset(config.data, seed=config.train.seed)
         self.num_classes = config.data.num_classes or self.dataset.num_classes
+        require_classes_per_rank(self.num_classes, self.comm.world_size)
         self.model = build_backbone(config, config.train.seed)
         self.head = PartialFC(
             num_classes=self.num_classes,
@@ -190,11 +195,18 @@ class Trainer:
     # --- verification --------------------------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, dict]:
+        """Verification of rank 0's model (the one checkpoints hold), the work split across the ranks."""
+        share_statistics_from_rank0(self.model, self.comm)
         self.model.eval()
         results = {}
         for vset in self.val_sets:
-            results[vset.name] = verify(
-                embedder(self.model), vset, self.config.train.eval_batch_size, self.config.model.data_format
+            results[vset.name] = verify_across_ranks(
+                embedder(self.model),
+                vset,
+                self.config.train.eval_batch_size,
+                self.config.model.data_format,
+                self.config.model.embedding_size,
+                self.comm,
             )
         self.model.train()
         return results
@@ -205,7 +217,8 @@ class Trainer:
         for name, metrics in results.items():
             line = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "pairs")
             log.info("step %d verification %s: %s", self.state.step, name, line)
-            if metrics["accuracy"] > self.best.get(name, {}).get("accuracy", -1.0):
+            # Saving is collective: the ranks must agree, whatever rounding a rank's own comparison saw.
+            if self.comm.any_true(metrics["accuracy"] > self.best.get(name, {}).get("accuracy", -1.0)):
                 self.best[name] = {**metrics, "step": self.state.step}
                 self.save(self.output / "best_model" / name, extra={"best_metric": {name: metrics}})
         return results

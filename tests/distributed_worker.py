@@ -1,0 +1,138 @@
+"""The per-rank side of tests/test_distributed.py, run under ``python -m paddle.distributed.launch``.
+
+``python distributed_worker.py head SPEC.json OUT_DIR``: PartialFC forward/backward/step on this rank's block
+  of a global batch (stored in the spec's .npz), one ``<case>.rank<r>.npz`` per case.
+``python distributed_worker.py reshard SRC DST [SRC DST ...]``: restore checkpoints on this world size and
+  save them again.
+``python distributed_worker.py train RESULTS OUTPUT BATCHNORM OVERRIDE...``: a Trainer run writing OUTPUT, its
+  BatchNorm layers on batch statistics (BATCHNORM=per-rank, the default of training) or on their running
+  statistics (global, see :func:`use_running_batchnorm_statistics`);
+  ``RESULTS/rank<r>.json`` holds what the shared output does not show (each rank's verification results and
+  how many images it embedded).
+
+The test compares these files with single-process references; nothing here asserts.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore", message=".*always track global mean and variance.*")
+warnings.filterwarnings("ignore", message="No ccache found")
+
+import numpy as np  # noqa: E402
+import paddle  # noqa: E402
+
+from plsc.distributed import make_comm  # noqa: E402
+from plsc.loss.margin import Margin  # noqa: E402
+from plsc.loss.partial_fc import PartialFC  # noqa: E402
+
+
+def run_head(spec_path: str, out_dir: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    comm = make_comm()
+    for case in spec["cases"]:
+        data = np.load(case["data"])
+        out = Path(out_dir) / f"{case['name']}.rank{comm.rank}.npz"
+        np.savez(out, **_head_case(case, data["embeddings"], data["labels"], comm))
+
+
+def _head_case(case: dict, all_embeddings: np.ndarray, all_labels: np.ndarray, comm) -> dict:
+    head = PartialFC(
+        case["num_classes"],
+        all_embeddings.shape[1],
+        Margin(*case["margin"]),
+        sample_ratio=case["ratio"],
+        seed=case["seed"],
+        comm=comm,
+    )
+    rows = len(all_labels) // comm.world_size
+    mine = slice(comm.rank * rows, (comm.rank + 1) * rows)
+    embeddings = paddle.to_tensor(all_embeddings[mine], stop_gradient=False)
+    loss = head(embeddings, paddle.to_tensor(all_labels[mine]), case["step"])
+    loss.backward()
+    index, _ = head.sample(all_labels, case["step"])
+    result = {
+        "loss": np.float64(float(loss)),
+        "embedding_grad": embeddings.grad.numpy(),
+        "shard": np.array([head.shard.start, head.shard.count]),
+        "sampled_ids": index + head.shard.start,
+        "sampled_grad": head.sampled_grad.numpy(),
+    }
+    head.step(lr=0.1, momentum=0.9, weight_decay=5e-4)
+    return {**result, "weight": head.weight.numpy(), "velocity": head.velocity.numpy()}
+
+
+def run_reshard(*sources_and_targets: str) -> None:
+    """Restore each SOURCE checkpoint's class centers on this world size and save them to TARGET, as a resume
+    on another number of ranks followed by a save would."""
+    for source, target in zip(sources_and_targets[::2], sources_and_targets[1::2], strict=True):
+        _reshard(Path(source), Path(target))
+
+
+def _reshard(source: Path, target: Path) -> None:
+    from plsc.engine import checkpoint as ckpt
+
+    comm = make_comm()
+    manifest = ckpt.read_manifest(source)
+    head = PartialFC(
+        manifest["num_classes"],
+        manifest["embedding_size"],
+        Margin(1.0, 0.5, 0.0, 64.0),
+        center_dtype=manifest["center_dtype"],
+        comm=comm,
+    )
+    head.set_state(*ckpt.read_center_rows(source, manifest, head.shard))
+    state = ckpt.TrainingState(manifest["step"], manifest["epoch"], manifest["step_in_epoch"])
+    backbone = paddle.nn.Linear(2, 2)
+    backbone.set_state_dict(ckpt.load_backbone_state(source))
+    ckpt.save_checkpoint(
+        target, comm=comm, state=state, config=manifest["config"], model=backbone, optimizer=None, head=head
+    )
+
+
+def use_running_batchnorm_statistics(model: paddle.nn.Layer) -> None:
+    """BatchNorm normalises with its running statistics in training too (and leaves them unchanged), making
+    the backbone a per-sample function: how a batch is split over ranks then changes nothing."""
+    for layer in model.sublayers():
+        if isinstance(layer, paddle.nn.layer.norm._BatchNormBase):
+            layer._use_global_stats = True
+
+
+def run_train(results_dir: str, output: str, batchnorm: str, *overrides: str) -> None:
+    from plsc.config import load_config
+    from plsc.engine import trainer as trainer_module
+
+    embedded = {"images": 0}
+    original_embedder = trainer_module.embedder
+
+    def counting_embedder(model):
+        embed = original_embedder(model)
+
+        def run(batch):
+            embedded["images"] += len(batch)
+            return embed(batch)
+
+        return run
+
+    trainer_module.embedder = counting_embedder
+    trainer = trainer_module.Trainer(load_config(overrides=list(overrides)), Path(output))
+    if batchnorm == "global":
+        use_running_batchnorm_statistics(trainer.model)
+    result = trainer.run()
+    record = {
+        "rank": trainer.rank,
+        "steps": result.steps,
+        "best": result.best,
+        "last_eval": result.last_eval,
+        "images_embedded": embedded["images"],
+    }
+    (Path(results_dir) / f"rank{trainer.rank}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    mode, *arguments = sys.argv[1:]
+    {"head": run_head, "reshard": run_reshard, "train": run_train}[mode](*arguments)

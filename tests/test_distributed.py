@@ -1,0 +1,541 @@
+"""Distributed training on CPU (gloo): N processes must compute what one process computes.
+
+Every multi-process test starts real processes with ``python -m paddle.distributed.launch`` (through
+:mod:`plsc.launch`, the code ``plsc train --nproc`` uses) running ``tests/distributed_worker.py`` or the CLI,
+then compares their output files with a single-process reference computed here. One node's launch picks
+free ports itself, so concurrent tests (``pytest -n 2``) do not collide; the two-node test passes a master
+address on a port the OS just handed out.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import paddle
+import pytest
+from distributed_worker import use_running_batchnorm_statistics
+
+from plsc.distributed import LocalComm, shard_classes
+from plsc.launch import child_environment, launch_command
+from plsc.loss.margin import Margin, margin_logits, softmax_cross_entropy
+from plsc.loss.partial_fc import PartialFC, init_class_centers, num_sampled
+from plsc.loss.sparse_momentum import lazy_update
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+LAUNCH_TIMEOUT_S = 240
+
+
+def launch(tmp_path: Path, nproc: int, program: list[str], **options) -> subprocess.CompletedProcess:
+    """Run ``program`` on ``nproc`` local ranks; a failing rank fails the test, with the workers' logs."""
+    log_dir = tmp_path / f"launch-log-{len(list(tmp_path.glob('launch-log-*')))}"
+    env = {**child_environment(nproc), "OMP_NUM_THREADS": "1"}
+    command = launch_command(nproc, program, log_dir=log_dir, **options)
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    if proc.returncode != 0:
+        tails = [f"--- {log.name}\n" + "\n".join(log.read_text().splitlines()[-30:])
+                 for log in sorted(log_dir.glob("workerlog.*"))]
+        outputs = [proc.stdout[-3000:], proc.stderr[-3000:]]
+        pytest.fail("\n".join([f"launch exited {proc.returncode}", *outputs, *tails]))
+    return proc
+
+
+def launch_worker(tmp_path: Path, nproc: int, *arguments: str) -> subprocess.CompletedProcess:
+    return launch(tmp_path, nproc, [sys.executable, str(WORKER), *map(str, arguments)])
+
+
+# --- the PartialFC head on N ranks vs one process ---------------------------------------------------------
+
+EMBEDDING_SIZE = 8
+ARCFACE = Margin(1.0, 0.5, 0.0, 64.0)
+COMBINED = Margin(0.9, 0.4, 0.15, 64.0)  # m1 != 1: the acos path of the target logit
+
+
+def head_case(tmp_path: Path, name: str, *, world: int, rows_per_rank: int, num_classes: int, ratio: float,
+              margin: Margin = ARCFACE, seed: int = 3, step: int = 5, every_class: bool = False) -> dict:
+    """A global batch on disk plus the PartialFC settings the ranks and the reference share.
+
+    ``every_class``: the labels cover every class (the batch must be at least as large as the class count).
+    """
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    rows = world * rows_per_rank
+    embeddings = rng.standard_normal((rows, EMBEDDING_SIZE)).astype(np.float32)
+    if every_class:
+        labels = rng.permutation(np.arange(rows) % num_classes).astype(np.int64)
+    else:
+        labels = rng.integers(0, num_classes, rows).astype(np.int64)
+    data = tmp_path / f"{name}.npz"
+    np.savez(data, embeddings=embeddings, labels=labels)
+    margin_list = [margin.m1, margin.m2, margin.m3, margin.scale]
+    return {"name": name, "data": str(data), "num_classes": num_classes, "ratio": ratio,
+            "margin": margin_list, "seed": seed, "step": step, "world": world}
+
+
+def run_head_cases(tmp_path: Path, world: int, cases: list[dict]) -> dict[str, list[dict]]:
+    """Launch the cases on ``world`` ranks; per case, each rank's results in rank order."""
+    spec = tmp_path / f"head-spec-{world}.json"
+    spec.write_text(json.dumps({"cases": cases}))
+    out = tmp_path / f"head-out-{world}"
+    out.mkdir()
+    launch_worker(tmp_path, world, "head", spec, out)
+    return {case["name"]: [dict(np.load(out / f"{case['name']}.rank{rank}.npz")) for rank in range(world)]
+            for case in cases}
+
+
+def reference_from_sampled(case: dict, sampled_ids: np.ndarray) -> dict:
+    """One process, one classifier over exactly the given global class ids: loss, gradients and the update.
+
+    With every class id this is the full classifier (what ratio 1.0 must equal); with the union of the
+    ranks' sampled ids it is the single-process twin of a sampled step.
+    """
+    data = np.load(case["data"])
+    labels = data["labels"]
+    centers = paddle.to_tensor(init_class_centers(case["seed"], 0, case["num_classes"], EMBEDDING_SIZE))
+    velocity = paddle.zeros_like(centers)
+    index = paddle.to_tensor(sampled_ids)
+    sampled = paddle.gather(centers, index)
+    sampled.stop_gradient = False
+    embeddings = paddle.to_tensor(data["embeddings"], stop_gradient=False)
+    columns = paddle.to_tensor(np.searchsorted(sampled_ids, labels))  # every label is a sampled positive
+    cosine = paddle.matmul(
+        paddle.nn.functional.normalize(embeddings, axis=1), paddle.nn.functional.normalize(sampled, axis=1),
+        transpose_y=True,
+    )
+    margin = Margin(*case["margin"])
+    loss = softmax_cross_entropy(margin_logits(cosine, columns, margin), columns, LocalComm())
+    loss.backward()
+    result = {"loss": float(loss), "embedding_grad": embeddings.grad.numpy(),
+              "sampled_grad": sampled.grad.numpy()}
+    lazy_update(centers, velocity, index, sampled.grad, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    return {**result, "weight": centers.numpy(), "velocity": velocity.numpy()}
+
+
+def assert_close(actual: np.ndarray, desired: np.ndarray, tolerance: float) -> None:
+    """``max |actual - desired| <= tolerance * max(1, max |desired|)``.
+
+    Relative to the largest entry, not elementwise: center gradients are ~100x the embeddings' (the centers
+    start with norm ~0.03 and normalisation divides by it), and a difference in summation order shows up as a
+    few float32 ulps of the largest terms, wherever cancellation leaves a small entry.
+    """
+    scale = max(1.0, float(np.abs(desired).max(initial=0.0)))
+    error = float(np.abs(np.asarray(actual, np.float64) - desired).max(initial=0.0))
+    assert actual.shape == desired.shape
+    assert error <= tolerance * scale, f"max error {error:.3g} at scale {scale:.3g}"
+
+
+def concatenated(ranks: list[dict], key: str) -> np.ndarray:
+    return np.concatenate([r[key] for r in ranks])
+
+
+def assert_matches_reference(ranks: list[dict], reference: dict) -> None:
+    losses = [float(r["loss"]) for r in ranks]
+    assert max(losses) == min(losses), f"ranks disagree on the loss: {losses}"
+    # Scale-64 losses are ~10-60 at these random embeddings: 1e-6 relative is a few float32 ulps.
+    assert losses[0] == pytest.approx(reference["loss"], rel=1e-6)
+    assert_close(concatenated(ranks, "embedding_grad"), reference["embedding_grad"], 1e-5)
+    assert_close(concatenated(ranks, "sampled_grad"), reference["sampled_grad"], 1e-5)
+    assert_close(concatenated(ranks, "weight"), reference["weight"], 1e-5)
+    assert_close(concatenated(ranks, "velocity"), reference["velocity"], 1e-5)
+
+
+def assert_sampling_is_valid(case: dict, ranks: list[dict]) -> None:
+    """Each rank's centers: inside its shard, sorted and unique, every positive it owns, the right count."""
+    labels = np.load(case["data"])["labels"]
+    for rank, result in enumerate(ranks):
+        shard = shard_classes(case["num_classes"], rank, case["world"])
+        assert tuple(result["shard"]) == (shard.start, shard.count)
+        ids = result["sampled_ids"]
+        assert np.all(np.diff(ids) > 0), "duplicate or unsorted sampled ids"
+        assert ids.size == 0 or (ids[0] >= shard.start and ids[-1] < shard.stop)
+        positives = np.unique(labels[(labels >= shard.start) & (labels < shard.stop)])
+        assert set(positives) <= set(ids)
+        assert ids.size == max(num_sampled(shard.count, case["ratio"]), positives.size)
+
+
+def check_head_cases(cases: list[dict], results: dict[str, list[dict]]) -> None:
+    for case in cases:
+        ranks = results[case["name"]]
+        assert_sampling_is_valid(case, ranks)
+        assert_matches_reference(ranks, reference_from_sampled(case, concatenated(ranks, "sampled_ids")))
+
+
+def test_full_classifier_on_two_ranks_equals_one_process_with_the_double_batch(tmp_path):
+    """(a) ratio 1.0, 2 x batch b == 1 x batch 2b; (b) ratio < 1 == one process over the union of the
+    ranks' sampled centers."""
+    cases = [
+        head_case(tmp_path, "full", world=2, rows_per_rank=4, num_classes=10, ratio=1.0),
+        head_case(tmp_path, "sampled", world=2, rows_per_rank=4, num_classes=40, ratio=0.3, margin=COMBINED),
+    ]
+    results = run_head_cases(tmp_path, 2, cases)
+    check_head_cases(cases, results)
+    # The full case also against PartialFC itself in one process: the code path single-process training runs.
+    full = cases[0]
+    data = np.load(full["data"])
+    head = PartialFC(full["num_classes"], EMBEDDING_SIZE, ARCFACE, sample_ratio=1.0, seed=full["seed"])
+    embeddings = paddle.to_tensor(data["embeddings"], stop_gradient=False)
+    loss = head(embeddings, paddle.to_tensor(data["labels"]), full["step"])
+    loss.backward()
+    ranks = results["full"]
+    assert float(ranks[0]["loss"]) == pytest.approx(float(loss), rel=1e-6)
+    assert_close(concatenated(ranks, "embedding_grad"), embeddings.grad.numpy(), 1e-5)
+    assert_close(concatenated(ranks, "sampled_grad"), head.sampled_grad.numpy(), 1e-5)
+
+
+def test_three_ranks_uneven_shards_and_more_positives_than_budget(tmp_path):
+    """(c) 7 classes on 3 ranks (3, 2, 2) and a global batch of 12 holding all of them: every rank has more
+    positives than ratio 0.5 allows and keeps exactly its positives; (d) 3-rank parity, ratios 1.0 and 0.3."""
+    cases = [
+        head_case(tmp_path, "crowded", world=3, rows_per_rank=4, num_classes=7, ratio=0.5, every_class=True),
+        head_case(tmp_path, "full3", world=3, rows_per_rank=3, num_classes=11, ratio=1.0),
+        head_case(tmp_path, "sampled3", world=3, rows_per_rank=3, num_classes=50, ratio=0.3, margin=COMBINED),
+    ]
+    results = run_head_cases(tmp_path, 3, cases)
+    check_head_cases(cases, results)
+    crowded = results["crowded"]
+    assert [int(r["shard"][1]) for r in crowded] == [3, 2, 2]
+    assert all(r["sampled_ids"].size > num_sampled(int(r["shard"][1]), 0.5) for r in crowded)
+
+
+# --- the trainer on 2 ranks vs one process ----------------------------------------------------------------
+#
+# BatchNorm: PLSC normalises each rank's batch with that batch's statistics, so 2 ranks x b is not 1 process
+# x 2b in general. Two comparisons, each exact for what it covers:
+#
+# 1. BatchNorm on its running statistics (use_global_stats, kept at their initial values) in both runs: the
+#    backbone is then per-sample, and 2 x b is 1 x 2b exactly. Everything distributed is exercised (sampler
+#    blocks, all-gather with gradients, sharded softmax, gradient all-reduce, clipping over all shards, the
+#    schedule, sparse momentum, sharded checkpoints) and matches to 1e-5 over 11 steps and across a resume.
+#    (Losses are ~15, where a float32 ulp is 9.5e-7: they are compared to 1e-5 plus 1e-6 relative; the
+#    differences measured were 0 to 8 ulps, from the different summation order of the sharded softmax.)
+# 2. PLSC's per-rank BatchNorm, against one process that pushes each rank's block through the backbone
+#    separately (normalise_batches_like_ranks): the same mathematics. But batch statistics of 24 samples
+#    (2x2 pixels in the last stage) make the loss very sensitive to the weights: perturbing the one-process
+#    run's backbone by 1e-7 relative, float32 rounding, moved its losses by up to 4e-3 within 6 steps with
+#    no distribution involved, and the 2-rank run drifts likewise (3e-4 to 8e-4 at steps 8-11). So this
+#    comparison covers one epoch (5 steps), where it holds to 1e-5 (measured: 3e-6).
+
+TINY_OVERRIDES = [  # a tiny backbone on the bundled faces, as in tests/test_engine.py
+    "model.name=iresnet18",
+    "model.width=0.125",
+    "model.embedding_size=16",
+    "data.image_size=32",
+    "data.num_workers=0",
+    "loss.scale=16",
+    "loss.sample_ratio=1.0",  # both runs use every center (ratio < 1 samples per rank)
+    "optim.lr=0.05",
+    "optim.clip_norm=5.0",
+    "optim.decay_boundaries=[1]",
+    "train.log_interval=1",
+    "train.eval_batch_size=50",
+]
+GLOBAL_BATCH = 48  # 240 images: 5 steps per epoch
+
+
+def tiny_overrides(tiny_dir: Path, processes: int, *extra: str, verify: bool = False) -> list[str]:
+    """The tiny run's settings with the global batch split over ``processes``."""
+    bins = f"[{tiny_dir / 'lfw_disjoint_100.bin'}]" if verify else "[]"
+    return [f"data.root={tiny_dir}", f"data.val_bins={bins}", *TINY_OVERRIDES,
+            f"train.batch_size={GLOBAL_BATCH // processes}", *extra]
+
+
+def normalise_batches_like_ranks(model: paddle.nn.Layer, ranks: int) -> paddle.nn.Layer:
+    """Make a one-process backbone see its batch the way ``ranks`` processes see theirs.
+
+    In training mode the forward splits the batch into the ranks' contiguous blocks (the sampler gives rank r
+    the r-th block of each global batch), runs each block through the backbone and concatenates: per-rank
+    BatchNorm statistics. Evaluation is unaffected. The parameters stay the model's own, so state dicts and
+    the optimizer are unchanged.
+    """
+    forward = model.forward
+
+    def per_rank_forward(images):
+        if not model.training:
+            return forward(images)
+        return paddle.concat([forward(block) for block in paddle.split(images, ranks)])
+
+    model.forward = per_rank_forward
+    return model
+
+
+def one_process_trainer(overrides: list[str], output: Path, batchnorm: str, resume=False):
+    """A one-process Trainer whose backbone normalises like 2 ranks with ``batchnorm``: global | per-rank."""
+    from plsc.config import load_config
+    from plsc.engine.trainer import Trainer
+
+    trainer = Trainer(load_config(overrides=overrides), output, resume=resume, comm=LocalComm())
+    if batchnorm == "global":
+        use_running_batchnorm_statistics(trainer.model)
+    else:
+        normalise_batches_like_ranks(trainer.model, 2)
+    return trainer
+
+
+def train_on_two_ranks(tmp_path: Path, output: Path, batchnorm: str, overrides: list[str]) -> Path:
+    """Launch the worker's Trainer on 2 ranks; returns the folder of its per-rank records."""
+    ranks_dir = tmp_path / f"{output.name}-ranks"
+    ranks_dir.mkdir()
+    launch_worker(tmp_path, 2, "train", ranks_dir, output, batchnorm, *overrides)
+    return ranks_dir
+
+
+def read_log(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines()]
+
+
+def losses(output: Path) -> np.ndarray:
+    return np.array([record["loss"] for record in read_log(output)])
+
+
+def centers_of(checkpoint: Path) -> tuple[np.ndarray, np.ndarray]:
+    """All class centers and velocities of a checkpoint, whatever its number of shards."""
+    from plsc.engine import checkpoint as ckpt
+
+    manifest = ckpt.read_manifest(checkpoint)
+    return ckpt.read_center_rows(checkpoint, manifest, shard_classes(manifest["num_classes"], 0, 1))
+
+
+def backbone_of(checkpoint: Path) -> dict[str, np.ndarray]:
+    from plsc.engine import checkpoint as ckpt
+
+    return {k: v.numpy() for k, v in ckpt.load_backbone_state(checkpoint).items()}
+
+
+def assert_same_checkpoint_tensors(a: Path, b: Path, tolerance: float, running_statistics=True) -> None:
+    """Class centers, their velocities and the backbone agree; ``running_statistics=False`` leaves out the
+    BatchNorm running statistics (per-rank state that the one-process reference updates once per block)."""
+    for a_rows, b_rows in zip(centers_of(a), centers_of(b), strict=True):
+        assert_close(a_rows, b_rows, tolerance)
+    a_backbone, b_backbone = backbone_of(a), backbone_of(b)
+    assert a_backbone.keys() == b_backbone.keys()
+    for name, value in a_backbone.items():
+        if running_statistics or not name.endswith(("._mean", "._variance")):
+            assert_close(value, b_backbone[name], tolerance)
+
+
+def test_two_ranks_train_exactly_like_one_process_with_the_double_batch(tiny_dir, tmp_path):
+    """Comparison 1 (see above): 11 steps, then both resume on 1 process for 2 more from their own
+    checkpoints. The 2-rank checkpoint continues at the same step, on the same trajectory."""
+    steps = 11  # two epochs and one step: the resume starts mid-epoch
+    two, one = tmp_path / "two", tmp_path / "one"
+    train_on_two_ranks(tmp_path, two, "global", tiny_overrides(tiny_dir, 2, f"train.max_steps={steps}"))
+    one_process_trainer(tiny_overrides(tiny_dir, 1, f"train.max_steps={steps}"), one, "global").run()
+
+    assert [r["step"] for r in read_log(two)] == list(range(1, steps + 1))
+    np.testing.assert_allclose(losses(two), losses(one), rtol=1e-6, atol=1e-5)
+    assert_same_checkpoint_tensors(two / "checkpoints" / str(steps), one / "checkpoints" / str(steps), 1e-5)
+
+    more = tiny_overrides(tiny_dir, 1, f"train.max_steps={steps + 2}")
+    resumed = one_process_trainer(more, two / "resumed", "global", resume=two / "checkpoints" / str(steps))
+    assert (resumed.state.step, resumed.state.epoch, resumed.state.step_in_epoch) == (steps, 2, 1)
+    resumed.run()
+    one_process_trainer(more, one, "global", resume=True).run()
+    np.testing.assert_allclose(losses(two / "resumed"), losses(one)[steps:], rtol=1e-6, atol=1e-5)
+    assert_same_checkpoint_tensors(two / "resumed" / "checkpoints" / str(steps + 2),
+                                   one / "checkpoints" / str(steps + 2), 1e-5)
+
+
+def test_per_rank_batchnorm_and_shared_verification(tiny_dir, tmp_path):
+    """Comparison 2 (see above), with verification at steps 2, 4 and 5 on both ranks: each rank embeds half
+    of the pairs, both get identical results and take the same best-model decisions, and rank 0 alone
+    writes the shared files."""
+    steps = 5
+    two, one = tmp_path / "two", tmp_path / "one"
+    ranks_dir = train_on_two_ranks(
+        tmp_path, two, "per-rank",
+        tiny_overrides(tiny_dir, 2, f"train.max_steps={steps}", "train.eval_interval=2", verify=True),
+    )
+    one_process_trainer(tiny_overrides(tiny_dir, 1, f"train.max_steps={steps}"), one, "per-rank").run()
+    np.testing.assert_allclose(losses(two), losses(one), rtol=1e-6, atol=1e-5)
+    assert_same_checkpoint_tensors(two / "checkpoints" / str(steps), one / "checkpoints" / str(steps), 1e-5,
+                                   running_statistics=False)
+    check_shared_verification(tiny_dir, two, ranks_dir, evaluations=3)
+
+
+def check_shared_verification(tiny_dir: Path, output: Path, ranks_dir: Path, evaluations: int) -> None:
+    from plsc.engine import checkpoint as ckpt
+    from plsc.eval.runner import evaluate_checkpoint
+
+    rank0, rank1 = (json.loads((ranks_dir / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["best"] == rank1["best"] and rank0["last_eval"] == rank1["last_eval"]
+    # 100 pairs = 200 images, embedded plain and mirrored: each rank did half of every evaluation.
+    assert rank0["images_embedded"] == rank1["images_embedded"] == evaluations * 200
+    # Shared files come from rank 0 alone: one log line per step, no second writer's leftovers.
+    assert [r["step"] for r in read_log(output)] == list(range(1, rank0["steps"] + 1))
+    assert sorted(p.name for p in output.iterdir()) == ["best_model", "checkpoints", "config.yaml",
+                                                        "train_log.jsonl"]
+    best_dir = output / "best_model" / "lfw_disjoint_100"
+    best = ckpt.read_manifest(best_dir)
+    assert best["world_size"] == 2 and best["step"] == rank0["best"]["lfw_disjoint_100"]["step"]
+    # Scored again in one process, the saved best model gives what the ranks computed together: every rank
+    # evaluated rank 0's model, the one checkpoints hold (BatchNorm statistics are otherwise per rank).
+    again = evaluate_checkpoint(best_dir, [str(tiny_dir / "lfw_disjoint_100.bin")], batch_size=50)
+    for key in ("accuracy", "threshold", "tar_at_far_1e-3", "xnorm"):
+        assert again["lfw_disjoint_100"][key] == pytest.approx(best["best_metric"]["lfw_disjoint_100"][key])
+
+
+# --- checkpoints across world sizes -----------------------------------------------------------------------
+
+
+def random_center_checkpoint(path: Path, num_classes: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """A one-process checkpoint whose centers and velocities are random (so every row is distinguishable)."""
+    from plsc.config import Config
+    from plsc.engine import checkpoint as ckpt
+
+    rng = np.random.default_rng(num_classes)
+    weight = rng.standard_normal((num_classes, EMBEDDING_SIZE)).astype(dtype)
+    velocity = rng.standard_normal((num_classes, EMBEDDING_SIZE)).astype(dtype)
+    head = PartialFC(num_classes, EMBEDDING_SIZE, ARCFACE, center_dtype=dtype)
+    head.set_state(weight, velocity)
+    ckpt.save_checkpoint(path, comm=LocalComm(), state=ckpt.TrainingState(7, 1, 2),
+                         config=Config().to_dict(), model=paddle.nn.Linear(2, 2), optimizer=None, head=head)
+    return weight, velocity
+
+
+def test_checkpoint_round_trip_over_1_2_3_1_ranks_is_bit_identical(tmp_path):
+    from plsc.engine import checkpoint as ckpt
+
+    chains = {dtype: [tmp_path / f"{dtype}-{n}" for n in (1, 2, 3)] for dtype in ("float32", "float16")}
+    originals = {dtype: random_center_checkpoint(chain[0], 23, dtype) for dtype, chain in chains.items()}
+    launch_worker(tmp_path, 2, "reshard", *[p for chain in chains.values() for p in (chain[0], chain[1])])
+    launch_worker(tmp_path, 3, "reshard", *[p for chain in chains.values() for p in (chain[1], chain[2])])
+    for dtype, chain in chains.items():
+        weight, velocity = originals[dtype]
+        for world, checkpoint in zip((1, 2, 3), chain, strict=True):
+            manifest = ckpt.read_manifest(checkpoint)
+            assert manifest["world_size"] == world and manifest["center_dtype"] == dtype
+            assert (manifest["step"], manifest["epoch"], manifest["step_in_epoch"]) == (7, 1, 2)
+            for shard in manifest["shards"]:  # each rank's file holds exactly its own rows
+                rows = slice(shard["start"], shard["start"] + shard["count"])
+                assert np.array_equal(np.load(checkpoint / shard["weight"]), weight[rows])
+                assert np.array_equal(np.load(checkpoint / shard["velocity"]), velocity[rows])
+        back = ckpt.read_center_rows(chain[2], ckpt.read_manifest(chain[2]), shard_classes(23, 0, 1))
+        for restored, original in zip(back, (weight, velocity), strict=True):
+            assert restored.dtype == original.dtype and np.array_equal(restored, original)
+
+
+# --- starting processes: plsc train --nproc, scripts/train_dynamic.sh, two nodes ---------------------------
+
+
+def cli_arguments(tiny_dir: Path, output: Path, processes: int, *extra: str) -> list[str]:
+    config = Path(__file__).resolve().parent.parent / "configs" / "cpu" / "mini.yaml"
+    settings = tiny_overrides(tiny_dir, processes, "train.eval_interval=0", *extra)
+    flags = [flag for setting in settings for flag in ("--set", setting)]
+    return ["train", "--config", str(config), "--output", str(output), *flags]
+
+
+def run_quietly(command: list[str], **kwargs) -> subprocess.CompletedProcess:
+    env = {**child_environment(2), "OMP_NUM_THREADS": "1", **kwargs.pop("env", {})}
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S,
+                          **kwargs)
+    outputs = [proc.stdout[-3000:], proc.stderr[-3000:]]
+    assert proc.returncode == 0, "\n".join([f"exit {proc.returncode}", *outputs])
+    return proc
+
+
+def test_plsc_train_nproc_continues_a_one_process_run_on_two(tiny_dir, tmp_path):
+    """``plsc train --nproc 2`` launches 2 ranks of ``python -m plsc.cli train``; resuming a 1-process
+    checkpoint on them continues at its step (global batch kept: 2 x 24 after 1 x 48)."""
+    from plsc import cli
+    from plsc.engine import checkpoint as ckpt
+
+    output = tmp_path / "run"
+    assert cli.main(cli_arguments(tiny_dir, output, 1, "train.max_steps=2")) == 0
+    arguments = cli_arguments(tiny_dir, output, 2, "train.max_steps=4")
+    proc = run_quietly([sys.executable, "-m", "plsc.cli", *arguments, "--resume", "--nproc", "2"])
+    assert "checkpoint:" in proc.stdout  # rank 0's console output reaches the user through the launcher
+    assert [r["step"] for r in read_log(output)] == [1, 2, 3, 4]
+    manifest = ckpt.read_manifest(output / "checkpoints" / "4")
+    assert manifest["world_size"] == 2 and manifest["step"] == 4
+    assert sorted(p.name for p in (output / "log").glob("workerlog.*")) == ["workerlog.0", "workerlog.1"]
+
+
+def test_train_dynamic_script_runs_two_cpu_processes(tiny_dir, tmp_path):
+    script = Path(__file__).resolve().parent.parent / "scripts" / "train_dynamic.sh"
+    output = tmp_path / "run"
+    env = {"PYTHON": sys.executable, "NPROC": "2", "CUDA_VISIBLE_DEVICES": "0,1"}  # no GPU here: ignored
+    arguments = cli_arguments(tiny_dir, output, 2, "train.max_steps=2")[2:]  # CONFIG and options
+    run_quietly(["bash", str(script), *arguments], env=env, cwd=tmp_path)
+    from plsc.engine import checkpoint as ckpt
+
+    assert ckpt.read_manifest(output / "checkpoints" / "2")["world_size"] == 2
+    assert sorted(p.name for p in (tmp_path / "log").glob("workerlog.*")) == ["workerlog.0", "workerlog.1"]
+
+
+def test_train_static_script_says_it_is_not_there_yet():
+    script = Path(__file__).resolve().parent.parent / "scripts" / "train_static.sh"
+    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "not implemented" in proc.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_one_machine_train_like_one_process(tiny_dir, tmp_path):
+    """Two launchers (--nnodes 2, one process each) meeting at a loopback master: the multi-node path of
+    paddle.distributed.launch. They train like one process with the double batch (comparison 1 above)."""
+    steps = 3
+    two, one, ranks_dir = tmp_path / "two-nodes", tmp_path / "one", tmp_path / "ranks"
+    ranks_dir.mkdir()
+    program = [sys.executable, str(WORKER), "train", str(ranks_dir), str(two), "global",
+               *tiny_overrides(tiny_dir, 2, f"train.max_steps={steps}")]
+    master = f"127.0.0.1:{free_port()}"
+    env = {**child_environment(1), "OMP_NUM_THREADS": "1"}
+    nodes = [
+        subprocess.Popen(launch_command(1, program, nnodes=2, master=master, node_rank=rank,
+                                        log_dir=tmp_path / f"node{rank}-log"),
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=LAUNCH_TIMEOUT_S)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    one_process_trainer(tiny_overrides(tiny_dir, 1, f"train.max_steps={steps}"), one, "global").run()
+    np.testing.assert_allclose(losses(two), losses(one), rtol=1e-6, atol=1e-5)
+    assert_same_checkpoint_tensors(two / "checkpoints" / str(steps), one / "checkpoints" / str(steps), 1e-5)
+    assert sorted(json.loads(p.read_text())["rank"] for p in ranks_dir.glob("rank*.json")) == [0, 1]
+
+
+def test_sigterm_to_plsc_train_nproc_saves_one_checkpoint_on_all_ranks(tiny_dir, tmp_path):
+    """The signal travels plsc -> launcher -> ranks; the ranks agree to stop after the same step (any_true)
+    and save one checkpoint together, as a single process does."""
+    from plsc.engine import checkpoint as ckpt
+
+    output = tmp_path / "run"
+    env = {**child_environment(2), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "plsc.cli", *cli_arguments(tiny_dir, output, 2, "train.max_steps=500"),
+               "--nproc", "2"]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = output / "train_log.jsonl"
+    deadline = time.time() + LAUNCH_TIMEOUT_S
+    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "--resume" in err
+    latest = ckpt.CheckpointDir(output / "checkpoints").latest()
+    manifest = ckpt.read_manifest(latest)
+    assert manifest["world_size"] == 2 and manifest["step"] == read_log(output)[-1]["step"] >= 2
+
+
+def test_more_ranks_than_classes_is_a_clear_error(tiny_dir, tmp_path):
+    """A rank without classes would have an empty softmax shard; the trainer refuses before building one."""
+    from plsc.config import load_config
+    from plsc.engine.trainer import Trainer
+    from plsc.errors import PlscError
+
+    class FortyOneRanks(LocalComm):
+        world_size = 41  # the bundled data has 40 classes
+
+    with pytest.raises(PlscError, match="cannot shard 40 classes over 41 ranks"):
+        Trainer(load_config(overrides=tiny_overrides(tiny_dir, 1)), tmp_path, comm=FortyOneRanks())
