@@ -168,7 +168,7 @@ def _merge(config: Config, raw: dict, origin: str) -> Config:
 
 
 def parse_override(text: str) -> dict:
-    """``section.key=value`` -> ``{section: {key: value}}``; the value is parsed as YAML (so 0.1, true, [1,2])."""
+    """``section.key=value`` -> ``{section: {key: value}}``; the value is read as YAML (0.1, true, [1,2])."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not of the form section.key=value")
     path, raw_value = text.split("=", 1)

@@ -9,7 +9,10 @@ from plsc import cli
 def test_rec2images_cli_reproduces_payload_bytes(shared_dir, tmp_path, capsys):
     recordio = shared_dir / "data" / "recordio"
     out = tmp_path / "images"
-    assert cli.main(["convert", "rec2images", "--rec", str(recordio / "faces_tiny.rec"), "--output", str(out)]) == 0
+    assert (
+        cli.main(["convert", "rec2images", "--rec", str(recordio / "faces_tiny.rec"), "--output", str(out)])
+        == 0
+    )
     assert "240 images of 40 classes" in capsys.readouterr().out
     manifest = json.loads((recordio / "manifest.json").read_text())
     image_keys = [key for key in manifest["faces_tiny"] if 1 <= int(key) <= 240]

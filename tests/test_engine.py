@@ -199,7 +199,14 @@ def test_eval_cli_prints_table_and_writes_json(tiny_dir, tmp_path, capsys):
     report = tmp_path / "eval.json"
     assert cli.main(["eval", "--checkpoint", str(checkpoint), "--bin", bin_file, "--json", str(report)]) == 0
     results = json.loads(report.read_text())
-    assert set(results["lfw_disjoint_100"]) >= {"accuracy", "std", "threshold", "xnorm", "tar_at_far_1e-3", "pairs"}
+    assert set(results["lfw_disjoint_100"]) >= {
+        "accuracy",
+        "std",
+        "threshold",
+        "xnorm",
+        "tar_at_far_1e-3",
+        "pairs",
+    }
     # The same weights evaluated inside training give the same numbers.
     best = ckpt.read_manifest(tmp_path / "run" / "best_model" / "lfw_disjoint_100")["best_metric"]
     assert results["lfw_disjoint_100"]["accuracy"] == pytest.approx(best["lfw_disjoint_100"]["accuracy"])

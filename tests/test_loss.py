@@ -7,10 +7,9 @@ import paddle
 import paddle.nn.functional as F
 import pytest
 
-from plsc.distributed import shard_classes
+from plsc.distributed import LocalComm, shard_classes
 from plsc.loss.margin import ARCFACE, COSFACE, Margin, margin_logits, softmax_cross_entropy, target_logit
 from plsc.loss.partial_fc import PartialFC, init_class_centers, num_sampled, sample_centers
-from plsc.distributed import LocalComm
 
 COMBINED = Margin(0.9, 0.4, 0.15, 32.0)
 
@@ -57,16 +56,18 @@ def test_margin_loss_gradient_matches_finite_differences(margin):
             plus, minus = cosine.copy(), cosine.copy()
             plus[i, j] += h
             minus[i, j] -= h
-            numeric[i, j] = (numpy_margin_loss(plus, labels, margin) - numpy_margin_loss(minus, labels, margin)) / (
-                2 * h
-            )
+            numeric[i, j] = (
+                numpy_margin_loss(plus, labels, margin) - numpy_margin_loss(minus, labels, margin)
+            ) / (2 * h)
     np.testing.assert_allclose(x.grad.numpy(), numeric, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("margin", [ARCFACE, COMBINED], ids=["arcface", "combined"])
 def test_target_logit_is_finite_at_theta_zero_and_pi(margin):
     # Normalised dot products can round slightly past +-1.
-    x = paddle.to_tensor(np.array([1.0, 1.0000001, -1.0, -1.0000001, 0.9999999], dtype=np.float32), stop_gradient=False)
+    x = paddle.to_tensor(
+        np.array([1.0, 1.0000001, -1.0, -1.0000001, 0.9999999], dtype=np.float32), stop_gradient=False
+    )
     y = target_logit(x, margin)
     y.sum().backward()
     assert np.all(np.isfinite(y.numpy())) and np.all(np.isfinite(x.grad.numpy()))
@@ -86,7 +87,10 @@ def test_rows_without_target_get_no_margin():
 def test_init_is_per_class_and_independent_of_sharding():
     full = init_class_centers(7, 0, 9000, 8)
     for world in (2, 3, 4):
-        parts = [init_class_centers(7, s.start, s.count, 8) for s in (shard_classes(9000, r, world) for r in range(world))]
+        parts = [
+            init_class_centers(7, s.start, s.count, 8)
+            for s in (shard_classes(9000, r, world) for r in range(world))
+        ]
         np.testing.assert_array_equal(np.concatenate(parts), full)
     assert full.dtype == np.float32
     assert abs(full.std() - 0.01) < 1e-3
@@ -97,7 +101,7 @@ def test_init_is_per_class_and_independent_of_sharding():
 def test_shards_are_balanced_and_contiguous(num_classes, world):
     shards = [shard_classes(num_classes, r, world) for r in range(world)]
     assert shards[0].start == 0 and shards[-1].stop == num_classes
-    assert all(a.stop == b.start for a, b in zip(shards, shards[1:]))
+    assert all(a.stop == b.start for a, b in zip(shards, shards[1:], strict=False))
     sizes = [s.count for s in shards]
     assert max(sizes) - min(sizes) <= 1
 
@@ -178,7 +182,9 @@ def test_sampled_loss_equals_full_classifier_restricted_to_sampled_columns():
 
     weight = init_class_centers(1, 0, classes, emb)[index].astype(np.float64)
     e = embeddings.astype(np.float64)
-    cosine = (e / np.linalg.norm(e, axis=1, keepdims=True)) @ (weight / np.linalg.norm(weight, axis=1, keepdims=True)).T
+    cosine = (e / np.linalg.norm(e, axis=1, keepdims=True)) @ (
+        weight / np.linalg.norm(weight, axis=1, keepdims=True)
+    ).T
     np.testing.assert_allclose(float(loss), numpy_margin_loss(cosine, remapped, COSFACE), rtol=1e-5)
 
 
@@ -209,20 +215,28 @@ def test_sparse_momentum_matches_numpy_over_several_steps(mode):
         index = head._index.numpy()
         full_grad = np.zeros_like(w_ref)
         full_grad[index] = head.sampled_grad.numpy()
-        w_ref, v_ref = numpy_momentum(w_ref, v_ref, full_grad, lr, mu, wd, rows=index if mode == "lazy" else None)
+        w_ref, v_ref = numpy_momentum(
+            w_ref, v_ref, full_grad, lr, mu, wd, rows=index if mode == "lazy" else None
+        )
         head.step(lr, mu, wd)
     np.testing.assert_allclose(head.weight.numpy(), w_ref, rtol=1e-5, atol=1e-8)
     np.testing.assert_allclose(head.velocity.numpy(), v_ref, rtol=1e-5, atol=1e-8)
     if mode == "lazy":
         untouched = np.all(v_ref == 0, axis=1)
         assert untouched.any(), "test needs some never-sampled rows"
-        np.testing.assert_array_equal(head.weight.numpy()[untouched], init_class_centers(2, 0, classes, emb)[untouched])
+        np.testing.assert_array_equal(
+            head.weight.numpy()[untouched], init_class_centers(2, 0, classes, emb)[untouched]
+        )
 
 
 def test_fp16_storage_halves_bytes_and_tracks_fp32():
     rng = np.random.default_rng(7)
-    heads = {dtype: PartialFC(50, 8, ARCFACE, 0.5, center_dtype=dtype, seed=0) for dtype in ("float32", "float16")}
-    assert heads["float16"].weight.dtype == paddle.float16 and heads["float16"].velocity.dtype == paddle.float16
+    heads = {
+        dtype: PartialFC(50, 8, ARCFACE, 0.5, center_dtype=dtype, seed=0) for dtype in ("float32", "float16")
+    }
+    assert (
+        heads["float16"].weight.dtype == paddle.float16 and heads["float16"].velocity.dtype == paddle.float16
+    )
     nbytes = {d: h.weight.numel().item() * h.weight.element_size() for d, h in heads.items()}
     assert nbytes["float16"] * 2 == nbytes["float32"]
     losses = {d: [] for d in heads}
@@ -234,5 +248,5 @@ def test_fp16_storage_halves_bytes_and_tracks_fp32():
             loss.backward()
             head.step(0.1, 0.9, 5e-4)
             losses[dtype].append(float(loss))
-    # Relative: at scale 64 the loss is ~50, and float16 rounding of the centers moves each logit by ~1e-3 * s.
+    # Relative: at scale 64 the loss is ~50; float16 rounding of the centers moves each logit by ~1e-3 * s.
     np.testing.assert_allclose(losses["float16"], losses["float32"], rtol=1e-2)

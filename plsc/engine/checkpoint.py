@@ -185,7 +185,7 @@ def _required_files(manifest: dict) -> list[str]:
 
 
 def read_center_rows(directory: Path, manifest: dict, shard: ClassShard) -> tuple[np.ndarray, np.ndarray]:
-    """Rows ``[shard.start, shard.stop)`` of the saved class centers and velocities, whatever the saved sharding."""
+    """Rows ``[shard.start, shard.stop)`` of the saved centers and velocities, whatever the saved sharding."""
     directory = Path(directory)
     parts: dict[str, list[np.ndarray]] = {"weight": [], "velocity": []}
     for saved in manifest["shards"]:
@@ -198,7 +198,8 @@ def read_center_rows(directory: Path, manifest: dict, shard: ClassShard) -> tupl
     emb = manifest["embedding_size"]
     dtype = np.dtype(manifest["center_dtype"])
     return tuple(  # type: ignore[return-value]
-        np.concatenate(p) if p else np.zeros((0, emb), dtype=dtype) for p in (parts["weight"], parts["velocity"])
+        np.concatenate(p) if p else np.zeros((0, emb), dtype=dtype)
+        for p in (parts["weight"], parts["velocity"])
     )
 
 
