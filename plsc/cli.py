@@ -194,10 +194,77 @@ def _run_infer(args) -> int:
     return 0
 
 
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="face recognition demo: index a gallery, name the faces in a photo")
+    steps = p.add_subparsers(dest="step", required=True)
+    index = steps.add_parser("index", help="embed the largest face of each gallery image into an index file")
+    index.add_argument("--gallery", required=True, help="gallery folder (label file paths start there)")
+    index.add_argument("--label", default=None, metavar="FILE",
+                       help="IMAGE<TAB>NAME per line (default: GALLERY/label.txt)")
+    index.add_argument("--index", required=True, metavar="OUT", help="index file to write (an .npz)")
+    _add_demo_model_flags(index, "crop margin per side, a fraction of the face box (default: 0.05)")
+    index.set_defaults(run=_run_demo_index)
+    rec = steps.add_parser("recognize", help="detect the faces of an image (or folder) and name them")
+    rec.add_argument("--index", required=True, help="index file from plsc demo index (same --model)")
+    rec.add_argument("--input", required=True, help="an image, or a folder of images (searched recursively)")
+    rec.add_argument("--output", required=True, help="folder for each annotated image and its .json")
+    rec.add_argument("--cdd-num", "--cdd_num", type=int, default=10,
+                     help="nearest gallery faces that vote for a name (default: 10)")
+    rec.add_argument("--threshold", type=float, default=None,
+                     help="least cosine similarity of a voting candidate (default: the model's verification "
+                          "threshold when its checkpoint records one, else 0.45)")
+    rec.add_argument("--font", default=None, help="TrueType/OpenType font for the names (needs Pillow)")
+    _add_demo_model_flags(rec, "crop margin per side (default: the index's)")
+    rec.set_defaults(run=_run_demo_recognize)
+
+
+def _add_demo_model_flags(p, margin_help: str) -> None:
+    p.add_argument("--model", required=True,
+                   help="export folder, model file (Paddle Inference, ONNX), or plsc/PLSC v2.2 checkpoint")
+    p.add_argument("--engine", choices=["paddle", "onnx"], default=None, help="for an export holding both")
+    p.add_argument("--margin", type=float, default=None, help=margin_help)
+    group = p.add_argument_group("face detector (default: OpenCV's bundled Haar cascade)")
+    group.add_argument("--det-model-file-path", "--det_model_file_path", default=None, metavar="FILE",
+                       help="a PaddleDetection inference model instead, e.g. BlazeFace's inference.pdmodel")
+    group.add_argument("--det-params-file-path", "--det_params_file_path", default=None, metavar="FILE",
+                       help="its parameters (default: beside it, .pdiparams)")
+    group.add_argument("--det-threshold", type=float, default=None, help="its least score (default: 0.5)")
+    group.add_argument("--haar-cascade", default=None, metavar="XML", help="another OpenCV cascade file")
+
+
+def _demo_detector(args) -> dict:
+    from plsc.demo.pipeline import detector_options
+
+    return detector_options(args.det_model_file_path, args.det_params_file_path, args.det_threshold,
+                            args.haar_cascade)
+
+
+def _run_demo_index(args) -> int:
+    from plsc.demo import build_index
+
+    index = build_index(args.gallery, args.model, args.index, args.label, args.engine, _demo_detector(args),
+                        args.margin)
+    print(f"{len(index.names)} gallery faces of {len(set(index.names))} people "
+          f"({int((~index.detected).sum())} whole images, no face found) indexed in {args.index}")
+    return 0
+
+
+def _run_demo_recognize(args) -> int:
+    from plsc.demo import recognize
+
+    results = recognize(args.index, args.model, args.input, args.output, args.cdd_num, args.threshold,
+                        args.font, args.engine, _demo_detector(args), args.margin)
+    for result in results:
+        names = ", ".join(f"{face['name']} ({face['score']:.2f})" for face in result["faces"]) or "no face"
+        print(f"{result['input']}: {names}")
+    print(f"annotated images and JSON in {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plsc", description="Paddle Large Scale Classification")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_eval, _add_convert, _add_export, _add_infer):
+    for add in (_add_train, _add_eval, _add_convert, _add_export, _add_infer, _add_demo):
         add(sub)
     return parser
 

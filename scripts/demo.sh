@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Face recognition demo (PLSC v2.2 README section 10), run by `plsc demo`: index a gallery, then detect and name
+# the faces of a query image. MODEL is an export folder / model file (Paddle Inference, ONNX) or a plsc or
+# PLSC v2.2 checkpoint folder; the index must be built and queried with the same model.
+# Faces are found by OpenCV's bundled Haar cascade unless DET_MODEL names a PaddleDetection inference model
+# (PLSC's BlazeFace: models/blazeface_fpn_ssh_1000e_v1.0_infer/inference.pdmodel). With EXPECTED (a JSON of
+# cells and names, as ../shared/data/demo/query/expected.json) the answers are scored against it.
+# Every value below can be set from the environment; PYTHON is the interpreter with plsc installed.
+#
+#   MODEL=output/faces_mini/best_model/lfw_disjoint scripts/demo.sh
+set -euo pipefail
+
+PYTHON=${PYTHON:-python}
+DEMO=${DEMO:-../shared/data/demo}
+MODEL=${MODEL:-output/faces_mini/best_model/lfw_disjoint}
+GALLERY=${GALLERY:-$DEMO/gallery}
+LABEL=${LABEL:-$GALLERY/label.txt}
+INDEX=${INDEX:-output/demo/index.npz}
+INPUT=${INPUT:-$DEMO/query/group1.jpg}
+OUTPUT=${OUTPUT:-output/demo/result}
+CDD_NUM=${CDD_NUM:-10}
+THRESHOLD=${THRESHOLD:-}  # empty: the model's verification threshold, else 0.45
+FONT=${FONT:-}            # a .ttf/.otf for non-ASCII names (needs Pillow)
+DET_MODEL=${DET_MODEL:-}
+DET_PARAMS=${DET_PARAMS:-}
+EXPECTED=${EXPECTED:-}
+
+detector=()
+if [[ -n $DET_MODEL ]]; then detector+=(--det-model-file-path "$DET_MODEL"); fi
+if [[ -n $DET_PARAMS ]]; then detector+=(--det-params-file-path "$DET_PARAMS"); fi
+
+"$PYTHON" -m plsc.cli demo index --gallery "$GALLERY" --label "$LABEL" --model "$MODEL" --index "$INDEX" \
+    ${detector[@]+"${detector[@]}"}
+
+args=(demo recognize --index "$INDEX" --model "$MODEL" --input "$INPUT" --output "$OUTPUT" --cdd-num "$CDD_NUM")
+if [[ -n $THRESHOLD ]]; then args+=(--threshold "$THRESHOLD"); fi
+if [[ -n $FONT ]]; then args+=(--font "$FONT"); fi
+"$PYTHON" -m plsc.cli "${args[@]}" ${detector[@]+"${detector[@]}"}
+
+if [[ -n $EXPECTED ]]; then
+    result="$OUTPUT/$(basename "${INPUT%.*}").json"
+    "$PYTHON" "$(dirname "$0")/demo_score.py" --result "$result" --expected "$EXPECTED"
+fi
