@@ -1,27 +1,7 @@
 #!/usr/bin/env bash
 # Verification accuracy of a static-mode checkpoint: PLSC v2.2's scripts/validation_static.sh, run by `plsc eval`.
-# Every value below can be set from the environment. CHECKPOINT_DIR may be plsc's own (<output>/best_model/<set>
-# or <output>/checkpoints/<step>) or a PLSC v2.2 download, e.g.
+# plsc reads static- and dynamic-mode checkpoints alike, so this is validation_dynamic.sh with the static
+# run's default output folder; every setting documented there can be set from the environment, e.g.
 #   CHECKPOINT_DIR=MS1M_v3_arcface_Res50_static_0.1_NHWC_FP16_v2.2/FresResNet50/best_model/cfp_fp
-# plsc reads static- and dynamic-mode checkpoints alike: the _static/_dynamic scripts differ in default paths.
-# PYTHON is the interpreter with plsc and paddlepaddle installed (default: python).
 set -euo pipefail
-
-PYTHON=${PYTHON:-python}
-OUTPUT=${OUTPUT:-output/ms1mv3_r50_static_fp16_nhwc_r0.1}
-CHECKPOINT_DIR=${CHECKPOINT_DIR:-$OUTPUT/best_model/cfp_fp}
-DATA_DIR=${DATA_DIR:-MS1M_v3}
-VAL_TARGETS=${VAL_TARGETS:-lfw,cfp_fp,agedb_30}
-BATCH_SIZE=${BATCH_SIZE:-128}
-BACKBONE=${BACKBONE:-}              # e.g. FresResNet50; empty: detected from the checkpoint
-EMBEDDING_SIZE=${EMBEDDING_SIZE:-}  # e.g. 512; empty: detected
-
-args=(eval --checkpoint "$CHECKPOINT_DIR" --batch-size "$BATCH_SIZE")
-IFS=, read -ra targets <<< "$VAL_TARGETS"
-for target in "${targets[@]}"; do
-  args+=(--bin "$DATA_DIR/$target.bin")
-done
-if [[ -n $BACKBONE ]]; then args+=(--backbone "$BACKBONE"); fi
-if [[ -n $EMBEDDING_SIZE ]]; then args+=(--embedding-size "$EMBEDDING_SIZE"); fi
-
-exec "$PYTHON" -m plsc.cli "${args[@]}"
+OUTPUT=${OUTPUT:-output/ms1mv3_r50_static_fp16_nhwc_r0.1} exec "$(dirname "$0")/validation_dynamic.sh" "$@"
