@@ -79,3 +79,89 @@ def softmax_cross_entropy(logits: paddle.Tensor, labels: paddle.Tensor, comm) ->
     own_target = paddle.take_along_axis(shifted, column.unsqueeze(1), axis=1).squeeze(1)
     target = comm.sum_across_ranks(own_target * has_target.astype(logits.dtype))
     return (paddle.log(sum_exp) - target).mean()
+
+
+def in_place_allowed() -> bool:
+    """Whether the fused losses may overwrite their own buffers: in eager mode each in-place op saves a
+    fresh [batch, classes] or [k, emb] tensor. Not in a static program (``paddle.jit.to_static``), which
+    plans its own buffers and where in-place ops on these variables miscompute (3.3: NaN) or are refused
+    (2.6: "viewed Tensor")."""
+    return paddle.in_dynamic_mode()
+
+
+def put_columns(matrix: paddle.Tensor, column: paddle.Tensor, values: paddle.Tensor) -> paddle.Tensor:
+    """``matrix[b, column[b]] = values[b]`` for each row b (``column``: [batch, 1]), in place when allowed."""
+    if in_place_allowed():
+        return matrix.put_along_axis_(column, values.unsqueeze(1), 1)
+    return matrix.put_along_axis(column, values.unsqueeze(1), 1)
+
+
+def exp_shifted(logits: paddle.Tensor, row_max: paddle.Tensor) -> paddle.Tensor:
+    """``exp(logits - row_max)``, overwriting ``logits`` when allowed."""
+    if in_place_allowed():
+        return logits.subtract_(row_max).exp_()
+    return paddle.exp(logits - row_max)
+
+
+def target_logit_slope(cos_theta: paddle.Tensor, margin: Margin) -> paddle.Tensor:
+    """d target_logit / d cos_theta as autograd differentiates :func:`target_logit` (0 where it clips)."""
+    if margin.m1 == 1.0 and margin.m2 == 0.0:
+        return paddle.ones_like(cos_theta)
+    if margin.m1 == 1.0:
+        sin_squared = 1.0 - cos_theta * cos_theta
+        unclipped = (sin_squared > _SIN_SQUARED_FLOOR).astype(cos_theta.dtype)
+        sin_theta = paddle.sqrt(paddle.clip(sin_squared, min=_SIN_SQUARED_FLOOR))
+        return math.cos(margin.m2) + math.sin(margin.m2) * cos_theta / sin_theta * unclipped
+    clipped = paddle.clip(cos_theta, -1.0 + _COS_EPS, 1.0 - _COS_EPS)
+    unclipped = ((cos_theta > -1.0 + _COS_EPS) & (cos_theta < 1.0 - _COS_EPS)).astype(cos_theta.dtype)
+    angle = margin.m1 * paddle.acos(clipped) + margin.m2
+    return margin.m1 * paddle.sin(angle) / paddle.sqrt(1.0 - clipped * clipped) * unclipped
+
+
+class _MarginSoftmaxCrossEntropy(paddle.autograd.PyLayer):
+    """``softmax_cross_entropy(margin_logits(cosine, labels, margin), labels, comm)``, backward written out.
+
+    Same value and gradient as the composition, which stays the reference; the composition's autograd keeps
+    about a dozen [batch, classes] tensors alive (one-hot, shifted, exp, and their gradients), this keeps two:
+    the exponentials (overwriting the logits) and the gradient. On CPU each of those costs a fresh allocation
+    of batch x sampled classes, the dominant cost of the loss once the matmuls are excluded.
+    """
+
+    @staticmethod
+    def forward(ctx, cosine, labels, margin: Margin, comm):
+        has_target = labels >= 0
+        column = paddle.where(has_target, labels, paddle.zeros_like(labels)).unsqueeze(1)
+        cos_target = paddle.take_along_axis(cosine, column, axis=1).squeeze(1)
+        # Rows whose class lives on another rank write their own plain logit back: no margin for them.
+        target = margin.scale * paddle.where(has_target, target_logit(cos_target, margin), cos_target)
+        logits = put_columns(cosine * margin.scale, column, target)
+        row_max = comm.all_reduce_max(logits.max(axis=1, keepdim=True))
+        exp = exp_shifted(logits, row_max)
+        sum_exp = comm.all_reduce_sum_(exp.sum(axis=1))
+        has_target_float = has_target.astype(cosine.dtype)
+        target_shifted = comm.all_reduce_sum_((target - row_max.squeeze(1)) * has_target_float)
+        slope = margin.scale * target_logit_slope(cos_target, margin) * has_target_float
+        ctx.save_for_backward(exp, sum_exp, column, has_target, slope)
+        ctx.scale = margin.scale
+        return (paddle.log(sum_exp) - target_shifted).mean()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        exp, sum_exp, column, has_target, slope = ctx.saved_tensor()
+        per_row = grad_loss / exp.shape[0]
+        # d loss / d logit = per_row * (softmax - one_hot); d logit / d cosine = scale, except at the target
+        # column, where the target logit's own slope applies.
+        grad = exp * (per_row * ctx.scale / sum_exp).unsqueeze(1)
+        softmax_target = paddle.take_along_axis(exp, column, axis=1).squeeze(1) / sum_exp
+        at_target = paddle.where(
+            has_target,
+            per_row * (softmax_target - 1.0) * slope,
+            paddle.take_along_axis(grad, column, axis=1).squeeze(1),
+        )
+        return put_columns(grad, column, at_target), None
+
+
+def margin_softmax_cross_entropy(cosine: paddle.Tensor, labels: paddle.Tensor, margin: Margin, comm):
+    """Mean margin-softmax cross entropy; equal to ``softmax_cross_entropy(margin_logits(...), ...)`` with far
+    fewer [batch, classes] temporaries (see :class:`_MarginSoftmaxCrossEntropy`). Same label convention."""
+    return _MarginSoftmaxCrossEntropy.apply(cosine, labels, margin, comm)

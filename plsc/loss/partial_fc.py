@@ -1,10 +1,10 @@
 """PartialFC: a margin-softmax classifier whose class centers are sharded across ranks and sampled per step.
 
-Each rank owns a contiguous shard of class centers ([num_local, emb]) and sees the embeddings and labels of the
-whole global batch. Per step it keeps every positive class of the batch that it owns plus uniformly random
-negatives (without replacement) up to ``ceil(ratio * num_local)``, gathers those rows, and computes its columns
-of the margin softmax; the softmax itself spans all ranks (see :mod:`plsc.loss.margin`). With ratio 1.0 every
-center is used and the result is exactly the full classifier.
+Each rank owns a contiguous shard of class centers ([num_local, emb]) and sees the embeddings and labels of
+the whole global batch. Per step it keeps every positive class of the batch that it owns plus uniformly random
+negatives (without replacement) up to ``ceil(ratio * num_local)``, gathers those rows, and computes its
+columns of the margin softmax; the softmax itself spans all ranks (see :mod:`plsc.loss.margin`). With ratio
+1.0 every center is used and the result is exactly the full classifier.
 
 The class centers are not a Paddle parameter managed by an optimizer: the step's gradient exists only for the
 gathered rows, and :mod:`plsc.loss.sparse_momentum` applies it, so nothing per step is O(num_classes).
@@ -19,18 +19,28 @@ import paddle
 import paddle.nn.functional as F
 
 from plsc.distributed import LocalComm, shard_classes
-from plsc.loss.margin import Margin, margin_logits, softmax_cross_entropy
+from plsc.loss.margin import Margin, in_place_allowed, margin_softmax_cross_entropy
 from plsc.loss.sparse_momentum import UPDATES, gather_rows
 
 # Initial centers: N(0, INIT_STD^2), generated per block of classes so that a class's row depends only on
 # (seed, class id), never on how classes are sharded, and no float64 copy of the matrix ever exists.
 INIT_STD = 0.01
 INIT_BLOCK = 4096
+# F.normalize's default epsilon: norms below it are replaced by it.
+NORMALIZE_EPS = 1e-12
 
 
 def init_class_centers(seed: int, start: int, count: int, embedding_size: int) -> np.ndarray:
     """Rows ``[start, start + count)`` of the global initial class-center matrix, float32."""
     out = np.empty((count, embedding_size), dtype=np.float32)
+    for offset, rows in center_blocks(seed, start, count, embedding_size):
+        out[offset : offset + len(rows)] = rows
+    return out
+
+
+def center_blocks(seed: int, start: int, count: int, embedding_size: int):
+    """The rows of :func:`init_class_centers` as ``(offset, rows)`` pieces of at most INIT_BLOCK rows, so that
+    a caller can fill its own storage without ever holding a second copy of the matrix."""
     stop = start + count
     for block in range(start // INIT_BLOCK, -(-stop // INIT_BLOCK) if count else 0):
         block_start = block * INIT_BLOCK
@@ -38,12 +48,50 @@ def init_class_centers(seed: int, start: int, count: int, embedding_size: int) -
             (INIT_BLOCK, embedding_size), dtype=np.float32
         )
         lo, hi = max(start, block_start), min(stop, block_start + INIT_BLOCK)
-        out[lo - start : hi - start] = rows[lo - block_start : hi - block_start] * np.float32(INIT_STD)
-    return out
+        rows = rows[lo - block_start : hi - block_start]
+        rows *= np.float32(INIT_STD)
+        yield lo - start, rows
+
+
+def init_class_center_tensor(seed: int, start: int, count: int, embedding_size: int, dtype: str):
+    """:func:`init_class_centers` as a Paddle tensor of ``dtype``, written block by block into its storage:
+    peak memory is the tensor itself, not a float32 numpy copy plus a Paddle copy plus a cast."""
+    centers = paddle.empty([count, embedding_size], dtype=dtype)
+    for offset, rows in center_blocks(seed, start, count, embedding_size):
+        block = paddle.to_tensor(rows)
+        if centers.dtype == paddle.float32:
+            # scatter_ writes 10x faster than slice assignment (set_value), but has no float16 kernel.
+            paddle.scatter_(centers, paddle.arange(offset, offset + len(rows)), block, overwrite=True)
+        else:
+            centers[offset : offset + len(rows)] = block.astype(dtype)
+    return centers
 
 
 def num_sampled(num_local: int, ratio: float) -> int:
     return min(num_local, math.ceil(ratio * num_local))
+
+
+def distinct_uniform(rng: np.random.Generator, population: int, count: int) -> np.ndarray:
+    """``count`` distinct integers drawn uniformly from ``[0, population)``, in O(count log count).
+
+    numpy's ``Generator.choice(replace=False)`` allocates and shuffles ``arange(population)`` whenever
+    ``count > population / 50``: O(num_classes) per step. Here: i.i.d. draws, keeping each value's first
+    occurrence, until ``count`` distinct ones exist. Taking the first ``count`` distinct values of an i.i.d.
+    uniform sequence is exactly sequential sampling without replacement, so every subset is equally likely.
+    When ``count`` is a large share of the population, rejections pile up and a permutation is cheaper.
+    """
+    if 2 * count > population:
+        return rng.permutation(population)[:count]
+    drawn = np.empty(0, dtype=np.int64)
+    while True:
+        missing = count - len(np.unique(drawn))
+        if missing <= 0:
+            break
+        # Expected duplicates among n draws are about n^2 / (2 * population): draw a little extra.
+        extra = missing + int(missing * count / population) + 16
+        drawn = np.concatenate([drawn, rng.integers(0, population, size=extra, dtype=np.int64)])
+    values, first = np.unique(drawn, return_index=True)
+    return values[np.argsort(first)[:count]] if len(values) > count else values[np.argsort(first)]
 
 
 def sample_centers(
@@ -66,13 +114,71 @@ def sample_centers(
         rng = np.random.default_rng([seed, step, rank])
         # Draw from the num_local - P non-positive ids, numbered 0..; map the k-th of them to its class id by
         # skipping the positives below it (positives[i] - i counts the non-positives before positive i).
-        drawn = rng.choice(num_local - len(positives), size=wanted - len(positives), replace=False)
-        drawn = np.sort(drawn)
+        drawn = np.sort(distinct_uniform(rng, num_local - len(positives), wanted - len(positives)))
         negatives = drawn + np.searchsorted(positives - np.arange(len(positives)), drawn, side="right")
         index = np.union1d(positives, negatives).astype(np.int64)
     remapped = np.full(local_labels.shape, -1, dtype=np.int64)
     remapped[mine] = np.searchsorted(index, local_labels[mine])
     return index, remapped
+
+
+def margin_softmax_loss(cosine: paddle.Tensor, labels: paddle.Tensor, margin: Margin, comm) -> paddle.Tensor:
+    """The portable margin softmax loss: CPU and GPU, one rank or many (``labels``: -1 = not on this rank)."""
+    return margin_softmax_cross_entropy(cosine, labels, margin, comm)
+
+
+def scale_columns(matrix: paddle.Tensor, factors: paddle.Tensor) -> paddle.Tensor:
+    """``matrix * factors[None, :]``, in place when allowed (see ``in_place_allowed``).
+
+    Through an explicit expand: Paddle's CPU broadcast along the last axis takes its generic index path,
+    1.5-2x slower than the same multiply against an expanded (stride-0) operand (measured, 2.6 and 3.3).
+    """
+    expanded = factors.unsqueeze(0).expand(matrix.shape)
+    return matrix.multiply_(expanded) if in_place_allowed() else matrix * expanded
+
+
+class _CosineToCenters(paddle.autograd.PyLayer):
+    """``matmul(unit_embeddings, F.normalize(centers, axis=1), transpose_y=True)`` without normalised centers.
+
+    The centers' norms scale the columns of the [batch, k] product instead of the [k, emb] rows, and the
+    backward is written out: ``d centers = G^T unit_embeddings - (sum_b G * cosine) / |w| * centers`` with
+    ``G = d cosine / |w|``, one addmm into one [k, emb] buffer. F.normalize's autograd makes about five
+    [k, emb] temporaries instead, each a fresh allocation costing more than its arithmetic.
+    """
+
+    @staticmethod
+    def forward(ctx, unit_embeddings, centers):
+        # Squared row norms as k dot products (bmm): no [k, emb] temporary, unlike square().sum() or p_norm.
+        norms = paddle.sqrt(paddle.bmm(centers.unsqueeze(1), centers.unsqueeze(2)).reshape([-1]))
+        inverse_norms = 1.0 / paddle.clip(norms, min=NORMALIZE_EPS)  # F.normalize's floor on the norm
+        cosine = scale_columns(paddle.matmul(unit_embeddings, centers, transpose_y=True), inverse_norms)
+        # Where the floor is active the norm is a constant: no gradient through it (as F.normalize).
+        norm_is_live = (norms > NORMALIZE_EPS).astype(norms.dtype)
+        ctx.save_for_backward(unit_embeddings, centers, inverse_norms, norm_is_live, cosine)
+        # Paddle wants None, not a gradient, for an input that stops gradient; it also saves a matmul.
+        ctx.wants_grad = (not unit_embeddings.stop_gradient, not centers.stop_gradient)
+        return cosine
+
+    @staticmethod
+    def backward(ctx, grad_cosine):
+        unit_embeddings, centers, inverse_norms, norm_is_live, cosine = ctx.saved_tensor()
+        grad = grad_cosine * inverse_norms.unsqueeze(0).expand(grad_cosine.shape)  # see scale_columns
+        radial = (grad * cosine).sum(axis=0) * inverse_norms * norm_is_live
+        grad_embeddings = grad_centers = None
+        if ctx.wants_grad[0]:
+            grad_embeddings = paddle.matmul(grad, centers)
+        if ctx.wants_grad[1]:
+            grad_centers = centers * (-radial).unsqueeze(1)
+            if in_place_allowed():
+                grad_centers.addmm_(grad.t(), unit_embeddings)
+            else:
+                grad_centers = paddle.addmm(grad_centers, grad.t(), unit_embeddings)
+        return grad_embeddings, grad_centers
+
+
+def cosine_to_centers(embeddings: paddle.Tensor, centers: paddle.Tensor) -> paddle.Tensor:
+    """[batch, k] cosine similarity of each embedding with each center row, differentiable in both."""
+    return _CosineToCenters.apply(F.normalize(embeddings, axis=1), centers)
 
 
 class PartialFC:
@@ -97,11 +203,13 @@ class PartialFC:
         self.seed = seed
         self.update = UPDATES[momentum_mode]
         self.shard = shard_classes(num_classes, self.comm.rank, self.comm.world_size)
-        centers = init_class_centers(seed, self.shard.start, self.shard.count, embedding_size)
-        self.weight = paddle.to_tensor(centers).astype(center_dtype)
+        shard = self.shard
+        self.weight = init_class_center_tensor(seed, shard.start, shard.count, embedding_size, center_dtype)
         self.velocity = paddle.zeros_like(self.weight)
         self._index: paddle.Tensor | None = None
         self._sampled: paddle.Tensor | None = None
+        # Replaceable by a fused kernel that passed its start-up parity check (plsc.loss.fast_paths).
+        self.margin_loss = margin_softmax_loss
 
     def sample(self, labels: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
         return sample_centers(
@@ -110,16 +218,33 @@ class PartialFC:
 
     def __call__(self, embeddings: paddle.Tensor, labels: paddle.Tensor, step: int) -> paddle.Tensor:
         """Loss of this rank's local batch; identical on every rank (it is the global batch's mean)."""
-        all_embeddings = self.comm.all_gather_with_grad(embeddings)
+        sampled, remapped = self.prepare(labels, step)
+        return self.loss(self.comm.all_gather_with_grad(embeddings), sampled, remapped)
+
+    def prepare(self, labels: paddle.Tensor, step: int) -> tuple[paddle.Tensor, paddle.Tensor]:
+        """The eager half of a step: gather the global batch's labels, sample this rank's centers and gather
+        them as a leaf that collects their gradient. Returns ``(sampled, remapped)`` for :meth:`loss`."""
         all_labels = self.comm.all_gather(labels.reshape([-1]))
-        index, remapped = self.sample(all_labels.numpy(), step)
-        self._index = paddle.to_tensor(index)
+        self._index, remapped = self.sample_tensors(all_labels, step)
         sampled = gather_rows(self.weight, self._index)
         sampled.stop_gradient = False
         self._sampled = sampled
-        cosine = paddle.matmul(F.normalize(all_embeddings, axis=1), F.normalize(sampled, axis=1), transpose_y=True)
-        labels_tensor = paddle.to_tensor(remapped)
-        return softmax_cross_entropy(margin_logits(cosine, labels_tensor, self.margin), labels_tensor, self.comm)
+        return sampled, remapped
+
+    def sample_tensors(self, all_labels: paddle.Tensor, step: int) -> tuple[paddle.Tensor, paddle.Tensor]:
+        """:meth:`sample` on tensors; replaceable by Paddle's on-device sampler (plsc.loss.fast_paths)."""
+        index, remapped = self.sample(all_labels.numpy(), step)
+        return paddle.to_tensor(index), paddle.to_tensor(remapped)
+
+    def loss(self, all_embeddings: paddle.Tensor, sampled: paddle.Tensor, remapped: paddle.Tensor):
+        """The tensor-only half: margin softmax of the global batch over the sampled centers. Holds no Python
+        state changes, so static mode can compile it (``paddle.jit.to_static``)."""
+        cosine = cosine_to_centers(all_embeddings, sampled)
+        return self.margin_loss(cosine, remapped, self.margin, self.comm)
+
+    def skip_step(self) -> None:
+        """Forget the pending gradient without applying it (a step with an inf/nan gradient)."""
+        self._index = self._sampled = None
 
     @property
     def sampled_grad(self) -> paddle.Tensor | None:
@@ -131,9 +256,9 @@ class PartialFC:
         grad = self.sampled_grad
         if grad is None:
             raise RuntimeError("PartialFC.step() before a backward pass")
-        if grad_scale != 1.0:
-            grad = grad * grad_scale
-        self.update(self.weight, self.velocity, self._index, grad, lr, momentum, weight_decay)
+        # The gathered rows are reused (and overwritten): the weight has not changed since they were gathered.
+        self.update(self.weight, self.velocity, self._index, grad, lr, momentum, weight_decay,
+                    grad_scale=grad_scale, rows=self._sampled)
         self._index = self._sampled = None
 
     def state_dict(self) -> dict[str, np.ndarray]:

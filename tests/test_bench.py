@@ -1,0 +1,279 @@
+"""The head benchmark's own code, and the fast paths of the head it led to, each against a plain reference.
+
+Tiny shapes only: nothing here times anything (``plsc bench head`` and bench/ write timings as JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+import pytest
+
+from plsc.bench import rss_classes_of, spec_from_args
+from plsc.bench.head import (
+    PHASES,
+    HeadBenchSpec,
+    PhaseClock,
+    build_head,
+    head_step,
+    make_batch,
+    measure_rss,
+    measure_time,
+    rss_slope,
+    simulated_rank,
+    table,
+)
+from plsc.cli import build_parser
+from plsc.distributed import LocalComm
+from plsc.errors import PlscError
+from plsc.loss.margin import (
+    ARCFACE,
+    COSFACE,
+    Margin,
+    margin_logits,
+    margin_softmax_cross_entropy,
+    softmax_cross_entropy,
+    target_logit,
+    target_logit_slope,
+)
+from plsc.loss.partial_fc import (
+    PartialFC,
+    cosine_to_centers,
+    distinct_uniform,
+    init_class_center_tensor,
+    init_class_centers,
+)
+from plsc.loss.sparse_momentum import lazy_update
+
+COMBINED = Margin(0.9, 0.4, 0.15, 32.0)
+MARGINS = pytest.mark.parametrize(
+    "margin", [ARCFACE, COSFACE, COMBINED], ids=["arcface", "cosface", "combined"]
+)
+TINY = HeadBenchSpec(classes=3000, ratio=0.1, batch=8, emb=16, steps=2, warmup=1, threads=1)
+
+
+# --- sampling without replacement in O(count) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("population,count", [(10**6, 1000), (100, 30), (100, 70), (5, 5), (7, 0)])
+def test_distinct_uniform_draws_distinct_values_in_range(population, count):
+    drawn = distinct_uniform(np.random.default_rng(1), population, count)
+    assert len(drawn) == count == len(np.unique(drawn))
+    assert count == 0 or (drawn.min() >= 0 and drawn.max() < population)
+    np.testing.assert_array_equal(drawn, distinct_uniform(np.random.default_rng(1), population, count))
+
+
+@pytest.mark.parametrize("count", [4, 14], ids=["rejection", "permutation"])
+def test_distinct_uniform_gives_every_value_the_same_chance(count):
+    population, trials = 20, 2000  # hit rates within 0.035 of count / population: about 4 sigma
+    hits = np.zeros(population)
+    for trial in range(trials):
+        hits[distinct_uniform(np.random.default_rng(trial), population, count)] += 1
+    np.testing.assert_allclose(hits / trials, count / population, atol=0.035)
+
+
+# --- the fused margin softmax and cosine against the autograd compositions --------------------------------
+
+
+def composed_loss(cosine, labels, margin):
+    return softmax_cross_entropy(margin_logits(cosine, labels, margin), labels, LocalComm())
+
+
+def fused_loss(cosine, labels, margin):
+    return margin_softmax_cross_entropy(cosine, labels, margin, LocalComm())
+
+
+def loss_and_grad(loss_fn, cosine: np.ndarray, labels: np.ndarray, margin):
+    x = paddle.to_tensor(cosine, stop_gradient=False)
+    loss = loss_fn(x, paddle.to_tensor(labels), margin)
+    (loss * 1.7).backward()  # an upstream gradient other than 1
+    return float(loss), x.grad.numpy()
+
+
+@MARGINS
+def test_fused_margin_softmax_equals_the_composition(margin):
+    rng = np.random.default_rng(2)
+    cosine = rng.uniform(-0.95, 0.95, (6, 11))
+    cosine[0, 3], cosine[1, 2] = 1.0, -1.0  # the clipped ends of the target logit
+    labels = np.array([3, 2, -1, 5, 0, -1])  # -1: the class lives on another rank
+    fused = loss_and_grad(fused_loss, cosine, labels, margin)
+    reference = loss_and_grad(composed_loss, cosine, labels, margin)
+    np.testing.assert_allclose(fused[0], reference[0], rtol=1e-12)
+    np.testing.assert_allclose(fused[1], reference[1], rtol=1e-6, atol=1e-12)
+
+
+@MARGINS
+def test_target_logit_slope_is_the_autograd_derivative(margin):
+    values = np.array([-1.0, -0.9999999, -0.7, 0.0, 0.3, 0.9999999, 1.0, 1.0000001])
+    x = paddle.to_tensor(values, stop_gradient=False)
+    target_logit(x, margin).sum().backward()
+    slope = target_logit_slope(paddle.to_tensor(values), margin)
+    np.testing.assert_allclose(slope.numpy(), x.grad.numpy(), rtol=1e-7)  # 2.6's float64 sqrt grad: 3e-8
+
+
+def normalize_then_matmul(embeddings, centers):
+    return paddle.matmul(F.normalize(embeddings, axis=1), F.normalize(centers, axis=1), transpose_y=True)
+
+
+@pytest.mark.parametrize("embeddings_need_grad", [True, False])
+def test_cosine_to_centers_equals_normalize_then_matmul(embeddings_need_grad):
+    rng = np.random.default_rng(3)
+    embeddings_np, centers_np = rng.standard_normal((5, 7)), rng.standard_normal((9, 7))
+    grad_np = rng.standard_normal((5, 9))
+    results = []
+    for cosine_fn in (cosine_to_centers, normalize_then_matmul):
+        e = paddle.to_tensor(embeddings_np, stop_gradient=not embeddings_need_grad)
+        w = paddle.to_tensor(centers_np, stop_gradient=False)
+        cosine = cosine_fn(e, w)
+        (cosine * paddle.to_tensor(grad_np)).sum().backward()
+        results.append((cosine.numpy(), w.grad.numpy(), None if e.grad is None else e.grad.numpy()))
+    (cosine, grad_w, grad_e), (cosine_ref, grad_w_ref, grad_e_ref) = results
+    np.testing.assert_allclose(cosine, cosine_ref, rtol=1e-12)
+    np.testing.assert_allclose(grad_w, grad_w_ref, rtol=1e-9, atol=1e-12)
+    if embeddings_need_grad:
+        np.testing.assert_allclose(grad_e, grad_e_ref, rtol=1e-9, atol=1e-12)
+    else:
+        assert grad_e is None and grad_e_ref is None
+
+
+# --- initialisation and the update -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_center_tensor_is_written_block_by_block_with_the_same_rows(dtype):
+    tensor = init_class_center_tensor(5, 4000, 9000, 6, dtype)  # starts and ends inside init blocks
+    assert tensor.dtype == getattr(paddle, dtype) and tensor.shape == [9000, 6]
+    # Paddle's own cast as the reference: 2.6's float16 rounding differs from numpy's in the last bit.
+    expected = paddle.to_tensor(init_class_centers(5, 4000, 9000, 6)).astype(dtype)
+    np.testing.assert_array_equal(tensor.numpy(), expected.numpy())
+
+
+def test_lazy_update_with_gathered_rows_and_grad_scale_matches_numpy():
+    rng = np.random.default_rng(4)
+    weight_np, velocity_np = rng.standard_normal((10, 3)), rng.standard_normal((10, 3))
+    index_np, grad_np = np.array([1, 4, 8]), rng.standard_normal((3, 3))
+    lr, mu, wd, scale = 0.1, 0.9, 5e-4, 0.25
+    expected_w, expected_v = weight_np.copy(), velocity_np.copy()
+    expected_v[index_np] = mu * velocity_np[index_np] + scale * grad_np + wd * weight_np[index_np]
+    expected_w[index_np] = weight_np[index_np] - lr * expected_v[index_np]
+    weight = paddle.to_tensor(weight_np.astype(np.float32))
+    velocity = paddle.to_tensor(velocity_np.astype(np.float32))
+    index = paddle.to_tensor(index_np)
+    rows = paddle.gather(weight, index)
+    lazy_update(weight, velocity, index, paddle.to_tensor(grad_np.astype(np.float32)), lr, mu, wd,
+                grad_scale=scale, rows=rows)
+    np.testing.assert_allclose(weight.numpy(), expected_w, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(velocity.numpy(), expected_v, rtol=1e-6, atol=1e-7)
+
+
+class HeadLoss(paddle.nn.Layer):
+    def __init__(self, head: PartialFC):
+        super().__init__()
+        self.head = head
+
+    def forward(self, all_embeddings, sampled, remapped):
+        return self.head.loss(all_embeddings, sampled, remapped)
+
+
+def test_static_mode_loss_equals_dynamic():
+    """The trainer's static mode compiles ``PartialFC.loss`` as one graph, PyLayers included."""
+    rng = np.random.default_rng(5)
+    head = PartialFC(50, 8, ARCFACE, sample_ratio=0.5, seed=1)
+    labels = paddle.to_tensor(rng.integers(0, 50, 6))
+    embeddings_np = rng.standard_normal((6, 8)).astype(np.float32)
+    results = []
+    for loss_fn in (HeadLoss(head), paddle.jit.to_static(HeadLoss(head), full_graph=True)):
+        sampled, remapped = head.prepare(labels, step=3)
+        embeddings = paddle.to_tensor(embeddings_np, stop_gradient=False)
+        loss = loss_fn(embeddings, sampled, remapped)
+        loss.backward()
+        results.append((float(loss), embeddings.grad.numpy(), head.sampled_grad.numpy()))
+    for static, dynamic in zip(results[1], results[0], strict=True):
+        np.testing.assert_allclose(static, dynamic, rtol=1e-5, atol=1e-7)
+
+
+# --- the benchmark ---------------------------------------------------------------------------------------
+
+
+def test_simulated_rank_owns_its_shard_and_sees_the_global_batch():
+    spec = HeadBenchSpec(classes=1001, ratio=0.1, batch=4, emb=8, world_size=4)
+    comm = simulated_rank(spec.world_size)
+    assert (comm.rank, comm.world_size, spec.global_batch) == (0, 4, 16)
+    assert PartialFC(spec.classes, spec.emb, ARCFACE, spec.ratio, comm=comm).shard.count == 251
+
+
+def test_measure_time_reports_step_floor_phases_and_exact_state_bytes():
+    result = measure_time(TINY)
+    assert set(result["phases"]) == set(PHASES)
+    assert result["step_s"] > 0 and result["floor_s"] > 0
+    assert result["ratio"] == pytest.approx(result["step_s"] / result["floor_s"])
+    assert len(result["step_s_all"]) == TINY.steps
+    assert result["bytes_per_class"] == 2 * 4 * TINY.emb  # float32 weight + velocity
+    assert result["sampled"] == 300 and result["local_classes"] == 3000
+
+
+def test_a_step_marks_only_its_own_clock_and_unwraps_the_sampler():
+    head = build_head(TINY)
+    batch = make_batch(TINY, np.random.default_rng(0))
+    first, second = PhaseClock(), PhaseClock()
+    head_step(head, *batch, 0, first)
+    marked = dict(first.wall)
+    head_step(head, *make_batch(TINY, np.random.default_rng(1)), 1, second)
+    assert first.wall == marked and list(marked) == list(PHASES)
+    assert "sample_tensors" not in vars(head)
+
+
+def test_fp16_state_is_half_and_rss_probe_reads_vmhwm():
+    half = HeadBenchSpec(**{**TINY.__dict__, "precision": "fp16"})
+    assert measure_time(half)["bytes_per_class"] == 2 * 2 * TINY.emb
+    probe = measure_rss(TINY)
+    assert probe["vmhwm_bytes"] >= probe["vmhwm_after_init_bytes"] > 0
+
+
+def test_rss_slope_is_per_local_class():
+    points = [{"local_classes": 3000, "vmhwm_bytes": 10_000_000},
+              {"local_classes": 1000, "vmhwm_bytes": 2_000_000}]
+    assert rss_slope(points) == 4000
+
+
+def head_args(*extra: str):
+    return build_parser().parse_args(["bench", "head", "--classes", "1000", *extra])
+
+
+def test_cli_arguments_become_a_spec():
+    args = head_args("--ratio", "0.2", "--world-size", "4", "--precision", "fp16", "--threads", "3")
+    spec = spec_from_args(args)
+    assert (spec.classes, spec.ratio, spec.world_size) == (1000, 0.2, 4)
+    assert (spec.precision, spec.threads) == ("fp16", 3)
+    assert rss_classes_of(args) == (500, 1000)
+    assert rss_classes_of(head_args("--rss-classes", "100,400")) == (100, 400)
+    assert rss_classes_of(head_args("--no-rss")) is None
+
+
+@pytest.mark.parametrize("extra", [["--ratio", "0"], ["--world-size", "2000"], ["--rss-classes", "9,3"],
+                                   ["--rss-classes", "x"]])
+def test_cli_rejects_bad_values_in_one_line(extra):
+    args = head_args(*extra)
+    with pytest.raises(PlscError):
+        spec_from_args(args)
+        rss_classes_of(args)
+
+
+def test_plsc_bench_head_writes_json_and_a_table(tmp_path):
+    out = tmp_path / "head.json"
+    command = [sys.executable, "-m", "plsc.cli", "bench", "head", "--classes", "2000", "--batch", "4",
+               "--emb", "8", "--steps", "1", "--warmup", "0", "--threads", "1", "--no-rss",
+               "--json", str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    for key in ("step_s", "floor_s", "ratio", "phases", "bytes_per_class", "rss_bytes_per_class", "shape",
+                "threads", "paddle_version"):
+        assert key in result
+    assert result["omp_num_threads"] == "1" and result["shape"]["sampled"] == 200
+    assert "step / floor" in proc.stdout and "step / floor" in table(result)
