@@ -79,8 +79,11 @@ class TrainConfig:
     mode: typing.Literal["dynamic", "static"] = "dynamic"
     precision: typing.Literal["fp32", "fp16", "amp"] = "fp32"
     eval_batch_size: int = 64
+    # Dynamic loss scaling, active for precision fp16 and amp (PLSC v2.2's values).
     loss_scale_init: float = 27648.0
-    loss_scale_growth_interval: int = 2000
+    loss_scale_growth_interval: int = 2000  # good steps before the scale grows
+    loss_scale_growth_factor: float = 2.0
+    loss_scale_backoff_factor: float = 0.5  # after a step with an inf/nan gradient (that step is skipped)
 
 
 @dataclass
@@ -214,6 +217,13 @@ def validate(config: Config) -> None:
         raise ConfigError(f"train.batch_size must be >= 1, got {config.train.batch_size}")
     if config.model.width <= 0:
         raise ConfigError(f"model.width must be > 0, got {config.model.width}")
+    train = config.train
+    if train.loss_scale_init <= 0 or train.loss_scale_growth_interval < 1:
+        raise ConfigError("train.loss_scale_init must be > 0 and train.loss_scale_growth_interval >= 1")
+    if train.loss_scale_growth_factor < 1 or not 0 < train.loss_scale_backoff_factor < 1:
+        raise ConfigError(
+            "train.loss_scale_growth_factor must be >= 1 and train.loss_scale_backoff_factor in (0, 1)"
+        )
 
 
 def save_config(config: Config, path: str | Path) -> None:

@@ -1,10 +1,14 @@
 """The training loop: data-parallel backbone, class-sharded PartialFC head, checkpoints, verification.
 
 One code path for one process and for N: with a single process the collectives in ``comm`` are identities.
+One code path for both graph modes (``train.mode``): static mode compiles the same backbone and loss code
+with ``paddle.jit.to_static``; everything else (sampling, optimizer steps, checkpoints) is shared eager code.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -16,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import paddle
+from paddle.jit.dy2static.program_translator import StaticFunction
 
 from plsc.config import Config, save_config
 from plsc.data import build_dataset, build_train_loader_from_config
@@ -27,11 +32,14 @@ from plsc.distributed import (
     verify_across_ranks,
 )
 from plsc.engine import checkpoint as ckpt
+from plsc.engine.loss_scaler import DynamicLossScaler
 from plsc.engine.schedule import learning_rate
 from plsc.errors import PlscError
 from plsc.eval.runner import embedder
+from plsc.loss import fast_paths
 from plsc.loss.margin import Margin
 from plsc.loss.partial_fc import PartialFC
+from plsc.loss.sparse_momentum import gather_rows
 from plsc.models import build_model
 
 log = logging.getLogger("plsc.train")
@@ -68,6 +76,67 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+PADDLE_MAJOR = int(paddle.__version__.split(".")[0]) or 99  # a source build says 0.0.0: the newest
+
+
+class BackboneStep(paddle.nn.Layer):
+    """The backbone's training forward as a layer of its own: compiling it leaves ``model.forward`` eager for
+    evaluation and export (to_static swaps a sublayer's forward only while it traces)."""
+
+    def __init__(self, model: paddle.nn.Layer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images):
+        return self.model(images)
+
+
+class HeadLossStep(paddle.nn.Layer):
+    """:meth:`PartialFC.loss` as a layer (to_static compiles layers and functions, not methods of others)."""
+
+    def __init__(self, head: PartialFC):
+        super().__init__()
+        self.head = head
+
+    def forward(self, all_embeddings, sampled, remapped):
+        return self.head.loss(all_embeddings, sampled, remapped)
+
+
+def compile_for_mode(step: paddle.nn.Layer, mode: str, has_collectives: bool = False) -> paddle.nn.Layer:
+    """``step`` itself in dynamic mode; in static mode its static-graph program (``paddle.jit.to_static``,
+    the whole forward as one graph: ``full_graph=True``), which reproduces the eager losses and gradients.
+
+    Except a step with collectives on Paddle 2.6, which stays eager: 2.6's static all_reduce needs fleet's
+    static communicator ("You must initialize the gloo environment first"), which ``init_parallel_env`` does
+    not set up. (2.6's bytecode translator, SOT, would cut the graph around the collectives, but its program
+    sums the margin's two gradient paths in another order: 1-ulp differences that grow to 4e-2 in 20 steps.)
+    """
+    if mode == "dynamic" or (has_collectives and PADDLE_MAJOR < 3):
+        return step
+    return paddle.jit.to_static(step, full_graph=True)
+
+
+def _relative_error(actual: np.ndarray, desired: np.ndarray) -> float:
+    return float(np.abs(actual - desired).max() / max(1.0, np.abs(desired).max()))
+
+
+def is_compiled(step: paddle.nn.Layer) -> bool:
+    """Whether ``step`` runs a static program (to_static replaces a layer's forward in place)."""
+    return isinstance(step.forward, StaticFunction)
+
+
+def backbone_amp_level(precision: str) -> str | None:
+    """The ``paddle.amp`` level of the backbone's forward; None: it computes in float32.
+
+    fp16 is PLSC's pure FP16 (O2: float16 weights with float32 master copies, BatchNorm in float32), amp is
+    O1 (float16 where Paddle's lists allow). GPU only: CPU builds have no float16 matmul or conv kernels, and
+    AMP there does nothing. Class-center storage (``loss.center_dtype``) and loss scaling apply on any device.
+    """
+    if precision == "fp32" or not fast_paths.on_gpu():
+        return None
+    return {"fp16": "O2", "amp": "O1"}[precision]
+
+
 class Trainer:
     def __init__(self, config: Config, output: str | Path, resume: bool | str | Path = False, comm=None):
         self.config = config
@@ -95,6 +164,19 @@ class Trainer:
             parameters=self.model.parameters(),
             weight_decay=optim.weight_decay or None,
         )
+        self._check_layout()
+        self.amp_level = backbone_amp_level(config.train.precision)
+        if self.amp_level == "O2":
+            self.model, self.optimizer = paddle.amp.decorate(
+                self.model, self.optimizer, level="O2", master_weight=True, save_dtype="float32"
+            )
+        self.scaler = DynamicLossScaler.from_config(config.train, enabled=config.train.precision != "fp32")
+        self.fast_paths = fast_paths.select_fast_paths(self.head, self.comm)
+        # Compiled after the fast paths are chosen: the head's loss is traced with the kernel it will use.
+        self._backbone = compile_for_mode(BackboneStep(self.model), config.train.mode)
+        self._head_loss = self._compile_head_loss(config.train.mode)
+        self.compiled = {"backbone": is_compiled(self._backbone), "loss": is_compiled(self._head_loss)}
+        self._log_modes()
         world = self.comm.world_size
         self.loader, self.sampler = build_train_loader_from_config(config, self.dataset, self.rank, world)
         self.steps_per_epoch = self.sampler.batches_per_epoch
@@ -108,8 +190,80 @@ class Trainer:
         self._last_eval: dict[str, dict] = {}
         self._last_eval_step = -1
         self._last_checkpoint: Path | None = None
+        self.skipped_steps = 0  # steps dropped for an inf/nan gradient (loss scaling)
         if resume:
             self._resume(resume)
+
+    # --- modes ---------------------------------------------------------------------------------------------
+
+    def _check_layout(self) -> None:
+        """NHWC on a GPU uses cuDNN's channels-last kernels: only after they match NCHW on one batch."""
+
+        def nchw_twin():
+            model = dataclasses.replace(self.config.model, data_format="NCHW")
+            twin = build_backbone(dataclasses.replace(self.config, model=model), self.config.train.seed)
+            twin.set_state_dict(self.model.state_dict())
+            return twin
+
+        check = fast_paths.check_cudnn_nhwc(self.model, self.config.model.data_format, nchw_twin,
+                                            self.config.data.image_size)
+        result = fast_paths.agreed(check, self.comm)
+        log.info("fast path %s: %s", result.name, result.status)
+        if result.status.startswith(("failed", "disabled")):
+            raise PlscError(f"cuDNN NHWC {result.status}; train with model.data_format=NCHW")
+
+    def _compile_head_loss(self, mode: str) -> paddle.nn.Layer:
+        """The head's loss for ``mode``; a compiled loss only once it reproduces the eager one on one batch.
+
+        Why the check: Paddle 3.3's static PyLayer silently drops in-place ops in a PyLayer's forward
+        (measured: ``out.multiply_(2)`` there has no effect under to_static), so a loss made of such layers
+        compiles without error into wrong numbers. Such a loss runs eagerly (logged); the rest stays static.
+        """
+        eager = HeadLossStep(self.head)
+        compiled = compile_for_mode(HeadLossStep(self.head), mode, has_collectives=True)
+        if not is_compiled(compiled):
+            return eager
+        error = self.comm.all_reduce_max(paddle.to_tensor([self._head_loss_error(eager, compiled)])).item()
+        if not error <= 1e-5:  # nan included
+            log.warning("static mode: the compiled loss differs from the eager loss by %.3g on a test batch; "
+                        "the loss runs eagerly (in-place ops in a PyLayer do not survive to_static)", error)
+            return eager
+        return compiled
+
+    def _head_loss_error(self, eager: paddle.nn.Layer, compiled: paddle.nn.Layer) -> float:
+        """Largest relative difference of loss and gradients between the two, on a batch shaped like a
+        training batch (so the program traced here is the one training reuses)."""
+        rows = self.config.train.batch_size * self.comm.world_size
+        rng = np.random.default_rng(0)  # the same global batch on every rank, as all_gather would give
+        labels = rng.integers(0, self.num_classes, rows)
+        embeddings = rng.standard_normal((rows, self.config.model.embedding_size)).astype(np.float32)
+        index, remapped = self.head.sample(labels, 0)
+        outputs = []
+        for step in (eager, compiled):
+            inputs = [paddle.to_tensor(embeddings, stop_gradient=False),
+                      gather_rows(self.head.weight, paddle.to_tensor(index))]
+            inputs[1].stop_gradient = False
+            loss = step(*inputs, paddle.to_tensor(remapped))
+            loss.backward()
+            outputs.append([loss.numpy()] + [x.grad.numpy() for x in inputs])
+        return max(_relative_error(a, b) for a, b in zip(*outputs, strict=True))
+
+    def _log_modes(self) -> None:
+        train = self.config.train
+        if train.mode == "static":
+            loss = "and loss compiled" if self.compiled["loss"] else "compiled (the loss runs eagerly)"
+            log.info("static mode: backbone %s by paddle.jit.to_static; the embeddings' all_gather runs "
+                     "eagerly between them", loss)
+        else:
+            log.info("dynamic mode")
+        backbone = f"paddle.amp {self.amp_level}" if self.amp_level else "float32"
+        if self.amp_level is None and train.precision != "fp32":
+            backbone += " (no float16 kernels on this device)"
+        scaling = "no loss scaling"
+        if self.scaler.enabled:
+            scaling = f"dynamic loss scaling from {self.scaler.scale:g}"
+        log.info("precision %s: backbone computes in %s, class centers stored as %s, %s",
+                 train.precision, backbone, self.config.loss.center_dtype, scaling)
 
     # --- checkpoints ---------------------------------------------------------------------------------------
 
@@ -121,7 +275,8 @@ class Trainer:
         self.model.set_state_dict(ckpt.load_backbone_state(directory))
         if manifest["num_classes"] != self.num_classes:
             log.warning(
-                "checkpoint %s has %d classes, this run %d: reusing the backbone only, class centers start fresh",
+                "checkpoint %s has %d classes, this run %d: reusing the backbone only, class centers start "
+                "fresh",
                 directory,
                 manifest["num_classes"],
                 self.num_classes,
@@ -129,6 +284,8 @@ class Trainer:
             return
         weight, velocity = ckpt.read_center_rows(directory, manifest, self.head.shard)
         self.head.set_state(weight, velocity)
+        if "loss_scaler" in manifest:
+            self.scaler.load_state_dict(manifest["loss_scaler"])
         optimizer_state = ckpt.load_optimizer_state(directory)
         if optimizer_state is not None:
             self.optimizer.set_state_dict(optimizer_state)
@@ -145,7 +302,7 @@ class Trainer:
             model=self.model,
             optimizer=self.optimizer,
             head=self.head,
-            extra={"best": self.best, **(extra or {})},
+            extra={"best": self.best, "loss_scaler": self.scaler.state_dict(), **(extra or {})},
         )
 
     def save_step_checkpoint(self) -> Path:
@@ -158,19 +315,38 @@ class Trainer:
 
     # --- one step ------------------------------------------------------------------------------------------
 
+    def _autocast(self):
+        return paddle.amp.auto_cast(level=self.amp_level) if self.amp_level else contextlib.nullcontext()
+
+    def forward_loss(self, images: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:
+        """The step's loss (the global batch's mean, the same on every rank), gradients still to take.
+
+        Static mode runs two compiled programs here: the backbone, and the head's loss with its collectives.
+        The all_gather of the embeddings between them stays eager: Paddle 3's static graph (PIR) has no
+        all_gather (``dist.all_gather`` appends a legacy-program op), and Paddle 2.6's has no PyLayer with
+        collectives in it.
+        """
+        sampled, remapped = self.head.prepare(labels, self.state.step)
+        with self._autocast():
+            embeddings = self._backbone(images)
+        if embeddings.dtype != paddle.float32:
+            embeddings = embeddings.astype("float32")  # the margin softmax computes in float32
+        return self._head_loss(self.comm.all_gather_with_grad(embeddings), sampled, remapped)
+
     def train_step(self, images: paddle.Tensor, labels: paddle.Tensor, lr: float) -> float:
         self.model.train()
-        loss = self.head(self.model(images), labels, self.state.step)
-        loss.backward()
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        for p in params:
-            # Each rank's backbone gradient covers its own samples of the global-mean loss: sum, not average.
-            self.comm.all_reduce_sum_(p.grad)
-        factor = self._clip_factor(params)
-        if factor != 1.0:
+        loss = self.forward_loss(images, labels)
+        self.scaler.scale_loss(loss).backward()
+        params = self._all_reduce_backbone_grads()
+        if self.scaler.found_inf([p.grad for p in params] + [self.head.sampled_grad], self.comm):
+            self._skip_step()
+            return float(loss)
+        unscale = self.scaler.inverse
+        grad_scale = self._clip_factor(params, unscale) * unscale
+        if grad_scale != 1.0:
             with paddle.no_grad():
                 for p in params:
-                    p.grad.scale_(factor)
+                    p.grad.scale_(grad_scale)
         self.optimizer.set_lr(lr)
         # The optimizer names its velocity tensors on its first step from the process-wide name counter, and
         # restores saved state by those names: a fresh name scope makes them the same in every run.
@@ -178,18 +354,40 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.clear_grad()
         optim = self.config.optim
-        self.head.step(lr, optim.momentum, optim.weight_decay, grad_scale=factor)
+        # Center gradients were scaled with the loss too: PLSC v2.2 applied them unscaled; plsc divides.
+        self.head.step(lr, optim.momentum, optim.weight_decay, grad_scale=grad_scale)
+        self.scaler.update(found_inf=False)
         return float(loss)
 
-    def _clip_factor(self, params) -> float:
-        """Clip-by-global-norm over every gradient of the step: backbone and (all ranks') sampled centers."""
+    def _all_reduce_backbone_grads(self) -> list:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        for p in params:
+            # Each rank's backbone gradient covers its own samples of the global-mean loss: sum, not average.
+            self.comm.all_reduce_sum_(p.grad)
+        return params
+
+    def _skip_step(self) -> None:
+        """An inf/nan gradient on some rank: every rank drops the step (backbone and class centers untouched;
+        BatchNorm's running statistics have already seen the batch, as with Paddle's GradScaler)."""
+        self.optimizer.clear_grad()
+        self.head.skip_step()
+        log.warning("step %d: inf/nan gradient at loss scale %g, step skipped", self.state.step + 1,
+                    self.scaler.scale)
+        self.scaler.update(found_inf=True)
+        self.skipped_steps += 1
+
+    def _clip_factor(self, params, unscale: float = 1.0) -> float:
+        """Clip-by-global-norm over every gradient of the step: backbone and (all ranks') sampled centers.
+
+        ``unscale``: the factor that undoes loss scaling; the norm is that of the true gradients.
+        """
         clip = self.config.optim.clip_norm
         if clip <= 0:
             return 1.0
         backbone_sq = paddle.add_n([paddle.square(p.grad.astype("float32")).sum() for p in params])
-        # Backbone gradients are identical on every rank after their all-reduce; center gradients are per shard.
+        # Backbone gradients are identical on every rank after their all-reduce; center gradients per shard.
         centers_sq = self.comm.all_reduce_sum_(paddle.square(self.head.sampled_grad).sum().reshape([1]))
-        total = math.sqrt(backbone_sq.item() + centers_sq.item())
+        total = math.sqrt(backbone_sq.item() + centers_sq.item()) * unscale
         return min(1.0, clip / (total + 1e-6))
 
     # --- verification --------------------------------------------------------------------------------------
@@ -258,7 +456,8 @@ class Trainer:
         finally:
             for signum, handler in previous_handlers.items():
                 signal.signal(signum, handler)
-        return TrainResult(self.state.step, self._last_checkpoint, self.best, self._last_eval, time.time() - started)
+        elapsed = time.time() - started
+        return TrainResult(self.state.step, self._last_checkpoint, self.best, self._last_eval, elapsed)
 
     def _train_epoch(self) -> None:
         """Train from the current position to the end of the epoch or of training, whichever comes first."""
@@ -305,6 +504,8 @@ class Trainer:
             "eta_s": eta,
             "mem_mb": peak_rss_mb(),
         }
+        if self.scaler.enabled:
+            record.update(loss_scale=self.scaler.scale, skipped_steps=self.skipped_steps)
         if self.rank == 0:
             with open(self.output / "train_log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
