@@ -36,13 +36,15 @@ tox: venv
 
 # Reproduction of PLSC v2.2's published claims (README "Reproduction"). Optional variables:
 #   DATA_DIR=MS1M_v3 (agedb_30.bin, cfp_fp.bin, lfw.bin)  CHECKPOINT_DIR=dir  DOWNLOAD=1  GPUS=n  RESULTS_DIR=dir
+#   RUN_SLOW=1 (the cpu_slow tier: faces-mini accuracy, static-mode CPU throughput)
 # Cases whose data, checkpoints or hardware are missing are skipped with the reason (-rs prints it).
 REPRO_OPTS = $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(CHECKPOINT_DIR),--checkpoint-dir $(CHECKPOINT_DIR)) \
-	$(if $(DOWNLOAD),--download) $(if $(GPUS),--gpus $(GPUS)) $(if $(RESULTS_DIR),--results-dir $(RESULTS_DIR))
+	$(if $(DOWNLOAD),--download) $(if $(GPUS),--gpus $(GPUS)) $(if $(RESULTS_DIR),--results-dir $(RESULTS_DIR)) \
+	$(if $(RUN_SLOW),--run-slow)
 REPRO_PYTEST = $(BIN)/python -m pytest -rs
 
 repro-cpu: venv
-	$(REPRO_PYTEST) -q repro -m cpu $(REPRO_OPTS)
+	$(REPRO_PYTEST) -q repro -m "cpu or cpu_slow" $(REPRO_OPTS)
 
 repro-accuracy: venv
 	$(REPRO_PYTEST) repro/accuracy $(REPRO_OPTS)
@@ -58,6 +60,13 @@ report: venv
 
 report-check: venv
 	$(BIN)/python -m repro.report --check
+
+# The classifier head against its matmul floor (pytest-benchmark; JSON in bench/results/). Optional:
+#   BENCH_ARGS="--head-shapes target" (the issue's 1M and 4M shapes: ~17 GB RAM, tens of minutes)
+.PHONY: bench
+bench: venv
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(nproc)} $(BIN)/python -m pytest bench -p no:xdist -q -s \
+		--benchmark-json=bench/results/pytest-benchmark.json $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .tox output .pytest_cache

@@ -261,10 +261,54 @@ def _run_demo_recognize(args) -> int:
     return 0
 
 
+def _add_bench(sub) -> None:
+    from plsc.bench import add_bench_parser
+
+    add_bench_parser(sub)
+
+
+def _add_capacity(sub) -> None:
+    p = sub.add_parser("capacity", help="classes that fit: plsc's memory model (plsc/bench/capacity.py)")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--predict", action="store_true",
+                      help="predict the largest class count whose peak memory fits the device, per rank")
+    p.add_argument("--config", required=True, help="YAML config of the run (batch, embedding, ratio, ...)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value; repeatable")
+    p.add_argument("--device-memory-gib", type=float, required=True, metavar="G",
+                   help="memory of one device in GiB (a V100-32G: 31.75, i.e. 32510 MiB)")
+    p.add_argument("--world-size", type=int, default=1, metavar="N", help="ranks (devices) sharing classes")
+    p.add_argument("--device", choices=["gpu", "cpu"], default="gpu",
+                   help="gpu: fused margin loss, FP16 activations, checkpoint copies on the host; "
+                        "cpu: everything in host memory (default: gpu)")
+    p.add_argument("--fixed-overhead-mib", type=float, default=None, metavar="M",
+                   help="per-device memory outside the model (default: 1024 on gpu, 350 on cpu)")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the prediction as JSON")
+    p.set_defaults(run=_run_capacity)
+
+
+def _run_capacity(args) -> int:
+    from plsc.bench.capacity import GIB, MIB, describe, memory_model, predict, setting_from_config
+    from plsc.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    overhead = None if args.fixed_overhead_mib is None else int(args.fixed_overhead_mib * MIB)
+    memory = int(args.device_memory_gib * GIB)
+    setting = setting_from_config(config, memory, args.world_size, args.device, overhead)
+    prediction = predict(memory_model(config, setting))
+    print(describe(prediction))
+    if args.json:
+        from plsc.engine.checkpoint import write_text_atomic
+
+        write_text_atomic(Path(args.json), json.dumps(prediction.to_dict(), indent=1) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plsc", description="Paddle Large Scale Classification")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_eval, _add_convert, _add_export, _add_infer, _add_demo):
+    for add in (_add_train, _add_eval, _add_convert, _add_export, _add_infer, _add_demo, _add_bench,
+                _add_capacity):
         add(sub)
     return parser
 

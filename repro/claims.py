@@ -1,4 +1,5 @@
-"""PLSC v2.2's published claims (``repro/claims.yaml``), loaded into frozen dataclasses.
+"""PLSC v2.2's published claims (``repro/claims.yaml``), loaded into frozen dataclasses, with the memory
+model's predictions for the capacity rows and plsc's own CPU claims.
 
 One loader, :func:`load_claims`, validates the whole file: every mapping must hold exactly the fields of its
 dataclass (unknown keys and missing keys are errors naming where they are), values are type-checked, and
@@ -119,6 +120,38 @@ class ThroughputClaim(Claim):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ModelCapacityClaim(Claim):
+    """plsc's memory model's prediction for a published capacity row (``published`` repeats the row's)."""
+
+    predicts: str  # id of the capacity claim
+    config: str  # the published configuration the prediction is made for
+
+
+@dataclass(frozen=True, kw_only=True)
+class CpuCapacityClaim(Claim):
+    config: str  # the capacity trials' plsc config, relative to the project root
+    memory_cap_mib: int  # RLIMIT_DATA of every trial
+
+
+@dataclass(frozen=True, kw_only=True)
+class CpuThroughputClaim(Claim):
+    config: str
+    mode: str
+    tier: str | None = None  # overrides the group's tier for this row
+
+    def __post_init__(self):
+        if self.tier is not None and self.tier not in TIERS:
+            raise ClaimsError(f"{self.id}: tier must be one of {', '.join(TIERS)}, not {self.tier!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OwnAccuracyClaim(Claim):
+    config: str
+    data: str  # data folder, relative to ../shared
+    bin: str  # verification file inside it
+
+
+@dataclass(frozen=True, kw_only=True)
 class ClaimGroup:
     """One published table or statement; ``tier`` is the pytest marker its cases carry."""
 
@@ -134,6 +167,9 @@ class ClaimGroup:
 
     def tolerance_for(self, claim: Claim) -> Tolerance | None:
         return getattr(claim, "tolerance", None) or self.tolerance
+
+    def tier_for(self, claim: Claim) -> str:
+        return getattr(claim, "tier", None) or self.tier
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -163,6 +199,30 @@ class ThroughputGroup(ClaimGroup):
     rows: tuple[ThroughputClaim, ...]
 
 
+@dataclass(frozen=True, kw_only=True)
+class ModelCapacityGroup(ClaimGroup):
+    device_memory_mib: int
+    world_size: int
+    batch_per_rank: int
+    ratio: float
+    rows: tuple[ModelCapacityClaim, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CpuCapacityGroup(ClaimGroup):
+    rows: tuple[CpuCapacityClaim, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CpuThroughputGroup(ClaimGroup):
+    rows: tuple[CpuThroughputClaim, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class OwnAccuracyGroup(ClaimGroup):
+    rows: tuple[OwnAccuracyClaim, ...]
+
+
 @dataclass(frozen=True)
 class Claims:
     source: str
@@ -170,6 +230,10 @@ class Claims:
     capacity: CapacityGroup
     nhwc: NhwcGroup
     throughput: ThroughputGroup
+    capacity_model: ModelCapacityGroup
+    cpu_capacity: CpuCapacityGroup
+    cpu_throughput: CpuThroughputGroup
+    own_accuracy: OwnAccuracyGroup
     _index: dict[str, tuple[ClaimGroup, Claim]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -180,9 +244,29 @@ class Claims:
                     raise ClaimsError(f"claim id {claim.id!r} appears twice")
                 index[claim.id] = (group, claim)
         object.__setattr__(self, "_index", index)
+        for prediction in self.capacity_model.rows:
+            self._check_prediction(prediction)
+
+    def _check_prediction(self, prediction: ModelCapacityClaim) -> None:
+        target = self._index.get(prediction.predicts, (None, None))[1]
+        if not isinstance(target, CapacityClaim):
+            raise ClaimsError(
+                f"{prediction.id}: predicts {prediction.predicts!r}, which is no capacity claim"
+            )
+        if prediction.published != target.published:
+            raise ClaimsError(f"{prediction.id}: published {prediction.published} differs from {target.id}'s")
 
     def groups(self) -> tuple[ClaimGroup, ...]:
-        return (self.accuracy, self.capacity, self.nhwc, self.throughput)
+        return (
+            self.accuracy,
+            self.capacity,
+            self.nhwc,
+            self.throughput,
+            self.capacity_model,
+            self.cpu_capacity,
+            self.cpu_throughput,
+            self.own_accuracy,
+        )
 
     def find(self, claim_id: str) -> tuple[ClaimGroup, Claim]:
         if claim_id not in self._index:

@@ -16,7 +16,7 @@ import pytest
 from repro import hardware
 from repro.accuracy.published_checkpoints import CheckpointStore
 from repro.claims import Claims, load_claims
-from repro.results import RESULTS_DIR, CaseResult, new_result, write_result
+from repro.results import RESULTS_DIR, CaseResult, mark_recorded, new_result, write_result
 from repro.tiers import tier_of
 
 
@@ -92,6 +92,8 @@ def record_result(request: pytest.FixtureRequest, claims, results_dir):
             details={"case": request.node.nodeid, **(details or {})},
         )
         write_result(results_dir, result)
+        if Path(results_dir).resolve() == RESULTS_DIR:  # the results README.md is rendered from
+            mark_recorded(request.config)
         return result
 
     return record

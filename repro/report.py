@@ -27,7 +27,11 @@ from repro.claims import (
     Claim,
     ClaimGroup,
     Claims,
+    CpuCapacityGroup,
+    CpuThroughputGroup,
+    ModelCapacityGroup,
     NhwcGroup,
+    OwnAccuracyGroup,
     ThroughputGroup,
     load_claims,
 )
@@ -53,12 +57,24 @@ class ReportError(RuntimeError):
 
 def render_blocks(claims: Claims, results: Results, figure_link: str) -> dict[str, str]:
     return {
-        "accuracy": accuracy_block(claims.accuracy, results),
-        "capacity": capacity_block(claims.capacity, results),
+        "accuracy": _join(
+            accuracy_block(claims.accuracy, results), own_accuracy_block(claims.own_accuracy, results)
+        ),
+        "capacity": _join(
+            capacity_block(claims.capacity, results),
+            capacity_model_block(claims.capacity_model, results),
+            cpu_capacity_block(claims.cpu_capacity, results),
+        ),
         "nhwc": nhwc_block(claims.nhwc, results),
-        "throughput": throughput_block(claims.throughput, results),
+        "throughput": _join(
+            throughput_block(claims.throughput, results), cpu_throughput_block(claims.cpu_throughput, results)
+        ),
         "figure": f"![Maximum classes and throughput: published and measured]({figure_link})",
     }
+
+
+def _join(*blocks: str) -> str:
+    return "\n\n".join(blocks)
 
 
 def accuracy_block(group: AccuracyGroup, results: Results) -> str:
@@ -113,13 +129,89 @@ def throughput_block(group: ThroughputGroup, results: Results) -> str:
     return _block(group, results, header, rows, f"Batch {group.batch}, sample ratio {group.ratio:g}.")
 
 
-def _block(group: ClaimGroup, results: Results, header, rows, setting: str = "") -> str:
+def capacity_model_block(group: ModelCapacityGroup, results: Results) -> str:
+    header = ["Mode", "Backbone", "Published classes", "Predicted classes", "Predicted / published"]
+    header += ["Binding phase", "Bytes per class", "Verdict"]
+    rows = []
+    for claim in group.rows:
+        result = results.get(claim.id)
+        published = claim.published["classes"]
+        predicted = _measured(result, "classes", "{:,.0f}")
+        ratio = NONE if result is None else f"{result.measured['classes'] / published:.2f}"
+        phase = NONE if result is None else result.details.get("binding_phase", NONE)
+        per_class = _detail(result, "bytes_per_class", "{:,.0f}")
+        mode, backbone = claim.predicts.split("_")[2], claim.predicts.split("_")[-1].capitalize()
+        verdict = NOT_RUN if result is None else result.verdict
+        rows.append([mode, backbone, f"{published:,.0f}", predicted, ratio, phase, per_class, verdict])
+    lead = f"Predicted for {group.world_size} GPUs of {group.device_memory_mib} MiB ({group.section})"
+    setting = f"Batch {group.batch_per_rank} per GPU, sample ratio {group.ratio:g}, FP16 class centers."
+    return _block(group, results, header, rows, setting, lead=lead)
+
+
+def cpu_capacity_block(group: CpuCapacityGroup, results: Results) -> str:
+    header = ["Memory cap", "Max classes (fits / fails)", "Model's max", "Bytes per class measured / model"]
+    header += ["Model error per class / peak", "Verdict", "Hardware"]
+    rows = []
+    for claim in group.rows:
+        result = results.get(claim.id)
+        if result is None:
+            rows.append([f"{claim.memory_cap_mib / 1024:g} GiB", NONE, NONE, NONE, NONE] + _outcome(result))
+            continue
+        details, measured = result.details, result.measured
+        cap = f"{details['memory_cap_mib'] / 1024:g} GiB"  # the trials' cap, whatever claims.yaml says now
+        bracket = f"{measured['classes']:,.0f} / {details['fails_at_classes']:,.0f}"
+        per_class = f"{details['bytes_per_class']:,.0f} / {details['predicted_bytes_per_class']:,.0f}"
+        errors = f"{measured['bytes_per_class_error']:+.1%} / {measured['peak_error']:+.1%}"
+        rows.append(
+            [cap, bracket, f"{details['predicted_classes']:,.0f}", per_class, errors] + _outcome(result)
+        )
+    return _block(group, results, header, rows, lead=group.section)
+
+
+def cpu_throughput_block(group: CpuThroughputGroup, results: Results) -> str:
+    header = ["Mode", "Config", "Images/s (median)", "Window min - max", "Verdict", "Hardware"]
+    rows = []
+    for claim in group.rows:
+        result = results.get(claim.id)
+        spread = NONE
+        if result is not None:
+            spread = f"{result.details['window_min']:,.1f} - {result.details['window_max']:,.1f}"
+        measured = _measured(result, "images_per_s", "{:,.1f}")
+        rows.append([claim.mode, claim.config, measured, spread] + _outcome(result))
+    return _block(group, results, header, rows, lead=group.section[0].upper() + group.section[1:])
+
+
+def own_accuracy_block(group: OwnAccuracyGroup, results: Results) -> str:
+    header = ["Claim", "Config", "Verification file", "Claimed", "Measured", "Verdict", "Hardware"]
+    rows = []
+    for claim in group.rows:
+        result = results.get(claim.id)
+        claimed = f">= {claim.published['accuracy']:.4f}"
+        measured = _measured(result, "accuracy", "{:.4f}")
+        rows.append([claim.id, claim.config, claim.bin, claimed, measured] + _outcome(result))
+    lead = f"{group.section}; {group.hardware}"
+    return _block(group, results, header, rows, lead=lead)
+
+
+def _detail(result: CaseResult | None, key: str, spec: str) -> str:
+    if result is None or result.details.get(key) is None:
+        return NONE
+    return spec.format(result.details[key])
+
+
+def _block(
+    group: ClaimGroup, results: Results, header, rows, setting: str = "", lead: str | None = None
+) -> str:
     tolerance = f"Tolerance: {group.tolerance.describe()}, {group.tolerance.note}" if group.tolerance else ""
+    lead = lead or f"Published (seed README {group.section}; {group.hardware})"
+    tiers = list(dict.fromkeys(group.tier_for(claim) for claim in group.rows))
+    tier_names = ", ".join(f"`{tier}`" for tier in tiers)
     lines = [
-        f"Published (seed README {group.section}; {group.hardware}). {setting}".strip(),
+        f"{lead}. {setting}".strip(),
         tolerance,
         group.note,
-        f"Tier `{group.tier}`: {_run_count(group, results)} of {len(group.rows)} cases run.",
+        f"Tier{'s' if len(tiers) > 1 else ''} {tier_names}: {_run_count(group, results)} of "
+        f"{len(group.rows)} cases run.",
     ]
     prose = "\n\n".join(line for line in lines if line)
     return prose + "\n\n" + tabulate(rows, header, tablefmt="github", disable_numparse=True)
@@ -192,7 +284,7 @@ def render_figure(claims: Claims, results: Results) -> bytes:
         figure = Figure(figsize=FIGURE_SIZE_IN, dpi=FIGURE_DPI)
         FigureCanvasAgg(figure)
         capacity_axes, throughput_axes = figure.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.2]})
-        _plot_capacity(capacity_axes, claims.capacity, results)
+        _plot_capacity(capacity_axes, claims.capacity, results, _predictions(claims.capacity_model, results))
         _plot_throughput(throughput_axes, claims.throughput, results)
         figure.tight_layout()
         buffer = io.BytesIO()
@@ -200,7 +292,12 @@ def render_figure(claims: Claims, results: Results) -> bytes:
     return buffer.getvalue()
 
 
-def _plot_capacity(axes, group: CapacityGroup, results: Results) -> None:
+def _predictions(group: ModelCapacityGroup, results: Results) -> dict[str, float]:
+    """``{capacity claim id: predicted classes}`` for the predictions that have a result."""
+    return {row.predicts: results[row.id].measured["classes"] for row in group.rows if row.id in results}
+
+
+def _plot_capacity(axes, group: CapacityGroup, results: Results, predictions: dict[str, float]) -> None:
     settings = list(dict.fromkeys(map(_capacity_setting, group.rows)))
     backbones = list(dict.fromkeys(claim.backbone for claim in group.rows))
     width = 0.8 / len(backbones)
@@ -216,6 +313,18 @@ def _plot_capacity(axes, group: CapacityGroup, results: Results) -> None:
         ]
         if measured:
             axes.plot(*zip(*measured, strict=True), "kD", label="measured" if offset == 0 else None)
+        predicted = [
+            (x, predictions[claim.id] / 1e6)
+            for x, claim in zip(xs, claims, strict=True)
+            if claim.id in predictions
+        ]
+        if predicted:
+            axes.plot(
+                *zip(*predicted, strict=True),
+                "rx",
+                markersize=9,
+                label="predicted (plsc's model)" if offset == 0 else None,
+            )
     axes.set_xticks(range(len(settings)), settings, fontsize=8)
     axes.set_ylabel("maximum classes (millions)")
     axes.set_title(f"Maximum classes, {group.hardware}", fontsize=9)

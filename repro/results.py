@@ -129,6 +129,18 @@ def read_result(path: Path) -> CaseResult:
     return CaseResult(**raw)
 
 
+_RECORDED = "repro_results_recorded"  # attribute of the pytest config: a case of this session wrote a result
+
+
+def mark_recorded(pytest_config) -> None:
+    setattr(pytest_config, _RECORDED, True)
+
+
+def results_recorded(pytest_config) -> bool:
+    """Whether a case of this pytest session has written a result (README.md is stale until `make report`)."""
+    return getattr(pytest_config, _RECORDED, False)
+
+
 def load_results(results_dir: Path) -> dict[str, CaseResult]:
     """``{claim id: newest result}`` over the tier folders of ``results_dir`` (empty when there are none)."""
     newest: dict[str, CaseResult] = {}

@@ -1,1 +1,1 @@
-"""Seed README 9.2, maximum number of classes on 8 GPUs (tier gpu8): cases to be written."""
+"""Seed README 9.2, maximum number of classes: bisection trials (tiers cpu, gpu8) and plsc's memory model."""

@@ -1,0 +1,490 @@
+"""``plsc capacity --predict``: plsc's memory model, and the largest class count that fits a device.
+
+Per rank, plsc's memory goes through phases; the peak of the busiest one must fit the device:
+
+==============  ==========================================================================================
+init            backbone parameters + the class-center shard being built (``PartialFC.__init__``)
+forward/back    backbone parameters, gradients, momentum + activations of the rank's batch + class centers
+                and their velocity + the sampled rows and their gradients ([sampled, emb], float32) + the
+                logits, softmax and their gradients ([global batch, sampled], float32)
+center update   the same without activations and logits, plus the rows the momentum step works on
+checkpoint      class centers + the copies ``state_dict()`` makes; host memory, so on the device only on CPU
+==============  ==========================================================================================
+
+plus a fixed overhead (CUDA context and workspaces, or the Python process with Paddle). With ``L`` classes
+on a rank (``ceil(C / world)``), ``S = ceil(ratio * L)`` sampled, ``G`` the global batch and ``E`` the
+embedding size, every term is a count times a known size: ``L * E`` center elements, ``S * E`` and ``G * S``
+float32 elements, ``P`` backbone parameters, ``B`` samples.
+
+Where the counts come from (nothing is fitted to a capacity run):
+
+- class-center and head terms: :func:`probe_head` builds plsc's own :class:`~plsc.loss.partial_fc.PartialFC`
+  at two small sizes on the CPU and reads Paddle's allocator counters around each phase (init, forward and
+  backward, center update, ``state_dict``), so the counts follow the code as it changes: e.g. 2 bytes x 2
+  (weight + velocity) per element in float16, about 2 float32 [S, E] buffers and 4 [G, S] buffers at the
+  backward peak with the composed (CPU) margin softmax;
+- on a GPU, the fused ``margin_cross_entropy`` replaces the composed margin softmax (plsc.loss.fast_paths):
+  its share of the [G, S] buffers, measured by the probe, is swapped for :data:`FUSED_MARGIN_LOSS_BUFFERS`
+  (its softmax, kept for backward, and the gradient it returns);
+- backbone: ``P`` counted from the built model; 12 bytes per parameter (float32 weight, gradient and
+  momentum; FP16 O2 has float16 weight and gradient plus float32 master weight and momentum, also 12);
+  activations per sample measured once on the CPU (Paddle's allocator after a training-mode forward of one
+  sample, float32, NCHW: the layout changes no tensor's size) and scaled linearly with the batch; times
+  :data:`FP16_ACTIVATION_FACTOR` for FP16/AMP on a GPU (an estimate: float16 activations, the CPU has no
+  float16 kernels to measure them);
+- fixed overhead: :data:`FIXED_OVERHEAD_MIB` per device kind, estimates (pass a measured value when you have
+  one: the CPU capacity test measures it with a tiny class count).
+
+The model predicts allocated bytes; allocator fragmentation and caching are not modelled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+import tracemalloc
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from plsc.config import Config
+from plsc.errors import PlscError
+
+MIB, GIB = 2**20, 2**30
+FLOAT32 = 4
+CENTER_ITEMSIZE = {"float32": 4, "float16": 2}
+BACKBONE_BYTES_PER_PARAMETER = 12  # weight + gradient + momentum (FP16 O2: 2 + 2 + 4 master + 4 momentum)
+FUSED_MARGIN_LOSS_BUFFERS = 2.0  # Paddle's margin_cross_entropy: softmax kept for backward + its gradient
+FP16_ACTIVATION_FACTOR = 0.5  # estimate: FP16/AMP activations on a GPU, relative to the float32 measurement
+FIXED_OVERHEAD_MIB = {
+    # CUDA context, cuBLAS/cuDNN workspaces and Paddle's own buffers on one GPU: an estimate.
+    "gpu": 1024,
+    # A `plsc train` process (Python, Paddle, plsc, a tiny model, 1000 classes): 347 MiB VmHWM, Paddle 3.3.1.
+    "cpu": 350,
+}
+DEVICES = tuple(FIXED_OVERHEAD_MIB)
+
+# Probe sizes: whole initialisation blocks (plsc.loss.partial_fc.INIT_BLOCK) so that only the slope between
+# the two sizes is used and per-block scratch cancels out.
+PROBE_EMBEDDING = 64
+PROBE_ROWS = (16 * 4096, 32 * 4096)
+PROBE_RATIO = 0.25
+PROBE_BATCHES = (32, 256)
+
+
+# --- what the probes measure -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeadProfile:
+    """PartialFC's memory per unit, measured from plsc's code (:func:`probe_head`).
+
+    ``*_per_element``: bytes per class-center element (``L * E`` of them); ``*_rows``: float32 buffers of
+    [sampled, emb]; ``*_logits``: float32 buffers of [global batch, sampled].
+    """
+
+    init_device_per_element: float  # Paddle allocations while the shard is built (peak)
+    init_host_per_element: float  # numpy staging on the host while it is built (peak)
+    storage_per_element: float  # weight + velocity
+    save_copies_per_element: float  # state_dict()'s copies (host memory; the device's too when it is the CPU)
+    step_rows: float  # at the forward/backward peak
+    step_logits: float  # at the forward/backward peak, with the composed margin softmax
+    margin_loss_logits: float  # the composed margin softmax's share of step_logits
+    update_rows: float  # at the center update's peak (the sampled rows and their gradient included)
+
+    def logits_on(self, device: str) -> float:
+        """[G, S] buffers at the backward peak with the margin softmax plsc uses on ``device``."""
+        if device == "gpu":
+            return self.step_logits - self.margin_loss_logits + FUSED_MARGIN_LOSS_BUFFERS
+        return self.step_logits
+
+
+@dataclass(frozen=True)
+class BackboneProfile:
+    name: str
+    image_size: int
+    parameters: int
+    activation_bytes_per_sample: float  # float32, retained by a training-mode forward for the backward
+
+
+# --- the model ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What the model needs to know about a run (see :func:`setting_from_config`)."""
+
+    world_size: int
+    batch_per_rank: int
+    embedding_size: int
+    sample_ratio: float
+    center_dtype: str
+    precision: str  # fp32 | fp16 | amp
+    device: str  # gpu | cpu
+    device_memory_bytes: int
+    fixed_overhead_bytes: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_per_rank * self.world_size
+
+    def local_classes(self, num_classes: int) -> int:
+        """Classes on the busiest rank (plsc.distributed.shard_classes gives the first ranks one more)."""
+        return -(-num_classes // self.world_size)
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    setting: Setting
+    head: HeadProfile
+    backbone: BackboneProfile
+
+    def sizes(self, num_classes: int) -> tuple[int, int, int]:
+        """On the busiest rank: (class-center elements, bytes of one float32 [sampled, emb], bytes of one
+        float32 [global batch, sampled])."""
+        s = self.setting
+        local = s.local_classes(num_classes)
+        sampled = min(local, math.ceil(s.sample_ratio * local))
+        return (
+            local * s.embedding_size,
+            sampled * s.embedding_size * FLOAT32,
+            s.global_batch * sampled * FLOAT32,
+        )
+
+    def phases(self, num_classes: int) -> dict[str, dict[str, float]]:
+        """``{phase: {term: bytes}}`` on the busiest rank's device."""
+        s, head = self.setting, self.head
+        elements, rows, logits = self.sizes(num_classes)
+        fixed = {"fixed overhead": float(s.fixed_overhead_bytes)}
+        parameters = self.backbone.parameters
+        backbone_state = {
+            "backbone params + grads + momentum": float(BACKBONE_BYTES_PER_PARAMETER * parameters)
+        }
+        centers = {"class centers + velocity": head.storage_per_element * elements}
+        init_centers = head.init_device_per_element * elements
+        if s.device == "cpu":
+            init_centers += head.init_host_per_element * elements
+        phases = {
+            "init": {
+                **fixed,
+                "backbone params": float(FLOAT32 * parameters),
+                "class centers (building)": init_centers,
+            },
+            "forward/backward": {
+                **fixed,
+                **backbone_state,
+                "activations": self.activation_bytes(),
+                **centers,
+                "sampled rows + gradients": head.step_rows * rows,
+                "logits/softmax + gradients": head.logits_on(s.device) * logits,
+            },
+            "center update": {
+                **fixed,
+                **backbone_state,
+                **centers,
+                "rows being updated": head.update_rows * rows,
+            },
+        }
+        if s.device == "cpu":
+            copies = {"checkpoint copies": head.save_copies_per_element * elements}
+            phases["checkpoint"] = {**fixed, **backbone_state, **centers, **copies}
+        return phases
+
+    def activation_bytes(self) -> float:
+        factor = (
+            FP16_ACTIVATION_FACTOR if self.setting.device == "gpu" and self.setting.precision != "fp32" else 1
+        )
+        return self.backbone.activation_bytes_per_sample * self.setting.batch_per_rank * factor
+
+    def peak(self, num_classes: int) -> float:
+        return max(sum(terms.values()) for terms in self.phases(num_classes).values())
+
+    def binding_phase(self, num_classes: int) -> str:
+        phases = self.phases(num_classes)
+        return max(phases, key=lambda name: sum(phases[name].values()))
+
+    def host_bytes_per_rank(self, num_classes: int) -> float:
+        """On a GPU: host memory per rank for the class centers (numpy staging at init, checkpoint copies)."""
+        elements = self.setting.local_classes(num_classes) * self.setting.embedding_size
+        return max(self.head.init_host_per_element, self.head.save_copies_per_element) * elements
+
+    def bytes_per_class(self, num_classes: int, step: int = 10_000) -> float:
+        """Marginal bytes one more class costs the rank that owns it, at ``num_classes`` (binding phase)."""
+        more = num_classes + step * self.setting.world_size
+        return (self.peak(more) - self.peak(num_classes)) / step
+
+    def max_classes(self) -> int:
+        """The largest class count whose peak fits ``device_memory_bytes`` (0: not one class per rank)."""
+        budget, world = self.setting.device_memory_bytes, self.setting.world_size
+        if self.peak(world) > budget:
+            return 0
+        low, high = world, 2 * world
+        while self.peak(high) <= budget:
+            low, high = high, 2 * high
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if self.peak(middle) <= budget else (low, middle)
+        return low
+
+
+# --- probes ------------------------------------------------------------------------------------------------
+
+
+def _allocator():
+    """Paddle's host allocator counters (private API): (current, peak, reset_peak) callables."""
+    import paddle
+
+    core = getattr(getattr(paddle, "base", None), "core", None) or paddle.fluid.core
+    try:
+        functions = (
+            core.host_memory_stat_current_value,
+            core.host_memory_stat_peak_value,
+            core.host_memory_stat_reset_peak_value,
+        )
+    except AttributeError:
+        raise PlscError("the memory probes need Paddle's host allocator counters (Paddle >= 2.6)") from None
+    return tuple(functools.partial(function, "Allocated", 0) for function in functions)
+
+
+def has_allocator_counters() -> bool:
+    try:
+        _allocator()
+    except PlscError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def on_cpu():
+    """Paddle on the CPU inside the block, whatever the default device: the probes read host counters."""
+    import paddle
+
+    previous = paddle.device.get_device()
+    paddle.device.set_device("cpu")
+    try:
+        yield
+    finally:
+        paddle.device.set_device(previous)
+
+
+class _PeakMeter:
+    """Peak Paddle allocation (and numpy allocation, through tracemalloc) above the level at entry."""
+
+    def __enter__(self):
+        self._current, self._peak, self._reset = _allocator()
+        self._reset()
+        self._base = self._current()
+        self._started_tracing = not tracemalloc.is_tracing()
+        if self._started_tracing:
+            tracemalloc.start()
+        tracemalloc.reset_peak()
+        self._host_base = tracemalloc.get_traced_memory()[0]
+        return self
+
+    def __exit__(self, *exc):
+        self.device = self._peak() - self._base
+        self.host = tracemalloc.get_traced_memory()[1] - self._host_base
+        if self._started_tracing:
+            tracemalloc.stop()
+        self.retained = self._current() - self._base
+        return False
+
+
+@functools.cache
+def probe_head(
+    center_dtype: str, momentum_mode: str, margins: tuple[float, ...], scale: float
+) -> HeadProfile:
+    """Measure :class:`HeadProfile` from plsc's PartialFC on the CPU (about a second)."""
+    import paddle
+
+    from plsc.loss.margin import Margin
+    from plsc.loss.partial_fc import PartialFC
+
+    margin = Margin.from_list(margins, scale)
+    emb = PROBE_EMBEDDING
+
+    def build(rows: int):
+        with _PeakMeter() as meter:
+            head = PartialFC(rows, emb, margin, PROBE_RATIO, momentum_mode, center_dtype, seed=0)
+        return head, meter
+
+    small_rows, large_rows = PROBE_ROWS
+    with on_cpu():
+        small = build(small_rows)[1]
+        head, large = build(large_rows)
+        elements = (large_rows - small_rows) * emb
+        sampled = min(large_rows, math.ceil(PROBE_RATIO * large_rows))
+        rng = np.random.default_rng(0)
+        steps = [_probe_step(head, batch, large_rows, rng) for batch in PROBE_BATCHES]
+        logits = (
+            _slope([PROBE_BATCHES[0] * sampled, PROBE_BATCHES[1] * sampled], [s[0] for s in steps]) / FLOAT32
+        )
+        row_bytes = sampled * emb * FLOAT32
+        step_rows = (steps[0][0] - logits * FLOAT32 * PROBE_BATCHES[0] * sampled) / row_bytes
+        cosine = paddle.to_tensor(rng.uniform(-1, 1, (PROBE_BATCHES[1], sampled)).astype(np.float32))
+        cosine.stop_gradient = False
+        labels = paddle.to_tensor(rng.integers(0, sampled, PROBE_BATCHES[1]))
+        with _PeakMeter() as loss_meter:
+            head.margin_loss(cosine, labels, head.margin, head.comm).backward()  # the one plsc trains with
+        with _PeakMeter() as save:
+            head.state_dict()
+    return HeadProfile(
+        init_device_per_element=(large.device - small.device) / elements,
+        init_host_per_element=max(0.0, (large.host - small.host) / elements),
+        storage_per_element=(large.retained - small.retained) / elements,
+        save_copies_per_element=(save.device + save.host) / (large_rows * emb),
+        step_rows=step_rows,
+        step_logits=logits,
+        margin_loss_logits=loss_meter.device / cosine.size / FLOAT32,
+        update_rows=max(s[1] for s in steps) / row_bytes,
+    )
+
+
+def _probe_step(head, batch: int, classes: int, rng) -> tuple[float, float]:
+    """(peak bytes of forward + backward, peak bytes of the center update), above the class centers."""
+    import paddle
+
+    embeddings = paddle.to_tensor(rng.standard_normal((batch, head.embedding_size), dtype=np.float32))
+    embeddings.stop_gradient = False
+    labels = paddle.to_tensor(rng.integers(0, classes, batch))
+    with _PeakMeter() as forward_backward:
+        head(embeddings, labels, step=0).backward()
+    with _PeakMeter() as update:
+        head.step(0.1, 0.9, 5e-4)
+    return forward_backward.device, update.device + forward_backward.retained
+
+
+def _slope(xs: list[float], ys: list[float]) -> float:
+    return (ys[1] - ys[0]) / (xs[1] - xs[0])
+
+
+def probe_backbone(model_config, image_size: int) -> BackboneProfile:
+    """Parameters of the backbone and the activations a training-mode forward keeps per sample (CPU, NCHW:
+    the layout changes no tensor's size)."""
+    nchw = dataclasses.replace(model_config, data_format="NCHW")
+    return _probe_backbone(tuple(sorted(dataclasses.asdict(nchw).items())), image_size)
+
+
+@functools.cache
+def _probe_backbone(model_fields: tuple, image_size: int) -> BackboneProfile:
+    import paddle
+
+    from plsc.config import ModelConfig
+    from plsc.models import build_model
+
+    nchw = ModelConfig(**dict(model_fields))
+    with on_cpu(), paddle.utils.unique_name.guard():
+        model = build_model(nchw, image_size=image_size)
+        model.train()
+        images = paddle.to_tensor(np.zeros((1, 3, image_size, image_size), dtype=np.float32))
+        with _PeakMeter() as meter:
+            embeddings = model(images)  # held until the meter closes: its graph keeps the activations
+        del embeddings
+        parameters = sum(int(np.prod(p.shape)) for p in model.parameters())
+    return BackboneProfile(nchw.name, image_size, parameters, float(meter.retained))
+
+
+# --- from a config to a prediction -------------------------------------------------------------------------
+
+
+def setting_from_config(
+    config: Config,
+    device_memory_bytes: int,
+    world_size: int = 1,
+    device: str = "gpu",
+    fixed_overhead_bytes: int | None = None,
+) -> Setting:
+    if device not in DEVICES:
+        raise PlscError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
+    if world_size < 1 or device_memory_bytes <= 0:
+        raise PlscError("world size and device memory must be positive")
+    overhead = FIXED_OVERHEAD_MIB[device] * MIB if fixed_overhead_bytes is None else fixed_overhead_bytes
+    return Setting(
+        world_size=world_size,
+        batch_per_rank=config.train.batch_size,
+        embedding_size=config.model.embedding_size,
+        sample_ratio=config.loss.sample_ratio,
+        center_dtype=config.loss.center_dtype,
+        precision=config.train.precision,
+        device=device,
+        device_memory_bytes=int(device_memory_bytes),
+        fixed_overhead_bytes=int(overhead),
+    )
+
+
+def memory_model(config: Config, setting: Setting) -> MemoryModel:
+    """The model of ``config``'s runs, its head and backbone profiles probed on this machine's CPU."""
+    head = probe_head(
+        config.loss.center_dtype, config.loss.momentum_mode, tuple(config.loss.margins), config.loss.scale
+    )
+    backbone = probe_backbone(config.model, config.data.image_size)
+    return MemoryModel(setting, head, backbone)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    setting: Setting
+    max_classes: int
+    max_classes_per_rank: int
+    binding_phase: str
+    bytes_per_class: float
+    peak_bytes: float
+    host_bytes_per_rank: float
+    phases: dict[str, dict[str, float]]
+    head: HeadProfile
+    backbone: BackboneProfile
+    assumptions: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def predict(model: MemoryModel) -> Prediction:
+    classes = model.max_classes()
+    setting = model.setting
+    notes = [f"fixed overhead {setting.fixed_overhead_bytes / MIB:.0f} MiB"]
+    if setting.device == "gpu":
+        notes.append(
+            f"fused margin_cross_entropy: {FUSED_MARGIN_LOSS_BUFFERS:g} [global batch, sampled] buffers"
+        )
+        notes.append(
+            "head buffer counts measured with Paddle's CPU kernels; GPU kernels may allocate otherwise"
+        )
+        if setting.precision != "fp32":
+            notes.append(f"activations x {FP16_ACTIVATION_FACTOR:g} for {setting.precision} (estimate)")
+    return Prediction(
+        setting=setting,
+        max_classes=classes,
+        max_classes_per_rank=setting.local_classes(classes),
+        binding_phase=model.binding_phase(classes),
+        bytes_per_class=model.bytes_per_class(classes),
+        peak_bytes=model.peak(classes),
+        host_bytes_per_rank=model.host_bytes_per_rank(classes) if setting.device == "gpu" else 0.0,
+        phases=model.phases(classes),
+        head=model.head,
+        backbone=model.backbone,
+        assumptions=notes,
+    )
+
+
+def describe(prediction: Prediction) -> str:
+    """The prediction as text: the answer, then the binding phase's terms per rank."""
+    s = prediction.setting
+    lines = [
+        f"max classes: {prediction.max_classes:,} ({prediction.max_classes_per_rank:,} per rank) on "
+        f"{s.world_size} x {s.device} with {s.device_memory_bytes / MIB:,.0f} MiB each",
+        f"bytes per class: {prediction.bytes_per_class:,.0f} (on the rank that owns it; binding phase: "
+        f"{prediction.binding_phase})",
+        f"per rank at the maximum, phase {prediction.binding_phase}:",
+    ]
+    for term, value in prediction.phases[prediction.binding_phase].items():
+        lines.append(f"  {term:<36} {value / MIB:>12,.1f} MiB")
+    lines.append(f"  {'total':<36} {prediction.peak_bytes / MIB:>12,.1f} MiB")
+    if prediction.host_bytes_per_rank:
+        lines.append(
+            f"host memory per rank for the class centers: {prediction.host_bytes_per_rank / GIB:,.1f} GiB"
+        )
+    lines += [f"assumption: {note}" for note in prediction.assumptions]
+    return "\n".join(lines)

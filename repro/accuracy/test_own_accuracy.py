@@ -1,0 +1,80 @@
+"""plsc's own accuracy claim: configs/cpu/faces_mini.yaml, trained from scratch on the CPU, reaches the
+claimed verification accuracy on lfw_disjoint.bin (people who are not in the training set).
+
+Tier cpu_slow (about 40 minutes on 2 cores); skipped when ../shared (the faces-mini data) is absent. The run
+is ``plsc train`` in a subprocess; its last checkpoint is then scored by ``plsc eval --json``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from plsc.engine.checkpoint import CheckpointDir
+from repro.claims import PASS, OwnAccuracyClaim, load_claims
+from repro.plsc_runs import ROOT, run_environment, train_command
+
+OWN = load_claims().own_accuracy
+TRAIN_TIMEOUT_S = 4 * 3600
+
+pytestmark = getattr(pytest.mark, OWN.tier)
+
+
+@pytest.fixture
+def faces_data(claim: OwnAccuracyClaim, shared_dir):
+    """The claim's data folder under ../shared and its verification file, or a skip naming what is missing."""
+    folder = shared_dir / claim.data
+    missing = [path for path in (folder / "label.txt", folder / claim.bin) if not path.is_file()]
+    if missing:
+        pytest.skip(f"needs {', '.join(map(str, missing))}")
+    return folder, folder / claim.bin
+
+
+def run_plsc(arguments: list[str], log_path, timeout_s: float) -> None:
+    with open(log_path, "wb") as log:
+        completed = subprocess.run(
+            arguments,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=run_environment(),
+            cwd=ROOT,
+            timeout=timeout_s,
+        )
+    if completed.returncode != 0:
+        tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-5:]
+        pytest.fail(f"{' '.join(arguments[:4])} ... exited {completed.returncode}: " + " | ".join(tail))
+
+
+@pytest.mark.parametrize("claim", OWN.rows, ids=lambda claim: claim.id)
+def test_faces_mini_reaches_the_claimed_accuracy(
+    claim: OwnAccuracyClaim, faces_data, tmp_path, record_result
+):
+    folder, verification = faces_data
+    output = tmp_path / "run"
+    overrides = {"data.root": folder, "data.val_bins": [verification]}
+    run_plsc(train_command(ROOT / claim.config, output, overrides), tmp_path / "train.log", TRAIN_TIMEOUT_S)
+    checkpoint = CheckpointDir(output / "checkpoints").latest()
+    scores = tmp_path / "eval.json"
+    run_plsc(
+        [
+            sys.executable,
+            "-m",
+            "plsc.cli",
+            "eval",
+            "--checkpoint",
+            str(checkpoint),
+            "--bin",
+            str(verification),
+            "--json",
+            str(scores),
+        ],
+        tmp_path / "eval.log",
+        3600,
+    )
+    metrics = json.loads(scores.read_text())[verification.stem]
+    details = {"checkpoint_step": int(checkpoint.name), "metrics": metrics, "data": str(folder)}
+    result = record_result(claim, {"accuracy": metrics["accuracy"]}, config=claim.config, details=details)
+    assert result.verdict == PASS, result.explain()

@@ -1,0 +1,191 @@
+"""The capacity and throughput harness's own machinery: trials under an OS memory cap, the bisection, the
+steady-state throughput, and the claims and tables they feed. No training runs here (repro/capacity and
+repro/throughput do that)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import yaml
+
+from repro import report
+from repro.capacity.trials import Trial, TrialError, bisect_max_classes, run_trial
+from repro.claims import CLAIMS_FILE, ClaimsError, load_claims
+from repro.hardware import Hardware
+from repro.results import new_result
+from repro.throughput.measure import RunFailed, check_finite_loss, steady_state
+
+pytestmark = pytest.mark.cpu
+
+MIB = 2**20
+CPU_MACHINE = Hardware(cpu_model="Test CPU", cpu_count=2, memory_mib=4096, paddle_version="3.3.1")
+
+
+def python(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+# --- one trial
+
+
+def test_a_trial_that_needs_more_than_the_cap_does_not_fit(tmp_path):
+    trial = run_trial(7, python("bytearray(400 * 2**20)"), tmp_path / "log", memory_cap_bytes=200 * MIB)
+    assert (trial.classes, trial.fits) == (7, False)
+
+
+def test_a_trial_under_the_cap_fits_and_reports_its_peak_rss(tmp_path):
+    trial = run_trial(7, python("b = bytearray(100 * 2**20)"), tmp_path / "log", memory_cap_bytes=400 * MIB)
+    assert trial.fits and trial.peak_rss_bytes >= 100 * MIB
+
+
+def test_a_trial_failing_for_another_reason_is_a_harness_error(tmp_path):
+    with pytest.raises(TrialError, match="another reason"):
+        run_trial(7, python("raise SystemExit('bad config')"), tmp_path / "log")
+
+
+def test_a_trial_stopped_once_done_fits(tmp_path):
+    trial = run_trial(
+        7, python("import time; time.sleep(60)"), tmp_path / "log", done=lambda: True, timeout_s=30
+    )
+    assert trial.fits and trial.seconds < 30
+
+
+# --- the bisection
+
+
+def threshold_trials(limit: int, seen: list[int]):
+    def attempt(classes: int) -> Trial:
+        seen.append(classes)
+        return Trial(classes, classes <= limit, classes, 0.0)
+
+    return attempt
+
+
+@pytest.mark.parametrize("limit", [900, 1000, 1190, 3000, 200])
+def test_bisection_brackets_the_limit(limit):
+    seen: list[int] = []
+    bracket = bisect_max_classes(threshold_trials(limit, seen), 850, 1150, steps=3)
+    assert bracket.fits.classes <= limit < bracket.fails.classes
+    assert bracket.fitted[-1] == bracket.fits and len(bracket.trials) == len(seen)
+
+
+def test_bisection_halves_the_bracket_each_step():
+    bracket = bisect_max_classes(threshold_trials(1000, []), 800, 1200, steps=2)
+    assert bracket.fails.classes - bracket.fits.classes <= 100
+
+
+def test_bisection_without_a_bracket_says_so():
+    with pytest.raises(TrialError, match="no bracket"):
+        bisect_max_classes(threshold_trials(10**9, []), 10, 20, steps=1, max_widen=2)
+
+
+# --- steady-state throughput
+
+
+def test_steady_state_is_the_median_after_warm_up():
+    records = [{"step": 3 * i, "loss": 1.0, "ips": ips} for i, ips in enumerate([1.0, 9.0, 10.0, 12.0, 11.0])]
+    throughput = steady_state(records, warmup_windows=1)
+    assert (throughput.images_per_s, throughput.low, throughput.high, throughput.windows) == (
+        10.5,
+        9.0,
+        12.0,
+        4,
+    )
+
+
+def test_no_window_after_warm_up_and_non_finite_losses_fail_the_run():
+    with pytest.raises(RunFailed, match="no window"):
+        steady_state([{"step": 3, "loss": 1.0, "ips": 5.0}], warmup_windows=1)
+    with pytest.raises(RunFailed, match="not finite"):
+        check_finite_loss([{"step": 3, "loss": float("nan"), "ips": 5.0}])
+
+
+# --- claims and tables
+
+
+def test_predictions_repeat_the_published_capacity_they_predict():
+    claims = load_claims()
+    for row in claims.capacity_model.rows:
+        assert claims.find(row.predicts)[1].published == row.published
+
+
+def test_a_prediction_of_an_unknown_or_different_claim_is_an_error(tmp_path):
+    raw = yaml.safe_load(CLAIMS_FILE.read_text(encoding="utf-8"))
+    raw["capacity_model"]["rows"][0]["published"] = {"classes": 1.0}
+    path = tmp_path / "claims.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    with pytest.raises(ClaimsError, match="differs"):
+        load_claims(path)
+
+
+def test_per_row_tiers_override_the_group():
+    claims = load_claims()
+    tiers = {row.id: claims.cpu_throughput.tier_for(row) for row in claims.cpu_throughput.rows}
+    assert tiers == {"cpu_throughput_mini_dynamic": "cpu", "cpu_throughput_mini_static": "cpu_slow"}
+
+
+def cells(text: str) -> list[list[str]]:
+    """The cells of every table row in ``text``."""
+    return [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in text.splitlines()
+        if line.startswith("|")
+    ]
+
+
+def record(claims, claim_id: str, measured: dict, details: dict):
+    claim = claims.find(claim_id)[1]
+    return new_result(
+        claims,
+        claim,
+        tier="cpu",
+        config="test",
+        measured=measured,
+        machine=CPU_MACHINE,
+        command="python -m pytest",
+        duration_s=1.0,
+        details=details,
+    )
+
+
+def test_the_capacity_block_shows_prediction_ratio_and_cpu_measurement():
+    claims = load_claims()
+    prediction = record(
+        claims,
+        "model_capacity_paddle_static_fp16_res50",
+        {"classes": 69_000_000.0},
+        {"binding_phase": "center update", "bytes_per_class": 3694.0},
+    )
+    cpu = record(
+        claims,
+        "cpu_capacity_memory_model",
+        {"classes": 1_130_799, "bytes_per_class_error": -0.006, "peak_error": -0.008},
+        {
+            "memory_cap_mib": 1536,
+            "fails_at_classes": 1_222_486,
+            "predicted_classes": 1_222_487,
+            "bytes_per_class": 1027.0,
+            "predicted_bytes_per_class": 1020.6,
+        },
+    )
+    results = {result.claim_id: result for result in (prediction, cpu)}
+    rows = cells(report.render_blocks(claims, results, "figure.png")["capacity"])
+    assert [
+        "static",
+        "Res50",
+        "92,000,000",
+        "69,000,000",
+        "0.75",
+        "center update",
+        "3,694",
+        "recorded",
+    ] in rows
+    cpu_row = ["1.5 GiB", "1,130,799 / 1,222,486", "1,222,487", "1,027 / 1,021", "-0.6% / -0.8%", "pass"]
+    assert cpu_row + [CPU_MACHINE.describe()] in rows
+
+
+def test_the_throughput_and_accuracy_blocks_list_the_cpu_rows_not_run():
+    blocks = report.render_blocks(load_claims(), {}, "figure.png")
+    assert "Tiers `cpu`, `cpu_slow`: 0 of 2 cases run." in blocks["throughput"]
+    assert "faces_mini_lfw_disjoint" in blocks["accuracy"] and ">= 0.8500" in blocks["accuracy"]

@@ -1,0 +1,129 @@
+"""plsc's memory model (plsc/bench/capacity.py): its arithmetic on hand-made profiles, its probes on plsc's
+own code, and ``plsc capacity --predict``. Tiny sizes only; the model is checked against measured memory by
+the reproduction harness (repro/capacity).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from plsc.bench.capacity import (
+    FUSED_MARGIN_LOSS_BUFFERS,
+    MIB,
+    BackboneProfile,
+    HeadProfile,
+    MemoryModel,
+    Setting,
+    has_allocator_counters,
+    probe_backbone,
+    probe_head,
+)
+from plsc.cli import main
+from plsc.config import ModelConfig
+
+HEAD = HeadProfile(
+    init_device_per_element=4.0,
+    init_host_per_element=0.0,
+    storage_per_element=4.0,
+    save_copies_per_element=4.0,
+    step_rows=2.0,
+    step_logits=4.0,
+    margin_loss_logits=3.0,
+    update_rows=3.0,
+)
+BACKBONE = BackboneProfile("tiny", 16, parameters=1000, activation_bytes_per_sample=1000.0)
+
+
+def a_setting(**changes) -> Setting:
+    base = Setting(
+        world_size=1,
+        batch_per_rank=8,
+        embedding_size=128,
+        sample_ratio=0.1,
+        center_dtype="float16",
+        precision="fp32",
+        device="cpu",
+        device_memory_bytes=256 * MIB,
+        fixed_overhead_bytes=16 * MIB,
+    )
+    return dataclasses.replace(base, **changes)
+
+
+@pytest.fixture
+def cpu_model() -> MemoryModel:
+    return MemoryModel(a_setting(), HEAD, BACKBONE)
+
+
+def test_the_largest_fitting_class_count_fits_and_one_rank_more_does_not(cpu_model):
+    classes = cpu_model.max_classes()
+    assert cpu_model.peak(classes) <= cpu_model.setting.device_memory_bytes < cpu_model.peak(classes + 1)
+
+
+def test_on_the_cpu_the_checkpoint_copies_bind_at_storage_plus_copies_per_element(cpu_model):
+    classes = cpu_model.max_classes()
+    assert cpu_model.binding_phase(classes) == "checkpoint"
+    assert cpu_model.bytes_per_class(classes) == pytest.approx(8.0 * 128, rel=1e-3)
+
+
+def test_on_a_gpu_checkpoint_copies_are_host_memory_and_the_fused_loss_is_counted():
+    model = MemoryModel(a_setting(device="gpu"), HEAD, BACKBONE)
+    phases = model.phases(100_000)
+    assert "checkpoint" not in phases
+    sampled = 10_000
+    expected_logits = (
+        (HEAD.step_logits - HEAD.margin_loss_logits + FUSED_MARGIN_LOSS_BUFFERS) * 8 * sampled * 4
+    )
+    assert phases["forward/backward"]["logits/softmax + gradients"] == expected_logits
+    assert model.host_bytes_per_rank(100_000) == 4.0 * 100_000 * 128
+
+
+def test_more_ranks_share_the_classes():
+    one = MemoryModel(a_setting(), HEAD, BACKBONE).max_classes()
+    eight = MemoryModel(a_setting(world_size=8, batch_per_rank=1), HEAD, BACKBONE).max_classes()
+    assert eight == pytest.approx(8 * one, rel=0.01)
+
+
+def test_a_device_too_small_for_the_overhead_fits_no_class():
+    assert MemoryModel(a_setting(device_memory_bytes=MIB), HEAD, BACKBONE).max_classes() == 0
+
+
+def test_fp16_activations_are_halved_on_a_gpu_only():
+    gpu = MemoryModel(a_setting(device="gpu", precision="fp16"), HEAD, BACKBONE)
+    cpu = MemoryModel(a_setting(device="cpu", precision="fp16"), HEAD, BACKBONE)
+    assert gpu.activation_bytes() == cpu.activation_bytes() / 2 == 4000
+
+
+needs_allocator_counters = pytest.mark.skipif(
+    not has_allocator_counters(), reason="this Paddle lacks the host allocator counters the probes read"
+)
+
+
+@needs_allocator_counters
+@pytest.mark.parametrize("dtype, itemsize", [("float32", 4), ("float16", 2)])
+def test_the_head_probe_measures_weight_and_velocity_storage(dtype, itemsize):
+    profile = probe_head(dtype, "lazy", (1.0, 0.5, 0.0), 64.0)
+    assert profile.storage_per_element == pytest.approx(2 * itemsize)
+    assert profile.save_copies_per_element == pytest.approx(2 * itemsize, rel=0.01)
+    assert profile.step_rows >= 1.0 and profile.step_logits >= 1.0  # the sampled rows' gradient, the logits
+
+
+@needs_allocator_counters
+def test_the_backbone_probe_counts_parameters_and_activations():
+    profile = probe_backbone(ModelConfig(name="iresnet18", width=0.0625, embedding_size=16), 16)
+    assert profile.parameters > 0 and profile.activation_bytes_per_sample > 0
+
+
+@needs_allocator_counters
+def test_capacity_predict_prints_and_writes_the_prediction(tmp_path, capsys):
+    config = tmp_path / "tiny.yaml"
+    config.write_text("model: {name: iresnet18, width: 0.0625, embedding_size: 32}\ndata: {image_size: 16}\n")
+    out = tmp_path / "prediction.json"
+    argv = ["capacity", "--predict", "--config", str(config), "--set", "loss.sample_ratio=0.1"]
+    argv += ["--device-memory-gib", "0.5", "--device", "cpu", "--json", str(out)]
+    assert main(argv) == 0
+    assert "max classes:" in capsys.readouterr().out
+    prediction = json.loads(out.read_text())
+    assert prediction["max_classes"] > 0 and prediction["setting"]["device"] == "cpu"
