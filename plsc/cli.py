@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 from plsc.errors import PlscError
+from plsc.malloc import reexec_with_huge_pages
 
 
 def _add_train(sub) -> None:
@@ -320,6 +321,8 @@ def _quiet_paddle() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the command line (not a call from Python): start over with plsc's malloc settings
+        reexec_with_huge_pages("plsc.cli", sys.argv[1:])
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nproc hands on to each process
     _quiet_paddle()

@@ -5,7 +5,9 @@ Tiny shapes only: nothing here times anything (``plsc bench head`` and bench/ wr
 
 from __future__ import annotations
 
+
 import json
+import math
 import subprocess
 import sys
 
@@ -45,6 +47,7 @@ from plsc.loss.partial_fc import (
     PartialFC,
     cosine_to_centers,
     distinct_uniform,
+    sorted_unique,
     init_class_center_tensor,
     init_class_centers,
 )
@@ -66,6 +69,26 @@ def test_distinct_uniform_draws_distinct_values_in_range(population, count):
     assert len(drawn) == count == len(np.unique(drawn))
     assert count == 0 or (drawn.min() >= 0 and drawn.max() < population)
     np.testing.assert_array_equal(drawn, distinct_uniform(np.random.default_rng(1), population, count))
+
+
+def test_distinct_uniform_gives_every_subset_the_same_chance():
+    """All 20 subsets of 3 out of 6 (the i.i.d.-draws path: 2 x 3 <= 6), 4000 draws: chi-square with 19
+    degrees of freedom below 51 (p = 1e-4 for a uniform law; a bias of 30% on one subset gives ~90)."""
+    population, count, trials = 6, 3, 4000
+    seen: dict[tuple, int] = {}
+    for trial in range(trials):
+        drawn = distinct_uniform(np.random.default_rng(trial), population, count)
+        assert np.all(np.diff(drawn) > 0)  # sorted, distinct
+        seen[tuple(drawn)] = seen.get(tuple(drawn), 0) + 1
+    assert len(seen) == math.comb(population, count)
+    expected = trials / len(seen)
+    assert sum((n - expected) ** 2 / expected for n in seen.values()) < 51
+
+
+def test_sorted_unique_is_numpys_unique():
+    values = np.random.default_rng(0).integers(-5, 50, 300)
+    np.testing.assert_array_equal(sorted_unique(values), np.unique(values))
+    assert sorted_unique(np.empty(0, dtype=np.int64)).size == 0
 
 
 @pytest.mark.parametrize("count", [4, 14], ids=["rejection", "permutation"])

@@ -29,8 +29,9 @@ def add_bench_parser(sub) -> None:
     head.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
     head.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     head.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="OMP_NUM_THREADS of the run")
-    head.add_argument("--malloc", choices=["default", "hugepages", "keep"], default="default",
-                      help="glibc malloc settings of the measuring processes (see plsc.bench.head)")
+    head.add_argument("--malloc", choices=["hugepages", "default", "keep"], default="hugepages",
+                      help="glibc malloc settings of the measuring processes: hugepages is the plsc "
+                           "command's own (see plsc.malloc and plsc.bench.head)")
     head.add_argument("--rss-classes", default=None, metavar="LOW,HIGH",
                       help="class counts of the two peak-RSS probes (default: C/2,C)")
     head.add_argument("--no-rss", action="store_true", help="skip the peak-RSS probes")

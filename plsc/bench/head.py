@@ -32,18 +32,18 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from plsc.malloc import HUGEPAGES
+
 PRECISIONS = {"fp32": "float32", "fp16": "float16"}
 PHASES = ("sample", "gather", "forward", "backward", "update")
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
 RSS_STEPS = 2  # steps a peak-RSS probe runs after initialisation: the step's own buffers count too
-# glibc malloc settings of the measuring process (GLIBC_TUNABLES, read at process start). Paddle's CPU tensors
-# come from malloc, which maps each block of 32 MB or more afresh and unmaps it when freed: every new
-# [k, emb] tensor then pays a page fault per 4 KiB page, which costs more than the arithmetic on it.
-# "hugepages" maps such blocks with 2 MiB transparent huge pages (when the kernel allows them: madvise or
-# always); "keep" serves them from the heap and never returns freed memory, so pages fault only once.
+# glibc malloc settings of the measuring process (GLIBC_TUNABLES, read at process start; see plsc.malloc).
+# "hugepages" is what the plsc command runs with; "default" is glibc's own (4 KiB pages); "keep" serves large
+# blocks from the heap and never returns freed memory, so pages fault only once (fastest, more peak RSS).
 MALLOC_TUNABLES = {
+    "hugepages": HUGEPAGES,
     "default": None,
-    "hugepages": "glibc.malloc.hugetlb=1",
     "keep": "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1000000000000000",
 }
 
@@ -61,7 +61,7 @@ class HeadBenchSpec:
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     momentum_mode: str = "lazy"
     seed: int = 0
-    malloc: str = "default"  # a key of MALLOC_TUNABLES
+    malloc: str = "hugepages"  # a key of MALLOC_TUNABLES
 
     @property
     def global_batch(self) -> int:
@@ -275,6 +275,7 @@ class Runner:
 def run_measurement(kind: str, spec: HeadBenchSpec, runner: Runner = Runner()) -> dict:
     """``measure_time`` or ``measure_rss`` in a fresh process with ``spec.threads`` threads."""
     child_env = {**os.environ, **dict(runner.env), "OMP_NUM_THREADS": str(spec.threads)}
+    child_env.pop("GLIBC_TUNABLES", None)  # this process's own (the plsc command sets one) must not leak
     if MALLOC_TUNABLES[spec.malloc]:
         child_env["GLIBC_TUNABLES"] = MALLOC_TUNABLES[spec.malloc]
     command = [runner.python, "-m", runner.entry, kind, json.dumps(asdict(spec))]
