@@ -78,6 +78,7 @@ class TrainConfig:
     keep_checkpoints: int = 1
     mode: typing.Literal["dynamic", "static"] = "dynamic"
     precision: typing.Literal["fp32", "fp16", "amp"] = "fp32"
+    fp16_master_weights: bool = True  # precision fp16 on a GPU: float32 copies of the backbone's weights
     eval_batch_size: int = 64
     # Dynamic loss scaling, active for precision fp16 and amp (PLSC v2.2's values).
     loss_scale_init: float = 27648.0

@@ -168,7 +168,8 @@ class Trainer:
         self.amp_level = backbone_amp_level(config.train.precision)
         if self.amp_level == "O2":
             self.model, self.optimizer = paddle.amp.decorate(
-                self.model, self.optimizer, level="O2", master_weight=True, save_dtype="float32"
+                self.model, self.optimizer, level="O2", master_weight=config.train.fp16_master_weights,
+                save_dtype="float32",
             )
         self.scaler = DynamicLossScaler.from_config(config.train, enabled=config.train.precision != "fp32")
         self.fast_paths = fast_paths.select_fast_paths(self.head, self.comm)
