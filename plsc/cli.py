@@ -122,7 +122,8 @@ def _add_convert(sub) -> None:
     images = kinds.add_parser("images2rec", help="images/ + label.txt -> InsightFace .rec/.idx/property")
     images.add_argument("--root", required=True, help="folder holding label.txt and images/")
     images.add_argument("--label-file", default=None, help="label file inside --root (default: label.txt)")
-    images.add_argument("--output", required=True, help="output prefix: writes PREFIX.rec, PREFIX.idx, property")
+    images.add_argument("--output", required=True,
+                        help="output prefix: writes PREFIX.rec, PREFIX.idx, property")
     images.set_defaults(run=_run_images2rec)
 
 
@@ -130,8 +131,9 @@ def _run_rec2images(args) -> int:
     from plsc.data.convert import rec_to_images
 
     summary = rec_to_images(args.rec, args.idx, args.output, progress=True)
+    copied = ", ".join(summary.copied) or "-"
     print(f"{summary.images} images of {summary.num_classes} classes in {summary.output} "
-          f"({summary.written} written, {summary.skipped} already there); copied: {', '.join(summary.copied) or '-'}")
+          f"({summary.written} written, {summary.skipped} already there); copied: {copied}")
     return 0
 
 
@@ -317,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _quiet_paddle() -> None:
     warnings.filterwarnings("ignore", message="No ccache found")
     warnings.filterwarnings("ignore", message=".*always track global mean and variance.*")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
 
 
 def main(argv: list[str] | None = None) -> int:

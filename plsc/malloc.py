@@ -1,14 +1,14 @@
 """glibc malloc settings of plsc's command-line processes.
 
-Paddle's CPU tensors come from malloc, which maps every block of 32 MiB or more afresh and unmaps it when it
-is freed. A head step at a million classes makes several such tensors ([sampled, emb] rows, gradients,
-velocities): each new one faults in page by page, and on this VM a 4 KiB page fault costs ~2.5 us, so that
-faulting in a 200 MB tensor takes longer than the arithmetic on it (measured: a gather of 100,000 x 512 rows
-and one multiply, 0.31 s with 4 KiB pages, 0.10 s with 2 MiB transparent huge pages). ``glibc.malloc.hugetlb=1``
-makes malloc ask for huge pages on those mappings (``madvise``), 512x fewer faults; memory is still given back
-when freed, so peak RSS is unchanged. (Keeping freed memory in the heap instead, ``mmap_max=0``, is faster
-still but raised peak RSS per class by 47% at a million classes: freed blocks that do not fit the next
-request stay resident.) See ``plsc bench head --malloc``.
+Paddle's CPU tensors come from malloc, which maps every block above its mmap threshold (128 KiB, rising to
+at most 32 MiB) afresh and unmaps it when it is freed. A head step at a million classes makes several larger
+tensors ([sampled, emb] rows, gradients, velocities): each new one faults in page by page, and on this VM
+that costs ~3 us per 4 KiB page, more than the arithmetic on it (measured: a gather of 100,000 x 512 rows
+and one multiply, 0.31 s with 4 KiB pages, 0.10 s with 2 MiB transparent huge pages).
+``glibc.malloc.hugetlb=1`` makes malloc ask for huge pages on those mappings (``madvise``), 512x fewer
+faults; memory is still given back when freed, so peak RSS is unchanged. (Keeping freed memory in the heap
+instead, ``mmap_max=0``, is faster still but raised peak RSS per class by 47% at a million classes: freed
+blocks that do not fit the next request stay resident.) See ``plsc bench head --malloc``.
 
 GLIBC_TUNABLES is read once, when a process starts, so the ``plsc`` command re-executes itself with it set.
 A GLIBC_TUNABLES already in the environment (even empty) is left alone: that is how to opt out.
@@ -29,4 +29,5 @@ def reexec_with_huge_pages(module: str, argv: list[str]) -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", module, *argv], {**os.environ, "GLIBC_TUNABLES": HUGEPAGES})
+    environment = {**os.environ, "GLIBC_TUNABLES": HUGEPAGES}
+    os.execve(sys.executable, [sys.executable, "-m", module, *argv], environment)

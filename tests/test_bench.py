@@ -5,7 +5,6 @@ Tiny shapes only: nothing here times anything (``plsc bench head`` and bench/ wr
 
 from __future__ import annotations
 
-
 import json
 import math
 import subprocess
@@ -47,9 +46,9 @@ from plsc.loss.partial_fc import (
     PartialFC,
     cosine_to_centers,
     distinct_uniform,
-    sorted_unique,
     init_class_center_tensor,
     init_class_centers,
+    sorted_unique,
 )
 from plsc.loss.sparse_momentum import lazy_update
 

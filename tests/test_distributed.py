@@ -330,8 +330,9 @@ def test_two_ranks_train_exactly_like_one_process_with_the_double_batch(tiny_dir
     checkpoints. The 2-rank checkpoint continues at the same step, on the same trajectory."""
     steps = 11  # two epochs and one step: the resume starts mid-epoch
     two, one = tmp_path / "two", tmp_path / "one"
-    train_on_two_ranks(tmp_path, two, "global", tiny_overrides(tiny_dir, 2, f"train.max_steps={steps}", GENTLE_LR))
-    one_process_trainer(tiny_overrides(tiny_dir, 1, f"train.max_steps={steps}", GENTLE_LR), one, "global").run()
+    run_length = (f"train.max_steps={steps}", GENTLE_LR)
+    train_on_two_ranks(tmp_path, two, "global", tiny_overrides(tiny_dir, 2, *run_length))
+    one_process_trainer(tiny_overrides(tiny_dir, 1, *run_length), one, "global").run()
 
     assert [r["step"] for r in read_log(two)] == list(range(1, steps + 1))
     np.testing.assert_allclose(losses(two), losses(one), rtol=1e-6, atol=1e-5)

@@ -67,8 +67,8 @@ def test_huge_page_malloc_faults_a_large_block_in_far_fewer_pieces():
         env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
         if tunables is not None:
             env["GLIBC_TUNABLES"] = tunables
-        proc = subprocess.run([sys.executable, "-c", FAULTS], env=env, capture_output=True, text=True, check=True)
-        return int(proc.stdout)
+        command = [sys.executable, "-c", FAULTS]
+        return int(subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout)
 
     small_pages, huge_pages = faults(None), faults(HUGEPAGES)
     assert small_pages >= 60_000  # 256 MiB / 4 KiB = 65,536 faults
