@@ -10,6 +10,7 @@ import json
 
 import pytest
 
+from plsc.bench import capacity
 from plsc.bench.capacity import (
     FUSED_MARGIN_LOSS_BUFFERS,
     MIB,
@@ -99,6 +100,26 @@ def test_fp16_activations_are_halved_on_a_gpu_only():
 needs_allocator_counters = pytest.mark.skipif(
     not has_allocator_counters(), reason="this Paddle lacks the host allocator counters the probes read"
 )
+
+
+@needs_allocator_counters
+@pytest.mark.parametrize("reset_peak", [True, False], ids=["reset", "ballast"])
+def test_the_peak_meter_measures_a_block_below_an_earlier_larger_peak(reset_peak, monkeypatch):
+    import paddle
+
+    current, peak, reset = capacity._allocator()
+    if reset_peak and reset is None:
+        pytest.skip("this Paddle cannot reset its peak counter (2.6): the ballast case measures without it")
+    if not reset_peak:  # Paddle 2.6's counters, whatever this Paddle has
+        monkeypatch.setattr(capacity, "_allocator", lambda: (current, peak, None))
+    earlier = paddle.ones([4_000_000], dtype="float32")  # 16 MB: the process's peak is far above the block's
+    del earlier
+    with capacity._PeakMeter() as meter:
+        first = paddle.ones([250_000], dtype="float32")  # 1 MB
+        second = paddle.ones([500_000], dtype="float32")  # 2 MB, both alive
+        del first
+    assert (meter.device, meter.retained) == (3_000_000, 2_000_000)
+    del second
 
 
 @needs_allocator_counters

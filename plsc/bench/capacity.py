@@ -61,8 +61,9 @@ FP16_ACTIVATION_FACTOR = 0.5  # estimate: FP16/AMP activations on a GPU, relativ
 FIXED_OVERHEAD_MIB = {
     # CUDA context, cuBLAS/cuDNN workspaces and Paddle's own buffers on one GPU: an estimate.
     "gpu": 1024,
-    # A `plsc train` process (Python, Paddle, plsc, a tiny model, 1000 classes): 347 MiB VmHWM, Paddle 3.3.1.
-    "cpu": 350,
+    # A `plsc train` process (Python, Paddle, plsc, a tiny model, 1000 classes): 477 MiB VmHWM with Paddle
+    # 3.3.1, about 330 MiB of it Paddle's library pages (303 MiB with 2.6.2).
+    "cpu": 480,
 }
 DEVICES = tuple(FIXED_OVERHEAD_MIB)
 
@@ -233,19 +234,18 @@ class MemoryModel:
 
 
 def _allocator():
-    """Paddle's host allocator counters (private API): (current, peak, reset_peak) callables."""
+    """Paddle's host allocator counters (private API): (current, peak, reset_peak) callables; reset_peak is
+    None where Paddle has none (2.6)."""
     import paddle
 
     core = getattr(getattr(paddle, "base", None), "core", None) or paddle.fluid.core
     try:
-        functions = (
-            core.host_memory_stat_current_value,
-            core.host_memory_stat_peak_value,
-            core.host_memory_stat_reset_peak_value,
-        )
+        current, peak = core.host_memory_stat_current_value, core.host_memory_stat_peak_value
     except AttributeError:
         raise PlscError("the memory probes need Paddle's host allocator counters (Paddle >= 2.6)") from None
-    return tuple(functools.partial(function, "Allocated", 0) for function in functions)
+    reset = getattr(core, "host_memory_stat_reset_peak_value", None)
+    counters = (current, peak, reset)
+    return tuple(functools.partial(function, "Allocated", 0) if function else None for function in counters)
 
 
 def has_allocator_counters() -> bool:
@@ -270,11 +270,22 @@ def on_cpu():
 
 
 class _PeakMeter:
-    """Peak Paddle allocation (and numpy allocation, through tracemalloc) above the level at entry."""
+    """Peak Paddle allocation (and numpy allocation, through tracemalloc) above the level at entry.
+
+    Paddle's peak counter is reset at entry; where it cannot be (Paddle 2.6) a ballast fills the gap between
+    the current level and the process's peak so far, held (never written, so never resident) through the
+    block: the block's first allocated byte is then a new peak, and the peak's rise is the block's.
+    """
 
     def __enter__(self):
-        self._current, self._peak, self._reset = _allocator()
-        self._reset()
+        import paddle
+
+        self._current, self._peak, reset = _allocator()
+        self._ballast = None
+        if reset is not None:
+            reset()
+        elif self._peak() > self._current():
+            self._ballast = paddle.empty([self._peak() - self._current()], dtype="uint8")
         self._base = self._current()
         self._started_tracing = not tracemalloc.is_tracing()
         if self._started_tracing:
@@ -289,6 +300,7 @@ class _PeakMeter:
         if self._started_tracing:
             tracemalloc.stop()
         self.retained = self._current() - self._base
+        self._ballast = None
         return False
 
 
