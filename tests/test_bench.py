@@ -32,6 +32,7 @@ from plsc.bench.head import (
 from plsc.cli import build_parser
 from plsc.distributed import LocalComm
 from plsc.errors import PlscError
+from plsc.loss import sparse_momentum
 from plsc.loss.margin import (
     ARCFACE,
     COSFACE,
@@ -50,7 +51,6 @@ from plsc.loss.partial_fc import (
     init_class_centers,
     sorted_unique,
 )
-from plsc.loss import sparse_momentum
 from plsc.loss.sparse_momentum import lazy_update
 
 COMBINED = Margin(0.9, 0.4, 0.15, 32.0)
@@ -179,7 +179,9 @@ def test_center_tensor_is_written_block_by_block_with_the_same_rows(dtype):
 @pytest.mark.parametrize("block_rows", [4096, 2], ids=["one-block", "blocks-of-2"])
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("pass_rows", [True, False], ids=["gathered-rows", "own-gather"])
-def test_lazy_update_with_gathered_rows_and_grad_scale_matches_numpy(block_rows, dtype, pass_rows, monkeypatch):
+def test_lazy_update_with_gathered_rows_and_grad_scale_matches_numpy(
+    block_rows, dtype, pass_rows, monkeypatch
+):
     monkeypatch.setattr(sparse_momentum, "UPDATE_BLOCK_ROWS", block_rows)
     rng = np.random.default_rng(4)
     weight_np, velocity_np = (rng.standard_normal((10, 3)).astype(dtype).astype(np.float64) for _ in range(2))

@@ -1,8 +1,16 @@
-"""Performance benchmarks (``plsc bench ...``); each measures in fresh subprocesses, see its module."""
+"""Performance benchmarks (``plsc bench head|data|train|verify``), one module each.
+
+head, data and train measure in fresh subprocesses (``measure_in_fresh_process``: the thread count is set
+before Paddle is imported); verify is numpy only and runs in this process. ``python -m plsc.bench.report``
+renders their JSON into README.md's Performance section.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from plsc.errors import PlscError
@@ -37,6 +45,61 @@ def add_bench_parser(sub) -> None:
     head.add_argument("--no-rss", action="store_true", help="skip the peak-RSS probes")
     head.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
     head.set_defaults(run=run_head_command)
+    _add_data(kinds)
+    _add_train(kinds)
+    _add_verify(kinds)
+
+
+def _add_data(kinds) -> None:
+    data = kinds.add_parser(
+        "data", help="images/s of the training loader (decode, augment, batching) beside raw decoding",
+        description="Times plsc's training loader (build_dataset + build_train_loader) with k workers "
+                    "and, in the same run, cv2.imdecode of the same encoded images in one process; "
+                    "reports pipeline / (raw x workers).",
+    )
+    data.add_argument("--source", required=True, metavar="{folder,rec}",
+                      help="folder: label.txt + images/; rec: train.rec/.idx (a folder root is converted "
+                           "first)")
+    data.add_argument("--workers", type=int, required=True,
+                      help="DataLoader worker processes (0: the main process decodes)")
+    data.add_argument("--root", default=None, help="data folder (default: the bundled data/tiny)")
+    data.add_argument("--batches", type=int, default=40, help="timed batches")
+    data.add_argument("--warmup", type=int, default=3, help="untimed batches first")
+    data.add_argument("--batch-size", type=int, default=64)
+    data.add_argument("--image-size", type=int, default=112,
+                      help="training image size (images are resized when it differs)")
+    data.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="OMP_NUM_THREADS of the run")
+    data.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
+    data.set_defaults(run=run_data_command)
+
+
+def _add_train(kinds) -> None:
+    train = kinds.add_parser(
+        "train", help="steady-state images/s of the Trainer and its step time per phase",
+        description="Runs Trainer.train_step on the config's data and model (no evaluation, no checkpoints) "
+                    "and splits each step into data wait, backbone, head and optimizer time.",
+    )
+    train.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a config value; repeatable")
+    train.add_argument("--steps", type=int, default=20, help="timed steps")
+    train.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    train.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="OMP_NUM_THREADS of the run")
+    train.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
+    train.set_defaults(run=run_train_command)
+
+
+def _add_verify(kinds) -> None:
+    verify = kinds.add_parser(
+        "verify", help="time of the 10-fold verification protocol on random pairs",
+        description="Times plsc.eval.verification.evaluate (10 folds, 400 thresholds) on random pairs of "
+                    "unit embeddings; the median of several repeats.",
+    )
+    verify.add_argument("--pairs", type=int, default=6000)
+    verify.add_argument("--dim", type=int, default=512, help="embedding size")
+    verify.add_argument("--repeats", type=int, default=7, help="timed repeats (the median is reported)")
+    verify.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
+    verify.set_defaults(run=run_verify_command)
 
 
 def rss_classes_of(args) -> tuple[int, int] | None:
@@ -68,8 +131,6 @@ def spec_from_args(args):
 
 
 def write_json(path: str | Path, result: dict) -> None:
-    import json
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
@@ -83,4 +144,80 @@ def run_head_command(args) -> int:
     print(table(result))
     if args.json:
         write_json(args.json, result)
+    return 0
+
+
+def run_data_command(args) -> int:
+    from plsc.bench.data import BUNDLED_ROOT, DataBenchSpec, bench_data, table
+
+    spec = DataBenchSpec(
+        source=args.source, root=args.root or str(BUNDLED_ROOT), workers=args.workers, batches=args.batches,
+        warmup=args.warmup, batch_size=args.batch_size, image_size=args.image_size, threads=args.threads,
+    )
+    result = bench_data(spec)
+    print(table(result))
+    if args.json:
+        write_json(args.json, result)
+    return 0
+
+
+def run_train_command(args) -> int:
+    from plsc.bench.train import TrainBenchSpec, bench_train, table
+
+    spec = TrainBenchSpec(config=args.config, overrides=tuple(args.overrides), steps=args.steps,
+                          warmup=args.warmup, threads=args.threads)
+    result = bench_train(spec)
+    print(table(result))
+    if args.json:
+        write_json(args.json, result)
+    return 0
+
+
+def run_verify_command(args) -> int:
+    from plsc.bench.verify import VerifyBenchSpec, bench_verify, table
+
+    result = bench_verify(VerifyBenchSpec(pairs=args.pairs, dim=args.dim, repeats=args.repeats))
+    print(table(result))
+    if args.json:
+        write_json(args.json, result)
+    return 0
+
+
+# --- fresh measuring processes (plsc.bench.data and plsc.bench.train) ---------------------------------------
+
+ERROR_PREFIX = "plsc: error: "
+
+
+def measure_in_fresh_process(module: str, spec: dict, threads: int) -> dict:
+    """``python -m module SPEC_JSON`` with OMP_NUM_THREADS=threads set before Paddle is imported; its last
+    stdout line is the result. A PlscError in the child comes back as one (its one line)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    command = [sys.executable, "-m", module, json.dumps(spec)]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True)
+    lines = proc.stderr.strip().splitlines()
+    if proc.returncode == 2 and lines and lines[-1].startswith(ERROR_PREFIX):
+        raise PlscError(lines[-1][len(ERROR_PREFIX):])
+    if proc.returncode != 0:
+        raise RuntimeError(f"python -m {module} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def child_main(measure, argv: list[str] | None = None) -> int:
+    """Entry of a measuring process: ``measure(SPEC_JSON)`` printed as one JSON line; a PlscError as one
+    ``plsc: error:`` line on stderr and exit code 2 (measure_in_fresh_process turns it back into one)."""
+    import warnings
+
+    import plsc  # noqa: F401  (sets OMP_NUM_THREADS before Paddle is imported, should it be unset)
+
+    warnings.filterwarnings("ignore", message=".*always track global mean and variance.*")
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print(f"{ERROR_PREFIX}expected one argument, the spec as JSON", file=sys.stderr)
+        return 2
+    try:
+        result = measure(argv[0])
+    except PlscError as exc:
+        print(f"{ERROR_PREFIX}{exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
     return 0

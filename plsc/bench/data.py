@@ -1,0 +1,297 @@
+"""``plsc bench data``: images/s of the real training loader beside the raw JPEG decode rate, in one run.
+
+The pipeline is plsc's own: ``build_dataset`` (folder or RecordIO) and ``build_train_loader`` with ``k``
+workers, i.e. read + decode + resize + flip + normalise + layout + collate + hand-over to the main process, as
+``plsc train`` iterates it. The raw rate is ``cv2.imdecode`` of the same encoded bytes (read into memory
+first), in one process on one thread: the work one worker cannot avoid. Their ratio
+``pipeline / (raw x max(workers, 1))`` says how much of the workers' decoding capacity reaches the trainer
+(0 workers: the main process decodes, so the divisor is one process). Beside them, ``stage_us_per_image``
+splits one process's work per image into read, decode, augment (TrainTransform), collate and to_tensor, to
+show where a worker's time goes.
+
+Small data sets (the bundled data/tiny has 240 images) are repeated, in order, as many times as it takes to
+fill ``warmup + batches`` batches in one epoch of the loader, so the timed batches are steady state: no
+worker start-up between epochs. Repeated images come from the page cache, as on a warm run.
+
+``--source rec`` with a folder root converts it once into a temporary directory with ``plsc convert
+images2rec`` (plsc.data.convert.images_to_rec), so folder and rec read the very same encoded images.
+
+The measurement runs in a fresh process (``python -m plsc.bench.data SPEC_JSON``) whose OMP_NUM_THREADS is set
+before Paddle is imported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from plsc.bench.head import PhaseClock
+from plsc.errors import PlscError
+
+SOURCES = ("folder", "rec")
+TARGET_RATIO = 0.8
+BUNDLED_ROOT = Path(__file__).resolve().parents[2] / "data" / "tiny"
+
+
+@dataclass(frozen=True)
+class DataBenchSpec:
+    source: str  # folder or rec
+    root: str  # folder: holds label.txt and images/; rec: holds rec_file and its .idx
+    workers: int
+    batches: int = 40  # timed batches
+    warmup: int = 3  # untimed batches first (worker start-up, first reads)
+    batch_size: int = 64
+    image_size: int = 112
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    seed: int = 0
+    rec_file: str = "train.rec"
+
+
+# --- input checks and RecordIO preparation (calling process, no Paddle) -----------------------------------
+
+
+def check_spec(spec: DataBenchSpec) -> None:
+    """One-line PlscErrors for bad arguments, before any process is started."""
+    if spec.source not in SOURCES:
+        raise PlscError(f"--source must be one of {', '.join(SOURCES)}, got {spec.source!r}")
+    for name in ("batches", "batch_size", "image_size", "threads"):
+        if getattr(spec, name) < 1:
+            raise PlscError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(spec, name)}")
+    if spec.workers < 0 or spec.warmup < 0:
+        raise PlscError(f"--workers and --warmup must be >= 0, got {spec.workers} and {spec.warmup}")
+    root = Path(spec.root)
+    if not root.is_dir():
+        raise PlscError(f"--root is not a directory: {root}")
+    if not has_folder_layout(root) and not (spec.source == "rec" and (root / spec.rec_file).is_file()):
+        wanted = "label.txt" if spec.source == "folder" else f"label.txt or {spec.rec_file}"
+        raise PlscError(f"--root {root} holds no {wanted}")
+
+
+def has_folder_layout(root: Path) -> bool:
+    return (root / "label.txt").is_file()
+
+
+@contextmanager
+def prepared_root(spec: DataBenchSpec):
+    """Yields (spec whose root the loader reads, seconds spent converting): a folder root read as rec is
+    converted into a temporary directory, removed afterwards."""
+    root = Path(spec.root).resolve()
+    if spec.source == "folder" or (root / spec.rec_file).is_file():
+        yield replace(spec, root=str(root)), 0.0
+        return
+    from plsc.data.convert import images_to_rec
+
+    with tempfile.TemporaryDirectory(prefix="plsc-bench-rec-") as temp:
+        started = time.perf_counter()
+        images_to_rec(root, None, Path(temp) / Path(spec.rec_file).stem, progress=False)
+        yield replace(spec, root=temp), time.perf_counter() - started
+
+
+# --- in the measuring process ------------------------------------------------------------------------------
+
+
+class RepeatedDataset:
+    """``times`` passes over a data set, back to back, as one data set (index ``i`` is sample ``i mod n``)."""
+
+    def __init__(self, dataset, times: int):
+        self.dataset = dataset
+        self.times = int(times)
+        self.labels = np.tile(dataset.labels, self.times)
+        self.num_classes = dataset.num_classes
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.times
+
+    def __getitem__(self, index: int):
+        return self.dataset[int(index) % len(self.dataset)]
+
+
+def repeats_needed(images: int, batches: int, batch_size: int) -> int:
+    """Passes over ``images`` samples that fill ``batches`` full batches in one epoch."""
+    return max(1, math.ceil(batches * batch_size / images))
+
+
+def build_source_dataset(spec: DataBenchSpec):
+    """The training data set of ``spec`` as ``plsc train`` builds it (plsc.data.loader.build_dataset)."""
+    from plsc.config import DataConfig
+    from plsc.data.loader import build_dataset
+
+    config = DataConfig(source=spec.source, root=spec.root, rec_file=spec.rec_file, val_bins=[],
+                        image_size=spec.image_size, num_workers=spec.workers)
+    return build_dataset(config, seed=spec.seed)
+
+
+def encoded_images(dataset, indices) -> list[np.ndarray]:
+    """The encoded bytes of the data set's images ``indices`` (the files, or the .rec payloads)."""
+    from plsc.data.folder import FolderDataset
+    from plsc.data.recordio import unpack
+
+    if isinstance(dataset, FolderDataset):
+        return [np.fromfile(dataset.image_path(i), dtype=np.uint8) for i in indices]
+    payloads = (unpack(dataset.reader.read(int(dataset.image_keys[i])))[1] for i in indices)
+    return [np.frombuffer(payload, dtype=np.uint8) for payload in payloads]
+
+
+def raw_decode_rate(encoded: list[np.ndarray], decodes: int) -> float:
+    """Images/s of ``cv2.imdecode`` over ``encoded`` (cycled until ``decodes`` images), on one thread."""
+    import cv2
+
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)  # as in a loader worker (plsc.data.loader._init_worker)
+    try:
+        started = time.perf_counter()
+        for index in range(decodes):
+            if cv2.imdecode(encoded[index % len(encoded)], cv2.IMREAD_COLOR) is None:
+                raise PlscError(f"image {index % len(encoded)} of the data set cannot be decoded")
+        return decodes / (time.perf_counter() - started)
+    finally:
+        cv2.setNumThreads(threads)
+
+
+def stage_costs(dataset, spec: DataBenchSpec, count: int) -> dict[str, float]:
+    """Microseconds per image of each loader stage over the first ``count`` images, batch by batch as a
+    worker goes, in this process: where a worker's time goes, beside the raw decode (``decode``)."""
+    import cv2
+    import paddle
+
+    from plsc.data.loader import collate_batch
+    from plsc.data.transforms import TrainTransform, sample_rng
+
+    transform = TrainTransform(spec.image_size)
+    clock = PhaseClock()
+    for start in range(0, count, spec.batch_size):
+        indices = range(start, min(start + spec.batch_size, count))
+        encoded = encoded_images(dataset, indices)
+        clock.mark("read")
+        images = [cv2.imdecode(data, cv2.IMREAD_COLOR) for data in encoded]
+        clock.mark("decode")
+        rngs = [sample_rng(spec.seed, 0, index) for index in indices]
+        samples = [(transform(image, rng), 0) for image, rng in zip(images, rngs, strict=True)]
+        clock.mark("augment")
+        batch_images, labels = collate_batch(samples)
+        clock.mark("collate")
+        paddle.to_tensor(batch_images)
+        paddle.to_tensor(labels)
+        clock.mark("to_tensor")
+    return {stage: 1e6 * seconds / count for stage, seconds in clock.wall.items()}
+
+
+def pipeline_batch_times(dataset, spec: DataBenchSpec) -> list[float]:
+    """Seconds each timed batch took to arrive from the real training loader (after ``spec.warmup``)."""
+    from plsc.data.loader import build_train_loader
+
+    total = spec.warmup + spec.batches
+    repeated = RepeatedDataset(dataset, repeats_needed(len(dataset), total, spec.batch_size))
+    loader, sampler = build_train_loader(repeated, batch_size=spec.batch_size, image_size=spec.image_size,
+                                         num_workers=spec.workers, seed=spec.seed)
+    sampler.set_epoch(0)
+    times = []
+    batches = iter(loader)
+    for index in range(total):
+        started = time.perf_counter()
+        next(batches)
+        if index >= spec.warmup:
+            times.append(time.perf_counter() - started)
+    del batches  # shuts the workers down before the process reports
+    return times
+
+
+def measure(spec: DataBenchSpec) -> dict:
+    import paddle
+
+    dataset = build_source_dataset(spec)
+    images_timed = spec.batches * spec.batch_size
+    encoded = encoded_images(dataset, range(min(len(dataset), images_timed)))
+    raw = raw_decode_rate(encoded, images_timed)
+    stages = stage_costs(dataset, spec, len(encoded))
+    times = pipeline_batch_times(dataset, spec)
+    pipeline = images_timed / sum(times)
+    return {
+        "pipeline_images_per_s": pipeline,
+        "raw_decode_images_per_s": raw,
+        "workers": spec.workers,
+        "ratio_to_workers_x_raw": pipeline / (raw * max(spec.workers, 1)),
+        "dataset_images": len(dataset),
+        "images_timed": images_timed,
+        "raw_decode_distinct_images": len(encoded),
+        "stage_us_per_image": stages,
+        "batch_s_median": float(np.median(times)),
+        "batch_s_all": times,
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+        "paddle_version": paddle.__version__,
+    }
+
+
+# --- the whole benchmark (calling process) -----------------------------------------------------------------
+
+
+def method_notes(spec: DataBenchSpec) -> dict:
+    workers = max(spec.workers, 1)
+    return {
+        "pipeline_method": f"{spec.batches} batches of {spec.batch_size} from plsc.data.loader."
+                           f"build_train_loader over build_dataset(source={spec.source}) with {spec.workers} "
+                           f"workers, after {spec.warmup} untimed batches; images / summed wait for each "
+                           f"batch (next(loader)); small data sets repeated within one epoch",
+        "raw_decode_method": "cv2.imdecode(IMREAD_COLOR) of the same encoded bytes held in memory, one "
+                             "process, cv2.setNumThreads(1), same process and run as the pipeline, just "
+                             "before it",
+        "stage_method": "microseconds per image of read, cv2.imdecode, TrainTransform (with its sample_rng), "
+                        "collate_batch and paddle.to_tensor, batch by batch in the measuring process "
+                        "(default cv2 threads) over the raw decode's distinct images",
+        "ratio_method": f"pipeline_images_per_s / (raw_decode_images_per_s x {workers})"
+                        + (" (0 workers: the main process decodes)" if spec.workers == 0 else ""),
+    }
+
+
+def bench_data(spec: DataBenchSpec) -> dict:
+    from plsc.bench import measure_in_fresh_process
+
+    check_spec(spec)
+    with prepared_root(spec) as (prepared, conversion_s):
+        result = {"source": spec.source, "root": str(Path(spec.root).resolve()), "threads": spec.threads,
+                  "batch_size": spec.batch_size, "image_size": spec.image_size, "batches": spec.batches,
+                  "warmup": spec.warmup, "rec_conversion_s": conversion_s if spec.source == "rec" else None}
+        result["load_average_before"] = os.getloadavg()
+        result.update(measure_in_fresh_process("plsc.bench.data", asdict(prepared), spec.threads))
+        result["load_average_after"] = os.getloadavg()
+    result["target_ratio"] = TARGET_RATIO
+    result.update(method_notes(spec))
+    result["python"] = sys.version.split()[0]
+    return result
+
+
+def table(result: dict) -> str:
+    from tabulate import tabulate
+
+    rows = [
+        ["source, root", f"{result['source']}, {result['root']}"],
+        ["images in data set", f"{result['dataset_images']:,}"],
+        ["workers, threads", f"{result['workers']}, {result['threads']}"],
+        ["pipeline", f"{result['pipeline_images_per_s']:,.0f} images/s"],
+        ["raw decode (1 process)", f"{result['raw_decode_images_per_s']:,.0f} images/s"],
+        ["pipeline / (raw x workers)", f"{result['ratio_to_workers_x_raw']:.2f} (target >= {TARGET_RATIO})"],
+        ["one process, us / image", ", ".join(f"{stage} {micros:.0f}"
+                                              for stage, micros in result["stage_us_per_image"].items())],
+    ]
+    return tabulate(rows, tablefmt="simple")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Subprocess entry: ``python -m plsc.bench.data SPEC_JSON``; prints one JSON line."""
+    from plsc.bench import child_main
+
+    return child_main(lambda text: measure(DataBenchSpec(**json.loads(text))), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
