@@ -9,6 +9,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import paddle
 import pytest
 
 from plsc.config import DataConfig
@@ -20,10 +21,12 @@ from plsc.data import (
     TrainTransform,
     build_dataset,
     build_train_loader,
+    normalize_batch,
     read_image,
     sample_rng,
 )
 from plsc.data.folder import _is_truncated_jpeg
+from plsc.data.transforms import normalize_pixels
 from plsc.errors import PlscError
 
 SUBSET = 12  # images copied into each faulty data set: enough for every case, cheap to copy
@@ -403,12 +406,26 @@ def test_loader_batches_match_sampler_and_transform(tiny_dir):
     indices = sampler.rank_batches()
     assert len(batches) == 240 // 32 == len(indices)
     images, labels = batches[2]
-    assert images.dtype == np.float32 and images.shape == (16, 56, 56, 3)
+    assert images.dtype == np.uint8 and images.shape == (16, 56, 56, 3)
     assert labels.dtype == np.int64 and labels.shape == (16,)
     assert np.array_equal(labels, dataset.labels[indices[2]])
+    # the model's input (normalised on the tensor) is bit-identical to the per-image float transform
+    model_input = normalize_batch(paddle.to_tensor(images)).numpy()
     transform = TrainTransform(56, "NHWC")
-    expected = transform(dataset[int(indices[2][5])][0], sample_rng(9, 3, int(indices[2][5])))
-    np.testing.assert_array_equal(images[5], expected)
+    for row in (0, 5, 15):
+        index = int(indices[2][row])
+        expected = transform(dataset[index][0], sample_rng(9, 3, index))
+        assert expected.dtype == np.float32
+        np.testing.assert_array_equal(model_input[row], expected)
+
+
+def test_normalize_batch_equals_the_numpy_formula_for_every_pixel_value():
+    pixels = np.arange(256, dtype=np.uint8).reshape(1, 4, 8, 8)
+    expected = (pixels.astype(np.float64) / 255.0 - 0.5) / 0.5
+    normalised = normalize_batch(paddle.to_tensor(pixels)).numpy()
+    assert normalised.dtype == np.float32
+    np.testing.assert_allclose(normalised, expected, rtol=0, atol=2e-7)
+    np.testing.assert_array_equal(normalised, normalize_pixels(pixels))
 
 
 def test_loader_is_identical_with_and_without_workers(tiny_dir):

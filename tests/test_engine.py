@@ -17,6 +17,7 @@ import pytest
 
 from plsc import cli
 from plsc.config import OptimConfig, load_config
+from plsc.data import normalize_batch
 from plsc.engine import checkpoint as ckpt
 from plsc.engine.schedule import learning_rate
 from plsc.engine.trainer import Trainer
@@ -122,8 +123,8 @@ def test_resume_continues_the_same_trajectory(tiny_dir, tmp_path):
 
 def test_clip_factor_is_the_global_norm_over_backbone_and_centers(tiny_dir, tmp_path):
     trainer = Trainer(tiny_config(tiny_dir, "optim.clip_norm=0.01"), tmp_path)
-    images, labels = next(iter(trainer.loader))
-    trainer.head(trainer.model(images), labels, 0).backward()
+    pixels, labels = next(iter(trainer.loader))
+    trainer.head(trainer.model(normalize_batch(pixels)), labels, 0).backward()
     params = [p for p in trainer.model.parameters() if p.grad is not None]
     norm_sq = sum(float(np.sum(p.grad.numpy().astype(np.float64) ** 2)) for p in params)
     norm_sq += float(np.sum(trainer.head.sampled_grad.numpy().astype(np.float64) ** 2))

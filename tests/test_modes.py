@@ -20,6 +20,7 @@ import pytest
 from distributed_worker import use_running_batchnorm_statistics
 
 from plsc.config import load_config
+from plsc.data import normalize_batch
 from plsc.distributed import LocalComm
 from plsc.engine import checkpoint as ckpt
 from plsc.engine.loss_scaler import DynamicLossScaler, found_inf_anywhere, grads_are_finite
@@ -242,9 +243,10 @@ def test_nhwc_trainer_matches_nchw(tiny_dir, tmp_path):
     nchw, nhwc = trainers("outputs").values()
     weights = {name: t.numpy() for name, t in nchw.model.state_dict().items()}
     assert all(np.array_equal(weights[name], t.numpy()) for name, t in nhwc.model.state_dict().items())
-    (images_nchw, labels_nchw), (images_nhwc, labels_nhwc) = next(iter(nchw.loader)), next(iter(nhwc.loader))
-    assert images_nhwc.shape == [24, 32, 32, 3] and np.array_equal(labels_nchw.numpy(), labels_nhwc.numpy())
-    np.testing.assert_array_equal(images_nhwc.numpy(), images_nchw.numpy().transpose(0, 2, 3, 1))
+    (pixels_nchw, labels_nchw), (pixels_nhwc, labels_nhwc) = next(iter(nchw.loader)), next(iter(nhwc.loader))
+    assert pixels_nhwc.shape == [24, 32, 32, 3] and np.array_equal(labels_nchw.numpy(), labels_nhwc.numpy())
+    np.testing.assert_array_equal(pixels_nhwc.numpy(), pixels_nchw.numpy().transpose(0, 2, 3, 1))
+    images_nchw, images_nhwc = normalize_batch(pixels_nchw), normalize_batch(pixels_nhwc)
     for switch in ("eval", "train"):  # Layer.train() takes no mode argument on Paddle 2.6
         getattr(nchw.model, switch)()
         getattr(nhwc.model, switch)()

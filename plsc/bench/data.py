@@ -6,8 +6,9 @@ workers, i.e. read + decode + resize + flip + normalise + layout + collate + han
 first), in one process on one thread: the work one worker cannot avoid. Their ratio
 ``pipeline / (raw x max(workers, 1))`` says how much of the workers' decoding capacity reaches the trainer
 (0 workers: the main process decodes, so the divisor is one process). Beside them, ``stage_us_per_image``
-splits one process's work per image into read, decode, augment (TrainTransform), collate and to_tensor, to
-show where a worker's time goes.
+splits one process's work per image into read, decode, augment (TrainTransform.pixels: resize, flip, layout),
+collate and to_tensor, the worker's share, and normalize (plsc.data.loader.normalize_batch), which the trainer
+does on the batch tensor, to show where the time goes.
 
 Small data sets (the bundled data/tiny has 240 images) are repeated, in order, as many times as it takes to
 fill ``warmup + batches`` batches in one epoch of the loader, so the timed batches are steady state: no
@@ -163,7 +164,7 @@ def stage_costs(dataset, spec: DataBenchSpec, count: int) -> dict[str, float]:
     import cv2
     import paddle
 
-    from plsc.data.loader import collate_batch
+    from plsc.data.loader import collate_batch, normalize_batch
     from plsc.data.transforms import TrainTransform, sample_rng
 
     transform = TrainTransform(spec.image_size)
@@ -175,13 +176,15 @@ def stage_costs(dataset, spec: DataBenchSpec, count: int) -> dict[str, float]:
         images = [cv2.imdecode(data, cv2.IMREAD_COLOR) for data in encoded]
         clock.mark("decode")
         rngs = [sample_rng(spec.seed, 0, index) for index in indices]
-        samples = [(transform(image, rng), 0) for image, rng in zip(images, rngs, strict=True)]
+        samples = [(transform.pixels(image, rng), 0) for image, rng in zip(images, rngs, strict=True)]
         clock.mark("augment")
         batch_images, labels = collate_batch(samples)
         clock.mark("collate")
-        paddle.to_tensor(batch_images)
+        batch_tensor = paddle.to_tensor(batch_images)
         paddle.to_tensor(labels)
         clock.mark("to_tensor")
+        normalize_batch(batch_tensor)
+        clock.mark("normalize")
     return {stage: 1e6 * seconds / count for stage, seconds in clock.wall.items()}
 
 
@@ -245,9 +248,10 @@ def method_notes(spec: DataBenchSpec) -> dict:
         "raw_decode_method": "cv2.imdecode(IMREAD_COLOR) of the same encoded bytes held in memory, one "
                              "process, cv2.setNumThreads(1), same process and run as the pipeline, just "
                              "before it",
-        "stage_method": "microseconds per image of read, cv2.imdecode, TrainTransform (with its sample_rng), "
-                        "collate_batch and paddle.to_tensor, batch by batch in the measuring process "
-                        "(default cv2 threads) over the raw decode's distinct images",
+        "stage_method": "microseconds per image of read, cv2.imdecode, TrainTransform.pixels (with its "
+                        "sample_rng), collate_batch, paddle.to_tensor (the workers' share) and "
+                        "normalize_batch (the trainer's, on the batch tensor), batch by batch in the "
+                        "measuring process (default cv2 threads) over the raw decode's distinct images",
         "ratio_method": f"pipeline_images_per_s / (raw_decode_images_per_s x {workers})"
                         + (" (0 workers: the main process decodes)" if spec.workers == 0 else ""),
     }

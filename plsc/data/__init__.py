@@ -15,6 +15,7 @@ _LOADER_NAMES = (
     "build_train_loader",
     "build_train_loader_from_config",
     "collate_batch",
+    "normalize_batch",
 )
 
 __all__ = [

@@ -3,6 +3,8 @@
 Reproducibility: the sampler's permutation depends only on (seed, epoch), and each sample's flip only on
 (seed, epoch, index); the epoch travels with every index to the workers. No worker-local random state is used,
 so the same seed gives the same batches with 0, 2 or 8 workers.
+
+Batches are uint8 pixels in the model's layout; the trainer normalises them on its device (normalize_batch).
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ import paddle
 
 from plsc.data.folder import FolderDataset
 from plsc.data.synthetic import SyntheticDataset
-from plsc.data.transforms import TrainTransform, check_data_format, check_image_size, sample_rng
+from plsc.data.transforms import (
+    PIXEL_SCALE,
+    TrainTransform,
+    check_data_format,
+    check_image_size,
+    sample_rng,
+)
 from plsc.errors import PlscError
 
 log = logging.getLogger(__name__)
@@ -128,7 +136,8 @@ class _EpochTaggedBatches:
 
 
 class TrainSamples(paddle.io.Dataset):
-    """A dataset under the training transform; items are looked up by (epoch, index) keys."""
+    """A dataset under the training transform, up to normalisation (uint8 pixels); items are looked up by
+    (epoch, index) keys."""
 
     def __init__(self, dataset, transform: TrainTransform, seed: int):
         super().__init__()
@@ -142,14 +151,20 @@ class TrainSamples(paddle.io.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple[np.ndarray, int]:
         epoch, index = key
         image, label = self.dataset[index]
-        return self.transform(image, sample_rng(self.seed, epoch, index)), label
+        return self.transform.pixels(image, sample_rng(self.seed, epoch, index)), label
 
 
 def collate_batch(samples: list[tuple[np.ndarray, int]]) -> tuple[np.ndarray, np.ndarray]:
-    """[(image, label)] -> (float32 [B, ...] images, int64 [B] labels); paddle turns them into tensors."""
+    """[(image, label)] -> ([B, ...] images as given, int64 [B] labels); paddle turns them into tensors."""
     images = np.stack([image for image, _ in samples])
     labels = np.asarray([label for _, label in samples], dtype=np.int64)
     return images, labels
+
+
+def normalize_batch(pixels: paddle.Tensor) -> paddle.Tensor:
+    """A loader batch (uint8 pixels) -> the model's float32 input in [-1, 1], on the tensor's device; the
+    same values as plsc.data.transforms.normalize_pixels (two roundings, as numpy makes them)."""
+    return pixels.astype("float32") * float(PIXEL_SCALE) - 1.0
 
 
 def _init_worker(worker_id: int) -> None:
@@ -179,7 +194,8 @@ def build_train_loader(
     flip: bool = True,
     drop_last: bool = True,
 ) -> tuple[paddle.io.DataLoader, DistributedShuffleSampler]:
-    """A DataLoader yielding [images, labels]: float32 [B,3,S,S] (NCHW) or [B,S,S,3] (NHWC), int64 [B].
+    """A DataLoader yielding [images, labels]: uint8 [B,3,S,S] (NCHW) or [B,S,S,3] (NHWC) RGB pixels, int64
+    [B]; ``normalize_batch(images)`` is the model's input.
 
     Call ``sampler.set_epoch(epoch)`` before iterating the loader for each epoch.
     """
@@ -189,7 +205,7 @@ def build_train_loader(
         raise PlscError(f"num_workers must be an integer >= 0, got {num_workers!r}")
     sampler = DistributedShuffleSampler(len(dataset), batch_size, rank, world_size, seed, drop_last)
     samples = TrainSamples(dataset, TrainTransform(image_size, data_format, flip=flip), seed)
-    batch_bytes = batch_size * 3 * image_size * image_size * 4
+    batch_bytes = batch_size * 3 * image_size * image_size  # uint8
     loader = paddle.io.DataLoader(
         samples,
         batch_sampler=_EpochTaggedBatches(sampler),

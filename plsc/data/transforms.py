@@ -4,6 +4,11 @@ The steps follow PLSC: resize to the square training size when needed, random ho
 BGR -> RGB, ``(x / 255 - 0.5) / 0.5``, then CHW for NCHW models or HWC for NHWC models. The layout is produced
 here so that nothing downstream has to transpose a batch.
 
+Training splits this in two: the loader's workers stop at the uint8 pixels in the model's layout
+(:meth:`TrainTransform.pixels`; flip, BGR -> RGB and layout are one strided copy), and the trainer normalises
+the whole batch as a tensor (plsc.data.loader.normalize_batch). A worker then neither computes nor hands over
+float32 (a quarter of the bytes through shared memory), and the result is bit-identical to normalising here.
+
 Randomness is never drawn from global or per-worker state: the caller passes a ``numpy.random.Generator``,
 normally from :func:`sample_rng`, which is seeded by (seed, epoch, sample index). A batch is therefore the
 same whichever DataLoader worker built it, and whatever the number of workers.
@@ -46,15 +51,27 @@ def resize_square(image: np.ndarray, image_size: int) -> np.ndarray:
     return cv2.resize(image, (image_size, image_size), interpolation=interpolation)
 
 
+# (x / 255 - 0.5) / 0.5 == x * PIXEL_SCALE - 1
+PIXEL_SCALE = np.float32(1.0 / 127.5)
+
+
+def pixels_in_layout(image_bgr: np.ndarray, data_format: str, flip: bool = False) -> np.ndarray:
+    """BGR uint8 HWC -> RGB uint8, optionally mirrored, contiguous CHW (NCHW) or HWC (NHWC): one copy."""
+    rgb = image_bgr[:, ::-1, ::-1] if flip else image_bgr[:, :, ::-1]
+    return np.ascontiguousarray(rgb.transpose(2, 0, 1) if data_format == "NCHW" else rgb)
+
+
+def normalize_pixels(pixels: np.ndarray) -> np.ndarray:
+    """uint8 pixels (any shape) -> float32 ``x * PIXEL_SCALE - 1`` in [-1, 1]."""
+    values = pixels.astype(np.float32)
+    values *= PIXEL_SCALE  # in place: no more temporaries per image
+    values -= np.float32(1.0)
+    return values
+
+
 def normalize_to_layout(image_bgr: np.ndarray, data_format: str) -> np.ndarray:
     """BGR uint8 HWC -> RGB float32 in [-1, 1], contiguous CHW (NCHW) or HWC (NHWC)."""
-    rgb = image_bgr[:, :, ::-1].astype(np.float32)
-    # (x / 255 - 0.5) / 0.5 == x / 127.5 - 1, done in place to avoid two more temporaries per image
-    rgb *= np.float32(1.0 / 127.5)
-    rgb -= np.float32(1.0)
-    if data_format == "NCHW":
-        return np.ascontiguousarray(rgb.transpose(2, 0, 1))
-    return np.ascontiguousarray(rgb)
+    return normalize_pixels(pixels_in_layout(image_bgr, data_format))
 
 
 def _check_image(image: np.ndarray) -> None:
@@ -84,12 +101,16 @@ class TrainTransform(EvalTransform):
         self.flip = bool(flip)
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        return normalize_pixels(self.pixels(image, rng))
+
+    def pixels(self, image: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        """The transform up to normalisation: uint8 RGB pixels in the model's layout (what workers send)."""
         _check_image(image)
         image = resize_square(image, self.image_size)
+        flip = False
         if self.flip:
             if rng is None:
                 # no silent fallback to global randomness: it would make runs irreproducible
                 raise PlscError("TrainTransform with flip=True needs a numpy Generator, e.g. sample_rng(...)")
-            if rng.random() < 0.5:
-                image = image[:, ::-1]
-        return normalize_to_layout(image, self.data_format)
+            flip = rng.random() < 0.5
+        return pixels_in_layout(image, self.data_format, flip)

@@ -23,7 +23,7 @@ import paddle
 from paddle.jit.dy2static.program_translator import StaticFunction
 
 from plsc.config import Config, save_config
-from plsc.data import build_dataset, build_train_loader_from_config
+from plsc.data import build_dataset, build_train_loader_from_config, normalize_batch
 from plsc.data.verification_bin import load_bin
 from plsc.distributed import (
     make_comm,
@@ -320,7 +320,8 @@ class Trainer:
         return paddle.amp.auto_cast(level=self.amp_level) if self.amp_level else contextlib.nullcontext()
 
     def forward_loss(self, images: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:
-        """The step's loss (the global batch's mean, the same on every rank), gradients still to take.
+        """The step's loss (the global batch's mean, the same on every rank), gradients still to take;
+        ``images`` is a loader batch (uint8 pixels), normalised here.
 
         Static mode runs two compiled programs here: the backbone, and the head's loss with its collectives.
         The all_gather of the embeddings between them stays eager: Paddle 3's static graph (PIR) has no
@@ -328,6 +329,7 @@ class Trainer:
         collectives in it.
         """
         sampled, remapped = self.head.prepare(labels, self.state.step)
+        images = normalize_batch(images)
         with self._autocast():
             embeddings = self._backbone(images)
         if embeddings.dtype != paddle.float32:
