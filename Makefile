@@ -68,5 +68,13 @@ bench: venv
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(nproc)} $(BIN)/python -m pytest bench -p no:xdist -q -s \
 		--benchmark-json=bench/results/pytest-benchmark.json $(BENCH_ARGS)
 
+# README "Performance" section and bench/figures/performance.png from bench/results/*.json
+.PHONY: bench-report bench-report-check
+bench-report: venv
+	$(BIN)/python -m plsc.bench.report
+
+bench-report-check: venv
+	$(BIN)/python -m plsc.bench.report --check
+
 clean:
 	rm -rf $(VENV) .tox output .pytest_cache
