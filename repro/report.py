@@ -15,12 +15,13 @@ import argparse
 import io
 import math
 import os
-import re
 import sys
 from pathlib import Path
 
 from tabulate import tabulate
 
+from plsc import readme_blocks
+from plsc.errors import PlscError
 from repro.claims import (
     AccuracyGroup,
     CapacityGroup,
@@ -46,10 +47,6 @@ NONE = "—"
 FIGURE_SIZE_IN, FIGURE_DPI = (11.0, 4.2), 100
 
 Results = dict[str, CaseResult]
-
-
-class ReportError(RuntimeError):
-    """README.md lacks a marker block, or has it twice."""
 
 
 # --- tables
@@ -251,20 +248,13 @@ def _outcome(result: CaseResult | None) -> list[str]:
 
 
 def marker(name: str, edge: str) -> str:
-    return f"<!-- repro:{name}:{edge} -->"
+    return readme_blocks.marker(f"repro:{name}", edge)
 
 
 def replace_blocks(text: str, blocks: dict[str, str]) -> str:
     """``text`` with the content between each block's begin/end markers replaced."""
     for name, content in blocks.items():
-        pattern = re.compile(re.escape(marker(name, "begin")) + r".*?" + re.escape(marker(name, "end")), re.S)
-        found = len(pattern.findall(text))
-        if found != 1:
-            raise ReportError(
-                f"README needs exactly one {marker(name, 'begin')} ... {marker(name, 'end')} block"
-            )
-        replacement = f"{marker(name, 'begin')}\n{content}\n{marker(name, 'end')}"
-        text = pattern.sub(lambda _match, new=replacement: new, text)
+        text = readme_blocks.replace_block(text, f"repro:{name}", content)
     return text
 
 
@@ -364,35 +354,20 @@ def build(claims: Claims, results: Results, readme: Path, figure: Path) -> tuple
     return text, render_figure(claims, results)
 
 
-def stale_files(readme: Path, figure: Path, text: str, png: bytes) -> list[Path]:
-    stale = [] if readme.read_text(encoding="utf-8") == text else [readme]
-    return stale + ([] if figure.is_file() and figure.read_bytes() == png else [figure])
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         text, png = build(load_claims(), load_results(args.results_dir), args.readme, args.figure)
-    except (ReportError, OSError, ValueError) as exc:
+    except (PlscError, OSError, ValueError) as exc:  # PlscError: a marker block missing or twice
         print(f"repro.report: {exc}", file=sys.stderr)
         return 2
-    stale = stale_files(args.readme, args.figure, text, png)
+    stale = readme_blocks.stale_files(args.readme, args.figure, text, png)
     if args.check:
         for path in stale:
             print(f"{path} is stale: run `make report` (python -m repro.report)", file=sys.stderr)
         return 1 if stale else 0
-    _write_changed(stale, args.readme, text, args.figure, png)
+    readme_blocks.write_stale(stale, args.readme, text, args.figure, png)
     return 0
-
-
-def _write_changed(stale: list[Path], readme: Path, text: str, figure: Path, png: bytes) -> None:
-    if readme in stale:
-        readme.write_text(text, encoding="utf-8")
-        print(f"updated {readme}")
-    if figure in stale:
-        figure.parent.mkdir(parents=True, exist_ok=True)
-        figure.write_bytes(png)
-        print(f"updated {figure}")
 
 
 def _parser() -> argparse.ArgumentParser:

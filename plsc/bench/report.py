@@ -16,19 +16,20 @@ import argparse
 import io
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
 from tabulate import tabulate
 
+from plsc import readme_blocks
 from plsc.errors import PlscError
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 RESULTS_DIR = ROOT / "bench" / "results"
 FIGURE = ROOT / "bench" / "figures" / "performance.png"
-BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+BLOCK = "bench"
+BEGIN, END = readme_blocks.marker(BLOCK, "begin"), readme_blocks.marker(BLOCK, "end")
 NOT_MEASURED = "not measured"
 NONE = "—"
 HEAD_RUNS = {"head_1M": "1M classes, ratio 0.1", "head_4M": "4M classes, ratio 0.025",
@@ -154,12 +155,8 @@ def verify_section(results: Results) -> str:
 
 
 def replace_block(text: str, content: str) -> str:
-    """``text`` with everything between the markers replaced by ``content``; PlscError unless there is
-    exactly one marker pair."""
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
-    if len(pattern.findall(text)) != 1:
-        raise PlscError(f"README needs exactly one {BEGIN} ... {END} block")
-    return pattern.sub(lambda _match: f"{BEGIN}\n{content}\n{END}", text)
+    """``text`` with the bench block's content replaced (PlscError unless there is exactly one)."""
+    return readme_blocks.replace_block(text, BLOCK, content)
 
 
 # --- figure ------------------------------------------------------------------------------------------------
@@ -270,11 +267,6 @@ def build(readme: Path, results_dir: Path, figure: Path) -> tuple[str, bytes]:
     return replace_block(text, render(results_dir, link)), render_figure(results_dir)
 
 
-def stale_files(readme: Path, figure: Path, text: str, png: bytes) -> list[Path]:
-    stale = [] if readme.read_text(encoding="utf-8") == text else [readme]
-    return stale + ([] if figure.is_file() and figure.read_bytes() == png else [figure])
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -282,18 +274,12 @@ def main(argv: list[str] | None = None) -> int:
     except PlscError as exc:
         print(f"plsc.bench.report: {exc}", file=sys.stderr)
         return 2
-    stale = stale_files(args.readme, args.figure, text, png)
+    stale = readme_blocks.stale_files(args.readme, args.figure, text, png)
     if args.check:
         for path in stale:
             print(f"{path} is stale: run python -m plsc.bench.report", file=sys.stderr)
         return 1 if stale else 0
-    if args.readme in stale:
-        args.readme.write_text(text, encoding="utf-8")
-        print(f"updated {args.readme}")
-    if args.figure in stale:
-        args.figure.parent.mkdir(parents=True, exist_ok=True)
-        args.figure.write_bytes(png)
-        print(f"updated {args.figure}")
+    readme_blocks.write_stale(stale, args.readme, text, args.figure, png)
     return 0
 
 
