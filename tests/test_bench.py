@@ -164,6 +164,15 @@ def test_cosine_to_centers_equals_normalize_then_matmul(embeddings_need_grad):
         assert grad_e is None and grad_e_ref is None
 
 
+def test_cosine_to_centers_leaves_a_gradient_passed_to_backward_untouched():
+    # its backward scales the incoming gradient in place: Paddle must hand it a buffer of its own
+    centers = paddle.to_tensor(np.random.default_rng(4).standard_normal((9, 7)), stop_gradient=False)
+    cosine = cosine_to_centers(paddle.ones([5, 7], dtype="float64"), centers)
+    grad = paddle.full([5, 9], 2.0, dtype="float64")
+    cosine.backward(grad)
+    assert np.all(grad.numpy() == 2.0) and centers.grad is not None
+
+
 # --- initialisation and the update -----------------------------------------------------------------------
 
 

@@ -122,9 +122,10 @@ class _MarginSoftmaxCrossEntropy(paddle.autograd.PyLayer):
     """``softmax_cross_entropy(margin_logits(cosine, labels, margin), labels, comm)``, backward written out.
 
     Same value and gradient as the composition, which stays the reference; the composition's autograd keeps
-    about a dozen [batch, classes] tensors alive (one-hot, shifted, exp, and their gradients), this keeps two:
-    the exponentials (overwriting the logits) and the gradient. On CPU each of those costs a fresh allocation
-    of batch x sampled classes, the dominant cost of the loss once the matmuls are excluded.
+    about a dozen [batch, classes] tensors alive (one-hot, shifted, exp, and their gradients), this keeps one:
+    the exponentials (overwriting the logits), which the backward turns into the gradient. On CPU each
+    [batch, classes] tensor costs a fresh allocation, the dominant cost of the loss once the matmuls are
+    excluded.
     """
 
     @staticmethod
@@ -149,10 +150,12 @@ class _MarginSoftmaxCrossEntropy(paddle.autograd.PyLayer):
     def backward(ctx, grad_loss):
         exp, sum_exp, column, has_target, slope = ctx.saved_tensor()
         per_row = grad_loss / exp.shape[0]
-        # d loss / d logit = per_row * (softmax - one_hot); d logit / d cosine = scale, except at the target
-        # column, where the target logit's own slope applies.
-        grad = exp * (per_row * ctx.scale / sum_exp).unsqueeze(1)
         softmax_target = paddle.take_along_axis(exp, column, axis=1).squeeze(1) / sum_exp
+        # d loss / d logit = per_row * (softmax - one_hot); d logit / d cosine = scale, except at the target
+        # column, where the target logit's own slope applies. The exponentials are not needed again: the
+        # gradient overwrites them when allowed (one [batch, classes] allocation less).
+        row_factors = (per_row * ctx.scale / sum_exp).unsqueeze(1)
+        grad = exp.multiply_(row_factors) if in_place_allowed() else exp * row_factors
         at_target = paddle.where(
             has_target,
             per_row * (softmax_target - 1.0) * slope,

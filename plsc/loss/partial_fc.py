@@ -173,7 +173,10 @@ class _CosineToCenters(paddle.autograd.PyLayer):
     @staticmethod
     def backward(ctx, grad_cosine):
         unit_embeddings, centers, inverse_norms, norm_is_live, cosine = ctx.saved_tensor()
-        grad = grad_cosine * inverse_norms  # 1-D operand: see scale_columns
+        # The incoming gradient is the autograd engine's own buffer (in PartialFC: the margin softmax's
+        # exponentials; a tensor passed to backward() is copied first, tested on 2.6 and 3.x): scaled in
+        # place.
+        grad = scale_columns(grad_cosine, inverse_norms)
         radial = (grad * cosine).sum(axis=0) * inverse_norms * norm_is_live
         grad_embeddings = grad_centers = None
         if ctx.wants_grad[0]:
