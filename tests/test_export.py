@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 import paddle
 import pytest
+from model_weights import random_state
 
 from plsc import cli
 from plsc.config import load_config
@@ -53,20 +54,6 @@ needs_onnx = pytest.mark.skipif(not onnx_usable(), reason="needs paddle2onnx and
 
 # ----------------------------------------------------------------------------------------------------
 # Fixtures
-
-
-def random_state(model, seed: int) -> dict[str, np.ndarray]:
-    """Default conv/linear init plus perturbed BN statistics, BN affine terms and PReLU alphas."""
-    rng = np.random.default_rng(seed)
-    state = {}
-    for key, tensor in model.state_dict().items():
-        value = tensor.numpy()
-        if key.endswith("_variance"):
-            value = value + rng.uniform(0.05, 0.5, value.shape)
-        elif value.ndim == 1:  # BN gamma, beta, mean; PReLU alpha; Linear bias
-            value = value + rng.normal(0, 0.1, value.shape)
-        state[key] = value.astype(np.float32)
-    return state
 
 
 def write_checkpoint(directory: Path, data_format: str, seed: int) -> Path:

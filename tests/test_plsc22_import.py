@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import paddle
 import pytest
+from model_weights import random_state
 
 from plsc import cli
 from plsc.engine import plsc22
@@ -85,20 +86,6 @@ def write_shards(directory: Path, centers: np.ndarray, world_size: int, dtype=np
 def tiny_model(name="iresnet18", data_format="NCHW"):
     width = {"iresnet18": 0.125, "mobilefacenet": 0.25}[name]
     return MODELS[name](embedding_size=16, width=width, data_format=data_format, input_size=32)
-
-
-def random_state(model, seed=0) -> dict[str, np.ndarray]:
-    """Non-trivial weights, BN statistics included, so that a misplaced tensor changes the output."""
-    rng = np.random.default_rng(seed)
-    state = {}
-    for key, tensor in model.state_dict().items():
-        value = tensor.numpy()
-        if key.endswith("_variance"):
-            value = value + rng.uniform(0.05, 0.5, value.shape)
-        elif value.ndim == 1:  # BN gamma, beta, mean; PReLU alpha; Linear bias
-            value = value + rng.normal(0, 0.1, value.shape)
-        state[key] = value.astype(np.float32)
-    return state
 
 
 def load_module(path: Path, name: str):
