@@ -295,6 +295,7 @@ class Trainer:
         log.info("resumed from %s at step %d (epoch %d)", directory, self.state.step, self.state.epoch)
 
     def save(self, directory: Path, extra: dict | None = None) -> Path:
+        self.head.release_scratch()
         return ckpt.save_checkpoint(
             directory,
             comm=self.comm,
