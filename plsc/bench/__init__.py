@@ -137,14 +137,18 @@ def write_json(path: str | Path, result: dict) -> None:
     print(f"results: {path}")
 
 
+def show(result: dict, table, json_path: str | None) -> int:
+    """Print ``table(result)``, write the JSON when asked; the exit code of a bench command."""
+    print(table(result))
+    if json_path:
+        write_json(json_path, result)
+    return 0
+
+
 def run_head_command(args) -> int:
     from plsc.bench.head import bench_head, table
 
-    result = bench_head(spec_from_args(args), rss_classes_of(args))
-    print(table(result))
-    if args.json:
-        write_json(args.json, result)
-    return 0
+    return show(bench_head(spec_from_args(args), rss_classes_of(args)), table, args.json)
 
 
 def run_data_command(args) -> int:
@@ -154,11 +158,7 @@ def run_data_command(args) -> int:
         source=args.source, root=args.root or str(BUNDLED_ROOT), workers=args.workers, batches=args.batches,
         warmup=args.warmup, batch_size=args.batch_size, image_size=args.image_size, threads=args.threads,
     )
-    result = bench_data(spec)
-    print(table(result))
-    if args.json:
-        write_json(args.json, result)
-    return 0
+    return show(bench_data(spec), table, args.json)
 
 
 def run_train_command(args) -> int:
@@ -166,21 +166,14 @@ def run_train_command(args) -> int:
 
     spec = TrainBenchSpec(config=args.config, overrides=tuple(args.overrides), steps=args.steps,
                           warmup=args.warmup, threads=args.threads)
-    result = bench_train(spec)
-    print(table(result))
-    if args.json:
-        write_json(args.json, result)
-    return 0
+    return show(bench_train(spec), table, args.json)
 
 
 def run_verify_command(args) -> int:
     from plsc.bench.verify import VerifyBenchSpec, bench_verify, table
 
-    result = bench_verify(VerifyBenchSpec(pairs=args.pairs, dim=args.dim, repeats=args.repeats))
-    print(table(result))
-    if args.json:
-        write_json(args.json, result)
-    return 0
+    spec = VerifyBenchSpec(pairs=args.pairs, dim=args.dim, repeats=args.repeats)
+    return show(bench_verify(spec), table, args.json)
 
 
 # --- fresh measuring processes (plsc.bench.data and plsc.bench.train) ---------------------------------------

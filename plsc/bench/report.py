@@ -274,13 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     except PlscError as exc:
         print(f"plsc.bench.report: {exc}", file=sys.stderr)
         return 2
-    stale = readme_blocks.stale_files(args.readme, args.figure, text, png)
-    if args.check:
-        for path in stale:
-            print(f"{path} is stale: run python -m plsc.bench.report", file=sys.stderr)
-        return 1 if stale else 0
-    readme_blocks.write_stale(stale, args.readme, text, args.figure, png)
-    return 0
+    regenerate = "python -m plsc.bench.report"
+    return readme_blocks.check_or_write(args.readme, args.figure, text, png, args.check, regenerate)
 
 
 def _parser() -> argparse.ArgumentParser:
