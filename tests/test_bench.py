@@ -154,8 +154,9 @@ def test_cosine_to_centers_equals_normalize_then_matmul(embeddings_need_grad):
         e = paddle.to_tensor(embeddings_np, stop_gradient=not embeddings_need_grad)
         w = paddle.to_tensor(centers_np, stop_gradient=False)
         cosine = cosine_fn(e, w)
+        cosine_values = cosine.numpy()  # before backward, which may overwrite it (see cosine_to_centers)
         (cosine * paddle.to_tensor(grad_np)).sum().backward()
-        results.append((cosine.numpy(), w.grad.numpy(), None if e.grad is None else e.grad.numpy()))
+        results.append((cosine_values, w.grad.numpy(), None if e.grad is None else e.grad.numpy()))
     (cosine, grad_w, grad_e), (cosine_ref, grad_w_ref, grad_e_ref) = results
     np.testing.assert_allclose(cosine, cosine_ref, rtol=1e-12)
     np.testing.assert_allclose(grad_w, grad_w_ref, rtol=1e-9, atol=1e-12)
@@ -252,6 +253,26 @@ def test_lazy_update_with_gathered_rows_and_grad_scale_matches_numpy(
     np.testing.assert_allclose(velocity.numpy(), expected_v, **tolerance)
     untouched = np.setdiff1d(np.arange(10), index_np)
     np.testing.assert_array_equal(weight.numpy()[untouched], weight_np[untouched].astype(dtype))
+
+
+def test_cast_between_float16_and_float32_rounds_like_numpy():
+    # numpy's astype is IEEE round-to-nearest-even: ties, subnormals, overflow to inf, inf and nan included
+    rng = np.random.default_rng(8)
+    special = [0.0, -0.0, 1.0, 65504.0, 65519.99, 65520.0, 1e6, np.inf, -np.inf, np.nan, 2.0**-24, 2.0**-25,
+               3 * 2.0**-25, 2.0**-14 * (1 + 2.0**-11), 1 + 2.0**-11, 1 + 3 * 2.0**-11]
+    scales = np.float32(10.0) ** rng.integers(-9, 6, 4000).astype(np.float32)
+    values = np.concatenate([special, rng.standard_normal(4000) * scales]).astype(np.float32)
+    values = values[: len(values) // 8 * 8].reshape(-1, 8)
+    whole = paddle.to_tensor(np.concatenate([values, values]))  # a row slice of it: a view on Paddle 3.x
+    half = sparse_momentum.cast(whole[len(values):], paddle.float16)
+    assert half.dtype == paddle.float16 and half.shape == list(values.shape)
+    with np.errstate(over="ignore"):
+        expected = values.astype(np.float16)
+    np.testing.assert_array_equal(half.numpy().view(np.uint16), expected.view(np.uint16))
+    back = sparse_momentum.cast(half, paddle.float32)
+    assert back.dtype == paddle.float32
+    np.testing.assert_array_equal(back.numpy(), expected.astype(np.float32))
+    assert sparse_momentum.cast(back, paddle.float32) is back
 
 
 class HeadLoss(paddle.nn.Layer):

@@ -182,6 +182,12 @@ def radial_rows(centers: paddle.Tensor, radial: paddle.Tensor, scratch: ScratchR
     return rows.multiply_(factors)
 
 
+def products(saved: paddle.Tensor, grad: paddle.Tensor) -> paddle.Tensor:
+    """``saved * grad``, written over ``saved`` when in-place ops are allowed: the backward's last use of it,
+    and one [batch, k] allocation less at the step's memory peak (51 MB at k=100,000, batch 128)."""
+    return saved.multiply_(grad) if in_place_allowed() else saved * grad
+
+
 class _CosineToCenters(paddle.autograd.PyLayer):
     """``matmul(unit_embeddings, F.normalize(centers, axis=1), transpose_y=True)`` without normalised centers.
 
@@ -212,7 +218,7 @@ class _CosineToCenters(paddle.autograd.PyLayer):
         # exponentials; a tensor passed to backward() is copied first, tested on 2.6 and 3.x): scaled in
         # place.
         grad = scale_columns(grad_cosine, inverse_norms)
-        radial = (grad * cosine).sum(axis=0) * inverse_norms * norm_is_live
+        radial = products(cosine, grad).sum(axis=0) * inverse_norms * norm_is_live
         grad_embeddings = grad_centers = None
         if ctx.wants_grad[0]:
             grad_embeddings = paddle.matmul(grad, centers)
@@ -231,7 +237,8 @@ def cosine_to_centers(
     """[batch, k] cosine similarity of each embedding with each center row, differentiable in both.
 
     ``scratch``: where the centers' gradient is written (see ScratchRows); it then lives there, overwritten by
-    the next backward through the same scratch.
+    the next backward through the same scratch. In eager mode the backward overwrites the returned cosine
+    (it is saved for the backward, whose last use of it is a product with the gradient): read it before.
     """
     return _CosineToCenters.apply(F.normalize(embeddings, axis=1), centers, scratch)
 
