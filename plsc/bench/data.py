@@ -6,8 +6,8 @@ workers, i.e. read + decode + resize + flip + normalise + layout + collate + han
 first), in one process on one thread: the work one worker cannot avoid. Their ratio
 ``pipeline / (raw x max(workers, 1))`` says how much of the workers' decoding capacity reaches the trainer
 (0 workers: the main process decodes, so the divisor is one process). Beside them, ``stage_us_per_image``
-splits one process's work per image into read, decode, augment (TrainTransform.pixels: resize, flip, layout),
-collate and to_tensor, the worker's share, and normalize (plsc.data.loader.normalize_batch), which the trainer
+splits one process's work per image into read, decode, augment (flip draw and TrainTransform.write_pixels:
+resize, flip, layout, straight into the batch) and to_tensor, the worker's share, and normalize (plsc.data.loader.normalize_batch), which the trainer
 does on the batch tensor, to show where the time goes.
 
 Small data sets (the bundled data/tiny has 240 images) are repeated, in order, as many times as it takes to
@@ -164,24 +164,23 @@ def stage_costs(dataset, spec: DataBenchSpec, count: int) -> dict[str, float]:
     import cv2
     import paddle
 
-    from plsc.data.loader import collate_batch, normalize_batch
-    from plsc.data.transforms import TrainTransform, sample_rng
+    from plsc.data.loader import normalize_batch
+    from plsc.data.transforms import TrainTransform, flip_draws
 
     transform = TrainTransform(spec.image_size)
     clock = PhaseClock()
     for start in range(0, count, spec.batch_size):
-        indices = range(start, min(start + spec.batch_size, count))
+        indices = list(range(start, min(start + spec.batch_size, count)))
         encoded = encoded_images(dataset, indices)
         clock.mark("read")
         images = [cv2.imdecode(data, cv2.IMREAD_COLOR) for data in encoded]
         clock.mark("decode")
-        rngs = [sample_rng(spec.seed, 0, index) for index in indices]
-        samples = [(transform.pixels(image, rng), 0) for image, rng in zip(images, rngs, strict=True)]
+        batch_images = np.empty((len(indices), *transform.pixel_shape), dtype=np.uint8)
+        for slot, (image, flip) in enumerate(zip(images, flip_draws(spec.seed, 0, indices), strict=True)):
+            transform.write_pixels(batch_images[slot], image, flip)
         clock.mark("augment")
-        batch_images, labels = collate_batch(samples)
-        clock.mark("collate")
         batch_tensor = paddle.to_tensor(batch_images)
-        paddle.to_tensor(labels)
+        paddle.to_tensor(np.zeros(len(indices), dtype=np.int64))
         clock.mark("to_tensor")
         normalize_batch(batch_tensor)
         clock.mark("normalize")
@@ -248,8 +247,8 @@ def method_notes(spec: DataBenchSpec) -> dict:
         "raw_decode_method": "cv2.imdecode(IMREAD_COLOR) of the same encoded bytes held in memory, one "
                              "process, cv2.setNumThreads(1), same process and run as the pipeline, just "
                              "before it",
-        "stage_method": "microseconds per image of read, cv2.imdecode, TrainTransform.pixels (with its "
-                        "sample_rng), collate_batch, paddle.to_tensor (the workers' share) and "
+        "stage_method": "microseconds per image of read, cv2.imdecode, flip_draws + TrainTransform."
+                        "write_pixels into the batch array, paddle.to_tensor (the workers' share) and "
                         "normalize_batch (the trainer's, on the batch tensor), batch by batch in the "
                         "measuring process (default cv2 threads) over the raw decode's distinct images",
         "ratio_method": f"pipeline_images_per_s / (raw_decode_images_per_s x {workers})"

@@ -6,15 +6,15 @@ module, e.g. plsc.data.verification_bin, stays cheap.
 
 from plsc.data.folder import FolderDataset, read_image
 from plsc.data.synthetic import SyntheticDataset
-from plsc.data.transforms import EvalTransform, TrainTransform, sample_rng
+from plsc.data.transforms import EvalTransform, TrainTransform, flip_draws
 
 _LOADER_NAMES = (
     "DistributedShuffleSampler",
-    "TrainSamples",
+    "TrainBatches",
     "build_dataset",
     "build_train_loader",
     "build_train_loader_from_config",
-    "collate_batch",
+    "the_batch",
     "normalize_batch",
 )
 
@@ -24,7 +24,7 @@ __all__ = [
     "SyntheticDataset",
     "TrainTransform",
     "read_image",
-    "sample_rng",
+    "flip_draws",
     *_LOADER_NAMES,
 ]
 

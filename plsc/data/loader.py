@@ -1,9 +1,11 @@
 """Training batches: seeded distributed shuffle, per-sample deterministic augmentation, paddle DataLoader.
 
 Reproducibility: the sampler's permutation depends only on (seed, epoch), and each sample's flip only on
-(seed, epoch, index); the epoch travels with every index to the workers. No worker-local random state is used,
+(seed, epoch, index); the epoch travels with every batch to the workers. No worker-local random state is used,
 so the same seed gives the same batches with 0, 2 or 8 workers.
 
+A worker builds a whole batch per request (TrainBatches): each image is decoded and written straight into its
+slot of the batch array, so there is no per-sample hand-over, no list of samples and no stacking copy.
 Batches are uint8 pixels in the model's layout; the trainer normalises them on its device (normalize_batch).
 """
 
@@ -20,13 +22,7 @@ import paddle
 
 from plsc.data.folder import FolderDataset
 from plsc.data.synthetic import SyntheticDataset
-from plsc.data.transforms import (
-    PIXEL_SCALE,
-    TrainTransform,
-    check_data_format,
-    check_image_size,
-    sample_rng,
-)
+from plsc.data.transforms import PIXEL_SCALE, TrainTransform, check_data_format, check_image_size, flip_draws
 from plsc.errors import PlscError
 
 log = logging.getLogger(__name__)
@@ -113,20 +109,21 @@ class DistributedShuffleSampler:
 
 
 class _EpochTaggedBatches:
-    """Turns each index into an (epoch, index) key: workers seed augmentation from it, not from shared state.
+    """Turns each batch of indices into one (epoch, indices) key: a worker builds the whole batch from it
+    (TrainBatches), and seeds the augmentation from it, not from shared state.
 
     The DataLoader iterates this in the main process when an epoch starts, so set_epoch() is always seen.
     """
 
     def __init__(self, sampler: DistributedShuffleSampler):
         self.sampler = sampler
-        self.batch_size = sampler.batch_size
+        self.batch_size = 1  # one key per batch: the DataLoader fetches one "sample", the batch itself
         self.drop_last = sampler.drop_last
 
     def __iter__(self):
         epoch = self.sampler.epoch
         for batch in self.sampler:
-            yield [(epoch, index) for index in batch]
+            yield [(epoch, batch)]
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -135,9 +132,9 @@ class _EpochTaggedBatches:
 # --- dataset adapter and batching ---
 
 
-class TrainSamples(paddle.io.Dataset):
-    """A dataset under the training transform, up to normalisation (uint8 pixels); items are looked up by
-    (epoch, index) keys."""
+class TrainBatches(paddle.io.Dataset):
+    """A dataset under the training transform, up to normalisation, a whole batch per item: the key
+    (epoch, indices) gives (uint8 pixels [B, ...] in the model's layout, int64 labels [B])."""
 
     def __init__(self, dataset, transform: TrainTransform, seed: int):
         super().__init__()
@@ -148,17 +145,21 @@ class TrainSamples(paddle.io.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[np.ndarray, int]:
-        epoch, index = key
-        image, label = self.dataset[index]
-        return self.transform.pixels(image, sample_rng(self.seed, epoch, index)), label
+    def __getitem__(self, key: tuple[int, list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        epoch, indices = key
+        images = np.empty((len(indices), *self.transform.pixel_shape), dtype=np.uint8)
+        labels = np.empty(len(indices), dtype=np.int64)
+        flips = flip_draws(self.seed, epoch, indices)
+        for slot, (index, flip) in enumerate(zip(indices, flips.tolist(), strict=True)):
+            image, labels[slot] = self.dataset[index]
+            self.transform.write_pixels(images[slot], image, flip)
+        return images, labels
 
 
-def collate_batch(samples: list[tuple[np.ndarray, int]]) -> tuple[np.ndarray, np.ndarray]:
-    """[(image, label)] -> ([B, ...] images as given, int64 [B] labels); paddle turns them into tensors."""
-    images = np.stack([image for image, _ in samples])
-    labels = np.asarray([label for _, label in samples], dtype=np.int64)
-    return images, labels
+def the_batch(items: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """The DataLoader's collate step: its one item already is the batch (TrainBatches)."""
+    (batch,) = items
+    return batch
 
 
 def normalize_batch(pixels: paddle.Tensor) -> paddle.Tensor:
@@ -204,13 +205,13 @@ def build_train_loader(
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise PlscError(f"num_workers must be an integer >= 0, got {num_workers!r}")
     sampler = DistributedShuffleSampler(len(dataset), batch_size, rank, world_size, seed, drop_last)
-    samples = TrainSamples(dataset, TrainTransform(image_size, data_format, flip=flip), seed)
+    batches = TrainBatches(dataset, TrainTransform(image_size, data_format, flip=flip), seed)
     batch_bytes = batch_size * 3 * image_size * image_size  # uint8
     loader = paddle.io.DataLoader(
-        samples,
+        batches,
         batch_sampler=_EpochTaggedBatches(sampler),
         num_workers=num_workers,
-        collate_fn=collate_batch,
+        collate_fn=the_batch,
         worker_init_fn=_init_worker if num_workers > 0 else None,
         use_shared_memory=num_workers > 0 and _shared_memory_fits(batch_bytes * (2 * num_workers + 2)),
         return_list=True,
