@@ -10,6 +10,12 @@ faults; memory is still given back when freed, so peak RSS is unchanged. (Keepin
 instead, ``mmap_max=0``, is faster still but raised peak RSS per class by 47% at a million classes: freed
 blocks that do not fit the next request stay resident.) See ``plsc bench head --malloc``.
 
+Blocks under 32 MiB come from the heap (``mmap_threshold``), and up to 128 MiB of freed heap stays mapped
+(``trim_threshold``): a training batch handed to Paddle (2.4 MB at 64 x 3 x 112 x 112) is then copied into
+memory that is already there, 0.2 ms instead of 1.4 ms of page faults per batch (measured), while the head's
+large tensors are still mapped and unmapped per step (peak RSS per class at a million classes: 4,574 bytes
+with these settings against 4,650-4,675 with huge pages alone, one run each).
+
 GLIBC_TUNABLES is read once, when a process starts, so the ``plsc`` command re-executes itself with it set.
 A GLIBC_TUNABLES already in the environment (even empty) is left alone: that is how to opt out.
 """
@@ -19,7 +25,11 @@ from __future__ import annotations
 import os
 import sys
 
-HUGEPAGES = "glibc.malloc.hugetlb=1"
+HUGEPAGES = ":".join([
+    "glibc.malloc.hugetlb=1",
+    f"glibc.malloc.mmap_threshold={32 * 2**20}",
+    f"glibc.malloc.trim_threshold={128 * 2**20}",
+])
 
 
 def reexec_with_huge_pages(module: str, argv: list[str]) -> None:

@@ -435,15 +435,90 @@ def test_normalize_batch_equals_the_numpy_formula_for_every_pixel_value():
 def test_loader_is_identical_with_and_without_workers(tiny_dir):
     dataset = FolderDataset(tiny_dir)
     results = {}
-    for workers in (0, 2):
+    for workers in (0, 3):  # 3 workers: 6 slots for 10 batches, so slots are reused within an epoch
         loader, sampler = build_train_loader(
             dataset, batch_size=24, image_size=32, data_format="NCHW", num_workers=workers, seed=1
         )
         results[workers] = [_all_batches(loader, sampler, epoch) for epoch in (0, 1)]
-    for epoch_0, epoch_2 in zip(results[0], results[2], strict=True):
+    for epoch_0, epoch_2 in zip(results[0], results[3], strict=True):
         assert len(epoch_0) == len(epoch_2) == 10
         for (images_0, labels_0), (images_2, labels_2) in zip(epoch_0, epoch_2, strict=True):
             np.testing.assert_array_equal(images_0, images_2)
             np.testing.assert_array_equal(labels_0, labels_2)
     assert results[0][0][0][0].shape == (24, 3, 32, 32)
     assert not np.array_equal(results[0][0][0][1], results[0][1][0][1])  # epochs are shuffled differently
+
+
+def _in_process_batches(dataset, epoch: int, **settings) -> list[np.ndarray]:
+    """The epoch's pixel batches straight from TrainBatches, in this process: the reference."""
+    loader, sampler = build_train_loader(dataset, num_workers=0, **settings)
+    sampler.set_epoch(epoch)
+    return [loader.batches[(epoch, batch)][0] for batch in sampler]
+
+
+def test_an_epoch_left_early_does_not_disturb_the_next(tiny_dir):
+    # the abandoned epoch's batches still in flight must not land in the next epoch's slots
+    dataset = FolderDataset(tiny_dir)
+    settings = dict(batch_size=24, image_size=32, seed=4)
+    loader, sampler = build_train_loader(dataset, num_workers=2, **settings)
+    try:
+        sampler.set_epoch(0)
+        for step, _ in enumerate(loader):
+            if step == 1:
+                break
+        sampler.set_epoch(1)
+        got = [images.numpy() for images, _ in loader]
+    finally:
+        loader.close()
+    expected = _in_process_batches(dataset, 1, **settings)
+    assert len(got) == len(expected) == 10
+    for images, reference in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(images, reference)
+
+
+class _FailingAt:
+    """A data set whose sample ``bad`` raises: a PlscError (an unreadable image) or a bug."""
+
+    def __init__(self, dataset, bad: int, error: Exception):
+        self.dataset, self.bad, self.error = dataset, bad, error
+        self.labels, self.num_classes = dataset.labels, dataset.num_classes
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        if index == self.bad:
+            raise self.error
+        return self.dataset[index]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_workers_plsc_error_is_raised_with_its_one_line_message(tiny_dir, workers):
+    dataset = _FailingAt(FolderDataset(tiny_dir), 7, PlscError("cannot decode image x.jpg: corrupt"))
+    loader, sampler = build_train_loader(dataset, batch_size=24, image_size=32, num_workers=workers)
+    with pytest.raises(PlscError, match=r"^cannot decode image x.jpg: corrupt$"):
+        list(loader)
+    loader.close()
+
+
+def test_a_workers_bug_is_raised_with_its_traceback(tiny_dir):
+    dataset = _FailingAt(FolderDataset(tiny_dir), 7, ZeroDivisionError("division by zero"))
+    loader, _ = build_train_loader(dataset, batch_size=24, image_size=32, num_workers=2)
+    with pytest.raises(RuntimeError, match=r"(?s)a data loader worker failed:.*Traceback.*ZeroDivisionError"):
+        list(loader)
+    loader.close()
+
+
+def test_a_killed_worker_is_reported_not_waited_for(tiny_dir):
+    import os
+    import signal
+
+    loader, sampler = build_train_loader(FolderDataset(tiny_dir), batch_size=24, image_size=32, num_workers=2)
+    batches = iter(loader)
+    next(batches)
+    os.kill(loader._workers[1].pid, signal.SIGKILL)
+    died = r"data loader worker plsc-loader-1 exited unexpectedly \(exit code -9\)"
+    with pytest.raises(PlscError, match=died):
+        for _ in batches:
+            pass
+    assert loader._workers == []  # closed: the other worker is stopped too

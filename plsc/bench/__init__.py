@@ -61,7 +61,7 @@ def _add_data(kinds) -> None:
                       help="folder: label.txt + images/; rec: train.rec/.idx (a folder root is converted "
                            "first)")
     data.add_argument("--workers", type=int, required=True,
-                      help="DataLoader worker processes (0: the main process decodes)")
+                      help="loader worker processes (0: the main process decodes)")
     data.add_argument("--root", default=None, help="data folder (default: the bundled data/tiny)")
     data.add_argument("--batches", type=int, default=40, help="timed batches")
     data.add_argument("--warmup", type=int, default=3, help="untimed batches first")

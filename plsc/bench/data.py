@@ -7,8 +7,8 @@ first), in one process on one thread: the work one worker cannot avoid. Their ra
 ``pipeline / (raw x max(workers, 1))`` says how much of the workers' decoding capacity reaches the trainer
 (0 workers: the main process decodes, so the divisor is one process). Beside them, ``stage_us_per_image``
 splits one process's work per image into read, decode, augment (flip draw and TrainTransform.write_pixels:
-resize, flip, layout, straight into the batch) and to_tensor, the worker's share, and normalize (plsc.data.loader.normalize_batch), which the trainer
-does on the batch tensor, to show where the time goes.
+resize, flip, layout, straight into the batch) and to_tensor, the worker's share, and normalize
+(plsc.data.loader.normalize_batch), which the trainer does on the batch tensor, to show where the time goes.
 
 Small data sets (the bundled data/tiny has 240 images) are repeated, in order, as many times as it takes to
 fill ``warmup + batches`` batches in one epoch of the loader, so the timed batches are steady state: no

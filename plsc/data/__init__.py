@@ -14,7 +14,7 @@ _LOADER_NAMES = (
     "build_dataset",
     "build_train_loader",
     "build_train_loader_from_config",
-    "the_batch",
+    "TrainLoader",
     "normalize_batch",
 )
 

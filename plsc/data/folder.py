@@ -9,7 +9,7 @@ Skip mode (``skip_bad=True``) never stops a run for a bad sample:
 
 - malformed lines and missing images are dropped while the data set is built and counted in ``skipped``,
   with the first few explanations in ``skipped_reasons``;
-- an image that exists but cannot be decoded is found when it is read, usually inside a DataLoader worker.
+- an image that exists but cannot be decoded is found when it is read, usually inside a loader worker.
   It cannot be dropped there: every rank must produce full, equally sized batches, and a worker has no way
   to tell the sampler. So it is *substituted* by the next readable sample in index order (image and label
   together), logged once per file and process, and remembered in ``unreadable_indices`` (per process). The
@@ -150,7 +150,7 @@ class _PackedStrings:
     """Many strings held in two numpy arrays.
 
     Millions of Python str objects would each get their reference count touched when read, which copies their
-    memory pages into every forked DataLoader worker; two arrays stay shared.
+    memory pages into every forked loader worker; two arrays stay shared.
     """
 
     def __init__(self, strings: list[str]):

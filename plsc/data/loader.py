@@ -1,34 +1,28 @@
-"""Training batches: seeded distributed shuffle, per-sample deterministic augmentation, paddle DataLoader.
+"""Training batches: seeded distributed shuffle, per-sample deterministic augmentation, worker processes.
 
 Reproducibility: the sampler's permutation depends only on (seed, epoch), and each sample's flip only on
 (seed, epoch, index); the epoch travels with every batch to the workers. No worker-local random state is used,
 so the same seed gives the same batches with 0, 2 or 8 workers.
 
 A worker builds a whole batch per request (TrainBatches): each image is decoded and written straight into its
-slot of the batch array, so there is no per-sample hand-over, no list of samples and no stacking copy.
+slot of a shared batch array (plsc.data.workers), so there is no per-sample hand-over, no list of samples and
+no stacking copy.
 Batches are uint8 pixels in the model's layout; the trainer normalises them on its device (normalize_batch).
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import shutil
 from pathlib import Path
 
-import cv2
 import numpy as np
 import paddle
 
 from plsc.data.folder import FolderDataset
 from plsc.data.synthetic import SyntheticDataset
 from plsc.data.transforms import PIXEL_SCALE, TrainTransform, check_data_format, check_image_size, flip_draws
+from plsc.data.workers import TrainLoader
 from plsc.errors import PlscError
-
-log = logging.getLogger(__name__)
-
-_SHM_DIR = "/dev/shm"
-
 
 # --- sampler ---
 
@@ -108,36 +102,14 @@ class DistributedShuffleSampler:
         return self.batches_per_epoch - self.start_batch
 
 
-class _EpochTaggedBatches:
-    """Turns each batch of indices into one (epoch, indices) key: a worker builds the whole batch from it
-    (TrainBatches), and seeds the augmentation from it, not from shared state.
-
-    The DataLoader iterates this in the main process when an epoch starts, so set_epoch() is always seen.
-    """
-
-    def __init__(self, sampler: DistributedShuffleSampler):
-        self.sampler = sampler
-        self.batch_size = 1  # one key per batch: the DataLoader fetches one "sample", the batch itself
-        self.drop_last = sampler.drop_last
-
-    def __iter__(self):
-        epoch = self.sampler.epoch
-        for batch in self.sampler:
-            yield [(epoch, batch)]
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-
 # --- dataset adapter and batching ---
 
 
-class TrainBatches(paddle.io.Dataset):
+class TrainBatches:
     """A dataset under the training transform, up to normalisation, a whole batch per item: the key
     (epoch, indices) gives (uint8 pixels [B, ...] in the model's layout, int64 labels [B])."""
 
     def __init__(self, dataset, transform: TrainTransform, seed: int):
-        super().__init__()
         self.dataset = dataset
         self.transform = transform
         self.seed = int(seed)
@@ -146,40 +118,25 @@ class TrainBatches(paddle.io.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key: tuple[int, list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        images = np.empty((len(key[1]), *self.transform.pixel_shape), dtype=np.uint8)
+        return images, self.fill(key, images)
+
+    def fill(self, key: tuple[int, list[int]], images: np.ndarray) -> np.ndarray:
+        """Write the batch's pixels into ``images`` ([B, ...] uint8, e.g. a shared-memory slot); returns
+        its labels."""
         epoch, indices = key
-        images = np.empty((len(indices), *self.transform.pixel_shape), dtype=np.uint8)
         labels = np.empty(len(indices), dtype=np.int64)
         flips = flip_draws(self.seed, epoch, indices)
         for slot, (index, flip) in enumerate(zip(indices, flips.tolist(), strict=True)):
             image, labels[slot] = self.dataset[index]
             self.transform.write_pixels(images[slot], image, flip)
-        return images, labels
-
-
-def the_batch(items: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """The DataLoader's collate step: its one item already is the batch (TrainBatches)."""
-    (batch,) = items
-    return batch
+        return labels
 
 
 def normalize_batch(pixels: paddle.Tensor) -> paddle.Tensor:
     """A loader batch (uint8 pixels) -> the model's float32 input in [-1, 1], on the tensor's device; the
     same values as plsc.data.transforms.normalize_pixels (two roundings, as numpy makes them)."""
     return pixels.astype("float32") * float(PIXEL_SCALE) - 1.0
-
-
-def _init_worker(worker_id: int) -> None:
-    # each worker handles one sample at a time; OpenCV's own thread pool would only oversubscribe the cores
-    cv2.setNumThreads(1)
-
-
-def _shared_memory_fits(bytes_needed: int) -> bool:
-    """Paddle passes worker batches through /dev/shm; a small one (Docker's default is 64 MB) dies with a bus
-    error, so we fall back to pipes when the prefetched batches would not fit."""
-    try:
-        return shutil.disk_usage(_SHM_DIR).free > 2 * bytes_needed
-    except OSError:
-        return False
 
 
 def build_train_loader(
@@ -194,8 +151,8 @@ def build_train_loader(
     world_size: int = 1,
     flip: bool = True,
     drop_last: bool = True,
-) -> tuple[paddle.io.DataLoader, DistributedShuffleSampler]:
-    """A DataLoader yielding [images, labels]: uint8 [B,3,S,S] (NCHW) or [B,S,S,3] (NHWC) RGB pixels, int64
+) -> tuple[TrainLoader, DistributedShuffleSampler]:
+    """A loader yielding (images, labels): uint8 [B,3,S,S] (NCHW) or [B,S,S,3] (NHWC) RGB pixels, int64
     [B]; ``normalize_batch(images)`` is the model's input.
 
     Call ``sampler.set_epoch(epoch)`` before iterating the loader for each epoch.
@@ -206,17 +163,7 @@ def build_train_loader(
         raise PlscError(f"num_workers must be an integer >= 0, got {num_workers!r}")
     sampler = DistributedShuffleSampler(len(dataset), batch_size, rank, world_size, seed, drop_last)
     batches = TrainBatches(dataset, TrainTransform(image_size, data_format, flip=flip), seed)
-    batch_bytes = batch_size * 3 * image_size * image_size  # uint8
-    loader = paddle.io.DataLoader(
-        batches,
-        batch_sampler=_EpochTaggedBatches(sampler),
-        num_workers=num_workers,
-        collate_fn=the_batch,
-        worker_init_fn=_init_worker if num_workers > 0 else None,
-        use_shared_memory=num_workers > 0 and _shared_memory_fits(batch_bytes * (2 * num_workers + 2)),
-        return_list=True,
-    )
-    return loader, sampler
+    return TrainLoader(batches, sampler, num_workers), sampler
 
 
 def build_train_loader_from_config(config, dataset, rank: int = 0, world_size: int = 1):

@@ -121,7 +121,7 @@ class RecordReader:
     the part headers on first use of ``keys``/``read``/``len``.
 
     The file is opened and memory-mapped lazily in each process (the pid is checked on every read), so one
-    reader can be shared by DataLoader workers (fork or spawn) and by threads: no file position is shared.
+    reader can be shared by loader workers (fork or spawn) and by threads: no file position is shared.
     Reads are slices of the map: no system call per read (a record read costs ~3 us, against ~8 us for two
     ``os.pread`` calls).
     """

@@ -11,7 +11,7 @@ A worker then neither computes nor hands over float32 (a quarter of the bytes th
 result is bit-identical to normalising here.
 
 Randomness is never drawn from global or per-worker state: each sample's flip is a hash of (seed, epoch,
-sample index) (:func:`flip_draws`), so a batch is the same whichever DataLoader worker built it, whatever the
+sample index) (:func:`flip_draws`), so a batch is the same whichever loader worker built it, whatever the
 number of workers or ranks.
 """
 
@@ -79,7 +79,7 @@ def resize_square(image: np.ndarray, image_size: int) -> np.ndarray:
 PIXEL_SCALE = np.float32(1.0 / 127.5)
 
 
-def write_pixels_in_layout(out: np.ndarray, image_bgr: np.ndarray, data_format: str, flip: bool = False) -> None:
+def write_pixels_in_layout(out: np.ndarray, image_bgr: np.ndarray, data_format: str, flip: bool = False):
     """BGR uint8 HWC -> RGB uint8 written into ``out``, optionally mirrored: [3, H, W] (NCHW) or [H, W, 3].
 
     OpenCV's SIMD loops: 7 us per 112 x 112 image into a batch slot, against 20 us for numpy's strided copy.
@@ -158,6 +158,8 @@ class TrainTransform(EvalTransform):
         return out
 
     def write_pixels(self, out: np.ndarray, image: np.ndarray, flip: bool = False) -> None:
-        """:meth:`pixels` written into ``out`` (a slot of the batch); ``flip`` is ignored when flipping is off."""
+        """:meth:`pixels` written into ``out`` (a slot of the batch); ``flip`` is ignored when flipping is
+        off."""
         _check_image(image)
-        write_pixels_in_layout(out, resize_square(image, self.image_size), self.data_format, self.flip and flip)
+        image = resize_square(image, self.image_size)
+        write_pixels_in_layout(out, image, self.data_format, self.flip and flip)
