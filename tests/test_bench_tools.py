@@ -186,6 +186,26 @@ def test_measure_in_fresh_process_raises_on_a_crash():
         measure_in_fresh_process("plsc.bench.no_such_module", {}, 1)
 
 
+ENVIRONMENT_PROBE = """
+import json, os, sys
+print(json.dumps({name: os.environ.get(name) for name in ("GLIBC_TUNABLES", "OMP_NUM_THREADS")}))
+"""
+
+
+@pytest.mark.parametrize("preset", [None, ""], ids=["unset", "set-empty"])
+def test_measuring_process_runs_with_the_plsc_commands_malloc_settings(preset, tmp_path, monkeypatch):
+    from plsc.malloc import HUGEPAGES
+
+    (tmp_path / "environment_probe.py").write_text(ENVIRONMENT_PROBE)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    if preset is None:
+        monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    else:
+        monkeypatch.setenv("GLIBC_TUNABLES", preset)  # already set, even empty: left alone, as plsc does
+    seen = measure_in_fresh_process("environment_probe", {}, 3)
+    assert seen == {"GLIBC_TUNABLES": HUGEPAGES if preset is None else preset, "OMP_NUM_THREADS": "3"}
+
+
 # --- README report -----------------------------------------------------------------------------------------
 
 

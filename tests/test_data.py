@@ -522,3 +522,23 @@ def test_a_killed_worker_is_reported_not_waited_for(tiny_dir):
         for _ in batches:
             pass
     assert loader._workers == []  # closed: the other worker is stopped too
+
+
+EXIT_WITH_WORKERS_RUNNING = """
+import sys
+from plsc.data import FolderDataset, build_train_loader
+loader, sampler = build_train_loader(FolderDataset(sys.argv[1]), batch_size=24, image_size=32, num_workers=2)
+batches = iter(loader)
+next(batches)
+print("done")
+"""
+
+
+def test_a_process_that_exits_with_workers_running_exits_cleanly(tiny_dir):
+    # multiprocessing terminates the workers at exit; Paddle's inherited SIGTERM handler must not report it
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", EXIT_WITH_WORKERS_RUNNING, str(tiny_dir)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout == "done\n" and "FatalError" not in proc.stderr

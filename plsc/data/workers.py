@@ -47,6 +47,9 @@ class WorkerFailed(PlscError):
 def _fill_slots(batches, tasks, results, slots: np.ndarray, parent: int) -> None:
     """A worker's loop: build each requested batch into its slot; exit on None or when the parent is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the trainer handles it
+    # The fork inherited Paddle's SIGTERM handler, which prints a "FatalError" report to stdout; a worker is
+    # terminated that way at exit (multiprocessing stops daemon processes so), and should just go.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     cv2.setNumThreads(1)  # one image at a time per worker: OpenCV's own threads would oversubscribe
     while True:
         try:
