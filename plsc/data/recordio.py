@@ -310,32 +310,49 @@ class RecordReader:
         a read-only memory map in one vectorised pass. Records that are split or look wrong go through
         :meth:`read_header`, which either copes or raises the precise error.
         """
-        offsets = self.offsets_of(keys)
-        labels = np.zeros(len(offsets), dtype=np.float32)
-        if not len(offsets):
+        labels = np.zeros(len(np.asarray(keys).ravel()), dtype=np.float32)
+        if not len(labels):
             return labels
-        words = np.memmap(self.rec_path, dtype="<u4", mode="r")
-        last = len(words) - 1
-
-        def word(index: np.ndarray) -> np.ndarray:  # clipped: out-of-file reads are excluded from `simple`
-            return words[np.minimum(index, last)]
-
-        first_word = offsets // 4  # records start 4-byte aligned, checked when the index was read
-        lrecord = word(first_word + 1)
-        length, cflag = lrecord & _LENGTH_MASK, lrecord >> _LENGTH_BITS
-        flag = word(first_word + 2)
+        words, first_word, length, flag, whole = self._headers(self.offsets_of(keys))
         label_word = np.where(flag == 0, first_word + 3, first_word + 8)
-        simple = (
-            (word(first_word) == MAGIC)
-            & (cflag == WHOLE)
-            & (length >= IR_HEADER_SIZE + 4 * np.minimum(flag, 1))
-            & (label_word <= last)
-        )
+        simple = whole & (length >= IR_HEADER_SIZE + 4 * np.minimum(flag, 1)) & (label_word < len(words))
         labels[simple] = words[label_word[simple]].view("<f4")
         keys = np.asarray(keys).ravel()
         for position in np.flatnonzero(~simple):
             labels[position] = first_label(self.read_header(int(keys[position])))
         return labels
+
+    def payload_spans(self, keys: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(file offset, length) of the payload of each record in ``keys``, found in one vectorised pass over
+        their headers, for :meth:`read_span`; offset -1 where the record is split by the writer or looks
+        wrong (read it with :meth:`read`, which either copes or raises the precise error)."""
+        words, first_word, length, flag, whole = self._headers(self.offsets_of(keys))
+        prefix = IR_HEADER_SIZE + 4 * flag.astype(np.int64)
+        plain = whole & (length >= prefix)
+        starts = np.where(plain, first_word * 4 + _PART_HEADER.size + prefix, -1)
+        return starts, np.where(plain, length - prefix, 0)
+
+    def _headers(self, offsets: np.ndarray):
+        """Part and IRHeader fields of the records at ``offsets`` from a memory map, vectorised: (words,
+        first word, part length, IRHeader flag, whether the record is one whole part under the magic)."""
+        words = np.memmap(self.rec_path, dtype="<u4", mode="r") if self._size else np.zeros(0, "<u4")
+        last = len(words) - 1
+
+        def word(index: np.ndarray) -> np.ndarray:  # clipped: out-of-file reads are excluded by `whole`
+            return words[np.minimum(index, last)] if len(words) else np.zeros(len(index), "<u4")
+
+        first_word = np.asarray(offsets, dtype=np.int64) // 4  # 4-byte aligned, checked with the index
+        lrecord = word(first_word + 1)
+        length, cflag = (lrecord & _LENGTH_MASK).astype(np.int64), lrecord >> _LENGTH_BITS
+        flag = word(first_word + 2)
+        end = first_word * 4 + _PART_HEADER.size + length
+        in_file = (first_word + 2 <= last) & (end <= self._size)
+        whole = (word(first_word) == MAGIC) & (cflag == WHOLE) & in_file
+        return words, first_word, length, flag, whole
+
+    def read_span(self, offset: int, length: int) -> bytes:
+        """``length`` bytes of the file from ``offset`` (a span from :meth:`payload_spans`)."""
+        return self._pread(length, offset)
 
     def __iter__(self) -> Iterator[bytes]:
         """Every record in file order (ignores the ``.idx``)."""
@@ -682,6 +699,8 @@ class RecordDataset:
         self._rec_text = str(rec_path)
         self.layout, self.image_keys = self._find_image_keys()  # "insightface" or "flat"
         self.image_offsets = self.reader.offsets_of(self.image_keys)  # no key lookup per sample
+        # Where each image's encoded bytes lie: one slice of the map per sample, no header parsing.
+        self._payload_starts, self._payload_lengths = self.reader.payload_spans(self.image_keys)
         self.labels = self._read_labels()
         self.num_classes = int(self.labels.max()) + 1
 
@@ -724,9 +743,15 @@ class RecordDataset:
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
-        where = f"{self._rec_text}: key {self.image_keys[index]}"
-        _, payload = unpack(self.reader.read_at(int(self.image_offsets[index])), where)
-        return decode_image(payload, where), int(self.labels[index])
+        start = int(self._payload_starts[index])
+        if start >= 0:
+            payload = self.reader.read_span(start, int(self._payload_lengths[index]))
+        else:
+            _, payload = unpack(self.reader.read_at(int(self.image_offsets[index])), self._where(index))
+        return decode_image(payload, self._where(index)), int(self.labels[index])
+
+    def _where(self, index: int) -> str:
+        return f"{self._rec_text}: key {self.image_keys[index]}"
 
 
 def decode_image(payload: bytes, where: str) -> np.ndarray:
