@@ -269,6 +269,9 @@ def test_cast_between_float16_and_float32_rounds_like_numpy():
     with np.errstate(over="ignore"):
         expected = values.astype(np.float16)
     np.testing.assert_array_equal(half.numpy().view(np.uint16), expected.view(np.uint16))
+    if int(paddle.__version__.split(".")[0]) >= 3:  # 2.6's own CPU cast is sometimes one ulp off
+        own = whole[len(values):].astype("float16").numpy()
+        np.testing.assert_array_equal(half.numpy().view(np.uint16), own.view(np.uint16))
     back = sparse_momentum.cast(half, paddle.float32)
     assert back.dtype == paddle.float32
     np.testing.assert_array_equal(back.numpy(), expected.astype(np.float32))

@@ -476,6 +476,23 @@ def test_an_epoch_left_early_does_not_disturb_the_next(tiny_dir):
         np.testing.assert_array_equal(images, reference)
 
 
+def test_a_new_iteration_ends_one_still_held(tiny_dir):
+    dataset = FolderDataset(tiny_dir)
+    settings = dict(batch_size=24, image_size=32, seed=5)
+    loader, sampler = build_train_loader(dataset, num_workers=2, **settings)
+    try:
+        held = iter(loader)
+        next(held)
+        got = [images.numpy() for images, _ in loader]
+        assert list(held) == []  # ended, not interleaved with the new one
+    finally:
+        loader.close()
+    expected = _in_process_batches(dataset, 0, **settings)
+    assert len(got) == len(expected)
+    for images, reference in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(images, reference)
+
+
 class _FailingAt:
     """A data set whose sample ``bad`` raises: a PlscError (an unreadable image) or a bug."""
 
