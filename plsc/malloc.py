@@ -25,7 +25,8 @@ from __future__ import annotations
 import os
 import sys
 
-HUGEPAGES = ":".join([
+# Huge pages for mapped blocks, and the heap thresholds above.
+MALLOC_SETTINGS = ":".join([
     "glibc.malloc.hugetlb=1",
     f"glibc.malloc.mmap_threshold={32 * 2**20}",
     f"glibc.malloc.trim_threshold={128 * 2**20}",
@@ -39,5 +40,5 @@ def reexec_with_huge_pages(module: str, argv: list[str]) -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    environment = {**os.environ, "GLIBC_TUNABLES": HUGEPAGES}
+    environment = {**os.environ, "GLIBC_TUNABLES": MALLOC_SETTINGS}
     os.execve(sys.executable, [sys.executable, "-m", module, *argv], environment)

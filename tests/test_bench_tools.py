@@ -194,7 +194,7 @@ print(json.dumps({name: os.environ.get(name) for name in ("GLIBC_TUNABLES", "OMP
 
 @pytest.mark.parametrize("preset", [None, ""], ids=["unset", "set-empty"])
 def test_measuring_process_runs_with_the_plsc_commands_malloc_settings(preset, tmp_path, monkeypatch):
-    from plsc.malloc import HUGEPAGES
+    from plsc.malloc import MALLOC_SETTINGS
 
     (tmp_path / "environment_probe.py").write_text(ENVIRONMENT_PROBE)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
@@ -203,7 +203,7 @@ def test_measuring_process_runs_with_the_plsc_commands_malloc_settings(preset, t
     else:
         monkeypatch.setenv("GLIBC_TUNABLES", preset)  # already set, even empty: left alone, as plsc does
     seen = measure_in_fresh_process("environment_probe", {}, 3)
-    assert seen == {"GLIBC_TUNABLES": HUGEPAGES if preset is None else preset, "OMP_NUM_THREADS": "3"}
+    assert seen == {"GLIBC_TUNABLES": MALLOC_SETTINGS if preset is None else preset, "OMP_NUM_THREADS": "3"}
 
 
 # --- README report -----------------------------------------------------------------------------------------

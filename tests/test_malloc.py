@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from plsc.malloc import HUGEPAGES
+from plsc.malloc import MALLOC_SETTINGS
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBE = """
@@ -36,7 +36,7 @@ def run_python(code: str, tmp_path: Path, **env_changes) -> list[str]:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="GLIBC_TUNABLES is a Linux (glibc) setting")
 def test_reexec_replaces_the_process_with_the_tunable_and_the_same_arguments(tmp_path):
     caller_pid, probe = run_python(CALLER, tmp_path)
-    assert probe == f"{caller_pid} {HUGEPAGES} ['a b', '--c']"  # same pid: exec, not a child
+    assert probe == f"{caller_pid} {MALLOC_SETTINGS} ['a b', '--c']"  # same pid: exec, not a child
 
 
 def test_a_tunable_already_set_is_left_alone(tmp_path):
@@ -70,6 +70,6 @@ def test_huge_page_malloc_faults_a_large_block_in_far_fewer_pieces():
         command = [sys.executable, "-c", FAULTS]
         return int(subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout)
 
-    small_pages, huge_pages = faults(None), faults(HUGEPAGES)
+    small_pages, huge_pages = faults(None), faults(MALLOC_SETTINGS)
     assert small_pages >= 60_000  # 256 MiB / 4 KiB = 65,536 faults
     assert huge_pages <= small_pages / 20, (small_pages, huge_pages)

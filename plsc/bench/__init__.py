@@ -185,9 +185,9 @@ def measure_in_fresh_process(module: str, spec: dict, threads: int) -> dict:
     """``python -m module SPEC_JSON`` with OMP_NUM_THREADS=threads set before Paddle is imported, and the
     malloc settings the ``plsc`` command runs with (plsc.malloc) unless GLIBC_TUNABLES is set already; its
     last stdout line is the result. A PlscError in the child comes back as one (its one line)."""
-    from plsc.malloc import HUGEPAGES
+    from plsc.malloc import MALLOC_SETTINGS
 
-    env = {"GLIBC_TUNABLES": HUGEPAGES, **os.environ, "OMP_NUM_THREADS": str(threads)}
+    env = {"GLIBC_TUNABLES": MALLOC_SETTINGS, **os.environ, "OMP_NUM_THREADS": str(threads)}
     command = [sys.executable, "-m", module, json.dumps(spec)]
     proc = subprocess.run(command, env=env, capture_output=True, text=True)
     lines = proc.stderr.strip().splitlines()

@@ -1,9 +1,10 @@
 """``plsc bench data``: images/s of the real training loader beside the raw JPEG decode rate, in one run.
 
 The pipeline is plsc's own: ``build_dataset`` (folder or RecordIO) and ``build_train_loader`` with ``k``
-workers, i.e. read + decode + resize + flip + normalise + layout + collate + hand-over to the main process, as
-``plsc train`` iterates it. The raw rate is ``cv2.imdecode`` of the same encoded bytes (read into memory
-first), in one process on one thread: the work one worker cannot avoid. Their ratio
+workers, i.e. read + decode + resize + flip + layout, straight into a shared batch slot, + hand-over to the
+main process, as ``plsc train`` iterates it (the trainer normalises the batch tensor). The raw rate is
+``cv2.imdecode`` of the same encoded bytes (read into memory first), in one process on one thread: the work
+one worker cannot avoid. Their ratio
 ``pipeline / (raw x max(workers, 1))`` says how much of the workers' decoding capacity reaches the trainer
 (0 workers: the main process decodes, so the divisor is one process). Beside them, ``stage_us_per_image``
 splits one process's work per image into read, decode, augment (flip draw and TrainTransform.write_pixels:

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from plsc.malloc import HUGEPAGES
+from plsc.malloc import MALLOC_SETTINGS
 
 PRECISIONS = {"fp32": "float32", "fp16": "float16"}
 PHASES = ("sample", "gather", "forward", "backward", "update")
@@ -42,7 +42,7 @@ RSS_STEPS = 2  # steps a peak-RSS probe runs after initialisation: the step's ow
 # "hugepages" is what the plsc command runs with; "default" is glibc's own (4 KiB pages); "keep" serves large
 # blocks from the heap and never returns freed memory, so pages fault only once (fastest, more peak RSS).
 MALLOC_TUNABLES = {
-    "hugepages": HUGEPAGES,
+    "hugepages": MALLOC_SETTINGS,
     "default": None,
     "keep": "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1000000000000000",
 }

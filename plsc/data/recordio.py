@@ -310,14 +310,14 @@ class RecordReader:
         a read-only memory map in one vectorised pass. Records that are split or look wrong go through
         :meth:`read_header`, which either copes or raises the precise error.
         """
-        labels = np.zeros(len(np.asarray(keys).ravel()), dtype=np.float32)
+        keys = np.asarray(keys).ravel()
+        labels = np.zeros(len(keys), dtype=np.float32)
         if not len(labels):
             return labels
         words, first_word, length, flag, whole = self._headers(self.offsets_of(keys))
         label_word = np.where(flag == 0, first_word + 3, first_word + 8)
         simple = whole & (length >= IR_HEADER_SIZE + 4 * np.minimum(flag, 1)) & (label_word < len(words))
         labels[simple] = words[label_word[simple]].view("<f4")
-        keys = np.asarray(keys).ravel()
         for position in np.flatnonzero(~simple):
             labels[position] = first_label(self.read_header(int(keys[position])))
         return labels
@@ -335,11 +335,12 @@ class RecordReader:
     def _headers(self, offsets: np.ndarray):
         """Part and IRHeader fields of the records at ``offsets`` from a memory map, vectorised: (words,
         first word, part length, IRHeader flag, whether the record is one whole part under the magic)."""
+        # An empty file cannot be mapped; it has no records, so ``offsets`` is empty then.
         words = np.memmap(self.rec_path, dtype="<u4", mode="r") if self._size else np.zeros(0, "<u4")
         last = len(words) - 1
 
         def word(index: np.ndarray) -> np.ndarray:  # clipped: out-of-file reads are excluded by `whole`
-            return words[np.minimum(index, last)] if len(words) else np.zeros(len(index), "<u4")
+            return words[np.minimum(index, last)]
 
         first_word = np.asarray(offsets, dtype=np.int64) // 4  # 4-byte aligned, checked with the index
         lrecord = word(first_word + 1)
