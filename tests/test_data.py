@@ -25,6 +25,7 @@ from plsc.data import (
     read_image,
 )
 from plsc.data.folder import _is_truncated_jpeg
+from plsc.data import transforms
 from plsc.data.transforms import flip_draws, normalize_pixels
 from plsc.errors import PlscError
 
@@ -149,6 +150,9 @@ def test_truncated_jpeg_is_detected_without_relying_on_opencv(tiny_dir):
     assert not _is_truncated_jpeg(raw)
     assert all(_is_truncated_jpeg(raw[:cut]) for cut in range(len(raw) // 3, len(raw) - 1, 97))
     assert not _is_truncated_jpeg(b"\x89PNG not a jpeg")
+    # bytes after the end-of-image marker (some cameras append data) do not make a whole image truncated
+    assert not _is_truncated_jpeg(raw + b"trailing data")
+    assert _is_truncated_jpeg(raw[: len(raw) // 2] + b"\xff\xd9"[:1])
 
 
 # --- folder data set: skip mode ---------------------------------------------------------------------------
@@ -302,10 +306,34 @@ def test_train_transform_math(face, flipped):
     np.testing.assert_array_equal(nchw.transpose(1, 2, 0), nhwc)
 
 
+class _AllocatingOpenCV:
+    """cv2 as a build whose split and cvtColor return new arrays instead of filling the given ones."""
+
+    def __getattr__(self, name):
+        return getattr(cv2, name)
+
+    def split(self, image, planes=None):
+        return cv2.split(image)
+
+    def cvtColor(self, image, code, dst=None):  # noqa: N802 (OpenCV's name)
+        return cv2.cvtColor(image, code)
+
+
+def test_whether_opencv_fills_given_arrays_is_probed(monkeypatch):
+    assert transforms._opencv_writes_into_given_arrays()  # this OpenCV: the fast path
+    monkeypatch.setattr(transforms, "cv2", _AllocatingOpenCV())
+    assert not transforms._opencv_writes_into_given_arrays()
+
+
+@pytest.mark.parametrize("opencv_fills_given_arrays", [True, False])
 @pytest.mark.parametrize("data_format", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("flipped", [True, False])
-def test_pixels_written_into_a_batch_slot_equal_numpy_indexing(face, data_format, flipped):
-    # not a copy of the slot: the transform must write the batch's own memory
+def test_pixels_written_into_a_batch_slot_equal_numpy_indexing(face, data_format, flipped,
+                                                                opencv_fills_given_arrays, monkeypatch):
+    # not a copy of the slot: the transform must write the batch's own memory, with either kind of OpenCV
+    if not opencv_fills_given_arrays:
+        monkeypatch.setattr(transforms, "cv2", _AllocatingOpenCV())
+        monkeypatch.setattr(transforms, "_WRITES_IN_PLACE", False)
     batch = np.zeros((3, *TrainTransform(112, data_format).pixel_shape), dtype=np.uint8)
     TrainTransform(112, data_format).write_pixels(batch[1], face, flipped)
     rgb = face[:, ::-1, [2, 1, 0]] if flipped else face[:, :, [2, 1, 0]]

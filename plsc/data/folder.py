@@ -53,6 +53,8 @@ def _is_truncated_jpeg(raw: bytes) -> bool:
     """
     if not raw.startswith(_JPEG_SOI):
         return False
+    if raw.endswith(_JPEG_EOI):  # the usual case, decided without searching the scan data (~2 us)
+        return False
     return raw.rfind(_JPEG_EOI) < raw.rfind(_JPEG_SOS)
 
 

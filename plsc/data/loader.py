@@ -126,10 +126,11 @@ class TrainBatches:
         its labels."""
         epoch, indices = key
         labels = np.empty(len(indices), dtype=np.int64)
-        flips = flip_draws(self.seed, epoch, indices)
-        for slot, (index, flip) in enumerate(zip(indices, flips.tolist(), strict=True)):
-            image, labels[slot] = self.dataset[index]
-            self.transform.write_pixels(images[slot], image, flip)
+        flips = flip_draws(self.seed, epoch, indices).tolist()
+        dataset, write_pixels = self.dataset, self.transform.write_pixels  # ~100 us per image: no lookups
+        for slot, index in enumerate(indices):
+            image, labels[slot] = dataset[index]
+            write_pixels(images[slot], image, flips[slot])
         return labels
 
 

@@ -32,6 +32,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 import cv2
 import numpy as np
 
+from plsc.data.folder import decode_image_bytes
 from plsc.errors import PlscError
 
 MAGIC = 0xCED7230A
@@ -749,7 +750,10 @@ class RecordDataset:
             payload = self.reader.read_span(start, int(self._payload_lengths[index]))
         else:
             _, payload = unpack(self.reader.read_at(int(self.image_offsets[index])), self._where(index))
-        return decode_image(payload, self._where(index)), int(self.labels[index])
+        image = decode_image_bytes(payload)
+        if image is None:  # the message is only built when needed (it costs as much as the read)
+            raise PlscError(f"{self._where(index)}: payload of {len(payload)} bytes is not a decodable image")
+        return image, int(self.labels[index])
 
     def _where(self, index: int) -> str:
         return f"{self._rec_text}: key {self.image_keys[index]}"
@@ -757,9 +761,7 @@ class RecordDataset:
 
 def decode_image(payload: bytes, where: str) -> np.ndarray:
     """Encoded bytes -> BGR uint8 HxWx3, or a PlscError naming ``where``."""
-    image = None
-    if payload:
-        image = cv2.imdecode(np.frombuffer(payload, dtype=np.uint8), cv2.IMREAD_COLOR)
+    image = decode_image_bytes(payload)
     if image is None:
         raise PlscError(f"{where}: payload of {len(payload)} bytes is not a decodable image")
     return image

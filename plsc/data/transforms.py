@@ -79,6 +79,19 @@ def resize_square(image: np.ndarray, image_size: int) -> np.ndarray:
 PIXEL_SCALE = np.float32(1.0 / 127.5)
 
 
+def _opencv_writes_into_given_arrays() -> bool:
+    """Whether this OpenCV's cvtColor and split fill the arrays they are given (rather than allocating new
+    ones): probed once, so that the per-image path needs no check."""
+    image = np.arange(2 * 2 * 3, dtype=np.uint8).reshape(2, 2, 3)
+    converted, planes = np.empty_like(image), np.empty((3, 2, 2), dtype=np.uint8)
+    cv2.cvtColor(image, cv2.COLOR_BGR2RGB, dst=converted)
+    cv2.split(image, list(planes))
+    return np.array_equal(converted, image[..., ::-1]) and np.array_equal(planes, image.transpose(2, 0, 1))
+
+
+_WRITES_IN_PLACE = _opencv_writes_into_given_arrays()
+
+
 def write_pixels_in_layout(out: np.ndarray, image_bgr: np.ndarray, data_format: str, flip: bool = False):
     """BGR uint8 HWC -> RGB uint8 written into ``out``, optionally mirrored: [3, H, W] (NCHW) or [H, W, 3].
 
@@ -88,11 +101,11 @@ def write_pixels_in_layout(out: np.ndarray, image_bgr: np.ndarray, data_format: 
         image_bgr = cv2.flip(image_bgr, 1)
     if data_format == "NHWC":
         rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB, dst=out)
-        if not np.shares_memory(rgb, out):  # an OpenCV that allocated its own output instead
+        if not _WRITES_IN_PLACE:
             out[...] = rgb
         return
     planes = cv2.split(image_bgr, [out[2], out[1], out[0]])  # B, G, R straight into the R, G, B slots
-    if not np.shares_memory(planes[0], out[2]):  # an OpenCV that allocated its own planes instead
+    if not _WRITES_IN_PLACE:
         out[2], out[1], out[0] = planes
 
 
@@ -161,5 +174,6 @@ class TrainTransform(EvalTransform):
         """:meth:`pixels` written into ``out`` (a slot of the batch); ``flip`` is ignored when flipping is
         off."""
         _check_image(image)
-        image = resize_square(image, self.image_size)
+        if image.shape[0] != self.image_size or image.shape[1] != self.image_size:
+            image = resize_square(image, self.image_size)
         write_pixels_in_layout(out, image, self.data_format, self.flip and flip)
