@@ -23,9 +23,9 @@ from plsc.data import (
     build_train_loader,
     normalize_batch,
     read_image,
+    transforms,
 )
 from plsc.data.folder import _is_truncated_jpeg
-from plsc.data import transforms
 from plsc.data.transforms import flip_draws, normalize_pixels
 from plsc.errors import PlscError
 

@@ -29,7 +29,6 @@ import struct
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
-import cv2
 import numpy as np
 
 from plsc.data.folder import decode_image_bytes
