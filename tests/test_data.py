@@ -25,7 +25,7 @@ from plsc.data import (
     read_image,
     transforms,
 )
-from plsc.data.folder import _is_truncated_jpeg
+from plsc.data.folder import _is_truncated_jpeg, _read_file
 from plsc.data.transforms import flip_draws, normalize_pixels
 from plsc.errors import PlscError
 
@@ -153,6 +153,23 @@ def test_truncated_jpeg_is_detected_without_relying_on_opencv(tiny_dir):
     # bytes after the end-of-image marker (some cameras append data) do not make a whole image truncated
     assert not _is_truncated_jpeg(raw + b"trailing data")
     assert _is_truncated_jpeg(raw[: len(raw) // 2] + b"\xff\xd9"[:1])
+
+
+@pytest.mark.parametrize("size", [0, 1, 2**16 - 1, 2**16, 2**16 + 1, 2**17, 300_001])
+def test_files_are_read_whole_whatever_their_size_against_the_read_buffer(tmp_path, size):
+    content = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    (tmp_path / "file").write_bytes(content)
+    assert bytes(_read_file(tmp_path / "file")) == content
+    assert bytes(_read_file(tmp_path / "file")) == content  # again, with the buffer as the first read left it
+
+
+def test_a_large_image_reads_like_opencvs_imread(tmp_path):
+    noise = np.random.default_rng(0).integers(0, 256, (700, 500, 3), dtype=np.uint8)  # ~600 KB as JPEG
+    path = tmp_path / "large.jpg"
+    assert cv2.imwrite(str(path), noise) and path.stat().st_size > 4 * 2**16
+    np.testing.assert_array_equal(read_image(path), cv2.imread(str(path)))
+    with pytest.raises(PlscError, match=r"^cannot read image .*: Is a directory$"):
+        read_image(tmp_path)
 
 
 # --- folder data set: skip mode ---------------------------------------------------------------------------

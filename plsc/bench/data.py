@@ -133,14 +133,13 @@ def build_source_dataset(spec: DataBenchSpec):
 
 
 def encoded_images(dataset, indices) -> list[np.ndarray]:
-    """The encoded bytes of the data set's images ``indices`` (the files, or the .rec payloads)."""
-    from plsc.data.folder import FolderDataset
-    from plsc.data.recordio import unpack
+    """The encoded bytes of the data set's images ``indices`` (the files, or the .rec payloads), read as
+    the data set reads them."""
+    from plsc.data.folder import FolderDataset, _read_file
 
-    if isinstance(dataset, FolderDataset):
-        return [np.fromfile(dataset.image_path(i), dtype=np.uint8) for i in indices]
-    payloads = (unpack(dataset.reader.read(int(dataset.image_keys[i])))[1] for i in indices)
-    return [np.frombuffer(payload, dtype=np.uint8) for payload in payloads]
+    if isinstance(dataset, FolderDataset):  # copied out of the reusable read buffer
+        return [np.frombuffer(_read_file(dataset.image_path(i)), dtype=np.uint8).copy() for i in indices]
+    return [np.frombuffer(dataset.encoded(i), dtype=np.uint8) for i in indices]
 
 
 def raw_decode_rate(encoded: list[np.ndarray], decodes: int) -> float:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -44,23 +45,25 @@ _JPEG_EOI = b"\xff\xd9"
 # --- decoding ---
 
 
-def _is_truncated_jpeg(raw: bytes) -> bool:
-    """A JPEG whose last scan has no end-of-image marker after it was cut short.
+def _is_truncated_jpeg(raw) -> bool:
+    """A JPEG (any bytes-like object) whose last scan has no end-of-image marker after it was cut short.
 
     Some OpenCV builds decode such files "successfully" with grey rows (printing only a libjpeg warning), so
     we check ourselves. Inside entropy-coded data 0xFF is always followed by 0x00 or a restart marker, so the
     bytes FF DA (start of scan) and FF D9 (end of image) can only be real markers.
     """
-    if not raw.startswith(_JPEG_SOI):
+    if bytes(raw[:2]) != _JPEG_SOI:
         return False
-    if raw.endswith(_JPEG_EOI):  # the usual case, decided without searching the scan data (~2 us)
+    if bytes(raw[-2:]) == _JPEG_EOI:  # the usual case, decided without searching the scan data (~2 us)
         return False
+    raw = bytes(raw)
     return raw.rfind(_JPEG_EOI) < raw.rfind(_JPEG_SOS)
 
 
-def decode_image_bytes(data: bytes) -> np.ndarray | None:
-    """Encoded bytes -> BGR uint8 HxWx3, or None when they are not a complete image."""
-    if not data or _is_truncated_jpeg(data):
+def decode_image_bytes(data) -> np.ndarray | None:
+    """Encoded bytes (any bytes-like object) -> BGR uint8 HxWx3, or None when they are not a complete
+    image."""
+    if not len(data) or _is_truncated_jpeg(data):
         return None
     try:
         return cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
@@ -68,12 +71,33 @@ def decode_image_bytes(data: bytes) -> np.ndarray | None:
         return None
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read and decode one image file (read + imdecode, which unlike cv2.imread takes any path; a plain
-    read() is 15 us per small file against 27 us for np.fromfile)."""
+# Each thread's reusable read buffer (see _read_file); grown when a file does not fit.
+_read_buffers = threading.local()
+_FIRST_READ_BUFFER = 1 << 16
+
+
+def _read_file(path: str | os.PathLike) -> memoryview:
+    """The whole file, in this thread's reusable buffer: valid until the thread's next read. No buffered
+    file object and no allocation per image: 5 us per small file, against 11-12 us for open().read()."""
+    buffer = getattr(_read_buffers, "buffer", None) or bytearray(_FIRST_READ_BUFFER)
+    descriptor = os.open(path, os.O_RDONLY)
     try:
-        with open(path, "rb") as file:
-            data = file.read()
+        length = os.readv(descriptor, [buffer])
+        while length == len(buffer):  # it may not have fitted: a larger buffer, and read on
+            larger = bytearray(2 * len(buffer))
+            larger[:length] = buffer
+            buffer = larger
+            length += os.readv(descriptor, [memoryview(buffer)[length:]])
+    finally:
+        os.close(descriptor)
+    _read_buffers.buffer = buffer
+    return memoryview(buffer)[:length]
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read and decode one image file (read + imdecode, which unlike cv2.imread takes any path)."""
+    try:
+        data = _read_file(path)
     except OSError as exc:
         raise PlscError(f"cannot read image {path}: {exc.strerror or exc}") from None
     image = decode_image_bytes(data)

@@ -352,8 +352,9 @@ class RecordReader:
         return words, first_word, length, flag, whole
 
     def read_span(self, offset: int, length: int) -> bytes:
-        """``length`` bytes of the file from ``offset`` (a span from :meth:`payload_spans`)."""
-        return self._pread(length, offset)
+        """``length`` bytes of the file from ``offset`` (a span from :meth:`payload_spans`, which lies in the
+        file: no size check)."""
+        return self._mapped()[offset : offset + length]
 
     def __iter__(self) -> Iterator[bytes]:
         """Every record in file order (ignores the ``.idx``)."""
@@ -742,17 +743,18 @@ class RecordDataset:
         return len(self.image_keys)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} images")
-        start = int(self._payload_starts[index])
-        if start >= 0:
-            payload = self.reader.read_span(start, int(self._payload_lengths[index]))
-        else:
-            _, payload = unpack(self.reader.read_at(int(self.image_offsets[index])), self._where(index))
+        payload = self.encoded(index)
         image = decode_image_bytes(payload)
         if image is None:  # the message is only built when needed (it costs as much as the read)
             raise PlscError(f"{self._where(index)}: payload of {len(payload)} bytes is not a decodable image")
         return image, int(self.labels[index])
+
+    def encoded(self, index: int) -> bytes:
+        """Image ``index``'s encoded bytes (the record's payload)."""
+        start = int(self._payload_starts[index])  # numpy's IndexError when out of range
+        if start >= 0:
+            return self.reader.read_span(start, int(self._payload_lengths[index]))
+        return unpack(self.reader.read_at(int(self.image_offsets[index])), self._where(index))[1]
 
     def _where(self, index: int) -> str:
         return f"{self._rec_text}: key {self.image_keys[index]}"

@@ -42,7 +42,7 @@ import paddle
 from plsc.errors import PlscError
 
 # Batches in flight per worker: one being built, one waiting to be taken.
-PREFETCH_PER_WORKER = 2
+PREFETCH_PER_WORKER = 4
 # How often a waiting process checks that its peer is still alive, in seconds.
 POLL_S = 1.0
 
