@@ -521,6 +521,65 @@ def test_an_epoch_left_early_does_not_disturb_the_next(tiny_dir):
         np.testing.assert_array_equal(images, reference)
 
 
+def test_batches_kept_by_the_caller_stay_intact(tiny_dir):
+    # list(loader) keeps every batch: at most (slots - workers) are lent, the rest are copies, and no slot is
+    # built into while a kept tensor still uses it
+    dataset = FolderDataset(tiny_dir)
+    settings = dict(batch_size=24, image_size=32, seed=6)
+    loader, sampler = build_train_loader(dataset, num_workers=2, **settings)
+    try:
+        for epoch in (0, 1):
+            sampler.set_epoch(epoch)
+            kept = list(loader)
+            expected = _in_process_batches(dataset, epoch, **settings)
+            assert len(kept) == len(expected) == 10
+            for (images, _), reference in zip(kept, expected, strict=True):
+                np.testing.assert_array_equal(images.numpy(), reference)
+    finally:
+        loader.close()
+
+
+def _slot_memory(loader) -> tuple[int, int]:
+    return loader._images.ctypes.data, loader._images.ctypes.data + loader._images.nbytes
+
+
+def test_a_lent_batch_is_the_slots_memory_and_its_slot_returns_when_dropped(tiny_dir):
+    loader, sampler = build_train_loader(FolderDataset(tiny_dir), batch_size=24, image_size=32, num_workers=2)
+    try:
+        batches = iter(loader)
+        images, _ = next(batches)
+        slots = len(loader._images)
+        if int(paddle.__version__.split(".")[0]) >= 3:  # from_dlpack wraps the memory: no copy
+            start, end = _slot_memory(loader)
+            assert start <= images.data_ptr() < end
+        expected = images.numpy().copy()
+        next(batches)  # built while `images` is kept: not in its slot
+        np.testing.assert_array_equal(images.numpy(), expected)
+        del images
+        while next(batches, None) is not None:  # each batch dropped at once: its slot comes back every time
+            pass
+        assert sorted(loader._free_slots) == list(range(slots))
+    finally:
+        loader.close()
+
+
+def test_a_batch_kept_past_close_stays_valid_and_its_slot_is_not_taken_back(tiny_dir):
+    settings = dict(batch_size=24, image_size=32, seed=2)
+    loader, sampler = build_train_loader(FolderDataset(tiny_dir), num_workers=2, **settings)
+    try:
+        images, _ = next(iter(loader))
+        expected = _in_process_batches(FolderDataset(tiny_dir), 0, **settings)
+        loader.close()  # the workers and their mapping go; the kept batch keeps its memory
+        got = [batch.numpy() for batch, _ in loader]  # new workers, new slots
+        np.testing.assert_array_equal(images.numpy(), expected[0])
+        del images  # a slot of the old mapping: not put among the new ones
+        assert sorted(loader._free_slots) == list(range(len(loader._images)))
+        for batch, reference in zip(got, expected, strict=True):
+            np.testing.assert_array_equal(batch, reference)
+    finally:
+        loader.close()
+
+
 def test_a_new_iteration_ends_one_still_held(tiny_dir):
     dataset = FolderDataset(tiny_dir)
     settings = dict(batch_size=24, image_size=32, seed=5)

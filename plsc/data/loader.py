@@ -135,8 +135,15 @@ class TrainBatches:
 
 
 def normalize_batch(pixels: paddle.Tensor) -> paddle.Tensor:
-    """A loader batch (uint8 pixels) -> the model's float32 input in [-1, 1], on the tensor's device; the
-    same values as plsc.data.transforms.normalize_pixels (two roundings, as numpy makes them)."""
+    """A loader batch (uint8 pixels) -> the model's float32 input in [-1, 1], on the training device; the
+    same values as plsc.data.transforms.normalize_pixels (two roundings, as numpy makes them).
+
+    A batch lent by the loader's workers is host memory (plsc.data.workers); on an accelerator it is copied
+    to the device first, the one copy a batch needs there.
+    """
+    device = paddle.device.get_device()
+    if device != "cpu" and pixels.place.is_cpu_place():
+        pixels = paddle.to_tensor(pixels, place=device)
     return pixels.astype("float32") * float(PIXEL_SCALE) - 1.0
 
 

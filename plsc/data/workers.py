@@ -28,21 +28,24 @@ Linux only (the workers are forked, so the mappings and the data set need no pic
 
 from __future__ import annotations
 
+import collections
 import mmap
 import multiprocessing
 import os
 import signal
 import traceback
+import weakref
 from collections.abc import Iterator
 
 import cv2
 import numpy as np
 import paddle
+from paddle.utils.dlpack import from_dlpack
 
 from plsc.errors import PlscError
 
 # Batches in flight per worker: one being built, one waiting to be taken.
-PREFETCH_PER_WORKER = 4
+PREFETCH_PER_WORKER = 2
 # How often a waiting process checks that its peer is still alive, in seconds.
 POLL_S = 1.0
 
@@ -103,6 +106,8 @@ class TrainLoader:
         self._connections: list = []  # the main process's end of each worker's pipe
         self._images: np.ndarray | None = None  # [slots, B, ...] uint8
         self._labels: np.ndarray | None = None  # [slots, B] int64
+        self._free_slots: collections.deque[int] = collections.deque()  # neither being built nor lent
+        self._generation = 0  # of the slots: a lent slot coming back after close() is not reused
         self._epoch: Iterator | None = None  # the iteration using the slots
 
     def __len__(self) -> int:
@@ -134,6 +139,7 @@ class TrainLoader:
         batch_size = self.sampler.batch_size
         self._images = _shared_array((count, batch_size, *self.batches.transform.pixel_shape), np.uint8)
         self._labels = _shared_array((count, batch_size), np.int64)
+        self._free_slots = collections.deque(range(count))
         context = multiprocessing.get_context("fork")
         parent = os.getpid()
         for worker in range(self.num_workers):
@@ -148,24 +154,29 @@ class TrainLoader:
             self._connections.append(ours)
 
     def _from_workers(self, keys) -> Iterator[tuple[paddle.Tensor, paddle.Tensor]]:
-        slots = len(self._images)
+        slot_of: dict[int, int] = {}  # batch sequence -> the slot it is built in
         submitted = received = 0  # batches handed to workers; replies read (always in batch order)
 
-        def submit_up_to(limit: int) -> int:
-            for sequence in range(submitted, min(limit, len(keys))):
-                self._connections[sequence % self.num_workers].send((sequence % slots, keys[sequence]))
-            return max(submitted, min(limit, len(keys)))
+        def submit_while_free() -> int:
+            sequence = submitted
+            while sequence < len(keys) and self._free_slots:
+                slot_of[sequence] = slot = self._free_slots.popleft()
+                self._connections[sequence % self.num_workers].send((slot, keys[sequence]))
+                sequence += 1
+            return sequence
 
         try:
-            submitted = submit_up_to(slots)
             while received < len(keys):
+                submitted = submit_while_free()
                 reply = self._reply(received)
+                slot = slot_of.pop(received)
                 received += 1
-                _raise_if_failed(reply)
-                slot = (received - 1) % slots
-                # copies: the slot is free again
-                images, labels = paddle.to_tensor(self._images[slot]), paddle.to_tensor(self._labels[slot])
-                submitted = submit_up_to(received + slots)
+                if reply is not None:
+                    self._free_slots.append(slot)
+                    _raise_if_failed(reply)
+                labels = paddle.to_tensor(self._labels[slot])
+                images = self._hand_over(slot, in_flight=submitted - received)
+                submitted = submit_while_free()
                 yield images, labels
         finally:
             # An epoch left early (max_steps, a signal, an error): batches still being built would land in
@@ -173,9 +184,27 @@ class TrainLoader:
             try:
                 while self._workers and received < submitted:
                     self._reply(received)
+                    self._free_slots.append(slot_of.pop(received))
                     received += 1
             except WorkerFailed:  # a worker died meanwhile: close() stopped them all
                 pass
+
+    def _hand_over(self, slot: int, in_flight: int) -> paddle.Tensor:
+        """The images of a filled slot as a tensor: lent (the tensor is the slot's memory, which returns to
+        the pool once no tensor uses it any more), or copied when lending it would leave fewer than one slot
+        per worker to build batches in, as when the caller keeps many batches (``list(loader)``)."""
+        lent = len(self._images) - len(self._free_slots) - in_flight - 1  # besides this one
+        if lent + 1 > len(self._images) - self.num_workers:
+            images = paddle.to_tensor(self._images[slot])
+            self._free_slots.append(slot)
+            return images
+        view = self._images[slot]  # a view of its own, which the tensor holds for as long as it lives
+        weakref.finalize(view, self._return_slot, self._generation, slot)
+        return from_dlpack(view.__dlpack__())
+
+    def _return_slot(self, generation: int, slot: int) -> None:
+        if generation == self._generation:  # not a slot of a mapping that close() has since let go
+            self._free_slots.append(slot)
 
     def _reply(self, sequence: int):
         """The reply to batch ``sequence`` (None once its slot is filled, or the worker's error)."""
@@ -214,7 +243,10 @@ class TrainLoader:
                 process.join()
         for connection in connections:
             connection.close()
+        # Tensors still lent keep their views, and so the mapping, alive; their slots are not taken back.
         self._images = self._labels = None
+        self._free_slots = collections.deque()
+        self._generation += 1
 
     def __del__(self) -> None:
         try:
