@@ -2,7 +2,7 @@
 
 The pytest-benchmark cases time in this process (threads: OMP_NUM_THREADS, which ``make bench`` sets to the
 core count); the report cases run ``bench_data`` (a fresh process per source) and ``bench_verify`` and write
-bench/results/data_folder.json, data_rec.json and verify.json, the README's inputs. Data: ../shared/data/
+bench/results/data_{folder,rec}[_1worker].json and verify.json, the README's inputs. Data: ../shared/data/
 faces-mini when present (4,878 LFW faces), else the bundled data/tiny. Nothing here asserts on time.
 """
 
@@ -84,11 +84,14 @@ def test_verification_evaluate(benchmark):
     benchmark.pedantic(evaluate, args=(embeddings, issame), rounds=ROUNDS, warmup_rounds=1, iterations=1)
 
 
+@pytest.mark.parametrize("one_worker", [False, True], ids=["all_cores", "one_worker"])
 @pytest.mark.parametrize("source", ["folder", "rec"])
-def test_data_report(source, results_dir):
-    """``plsc bench data`` with all cores as workers, written to bench/results/data_<source>.json."""
-    result = bench_data(spec_for(source, REPORT_WORKERS))
-    (results_dir / f"data_{source}.json").write_text(json.dumps(result, indent=1) + "\n")
+def test_data_report(source, one_worker, results_dir):
+    """``plsc bench data`` with all cores as workers, and with one (the main process then has a core of its
+    own), written to bench/results/data_<source>[_1worker].json."""
+    result = bench_data(spec_for(source, 1 if one_worker else REPORT_WORKERS))
+    name = f"data_{source}_1worker" if one_worker else f"data_{source}"
+    (results_dir / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"\n{table(result)}")
     assert result["pipeline_images_per_s"] > 0
 

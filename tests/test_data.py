@@ -477,6 +477,25 @@ def test_normalize_batch_equals_the_numpy_formula_for_every_pixel_value():
     np.testing.assert_array_equal(normalised, normalize_pixels(pixels))
 
 
+def test_normalize_batch_copies_a_host_batch_to_the_accelerator_first(monkeypatch):
+    # no accelerator here: the device query and the copy are stand-ins that record what they were asked
+    pixels = paddle.to_tensor(np.arange(12, dtype=np.uint8).reshape(1, 3, 2, 2))
+    copies = []
+
+    def copy_to(data, place=None):
+        copies.append(place)
+        return data
+
+    monkeypatch.setattr(paddle.device, "get_device", lambda: "gpu:0")
+    monkeypatch.setattr(paddle, "to_tensor", copy_to)
+    normalised = normalize_batch(pixels)
+    assert copies == ["gpu:0"]
+    np.testing.assert_array_equal(normalised.numpy(), normalize_pixels(pixels.numpy()))
+    monkeypatch.setattr(paddle.device, "get_device", lambda: "cpu")
+    normalize_batch(pixels)
+    assert copies == ["gpu:0"]  # on the CPU the batch is used where it is
+
+
 def test_loader_is_identical_with_and_without_workers(tiny_dir):
     dataset = FolderDataset(tiny_dir)
     results = {}

@@ -63,7 +63,7 @@ def _add_data(kinds) -> None:
     data.add_argument("--workers", type=int, required=True,
                       help="loader worker processes (0: the main process decodes)")
     data.add_argument("--root", default=None, help="data folder (default: the bundled data/tiny)")
-    data.add_argument("--batches", type=int, default=40, help="timed batches")
+    data.add_argument("--batches", type=int, default=None, help="timed batches (default: DataBenchSpec's 150)")
     data.add_argument("--warmup", type=int, default=3, help="untimed batches first")
     data.add_argument("--batch-size", type=int, default=64)
     data.add_argument("--image-size", type=int, default=112,
@@ -155,7 +155,8 @@ def run_data_command(args) -> int:
     from plsc.bench.data import BUNDLED_ROOT, DataBenchSpec, bench_data, table
 
     spec = DataBenchSpec(
-        source=args.source, root=args.root or str(BUNDLED_ROOT), workers=args.workers, batches=args.batches,
+        source=args.source, root=args.root or str(BUNDLED_ROOT), workers=args.workers,
+        batches=DataBenchSpec.batches if args.batches is None else args.batches,
         warmup=args.warmup, batch_size=args.batch_size, image_size=args.image_size, threads=args.threads,
     )
     return show(bench_data(spec), table, args.json)

@@ -4,7 +4,7 @@
     python -m plsc.bench.report --check    # exit 1 when README.md or the PNG is stale, 0 when both are fresh
 
 Inputs are the JSON files of ``plsc bench head|data|train|verify`` (and bench/test_head_bench.py): head_1M,
-head_4M, head_fp16_1M, head_scaling, data_folder, data_rec, train_* and verify. A missing file renders as
+head_4M, head_fp16_1M, head_scaling, data_{folder,rec}[_1worker], train_* and verify. A missing file renders as
 "not measured". The section sits between ``<!-- bench:begin -->`` and ``<!-- bench:end -->``; everything
 outside the markers is left alone. Rendering is a pure function of the files, and the PNG is drawn with fixed
 size, dpi, style and no metadata, so regenerating gives identical bytes (as repro/report.py does).
@@ -34,7 +34,9 @@ NOT_MEASURED = "not measured"
 NONE = "—"
 HEAD_RUNS = {"head_1M": "1M classes, ratio 0.1", "head_4M": "4M classes, ratio 0.025",
              "head_fp16_1M": "1M classes, ratio 0.1, fp16 centers"}
-DATA_RUNS = {"data_folder": "folder (JPEG files)", "data_rec": "RecordIO (.rec/.idx)"}
+# all cores as workers, and one worker (the main process then has a core of its own)
+DATA_RUNS = {"data_folder": "folder (JPEG files)", "data_rec": "RecordIO (.rec/.idx)",
+             "data_folder_1worker": "folder (JPEG files), 1 worker", "data_rec_1worker": "RecordIO, 1 worker"}
 HEAD_PHASES = ("sample", "gather", "forward", "backward", "update")
 TRAIN_PHASES = ("data", "backbone", "head", "optimizer")
 FIGURE_SIZE_IN, FIGURE_DPI = (12.0, 4.0), 100
