@@ -63,7 +63,7 @@ def _add_data(kinds) -> None:
     data.add_argument("--workers", type=int, required=True,
                       help="loader worker processes (0: the main process decodes)")
     data.add_argument("--root", default=None, help="data folder (default: the bundled data/tiny)")
-    data.add_argument("--batches", type=int, default=None, help="timed batches (default: DataBenchSpec's 150)")
+    data.add_argument("--batches", type=int, default=None, help="timed batches (default 150)")
     data.add_argument("--warmup", type=int, default=3, help="untimed batches first")
     data.add_argument("--batch-size", type=int, default=64)
     data.add_argument("--image-size", type=int, default=112,

@@ -4,8 +4,8 @@
     python -m plsc.bench.report --check    # exit 1 when README.md or the PNG is stale, 0 when both are fresh
 
 Inputs are the JSON files of ``plsc bench head|data|train|verify`` (and bench/test_head_bench.py): head_1M,
-head_4M, head_fp16_1M, head_scaling, data_{folder,rec}[_1worker], train_* and verify. A missing file renders as
-"not measured". The section sits between ``<!-- bench:begin -->`` and ``<!-- bench:end -->``; everything
+head_4M, head_fp16_1M, head_scaling, data_{folder,rec}[_1worker], train_* and verify. A missing file renders
+as "not measured". The section sits between ``<!-- bench:begin -->`` and ``<!-- bench:end -->``; everything
 outside the markers is left alone. Rendering is a pure function of the files, and the PNG is drawn with fixed
 size, dpi, style and no metadata, so regenerating gives identical bytes (as repro/report.py does).
 """
