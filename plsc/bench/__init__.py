@@ -64,7 +64,8 @@ def _add_data(kinds) -> None:
                       help="loader worker processes (0: the main process decodes)")
     data.add_argument("--root", default=None, help="data folder (default: the bundled data/tiny)")
     data.add_argument("--batches", type=int, default=None, help="timed batches (default 150)")
-    data.add_argument("--warmup", type=int, default=3, help="untimed batches first")
+    data.add_argument("--warmup", type=int, default=3, help="untimed batches first, in each round")
+    data.add_argument("--rounds", type=int, default=3, help="raw decode + pipeline measurements (median)")
     data.add_argument("--batch-size", type=int, default=64)
     data.add_argument("--image-size", type=int, default=112,
                       help="training image size (images are resized when it differs)")
@@ -157,7 +158,8 @@ def run_data_command(args) -> int:
     spec = DataBenchSpec(
         source=args.source, root=args.root or str(BUNDLED_ROOT), workers=args.workers,
         batches=DataBenchSpec.batches if args.batches is None else args.batches,
-        warmup=args.warmup, batch_size=args.batch_size, image_size=args.image_size, threads=args.threads,
+        warmup=args.warmup, rounds=args.rounds, batch_size=args.batch_size, image_size=args.image_size,
+        threads=args.threads,
     )
     return show(bench_data(spec), table, args.json)
 

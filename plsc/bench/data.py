@@ -51,7 +51,8 @@ class DataBenchSpec:
     source: str  # folder or rec
     root: str  # folder: holds label.txt and images/; rec: holds rec_file and its .idx
     workers: int
-    batches: int = 150  # timed batches (~0.5 s of pipeline: a steadier rate than a shorter run)
+    batches: int = 150  # timed batches per round (~0.5 s of pipeline)
+    rounds: int = 3  # raw decode then pipeline, this many times (a new epoch each; the workers stay)
     warmup: int = 3  # untimed batches first (worker start-up, first reads)
     batch_size: int = 64
     image_size: int = 112
@@ -67,7 +68,7 @@ def check_spec(spec: DataBenchSpec) -> None:
     """One-line PlscErrors for bad arguments, before any process is started."""
     if spec.source not in SOURCES:
         raise PlscError(f"--source must be one of {', '.join(SOURCES)}, got {spec.source!r}")
-    for name in ("batches", "batch_size", "image_size", "threads"):
+    for name in ("batches", "rounds", "batch_size", "image_size", "threads"):
         if getattr(spec, name) < 1:
             raise PlscError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(spec, name)}")
     if spec.workers < 0 or spec.warmup < 0:
@@ -190,47 +191,56 @@ def stage_costs(dataset, spec: DataBenchSpec, count: int) -> dict[str, float]:
     return {stage: 1e6 * seconds / count for stage, seconds in clock.wall.items()}
 
 
-def pipeline_batch_times(dataset, spec: DataBenchSpec) -> list[float]:
-    """Seconds each timed batch took to arrive from the real training loader (after ``spec.warmup``)."""
-    from plsc.data.loader import build_train_loader
-
-    total = spec.warmup + spec.batches
-    repeated = RepeatedDataset(dataset, repeats_needed(len(dataset), total, spec.batch_size))
-    loader, sampler = build_train_loader(repeated, batch_size=spec.batch_size, image_size=spec.image_size,
-                                         num_workers=spec.workers, seed=spec.seed)
-    sampler.set_epoch(0)
+def pipeline_batch_times(loader, sampler, epoch: int, spec: DataBenchSpec) -> list[float]:
+    """Seconds each timed batch of ``epoch`` took to arrive from the training loader, after ``spec.warmup``
+    untimed ones."""
+    sampler.set_epoch(epoch)
     times = []
     batches = iter(loader)
-    for index in range(total):
+    for index in range(spec.warmup + spec.batches):
         started = time.perf_counter()
         next(batches)
         if index >= spec.warmup:
             times.append(time.perf_counter() - started)
-    del batches  # shuts the workers down before the process reports
+    batches.close()
     return times
 
 
 def measure(spec: DataBenchSpec) -> dict:
     import paddle
 
+    from plsc.data.loader import build_train_loader
+
     dataset = build_source_dataset(spec)
     images_timed = spec.batches * spec.batch_size
     encoded = encoded_images(dataset, range(min(len(dataset), images_timed)))
-    raw = raw_decode_rate(encoded, images_timed)
     stages = stage_costs(dataset, spec, len(encoded))
-    times = pipeline_batch_times(dataset, spec)
-    pipeline = images_timed / sum(times)
+    repeats = repeats_needed(len(dataset), spec.warmup + spec.batches, spec.batch_size)
+    repeated = RepeatedDataset(dataset, repeats)
+    loader, sampler = build_train_loader(repeated, batch_size=spec.batch_size, image_size=spec.image_size,
+                                         num_workers=spec.workers, seed=spec.seed)
+    rounds = []  # (raw decode, pipeline) images/s, measured back to back
+    for epoch in range(spec.rounds):
+        raw = raw_decode_rate(encoded, images_timed)
+        times = pipeline_batch_times(loader, sampler, epoch, spec)
+        rounds.append((raw, images_timed / sum(times)))
+    loader.close()
+    raws, pipelines = [raw for raw, _ in rounds], [pipeline for _, pipeline in rounds]
+    divisor = max(spec.workers, 1)
     return {
-        "pipeline_images_per_s": pipeline,
-        "raw_decode_images_per_s": raw,
+        "pipeline_images_per_s": float(np.median(pipelines)),
+        "raw_decode_images_per_s": float(np.median(raws)),
         "workers": spec.workers,
-        "ratio_to_workers_x_raw": pipeline / (raw * max(spec.workers, 1)),
+        # Each round's pipeline over the raw rate measured just before it: steadier than a ratio of medians.
+        "ratio_to_workers_x_raw": float(np.median([pipeline / (raw * divisor) for raw, pipeline in rounds])),
+        "rounds": [{"raw_decode_images_per_s": raw, "pipeline_images_per_s": pipeline}
+                   for raw, pipeline in rounds],
         "dataset_images": len(dataset),
         "images_timed": images_timed,
         "raw_decode_distinct_images": len(encoded),
         "stage_us_per_image": stages,
-        "batch_s_median": float(np.median(times)),
-        "batch_s_all": times,
+        "batch_s_median_last_round": float(np.median(times)),
+        "batch_s_all_last_round": times,
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
         "paddle_version": paddle.__version__,
@@ -246,16 +256,17 @@ def method_notes(spec: DataBenchSpec) -> dict:
         "pipeline_method": f"{spec.batches} batches of {spec.batch_size} from plsc.data.loader."
                            f"build_train_loader over build_dataset(source={spec.source}) with {spec.workers} "
                            f"workers, after {spec.warmup} untimed batches; images / summed wait for each "
-                           f"batch (next(loader)); small data sets repeated within one epoch",
+                           f"batch (next(loader)); small data sets repeated within one epoch; median of "
+                           f"{spec.rounds} rounds (epochs of the same loader)",
         "raw_decode_method": "cv2.imdecode(IMREAD_COLOR) of the same encoded bytes held in memory, one "
                              "process, cv2.setNumThreads(1), same process and run as the pipeline, just "
-                             "before it",
+                             f"before each of its rounds; median of {spec.rounds}",
         "stage_method": "microseconds per image of read, cv2.imdecode, flip_draws + TrainTransform."
                         "write_pixels into the batch array (the workers' share), from_dlpack of the batch "
                         "and to_tensor of the labels (the main process's hand-over) and normalize_batch (the "
                         "trainer's, on the batch tensor), batch by batch in the "
                         "measuring process (default cv2 threads) over the raw decode's distinct images",
-        "ratio_method": f"pipeline_images_per_s / (raw_decode_images_per_s x {workers})"
+        "ratio_method": f"median over rounds of pipeline / (raw decode just before it x {workers})"
                         + (" (0 workers: the main process decodes)" if spec.workers == 0 else ""),
     }
 
