@@ -229,6 +229,35 @@ def test_sparse_momentum_matches_numpy_over_several_steps(mode):
         )
 
 
+def test_rows_gathered_into_kept_memory_train_exactly_like_fresh_ones(monkeypatch):
+    # Paddle 3.x gathers the sampled rows into the same buffer every step; each step's leaf must still start
+    # with an empty gradient. Reference: the same head gathering into a new tensor each step (2.6's way).
+    from plsc.loss import partial_fc, sparse_momentum
+
+    assert sparse_momentum.GATHER_WRITES_INTO == (int(paddle.__version__.split(".")[0]) >= 3)
+    rng = np.random.default_rng(8)
+    steps = [(rng.standard_normal((6, 8)).astype(np.float32), rng.integers(0, 40, size=6)) for _ in range(4)]
+
+    def train(kept: bool):
+        monkeypatch.setattr(partial_fc, "GATHER_WRITES_INTO", kept and sparse_momentum.GATHER_WRITES_INTO)
+        monkeypatch.setattr(sparse_momentum, "GATHER_WRITES_INTO", kept and sparse_momentum.GATHER_WRITES_INTO)
+        head = PartialFC(40, 8, ARCFACE, sample_ratio=0.25, seed=3)  # k = 10 every step: one buffer
+        grads = []
+        for step, (embeddings, labels) in enumerate(steps):
+            head(paddle.to_tensor(embeddings), paddle.to_tensor(labels), step).backward()
+            grads.append(head.sampled_grad.numpy().copy())
+            if kept and head.gathered_rows_scratch.tensor is not None:  # the leaf is the buffer's memory
+                assert head._sampled.data_ptr() == head.gathered_rows_scratch.tensor.data_ptr()
+            head.step(0.1, 0.9, 5e-4)
+        return grads, head.weight.numpy(), head.velocity.numpy()
+
+    fresh, kept = train(kept=False), train(kept=True)
+    for got, expected in zip(kept[0], fresh[0], strict=True):
+        np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(kept[1], fresh[1])
+    np.testing.assert_array_equal(kept[2], fresh[2])
+
+
 def test_fp16_storage_halves_bytes_and_tracks_fp32():
     rng = np.random.default_rng(7)
     heads = {

@@ -17,6 +17,7 @@ size costs more in page faults than the arithmetic itself.
 from __future__ import annotations
 
 import ctypes
+import inspect
 
 import cv2
 import numpy as np
@@ -31,13 +32,23 @@ DENSE_BLOCK_ROWS = 16384
 UPDATE_BLOCK_ROWS = 1024
 
 
-def gather_rows(matrix: paddle.Tensor, index: paddle.Tensor) -> paddle.Tensor:
-    """``matrix[index]`` as float32, whatever the storage dtype."""
+# Paddle 3.x's index_select can write into a given tensor; 2.6's has no ``out`` parameter.
+GATHER_WRITES_INTO = "out" in inspect.signature(paddle.index_select).parameters
+
+
+def gather_rows(matrix: paddle.Tensor, index: paddle.Tensor, out: paddle.Tensor | None = None
+                ) -> paddle.Tensor:
+    """``matrix[index]`` as float32, whatever the storage dtype. ``out``: a float32 [len(index), emb] tensor
+    to write a float32 matrix's rows into, where this Paddle can (``GATHER_WRITES_INTO``); otherwise, and for
+    float16 storage, the rows are a new tensor. Returns the rows."""
     if matrix.dtype == paddle.float16:
         # Paddle's CPU gather has no float16 kernel; bfloat16 has one in 2.6 and 3.x and the same width, so
         # the bits move through a free view and are never interpreted as bfloat16 numbers.
         rows = paddle.view(paddle.gather(paddle.view(matrix, "bfloat16"), index), "float16")
         return cast(rows, paddle.float32)
+    if out is not None and GATHER_WRITES_INTO and matrix.dtype == paddle.float32:
+        paddle.index_select(matrix, index, out=out)
+        return out
     return as_float32(paddle.gather(matrix, index))
 
 
