@@ -234,13 +234,15 @@ def test_rows_gathered_into_kept_memory_train_exactly_like_fresh_ones(monkeypatc
     # with an empty gradient. Reference: the same head gathering into a new tensor each step (2.6's way).
     from plsc.loss import partial_fc, sparse_momentum
 
-    assert sparse_momentum.GATHER_WRITES_INTO == (int(paddle.__version__.split(".")[0]) >= 3)
+    supported = sparse_momentum.GATHER_WRITES_INTO
+    assert supported == (int(paddle.__version__.split(".")[0]) >= 3)
     rng = np.random.default_rng(8)
     steps = [(rng.standard_normal((6, 8)).astype(np.float32), rng.integers(0, 40, size=6)) for _ in range(4)]
 
     def train(kept: bool):
-        monkeypatch.setattr(partial_fc, "GATHER_WRITES_INTO", kept and sparse_momentum.GATHER_WRITES_INTO)
-        monkeypatch.setattr(sparse_momentum, "GATHER_WRITES_INTO", kept and sparse_momentum.GATHER_WRITES_INTO)
+        writes_into = kept and supported
+        monkeypatch.setattr(partial_fc, "GATHER_WRITES_INTO", writes_into)
+        monkeypatch.setattr(sparse_momentum, "GATHER_WRITES_INTO", writes_into)
         head = PartialFC(40, 8, ARCFACE, sample_ratio=0.25, seed=3)  # k = 10 every step: one buffer
         grads = []
         for step, (embeddings, labels) in enumerate(steps):

@@ -300,8 +300,8 @@ class PartialFC:
         if GATHER_WRITES_INTO and self.weight.dtype == paddle.float32:
             shape = [self._index.shape[0], self.embedding_size]
             out = self.gathered_rows_scratch.shaped(shape, paddle.float32)
-        # A new leaf on the rows' memory each step: its gradient starts empty, as a fresh gather's does (Paddle
-        # adds each backward's gradient to what a leaf already holds).
+        # A new leaf on the rows' memory each step: its gradient starts empty, as a fresh gather's does
+        # (Paddle adds each backward's gradient to what a leaf already holds).
         sampled = gather_rows(self.weight, self._index, out).detach()
         sampled.stop_gradient = False
         self._sampled = sampled
