@@ -165,7 +165,7 @@ class TrainLoader:
             sequence = submitted
             while sequence < len(keys) and self._free_slots:
                 slot_of[sequence] = slot = self._free_slots.popleft()
-                self._connections[sequence % self.num_workers].send((slot, keys[sequence]))
+                self._send(sequence % self.num_workers, (slot, keys[sequence]))
                 sequence += 1
             return sequence
 
@@ -210,6 +210,12 @@ class TrainLoader:
         if generation == self._generation:  # not a slot of a mapping that close() has since let go
             self._free_slots.append(slot)
 
+    def _send(self, worker: int, task) -> None:
+        try:
+            self._connections[worker].send(task)
+        except OSError:  # its end closed (a broken pipe): the worker is gone
+            self._worker_gone(worker)
+
     def _reply(self, sequence: int):
         """The reply to batch ``sequence`` (None once its slot is filled, or the worker's error)."""
         worker = sequence % self.num_workers
@@ -219,9 +225,14 @@ class TrainLoader:
                 self._check_alive()
             return connection.recv()
         except (EOFError, OSError):  # its end closed: the worker is gone
-            self._workers[worker].join(timeout=POLL_S)
-            self._check_alive()
-            raise WorkerFailed(f"data loader worker {self._workers[worker].name} closed its pipe") from None
+            self._worker_gone(worker)
+
+    def _worker_gone(self, worker: int) -> None:
+        """Raise WorkerFailed for a worker whose pipe closed (with its exit code once it has exited)."""
+        name = self._workers[worker].name
+        self._workers[worker].join(timeout=POLL_S)
+        self._check_alive()
+        raise WorkerFailed(f"data loader worker {name} closed its pipe") from None
 
     def _check_alive(self) -> None:
         for process in self._workers:
