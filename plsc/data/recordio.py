@@ -743,7 +743,7 @@ class RecordDataset:
         payload = self.encoded(index)
         image = decode_image_bytes(payload)
         if image is None:  # the message is only built when needed (it costs as much as the read)
-            raise PlscError(f"{self._where(index)}: payload of {len(payload)} bytes is not a decodable image")
+            raise _undecodable(self._where(index), payload)
         return image, int(self.labels[index])
 
     def encoded(self, index: int) -> bytes:
@@ -761,5 +761,9 @@ def decode_image(payload: bytes, where: str) -> np.ndarray:
     """Encoded bytes -> BGR uint8 HxWx3, or a PlscError naming ``where``."""
     image = decode_image_bytes(payload)
     if image is None:
-        raise PlscError(f"{where}: payload of {len(payload)} bytes is not a decodable image")
+        raise _undecodable(where, payload)
     return image
+
+
+def _undecodable(where: str, payload: bytes) -> PlscError:
+    return PlscError(f"{where}: payload of {len(payload)} bytes is not a decodable image")

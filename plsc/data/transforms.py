@@ -174,6 +174,5 @@ class TrainTransform(EvalTransform):
         """:meth:`pixels` written into ``out`` (a slot of the batch); ``flip`` is ignored when flipping is
         off."""
         _check_image(image)
-        if image.shape[0] != self.image_size or image.shape[1] != self.image_size:
-            image = resize_square(image, self.image_size)
+        image = resize_square(image, self.image_size)
         write_pixels_in_layout(out, image, self.data_format, self.flip and flip)

@@ -20,7 +20,7 @@ import paddle.nn.functional as F
 
 from plsc.distributed import LocalComm, shard_classes
 from plsc.loss.margin import Margin, in_place_allowed, margin_softmax_cross_entropy
-from plsc.loss.sparse_momentum import GATHER_WRITES_INTO, UPDATES, gather_rows
+from plsc.loss.sparse_momentum import UPDATES, gather_rows, gathers_into
 
 # Initial centers: N(0, INIT_STD^2), generated per block of classes so that a class's row depends only on
 # (seed, class id), never on how classes are sharded, and no float64 copy of the matrix ever exists.
@@ -276,7 +276,7 @@ class PartialFC:
         # Replaceable by a fused kernel that passed its start-up parity check (plsc.loss.fast_paths).
         self.margin_loss = margin_softmax_loss
         self.center_grad_scratch = ScratchRows()
-        # The sampled rows, gathered into the same memory every step where Paddle can (GATHER_WRITES_INTO):
+        # The sampled rows, gathered into the same memory every step where Paddle can (gathers_into):
         # a fresh [k, emb] tensor is fresh pages, and the forward over them took 0.44 s instead of 0.36 on
         # some days at k = 100,000 (the whole forward phase measured; 0.36 in every run with the kept buffer).
         self.gathered_rows_scratch = ScratchRows()
@@ -297,7 +297,7 @@ class PartialFC:
         all_labels = self.comm.all_gather(labels.reshape([-1]))
         self._index, remapped = self.sample_tensors(all_labels, step)
         out = None
-        if GATHER_WRITES_INTO and self.weight.dtype == paddle.float32:
+        if gathers_into(self.weight):
             shape = [self._index.shape[0], self.embedding_size]
             out = self.gathered_rows_scratch.shaped(shape, paddle.float32)
         # A new leaf on the rows' memory each step: its gradient starts empty, as a fresh gather's does

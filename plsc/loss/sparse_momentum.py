@@ -36,17 +36,23 @@ UPDATE_BLOCK_ROWS = 1024
 GATHER_WRITES_INTO = "out" in inspect.signature(paddle.index_select).parameters
 
 
+def gathers_into(matrix: paddle.Tensor) -> bool:
+    """Whether :func:`gather_rows` writes ``matrix``'s rows into a given ``out`` (float32 storage, a Paddle
+    that can); callers ask first, so as not to allocate an ``out`` that would go unused."""
+    return GATHER_WRITES_INTO and matrix.dtype == paddle.float32
+
+
 def gather_rows(matrix: paddle.Tensor, index: paddle.Tensor, out: paddle.Tensor | None = None
                 ) -> paddle.Tensor:
     """``matrix[index]`` as float32, whatever the storage dtype. ``out``: a float32 [len(index), emb] tensor
-    to write a float32 matrix's rows into, where this Paddle can (``GATHER_WRITES_INTO``); otherwise, and for
-    float16 storage, the rows are a new tensor. Returns the rows."""
+    to write the rows into where :func:`gathers_into` says so; otherwise the rows are a new tensor. Returns
+    the rows."""
     if matrix.dtype == paddle.float16:
         # Paddle's CPU gather has no float16 kernel; bfloat16 has one in 2.6 and 3.x and the same width, so
         # the bits move through a free view and are never interpreted as bfloat16 numbers.
         rows = paddle.view(paddle.gather(paddle.view(matrix, "bfloat16"), index), "float16")
         return cast(rows, paddle.float32)
-    if out is not None and GATHER_WRITES_INTO and matrix.dtype == paddle.float32:
+    if out is not None and gathers_into(matrix):
         paddle.index_select(matrix, index, out=out)
         return out
     return as_float32(paddle.gather(matrix, index))
