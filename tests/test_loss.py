@@ -8,7 +8,15 @@ import paddle.nn.functional as F
 import pytest
 
 from plsc.distributed import LocalComm, shard_classes
-from plsc.loss.margin import ARCFACE, COSFACE, Margin, margin_logits, softmax_cross_entropy, target_logit
+from plsc.loss.margin import (
+    ARCFACE,
+    COSFACE,
+    Margin,
+    margin_logits,
+    margin_softmax_cross_entropy,
+    softmax_cross_entropy,
+    target_logit,
+)
 from plsc.loss.partial_fc import PartialFC, init_class_centers, num_sampled, sample_centers
 
 COMBINED = Margin(0.9, 0.4, 0.15, 32.0)
@@ -41,14 +49,26 @@ def test_margin_loss_matches_numpy(margin):
     np.testing.assert_allclose(float(loss), numpy_margin_loss(cosine, labels, margin), rtol=1e-7)
 
 
+def composed_loss(cosine, labels, margin):
+    return softmax_cross_entropy(margin_logits(cosine, labels, margin), labels, LocalComm())
+
+
+def fused_loss(cosine, labels, margin):
+    """The PyLayer training uses, whose backward is written out by hand."""
+    return margin_softmax_cross_entropy(cosine, labels, margin, LocalComm())
+
+
+@pytest.mark.parametrize("loss_fn", [composed_loss, fused_loss], ids=["composed", "fused"])
 @pytest.mark.parametrize("margin", [ARCFACE, COSFACE, COMBINED], ids=["arcface", "cosface", "combined"])
-def test_margin_loss_gradient_matches_finite_differences(margin):
+def test_margin_loss_gradient_matches_finite_differences(margin, loss_fn):
     rng = np.random.default_rng(1)
     cosine = random_cosine(rng, 4, 5)
     labels = rng.integers(0, 5, size=4)
     x = paddle.to_tensor(cosine, stop_gradient=False)
     y = paddle.to_tensor(labels)
-    softmax_cross_entropy(margin_logits(x, y, margin), y, LocalComm()).backward()
+    loss = loss_fn(x, y, margin)
+    np.testing.assert_allclose(float(loss), numpy_margin_loss(cosine, labels, margin), rtol=1e-7)
+    loss.backward()
     numeric = np.zeros_like(cosine)
     h = 1e-6
     for i in range(cosine.shape[0]):

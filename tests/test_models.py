@@ -95,6 +95,40 @@ def test_tensor_names_shapes_and_counts_match_plsc22(backbone, manifest):
     assert plsc22_key_map(model) == {key: name.key for key, name in names.items()}
 
 
+# Names as PLSC v2.2 itself wrote them (copied from its checkpoints and state_dict listings), so the name map is
+# checked against PLSC's own spelling even without the shared manifest: (position in state_dict order,
+# PLSC's structured key, checkpoint file stem, static-mode name).
+PLSC22_LITERAL_NAMES = {
+    "iresnet50": [
+        (0, "conv._conv.weight", "conv1_weights", "conv2d_0.w_0"),
+        (1, "conv._batch_norm.weight", "bn_conv1_scale", "batch_norm_0.w_0"),
+        (5, "prelu._weight", "p_re_lu_0.w_0", "prelu_0.w_0"),
+        (17, "block_list.0.conv1._batch_norm.weight", "bn2a_branch2b_scale", "batch_norm_3.w_0"),
+        (40, "block_list.1.conv1._batch_norm._variance", "bn2b_branch2b_variance", "batch_norm_7.w_2"),
+        (100, "block_list.5.prelu._weight", "p_re_lu_6.w_0", "prelu_6.w_0"),
+        (395, "fc._batch_norm_2._variance", "bn_fc_2_variance", "batch_norm_78.w_2"),
+    ],
+    "mobilefacenet": [
+        (0, "conv1.conv.weight", "create_parameter_0.w_0", None),
+        (1, "conv1.bn.weight", "create_parameter_1.w_0", None),
+        (5, "conv1.prelu._weight", "p_re_lu_0.w_0", None),
+        (17, "blocks.0.conv.2._weight", "p_re_lu_2.w_0", None),
+        (40, "blocks.1.conv.5._weight", "p_re_lu_5.w_0", None),
+        (100, "blocks.5.conv.1._mean", "batch_norm2d_17.w_1", None),
+        (282, "linear1.bn._variance", "batch_norm2d_49.w_2", None),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(PLSC22_LITERAL_NAMES))
+def test_name_map_spells_names_as_plsc22_does(name):
+    model = MODELS[name](width=0.0625, input_size=16, embedding_size=8)
+    names = list(plsc22_names(model).values())
+    assert len(names) == PLSC22_LITERAL_NAMES[name][-1][0] + 1
+    for position, key, ckpt_name, static_name in PLSC22_LITERAL_NAMES[name]:
+        assert tuple(names[position]) == (key, ckpt_name, static_name)
+
+
 @pytest.mark.parametrize(
     "backbone, data_format",
     [

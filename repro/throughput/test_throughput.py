@@ -2,8 +2,7 @@
 
 Every case runs ``plsc train`` in a subprocess and reads the steady-state images/s from its train_log.jsonl
 (:mod:`repro.throughput.measure`): warm-up windows left out, median over the rest, min and max recorded.
-A static-mode run that fails or whose loss is not finite is skipped with that reason: static mode is still
-being brought up, and its speed means nothing before it trains.
+A run that fails (static mode included) fails its case: a speed means nothing for a run that does not train.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ import pytest
 
 from repro.claims import PASS, CpuThroughputClaim, ThroughputClaim, load_claims
 from repro.plsc_runs import ROOT, run_environment, train_command
-from repro.throughput.measure import GpuMemoryPeak, RunFailed, run_training, steady_state
+from repro.throughput.measure import GpuMemoryPeak, run_training, steady_state
 
 CLAIMS = load_claims()
 CPU_STEPS, CPU_WINDOW, CPU_WARMUP_WINDOWS = 15, 3, 1
@@ -21,14 +20,9 @@ MS1MV3_CLASSES = 93431
 BACKBONE_SHORT = {"Res50": "r50", "Res100": "r100", "MobileFaceNet": "mfn"}
 
 
-def measured_run(command, output, tmp_path, env, mode: str, warmup_windows: int):
-    """(Throughput, records) of one run; a failing static-mode run is skipped with its reason."""
-    try:
-        records = run_training(command, output, tmp_path / f"{output.name}.log", env)
-    except RunFailed as failure:
-        if mode == "static":
-            pytest.skip(f"train.mode=static does not train yet: {failure}")
-        raise
+def measured_run(command, output, tmp_path, env, warmup_windows: int):
+    """(Throughput, records) of one run; a run that fails raises :class:`RunFailed` with its reason."""
+    records = run_training(command, output, tmp_path / f"{output.name}.log", env)
     return steady_state(records, warmup_windows), records
 
 
@@ -70,7 +64,7 @@ def test_cpu_training_throughput(claim: CpuThroughputClaim, tmp_path, record_res
     output = tmp_path / claim.mode
     command = train_command(ROOT / claim.config, output, overrides)
     throughput, records = measured_run(
-        command, output, tmp_path, run_environment(), claim.mode, CPU_WARMUP_WINDOWS
+        command, output, tmp_path, run_environment(), CPU_WARMUP_WINDOWS
     )
     details = {**throughput.to_dict(), "overrides": overrides, "window_ips": [r["ips"] for r in records]}
     record_result(claim, {"images_per_s": throughput.images_per_s}, config=claim.config, details=details)
@@ -93,7 +87,7 @@ def test_fp16_nhwc_against_nchw_on_one_gpu(tmp_path, record_result):
         command = train_command(ROOT / NHWC_CONFIG, output, overrides)
         with GpuMemoryPeak() as memory:
             throughput, _ = measured_run(
-                command, output, tmp_path, run_environment(), "dynamic", GPU_WARMUP_WINDOWS
+                command, output, tmp_path, run_environment(), GPU_WARMUP_WINDOWS
             )
         runs[layout] = {"throughput": throughput.to_dict(), "gpu_memory_mib": memory.peak_mib}
     changes = {
@@ -124,7 +118,7 @@ def test_throughput_on_eight_gpus(claim: ThroughputClaim, tmp_path, record_resul
     output = tmp_path / claim.id
     command = train_command(ROOT / config, output, synthetic_overrides(128, GPU_STEPS, GPU_WINDOW), nproc=8)
     throughput, records = measured_run(
-        command, output, tmp_path, run_environment(), claim.mode, GPU_WARMUP_WINDOWS
+        command, output, tmp_path, run_environment(), GPU_WARMUP_WINDOWS
     )
     details = {**throughput.to_dict(), "window_ips": [r["ips"] for r in records], "ranks": 8}
     record_result(claim, {"images_per_s": throughput.images_per_s}, config=config, details=details)
