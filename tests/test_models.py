@@ -95,9 +95,9 @@ def test_tensor_names_shapes_and_counts_match_plsc22(backbone, manifest):
     assert plsc22_key_map(model) == {key: name.key for key, name in names.items()}
 
 
-# Names as PLSC v2.2 itself wrote them (copied from its checkpoints and state_dict listings), so the name map is
-# checked against PLSC's own spelling even without the shared manifest: (position in state_dict order,
-# PLSC's structured key, checkpoint file stem, static-mode name).
+# Names as PLSC v2.2 itself wrote them (copied from its checkpoints and state_dict listings), so the name
+# map is checked against PLSC's own spelling even without the shared manifest: (position in state_dict
+# order, PLSC's structured key, checkpoint file stem, static-mode name).
 PLSC22_LITERAL_NAMES = {
     "iresnet50": [
         (0, "conv._conv.weight", "conv1_weights", "conv2d_0.w_0"),
