@@ -33,7 +33,8 @@ import paddle
 from plsc.config import Config, config_from_dict
 from plsc.errors import PlscError
 from plsc.models import MODELS, build_model, plsc22_names
-from plsc.models.iresnet import STAGE_BLOCKS, STAGE_CHANNELS, scaled_channels
+from plsc.models.iresnet import STAGE_BLOCKS, STAGE_CHANNELS
+from plsc.models.layers import scaled_channels
 from plsc.models.mobilefacenet import NUM_HALVINGS
 
 PARAM_SUFFIX = ".pdparam"

@@ -15,13 +15,13 @@ from plsc.errors import PlscError
 from plsc.models import iresnet, mobilefacenet
 from plsc.models.iresnet import (
     IResNet,
-    Plsc22Name,
     iresnet18,
     iresnet34,
     iresnet50,
     iresnet100,
     iresnet200,
 )
+from plsc.models.layers import Plsc22Name
 from plsc.models.mobilefacenet import MobileFaceNet
 
 MODELS: dict[str, Callable[..., nn.Layer]] = {

@@ -7,20 +7,27 @@ Layout (the insightface IResNet, as PLSC v2.2 builds FresResNet50/100):
   where the first block of every stage has stride 2 and a ``conv1x1(stride 2) -> BN`` shortcut;
 * head: BN over the feature map -> dropout -> flatten (channel-major) -> Linear -> BN1d (affine).
 
-All convolutions are bias-free; BatchNorm uses epsilon 1e-5 and Paddle's momentum 0.9 (running = 0.9 *
-running + 0.1 * batch, i.e. PyTorch's 0.1). ``state_dict()`` lists the tensors in PLSC v2.2's creation order,
-and :func:`plsc22_names` gives each one's PLSC v2.2 key, checkpoint file stem and static-mode name.
+All convolutions are bias-free (layers shared with MobileFaceNet: :mod:`plsc.models.layers`).
+``state_dict()`` lists the tensors in PLSC v2.2's creation order, and :func:`plsc22_names` gives each one's
+PLSC v2.2 key, checkpoint file stem and static-mode name.
 """
 
 from __future__ import annotations
 
-import math
-from typing import NamedTuple
-
 import paddle
 from paddle import nn
 
-from plsc.errors import PlscError
+from plsc.models.layers import (
+    BN_EPSILON,
+    BN_MOMENTUM,
+    ConvBN,
+    Plsc22Name,
+    batch_norm,
+    check_backbone_args,
+    downsampled_side,
+    scaled_channels,
+    to_channels_first,
+)
 
 STAGE_BLOCKS = {
     18: (2, 2, 2, 2),
@@ -30,77 +37,6 @@ STAGE_BLOCKS = {
     200: (6, 26, 60, 6),
 }
 STAGE_CHANNELS = (64, 128, 256, 512)
-BN_EPSILON = 1e-5
-BN_MOMENTUM = 0.9
-DATA_FORMATS = ("NCHW", "NHWC")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Helpers shared by every backbone family (mobilefacenet.py imports them too).
-
-
-def check_backbone_args(data_format: str, width: float, input_size: int, embedding_size: int) -> None:
-    """Reject arguments that would otherwise fail deep inside Paddle with an unreadable shape error."""
-    if data_format not in DATA_FORMATS:
-        raise PlscError(f"data_format must be NCHW or NHWC, got {data_format!r}")
-    if not width > 0:
-        raise PlscError(f"model width must be a positive multiplier, got {width!r}")
-    if input_size < 1 or embedding_size < 1:
-        raise PlscError(f"input_size and embedding_size must be positive, got {input_size}, {embedding_size}")
-
-
-def scaled_channels(base: int, width: float) -> int:
-    """``base * width`` rounded to a whole channel count, never below 1 (width 0.25: 64 -> 16)."""
-    return max(1, int(round(base * width)))
-
-
-def downsampled_side(input_size: int, halvings: int) -> int:
-    """Feature-map side after ``halvings`` stride-2 'same'-padded convolutions (each gives ceil(side / 2))."""
-    side = input_size
-    for _ in range(halvings):
-        side = math.ceil(side / 2)
-    return side
-
-
-def to_channels_first(x: paddle.Tensor, data_format: str) -> paddle.Tensor:
-    return paddle.transpose(x, [0, 3, 1, 2]) if data_format == "NHWC" else x
-
-
-class Plsc22Name(NamedTuple):
-    """Where one plsc tensor lives in PLSC v2.2."""
-
-    key: str  # canonical structured key of PLSC v2.2's dynamic-mode state_dict()
-    ckpt_name: str  # Paddle tensor name = file stem in PLSC v2.2 checkpoints (``<ckpt_name>.pdparam``)
-    static_name: str | None  # name in PLSC v2.2 static-mode checkpoints; None where PLSC has no static model
-
-
-# ----------------------------------------------------------------------------------------------------
-# Layers
-
-
-def batch_norm(channels: int, data_format: str) -> nn.BatchNorm2D:
-    return nn.BatchNorm2D(channels, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, data_format=data_format)
-
-
-class ConvBN(nn.Layer):
-    """Bias-free convolution followed by BatchNorm ('same' padding for odd kernels)."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int, data_format: str):
-        super().__init__()
-        # Paddle's default conv initialiser is already Kaiming-normal (fan in), what ResNets train well with.
-        self.conv = nn.Conv2D(
-            in_channels,
-            out_channels,
-            kernel,
-            stride=stride,
-            padding=kernel // 2,
-            bias_attr=False,
-            data_format=data_format,
-        )
-        self.bn = batch_norm(out_channels, data_format)
-
-    def forward(self, x):
-        return self.bn(self.conv(x))
 
 
 class IBasicBlock(nn.Layer):
@@ -110,12 +46,12 @@ class IBasicBlock(nn.Layer):
         super().__init__()
         # Creation order = state_dict order = PLSC v2.2's order: bn_in, conv_a, prelu, conv_b, shortcut.
         self.bn_in = batch_norm(in_channels, data_format)
-        self.conv_a = ConvBN(in_channels, out_channels, 3, 1, data_format)
+        self.conv_a = ConvBN(in_channels, out_channels, 3, data_format)
         self.prelu = nn.PReLU(out_channels, init=0.25, data_format=data_format)
-        self.conv_b = ConvBN(out_channels, out_channels, 3, stride, data_format)
+        self.conv_b = ConvBN(out_channels, out_channels, 3, data_format, stride=stride)
         self.shortcut = None
         if stride != 1 or in_channels != out_channels:
-            self.shortcut = ConvBN(in_channels, out_channels, 1, stride, data_format)
+            self.shortcut = ConvBN(in_channels, out_channels, 1, data_format, stride=stride)
 
     def forward(self, x):
         residual = self.conv_b(self.prelu(self.conv_a(self.bn_in(x))))
@@ -160,7 +96,7 @@ class IResNet(nn.Layer):
         check_backbone_args(data_format, width, input_size, embedding_size)
         self.data_format = data_format
         channels = [scaled_channels(c, width) for c in STAGE_CHANNELS]
-        self.stem = ConvBN(3, channels[0], 3, 1, data_format)
+        self.stem = ConvBN(3, channels[0], 3, data_format)
         self.stem_prelu = nn.PReLU(channels[0], init=0.25, data_format=data_format)
         self.stages = nn.LayerList()
         in_channels = channels[0]

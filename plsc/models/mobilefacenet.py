@@ -17,13 +17,7 @@ import re
 import paddle
 from paddle import nn
 
-from plsc.models.iresnet import (
-    Plsc22Name,
-    batch_norm,
-    check_backbone_args,
-    downsampled_side,
-    scaled_channels,
-)
+from plsc.models.layers import ConvBN, Plsc22Name, check_backbone_args, downsampled_side, scaled_channels
 
 STEM_CHANNELS = 64
 # (expansion, out channels, repeats, stride of the first repeat)
@@ -33,48 +27,15 @@ HEAD_CHANNELS = 512
 NUM_HALVINGS = 1 + sum(1 for group in BOTTLENECK_GROUPS if group[3] == 2)
 
 
-class ConvBlock(nn.Layer):
-    """Bias-free conv -> BN -> optional PReLU; 'same' padding unless given (the global depthwise conv: 0)."""
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel: int,
-        data_format: str,
-        stride: int = 1,
-        groups: int = 1,
-        padding: int | None = None,
-        activation: bool = True,
-    ):
-        super().__init__()
-        self.conv = nn.Conv2D(
-            in_channels,
-            out_channels,
-            kernel,
-            stride=stride,
-            padding=kernel // 2 if padding is None else padding,
-            groups=groups,
-            bias_attr=False,
-            data_format=data_format,
-        )
-        self.bn = batch_norm(out_channels, data_format)
-        self.prelu = nn.PReLU(out_channels, init=0.25, data_format=data_format) if activation else None
-
-    def forward(self, x):
-        x = self.bn(self.conv(x))
-        return x if self.prelu is None else self.prelu(x)
-
-
 class Bottleneck(nn.Layer):
     """MobileNetV2 inverted residual with PReLU; linear (no activation) after the projection."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, expansion: int, data_format: str):
         super().__init__()
         hidden = in_channels * expansion
-        self.expand = ConvBlock(in_channels, hidden, 1, data_format)
-        self.depthwise = ConvBlock(hidden, hidden, 3, data_format, stride=stride, groups=hidden)
-        self.project = ConvBlock(hidden, out_channels, 1, data_format, activation=False)
+        self.expand = ConvBN(in_channels, hidden, 1, data_format, prelu=True)
+        self.depthwise = ConvBN(hidden, hidden, 3, data_format, stride=stride, groups=hidden, prelu=True)
+        self.project = ConvBN(hidden, out_channels, 1, data_format)
         self.use_identity = stride == 1 and in_channels == out_channels
 
     def forward(self, x):
@@ -96,18 +57,18 @@ class MobileFaceNet(nn.Layer):
         super().__init__()
         check_backbone_args(data_format, width, input_size, embedding_size)
         stem = scaled_channels(STEM_CHANNELS, width)
-        self.stem = ConvBlock(3, stem, 3, data_format, stride=2)
-        self.stem_depthwise = ConvBlock(stem, stem, 3, data_format, groups=stem)
+        self.stem = ConvBN(3, stem, 3, data_format, stride=2, prelu=True)
+        self.stem_depthwise = ConvBN(stem, stem, 3, data_format, groups=stem, prelu=True)
         self.blocks, channels = self._make_blocks(stem, width, data_format)
         head = scaled_channels(HEAD_CHANNELS, width)
-        self.head_expand = ConvBlock(channels, head, 1, data_format)
+        self.head_expand = ConvBN(channels, head, 1, data_format, prelu=True)
         # The global depthwise conv (GDC) replaces pooling: its kernel covers the whole final feature map.
         side = downsampled_side(input_size, NUM_HALVINGS)
-        self.head_gdc = ConvBlock(head, head, side, data_format, groups=head, padding=0, activation=False)
+        self.head_gdc = ConvBN(head, head, side, data_format, groups=head, padding=0)
         # PLSC takes a dropout argument for every backbone; it has no parameters, so where it sits does not
         # affect checkpoints. Here it drops GDC features before the embedding projection, as IResNet does.
         self.dropout = nn.Dropout(dropout)
-        self.embedding = ConvBlock(head, embedding_size, 1, data_format, activation=False)
+        self.embedding = ConvBN(head, embedding_size, 1, data_format)
 
     @staticmethod
     def _make_blocks(in_channels: int, width: float, data_format: str) -> tuple[nn.Sequential, int]:
