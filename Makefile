@@ -28,13 +28,13 @@ test: venv
 
 lint: venv
 	$(BIN)/python -m pip install --quiet ruff
-	$(BIN)/ruff check plsc tests repro scripts bench conftest.py
+	$(BIN)/ruff check plsc tests repro scripts benchmarks devtools conftest.py
 
 tox: venv
 	$(BIN)/python -m pip install --quiet tox
 	$(BIN)/tox
 
-# Reproduction of PLSC v2.2's published claims (README "Reproduction"). Optional variables:
+# Reproduction of PLSC v2.2's published claims (docs/reproduction.md). Optional variables:
 #   DATA_DIR=MS1M_v3 (agedb_30.bin, cfp_fp.bin, lfw.bin)  CHECKPOINT_DIR=dir  DOWNLOAD=1  GPUS=n  RESULTS_DIR=dir
 #   RUN_SLOW=1 (the cpu_slow tier: faces-mini accuracy, static-mode CPU throughput)
 # Cases whose data, checkpoints or hardware are missing are skipped with the reason (-rs prints it).
@@ -61,20 +61,20 @@ report: venv
 report-check: venv
 	$(BIN)/python -m repro.report --check
 
-# The classifier head against its matmul floor (pytest-benchmark; JSON in bench/results/). Optional:
+# The classifier head against its matmul floor (pytest-benchmark; JSON in benchmarks/results/). Optional:
 #   BENCH_ARGS="--head-shapes target" (the issue's 1M and 4M shapes: ~17 GB RAM, tens of minutes)
 .PHONY: bench
 bench: venv
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(nproc)} $(BIN)/python -m pytest bench -p no:xdist -q -s \
-		--benchmark-json=bench/results/pytest-benchmark.json $(BENCH_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(nproc)} $(BIN)/python -m pytest benchmarks -p no:xdist -q -s \
+		--benchmark-json=benchmarks/results/pytest-benchmark.json $(BENCH_ARGS)
 
-# README "Performance" section and bench/figures/performance.png from bench/results/*.json
+# docs/performance.md's tables and benchmarks/figures/performance.png from benchmarks/results/*.json
 .PHONY: bench-report bench-report-check
 bench-report: venv
-	$(BIN)/python -m plsc.bench.report
+	$(BIN)/python -m benchmarks.report
 
 bench-report-check: venv
-	$(BIN)/python -m plsc.bench.report --check
+	$(BIN)/python -m benchmarks.report --check
 
 clean:
 	rm -rf $(VENV) .tox output .pytest_cache

@@ -2,7 +2,7 @@
 
 Tiers (markers, ``--run-slow``, ``--gpus``) and the ``machine`` / ``gpu_count`` fixtures come from the plugin
 ``repro.tiers``, loaded by the root conftest. Each case writes its result with ``record_result`` to
-``<--results-dir>/<tier>/<claim id>.json``; ``python -m repro.report`` renders them into README.md.
+``<--results-dir>/<tier>/<claim id>.json``; ``python -m repro.report`` renders them into docs/reproduction.md.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def record_result(request: pytest.FixtureRequest, claims, results_dir):
             details={"case": request.node.nodeid, **(details or {})},
         )
         write_result(results_dir, result)
-        if Path(results_dir).resolve() == RESULTS_DIR:  # the results README.md is rendered from
+        if Path(results_dir).resolve() == RESULTS_DIR:  # the results the documents are rendered from
             mark_recorded(request.config)
         return result
 

@@ -1,27 +1,27 @@
-"""Render the reproduction tables into README.md and draw the capacity / throughput figure.
+"""Render the reproduction tables into docs/reproduction.md, their summary into README.md, and draw the
+capacity / throughput figure.
 
-    python -m repro.report            # rewrite README.md's marker blocks and the PNG, only where they changed
-    python -m repro.report --check    # exit 1 when README.md or the PNG is stale, 0 when both are current
+    python -m repro.report            # rewrite the marker blocks and the PNG, only where they changed
+    python -m repro.report --check    # exit 1 when a document or the PNG is stale, 0 when all are current
 
 Inputs are ``repro/claims.yaml`` and the newest result of each claim under ``--results-dir``. Each table sits
 between ``<!-- repro:<name>:begin -->`` and ``<!-- repro:<name>:end -->`` (names: accuracy, capacity, nhwc,
-throughput, figure); everything outside the markers is left alone. Rendering is a pure function of its inputs,
+throughput, figure in docs/reproduction.md; glance in README.md); everything outside the markers is left
+alone. Rendering is a pure function of its inputs,
 and the PNG is drawn with fixed size, dpi, style and no metadata, so regenerating gives identical bytes.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import math
-import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 from tabulate import tabulate
 
-from plsc import readme_blocks
-from plsc.errors import PlscError
+from devtools import docblocks
 from repro.claims import (
     AccuracyGroup,
     CapacityGroup,
@@ -40,6 +40,7 @@ from repro.results import RESULTS_DIR, CaseResult, load_results
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+DOCUMENT = ROOT / "docs" / "reproduction.md"
 FIGURE = ROOT / "repro" / "figures" / "capacity_throughput.png"
 BLOCKS = ("accuracy", "capacity", "nhwc", "throughput", "figure")
 NOT_RUN = "not run"
@@ -244,17 +245,30 @@ def _outcome(result: CaseResult | None) -> list[str]:
     return [result.verdict, result.hardware.get("summary", NONE)]
 
 
-# --- README
+def glance_block(claims: Claims, results: Results) -> str:
+    """README's summary: per group of claims, how many passed, failed or were not run."""
+    header = ["Claims", "Hardware", "Count", "Verdicts"]
+    rows = []
+    for group in claims.groups():
+        measured = [claim for claim in group.rows if not getattr(claim, "reference", False)]
+        verdicts = Counter(results[c.id].verdict if c.id in results else NOT_RUN for c in measured)
+        ordered = sorted(verdicts.items(), key=lambda item: (item[0] == NOT_RUN, item[0]))  # "not run" last
+        summary = ", ".join(f"{count} {verdict}" for verdict, count in ordered)
+        rows.append([group.section, group.hardware, len(measured), summary])
+    return tabulate(rows, headers=header, tablefmt="github")
+
+
+# --- documents
 
 
 def marker(name: str, edge: str) -> str:
-    return readme_blocks.marker(f"repro:{name}", edge)
+    return docblocks.marker(f"repro:{name}", edge)
 
 
 def replace_blocks(text: str, blocks: dict[str, str]) -> str:
     """``text`` with the content between each block's begin/end markers replaced."""
     for name, content in blocks.items():
-        text = readme_blocks.replace_block(text, f"repro:{name}", content)
+        text = docblocks.replace_block(text, f"repro:{name}", content)
     return text
 
 
@@ -347,31 +361,24 @@ def _plot_throughput(axes, group: ThroughputGroup, results: Results) -> None:
 # --- command line
 
 
-def build(claims: Claims, results: Results, readme: Path, figure: Path) -> tuple[str, bytes]:
-    """(README text, PNG bytes) as they should be."""
-    link = Path(os.path.relpath(figure, readme.parent)).as_posix()
-    text = replace_blocks(readme.read_text(encoding="utf-8"), render_blocks(claims, results, link))
-    return text, render_figure(claims, results)
+def build(documents: dict[str, Path], results_dir: Path, figure: Path) -> docblocks.Rendered:
+    """({document: text}, PNG bytes) as they should be."""
+    claims, results = load_claims(), load_results(results_dir)
+    readme, document = documents["readme"], documents["doc"]
+    blocks = render_blocks(claims, results, docblocks.figure_link(figure, document))
+    texts = {
+        document: replace_blocks(docblocks.read_document(document), blocks),
+        readme: replace_blocks(docblocks.read_document(readme), {"glance": glance_block(claims, results)}),
+    }
+    return texts, render_figure(claims, results)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        text, png = build(load_claims(), load_results(args.results_dir), args.readme, args.figure)
-    except (PlscError, OSError, ValueError) as exc:  # PlscError: a marker block missing or twice
-        print(f"repro.report: {exc}", file=sys.stderr)
-        return 2
-    regenerate = "`make report` (python -m repro.report)"
-    return readme_blocks.check_or_write(args.readme, args.figure, text, png, args.check, regenerate)
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m repro.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--readme", type=Path, default=README, help="README with the marker blocks")
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="results to render")
-    parser.add_argument("--figure", type=Path, default=FIGURE, help="PNG to draw (linked from the README)")
-    parser.add_argument("--check", action="store_true", help="exit 1 when stale; writes nothing")
-    return parser
+    return docblocks.main(
+        argv, prog="python -m repro.report", description=__doc__.split("\n\n")[0],
+        documents={"readme": README, "doc": DOCUMENT}, results_dir=RESULTS_DIR, figure=FIGURE, build=build,
+        regenerate="`make report` (python -m repro.report)",
+    )
 
 
 if __name__ == "__main__":

@@ -137,7 +137,7 @@ def mark_recorded(pytest_config) -> None:
 
 
 def results_recorded(pytest_config) -> bool:
-    """Whether a case of this pytest session has written a result (README.md is stale until `make report`)."""
+    """Whether a case of this pytest session has written a result (the documents are then stale)."""
     return getattr(pytest_config, _RECORDED, False)
 
 

@@ -1,7 +1,7 @@
-"""``plsc bench data|train|verify`` and the README performance report, on tiny inputs.
+"""``plsc bench data|train|verify`` and the performance report (benchmarks/report.py), on tiny inputs.
 
 Nothing here asserts on speed: rates are only checked to be positive and consistent with each other; the
-numbers themselves are the benchmarks' output (bench/results/*.json).
+numbers themselves are the benchmarks' output (benchmarks/results/*.json).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import re
 import numpy as np
 import pytest
 
+from benchmarks.report import BEGIN, END, NOT_MEASURED, render, render_figure, replace_block
+from benchmarks.report import main as report_main
 from plsc import cli
 from plsc.bench import measure_in_fresh_process
 from plsc.bench.data import (
@@ -25,8 +27,6 @@ from plsc.bench.data import (
     prepared_root,
     repeats_needed,
 )
-from plsc.bench.report import BEGIN, END, NOT_MEASURED, render, render_figure, replace_block
-from plsc.bench.report import main as report_main
 from plsc.bench.train import (
     PHASES,
     StepPhaseTimer,
@@ -212,7 +212,7 @@ def test_measuring_process_runs_with_the_plsc_commands_malloc_settings(preset, t
     assert seen == {"GLIBC_TUNABLES": MALLOC_SETTINGS if preset is None else preset, "OMP_NUM_THREADS": "3"}
 
 
-# --- README report -----------------------------------------------------------------------------------------
+# --- performance report ---------------------------------------------------------------------------------
 
 
 def fake_results(directory):
@@ -244,7 +244,7 @@ def test_report_is_idempotent_and_check_detects_staleness(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"# title\n\nbefore\n{BEGIN}\nold\n{END}\nafter\n")
     figure = tmp_path / "figures" / "performance.png"
-    args = ["--readme", str(readme), "--results-dir", str(results), "--figure", str(figure)]
+    args = ["--doc", str(readme), "--results-dir", str(results), "--figure", str(figure)]
     assert report_main(args + ["--check"]) == 1
     assert report_main(args) == 0
     written = readme.read_text()
@@ -261,5 +261,5 @@ def test_report_is_idempotent_and_check_detects_staleness(tmp_path):
 def test_report_without_markers_is_one_line_error(tmp_path, capsys):
     readme = tmp_path / "README.md"
     readme.write_text("no markers\n")
-    assert report_main(["--readme", str(readme), "--results-dir", str(tmp_path)]) == 2
+    assert report_main(["--doc", str(readme), "--results-dir", str(tmp_path)]) == 2
     assert "exactly one" in capsys.readouterr().err

@@ -1,8 +1,8 @@
 """Performance benchmarks (``plsc bench head|data|train|verify``), one module each.
 
 head, data and train measure in fresh subprocesses (``measure_in_fresh_process``: the thread count is set
-before Paddle is imported); verify is numpy only and runs in this process. ``python -m plsc.bench.report``
-renders their JSON into README.md's Performance section.
+before Paddle is imported); verify is numpy only and runs in this process. ``python -m benchmarks.report``
+(repository tooling, outside the package) renders their JSON into docs/performance.md.
 """
 
 from __future__ import annotations

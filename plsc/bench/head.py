@@ -265,7 +265,7 @@ def measure_rss(spec: HeadBenchSpec) -> dict:
 @dataclass(frozen=True)
 class Runner:
     """How to start a measuring process: the interpreter, extra environment, and the entry module (one
-    whose ``main`` is this module's; bench/compare_head.py passes one that runs an older PartialFC)."""
+    whose ``main`` is this module's)."""
 
     python: str = sys.executable
     env: tuple[tuple[str, str], ...] = ()

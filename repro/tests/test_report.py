@@ -1,4 +1,5 @@
-"""python -m repro.report: README tables between markers, a byte-reproducible PNG, --check for staleness."""
+"""python -m repro.report: tables between markers (docs/reproduction.md, the README's summary), a
+byte-reproducible PNG, --check for staleness."""
 
 from __future__ import annotations
 
@@ -35,25 +36,29 @@ def claims():
     return load_claims()
 
 
+def empty_blocks(*names: str) -> str:
+    return "\n\n".join(f"{report.marker(name, 'begin')}\n{report.marker(name, 'end')}" for name in names)
+
+
 @pytest.fixture
 def workspace(tmp_path):
-    """(README with empty marker blocks, figure path, results folder) in a temporary folder."""
-    blocks = "\n\n".join(
-        f"{report.marker(name, 'begin')}\n{report.marker(name, 'end')}" for name in report.BLOCKS
-    )
+    """(reproduction document with empty marker blocks, figure path, results folder, README with the summary
+    block) in a temporary folder."""
+    document = tmp_path / "docs" / "reproduction.md"
+    document.parent.mkdir()
+    document.write_text(README_TEMPLATE.format(blocks=empty_blocks(*report.BLOCKS)), encoding="utf-8")
     readme = tmp_path / "README.md"
-    readme.write_text(README_TEMPLATE.format(blocks=blocks), encoding="utf-8")
-    return readme, tmp_path / "figures" / "plot.png", tmp_path / "results"
+    readme.write_text(README_TEMPLATE.format(blocks=empty_blocks("glance")), encoding="utf-8")
+    return document, tmp_path / "figures" / "plot.png", tmp_path / "results", readme
 
 
 @pytest.fixture
 def run_report(workspace):
-    readme, figure, results = workspace
+    document, figure, results, readme = workspace
 
     def run(*extra: str) -> int:
-        return report.main(
-            ["--readme", str(readme), "--figure", str(figure), "--results-dir", str(results), *extra]
-        )
+        return report.main(["--doc", str(document), "--readme", str(readme), "--figure", str(figure),
+                            "--results-dir", str(results), *extra])
 
     return run
 
@@ -78,14 +83,14 @@ def record(claims, workspace):
 
 
 def test_the_report_fills_every_block_and_keeps_the_rest(run_report, workspace):
-    readme, figure, _ = workspace
+    readme, figure, *_ = workspace
     assert run_report() == 0
     text = readme.read_text(encoding="utf-8")
     assert text.startswith("# Project\n\nText before, kept as it is.") and text.endswith(
         "Text after, kept as it is.\n"
     )
     assert "| static  | Res50 " in text and "0.98200 / —" in text
-    assert "![Maximum classes and throughput: published and measured](figures/plot.png)" in text
+    assert "![Maximum classes and throughput: published and measured](../figures/plot.png)" in text
     assert figure.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
@@ -98,12 +103,12 @@ def test_rows_without_results_say_not_run(run_report, workspace):
 
 
 def test_a_second_run_changes_nothing(run_report, workspace, capsys):
-    readme, figure, _ = workspace
+    document, figure, _, readme = workspace
     run_report()
-    first = readme.read_bytes(), figure.read_bytes()
+    first = document.read_bytes(), figure.read_bytes(), readme.read_bytes()
     capsys.readouterr()
     assert run_report() == 0
-    assert (readme.read_bytes(), figure.read_bytes()) == first
+    assert (document.read_bytes(), figure.read_bytes(), readme.read_bytes()) == first
     assert capsys.readouterr().out == ""  # nothing was rewritten
 
 
@@ -130,6 +135,20 @@ def test_results_appear_beside_the_published_values(run_report, workspace, recor
     assert report.render_figure(claims, {}) != workspace[1].read_bytes()  # the measured capacity is drawn
 
 
+def test_the_readme_summary_counts_each_groups_verdicts(run_report, workspace, record, claims):
+    record("dynamic_res50_fp16_nhwc_r0.1", {"agedb30": 0.98370, "cfp_fp": 0.99000, "lfw": 0.99850},
+           CPU_MACHINE, "cpu")
+    record("nhwc_fp16_memory", {"change": -0.05}, GPU_MACHINE, "gpu")
+    run_report()
+    rows = {row[0]: row for row in table_rows(workspace[3].read_text(encoding="utf-8"), "glance")[2:]}
+    assert rows[claims.accuracy.section][2:] == ["18", "1 pass, 17 not run"]
+    nhwc = len(claims.nhwc.rows)
+    assert rows[claims.nhwc.section][2:] == [str(nhwc), f"1 fail, {nhwc - 1} not run"]
+    # other frameworks' published rows are shown in the tables, never measured: not counted
+    paddle_rows = [claim for claim in claims.capacity.rows if not claim.reference]
+    assert rows[claims.capacity.section][2:] == [str(len(paddle_rows)), f"{len(paddle_rows)} not run"]
+
+
 def table_rows(text: str, block: str) -> list[list[str]]:
     """The cells of every table line between the block's markers."""
     inside = text.split(report.marker(block, "begin"))[1].split(report.marker(block, "end"))[0]
@@ -138,7 +157,7 @@ def table_rows(text: str, block: str) -> list[list[str]]:
 
 
 def test_check_passes_when_current_and_fails_when_stale(run_report, workspace, record, capsys):
-    readme, figure, _ = workspace
+    readme, figure, *_ = workspace
     assert run_report("--check") == 1  # never rendered
     run_report()
     assert run_report("--check") == 0
@@ -153,7 +172,7 @@ def test_check_passes_when_current_and_fails_when_stale(run_report, workspace, r
 
 
 def test_check_writes_nothing(run_report, workspace):
-    readme, figure, _ = workspace
+    readme, figure, *_ = workspace
     before = readme.read_bytes()
     run_report("--check")
     assert readme.read_bytes() == before and not figure.exists()
@@ -169,4 +188,4 @@ def test_a_missing_marker_block_is_an_error(run_report, workspace, capsys):
 def test_the_project_readme_and_figure_are_current(pytestconfig):
     if results_recorded(pytestconfig):
         pytest.skip("cases of this session recorded new results: run `make report`, then check again")
-    assert report.main(["--check"]) == 0, "README.md or the figure is stale: run `make report`"
+    assert report.main(["--check"]) == 0, "a document or the figure is stale: run `make report`"

@@ -61,7 +61,7 @@ def test_matmul_floor(benchmark, suite_head):
 
 @pytest.mark.parametrize("name", ["suite", "1M", "4M"])
 def test_head_report(name, head_shapes, head_threads, results_dir):
-    """``plsc bench head`` with peak-RSS probes at C/2 and C, written to bench/results/head_<name>.json."""
+    """``plsc bench head`` with peak-RSS probes at C/2 and C, into benchmarks/results/head_<name>.json."""
     specs = shapes(head_shapes)
     if name not in specs:
         pytest.skip(f"shape {name} runs with --head-shapes {'target' if name != 'suite' else 'suite'}")

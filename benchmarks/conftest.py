@@ -2,7 +2,7 @@
 
 ``--head-shapes suite`` (default) benchmarks a shape that runs in a few minutes; ``--head-shapes target`` the
 issue's two shapes (1M classes at ratio 0.1 and 4M at 0.025, batch 128, emb 512, fp32), which need ~17 GB of
-RAM for the 4M head and tens of minutes. Results go to bench/results/ as JSON.
+RAM for the 4M head and tens of minutes. Results go to benchmarks/results/ as JSON.
 """
 
 from __future__ import annotations

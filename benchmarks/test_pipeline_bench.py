@@ -2,8 +2,8 @@
 
 The pytest-benchmark cases time in this process (threads: OMP_NUM_THREADS, which ``make bench`` sets to the
 core count); the report cases run ``bench_data`` (a fresh process per source) and ``bench_verify`` and write
-bench/results/data_{folder,rec}[_1worker].json and verify.json, the README's inputs. Data: ../shared/data/
-faces-mini when present (4,878 LFW faces), else the bundled data/tiny. Nothing here asserts on time.
+benchmarks/results/data_{folder,rec}[_1worker].json and verify.json, docs/performance.md's inputs.
+Data: ../shared/data/faces-mini when present (4,878 LFW faces), else the bundled data/tiny. Nothing here asserts on time.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def test_verification_evaluate(benchmark):
 @pytest.mark.parametrize("source", ["folder", "rec"])
 def test_data_report(source, one_worker, results_dir):
     """``plsc bench data`` with all cores as workers, and with one (the main process then has a core of its
-    own), written to bench/results/data_<source>[_1worker].json."""
+    own), written to benchmarks/results/data_<source>[_1worker].json."""
     result = bench_data(spec_for(source, 1 if one_worker else REPORT_WORKERS))
     name = f"data_{source}_1worker" if one_worker else f"data_{source}"
     (results_dir / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -97,7 +97,7 @@ def test_data_report(source, one_worker, results_dir):
 
 
 def test_verify_report(results_dir):
-    """``plsc bench verify`` (6000 pairs), written to bench/results/verify.json."""
+    """``plsc bench verify`` (6000 pairs), written to benchmarks/results/verify.json."""
     result = bench_verify(VerifyBenchSpec())
     (results_dir / "verify.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"\nevaluate on {result['pairs']} pairs: {result['evaluate_s']:.4f} s (median)")
