@@ -76,7 +76,7 @@ class TrainConfig:
     max_steps: int = 0  # > 0 stops after this many steps, whatever epochs says
     seed: int = 42
     log_interval: int = 100
-    eval_interval: int = 2000
+    eval_interval: int = 2000  # 0: verify at the end of training only
     save_interval: int = 0  # 0: save at the end of every epoch only
     keep_checkpoints: int = 1
     mode: typing.Literal["dynamic", "static"] = "dynamic"
