@@ -6,6 +6,7 @@ Unknown sections or keys are errors, so a typo never silently falls back to a de
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -46,6 +47,8 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     margins: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.0])  # (m1, m2, m3): ArcFace
+    # Margins [1, 0, 0] leave the logits unchanged: a plain softmax, refused unless asked for here.
+    plain_softmax: bool = False
     scale: float = 64.0
     sample_ratio: float = 1.0  # PartialFC: fraction of each rank's class centers used per step
     momentum_mode: typing.Literal["lazy", "dense"] = "lazy"
@@ -73,7 +76,7 @@ class TrainConfig:
     max_steps: int = 0  # > 0 stops after this many steps, whatever epochs says
     seed: int = 42
     log_interval: int = 100
-    eval_interval: int = 2000
+    eval_interval: int = 2000  # 0: verify at the end of training only
     save_interval: int = 0  # 0: save at the end of every epoch only
     keep_checkpoints: int = 1
     mode: typing.Literal["dynamic", "static"] = "dynamic"
@@ -85,6 +88,7 @@ class TrainConfig:
     loss_scale_growth_interval: int = 2000  # good steps before the scale grows
     loss_scale_growth_factor: float = 2.0
     loss_scale_backoff_factor: float = 0.5  # after a step with an inf/nan gradient (that step is skipped)
+    max_skipped_steps: int = 20  # this many skipped steps in a row end the run as diverged
 
 
 @dataclass
@@ -209,22 +213,85 @@ def config_from_dict(raw: dict) -> Config:
     return config
 
 
+_NEUTRAL_MARGINS = [1.0, 0.0, 0.0]
+
+# (key, check, allowed range as the message says it). Float keys must also be finite (checked first).
+_RULES: list[tuple[str, typing.Callable[[typing.Any], bool], str]] = [
+    ("data.num_classes", lambda v: v >= 0, ">= 0 (0: read from the labels)"),
+    ("data.image_size", lambda v: v >= 1, ">= 1"),
+    ("data.num_workers", lambda v: v >= 0, ">= 0 (0: load in the training process)"),
+    ("data.synthetic_samples", lambda v: v >= 1, ">= 1"),
+    ("model.embedding_size", lambda v: v >= 1, ">= 1"),
+    ("model.width", lambda v: v > 0, "> 0"),
+    ("model.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("loss.scale", lambda v: v > 0, "> 0"),
+    ("loss.sample_ratio", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("optim.lr", lambda v: v > 0, "> 0"),
+    ("optim.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("optim.warmup_steps", lambda v: v >= 0, ">= 0"),
+    ("optim.decay_boundaries", lambda v: all(b >= 0 for b in v), "a list of numbers >= 0"),
+    ("optim.decay_factor", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("optim.poly_power", lambda v: v >= 0, ">= 0"),
+    ("optim.clip_norm", lambda v: v >= 0, ">= 0 (0: no clipping)"),
+    ("train.batch_size", lambda v: v >= 1, ">= 1"),
+    ("train.epochs", lambda v: v >= 0, ">= 0"),
+    ("train.max_steps", lambda v: v >= 0, ">= 0 (0: train.epochs decides)"),
+    ("train.seed", lambda v: v >= 0, ">= 0"),
+    ("train.log_interval", lambda v: v >= 1, ">= 1"),
+    ("train.eval_interval", lambda v: v >= 0, ">= 0 (0: verify at the end only)"),
+    ("train.save_interval", lambda v: v >= 0, ">= 0 (0: save at the end of every epoch only)"),
+    ("train.keep_checkpoints", lambda v: v >= 1, ">= 1"),
+    ("train.eval_batch_size", lambda v: v >= 1, ">= 1"),
+    ("train.loss_scale_init", lambda v: v > 0, "> 0"),
+    ("train.loss_scale_growth_interval", lambda v: v >= 1, ">= 1"),
+    ("train.loss_scale_growth_factor", lambda v: v >= 1, ">= 1"),
+    ("train.loss_scale_backoff_factor", lambda v: 0 < v < 1, "in (0, 1)"),
+    ("train.max_skipped_steps", lambda v: v >= 1, ">= 1"),
+]
+
+
 def validate(config: Config) -> None:
-    if not 0.0 < config.loss.sample_ratio <= 1.0:
-        raise ConfigError(f"loss.sample_ratio must be in (0, 1], got {config.loss.sample_ratio}")
-    if len(config.loss.margins) != 3:
-        raise ConfigError(f"loss.margins must be [m1, m2, m3], got {config.loss.margins}")
-    if config.train.batch_size < 1:
-        raise ConfigError(f"train.batch_size must be >= 1, got {config.train.batch_size}")
-    if config.model.width <= 0:
-        raise ConfigError(f"model.width must be > 0, got {config.model.width}")
-    train = config.train
-    if train.loss_scale_init <= 0 or train.loss_scale_growth_interval < 1:
-        raise ConfigError("train.loss_scale_init must be > 0 and train.loss_scale_growth_interval >= 1")
-    if train.loss_scale_growth_factor < 1 or not 0 < train.loss_scale_backoff_factor < 1:
+    """Refuse values outside their allowed range: one ConfigError line naming the key and the range."""
+    _check_finite(config)
+    for key, allowed, text in _RULES:
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if not allowed(value):
+            raise ConfigError(f"{key} must be {text}, got {value!r}")
+    _check_margins(config.loss)
+
+
+def _check_finite(config: Config) -> None:
+    """nan and inf would slip through the range checks (``inf > 0``) or fail them with a misleading range."""
+    for section in dataclasses.fields(config):
+        values = getattr(config, section.name)
+        for key, value in dataclasses.asdict(values).items():
+            numbers = value if isinstance(value, list) else [value]
+            if any(isinstance(x, float) and not math.isfinite(x) for x in numbers):
+                raise ConfigError(f"{section.name}.{key} must be a finite number, got {value!r}")
+
+
+def _check_margins(loss: LossConfig) -> None:
+    """The target logit cos(m1 * theta + m2) - m3 must stay a margin: smaller than cos(theta) for every
+    angle the loss meets, and a decreasing function of the angle."""
+    if len(loss.margins) != 3:
+        raise ConfigError(f"loss.margins must be [m1, m2, m3], got {loss.margins}")
+    m1, m2, m3 = loss.margins
+    if not m1 > 0:
+        raise ConfigError(f"loss.margins: m1 must be > 0, got {m1!r}")
+    if not 0 <= m2 < math.pi / 2:
+        raise ConfigError(f"loss.margins: m2 must be in [0, pi/2), got {m2!r}")
+    if not 0 <= m3 < 1:
+        raise ConfigError(f"loss.margins: m3 must be in [0, 1), got {m3!r}")
+    neutral = loss.margins == _NEUTRAL_MARGINS
+    if neutral and not loss.plain_softmax:
         raise ConfigError(
-            "train.loss_scale_growth_factor must be >= 1 and train.loss_scale_backoff_factor in (0, 1)"
+            "loss.margins [1, 0, 0] add no margin (a plain softmax): set loss.plain_softmax=true if that is "
+            "intended, else e.g. [1.0, 0.5, 0.0] (ArcFace) or [1.0, 0.0, 0.35] (CosFace)"
         )
+    if loss.plain_softmax and not neutral:
+        raise ConfigError(f"loss.plain_softmax=true needs loss.margins [1.0, 0.0, 0.0], got {loss.margins}")
 
 
 def save_config(config: Config, path: str | Path) -> None:

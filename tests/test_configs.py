@@ -360,6 +360,89 @@ def test_validation(override, match):
         load_config(overrides=[override])
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lr=-0.1", "optim.lr must be > 0, got -0.1"),
+        ("optim.lr=0", "optim.lr must be > 0, got 0.0"),
+        ("optim.lr=.nan", "optim.lr must be a finite number, got nan"),
+        ("optim.lr=.inf", "optim.lr must be a finite number, got inf"),
+        ("optim.momentum=1.0", "optim.momentum must be in [0, 1), got 1.0"),
+        ("optim.momentum=-0.5", "optim.momentum must be in [0, 1), got -0.5"),
+        ("optim.weight_decay=-1e-4", "optim.weight_decay must be >= 0, got -0.0001"),
+        ("optim.warmup_steps=-1", "optim.warmup_steps must be >= 0, got -1"),
+        ("optim.decay_factor=0", "optim.decay_factor must be in (0, 1], got 0.0"),
+        ("optim.decay_boundaries=[10, -2]",
+         "optim.decay_boundaries must be a list of numbers >= 0, got [10, -2]"),
+        ("optim.clip_norm=-1", "optim.clip_norm must be >= 0 (0: no clipping), got -1.0"),
+        ("loss.scale=0", "loss.scale must be > 0, got 0.0"),
+        ("loss.scale=-64", "loss.scale must be > 0, got -64.0"),
+        ("loss.scale=.inf", "loss.scale must be a finite number, got inf"),
+        ("loss.sample_ratio=-0.1", "loss.sample_ratio must be in (0, 1], got -0.1"),
+        ("loss.sample_ratio=.nan", "loss.sample_ratio must be a finite number, got nan"),
+        ("loss.margins=[0.0, 0.5, 0.0]", "loss.margins: m1 must be > 0, got 0.0"),
+        ("loss.margins=[1.0, -0.1, 0.0]", "loss.margins: m2 must be in [0, pi/2), got -0.1"),
+        ("loss.margins=[1.0, 1.6, 0.0]", "loss.margins: m2 must be in [0, pi/2), got 1.6"),
+        ("loss.margins=[1.0, 0.0, 1.0]", "loss.margins: m3 must be in [0, 1), got 1.0"),
+        ("loss.margins=[1.0, 0.0, -0.35]", "loss.margins: m3 must be in [0, 1), got -0.35"),
+        ("loss.margins=[1.0, .nan, 0.0]", "loss.margins must be a finite number, got [1.0, nan, 0.0]"),
+        ("loss.margins=[1.0, 0.0, 0.0]", "loss.margins [1, 0, 0] add no margin (a plain softmax): set "
+                                         "loss.plain_softmax=true"),
+        ("loss.plain_softmax=true",
+         "loss.plain_softmax=true needs loss.margins [1.0, 0.0, 0.0], got [1.0, 0.5, 0.0]"),
+        ("train.batch_size=-3", "train.batch_size must be >= 1, got -3"),
+        ("train.epochs=-1", "train.epochs must be >= 0, got -1"),
+        ("train.max_steps=-5", "train.max_steps must be >= 0 (0: train.epochs decides), got -5"),
+        ("train.log_interval=0", "train.log_interval must be >= 1, got 0"),
+        ("train.eval_interval=-1", "train.eval_interval must be >= 0 (0: verify at the end only), got -1"),
+        ("train.save_interval=-1",
+         "train.save_interval must be >= 0 (0: save at the end of every epoch only), got -1"),
+        ("train.keep_checkpoints=0", "train.keep_checkpoints must be >= 1, got 0"),
+        ("train.eval_batch_size=0", "train.eval_batch_size must be >= 1, got 0"),
+        ("train.seed=-1", "train.seed must be >= 0, got -1"),
+        ("train.max_skipped_steps=0", "train.max_skipped_steps must be >= 1, got 0"),
+        ("train.loss_scale_init=0", "train.loss_scale_init must be > 0, got 0.0"),
+        ("train.loss_scale_backoff_factor=1", "train.loss_scale_backoff_factor must be in (0, 1), got 1.0"),
+        ("data.image_size=0", "data.image_size must be >= 1, got 0"),
+        ("data.num_workers=-1", "data.num_workers must be >= 0 (0: load in the training process), got -1"),
+        ("data.num_classes=-2", "data.num_classes must be >= 0 (0: read from the labels), got -2"),
+        ("model.embedding_size=0", "model.embedding_size must be >= 1, got 0"),
+        ("model.width=.nan", "model.width must be a finite number, got nan"),
+        ("model.dropout=1.0", "model.dropout must be in [0, 1), got 1.0"),
+    ],
+)
+def test_values_out_of_range_are_one_line_errors_naming_key_and_range(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[override])
+    assert str(info.value).startswith(message)
+    assert "\n" not in str(info.value)
+
+
+def test_range_errors_reach_the_command_line_as_one_line(tmp_path, capsys):
+    from plsc import cli
+
+    code = cli.main(["train", "--config", str(CONFIGS / "cpu" / "mini.yaml"), "--output", str(tmp_path),
+                     "--set", "optim.lr=-0.1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err == "plsc: error: optim.lr must be > 0, got -0.1\n"
+    assert not any(tmp_path.iterdir())  # refused before anything is written
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["loss.margins=[1.0, 0.0, 0.0]", "loss.plain_softmax=true"],  # asked for: a plain softmax
+        ["loss.margins=[0.9, 0.4, 0.15]"],  # PLSC's combined margin
+        ["loss.margins=[1.0, 0.0, 0.35]"],  # CosFace
+        ["train.epochs=0", "train.eval_interval=0", "train.save_interval=0", "optim.momentum=0"],
+        ["optim.weight_decay=0", "data.num_workers=0", "loss.sample_ratio=1.0", "optim.decay_factor=1"],
+    ],
+)
+def test_boundary_values_that_are_allowed_load(overrides):
+    load_config(overrides=overrides)
+
+
 def test_config_from_dict_and_save_round_trip(tmp_path):
     c = config_from_dict(
         {"model": {"name": "mobilefacenet", "embedding_size": 128}, "train": {"mode": "static"}}

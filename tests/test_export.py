@@ -152,6 +152,7 @@ def test_export_description(exported):
     if onnx_usable():  # exporting the second format kept the first in export.json
         assert description["artifacts"]["onnx"]["files"] == ["iresnet18.onnx"]
     assert not [p for p in output.iterdir() if p.name.startswith(".")]  # no staging left behind
+    assert not [p for p in output.parent.iterdir() if p.name.startswith(".")]
 
 
 @needs_onnx
@@ -234,6 +235,80 @@ def test_missing_engine_and_bad_paths_are_clear_errors(exported, tmp_path):
         list_images(tmp_path / "absent")
     with pytest.raises(PlscError, match="is not a checkpoint"):
         export_checkpoint(tmp_path, tmp_path / "x")
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("small") / "ck", "NCHW", seed=5)
+
+
+def test_export_output_that_is_a_file_is_one_line_and_nothing_is_written(small_checkpoint, tmp_path, capsys):
+    target = tmp_path / "model.bin"
+    target.write_bytes(b"not a folder")
+    code = cli.main(["export", "--checkpoint", str(small_checkpoint), "--output", str(target)])
+    err = capsys.readouterr().err
+    assert code == 2
+    expected = f"plsc: error: export output {target} is a file; name a folder (new, or holding an export)"
+    assert err == expected + "\n"
+    assert target.read_bytes() == b"not a folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.bin"]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"{not json", "corrupt export description (Expecting property name enclosed in double quotes)"),
+        (b"[1, 2]", "corrupt export description (not a JSON object)"),
+        (b"\xff\xfe{}", "unreadable export description"),
+    ],
+)
+def test_unreadable_export_json_is_refused_before_anything_is_written(small_checkpoint, tmp_path, capsys,
+                                                                      content, message):
+    output = tmp_path / "exported"
+    output.mkdir()
+    (output / "export.json").write_bytes(content)
+    code = cli.main(["export", "--checkpoint", str(small_checkpoint), "--output", str(output)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"plsc: error: {output / 'export.json'}: {message}")
+    assert err.count("\n") == 1
+    assert folder_bytes(output) == {"export.json": content}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]  # no staging folder beside it
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, OSError(28, "No space left on device")])
+def test_an_interrupted_export_leaves_the_previous_one_intact(small_checkpoint, tmp_path, monkeypatch,
+                                                               failure):
+    from plsc.export import exporter
+
+    output = tmp_path / "exported"
+    export_checkpoint(small_checkpoint, output, "paddle")
+    (output / "notes.txt").write_text("the user's own file")
+    before = folder_bytes(output)
+    original = exporter.save_inference_model
+
+    def save_then_fail(model, prefix, image_size):
+        original(model, prefix, image_size)  # the new files are written, then the export is cut short
+        raise failure
+
+    monkeypatch.setattr(exporter, "save_inference_model", save_then_fail)
+    if failure is KeyboardInterrupt:
+        with pytest.raises(KeyboardInterrupt):
+            export_checkpoint(small_checkpoint, output, "paddle", name="other")
+    else:
+        message = f"^cannot write the export to {output}: No space left on device$"
+        with pytest.raises(PlscError, match=message):
+            export_checkpoint(small_checkpoint, output, "paddle", name="other")
+    assert folder_bytes(output) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]
+    monkeypatch.undo()
+    description = export_checkpoint(small_checkpoint, output, "paddle", name="other")
+    assert (output / "notes.txt").read_text() == "the user's own file"  # kept by a successful re-export
+    assert all((output / name).is_file() for name in description["artifacts"]["paddle"]["files"])
+    assert description["artifacts"]["paddle"]["files"][0].startswith("other.")
 
 
 def test_paddle2onnx_for_the_wrong_paddle_is_a_clear_error(monkeypatch):

@@ -79,12 +79,16 @@ class DynamicLossScaler:
             self.good_steps = int(state["good_steps"])
 
 
-def grads_are_finite(grads: list[paddle.Tensor]) -> bool:
-    """True when every gradient is free of inf and nan (one host sync for all of them)."""
-    if not grads:
+def all_finite(tensors: list[paddle.Tensor]) -> bool:
+    """True when every tensor is free of inf and nan (one host sync for all of them)."""
+    if not tensors:
         return True
-    flags = paddle.stack([paddle.isfinite(g).all() for g in grads])
+    flags = paddle.stack([paddle.isfinite(t).all() for t in tensors])
     return bool(flags.all().item())
+
+
+def grads_are_finite(grads: list[paddle.Tensor]) -> bool:
+    return all_finite(grads)
 
 
 def found_inf_anywhere(grads: list[paddle.Tensor], comm) -> bool:

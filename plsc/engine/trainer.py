@@ -32,7 +32,7 @@ from plsc.distributed import (
     verify_across_ranks,
 )
 from plsc.engine import checkpoint as ckpt
-from plsc.engine.loss_scaler import DynamicLossScaler
+from plsc.engine.loss_scaler import DynamicLossScaler, all_finite
 from plsc.engine.schedule import learning_rate
 from plsc.errors import PlscError
 from plsc.eval.runner import embedder
@@ -52,6 +52,11 @@ class TrainingInterrupted(Exception):
         super().__init__(f"interrupted by signal {signum}; checkpoint saved to {checkpoint_dir}")
         self.signum = signum
         self.checkpoint_dir = checkpoint_dir
+
+
+class TrainingDiverged(PlscError):
+    """The loss or the weights became non-finite, or too many steps in a row were skipped for inf/nan
+    gradients. Raised before anything is saved from the non-finite state, on every rank at the same step."""
 
 
 @dataclass
@@ -192,6 +197,7 @@ class Trainer:
         self._last_eval_step = -1
         self._last_checkpoint: Path | None = None
         self.skipped_steps = 0  # steps dropped for an inf/nan gradient (loss scaling)
+        self.skipped_in_a_row = 0
         if resume:
             self._resume(resume)
 
@@ -345,6 +351,7 @@ class Trainer:
         if self.scaler.found_inf([p.grad for p in params] + [self.head.sampled_grad], self.comm):
             self._skip_step()
             return float(loss)
+        self.skipped_in_a_row = 0
         unscale = self.scaler.inverse
         grad_scale = self._clip_factor(params, unscale) * unscale
         if grad_scale != 1.0:
@@ -361,7 +368,12 @@ class Trainer:
         # Center gradients were scaled with the loss too: PLSC v2.2 applied them unscaled; plsc divides.
         self.head.step(lr, optim.momentum, optim.weight_decay, grad_scale=grad_scale)
         self.scaler.update(found_inf=False)
-        return float(loss)
+        loss_value = float(loss)
+        if not math.isfinite(loss_value):
+            # Without loss scaling nothing skips the step. The loss is the global batch's, the same on every
+            # rank, so every rank stops here; the weights this step changed are never saved.
+            raise self._diverged(self.state.step + 1, f"the loss is {loss_value}")
+        return loss_value
 
     def _all_reduce_backbone_grads(self) -> list:
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -379,6 +391,25 @@ class Trainer:
                     self.scaler.scale)
         self.scaler.update(found_inf=True)
         self.skipped_steps += 1
+        self.skipped_in_a_row += 1
+        limit = self.config.train.max_skipped_steps
+        if self.skipped_in_a_row >= limit:  # the skip decision is collective: every rank stops here
+            raise self._diverged(self.state.step + 1, f"{limit} steps in a row skipped for inf/nan gradients "
+                                 f"(train.max_skipped_steps), loss scale down to {self.scaler.scale:g}")
+
+    def _diverged(self, step: int, reason: str) -> TrainingDiverged:
+        latest = self.checkpoints.latest()
+        kept = f"the last checkpoint is {latest}" if latest else "no checkpoint was saved"
+        return TrainingDiverged(f"training diverged at step {step}: {reason}; nothing was saved from it "
+                                f"({kept}); try a lower optim.lr or optim.clip_norm > 0")
+
+    def _require_finite_weights(self) -> None:
+        """Before anything is saved or evaluated: the backbone's weights and BatchNorm statistics (which see
+        even a skipped step's batch) and this rank's class centers, agreed across ranks."""
+        tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]
+        finite = all_finite(tensors + [self.head.weight, self.head.velocity])
+        if self.comm.any_true(not finite):
+            raise self._diverged(self.state.step, "the weights hold inf or nan")
 
     def _clip_factor(self, params, unscale: float = 1.0) -> float:
         """Clip-by-global-norm over every gradient of the step: backbone and (all ranks') sampled centers.
@@ -474,6 +505,9 @@ class Trainer:
             self.state.step += 1
             self.state.step_in_epoch = batch_index + 1
             step = self.state.step
+            stopping = self.comm.any_true(self._signal is not None)
+            if self._saves_or_evaluates_after(step, stopping):
+                self._require_finite_weights()
             if step % train.log_interval == 0 or step == self.total_steps:
                 self._log(window, lr)
                 window = _LogWindow(time.time(), step)
@@ -482,10 +516,21 @@ class Trainer:
                 window.exclude_since(time.time())
             if train.save_interval > 0 and step % train.save_interval == 0:
                 self._last_checkpoint = self.save_step_checkpoint()
-            if self.comm.any_true(self._signal is not None):
+            if stopping:
                 self._stop_on_signal()
             if step >= self.total_steps:
                 return
+
+    def _saves_or_evaluates_after(self, step: int, stopping: bool) -> bool:
+        """Whether a checkpoint, best model or verification follows this step (here or in :meth:`run`)."""
+        train = self.config.train
+        return (
+            stopping
+            or step >= self.total_steps
+            or self.state.step_in_epoch == self.steps_per_epoch
+            or (train.eval_interval > 0 and step % train.eval_interval == 0 and bool(self.val_sets))
+            or (train.save_interval > 0 and step % train.save_interval == 0)
+        )
 
     def _stop_on_signal(self) -> None:
         signum = self._signal or signal.SIGTERM
@@ -512,7 +557,7 @@ class Trainer:
             record.update(loss_scale=self.scaler.scale, skipped_steps=self.skipped_steps)
         if self.rank == 0:
             with open(self.output / "train_log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json_line(record))
             log.info(
                 "step %d/%d epoch %d loss %.4f lr %.5f %.1f img/s eta %s mem %.0f MB",
                 self.state.step,
@@ -554,3 +599,10 @@ class _LogWindow:
 def _format_duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def json_line(record: dict) -> str:
+    """One strict-JSON line: a non-finite number (the mean loss of a window of skipped steps) becomes null,
+    since NaN and Infinity are not JSON."""
+    finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+    return json.dumps(finite, allow_nan=False) + "\n"

@@ -29,6 +29,7 @@ import inspect
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import paddle
@@ -59,35 +60,85 @@ def export_checkpoint(
 
     ``checkpoint``: a plsc checkpoint, a best_model/<name> folder or a PLSC v2.2 checkpoint folder;
     ``model_hints``: ``backbone``, ``embedding_size``, ``data_format`` as for ``restore_backbone``.
+
+    The new export is assembled in a folder beside ``output`` (with the files ``output`` already holds) and
+    renamed into place: an export that fails or is interrupted leaves the previous one as it was.
     """
     if export_format not in FORMATS:
         raise PlscError(f"export format must be one of {', '.join(FORMATS)}, got {export_format!r}")
+    output = Path(output)
+    previous = check_output(output)
     model, config = restore_backbone(checkpoint, **model_hints)
     if config.model.data_format != "NCHW":
         model = nchw_twin(model, config)
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
     name = name or config.model.name
-    artifact = _export_files(model, output, name, config.data.image_size, export_format, opset)
-    return write_description(output, describe(checkpoint, config), export_format, artifact)
-
-
-def _export_files(model, output: Path, name: str, image_size: int, export_format: str, opset: int) -> dict:
-    """Write one format's files through a staging folder, so that a failed export leaves none behind."""
-    staging = output / f".export-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
     try:
-        files = save_inference_model(model, staging / name, image_size)
-        artifact = {"files": [path.name for path in files], "paddle": paddle.__version__}
-        if export_format == "onnx":
-            onnx_file = convert_to_onnx(files, staging / f"{name}.onnx", opset)
-            files, artifact = [onnx_file], {"files": [onnx_file.name], "opset": opset, **onnx_versions()}
-        for path in files:
-            os.replace(path, output / path.name)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.export-", dir=output.parent))
+    except OSError as exc:
+        raise PlscError(f"cannot write the export to {output}: {exc.strerror or exc}") from None
+    try:
+        artifact = _export_files(model, staging, name, config.data.image_size, export_format, opset)
+        _carry_over(output, staging)
+        description = merge_description(previous, describe(checkpoint, config), export_format, artifact)
+        write_text_atomic(staging / EXPORT_JSON, json.dumps(description, indent=1) + "\n")
+        _replace_folder(staging, output)
+    except OSError as exc:
+        raise PlscError(f"cannot write the export to {output}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return description
+
+
+def check_output(output: Path) -> dict | None:
+    """Refuse an output that cannot hold an export before any work is done; the description of the export
+    already there (None when there is none)."""
+    if output.exists() and not output.is_dir():
+        raise PlscError(f"export output {output} is a file; name a folder (new, or holding an export)")
+    return read_description(output) if output.is_dir() else None
+
+
+def _export_files(model, staging: Path, name: str, image_size: int, export_format: str, opset: int) -> dict:
+    """Write one format's files into ``staging``; the export.json entry describing them."""
+    files = save_inference_model(model, staging / name, image_size)
+    artifact = {"files": [path.name for path in files], "paddle": paddle.__version__}
+    if export_format == "onnx":
+        onnx_file = convert_to_onnx(files, staging / f"{name}.onnx", opset)
+        for path in files:  # the Paddle files were only the converter's input
+            path.unlink()
+        artifact = {"files": [onnx_file.name], "opset": opset, **onnx_versions()}
     return artifact
+
+
+def _carry_over(output: Path, staging: Path) -> None:
+    """Hard-link (or copy) what ``output`` holds into ``staging``, except what the new export replaces."""
+    if not output.is_dir():
+        return
+    for entry in output.iterdir():
+        target = staging / entry.name
+        if entry.name == EXPORT_JSON or target.exists():
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, target, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, target)
+
+
+def _link_or_copy(source, target) -> None:
+    try:
+        os.link(source, target, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(source, target, follow_symlinks=False)
+
+
+def _replace_folder(staging: Path, output: Path) -> None:
+    """Put ``staging`` in the place of ``output``. Between the two renames the previous export is complete
+    under its temporary name; it is removed only once the new one is in place."""
+    previous = output.with_name(f".{output.name}.previous-{os.getpid()}")
+    if output.exists():
+        os.replace(output, previous)
+    os.replace(staging, output)
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def nchw_twin(model: paddle.nn.Layer, config) -> paddle.nn.Layer:
@@ -179,17 +230,21 @@ def read_description(directory: str | Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        description = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise PlscError(f"{path}: corrupt export description ({exc.msg})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PlscError(f"{path}: unreadable export description ({getattr(exc, 'strerror', None) or exc})") \
+            from None
+    if not isinstance(description, dict):
+        raise PlscError(f"{path}: corrupt export description (not a JSON object)")
+    return description
 
 
-def write_description(output: Path, description: dict, export_format: str, artifact: dict) -> dict:
-    """Write export.json, keeping the other format's entry when it was exported from the same model."""
-    previous = read_description(output) or {}
+def merge_description(previous: dict | None, description: dict, export_format: str, artifact: dict) -> dict:
+    """export.json's content: the other format's entry is kept when it was exported from the same model."""
+    previous = previous or {}
     same_model = all(previous.get(key) == description[key] for key in ("model", "input", "source"))
     artifacts = dict(previous.get("artifacts", {})) if same_model else {}
     artifacts[export_format] = artifact
-    description = {**description, "artifacts": artifacts, "plsc": plsc.__version__}
-    write_text_atomic(output / EXPORT_JSON, json.dumps(description, indent=1) + "\n")
-    return description
+    return {**description, "artifacts": artifacts, "plsc": plsc.__version__}

@@ -6,6 +6,7 @@ are bounded: a few per test, each with a 5 s client timeout, and the server stop
 
 from __future__ import annotations
 
+import hashlib
 import io
 import socket
 import tarfile
@@ -44,6 +45,7 @@ class Served:
     payload: bytes
     honour_range: bool = True
     cut_after: int | None = None  # send only this many body bytes, then close
+    send_length: bool = True  # False: no Content-Length, the end of the body is the end of the connection
     ranges: list[str | None] = field(default_factory=list)
     url: str = ""
 
@@ -63,7 +65,8 @@ class ArchiveHandler(BaseHTTPRequestHandler):
             self.send_header(
                 "Content-Range", f"bytes {start}-{len(served.payload) - 1}/{len(served.payload)}"
             )
-        self.send_header("Content-Length", str(len(body)))
+        if served.send_length:
+            self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body if served.cut_after is None else body[: served.cut_after])
         self.close_connection = True
@@ -159,3 +162,66 @@ def test_members_escaping_the_folder_are_refused(tmp_path):
         extract_tgz(archive, tmp_path / "checkpoints")
     assert not (tmp_path / "outside.txt").exists()
     assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def no_log(line: str) -> None:
+    pass
+
+
+def test_the_sha256_is_recorded_beside_the_download(server, tmp_path):
+    path = fetch(server.url, tmp_path, timeout=TIMEOUT_S, log=no_log)
+    expected = hashlib.sha256(server.payload).hexdigest()
+    assert (tmp_path / f"{STEM}.tgz.sha256").read_text() == f"{expected}  {STEM}.tgz\n"
+    assert path.read_bytes() == server.payload
+
+
+def test_a_cut_transfer_without_content_length_is_not_marked_complete(server, tmp_path):
+    """Without a length the client cannot tell a closed connection from the end: the archive must read
+    through. The cut file stays to be resumed, and the resumed one completes."""
+    server.send_length = False
+    half = len(server.payload) // 2
+    server.cut_after = half
+    with pytest.raises(DownloadError) as caught:
+        fetch(server.url, tmp_path, timeout=TIMEOUT_S, log=no_log)
+    message = str(caught.value)
+    assert message.startswith(f"download of {server.url} is incomplete: the archive ends early (")
+    assert "run again to resume" in message and "\n" not in message
+    assert not (tmp_path / f"{STEM}.tgz").exists() and not (tmp_path / f"{STEM}.tgz.sha256").exists()
+    assert (tmp_path / f"{STEM}.tgz.part").read_bytes() == server.payload[:half]
+    server.cut_after = None
+    path = fetch(server.url, tmp_path, timeout=TIMEOUT_S, log=no_log)
+    assert path.read_bytes() == server.payload and server.ranges == [None, f"bytes={half}-"]
+
+
+def test_a_damaged_archive_is_refused_and_removed(server, tmp_path):
+    damaged = bytearray(server.payload)
+    damaged[-6] ^= 0xFF  # inside gzip's CRC32 trailer: every byte arrives, the content is wrong
+    server.payload = bytes(damaged)
+    message = rf"^download of {server.url} is corrupt \(CRC check failed.*run again$"
+    with pytest.raises(DownloadError, match=message):
+        fetch(server.url, tmp_path, timeout=TIMEOUT_S, log=no_log)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_cached_file_that_no_longer_matches_its_sha256_is_downloaded_again(server, tmp_path):
+    path = fetch(server.url, tmp_path, timeout=TIMEOUT_S, log=no_log)
+    path.write_bytes(server.payload[:-1] + b"x")  # changed on disk since it was recorded
+    lines = []
+    assert fetch(server.url, tmp_path, timeout=TIMEOUT_S, log=lines.append).read_bytes() == server.payload
+    assert server.ranges == [None, None]
+    assert "does not match its recorded sha256" in lines[0]
+
+
+def test_a_cached_file_matching_its_sha256_is_used_without_a_request(server, tmp_path):
+    fetch(server.url, tmp_path, timeout=TIMEOUT_S, log=no_log)
+    assert fetch(server.url, tmp_path, timeout=TIMEOUT_S, log=no_log).read_bytes() == server.payload
+    assert server.ranges == [None]
+
+
+def test_a_damaged_archive_copied_into_the_cache_is_one_line(server, tmp_path):
+    (tmp_path / f"{STEM}.tgz").write_bytes(server.payload[: len(server.payload) // 2])
+    with pytest.raises(DownloadError) as caught:
+        fetch(server.url, tmp_path, timeout=TIMEOUT_S, log=no_log)
+    message = str(caught.value)
+    assert message.startswith(f"{tmp_path / STEM}.tgz is not a readable archive (") and "\n" not in message
+    assert message.endswith("delete it and run again") and server.ranges == []

@@ -1,0 +1,161 @@
+"""``plsc train --nproc N``: the launcher's output in <output>/log, rank 0's lines on the console, each rank
+its share of the cores, and a rank that dies ends the job within a minute with one line naming it, leaving
+no process behind. The processes are found through /proc, independently of plsc.launch's own bookkeeping."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from plsc.launch import child_environment
+
+ROOT = Path(__file__).resolve().parent.parent
+END_WITHIN_S = 60
+
+
+def stat_fields(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2:].split()  # state, ppid, pgrp, ...
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (fields := stat_fields(int(entry))) is not None and int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def descendants(pid: int) -> set[int]:
+    out, todo = set(), [pid]
+    while todo:
+        for child in children(todo.pop()):
+            out.add(child)
+            todo.append(child)
+    return out
+
+
+def environment_of(pid: int) -> dict[str, str]:
+    entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(e.decode(errors="replace").split("=", 1) for e in entries if b"=" in e)
+
+
+def alive(pid: int) -> bool:
+    fields = stat_fields(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+def rank_processes(plsc_pid: int) -> dict[int, int]:
+    """rank -> pid of the processes the launcher started (the launcher is plsc's only child)."""
+    (launcher,) = children(plsc_pid)
+    return {int(environment_of(pid)["PADDLE_TRAINER_ID"]): pid for pid in children(launcher)}
+
+
+def start_training(tiny_dir: Path, output: Path, *extra: str) -> subprocess.Popen:
+    settings = [
+        f"data.root={tiny_dir}", "data.val_bins=[]", "data.image_size=32", "data.num_workers=1",
+        "model.name=iresnet18", "model.width=0.125", "model.embedding_size=16", "loss.sample_ratio=0.5",
+        "optim.lr=0.05", "train.batch_size=24", "train.max_steps=2000", "train.log_interval=1",
+        "train.eval_interval=0", *extra,
+    ]
+    config = ROOT / "configs" / "cpu" / "mini.yaml"
+    command = [sys.executable, "-m", "plsc.cli", "train", "--config", str(config), "--output", str(output),
+               "--nproc", "2", *[f for s in settings for f in ("--set", s)]]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # plsc's own default applies
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_training(proc: subprocess.Popen, output: Path) -> tuple[dict[int, int], set[int]]:
+    """Once both ranks are stepping: {rank: pid} and every process of the job."""
+    log = output / "train_log.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 2):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    return rank_processes(proc.pid), descendants(proc.pid)
+
+
+def finish(proc: subprocess.Popen, since: float) -> tuple[str, str, float]:
+    try:
+        out, err = proc.communicate(timeout=END_WITHIN_S + 30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the job did not end")
+    return out, err, time.monotonic() - since
+
+
+def assert_one_error_line(err: str, expected: str) -> None:
+    lines = [line for line in err.splitlines() if line.startswith("plsc:")]
+    assert lines[-1] == expected and sum(line.startswith("plsc: error:") for line in lines) == 1, err
+    assert "Traceback" not in err
+
+
+def test_a_killed_rank_ends_the_job_with_one_line_and_no_process_left(tiny_dir, tmp_path):
+    output = tmp_path / "run"
+    proc = start_training(tiny_dir, output)
+    ranks, processes = wait_for_training(proc, output)
+    # Each rank got its share of the 2 cores (plsc's default is all of them for one process).
+    share = max(1, (os.cpu_count() or 1) // 2)
+    assert [environment_of(ranks[r])["OMP_NUM_THREADS"] for r in (0, 1)] == [str(share)] * 2
+    os.kill(ranks[1], signal.SIGKILL)
+    out, err, took = finish(proc, time.monotonic())
+    assert proc.returncode == 2 and took < END_WITHIN_S
+    assert_one_error_line(err, f"plsc: error: rank 1 exited with code -9, killed by SIGKILL "
+                               f"(log: {output / 'log' / 'workerlog.1'})")
+    assert not [pid for pid in processes if alive(pid)]
+    # The console: rank 0's own lines (up to the failure), not the launcher's (in <output>/log/launcher.log).
+    rank0 = (output / "log" / "workerlog.0").read_text().splitlines()
+    assert set(out.splitlines()) <= set(rank0)
+    assert ("step 2/2000" in out) == any("step 2/2000" in line for line in rank0)  # Paddle 2.6: no INFO lines
+    assert "LAUNCH" not in out + err and "Modified FLAGS" not in out + err
+    assert "LAUNCH INFO" in (output / "log" / "launcher.log").read_text()
+
+
+def test_a_rank_failing_while_the_launcher_hangs_is_still_ended_by_plsc(tiny_dir, tmp_path):
+    """The launcher stopped (it can neither report nor stop the ranks): plsc sees the dead rank itself and
+    kills every process of the job, the stopped launcher included."""
+    output = tmp_path / "run"
+    proc = start_training(tiny_dir, output)
+    ranks, processes = wait_for_training(proc, output)
+    (launcher,) = children(proc.pid)
+    os.kill(launcher, signal.SIGSTOP)
+    os.kill(ranks[1], signal.SIGKILL)
+    out, err, took = finish(proc, time.monotonic())
+    assert proc.returncode == 2 and took < END_WITHIN_S
+    assert_one_error_line(err, f"plsc: error: rank 1 exited with code -9, killed by SIGKILL "
+                               f"(log: {output / 'log' / 'workerlog.1'})")
+    assert not [pid for pid in processes if alive(pid)]
+
+
+def test_an_error_on_the_ranks_is_one_line_naming_the_rank_and_the_error(tiny_dir, tmp_path):
+    output = tmp_path / "run"
+    proc = start_training(tiny_dir, output, f"data.root={tmp_path / 'nowhere'}")  # each rank finds no data
+    out, err, took = finish(proc, time.monotonic())
+    assert proc.returncode == 2
+    (line,) = [line for line in err.splitlines() if line.startswith("plsc: error:")]
+    log = output / "log" / "workerlog.0"
+    assert line.startswith(f"plsc: error: rank 0 exited with code 2 (log: {log}): ")
+    assert str(tmp_path / "nowhere") in line and "Traceback" not in err
+
+
+def test_ranks_get_their_share_of_the_cores():
+    cores = os.cpu_count() or 1
+    env = dict(os.environ)
+    try:
+        os.environ["OMP_NUM_THREADS"] = str(cores)  # what plsc sets when the variable is unset
+        assert child_environment(2)["OMP_NUM_THREADS"] == str(max(1, cores // 2))
+        assert child_environment(cores * 4)["OMP_NUM_THREADS"] == "1"
+        os.environ["OMP_NUM_THREADS"] = "1"  # asked for fewer: kept
+        assert child_environment(1)["OMP_NUM_THREADS"] == "1"
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
