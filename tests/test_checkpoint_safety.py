@@ -20,7 +20,7 @@ import paddle
 import pytest
 from test_engine import read_log, tiny_config, write_tiny_yaml
 
-from plsc import cli
+from plsc import cli, safe_pickle
 from plsc.distributed import shard_classes
 from plsc.engine import checkpoint as ckpt
 from plsc.engine.trainer import Trainer
@@ -88,6 +88,20 @@ def test_state_dicts_of_this_paddle_load_through_the_safe_loader(tmp_path):
         assert sorted(ours) == sorted(reference) and len(ours) >= 4
         for key, value in reference.items():
             np.testing.assert_array_equal(ours[key].numpy(), value.numpy())
+
+
+@pytest.mark.parametrize("numpy_module", ["numpy.core.multiarray", "numpy._core.multiarray"])
+def test_arrays_pickled_by_numpy_1_and_2_both_load(tmp_path, numpy_module):
+    """numpy 1 (Paddle 2.6's) names numpy.core in its pickles, numpy 2 numpy._core: either file loads."""
+    state = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "n": np.float32(2.5)}
+    raw = pickle.dumps(state, protocol=2)  # text GLOBAL opcodes: the module name can be swapped in place
+    for name in (b"numpy._core.multiarray", b"numpy.core.multiarray"):
+        raw = raw.replace(name + b"\n", numpy_module.encode() + b"\n")
+    assert numpy_module.encode() in raw
+    (tmp_path / "state.pkl").write_bytes(raw)
+    loaded = safe_pickle.load(tmp_path / "state.pkl", "state")
+    np.testing.assert_array_equal(loaded["w"], state["w"])
+    assert loaded["n"] == np.float32(2.5)
 
 
 @pytest.mark.parametrize("command", ["eval", "export", "demo", "resume", "resume-optimizer"])
