@@ -364,6 +364,25 @@ def test_exchange_without_renameat2_still_replaces_the_directory(tmp_path, monke
     assert (tmp_path / "b" / "f").read_text() == "new" and (tmp_path / "a" / "f").read_text() == "old"
 
 
+def test_exchange_without_renameat2_puts_the_previous_directory_back_on_failure(tmp_path, monkeypatch):
+    monkeypatch.setattr(ckpt, "_renameat2", lambda: None)
+    real_replace, calls = os.replace, []
+
+    def second_fails(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            raise OSError(errno.EIO, "injected")
+        real_replace(src, dst)
+
+    for name, text in (("a", "new"), ("b", "old")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f").write_text(text)
+    monkeypatch.setattr(os, "replace", second_fails)
+    with pytest.raises(OSError):
+        ckpt.exchange_dirs(tmp_path / "a", tmp_path / "b")
+    assert (tmp_path / "b" / "f").read_text() == "old" and (tmp_path / "a" / "f").read_text() == "new"
+
+
 def test_disk_full_during_training_is_one_line_and_keeps_the_last_checkpoint(run_copy, monkeypatch, capsys):
     real_save = np.save
 

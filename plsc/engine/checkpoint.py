@@ -249,7 +249,11 @@ def exchange_dirs(a: Path, b: Path) -> None:
             raise OSError(code, os.strerror(code), str(b))
     swap = a.with_name(f"{a.name}.swap")
     os.replace(b, swap)
-    os.replace(a, b)
+    try:
+        os.replace(a, b)
+    except OSError:
+        os.replace(swap, b)  # the previous directory back under its name
+        raise
     os.replace(swap, a)
 
 

@@ -140,8 +140,9 @@ def backbone_amp_level(precision: str) -> str | None:
 
 class Trainer:
     """``resume``: True (``<output>``'s latest checkpoint) or a checkpoint folder. ``weights_only``: take the
-    checkpoint's weights and position but restart the optimizer. ``overwrite``: move another run's results in
-    ``output`` aside instead of refusing to start. Nothing is written before :meth:`run`."""
+    checkpoint's weights and step but restart the optimizer (with another class count: the backbone alone,
+    from step 0). ``overwrite``: move another run's results in ``output`` aside instead of refusing to start.
+    Nothing is written before :meth:`run`."""
 
     def __init__(self, config: Config, output: str | Path, resume: bool | str | Path = False, comm=None,
                  weights_only: bool = False, overwrite: bool = False):
@@ -279,7 +280,7 @@ class Trainer:
 
     def _resume(self, directory: Path, weights_only: bool) -> None:
         manifest = ckpt.read_manifest(directory)
-        world = self.comm.world_size
+        world = self.comm.world_size  # check_output compared the settings; the class count is known only now
         conflict = resume_conflict(manifest, self.config, world, self.num_classes, weights_only)
         if conflict:
             raise PlscError(f"cannot resume from {directory}: {conflict}")
