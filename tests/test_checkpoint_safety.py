@@ -251,6 +251,15 @@ def test_fresh_run_into_another_runs_folder_is_refused_and_overwrite_moves_it_as
     assert sorted(p.name for p in (run_copy / "checkpoints").iterdir()) == ["1", "latest"]
 
 
+def test_resume_from_this_runs_best_model_is_allowed_from_another_runs_checkpoint_not(run_copy, tiny_dir):
+    config = tiny_config(tiny_dir, "train.max_steps=3", *QUIET)
+    best = Trainer(config, run_copy, resume=run_copy / "best_model" / "lfw_disjoint_100")
+    assert best.state.step == 2 and best.best["lfw_disjoint_100"]["step"] == 2
+    other = Path(shutil.copytree(run_copy, run_copy.parent / "other"))
+    with pytest.raises(PlscError, match="holds another run's checkpoints, best_model, train_log.jsonl"):
+        Trainer(config, run_copy, resume=other / "checkpoints" / "2")
+
+
 def test_resume_from_an_earlier_step_keeps_the_new_checkpoints_and_one_log(tiny_dir, tmp_path):
     """keep_checkpoints=1 used to keep the highest step number (4) and delete the step just saved (3)."""
     output = tmp_path / "run"

@@ -305,7 +305,7 @@ class Trainer:
             self.scaler.load_state_dict(manifest["loss_scaler"])
         self.state = ckpt.TrainingState(manifest["step"], manifest["epoch"], manifest["step_in_epoch"])
         # best_model/ of another output is not this run's: its accuracies are not the bar to beat here.
-        self.best = manifest.get("best", {}) if _is_inside(directory, self.checkpoints.root) else {}
+        self.best = manifest.get("best", {}) if of_this_run(directory, self.output) else {}
         if directory.resolve() == self.checkpoints.path_for(self.state.step).resolve():
             self._last_checkpoint = directory  # resuming a finished run does not save it again
         log.info("resumed from %s at step %d (epoch %d)", directory, self.state.step, self.state.epoch)
@@ -593,8 +593,10 @@ def resume_conflict(manifest: dict, config: Config, world_size: int, num_classes
     return None
 
 
-def _is_inside(path: Path, folder: Path) -> bool:
-    return Path(path).resolve().parent == Path(folder).resolve()
+def of_this_run(checkpoint: Path, output: Path) -> bool:
+    """Whether ``checkpoint`` is one of ``output``'s step or best_model checkpoints."""
+    parents = Path(checkpoint).resolve().parents
+    return any((Path(output) / name).resolve() in parents for name in ("checkpoints", "best_model"))
 
 
 def check_output(config: Config, output: Path, resume: bool | str | Path, weights_only: bool, overwrite: bool,
@@ -613,9 +615,9 @@ def check_output(config: Config, output: Path, resume: bool | str | Path, weight
         directory = Path(resume)
         if not directory.is_dir():
             raise PlscError(f"--resume: checkpoint folder {directory} not found")
-        if overwrite and _is_inside(directory, checkpoints.root):
+        if overwrite and of_this_run(directory, output):
             raise PlscError(f"--overwrite would move aside {directory}, the checkpoint to resume from")
-    own = directory is not None and _is_inside(directory, checkpoints.root)
+    own = directory is not None and of_this_run(directory, output)
     previous = [name for name in PREVIOUS_RUN_FILES if (output / name).exists()]
     if previous and not own and not overwrite:
         raise PlscError(f"{output} holds another run's {', '.join(previous)}: continue it with --resume, "
