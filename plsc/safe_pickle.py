@@ -9,7 +9,6 @@ no globals at all. Anything else is refused with one line naming the file.
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 from pathlib import Path
@@ -77,11 +76,12 @@ def load(path: str | os.PathLike, kind: str, substitutes: dict | None = None, en
     """
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        file = open(path, "rb")  # streamed: a large state_dict is not held twice
     except OSError as exc:
         raise PlscError(f"cannot read {kind} {path}: {exc.strerror or exc}") from None
     try:
-        content = DataUnpickler(io.BytesIO(raw), substitutes, encoding=encoding).load()
+        with file:
+            content = DataUnpickler(file, substitutes, encoding=encoding).load()
     except RefusedGlobal as exc:
         raise PlscError(f"{path}: refusing to load the global {exc} (a {kind} holds data only; loading it "
                         "could run code)") from None
