@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -20,34 +21,70 @@ from plsc.malloc import reexec_with_huge_pages
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model from a YAML config")
-    p.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    p.add_argument("--config", default=None,
+                   help="YAML config file (see configs/); with --resume the default is <output>/config.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value; repeatable, e.g. --set train.batch_size=64")
     p.add_argument("--output", default=None, help="output folder (default: output/<config name>)")
-    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT_DIR",
-                   help="continue from <output>/checkpoints/latest, or from the given checkpoint folder")
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT_DIR",
+                        help="continue from <output>/checkpoints/latest, or from the given checkpoint "
+                             "folder; settings that change shapes or the data order must stay as saved")
+    resume.add_argument("--resume-weights-only", nargs="?", const=True, default=False,
+                        metavar="CHECKPOINT_DIR",
+                        help="like --resume, but the optimizer restarts (momentum from zero), the data order "
+                             "may change, and with another class count only the backbone is taken (step 0)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="move another run's checkpoints, best models and log in --output aside "
+                        "(to <output>/old-<time>) instead of refusing to start")
     p.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="train on N local processes (started through paddle.distributed.launch; "
                         "per-rank logs in <output>/log)")
     p.set_defaults(run=_run_train)
 
 
-def _run_train(args) -> int:
+def _train_config(args):
+    """The config to train with and the output folder: --config, or with --resume the run's own config.yaml
+    (the settings it was started with, --set overrides included), then this command's --set overrides."""
     from plsc.config import load_config
-    from plsc.engine.trainer import Trainer, TrainingInterrupted
 
-    config = load_config(args.config, args.overrides)
-    output = Path(args.output or Path("output") / Path(args.config).stem)
+    config_file = args.config
+    if config_file is None:
+        if not (args.resume or args.resume_weights_only) or args.output is None:
+            raise PlscError("train needs --config (or --output RUN_FOLDER --resume to continue that run)")
+        config_file = Path(args.output) / "config.yaml"
+        if not config_file.is_file():
+            raise PlscError(f"{config_file} not found: {args.output} is not a run folder; pass --config")
+    output = Path(args.output or Path("output") / Path(config_file).stem)
+    return load_config(config_file, args.overrides), output
+
+
+def _continue_command(output: Path, world_size: int) -> str:
+    """The command that continues an interrupted run (its settings are in <output>/config.yaml)."""
+    command = ["plsc", "train", "--output", str(output), "--resume"]
+    if world_size > 1:
+        command += ["--nproc", str(world_size)]
+    return shlex.join(command)
+
+
+def _run_train(args) -> int:
+    from plsc.engine.trainer import Trainer, TrainingInterrupted, check_output
+
+    config, output = _train_config(args)
+    resume = args.resume or args.resume_weights_only
+    weights_only = bool(args.resume_weights_only)
     if args.nproc is not None and args.nproc != 1:
         from plsc.launch import run_train  # the config loaded: a bad one fails here once, not in N children
 
+        check_output(config, output, resume, weights_only, args.overwrite, args.nproc)  # before <output>/log
         return run_train(args.nproc, args.argv, output)
-    trainer = Trainer(config, output, resume=args.resume)
+    trainer = Trainer(config, output, resume=resume, weights_only=weights_only, overwrite=args.overwrite)
     try:
         result = trainer.run()
     except TrainingInterrupted as exc:
-        print(f"plsc: {exc}; continue with: plsc train --config {args.config} --output {output} --resume",
-              file=sys.stderr)
+        if trainer.rank == 0:
+            print(f"plsc: {exc}; continue with: {_continue_command(output, trainer.comm.world_size)}",
+                  file=sys.stderr)
         return 128 + exc.signum
     if trainer.rank == 0:
         _print_metrics(result.last_eval, f"verification at step {result.steps}")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -21,6 +23,7 @@ from plsc.data import normalize_batch
 from plsc.engine import checkpoint as ckpt
 from plsc.engine.schedule import learning_rate
 from plsc.engine.trainer import Trainer
+from plsc.errors import PlscError
 
 TINY_OVERRIDES = [
     "model.name=iresnet18",
@@ -136,16 +139,17 @@ def test_failed_save_keeps_the_previous_checkpoint(tiny_dir, tmp_path, monkeypat
     trainer.run()
     before = ckpt.read_manifest(tmp_path / "checkpoints" / "2")
 
-    def fail(*args, **kwargs):
-        raise OSError("disk full")
+    def disk_full(obj, path, *args, **kwargs):
+        Path(path).write_bytes(b"partial")  # a write that fills the disk halfway
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt.paddle, "save", fail)
+    monkeypatch.setattr(ckpt.paddle, "save", disk_full)
     trainer.state.step = 3
-    with pytest.raises(OSError):
+    with pytest.raises(PlscError, match=r"^no space left writing .*\.3\.partial/backbone\.pdparams$"):
         trainer.save_step_checkpoint()
     assert trainer.checkpoints.latest() == tmp_path / "checkpoints" / "2"
     assert ckpt.read_manifest(tmp_path / "checkpoints" / "2") == before
-    assert not (tmp_path / "checkpoints" / "3").exists()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "latest"]  # partial removed
 
 
 def test_missing_shard_is_a_clear_error(tiny_dir, tmp_path):
@@ -157,10 +161,14 @@ def test_missing_shard_is_a_clear_error(tiny_dir, tmp_path):
 
 def test_new_class_count_reuses_only_the_backbone(tiny_dir, tmp_path, caplog):
     Trainer(tiny_config(tiny_dir, "train.max_steps=1", "train.eval_interval=0"), tmp_path / "a").run()
+    with pytest.raises(PlscError, match="40 classes, this run 50"):  # --resume continues the same run
+        Trainer(tiny_config(tiny_dir, "data.num_classes=50"), tmp_path / "b",
+                resume=tmp_path / "a" / "checkpoints" / "1")
     finetune = Trainer(
         tiny_config(tiny_dir, "train.max_steps=1", "data.num_classes=50"),
         tmp_path / "b",
         resume=tmp_path / "a" / "checkpoints" / "1",
+        weights_only=True,
     )
     assert "reusing the backbone only" in caplog.text
     assert finetune.state.step == 0 and finetune.head.weight.shape == [50, 16]
@@ -241,9 +249,10 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tiny_dir, tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
-    assert "--resume" in err
+    hint = err.strip().splitlines()[-1].split("; continue with: ")[1]
+    assert hint == f"plsc train --output {output} --resume"
     latest = int((output / "checkpoints" / "latest").read_text())
     assert latest >= 2 and latest == read_log(output)[-1]["step"]
-    resumed = Trainer(load_config(config, ["train.max_steps=" + str(latest + 1)]), output, resume=True)
-    assert resumed.state.step == latest
-    assert resumed.run().steps == latest + 1
+    # The hint as printed (plus a shorter run) continues from the checkpoint with the run's own settings.
+    assert cli.main([*shlex.split(hint)[1:], "--set", f"train.max_steps={latest + 1}"]) == 0
+    assert [r["step"] for r in read_log(output)] == list(range(1, latest + 2))

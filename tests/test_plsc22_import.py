@@ -210,7 +210,7 @@ def test_payload_reader_accepts_both_payloads_and_refuses_code(tmp_path):
             return (print, ("pwned",))
 
     (tmp_path / "evil.pdparam").write_bytes(pickle.dumps(Exploit()))
-    with pytest.raises(PlscError, match="refusing to load builtins.print"):
+    with pytest.raises(PlscError, match="evil.pdparam: refusing to load the global builtins.print"):
         plsc22.read_tensor_file(tmp_path / "evil.pdparam")
 
 

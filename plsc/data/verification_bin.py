@@ -10,7 +10,6 @@ full lfw.bin is 12,000 images, 0.45 GB as uint8 but 3.6 GB as float64.
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import tempfile
@@ -21,22 +20,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from plsc import safe_pickle
 from plsc.errors import PlscError
-
-# Only these globals may be resolved while unpickling: a .bin is data, and pickle can otherwise run arbitrary
-# code from a downloaded file. ``_codecs.encode`` is how Python 3 pickles bytes at protocol <= 2; the numpy
-# names cover files whose images or labels were stored as arrays.
-_ALLOWED_GLOBALS = frozenset(
-    {
-        ("_codecs", "encode"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "scalar"),
-    }
-)
 
 
 @dataclass(eq=False)
@@ -55,13 +40,6 @@ class VerificationSet:
     @property
     def pairs(self) -> int:
         return int(self.issame.shape[0])
-
-
-class _DataOnlyUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        if (module, name) not in _ALLOWED_GLOBALS:
-            raise pickle.UnpicklingError(f"refusing to load the global {module}.{name}")
-        return super().find_class(module, name)
 
 
 def load_bin(path: str | os.PathLike, image_size: int | tuple[int, int] = 112) -> VerificationSet:
@@ -94,16 +72,9 @@ def save_bin(path: str | os.PathLike, jpeg_bytes_list: Sequence[bytes], issame: 
 
 
 def _read_pickle(path: Path) -> tuple[list, np.ndarray]:
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise PlscError(f"cannot read verification file {path}: {exc.strerror or exc}") from None
-    try:
-        content = _DataOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
-    except Exception as exc:  # garbage bytes can raise almost any exception type from the unpickler
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        message = f"{path} is not an insightface verification .bin (cannot unpickle: {reason})"
-        raise PlscError(message) from None
+    if not path.is_file():
+        raise PlscError(f"cannot read verification file {path}: not found")
+    content = safe_pickle.load(path, "insightface verification .bin", encoding="bytes")
     return _check_structure(path, content)
 
 

@@ -11,12 +11,20 @@ Each rank writes its own shard; the class range of every shard is in the manifes
 ranks loads on M ranks by reading exactly the rows each new shard needs (memory-mapped, no full copy).
 
 A directory is written under a temporary name, fsynced and renamed into place, so a crash leaves either the
-previous checkpoint or the new one, never half of one. ``latest`` (a text file naming the newest step) is
-replaced the same way.
+previous checkpoint or the new one, never half of one. Saving over an existing directory (the same step
+again, best_model/<name>) swaps the two directories in one step (Linux ``renameat2(RENAME_EXCHANGE)``), so the
+name always holds a complete checkpoint. ``latest`` (a text file naming the newest step) is replaced the same
+way. A failed write (a full disk) removes what it had written and leaves the previous checkpoint as it was.
+
+Tensor files are read by :mod:`plsc.safe_pickle` (data only, never code) and must fit the model they are
+loaded into: :func:`load_backbone_into`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import json
 import os
 import platform
@@ -29,6 +37,7 @@ import numpy as np
 import paddle
 
 import plsc
+from plsc import safe_pickle
 from plsc.distributed import ClassShard
 from plsc.errors import PlscError
 
@@ -37,6 +46,12 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 BACKBONE = "backbone.pdparams"
 OPTIMIZER = "optimizer.pdopt"
+LATEST = "latest"
+# Keys every manifest of this format has; a manifest without one is corrupt (or hand-edited).
+MANIFEST_KEYS = ("format_version", "step", "epoch", "step_in_epoch", "num_classes", "embedding_size",
+                 "center_dtype", "world_size", "shards", "config")
+SHARD_KEYS = ("rank", "start", "count", "weight", "velocity")
+STRUCTURE_KEY = "StructuredToParameterName@@"  # paddle.save's record of parameter names: not a tensor
 
 
 @dataclass
@@ -71,14 +86,43 @@ def _fsync_tree(root: Path) -> None:
     _fsync_path(root)
 
 
+def write_error(path: Path, exc: OSError) -> PlscError:
+    """The one-line message for a failed write: a full disk is said as such."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return PlscError(f"no space left writing {path}")
+    return PlscError(f"could not write {path}: {exc.strerror or exc}")
+
+
+@contextlib.contextmanager
+def writing(path: Path):
+    """Turns an OSError raised while writing ``path`` into the PlscError naming it."""
+    try:
+        yield
+    except OSError as exc:
+        raise write_error(path, exc) from None
+
+
+def remove_tree(path: Path) -> None:
+    """Best-effort removal of a partial or replaced directory: what is left is cleared by the next save."""
+    try:
+        shutil.rmtree(path)
+    except OSError:
+        pass
+
+
 def write_text_atomic(path: Path, text: str) -> None:
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
+    try:
+        with writing(path):
+            with open(tmp, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            _fsync_path(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def shard_file(rank: int, kind: str) -> str:
@@ -99,17 +143,34 @@ def save_checkpoint(
     """Write a complete checkpoint at ``target`` (called on every rank; each writes its own part)."""
     target = Path(target)
     staging = target.with_name(f".{target.name}.partial")
+    try:
+        _write_checkpoint(staging, target, comm=comm, state=state, config=config, model=model,
+                          optimizer=optimizer, head=head, extra=extra)
+    except BaseException:
+        if comm.rank == 0:
+            remove_tree(staging)
+        raise
+    comm.barrier()
+    return target
+
+
+def _write_checkpoint(staging: Path, target: Path, *, comm, state, config, model, optimizer, head, extra):
     if comm.rank == 0:
-        shutil.rmtree(staging, ignore_errors=True)
-        (staging / "centers").mkdir(parents=True)
+        remove_tree(staging)
+        with writing(staging):
+            (staging / "centers").mkdir(parents=True)
     comm.barrier()
     centers = head.state_dict()
-    np.save(staging / shard_file(comm.rank, "weight"), centers["weight"])
-    np.save(staging / shard_file(comm.rank, "velocity"), centers["velocity"])
+    for kind in ("weight", "velocity"):
+        path = staging / shard_file(comm.rank, kind)
+        with writing(path):
+            np.save(path, centers[kind])
     if comm.rank == 0:
-        paddle.save(model.state_dict(), str(staging / BACKBONE))
+        with writing(staging / BACKBONE):
+            paddle.save(model.state_dict(), str(staging / BACKBONE))
         if optimizer is not None:
-            paddle.save(optimizer.state_dict(), str(staging / OPTIMIZER))
+            with writing(staging / OPTIMIZER):
+                paddle.save(optimizer.state_dict(), str(staging / OPTIMIZER))
     comm.barrier()
     if comm.rank == 0:
         world = comm.world_size
@@ -128,13 +189,15 @@ def save_checkpoint(
             "config": config,
             "versions": versions(),
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "saved_ns": time.time_ns(),  # orders checkpoints by when they were written (pruning)
             **(extra or {}),
         }
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        _fsync_tree(staging)
-        _replace_dir(staging, target)
-    comm.barrier()
-    return target
+        with writing(staging / MANIFEST):
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        with writing(staging):
+            _fsync_tree(staging)
+        with writing(target):
+            _replace_dir(staging, target)
 
 
 def _shard_entry(rank: int, num_classes: int, world_size: int) -> dict:
@@ -151,13 +214,47 @@ def _shard_entry(rank: int, num_classes: int, world_size: int) -> dict:
 
 
 def _replace_dir(staging: Path, target: Path) -> None:
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
+    """Move the complete ``staging`` to ``target``; an existing ``target`` is swapped out in one step."""
     if target.exists():
-        os.replace(target, old)
-    os.replace(staging, target)
-    _fsync_path(target.parent)
-    shutil.rmtree(old, ignore_errors=True)
+        exchange_dirs(staging, target)
+        _fsync_path(target.parent)
+        remove_tree(staging)  # now the previous checkpoint
+    else:
+        os.replace(staging, target)
+        _fsync_path(target.parent)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _renameat2():
+    try:
+        return ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not Linux, or a C library without it (glibc < 2.28)
+        return None
+
+
+def exchange_dirs(a: Path, b: Path) -> None:
+    """Swap the directories ``a`` and ``b`` atomically where the system can (Linux, most filesystems).
+
+    Elsewhere three renames, during which ``b`` is briefly absent (its contents sit at ``a``'s .swap name).
+    """
+    renameat2 = _renameat2()
+    if renameat2 is not None:
+        if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+            raise OSError(code, os.strerror(code), str(b))
+    swap = a.with_name(f"{a.name}.swap")
+    os.replace(b, swap)
+    try:
+        os.replace(a, b)
+    except OSError:
+        os.replace(swap, b)  # the previous directory back under its name
+        raise
+    os.replace(swap, a)
 
 
 def read_manifest(directory: Path) -> dict:
@@ -169,12 +266,29 @@ def read_manifest(directory: Path) -> dict:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise PlscError(f"{path}: corrupt manifest ({exc.msg})") from None
-    if manifest.get("format") != FORMAT:
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PlscError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise PlscError(f"{path}: not a plsc checkpoint manifest")
+    _check_manifest_keys(path, manifest)
+    version = manifest["format_version"]
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise PlscError(f"{path}: checkpoint format {version!r}, this plsc reads up to {FORMAT_VERSION}")
     missing = [name for name in _required_files(manifest) if not (directory / name).is_file()]
     if missing:
         raise PlscError(f"{directory}: checkpoint is incomplete, missing {', '.join(missing[:3])}")
     return manifest
+
+
+def _check_manifest_keys(path: Path, manifest: dict) -> None:
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    if not missing and isinstance(manifest["shards"], list):
+        missing = [f"shards[{i}].{key}" for i, shard in enumerate(manifest["shards"])
+                   for key in SHARD_KEYS if not isinstance(shard, dict) or key not in shard]
+    elif not missing:
+        missing = ["shards (a list)"]
+    if missing:
+        raise PlscError(f"{path}: corrupt manifest, no {', '.join(missing[:3])}")
 
 
 def _required_files(manifest: dict) -> list[str]:
@@ -188,14 +302,14 @@ def read_center_rows(directory: Path, manifest: dict, shard: ClassShard) -> tupl
     """Rows ``[shard.start, shard.stop)`` of the saved centers and velocities, whatever the saved sharding."""
     directory = Path(directory)
     parts: dict[str, list[np.ndarray]] = {"weight": [], "velocity": []}
+    emb = manifest["embedding_size"]
     for saved in manifest["shards"]:
         lo, hi = max(shard.start, saved["start"]), min(shard.stop, saved["start"] + saved["count"])
         if lo >= hi:
             continue
         for kind in parts:
-            rows = np.load(directory / saved[kind], mmap_mode="r")
+            rows = _open_shard(directory / saved[kind], (saved["count"], emb))
             parts[kind].append(np.array(rows[lo - saved["start"] : hi - saved["start"]]))
-    emb = manifest["embedding_size"]
     dtype = np.dtype(manifest["center_dtype"])
     return tuple(  # type: ignore[return-value]
         np.concatenate(p) if p else np.zeros((0, emb), dtype=dtype)
@@ -203,13 +317,75 @@ def read_center_rows(directory: Path, manifest: dict, shard: ClassShard) -> tupl
     )
 
 
+def _open_shard(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """A class-center shard, memory-mapped; a truncated or foreign file is an error naming it."""
+    try:
+        rows = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PlscError(f"{path}: truncated or corrupt class-center shard ({reason})") from None
+    if tuple(rows.shape) != tuple(shape):
+        raise PlscError(f"{path}: shape {list(rows.shape)}, the manifest says {list(shape)}")
+    return rows
+
+
+def _load_state(path: Path, kind: str) -> dict:
+    """A state_dict written by paddle.save, read as data only; arrays become Tensors, as paddle.load gives."""
+    if not path.is_file():
+        raise PlscError(f"{path}: {kind} not found")
+    state = safe_pickle.load(path, kind)
+    if not isinstance(state, dict):
+        raise PlscError(f"{path}: not a {kind} (a pickled {type(state).__name__}, not a dict)")
+    state.pop(STRUCTURE_KEY, None)
+    return _as_tensors(state)
+
+
+def _as_tensors(value):
+    if isinstance(value, np.ndarray):
+        return paddle.to_tensor(value)
+    if isinstance(value, dict):
+        return {key: _as_tensors(item) for key, item in value.items()}
+    return value
+
+
 def load_backbone_state(directory: Path) -> dict:
-    return paddle.load(str(Path(directory) / BACKBONE))
+    return _load_state(Path(directory) / BACKBONE, "backbone state")
 
 
 def load_optimizer_state(directory: Path) -> dict | None:
+    """The backbone optimizer's state, or None when the checkpoint has none (saved without an optimizer)."""
     path = Path(directory) / OPTIMIZER
-    return paddle.load(str(path)) if path.is_file() else None
+    return _load_state(path, "optimizer state") if path.is_file() else None
+
+
+def load_backbone_into(model: paddle.nn.Layer, directory: Path) -> None:
+    """Restore ``model``'s weights from a checkpoint; every key must be there, with the model's shape."""
+    state = load_backbone_state(directory)
+    check_state_fits(model.state_dict(), state, Path(directory) / BACKBONE)
+    model.set_state_dict(state)
+
+
+def check_state_fits(expected: dict, state: dict, path: Path) -> None:
+    """PlscError naming up to three missing, unexpected or mis-shaped keys of ``state``."""
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    misshaped = [
+        f"{key} {list(state[key].shape)} (model: {list(expected[key].shape)})"
+        for key in expected
+        if key in state and list(getattr(state[key], "shape", [])) != list(expected[key].shape)
+    ]
+    problems = [
+        f"{what} {_first_three(keys)}"
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+        if keys
+    ]
+    if problems:
+        raise PlscError(f"{path} does not fit the model: {'; '.join(problems)}")
+
+
+def _first_three(items: list[str]) -> str:
+    more = f" and {len(items) - 3} more" if len(items) > 3 else ""
+    return ", ".join(items[:3]) + more
 
 
 class CheckpointDir:
@@ -223,16 +399,47 @@ class CheckpointDir:
         return self.root / str(step)
 
     def mark_latest(self, step: int) -> None:
-        write_text_atomic(self.root / "latest", f"{step}\n")
+        write_text_atomic(self.root / LATEST, f"{step}\n")
 
     def latest(self) -> Path | None:
-        pointer = self.root / "latest"
+        """The checkpoint ``latest`` names; None when there is no ``latest``; an error when it is broken."""
+        pointer = self.root / LATEST
         if not pointer.is_file():
             return None
-        path = self.path_for(int(pointer.read_text().strip()))
-        return path if (path / MANIFEST).is_file() else None
+        try:
+            text = pointer.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PlscError(f"cannot read {pointer}: {getattr(exc, 'strerror', None) or exc}") from None
+        if not text.isdigit():
+            raise PlscError(f"{pointer} does not name a step (it holds {text[:40]!r})")
+        path = self.path_for(int(text))
+        if not (path / MANIFEST).is_file():
+            raise PlscError(f"{pointer} names step {text}, but {path} is not a complete checkpoint")
+        return path
+
+    def step_dirs(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return [p for p in self.root.iterdir() if p.is_dir() and p.name.isdigit()]
+
+    def holds_checkpoints(self) -> bool:
+        return bool(self.step_dirs()) or (self.root / LATEST).exists()
 
     def prune(self) -> None:
-        steps = sorted(int(p.name) for p in self.root.iterdir() if p.is_dir() and p.name.isdigit())
-        for step in steps[: -self.keep]:
-            shutil.rmtree(self.path_for(step), ignore_errors=True)
+        """Keep the ``keep`` most recently written checkpoints (and the one ``latest`` names), whatever their
+        step numbers: a run resumed from an earlier step writes lower numbers than the ones it replaces."""
+        latest = (self.root / LATEST).read_text().strip() if (self.root / LATEST).is_file() else None
+        by_age = sorted(self.step_dirs(), key=lambda path: (_written_ns(path), int(path.name)))
+        for path in by_age[: -self.keep]:
+            if path.name != latest:
+                remove_tree(path)
+
+
+def _written_ns(directory: Path) -> int:
+    """When a checkpoint was written: its manifest's ``saved_ns`` (the file's time for older manifests)."""
+    path = directory / MANIFEST
+    try:
+        saved = json.loads(path.read_text()).get("saved_ns")
+        return int(saved) if isinstance(saved, int) else path.stat().st_mtime_ns
+    except (OSError, ValueError, AttributeError):
+        return -1  # not a complete checkpoint: the first to go

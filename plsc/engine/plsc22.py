@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import paddle
 
+from plsc import safe_pickle
 from plsc.config import Config, config_from_dict
 from plsc.errors import PlscError
 from plsc.models import MODELS, build_model, plsc22_names
@@ -59,34 +60,11 @@ def _static_payload(expression, namespace=None, *_):
     raise pickle.UnpicklingError("unexpected eval payload")
 
 
-class _TensorUnpickler(pickle.Unpickler):
-    # numpy 2 pickles name numpy._core, numpy 1 numpy.core; both are fine on either numpy.
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("builtins", "tuple"),
-    }
-
-    def find_class(self, module, name):
-        if (module, name) == ("builtins", "eval"):
-            return _static_payload
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-
-
 def read_tensor_file(path: str | Path) -> np.ndarray:
     """The array in one PLSC v2.2 ``.pdparam``/``.pdopt`` tensor file (dynamic or static payload)."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            payload = _TensorUnpickler(f).load()
-    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError) as exc:
-        raise PlscError(f"cannot read PLSC v2.2 tensor file {path}: {exc}") from None
+    static_eval = {("builtins", "eval"): _static_payload}
+    payload = safe_pickle.load(path, "PLSC v2.2 tensor file", substitutes=static_eval)
     if isinstance(payload, tuple) and len(payload) == 2 and isinstance(payload[1], np.ndarray):
         return payload[1]
     if isinstance(payload, np.ndarray):

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import resource
 import signal
 import time
@@ -40,7 +41,7 @@ from plsc.loss import fast_paths
 from plsc.loss.margin import Margin
 from plsc.loss.partial_fc import PartialFC
 from plsc.loss.sparse_momentum import gather_rows
-from plsc.models import build_model
+from plsc.models import MODELS, build_model
 
 log = logging.getLogger("plsc.train")
 
@@ -143,11 +144,21 @@ def backbone_amp_level(precision: str) -> str | None:
 
 
 class Trainer:
-    def __init__(self, config: Config, output: str | Path, resume: bool | str | Path = False, comm=None):
+    """``resume``: True (``<output>``'s latest checkpoint) or a checkpoint folder. ``weights_only``: take the
+    checkpoint's weights and step but restart the optimizer (with another class count: the backbone alone,
+    from step 0). ``overwrite``: move another run's results in ``output`` aside instead of refusing to start.
+    Nothing is written before :meth:`run`."""
+
+    def __init__(self, config: Config, output: str | Path, resume: bool | str | Path = False, comm=None,
+                 weights_only: bool = False, overwrite: bool = False):
         self.config = config
         self.output = Path(output)
         self.comm = comm or make_comm()
         self.rank = self.comm.rank
+        self.checkpoints = ckpt.CheckpointDir(self.output / "checkpoints", config.train.keep_checkpoints)
+        self.overwrite = overwrite
+        self._resume_from = check_output(config, self.output, resume, weights_only, overwrite,
+                                         self.comm.world_size)
         self.dataset = build_dataset(config.data, seed=config.train.seed)
         self.num_classes = config.data.num_classes or self.dataset.num_classes
         require_classes_per_rank(self.num_classes, self.comm.world_size)
@@ -189,7 +200,6 @@ class Trainer:
         by_epochs = config.train.epochs * self.steps_per_epoch
         self.total_steps = config.train.max_steps if config.train.max_steps > 0 else by_epochs
         self.val_sets = [load_bin(path, config.data.image_size) for path in config.data.val_bins]
-        self.checkpoints = ckpt.CheckpointDir(self.output / "checkpoints", config.train.keep_checkpoints)
         self.state = ckpt.TrainingState()
         self.best: dict[str, dict] = {}
         self._signal: int | None = None
@@ -198,8 +208,8 @@ class Trainer:
         self._last_checkpoint: Path | None = None
         self.skipped_steps = 0  # steps dropped for an inf/nan gradient (loss scaling)
         self.skipped_in_a_row = 0
-        if resume:
-            self._resume(resume)
+        if self._resume_from is not None:
+            self._resume(self._resume_from, weights_only)
 
     # --- modes ---------------------------------------------------------------------------------------------
 
@@ -274,30 +284,36 @@ class Trainer:
 
     # --- checkpoints ---------------------------------------------------------------------------------------
 
-    def _resume(self, resume: bool | str | Path) -> None:
-        directory = self.checkpoints.latest() if resume is True else Path(resume)
-        if directory is None:
-            raise PlscError(f"--resume: no checkpoint under {self.checkpoints.root}")
+    def _resume(self, directory: Path, weights_only: bool) -> None:
         manifest = ckpt.read_manifest(directory)
-        self.model.set_state_dict(ckpt.load_backbone_state(directory))
-        if manifest["num_classes"] != self.num_classes:
-            log.warning(
-                "checkpoint %s has %d classes, this run %d: reusing the backbone only, class centers start "
-                "fresh",
-                directory,
-                manifest["num_classes"],
-                self.num_classes,
-            )
+        world = self.comm.world_size  # check_output compared the settings; the class count is known only now
+        conflict = resume_conflict(manifest, self.config, world, self.num_classes, weights_only)
+        if conflict:
+            raise PlscError(f"cannot resume from {directory}: {conflict}")
+        optimizer_state = None if weights_only else ckpt.load_optimizer_state(directory)
+        if optimizer_state is None and not weights_only:
+            raise PlscError(f"{directory / ckpt.OPTIMIZER}: optimizer state not found; --resume-weights-only "
+                            "continues without it (momentum restarts from zero)")
+        ckpt.load_backbone_into(self.model, directory)
+        if manifest["num_classes"] != self.num_classes:  # only with weights_only (resume_conflict)
+            log.warning("checkpoint %s has %d classes, this run %d: reusing the backbone only, class centers "
+                        "start fresh at step 0", directory, manifest["num_classes"], self.num_classes)
             return
         weight, velocity = ckpt.read_center_rows(directory, manifest, self.head.shard)
+        if weights_only:
+            velocity = np.zeros_like(velocity)
+            log.warning("--resume-weights-only: optimizer state not restored, momentum (backbone and class "
+                        "centers) restarts from zero at step %d", manifest["step"])
+        else:
+            self.optimizer.set_state_dict(optimizer_state)
         self.head.set_state(weight, velocity)
         if "loss_scaler" in manifest:
             self.scaler.load_state_dict(manifest["loss_scaler"])
-        optimizer_state = ckpt.load_optimizer_state(directory)
-        if optimizer_state is not None:
-            self.optimizer.set_state_dict(optimizer_state)
         self.state = ckpt.TrainingState(manifest["step"], manifest["epoch"], manifest["step_in_epoch"])
-        self.best = manifest.get("best", {})
+        # best_model/ of another output is not this run's: its accuracies are not the bar to beat here.
+        self.best = manifest.get("best", {}) if of_this_run(directory, self.output) else {}
+        if directory.resolve() == self.checkpoints.path_for(self.state.step).resolve():
+            self._last_checkpoint = directory  # resuming a finished run does not save it again
         log.info("resumed from %s at step %d (epoch %d)", directory, self.state.step, self.state.epoch)
 
     def save(self, directory: Path, extra: dict | None = None) -> Path:
@@ -473,7 +489,11 @@ class Trainer:
     def run(self) -> TrainResult:
         if self.rank == 0:
             self.output.mkdir(parents=True, exist_ok=True)
+            if self.overwrite:
+                move_previous_run_aside(self.output)
             save_config(self.config, self.output / "config.yaml")
+            truncate_log(self.output / "train_log.jsonl", self.state.step)
+        self.comm.barrier()
         started = time.time()
         previous_handlers = self._install_signal_handlers()
         try:
@@ -534,7 +554,9 @@ class Trainer:
 
     def _stop_on_signal(self) -> None:
         signum = self._signal or signal.SIGTERM
-        path = self.save_step_checkpoint()
+        path = self._last_checkpoint
+        if path is None or path.name != str(self.state.step):  # not already saved at this step
+            path = self.save_step_checkpoint()
         log.warning("signal %d: saved %s; continue with --resume", signum, path)
         raise TrainingInterrupted(signum, path)
 
@@ -569,6 +591,124 @@ class Trainer:
                 _format_duration(eta),
                 record["mem_mb"],
             )
+
+
+# --- the run folder and resuming ----------------------------------------------------------------------------
+
+# Settings a resumed run keeps. SHAPE_KEYS decide the tensors' shapes (the saved ones would not fit);
+# TRAJECTORY_KEYS the data order, the sampled classes or the layout the numbers were computed in (a changed
+# value silently makes another run). Everything else (intervals, max_steps, epochs, lr, ...) may change.
+SHAPE_KEYS = ("model.name", "model.width", "model.embedding_size", "data.image_size")
+TRAJECTORY_KEYS = ("model.data_format", "train.seed", "loss.sample_ratio")
+PREVIOUS_RUN_FILES = ("checkpoints", "best_model", "train_log.jsonl")
+
+
+def _same_setting(key: str, saved, wanted) -> bool:
+    if key == "model.name":  # FresResNet50 and iresnet50 are one architecture
+        return saved == wanted or (MODELS.get(saved) is not None and MODELS.get(saved) is MODELS.get(wanted))
+    return saved == wanted
+
+
+def resume_conflict(manifest: dict, config: Config, world_size: int, num_classes: int | None,
+                    weights_only: bool = False) -> str | None:
+    """Why ``config`` cannot continue the run that saved ``manifest`` (None: it can).
+
+    ``num_classes`` None skips the class count (not known before the data set is read). With ``weights_only``
+    only the shapes must agree: the class count may change too (the backbone alone is taken then).
+    """
+    saved = manifest["config"]
+    wanted = config.to_dict()
+    for key in SHAPE_KEYS + ((), TRAJECTORY_KEYS)[not weights_only]:
+        section, name = key.split(".")
+        before, now = saved.get(section, {}).get(name), wanted[section][name]
+        if not _same_setting(key, before, now):
+            why = "the saved tensors would not fit" if key in SHAPE_KEYS else (
+                "it changes the run's trajectory; --resume-weights-only takes the weights anyway")
+            return f"{key} is {before!r} in the checkpoint, {now!r} here ({why})"
+    if weights_only:
+        return None
+    if num_classes is not None and manifest["num_classes"] != num_classes:
+        return (f"the checkpoint has {manifest['num_classes']} classes, this run {num_classes} "
+                "(--resume-weights-only takes the backbone alone)")
+    saved_batch, saved_world = saved.get("train", {}).get("batch_size"), manifest["world_size"]
+    batch = config.train.batch_size
+    if saved_batch is None or saved_batch * saved_world != batch * world_size:
+        return (f"the global batch (train.batch_size x ranks) is {saved_batch} x {saved_world} in the "
+                f"checkpoint, {batch} x {world_size} here (it changes the data order)")
+    return None
+
+
+def of_this_run(checkpoint: Path, output: Path) -> bool:
+    """Whether ``checkpoint`` is one of ``output``'s step or best_model checkpoints."""
+    parents = Path(checkpoint).resolve().parents
+    return any((Path(output) / name).resolve() in parents for name in ("checkpoints", "best_model"))
+
+
+def check_output(config: Config, output: Path, resume: bool | str | Path, weights_only: bool, overwrite: bool,
+                 world_size: int) -> Path | None:
+    """Checks made before anything is written: the checkpoint to resume from (None: a fresh start) exists and
+    fits ``config``; ``output`` holds no other run's results unless ``overwrite`` moves them aside."""
+    checkpoints = ckpt.CheckpointDir(output / "checkpoints")
+    directory = None
+    if resume is True:
+        if overwrite:
+            raise PlscError("--overwrite would move aside the checkpoints --resume continues: pass one")
+        directory = checkpoints.latest()
+        if directory is None:
+            raise PlscError(f"--resume: no checkpoint under {checkpoints.root}")
+    elif resume:
+        directory = Path(resume)
+        if not directory.is_dir():
+            raise PlscError(f"--resume: checkpoint folder {directory} not found")
+        if overwrite and of_this_run(directory, output):
+            raise PlscError(f"--overwrite would move aside {directory}, the checkpoint to resume from")
+    own = directory is not None and of_this_run(directory, output)
+    previous = [name for name in PREVIOUS_RUN_FILES if (output / name).exists()]
+    if previous and not own and not overwrite:
+        raise PlscError(f"{output} holds another run's {', '.join(previous)}: continue it with --resume, "
+                        "choose another --output, or pass --overwrite to move them aside")
+    if directory is not None:
+        manifest = ckpt.read_manifest(directory)
+        conflict = resume_conflict(manifest, config, world_size, None, weights_only)
+        if conflict:
+            raise PlscError(f"cannot resume from {directory}: {conflict}")
+    return directory
+
+
+def move_previous_run_aside(output: Path) -> Path | None:
+    """Move another run's checkpoints, best models and log into ``output/old-<time>`` (--overwrite)."""
+    previous = [output / name for name in PREVIOUS_RUN_FILES if (output / name).exists()]
+    if not previous:
+        return None
+    aside = output / time.strftime("old-%Y%m%d-%H%M%S")
+    with ckpt.writing(aside):
+        aside.mkdir()
+        for path in previous:
+            os.replace(path, aside / path.name)
+    log.warning("--overwrite: moved the previous run's %s to %s", ", ".join(p.name for p in previous), aside)
+    return aside
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop the log records after ``step`` (the run continues from there), so no step is logged twice.
+
+    Unreadable lines (a record cut by a crash) go too. The log is replaced atomically.
+    """
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if _logged_step(line) is not None and _logged_step(line) <= step]
+    if len(kept) != len(lines):
+        ckpt.write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def _logged_step(line: str) -> int | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) else None
 
 
 class _LogWindow:

@@ -40,7 +40,7 @@ def restore_backbone(
     config.model.data_format = data_format or config.model.data_format
     with paddle.utils.unique_name.guard():
         model = build_model(config.model, image_size=config.data.image_size)
-    model.set_state_dict(ckpt.load_backbone_state(directory))
+    ckpt.load_backbone_into(model, directory)
     model.eval()
     return model, config
 
