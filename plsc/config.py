@@ -50,6 +50,7 @@ class LossConfig:
     sample_ratio: float = 1.0  # PartialFC: fraction of each rank's class centers used per step
     momentum_mode: typing.Literal["lazy", "dense"] = "lazy"
     center_dtype: typing.Literal["float32", "float16"] = "float32"  # storage dtype of class centers
+    chunk_size: int = 0  # sampled centers per chunk of the streaming head; 0: the whole-matrix head
 
 
 @dataclass
@@ -212,6 +213,8 @@ def config_from_dict(raw: dict) -> Config:
 def validate(config: Config) -> None:
     if not 0.0 < config.loss.sample_ratio <= 1.0:
         raise ConfigError(f"loss.sample_ratio must be in (0, 1], got {config.loss.sample_ratio}")
+    if config.loss.chunk_size < 0:
+        raise ConfigError(f"loss.chunk_size must be >= 0 (0: no chunks), got {config.loss.chunk_size}")
     if len(config.loss.margins) != 3:
         raise ConfigError(f"loss.margins must be [m1, m2, m3], got {config.loss.margins}")
     if config.train.batch_size < 1:

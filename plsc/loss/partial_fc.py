@@ -249,6 +249,8 @@ def cosine_to_centers(
 class PartialFC:
     """The sharded, sampled classifier of one rank, with its class centers and their momentum."""
 
+    traceable = True  # its loss compiles under paddle.jit.to_static (static mode)
+
     def __init__(
         self,
         num_classes: int,
@@ -326,6 +328,14 @@ class PartialFC:
     def sampled_grad(self) -> paddle.Tensor | None:
         """Gradient of the last loss for the sampled centers, once backward has run."""
         return None if self._sampled is None else self._sampled.grad
+
+    def center_grads_to_check(self) -> list[paddle.Tensor]:
+        """What the trainer's found-inf check reads for the class centers: their gradient."""
+        return [self.sampled_grad]
+
+    def center_grad_sq_norm(self) -> paddle.Tensor:
+        """Squared norm of the sampled centers' gradient, [1] (this rank's shard), for clip-by-global-norm."""
+        return paddle.square(self.sampled_grad).sum().reshape([1])
 
     def step(self, lr: float, momentum: float, weight_decay: float, grad_scale: float = 1.0) -> None:
         """Apply the sampled centers' gradient (times ``grad_scale``, e.g. 1/loss_scale or a clip factor)."""
