@@ -8,7 +8,8 @@ Layout of one checkpoint directory::
     centers/rank00000.weight.npy, rank00000.velocity.npy, ...   one class-center shard per rank
 
 Each rank writes its own shard; the class range of every shard is in the manifest, so a checkpoint saved on N
-ranks loads on M ranks by reading exactly the rows each new shard needs (memory-mapped, no full copy).
+ranks loads on M ranks by reading exactly the rows each new shard needs. Shards are written and read a block
+of rows at a time (plsc.engine.shard_io): the checkpoint phase holds no host copy of a shard.
 
 A directory is written under a temporary name, fsynced and renamed into place, so a crash leaves either the
 previous checkpoint or the new one, never half of one. ``latest`` (a text file naming the newest step) is
@@ -30,6 +31,7 @@ import paddle
 
 import plsc
 from plsc.distributed import ClassShard
+from plsc.engine import shard_io
 from plsc.errors import PlscError
 
 FORMAT = "plsc-checkpoint"
@@ -103,9 +105,9 @@ def save_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         (staging / "centers").mkdir(parents=True)
     comm.barrier()
-    centers = head.state_dict()
-    np.save(staging / shard_file(comm.rank, "weight"), centers["weight"])
-    np.save(staging / shard_file(comm.rank, "velocity"), centers["velocity"])
+    for kind in ("weight", "velocity"):  # streamed block by block: no host copy of the shard
+        shard_io.write_npy(staging / shard_file(comm.rank, kind), (head.shard.count, head.embedding_size),
+                           head.storage_dtype, head.row_blocks(kind))
     if comm.rank == 0:
         paddle.save(model.state_dict(), str(staging / BACKBONE))
         if optimizer is not None:
@@ -122,7 +124,7 @@ def save_checkpoint(
             "step_in_epoch": state.step_in_epoch,
             "num_classes": head.num_classes,
             "embedding_size": head.embedding_size,
-            "center_dtype": str(centers["weight"].dtype),
+            "center_dtype": head.storage_dtype,
             "world_size": world,
             "shards": shards,
             "config": config,
@@ -184,8 +186,10 @@ def _required_files(manifest: dict) -> list[str]:
     return files
 
 
-def read_center_rows(directory: Path, manifest: dict, shard: ClassShard) -> tuple[np.ndarray, np.ndarray]:
-    """Rows ``[shard.start, shard.stop)`` of the saved centers and velocities, whatever the saved sharding."""
+def read_center_rows(directory: Path, manifest: dict, shard: ClassShard
+                     ) -> tuple[shard_io.RowPieces, shard_io.RowPieces]:
+    """Rows ``[shard.start, shard.stop)`` of the saved centers and velocities, whatever the saved sharding:
+    the pieces of the saved files, read a block at a time when the head copies them in (``set_state``)."""
     directory = Path(directory)
     parts: dict[str, list[np.ndarray]] = {"weight": [], "velocity": []}
     for saved in manifest["shards"]:
@@ -193,14 +197,10 @@ def read_center_rows(directory: Path, manifest: dict, shard: ClassShard) -> tupl
         if lo >= hi:
             continue
         for kind in parts:
-            rows = np.load(directory / saved[kind], mmap_mode="r")
-            parts[kind].append(np.array(rows[lo - saved["start"] : hi - saved["start"]]))
-    emb = manifest["embedding_size"]
-    dtype = np.dtype(manifest["center_dtype"])
-    return tuple(  # type: ignore[return-value]
-        np.concatenate(p) if p else np.zeros((0, emb), dtype=dtype)
-        for p in (parts["weight"], parts["velocity"])
-    )
+            rows = shard_io.FileRows(directory / saved[kind], lo - saved["start"], hi - saved["start"])
+            parts[kind].append(rows)
+    emb, dtype = manifest["embedding_size"], manifest["center_dtype"]
+    return shard_io.RowPieces(parts["weight"], emb, dtype), shard_io.RowPieces(parts["velocity"], emb, dtype)
 
 
 def load_backbone_state(directory: Path) -> dict:
