@@ -106,8 +106,7 @@ def save_checkpoint(
         (staging / "centers").mkdir(parents=True)
     comm.barrier()
     for kind in ("weight", "velocity"):  # streamed block by block: no host copy of the shard
-        shard_io.write_npy(staging / shard_file(comm.rank, kind), (head.shard.count, head.embedding_size),
-                           head.storage_dtype, head.row_blocks(kind))
+        shard_io.write_center_shard(head, staging / shard_file(comm.rank, kind), kind)
     if comm.rank == 0:
         paddle.save(model.state_dict(), str(staging / BACKBONE))
         if optimizer is not None:

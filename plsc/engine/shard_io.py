@@ -23,6 +23,11 @@ from plsc.errors import PlscError
 BLOCK_ROWS = 4096
 
 
+def write_center_shard(head, path: Path, kind: str) -> None:
+    """The head's ``weight`` or ``velocity`` shard into ``path``, streamed (``PartialFC.row_blocks``)."""
+    write_npy(path, (head.shard.count, head.embedding_size), head.storage_dtype, head.row_blocks(kind))
+
+
 def write_npy(path: Path, shape: tuple[int, int], dtype, blocks: Iterable[np.ndarray]) -> None:
     """Write an ``.npy`` file of ``shape`` and ``dtype`` whose rows are the concatenation of ``blocks``."""
     dtype = np.dtype(dtype)

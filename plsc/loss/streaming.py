@@ -109,9 +109,9 @@ def center_grad_sq_norm(unit_gram: paddle.Tensor, grad: paddle.Tensor, chunk: Ch
     ``|D|^2 = <U U^T, G G^T> - sum_j live_j S_j^2`` with ``S_j = sum_b G_bj cos_bj``: a [B, B] product
     instead of a [c, emb] one.
     """
-    grad = grad.astype("float64")  # the difference of two sums cancels where centers align with samples
-    projection = (grad * chunk.cosine.astype("float64")).sum(axis=0) * chunk.norm_is_live.astype("float64")
-    gram = paddle.matmul(grad, grad, transpose_y=True)
+    projection = ((grad * chunk.cosine).sum(axis=0) * chunk.norm_is_live).astype("float64")
+    gram = paddle.matmul(grad, grad, transpose_y=True).astype("float64")
+    # The two sums in float64: their difference cancels where centers align with their samples.
     return (gram * unit_gram).sum() - (projection * projection).sum()
 
 
