@@ -53,6 +53,7 @@ class LossConfig:
     sample_ratio: float = 1.0  # PartialFC: fraction of each rank's class centers used per step
     momentum_mode: typing.Literal["lazy", "dense"] = "lazy"
     center_dtype: typing.Literal["float32", "float16"] = "float32"  # storage dtype of class centers
+    chunk_size: int = 0  # sampled centers per chunk of the streaming head; 0: the whole-matrix head
 
 
 @dataclass
@@ -226,6 +227,7 @@ _RULES: list[tuple[str, typing.Callable[[typing.Any], bool], str]] = [
     ("model.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("loss.scale", lambda v: v > 0, "> 0"),
     ("loss.sample_ratio", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("loss.chunk_size", lambda v: v >= 0, ">= 0 (0: the whole-matrix head)"),
     ("optim.lr", lambda v: v > 0, "> 0"),
     ("optim.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("optim.weight_decay", lambda v: v >= 0, ">= 0"),

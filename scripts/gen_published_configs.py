@@ -86,6 +86,15 @@ BACKBONES = {
 RUN_GPUS = "0,1,2,3,4,5,6,7"
 
 
+# Sampled centers per chunk of the streaming head (plsc.loss.streaming) in the configs of the capacity rows.
+CAPACITY_CHUNK_SIZE = 4096
+
+
+def capacity_row(row: Row) -> bool:
+    """The settings of PLSC v2.2's maximum-class-count table (FP16, ratio 0.1): the streaming head."""
+    return row.precision == "FP16" and row.ratio == "0.1"
+
+
 def render(row: Row, index: int) -> str:
     """The YAML text of one published configuration (header comment + the five sections)."""
     bb = BACKBONES[row.backbone]
@@ -137,6 +146,10 @@ def render(row: Row, index: int) -> str:
         "  center_dtype: "
         + ("float16  # PLSC v2.2 FP16 stores the classifier shards in float16" if fp16 else "float32"),
         "  # momentum_mode: plsc's default (PLSC v2.2 used its HybridOptimizer for the classifier)",
+        *(
+            [f"  chunk_size: {CAPACITY_CHUNK_SIZE}  # the streaming head, as the capacity table (README 9.2)"]
+            if capacity_row(row) else []
+        ),
         "",
         "optim:",
         "  lr: 0.1  # PLSC's comment says 'for global batch 512'; the published runs used 0.1 at 1024",

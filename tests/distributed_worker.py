@@ -29,6 +29,7 @@ import paddle  # noqa: E402
 from plsc.distributed import make_comm  # noqa: E402
 from plsc.loss.margin import Margin  # noqa: E402
 from plsc.loss.partial_fc import PartialFC  # noqa: E402
+from plsc.loss.streaming import build_head  # noqa: E402
 
 
 def run_head(spec_path: str, out_dir: str) -> None:
@@ -41,10 +42,11 @@ def run_head(spec_path: str, out_dir: str) -> None:
 
 
 def _head_case(case: dict, all_embeddings: np.ndarray, all_labels: np.ndarray, comm) -> dict:
-    head = PartialFC(
-        case["num_classes"],
-        all_embeddings.shape[1],
-        Margin(*case["margin"]),
+    head = build_head(  # chunk_size > 0: the streaming head
+        case.get("chunk_size", 0),
+        num_classes=case["num_classes"],
+        embedding_size=all_embeddings.shape[1],
+        margin=Margin(*case["margin"]),
         sample_ratio=case["ratio"],
         seed=case["seed"],
         comm=comm,
@@ -60,8 +62,10 @@ def _head_case(case: dict, all_embeddings: np.ndarray, all_labels: np.ndarray, c
         "embedding_grad": embeddings.grad.numpy(),
         "shard": np.array([head.shard.start, head.shard.count]),
         "sampled_ids": index + head.shard.start,
-        "sampled_grad": head.sampled_grad.numpy(),
+        "center_grad_sq_norm": head.center_grad_sq_norm().numpy(),
     }
+    if head.sampled_grad is not None:  # the streaming head never holds it
+        result["sampled_grad"] = head.sampled_grad.numpy()
     head.step(lr=0.1, momentum=0.9, weight_decay=5e-4)
     return {**result, "weight": head.weight.numpy(), "velocity": head.velocity.numpy()}
 

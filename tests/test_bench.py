@@ -384,3 +384,14 @@ def test_plsc_bench_head_writes_json_and_a_table(tmp_path):
         assert key in result
     assert result["omp_num_threads"] == "1" and result["shape"]["sampled"] == 200
     assert "step / floor" in proc.stdout and "step / floor" in table(result)
+
+
+def test_streaming_head_bench_runs_the_chunked_head_and_times_the_same_floor():
+    streaming = HeadBenchSpec(**{**TINY.__dict__, "chunk_size": 64})
+    result = measure_time(streaming)
+    whole = measure_time(TINY)
+    assert result["sampled"] == whole["sampled"] == 300  # the floor's shapes: all sampled rows
+    assert result["phases"]["gather"] < result["phases"]["forward"]  # rows gathered inside the walks
+    assert spec_from_args(head_args("--chunk-size", "256")).chunk_size == 256
+    with pytest.raises(PlscError):
+        spec_from_args(head_args("--chunk-size", "-1"))

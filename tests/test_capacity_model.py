@@ -127,8 +127,31 @@ def test_the_peak_meter_measures_a_block_below_an_earlier_larger_peak(reset_peak
 def test_the_head_probe_measures_weight_and_velocity_storage(dtype, itemsize):
     profile = probe_head(dtype, "lazy", (1.0, 0.5, 0.0), 64.0)
     assert profile.storage_per_element == pytest.approx(2 * itemsize)
-    assert profile.save_copies_per_element == pytest.approx(2 * itemsize, rel=0.01)
+    assert profile.save_copies_per_element < 0.01  # checkpoints stream the shard: no copy of it
     assert profile.step_rows >= 1.0 and profile.step_logits >= 1.0  # the sampled rows' gradient, the logits
+
+
+@needs_allocator_counters
+def test_the_streaming_head_probe_counts_one_chunk_and_an_id_per_sampled_center():
+    profile = probe_head("float16", "lazy", (1.0, 0.5, 0.0), 64.0, chunked=True)
+    assert profile.chunked and profile.storage_per_element == pytest.approx(4.0)
+    assert profile.sampled_bytes == pytest.approx(8.0, rel=0.05)  # the int64 id of each sampled center
+    # At least the chunk's cosines and their gradient, and the gathered rows (counts of chunk buffers).
+    assert profile.step_logits >= 1.0 and profile.update_rows >= 1.0
+
+
+def test_the_streaming_head_model_counts_the_chunk_not_the_sampled_rows():
+    chunked_head = dataclasses.replace(HEAD, chunked=True, sampled_bytes=8.0, update_logits=2.0)
+    model = MemoryModel(a_setting(device="gpu", chunk_size=256), chunked_head, BACKBONE)
+    for classes in (100_000, 1_000_000):
+        terms = model.phases(classes)["forward/backward"]
+        assert terms["one chunk: rows + gradients"] == HEAD.step_rows * 256 * 128 * 4
+        assert terms["one chunk: logits/softmax + gradients"] == HEAD.step_logits * 8 * 256 * 4
+        assert terms["sampled ids"] == 8.0 * classes // 10
+    # One more class costs its weight and velocity (4 bytes x 128) and a tenth of an 8-byte id.
+    assert model.bytes_per_class(model.max_classes()) == pytest.approx(4.0 * 128 + 0.8, rel=1e-3)
+    with pytest.raises(ValueError, match="disagree"):
+        MemoryModel(a_setting(chunk_size=256), HEAD, BACKBONE).peak(1000)
 
 
 @needs_allocator_counters

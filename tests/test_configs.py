@@ -112,6 +112,8 @@ def test_published_config_matches_its_row(key):
     assert (c.train.mode, c.train.precision, c.model.data_format) == (mode, precision.lower(), data_format)
     assert c.model.name == model_name and c.model.embedding_size == embedding
     assert c.loss.sample_ratio == float(ratio)
+    # The capacity table's settings (FP16, ratio 0.1) train with the streaming head; the others whole-matrix.
+    assert (c.loss.chunk_size > 0) == (precision == "FP16" and ratio == "0.1")
     assert c.loss.center_dtype == ("float16" if precision == "FP16" else "float32")
     assert c.optim.clip_norm == (2.0 if mode == "dynamic" else 0.0)
     # The shared PLSC v2.2 MS1MV3 recipe.

@@ -34,6 +34,8 @@ def add_bench_parser(sub) -> None:
                            "collectives not timed")
     head.add_argument("--precision", choices=["fp32", "fp16"], default="fp32", help="class-center storage")
     head.add_argument("--momentum-mode", choices=["lazy", "dense"], default="lazy")
+    head.add_argument("--chunk-size", type=int, default=0, metavar="N",
+                      help="the streaming head, N sampled centers per chunk (loss.chunk_size); 0: none")
     head.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
     head.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     head.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="OMP_NUM_THREADS of the run")
@@ -124,10 +126,12 @@ def spec_from_args(args):
         raise PlscError(f"--classes {args.classes} cannot be sharded over --world-size {args.world_size}")
     if not 0 < args.ratio <= 1:
         raise PlscError(f"--ratio must be in (0, 1], got {args.ratio}")
+    if args.chunk_size < 0:
+        raise PlscError(f"--chunk-size must be >= 0 (0: the whole-matrix head), got {args.chunk_size}")
     return HeadBenchSpec(
         classes=args.classes, ratio=args.ratio, batch=args.batch, emb=args.emb, world_size=args.world_size,
         precision=args.precision, steps=args.steps, warmup=args.warmup, threads=args.threads,
-        momentum_mode=args.momentum_mode, malloc=args.malloc,
+        momentum_mode=args.momentum_mode, malloc=args.malloc, chunk_size=args.chunk_size,
     )
 
 

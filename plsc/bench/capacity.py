@@ -8,8 +8,12 @@ forward/back    backbone parameters, gradients, momentum + activations of the ra
                 and their velocity + the sampled rows and their gradients ([sampled, emb], float32) + the
                 logits, softmax and their gradients ([global batch, sampled], float32)
 center update   the same without activations and logits, plus the rows the momentum step works on
-checkpoint      class centers + the copies ``state_dict()`` makes; host memory, so on the device only on CPU
+checkpoint      class centers + what writing them costs (streamed block by block: one block, not a copy)
 ==============  ==========================================================================================
+
+With the streaming head (``loss.chunk_size`` > 0, :mod:`plsc.loss.streaming`), the sampled rows and the
+logits exist for one chunk at a time: their terms count [chunk, emb] and [global batch, chunk] buffers, plus
+a few bytes per sampled center (its id), and the center update recomputes one chunk's logits too.
 
 plus a fixed overhead (CUDA context and workspaces, or the Python process with Paddle). With ``L`` classes
 on a rank (``ceil(C / world)``), ``S = ceil(ratio * L)`` sampled, ``G`` the global batch and ``E`` the
@@ -20,9 +24,10 @@ Where the counts come from (nothing is fitted to a capacity run):
 
 - class-center and head terms: :func:`probe_head` builds plsc's own :class:`~plsc.loss.partial_fc.PartialFC`
   at two small sizes on the CPU and reads Paddle's allocator counters around each phase (init, forward and
-  backward, center update, ``state_dict``), so the counts follow the code as it changes: e.g. 2 bytes x 2
-  (weight + velocity) per element in float16, about 2 float32 [S, E] buffers and 4 [G, S] buffers at the
-  backward peak with the composed (CPU) margin softmax;
+  backward, center update, writing a checkpoint), so the counts follow the code as it changes: e.g. 2 bytes
+  x 2 (weight + velocity) per element in float16, about 2 float32 [S, E] buffers and 4 [G, S] buffers at the
+  backward peak with the composed (CPU) margin softmax; for the streaming head, buffers of one chunk,
+  measured at :data:`PROBE_CHUNK` (two shard sizes give the bytes per sampled center);
 - on a GPU, the fused ``margin_cross_entropy`` replaces the composed margin softmax (plsc.loss.fast_paths):
   its share of the [G, S] buffers, measured by the probe, is swapped for :data:`FUSED_MARGIN_LOSS_BUFFERS`
   (its softmax, kept for backward, and the gradient it returns);
@@ -73,6 +78,7 @@ PROBE_EMBEDDING = 64
 PROBE_ROWS = (16 * 4096, 32 * 4096)
 PROBE_RATIO = 0.25
 PROBE_BATCHES = (32, 256)
+PROBE_CHUNK = 512  # sampled centers per chunk when the streaming head is probed
 
 
 # --- what the probes measure -------------------------------------------------------------------------------
@@ -94,10 +100,14 @@ class HeadProfile:
     step_logits: float  # at the forward/backward peak, with the composed margin softmax
     margin_loss_logits: float  # the composed margin softmax's share of step_logits
     update_rows: float  # at the center update's peak (the sampled rows and their gradient included)
+    # The streaming head: rows and logits above count [chunk, emb] and [G, chunk] buffers instead.
+    chunked: bool = False
+    sampled_bytes: float = 0.0  # bytes per sampled center besides the chunk's buffers (its id)
+    update_logits: float = 0.0  # [G, chunk] buffers at the center update's peak (it recomputes them)
 
     def logits_on(self, device: str) -> float:
         """[G, S] buffers at the backward peak with the margin softmax plsc uses on ``device``."""
-        if device == "gpu":
+        if device == "gpu" and not self.chunked:  # the streaming head never uses the fused kernel
             return self.step_logits - self.margin_loss_logits + FUSED_MARGIN_LOSS_BUFFERS
         return self.step_logits
 
@@ -126,6 +136,7 @@ class Setting:
     device: str  # gpu | cpu
     device_memory_bytes: int
     fixed_overhead_bytes: int
+    chunk_size: int = 0  # loss.chunk_size: 0, the whole-matrix head
 
     @property
     def global_batch(self) -> int:
@@ -142,16 +153,23 @@ class MemoryModel:
     head: HeadProfile
     backbone: BackboneProfile
 
+    def sampled(self, num_classes: int) -> int:
+        local = self.setting.local_classes(num_classes)
+        return min(local, math.ceil(self.setting.sample_ratio * local))
+
     def sizes(self, num_classes: int) -> tuple[int, int, int]:
         """On the busiest rank: (class-center elements, bytes of one float32 [sampled, emb], bytes of one
-        float32 [global batch, sampled])."""
+        float32 [global batch, sampled]); with the streaming head, ``chunk`` in place of ``sampled``."""
         s = self.setting
-        local = s.local_classes(num_classes)
-        sampled = min(local, math.ceil(s.sample_ratio * local))
+        if self.head.chunked != (s.chunk_size > 0):
+            raise ValueError("the head profile and the setting disagree on the streaming head")
+        transient = self.sampled(num_classes)
+        if s.chunk_size:
+            transient = min(transient, s.chunk_size)
         return (
-            local * s.embedding_size,
-            sampled * s.embedding_size * FLOAT32,
-            s.global_batch * sampled * FLOAT32,
+            s.local_classes(num_classes) * s.embedding_size,
+            transient * s.embedding_size * FLOAT32,
+            s.global_batch * transient * FLOAT32,
         )
 
     def phases(self, num_classes: int) -> dict[str, dict[str, float]]:
@@ -188,8 +206,20 @@ class MemoryModel:
                 "rows being updated": head.update_rows * rows,
             },
         }
+        if head.chunked:
+            ids = {"sampled ids": head.sampled_bytes * self.sampled(num_classes)}
+            phases["forward/backward"] = {
+                **fixed, **backbone_state, "activations": self.activation_bytes(), **centers, **ids,
+                "one chunk: rows + gradients": head.step_rows * rows,
+                "one chunk: logits/softmax + gradients": head.step_logits * logits,
+            }
+            phases["center update"] = {
+                **fixed, **backbone_state, **centers, **ids,
+                "one chunk: rows being updated": head.update_rows * rows,
+                "one chunk: logits recomputed": head.update_logits * logits,
+            }
         if s.device == "cpu":
-            copies = {"checkpoint copies": head.save_copies_per_element * elements}
+            copies = {"checkpoint writing": head.save_copies_per_element * elements}
             phases["checkpoint"] = {**fixed, **backbone_state, **centers, **copies}
         return phases
 
@@ -306,21 +336,27 @@ class _PeakMeter:
 
 @functools.cache
 def probe_head(
-    center_dtype: str, momentum_mode: str, margins: tuple[float, ...], scale: float
+    center_dtype: str, momentum_mode: str, margins: tuple[float, ...], scale: float, chunked: bool = False
 ) -> HeadProfile:
-    """Measure :class:`HeadProfile` from plsc's PartialFC on the CPU (about a second)."""
+    """Measure :class:`HeadProfile` from plsc's PartialFC (``chunked``: the streaming head) on the CPU
+    (a few seconds)."""
     import paddle
 
     from plsc.loss.margin import Margin
-    from plsc.loss.partial_fc import PartialFC
+    from plsc.loss.streaming import build_head
 
     margin = Margin.from_list(margins, scale)
     emb = PROBE_EMBEDDING
 
     def build(rows: int):
         with _PeakMeter() as meter:
-            head = PartialFC(rows, emb, margin, PROBE_RATIO, momentum_mode, center_dtype, seed=0)
+            head = build_head(PROBE_CHUNK if chunked else 0, num_classes=rows, embedding_size=emb,
+                              margin=margin, sample_ratio=PROBE_RATIO, momentum_mode=momentum_mode,
+                              center_dtype=center_dtype, seed=0)
         return head, meter
+
+    if chunked:
+        return _probe_streaming_head(build)
 
     small_rows, large_rows = PROBE_ROWS
     with on_cpu():
@@ -340,8 +376,7 @@ def probe_head(
         labels = paddle.to_tensor(rng.integers(0, sampled, PROBE_BATCHES[1]))
         with _PeakMeter() as loss_meter:
             head.margin_loss(cosine, labels, head.margin, head.comm).backward()  # the one plsc trains with
-        with _PeakMeter() as save:
-            head.state_dict()
+        save = _probe_save(head)
     return HeadProfile(
         init_device_per_element=(large.device - small.device) / elements,
         init_host_per_element=max(0.0, (large.host - small.host) / elements),
@@ -351,6 +386,59 @@ def probe_head(
         step_logits=logits,
         margin_loss_logits=loss_meter.device / cosine.size / FLOAT32,
         update_rows=max(s[1] for s in steps) / row_bytes,
+    )
+
+
+def _probe_save(head) -> _PeakMeter:
+    """What writing the head's shards into a checkpoint allocates (plsc.engine.shard_io, as checkpoints)."""
+    import tempfile
+    from pathlib import Path
+
+    from plsc.engine import shard_io
+
+    with tempfile.TemporaryDirectory() as scratch, _PeakMeter() as save:
+        for kind in ("weight", "velocity"):
+            shard_io.write_center_shard(head, Path(scratch) / f"{kind}.npy", kind)
+    return save
+
+
+def _probe_streaming_head(build) -> HeadProfile:
+    """The streaming head's profile: at a fixed chunk, the peak's slope over the shard size is the bytes per
+    sampled center, its slope over the batch the [G, chunk] buffers, and the rest [chunk, emb] buffers."""
+    small_rows, large_rows = PROBE_ROWS
+    emb, batch = PROBE_EMBEDDING, PROBE_BATCHES
+    rng = np.random.default_rng(0)
+    with on_cpu():
+        small_head, small = build(small_rows)
+        small_step = _probe_step(small_head, batch[0], small_rows, rng)
+        del small_head
+        head, large = build(large_rows)
+        steps = [_probe_step(head, b, large_rows, rng) for b in batch]
+        save = _probe_save(head)
+    elements = (large_rows - small_rows) * emb
+    sampled = [min(rows, math.ceil(PROBE_RATIO * rows)) for rows in PROBE_ROWS]
+    sampled_bytes = (steps[0][0] - small_step[0]) / (sampled[1] - sampled[0])
+    chunk_logit_bytes, chunk_row_bytes = PROBE_CHUNK * FLOAT32, PROBE_CHUNK * emb * FLOAT32
+
+    def logits_and_rows(phase: int) -> tuple[float, float]:
+        logits = _slope(list(batch), [s[phase] for s in steps]) / chunk_logit_bytes
+        rest = steps[0][phase] - sampled_bytes * sampled[1] - logits * batch[0] * chunk_logit_bytes
+        return logits, rest / chunk_row_bytes
+
+    step_logits, step_rows = logits_and_rows(0)
+    update_logits, update_rows = logits_and_rows(1)
+    return HeadProfile(
+        init_device_per_element=(large.device - small.device) / elements,
+        init_host_per_element=max(0.0, (large.host - small.host) / elements),
+        storage_per_element=(large.retained - small.retained) / elements,
+        save_copies_per_element=(save.device + save.host) / (large_rows * emb),
+        step_rows=step_rows,
+        step_logits=step_logits,
+        margin_loss_logits=0.0,  # the streaming head walks its own softmax, never the fused kernel
+        update_rows=update_rows,
+        chunked=True,
+        sampled_bytes=sampled_bytes,
+        update_logits=update_logits,
     )
 
 
@@ -423,13 +511,15 @@ def setting_from_config(
         device=device,
         device_memory_bytes=int(device_memory_bytes),
         fixed_overhead_bytes=int(overhead),
+        chunk_size=config.loss.chunk_size,
     )
 
 
 def memory_model(config: Config, setting: Setting) -> MemoryModel:
     """The model of ``config``'s runs, its head and backbone profiles probed on this machine's CPU."""
     head = probe_head(
-        config.loss.center_dtype, config.loss.momentum_mode, tuple(config.loss.margins), config.loss.scale
+        config.loss.center_dtype, config.loss.momentum_mode, tuple(config.loss.margins), config.loss.scale,
+        chunked=config.loss.chunk_size > 0,
     )
     backbone = probe_backbone(config.model, config.data.image_size)
     return MemoryModel(setting, head, backbone)
@@ -457,10 +547,13 @@ def predict(model: MemoryModel) -> Prediction:
     classes = model.max_classes()
     setting = model.setting
     notes = [f"fixed overhead {setting.fixed_overhead_bytes / MIB:.0f} MiB"]
+    if setting.chunk_size:
+        notes.append(f"streaming head: {setting.chunk_size} sampled centers per chunk")
     if setting.device == "gpu":
-        notes.append(
-            f"fused margin_cross_entropy: {FUSED_MARGIN_LOSS_BUFFERS:g} [global batch, sampled] buffers"
-        )
+        if not setting.chunk_size:
+            notes.append(
+                f"fused margin_cross_entropy: {FUSED_MARGIN_LOSS_BUFFERS:g} [global batch, sampled] buffers"
+            )
         notes.append(
             "head buffer counts measured with Paddle's CPU kernels; GPU kernels may allocate otherwise"
         )

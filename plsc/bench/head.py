@@ -8,6 +8,10 @@ What one timed step is (all on this process, CPU):
 - backward: ``loss.backward()`` down to the embeddings and the sampled rows;
 - update: the class-center momentum step (``PartialFC.step``).
 
+With ``chunk_size`` > 0 the streaming head (plsc.loss.streaming) runs instead: it gathers each chunk's rows
+inside its forward, backward and update walks (the gather phase is then empty), and the floor's [k, emb]
+rows are gathered outside the timed step.
+
 The floor is the three matmuls any such head must do, timed in the same process on the same shapes right after
 each step: ``logits = E Ws^T`` [B, k], ``dE = dL Ws`` [B, emb] and ``dWs = dL^T E`` [k, emb].
 
@@ -62,6 +66,7 @@ class HeadBenchSpec:
     momentum_mode: str = "lazy"
     seed: int = 0
     malloc: str = "hugepages"  # a key of MALLOC_TUNABLES
+    chunk_size: int = 0  # > 0: the streaming head (loss.chunk_size)
 
     @property
     def global_batch(self) -> int:
@@ -88,11 +93,12 @@ def simulated_rank(world_size: int):
 
 def build_head(spec: HeadBenchSpec):
     from plsc.loss.margin import ARCFACE
-    from plsc.loss.partial_fc import PartialFC
+    from plsc.loss.streaming import build_head as build_partial_fc
 
-    return PartialFC(
-        spec.classes, spec.emb, ARCFACE, sample_ratio=spec.ratio, momentum_mode=spec.momentum_mode,
-        center_dtype=PRECISIONS[spec.precision], seed=spec.seed, comm=simulated_rank(spec.world_size),
+    return build_partial_fc(
+        spec.chunk_size, num_classes=spec.classes, embedding_size=spec.emb, margin=ARCFACE,
+        sample_ratio=spec.ratio, momentum_mode=spec.momentum_mode, center_dtype=PRECISIONS[spec.precision],
+        seed=spec.seed, comm=simulated_rank(spec.world_size),
     )
 
 
@@ -139,7 +145,8 @@ def timed_sampler(head, clock: PhaseClock):
 
 
 def head_step(head, embeddings, labels, step: int, clock: PhaseClock):
-    """One whole step of the head, phase by phase; returns the sampled rows (for the floor's shapes)."""
+    """One whole step of the head, phase by phase; returns the sampled rows, or with the streaming head
+    their index (for the floor's shapes)."""
     own_sampler = vars(head).get("sample_tensors")  # an instance's replacement (plsc.loss.fast_paths)
     head.sample_tensors = timed_sampler(head, clock)
     try:
@@ -185,6 +192,8 @@ def measure_time(spec: HeadBenchSpec) -> dict:
     """Build the head, then time ``warmup + steps`` steps, each followed by the floor on its shapes."""
     import paddle
 
+    from plsc.loss.sparse_momentum import gather_rows
+
     before = allocator_bytes()
     head = build_head(spec)
     after = allocator_bytes()
@@ -194,6 +203,8 @@ def measure_time(spec: HeadBenchSpec) -> dict:
         embeddings, labels = make_batch(spec, rng)
         clock = PhaseClock()
         rows = head_step(head, embeddings, labels, step, clock)
+        if rows.ndim == 1:  # the streaming head's sampled ids: the floor still multiplies whole matrices
+            rows = gather_rows(head.weight, rows)
         grad_logits = paddle.randn([spec.global_batch, rows.shape[0]])
         floor = matmul_floor(embeddings.detach(), rows.detach(), grad_logits)
         if step >= spec.warmup:
@@ -316,7 +327,8 @@ def bench_head(
 def shape_of(spec: HeadBenchSpec) -> dict:
     return {"classes": spec.classes, "ratio": spec.ratio, "batch_per_rank": spec.batch,
             "global_batch": spec.global_batch, "emb": spec.emb, "world_size": spec.world_size,
-            "precision": spec.precision, "momentum_mode": spec.momentum_mode, "malloc": spec.malloc}
+            "precision": spec.precision, "momentum_mode": spec.momentum_mode, "malloc": spec.malloc,
+            "chunk_size": spec.chunk_size}
 
 
 def table(result: dict) -> str:
@@ -326,7 +338,8 @@ def table(result: dict) -> str:
     rows = [
         ["shape", f"C={shape['classes']:,} (local {shape['local_classes']:,}), k={shape['sampled']:,}, "
                   f"B={shape['global_batch']}, emb={shape['emb']}, {shape['precision']}, "
-                  f"n={shape['world_size']}"],
+                  f"n={shape['world_size']}, "
+                  f"chunk {shape.get('chunk_size') or 'none (whole matrix)'}"],
         ["step (median)", f"{result['step_s']:.4f} s"],
         ["floor: 3 matmuls", f"{result['floor_s']:.4f} s"],
         ["step / floor", f"{result['ratio']:.2f} (paired {result['ratio_paired']:.2f})"],

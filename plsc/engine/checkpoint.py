@@ -8,7 +8,8 @@ Layout of one checkpoint directory::
     centers/rank00000.weight.npy, rank00000.velocity.npy, ...   one class-center shard per rank
 
 Each rank writes its own shard; the class range of every shard is in the manifest, so a checkpoint saved on N
-ranks loads on M ranks by reading exactly the rows each new shard needs (memory-mapped, no full copy).
+ranks loads on M ranks by reading exactly the rows each new shard needs. Shards are written and read a block
+of rows at a time (plsc.engine.shard_io): the checkpoint phase holds no host copy of a shard.
 
 A directory is written under a temporary name, fsynced and renamed into place, so a crash leaves either the
 previous checkpoint or the new one, never half of one. Saving over an existing directory (the same step
@@ -39,6 +40,7 @@ import paddle
 import plsc
 from plsc import safe_pickle
 from plsc.distributed import ClassShard
+from plsc.engine import shard_io
 from plsc.errors import PlscError
 
 FORMAT = "plsc-checkpoint"
@@ -160,11 +162,10 @@ def _write_checkpoint(staging: Path, target: Path, *, comm, state, config, model
         with writing(staging):
             (staging / "centers").mkdir(parents=True)
     comm.barrier()
-    centers = head.state_dict()
-    for kind in ("weight", "velocity"):
+    for kind in ("weight", "velocity"):  # streamed block by block: no host copy of the shard
         path = staging / shard_file(comm.rank, kind)
         with writing(path):
-            np.save(path, centers[kind])
+            shard_io.write_center_shard(head, path, kind)
     if comm.rank == 0:
         with writing(staging / BACKBONE):
             paddle.save(model.state_dict(), str(staging / BACKBONE))
@@ -183,7 +184,7 @@ def _write_checkpoint(staging: Path, target: Path, *, comm, state, config, model
             "step_in_epoch": state.step_in_epoch,
             "num_classes": head.num_classes,
             "embedding_size": head.embedding_size,
-            "center_dtype": str(centers["weight"].dtype),
+            "center_dtype": head.storage_dtype,
             "world_size": world,
             "shards": shards,
             "config": config,
@@ -298,8 +299,10 @@ def _required_files(manifest: dict) -> list[str]:
     return files
 
 
-def read_center_rows(directory: Path, manifest: dict, shard: ClassShard) -> tuple[np.ndarray, np.ndarray]:
-    """Rows ``[shard.start, shard.stop)`` of the saved centers and velocities, whatever the saved sharding."""
+def read_center_rows(directory: Path, manifest: dict, shard: ClassShard
+                     ) -> tuple[shard_io.RowPieces, shard_io.RowPieces]:
+    """Rows ``[shard.start, shard.stop)`` of the saved centers and velocities, whatever the saved sharding:
+    the pieces of the saved files, read a block at a time when the head copies them in (``set_state``)."""
     directory = Path(directory)
     parts: dict[str, list[np.ndarray]] = {"weight": [], "velocity": []}
     emb = manifest["embedding_size"]
@@ -308,25 +311,24 @@ def read_center_rows(directory: Path, manifest: dict, shard: ClassShard) -> tupl
         if lo >= hi:
             continue
         for kind in parts:
-            rows = _open_shard(directory / saved[kind], (saved["count"], emb))
-            parts[kind].append(np.array(rows[lo - saved["start"] : hi - saved["start"]]))
-    dtype = np.dtype(manifest["center_dtype"])
-    return tuple(  # type: ignore[return-value]
-        np.concatenate(p) if p else np.zeros((0, emb), dtype=dtype)
-        for p in (parts["weight"], parts["velocity"])
-    )
+            path = directory / saved[kind]
+            _check_shard(path, (saved["count"], emb), manifest["center_dtype"])
+            parts[kind].append(shard_io.FileRows(path, lo - saved["start"], hi - saved["start"]))
+    dtype = manifest["center_dtype"]
+    return shard_io.RowPieces(parts["weight"], emb, dtype), shard_io.RowPieces(parts["velocity"], emb, dtype)
 
 
-def _open_shard(path: Path, shape: tuple[int, int]) -> np.ndarray:
-    """A class-center shard, memory-mapped; a truncated or foreign file is an error naming it."""
+def _check_shard(path: Path, shape: tuple[int, int], dtype: str) -> None:
+    """A class-center shard whose header and length fit the manifest; else an error naming the file."""
     try:
-        rows = np.load(path, mmap_mode="r", allow_pickle=False)
+        offset, stored_shape, stored_dtype = shard_io.npy_layout(path)
     except (OSError, ValueError, EOFError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise PlscError(f"{path}: truncated or corrupt class-center shard ({reason})") from None
-    if tuple(rows.shape) != tuple(shape):
-        raise PlscError(f"{path}: shape {list(rows.shape)}, the manifest says {list(shape)}")
-    return rows
+    if tuple(stored_shape) != tuple(shape) or stored_dtype != np.dtype(dtype):
+        raise PlscError(f"{path}: {stored_dtype} {list(stored_shape)}, the manifest says {dtype} {list(shape)}")
+    if path.stat().st_size < offset + int(np.prod(shape)) * stored_dtype.itemsize:
+        raise PlscError(f"{path}: truncated class-center shard (shorter than its header says)")
 
 
 def _load_state(path: Path, kind: str) -> dict:

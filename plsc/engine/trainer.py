@@ -41,6 +41,7 @@ from plsc.loss import fast_paths
 from plsc.loss.margin import Margin
 from plsc.loss.partial_fc import PartialFC
 from plsc.loss.sparse_momentum import gather_rows
+from plsc.loss.streaming import build_head
 from plsc.models import MODELS, build_model
 
 log = logging.getLogger("plsc.train")
@@ -163,7 +164,8 @@ class Trainer:
         self.num_classes = config.data.num_classes or self.dataset.num_classes
         require_classes_per_rank(self.num_classes, self.comm.world_size)
         self.model = build_backbone(config, config.train.seed)
-        self.head = PartialFC(
+        self.head = build_head(
+            config.loss.chunk_size,
             num_classes=self.num_classes,
             embedding_size=config.model.embedding_size,
             margin=Margin.from_list(config.loss.margins, config.loss.scale),
@@ -237,6 +239,8 @@ class Trainer:
         compiles without error into wrong numbers. Such a loss runs eagerly (logged); the rest stays static.
         """
         eager = HeadLossStep(self.head)
+        if not self.head.traceable:
+            return eager
         compiled = compile_for_mode(HeadLossStep(self.head), mode, has_collectives=True)
         if not is_compiled(compiled):
             return eager
@@ -364,7 +368,7 @@ class Trainer:
         loss = self.forward_loss(images, labels)
         self.scaler.scale_loss(loss).backward()
         params = self._all_reduce_backbone_grads()
-        if self.scaler.found_inf([p.grad for p in params] + [self.head.sampled_grad], self.comm):
+        if self.scaler.found_inf([p.grad for p in params] + self.head.center_grads_to_check(), self.comm):
             self._skip_step()
             return float(loss)
         self.skipped_in_a_row = 0
@@ -437,7 +441,7 @@ class Trainer:
             return 1.0
         backbone_sq = paddle.add_n([paddle.square(p.grad.astype("float32")).sum() for p in params])
         # Backbone gradients are identical on every rank after their all-reduce; center gradients per shard.
-        centers_sq = self.comm.all_reduce_sum_(paddle.square(self.head.sampled_grad).sum().reshape([1]))
+        centers_sq = self.comm.all_reduce_sum_(self.head.center_grad_sq_norm())
         total = math.sqrt(backbone_sq.item() + centers_sq.item()) * unscale
         return min(1.0, clip / (total + 1e-6))
 

@@ -20,12 +20,14 @@ import paddle.nn.functional as F
 
 from plsc.distributed import LocalComm, shard_classes
 from plsc.loss.margin import Margin, in_place_allowed, margin_softmax_cross_entropy
-from plsc.loss.sparse_momentum import UPDATES, gather_rows, gathers_into
+from plsc.loss.sparse_momentum import UPDATES, gather_rows, gathers_into, host_view, is_cpu_and_contiguous
 
 # Initial centers: N(0, INIT_STD^2), generated per block of classes so that a class's row depends only on
 # (seed, class id), never on how classes are sharded, and no float64 copy of the matrix ever exists.
 INIT_STD = 0.01
 INIT_BLOCK = 4096
+# Rows per block when a shard is copied to or from the host (checkpoints): a few MB whatever the shard.
+STATE_BLOCK_ROWS = 4096
 # F.normalize's default epsilon: norms below it are replaced by it.
 NORMALIZE_EPS = 1e-12
 
@@ -246,8 +248,24 @@ def cosine_to_centers(
     return _CosineToCenters.apply(F.normalize(embeddings, axis=1), centers, scratch)
 
 
+def copy_rows_into(tensor: paddle.Tensor, source, block_rows: int = STATE_BLOCK_ROWS) -> None:
+    """``tensor[:] = source`` a block of rows at a time (see :meth:`PartialFC.set_state`)."""
+    if hasattr(source, "blocks"):
+        blocks = source.blocks(block_rows)
+    else:
+        blocks = ((start, source[start : start + block_rows]) for start in range(0, len(source), block_rows))
+    target = host_view(tensor) if is_cpu_and_contiguous(tensor) else None
+    for start, rows in blocks:
+        if target is not None:
+            target[start : start + len(rows)] = rows
+        else:
+            tensor[start : start + len(rows)] = paddle.to_tensor(np.asarray(rows)).astype(tensor.dtype)
+
+
 class PartialFC:
     """The sharded, sampled classifier of one rank, with its class centers and their momentum."""
+
+    traceable = True  # its loss compiles under paddle.jit.to_static (static mode)
 
     def __init__(
         self,
@@ -327,6 +345,14 @@ class PartialFC:
         """Gradient of the last loss for the sampled centers, once backward has run."""
         return None if self._sampled is None else self._sampled.grad
 
+    def center_grads_to_check(self) -> list[paddle.Tensor]:
+        """What the trainer's found-inf check reads for the class centers: their gradient."""
+        return [self.sampled_grad]
+
+    def center_grad_sq_norm(self) -> paddle.Tensor:
+        """Squared norm of the sampled centers' gradient, [1] (this rank's shard), for clip-by-global-norm."""
+        return paddle.square(self.sampled_grad).sum().reshape([1])
+
     def step(self, lr: float, momentum: float, weight_decay: float, grad_scale: float = 1.0) -> None:
         """Apply the sampled centers' gradient (times ``grad_scale``, e.g. 1/loss_scale or a clip factor)."""
         grad = self.sampled_grad
@@ -343,11 +369,29 @@ class PartialFC:
         self.gathered_rows_scratch.release()
 
     def state_dict(self) -> dict[str, np.ndarray]:
+        """Host copies of the whole shard; checkpoints stream it instead (:meth:`row_blocks`)."""
         return {"weight": self.weight.numpy(), "velocity": self.velocity.numpy()}
 
-    def set_state(self, weight: np.ndarray, velocity: np.ndarray) -> None:
+    @property
+    def storage_dtype(self) -> str:
+        """The centers' numpy dtype name: ``float32`` or ``float16``."""
+        return str(self.weight.dtype).split(".")[-1]
+
+    def row_blocks(self, kind: str, block_rows: int = STATE_BLOCK_ROWS):
+        """The rows of ``weight`` or ``velocity`` as numpy blocks: views of the tensor's own memory on the
+        CPU, one block's host copy at a time from another device. Valid until the next update."""
+        tensor = getattr(self, kind)
+        whole = host_view(tensor) if is_cpu_and_contiguous(tensor) else None
+        for start in range(0, tensor.shape[0], block_rows):
+            yield whole[start : start + block_rows] if whole is not None else \
+                tensor[start : start + block_rows].numpy()
+
+    def set_state(self, weight, velocity) -> None:
+        """Overwrite the centers and velocities in place with ``weight`` and ``velocity``: arrays, or objects
+        with ``blocks()`` yielding ``(first row, rows)`` (:class:`plsc.engine.shard_io.RowPieces`), copied a
+        block at a time and cast to the storage dtype (numpy's rounding)."""
         expected = (self.shard.count, self.embedding_size)
-        if weight.shape != expected or velocity.shape != expected:
-            raise ValueError(f"class-center shard has shape {weight.shape}, expected {expected}")
-        self.weight = paddle.to_tensor(weight).astype(self.weight.dtype)
-        self.velocity = paddle.to_tensor(velocity).astype(self.velocity.dtype)
+        if tuple(weight.shape) != expected or tuple(velocity.shape) != expected:
+            raise ValueError(f"class-center shard has shape {tuple(weight.shape)}, expected {expected}")
+        for tensor, source in ((self.weight, weight), (self.velocity, velocity)):
+            copy_rows_into(tensor, source)

@@ -1,0 +1,278 @@
+"""The streaming PartialFC head: the margin softmax over the sampled centers, one chunk of centers at a time.
+
+The whole-matrix head (:class:`~plsc.loss.partial_fc.PartialFC`) gathers every sampled center into a float32
+[sampled, emb] tensor and forms [global batch, sampled] logits, softmax and gradients. Here nothing of either
+size exists beyond one chunk of ``chunk_size`` sampled centers (``loss.chunk_size``), so a rank's memory is
+its class centers, their velocity and a few chunk-sized buffers. Three walks over the chunks, each gathering
+the chunk's rows (float16 -> float32 per chunk) and recomputing its cosines and margin logits:
+
+1. forward (:meth:`loss`): per-row running max and sum of exponentials (rescaled when the max grows), and
+   the target logit; the ranks combine them as the whole-matrix head does (one all-reduce of the max, one
+   of the sum, one of the target logit). Saves only [batch]-sized statistics and the unit embeddings.
+2. backward: each chunk's softmax gradient; accumulates d(embeddings) and the squared norm of the chunk's
+   center gradient, without forming that gradient (see :func:`center_grad_sq_norm`). The norm, a sum of
+   squares, is finite exactly when the gradient is (barring float32 overflow of the square itself), so the
+   trainer's found-inf and clip-by-global-norm checks read it instead of a [sampled, emb] gradient.
+3. update (:meth:`step`): once the trainer knows whether the step is skipped (found-inf) and the clip factor,
+   each chunk's center gradient is formed again and applied to weight + velocity at once (lazy or dense
+   momentum, weight decay, ``grad_scale`` as in :mod:`plsc.loss.sparse_momentum`).
+
+Why the update waits for a third walk rather than happening in the backward: the skip decision covers the
+backbone's gradients, which exist only after the head's backward has returned d(embeddings), and the clip
+factor needs the global gradient norm; an update applied earlier could not be undone exactly (float16
+storage rounds). The price is two more matmuls per chunk than the whole-matrix head's three; the memory
+saved is what the head is for.
+
+The loss is a Python loop over chunks with host-side control; it runs eagerly in static mode too
+(``traceable = False``: the trainer compiles the backbone only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+
+from plsc.loss.margin import put_columns, target_logit, target_logit_slope
+from plsc.loss.partial_fc import NORMALIZE_EPS, PartialFC
+from plsc.loss.sparse_momentum import DENSE_BLOCK_ROWS, dense_update, gather_rows, momentum_, scatter_rows_
+
+
+@dataclass
+class SoftmaxStatistics:
+    """What the backward and the update need from the forward, all of size [global batch] or [batch, emb]."""
+
+    unit_embeddings: paddle.Tensor  # [B, emb] float32, detached
+    remapped: paddle.Tensor  # [B] int64: each row's column among the sampled centers, -1 if not on this rank
+    row_max: paddle.Tensor  # [B, 1] the largest logit of each row over every rank's columns
+    sum_exp: paddle.Tensor  # [B] sum over every rank's columns of exp(logit - row_max)
+    cos_target: paddle.Tensor  # [B] cosine of each row with its own class center (0 where not on this rank)
+    grad_per_row: float | None = None  # d loss / d (each row's loss term), known in the backward
+
+
+@dataclass
+class ChunkCosine:
+    """One chunk's cosines, as the whole-matrix head's cosine layer computes them column by column."""
+
+    rows: paddle.Tensor  # [c, emb] float32 centers
+    cosine: paddle.Tensor  # [B, c]
+    inverse_norms: paddle.Tensor  # [c]
+    norm_is_live: paddle.Tensor  # [c]: 0 where F.normalize's floor replaces the norm (no gradient through it)
+
+
+def chunk_cosine(unit_embeddings: paddle.Tensor, rows: paddle.Tensor) -> ChunkCosine:
+    norms = paddle.sqrt(paddle.bmm(rows.unsqueeze(1), rows.unsqueeze(2)).reshape([-1]))
+    inverse_norms = 1.0 / paddle.clip(norms, min=NORMALIZE_EPS)
+    cosine = paddle.matmul(unit_embeddings, rows, transpose_y=True).multiply_(inverse_norms)
+    return ChunkCosine(rows, cosine, inverse_norms, (norms > NORMALIZE_EPS).astype(norms.dtype))
+
+
+def chunk_columns(remapped: paddle.Tensor, start: int, count: int) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """Each row's target column inside the chunk ``[start, start + count)`` ([B, 1], 0 where the target is
+    elsewhere) and whether it is inside ([B] bool)."""
+    inside = (remapped >= start) & (remapped < start + count)
+    column = paddle.where(inside, remapped - start, paddle.zeros_like(remapped)).unsqueeze(1)
+    return column, inside
+
+
+def chunk_logits(cosine: paddle.Tensor, column, inside, margin) -> paddle.Tensor:
+    """``scale * cosine`` with the margin applied at the target columns inside the chunk (in place)."""
+    cos_at_column = paddle.take_along_axis(cosine, column, axis=1).squeeze(1)
+    # Rows whose target is elsewhere write their own plain logit back (as the whole-matrix loss does).
+    values = margin.scale * paddle.where(inside, target_logit(cos_at_column, margin), cos_at_column)
+    return put_columns(cosine.scale_(margin.scale), column, values)
+
+
+def softmax_grad_of_chunk(chunk: ChunkCosine, stats: SoftmaxStatistics, start: int, margin) -> paddle.Tensor:
+    """d loss / d cosine for the chunk's columns, [B, c]; overwrites ``chunk.cosine`` (it is recomputed)."""
+    count = chunk.rows.shape[0]
+    column, inside = chunk_columns(stats.remapped, start, count)
+    cosine = chunk.cosine.clone()  # the plain cosines are needed again for the center gradient
+    exp = chunk_logits(cosine, column, inside, margin).subtract_(stats.row_max).exp_()
+    softmax_target = paddle.take_along_axis(exp, column, axis=1).squeeze(1) / stats.sum_exp
+    per_row = stats.grad_per_row
+    grad = exp.multiply_((per_row * margin.scale / stats.sum_exp).unsqueeze(1))
+    # At the target column: per_row * (softmax - 1) * the target logit's slope (as the whole-matrix loss).
+    slope = margin.scale * target_logit_slope(stats.cos_target, margin)
+    at_target = paddle.where(inside, per_row * (softmax_target - 1.0) * slope,
+                             paddle.take_along_axis(grad, column, axis=1).squeeze(1))
+    return put_columns(grad, column, at_target)
+
+
+def center_grad_sq_norm(unit_gram: paddle.Tensor, grad: paddle.Tensor, chunk: ChunkCosine) -> paddle.Tensor:
+    """Squared Frobenius norm of the chunk's center gradient ``D = G^T U - radial * rows`` without forming D.
+
+    ``G`` = d loss / d cosine scaled by the inverse norms ([B, c]), ``U`` the unit embeddings. Row j of D is
+    row j of ``G^T U`` minus its projection on the center (``radial_j * rows_j``), so
+    ``|D|^2 = <U U^T, G G^T> - sum_j live_j S_j^2`` with ``S_j = sum_b G_bj cos_bj``: a [B, B] product
+    instead of a [c, emb] one.
+    """
+    projection = ((grad * chunk.cosine).sum(axis=0) * chunk.norm_is_live).astype("float64")
+    gram = paddle.matmul(grad, grad, transpose_y=True).astype("float64")
+    # The two sums in float64: their difference cancels where centers align with their samples.
+    return (gram * unit_gram).sum() - (projection * projection).sum()
+
+
+def center_grad_of_chunk(unit_embeddings, grad: paddle.Tensor, chunk: ChunkCosine) -> paddle.Tensor:
+    """The chunk's center gradient [c, emb], as the whole-matrix head's cosine layer forms it."""
+    radial = (grad * chunk.cosine).sum(axis=0) * chunk.inverse_norms * chunk.norm_is_live
+    return (chunk.rows * (-radial).unsqueeze(1)).addmm_(grad.t(), unit_embeddings)
+
+
+class _StreamingMarginLoss(paddle.autograd.PyLayer):
+    """Margin softmax cross entropy of the global batch over the head's sampled centers, walked by chunk."""
+
+    @staticmethod
+    def forward(ctx, unit_embeddings, remapped, head: StreamingPartialFC):
+        stats = head.forward_statistics(unit_embeddings.detach(), remapped)
+        margin, comm = head.margin, head.comm
+        has_target = (remapped >= 0).astype("float32")
+        target = margin.scale * target_logit(stats.cos_target, margin)
+        target_shifted = comm.all_reduce_sum_((target - stats.row_max.squeeze(1)) * has_target)
+        ctx.head = head
+        return (paddle.log(stats.sum_exp) - target_shifted).mean()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return ctx.head.backward_walk(grad_loss), None
+
+
+class StreamingPartialFC(PartialFC):
+    """:class:`PartialFC` whose step holds at most ``chunk_size`` sampled centers' buffers at a time."""
+
+    traceable = False  # a loop with host-side control: the loss stays eager in static mode
+
+    def __init__(self, *args, chunk_size: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        if chunk_size <= 0:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        self.chunk_size = chunk_size
+        self.dense = self.update is dense_update
+        self._stats: SoftmaxStatistics | None = None
+        self._grad_sq_norm: paddle.Tensor | None = None
+
+    def chunks(self):
+        """``(start, index of the chunk's centers)`` over the sampled centers."""
+        for start in range(0, self._index.shape[0], self.chunk_size):
+            yield start, self._index[start : start + self.chunk_size]
+
+    def prepare(self, labels: paddle.Tensor, step: int) -> tuple[paddle.Tensor, paddle.Tensor]:
+        """Sample this step's centers; returns ``(index, remapped)``: no rows are gathered here."""
+        all_labels = self.comm.all_gather(labels.reshape([-1]))
+        self._index, remapped = self.sample_tensors(all_labels, step)
+        self._stats = self._grad_sq_norm = None
+        return self._index, remapped
+
+    def loss(self, all_embeddings: paddle.Tensor, index: paddle.Tensor, remapped: paddle.Tensor):
+        self._index = index
+        return _StreamingMarginLoss.apply(F.normalize(all_embeddings, axis=1), remapped, self)
+
+    @paddle.no_grad()
+    def forward_statistics(self, unit_embeddings: paddle.Tensor, remapped: paddle.Tensor
+                           ) -> SoftmaxStatistics:
+        """Walk 1: the softmax's row max and sum of exponentials over every rank, and the target cosines."""
+        batch = unit_embeddings.shape[0]
+        row_max = paddle.full([batch, 1], -np.inf, dtype="float32")
+        sum_exp = paddle.zeros([batch], dtype="float32")
+        cos_target = paddle.zeros([batch], dtype="float32")
+        for start, index in self.chunks():
+            chunk = chunk_cosine(unit_embeddings, gather_rows(self.weight, index))
+            column, inside = chunk_columns(remapped, start, index.shape[0])
+            cos_target = paddle.where(inside, paddle.take_along_axis(chunk.cosine, column, 1).squeeze(1),
+                                      cos_target)
+            logits = chunk_logits(chunk.cosine, column, inside, self.margin)
+            new_max = paddle.maximum(row_max, logits.max(axis=1, keepdim=True))
+            sum_exp = sum_exp * paddle.exp(row_max - new_max).squeeze(1) + \
+                logits.subtract_(new_max).exp_().sum(axis=1)
+            row_max = new_max
+        global_max = self.comm.all_reduce_max(row_max)
+        sum_exp = self.comm.all_reduce_sum_(sum_exp * paddle.exp(row_max - global_max).squeeze(1))
+        self._stats = SoftmaxStatistics(unit_embeddings, remapped, global_max, sum_exp, cos_target)
+        return self._stats
+
+    @paddle.no_grad()
+    def backward_walk(self, grad_loss: paddle.Tensor) -> paddle.Tensor:
+        """Walk 2: d(unit embeddings), and the squared norm of the centers' gradient (kept for step)."""
+        stats = self._stats
+        stats.grad_per_row = float(grad_loss) / stats.unit_embeddings.shape[0]
+        unit = stats.unit_embeddings
+        unit64 = unit.astype("float64")
+        unit_gram = paddle.matmul(unit64, unit64, transpose_y=True)
+        grad_embeddings = paddle.zeros_like(unit)
+        sq_norm = paddle.zeros([], dtype="float64")
+        for start, index in self.chunks():
+            chunk = chunk_cosine(unit, gather_rows(self.weight, index))
+            grad = softmax_grad_of_chunk(chunk, stats, start, self.margin).multiply_(chunk.inverse_norms)
+            grad_embeddings.addmm_(grad, chunk.rows)
+            sq_norm += center_grad_sq_norm(unit_gram, grad, chunk)
+        self._grad_sq_norm = sq_norm.astype("float32").reshape([1])
+        return grad_embeddings
+
+    @property
+    def sampled_grad(self) -> None:
+        """The streaming head never holds the sampled centers' gradient: see :meth:`center_grads_to_check`."""
+        return None
+
+    def center_grads_to_check(self) -> list[paddle.Tensor]:
+        """The squared norm of the centers' gradient: finite exactly when every gradient element is (an
+        overflow of the squares aside), so the trainer's found-inf check reads it."""
+        return [self._pending_norm()]
+
+    def center_grad_sq_norm(self) -> paddle.Tensor:
+        return self._pending_norm()
+
+    def _pending_norm(self) -> paddle.Tensor:
+        if self._grad_sq_norm is None:
+            raise RuntimeError("StreamingPartialFC: no gradient before a backward pass")
+        return self._grad_sq_norm
+
+    def skip_step(self) -> None:
+        self._index = self._stats = self._grad_sq_norm = None
+
+    @paddle.no_grad()
+    def step(self, lr: float, momentum: float, weight_decay: float, grad_scale: float = 1.0) -> None:
+        """Walk 3: each chunk's center gradient, formed again and applied at once (times ``grad_scale``)."""
+        self._pending_norm()
+        stats = self._stats
+        for start, index in self.chunks():
+            chunk = chunk_cosine(stats.unit_embeddings, gather_rows(self.weight, index))
+            grad = softmax_grad_of_chunk(chunk, stats, start, self.margin).multiply_(chunk.inverse_norms)
+            center_grad = center_grad_of_chunk(stats.unit_embeddings, grad, chunk)
+            rows, velocity = chunk.rows, gather_rows(self.velocity, index)
+            momentum_(rows, velocity, center_grad, lr, momentum, weight_decay, grad_scale)
+            scatter_rows_(self.velocity, index, velocity)
+            scatter_rows_(self.weight, index, rows)
+        if self.dense:
+            decay_unsampled_rows(self.weight, self.velocity, self._index, lr, momentum, weight_decay)
+        self.skip_step()
+
+
+@paddle.no_grad()
+def decay_unsampled_rows(weight, velocity, index: paddle.Tensor, lr: float, momentum: float,
+                         weight_decay: float) -> None:
+    """The dense mode's zero-gradient step for every row not in ``index`` (whose rows were already stepped),
+    block by block as :func:`~plsc.loss.sparse_momentum.dense_update` walks the matrix."""
+    sampled = np.zeros(weight.shape[0], dtype=bool)
+    sampled[index.numpy()] = True
+    for start in range(0, weight.shape[0], DENSE_BLOCK_ROWS):
+        stop = min(start + DENSE_BLOCK_ROWS, weight.shape[0])
+        block_weight = weight[start:stop].astype("float32")
+        block_velocity = velocity[start:stop].astype("float32")
+        keep = paddle.to_tensor(np.flatnonzero(sampled[start:stop]))
+        blocks = (block_weight, block_velocity)
+        kept = [paddle.gather(block, keep) for block in blocks] if keep.shape[0] else None
+        zero_grad = paddle.zeros_like(block_weight)
+        momentum_(block_weight, block_velocity, zero_grad, lr, momentum, weight_decay, 1.0)
+        for block, rows in zip(blocks, kept or (), strict=False):  # the sampled rows: already stepped
+            paddle.scatter_(block, keep, rows, overwrite=True)
+        weight[start:stop] = block_weight.astype(weight.dtype)
+        velocity[start:stop] = block_velocity.astype(velocity.dtype)
+
+
+def build_head(chunk_size: int = 0, **kwargs) -> PartialFC:
+    """The whole-matrix head when ``chunk_size`` is 0, else the streaming head (``loss.chunk_size``)."""
+    if chunk_size:
+        return StreamingPartialFC(chunk_size=chunk_size, **kwargs)
+    return PartialFC(**kwargs)
