@@ -138,12 +138,20 @@ def backbone_amp_level(precision: str) -> str | None:
     return {"fp16": "O2", "amp": "O1"}[precision]
 
 
+def require_files(paths: list[str], key: str) -> None:
+    """PlscError naming the first of ``paths`` (the config's ``key``) that is not a file."""
+    for path in paths:
+        if not Path(path).is_file():
+            raise PlscError(f"{key}: {path} not found (--set '{key}=[...]' names others, [] none)")
+
+
 class Trainer:
     def __init__(self, config: Config, output: str | Path, resume: bool | str | Path = False, comm=None):
         self.config = config
         self.output = Path(output)
         self.comm = comm or make_comm()
         self.rank = self.comm.rank
+        require_files(config.data.val_bins, "data.val_bins")  # before minutes of loading and building
         self.dataset = build_dataset(config.data, seed=config.train.seed)
         self.num_classes = config.data.num_classes or self.dataset.num_classes
         require_classes_per_rank(self.num_classes, self.comm.world_size)
