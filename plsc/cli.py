@@ -12,9 +12,9 @@ import logging
 import os
 import shlex
 import sys
-import warnings
 from pathlib import Path
 
+from plsc.console import quiet_framework
 from plsc.errors import PlscError
 from plsc.malloc import reexec_with_huge_pages
 
@@ -124,7 +124,7 @@ def _run_eval(args) -> int:
     from plsc.eval.runner import evaluate_checkpoint
 
     results = evaluate_checkpoint(
-        args.checkpoint, args.bins, args.batch_size, progress=sys.stderr.isatty(), **_model_hints(args)
+        args.checkpoint, args.bins, args.batch_size, progress=True, **_model_hints(args)
     )
     _print_metrics(results, f"verification of {args.checkpoint}")
     if args.json:
@@ -223,7 +223,7 @@ def _run_infer(args) -> int:
 
     if args.output:
         embeddings_path(args.output)  # a bad name fails now, not after the whole run
-    paths, embeddings = run_inference(args.model, args.images, args.engine, args.batch_size)
+    paths, embeddings = run_inference(args.model, args.images, args.engine, args.batch_size, progress=True)
     if args.output:
         save_embeddings(args.output, paths, embeddings, args.images)
         print(f"{len(paths)} embeddings of size {embeddings.shape[1]} written to {args.output}")
@@ -353,11 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_paddle() -> None:
-    warnings.filterwarnings("ignore", message="No ccache found")
-    warnings.filterwarnings("ignore", message=".*always track global mean and variance.*")
+def _setup_console() -> None:
+    """plsc's own lines as ``HH:MM:SS LEVEL message``; Paddle's noise off (plsc.console)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
+    quiet_framework()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         reexec_with_huge_pages("plsc.cli", sys.argv[1:])
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nproc hands on to each process
-    _quiet_paddle()
+    _setup_console()
     try:
         return args.run(args)
     except PlscError as exc:

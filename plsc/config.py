@@ -5,7 +5,9 @@ Unknown sections or keys are errors, so a typo never silently falls back to a de
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import logging
 import math
 import types
 import typing
@@ -15,6 +17,8 @@ from pathlib import Path
 import yaml
 
 from plsc.errors import PlscError
+
+log = logging.getLogger("plsc")
 
 
 class ConfigError(PlscError):
@@ -202,10 +206,28 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
         _merge(config, raw, str(path))
+    file_data = copy.deepcopy(config.data)
     for text in overrides:
         _merge(config, parse_override(text), f"--set {text}")
+    _move_val_bins_with_root(config.data, file_data)
     validate(config)
     return config
+
+
+def _move_val_bins_with_root(data: DataConfig, before: DataConfig) -> None:
+    """A config pointed at other data (``--set data.root=...``) takes the verification files under its
+    old root along (``old_root/lfw.bin`` -> ``new_root/lfw.bin``), unless ``data.val_bins`` was set too."""
+    if data.root == before.root or data.val_bins != before.val_bins:
+        return
+    old_root = Path(before.root)
+    moved = []
+    for path in data.val_bins:
+        if Path(path).is_relative_to(old_root):
+            path = str(Path(data.root) / Path(path).relative_to(old_root))
+        moved.append(path)
+    if moved != data.val_bins:
+        log.info("data.val_bins follow data.root: %s", ", ".join(moved))
+        data.val_bins = moved
 
 
 def config_from_dict(raw: dict) -> Config:

@@ -182,7 +182,9 @@ def share_statistics_from_rank0(model: paddle.nn.Layer, comm) -> None:
             comm.broadcast_(tensor, src=0)
 
 
-def verify_across_ranks(model_fn, vset, batch_size: int, data_format: str, embedding_size: int, comm) -> dict:
+def verify_across_ranks(
+    model_fn, vset, batch_size: int, data_format: str, embedding_size: int, comm, progress: bool = False
+) -> dict:
     """:func:`plsc.eval.verification.verify` with the embedding work split: each rank embeds a contiguous
     share of the pairs, and every rank scores the gathered embeddings, so all ranks get identical results."""
     from plsc.data.verification_bin import VerificationSet
@@ -192,7 +194,7 @@ def verify_across_ranks(model_fn, vset, batch_size: int, data_format: str, embed
     if share.count:
         images = vset.images[2 * share.start : 2 * share.stop]
         part = VerificationSet(images, vset.issame[share.start : share.stop], vset.name)
-        raw, raw_flipped = embed_verification_set(model_fn, part, batch_size, data_format)
+        raw, raw_flipped = embed_verification_set(model_fn, part, batch_size, data_format, progress)
     else:
         raw = raw_flipped = np.zeros((0, embedding_size), dtype=np.float32)
     raw, raw_flipped = comm.gather_rows(raw), comm.gather_rows(raw_flipped)

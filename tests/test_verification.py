@@ -232,12 +232,14 @@ def test_embed_feeds_normalised_batches_and_mirrors(data_format):
     assert raw.dtype == np.float32
 
 
-def test_verify_adds_xnorm_and_checks_arguments(capsys):
+def test_verify_adds_xnorm_and_checks_arguments(monkeypatch, caplog):
+    monkeypatch.setattr("plsc.console.LOG_INTERVAL_S", 0.0)  # a progress line after every batch
+    caplog.set_level("INFO", logger="plsc")
     vset = small_set(count=20)
     result = verify(lambda batch: batch.reshape(len(batch), -1) * 2, vset, batch_size=7, progress=True)
     assert set(result) == {"accuracy", "std", "threshold", "tar_at_far_1e-3", "pairs", "xnorm"}
     assert result["pairs"] == 20 and result["xnorm"] > 0
-    assert "verify small" in capsys.readouterr().err
+    assert caplog.records and all(r.getMessage().startswith("verify small: ") for r in caplog.records)
     with pytest.raises(PlscError, match="data_format"):
         verify(lambda batch: batch, vset, data_format="CHWN")
     with pytest.raises(PlscError, match="shape"):

@@ -21,8 +21,9 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
+from plsc.console import Progress
+from plsc.console import progress as console_progress
 from plsc.data.folder import FolderDataset
 from plsc.data.recordio import RecordDataset, decode_image, unpack, write_insightface
 from plsc.errors import PlscError
@@ -72,8 +73,7 @@ def rec_to_images(
     images_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(output_dir)
     names, written = [], 0
-    bar = tqdm(total=len(dataset), desc=f"{rec_path.name} -> images", unit="img", disable=not progress)
-    with bar:
+    with Progress(len(dataset), f"{rec_path.name} -> images", "images", enabled=progress) as bar:
         for position, key in enumerate(dataset.image_keys):
             name, was_written = _extract_image(dataset, int(key), position, images_dir)
             names.append(name)
@@ -141,7 +141,8 @@ def images_to_rec(
     folder = FolderDataset(root, str(label_file) if label_file is not None else "label.txt")
     samples = [(folder.image_path(index), int(label)) for index, label in enumerate(folder.labels)]
     height, width = decode_image(_read_bytes(samples[0][0]), str(samples[0][0])).shape[:2]
-    wrap = partial(tqdm, desc=f"images -> {Path(output_prefix).name}.rec", unit="img", disable=not progress)
+    wrap = partial(console_progress, total=len(samples), desc=f"images -> {Path(output_prefix).name}.rec",
+                   unit="images", enabled=progress)
     result = write_insightface(output_prefix, samples, image_size=(height, width), progress=wrap)
     copied = _copy_bin_files(folder.root, Path(output_prefix).parent)
     return ConversionSummary(

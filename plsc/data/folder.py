@@ -284,14 +284,14 @@ class FolderDataset:
 
         Returns how many were dropped. Decoding releases the GIL, so threads use all cores.
         """
-        from tqdm import tqdm  # only needed here; keeps importing the module cheap
+        from plsc.console import Progress
 
         readable = np.ones(len(self), dtype=bool)
         threads = num_threads or os.cpu_count() or 1
         chunk = 1024  # bounded number of pending futures, even for millions of images
         with (
             ThreadPoolExecutor(threads) as pool,
-            tqdm(total=len(self), desc="verifying images", unit="img", disable=not progress) as bar,
+            Progress(len(self), "verifying images", "images", enabled=progress) as bar,
         ):
             for start in range(0, len(self), chunk):
                 positions = range(start, min(start + chunk, len(self)))

@@ -12,6 +12,7 @@ Batches are uint8 pixels in the model's layout; the trainer normalises them on i
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from plsc.data.synthetic import SyntheticDataset
 from plsc.data.transforms import PIXEL_SCALE, TrainTransform, check_data_format, check_image_size, flip_draws
 from plsc.data.workers import TrainLoader
 from plsc.errors import PlscError
+
+log = logging.getLogger("plsc.data")
 
 # --- sampler ---
 
@@ -220,6 +223,12 @@ def _apply_num_classes(dataset, num_classes: int, source: str):
             f"data.num_classes is {num_classes} but the {source} data has label {largest}; "
             f"set data.num_classes >= {largest + 1} or 0 to read it from the labels"
         )
+    present = len(np.unique(dataset.labels))
+    # Allowed (training on part of a larger set), but usually a config written for other data. Synthetic
+    # data (capacity trials) draws few labels from many classes on purpose.
+    if num_classes > present and source != "synthetic":
+        log.warning("data.num_classes is %d but the %s data has %d distinct labels: %d class centers are "
+                    "never trained as a positive", num_classes, source, present, num_classes - present)
     dataset.num_classes = num_classes
     return dataset
 

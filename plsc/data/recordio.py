@@ -612,7 +612,7 @@ def write_insightface(
     ``samples`` are (encoded image bytes or a path to read them from, label). Images are stored verbatim and
     ordered by label (stable), because identity records describe each class as one contiguous key range.
     ``image_size`` is (height, width) for ``property``. ``progress``: optional callable wrapping an iterable
-    (e.g. ``functools.partial(tqdm, desc=...)``).
+    (e.g. ``functools.partial(plsc.console.progress, total=..., desc=..., unit=...)``).
     Returns ``{"images", "num_classes", "rec", "idx", "property"}``.
     """
     labels = _check_labels(output_prefix, [label for _, label in samples])

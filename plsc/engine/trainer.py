@@ -24,6 +24,7 @@ import paddle
 from paddle.jit.dy2static.program_translator import StaticFunction
 
 from plsc.config import Config, save_config
+from plsc.console import format_duration
 from plsc.data import build_dataset, build_train_loader_from_config, normalize_batch
 from plsc.data.verification_bin import load_bin
 from plsc.distributed import (
@@ -144,6 +145,13 @@ def backbone_amp_level(precision: str) -> str | None:
     return {"fp16": "O2", "amp": "O1"}[precision]
 
 
+def require_files(paths: list[str], key: str) -> None:
+    """PlscError naming the first of ``paths`` (the config's ``key``) that is not a file."""
+    for path in paths:
+        if not Path(path).is_file():
+            raise PlscError(f"{key}: {path} not found (--set '{key}=[...]' names others, [] none)")
+
+
 class Trainer:
     """``resume``: True (``<output>``'s latest checkpoint) or a checkpoint folder. ``weights_only``: take the
     checkpoint's weights and step but restart the optimizer (with another class count: the backbone alone,
@@ -160,6 +168,7 @@ class Trainer:
         self.overwrite = overwrite
         self._resume_from = check_output(config, self.output, resume, weights_only, overwrite,
                                          self.comm.world_size)
+        require_files(config.data.val_bins, "data.val_bins")  # before minutes of loading and building
         self.dataset = build_dataset(config.data, seed=config.train.seed)
         self.num_classes = config.data.num_classes or self.dataset.num_classes
         require_classes_per_rank(self.num_classes, self.comm.world_size)
@@ -460,6 +469,7 @@ class Trainer:
                 self.config.model.data_format,
                 self.config.model.embedding_size,
                 self.comm,
+                progress=self.rank == 0,
             )
         self.model.train()
         return results
@@ -499,6 +509,7 @@ class Trainer:
             truncate_log(self.output / "train_log.jsonl", self.state.step)
         self.comm.barrier()
         started = time.time()
+        self._run_logged = False  # no step of this run logged yet
         previous_handlers = self._install_signal_handlers()
         try:
             while self.state.step < self.total_steps:
@@ -535,6 +546,9 @@ class Trainer:
             if step % train.log_interval == 0 or step == self.total_steps:
                 self._log(window, lr)
                 window = _LogWindow(time.time(), step)
+            elif not self._run_logged:  # a first line within seconds, not after a whole interval of silence
+                self._log(window, lr, to_file=False)
+            self._run_logged = True
             if train.eval_interval > 0 and step % train.eval_interval == 0 and self.val_sets:
                 self._evaluate_and_keep_best()
                 window.exclude_since(time.time())
@@ -564,7 +578,8 @@ class Trainer:
         log.warning("signal %d: saved %s; continue with --resume", signum, path)
         raise TrainingInterrupted(signum, path)
 
-    def _log(self, window: _LogWindow, lr: float) -> None:
+    def _log(self, window: _LogWindow, lr: float, to_file: bool = True) -> None:
+        """The console line of the steps since ``window`` began, and (``to_file``) their train_log record."""
         elapsed = max(window.elapsed(time.time()), 1e-9)
         steps = self.state.step - window.first_step
         global_batch = self.config.train.batch_size * self.comm.world_size
@@ -582,8 +597,9 @@ class Trainer:
         if self.scaler.enabled:
             record.update(loss_scale=self.scaler.scale, skipped_steps=self.skipped_steps)
         if self.rank == 0:
-            with open(self.output / "train_log.jsonl", "a") as f:
-                f.write(json_line(record))
+            if to_file:
+                with open(self.output / "train_log.jsonl", "a") as f:
+                    f.write(json_line(record))
             log.info(
                 "step %d/%d epoch %d loss %.4f lr %.5f %.1f img/s eta %s mem %.0f MB",
                 self.state.step,
@@ -592,7 +608,7 @@ class Trainer:
                 record["loss"],
                 lr,
                 ips,
-                _format_duration(eta),
+                format_duration(eta),
                 record["mem_mb"],
             )
 
@@ -738,11 +754,6 @@ class _LogWindow:
 
     def mean_loss(self) -> float:
         return float(np.mean(self.losses)) if self.losses else float("nan")
-
-
-def _format_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def json_line(record: dict) -> str:

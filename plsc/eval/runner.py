@@ -30,6 +30,8 @@ def restore_backbone(
     with the checkpoint; ``data_format`` builds the model in that layout (the weights fit either).
     """
     directory = Path(directory)
+    if not directory.exists():
+        raise PlscError(f"checkpoint not found: {directory}")
     if plsc22.is_plsc22_checkpoint(directory):
         return plsc22.restore_backbone(directory, backbone, embedding_size, data_format)
     if directory.is_dir() and not (directory / ckpt.MANIFEST).exists():

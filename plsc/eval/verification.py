@@ -29,6 +29,7 @@ from typing import Callable
 
 import numpy as np
 
+from plsc.console import Progress
 from plsc.data.verification_bin import VerificationSet
 from plsc.errors import PlscError
 
@@ -168,22 +169,26 @@ def embed_verification_set(
 
     ``model_fn`` receives float32 batches in ``data_format`` (NCHW or NHWC), RGB, scaled to [-1, 1] by
     ``(x / 255 - 0.5) / 0.5``, and returns [batch, d] embeddings (anything ``np.asarray`` accepts).
+    ``progress``: report pairs done (plsc.console.Progress: a bar on a terminal, else periodic log lines).
     """
     if data_format not in DATA_FORMATS:
         raise PlscError(f"data_format must be one of {', '.join(DATA_FORMATS)}, got {data_format!r}")
     if batch_size < 1:
         raise PlscError(f"batch_size must be >= 1, got {batch_size}")
-    starts = range(0, len(vset.images), batch_size)
-    if progress:
-        from tqdm import tqdm  # only needed when asked for; keeps the import cheap otherwise
-
-        starts = tqdm(starts, desc=f"verify {vset.name}", unit="batch")
     plain, flipped = [], []
-    for start in starts:
-        batch = vset.images[start : start + batch_size]
-        plain.append(_embed_batch(model_fn, batch, data_format))
-        flipped.append(_embed_batch(model_fn, batch[:, :, ::-1, :], data_format))  # mirror along the width
+    with Progress(vset.pairs, f"verify {vset.name}", "pairs", enabled=progress) as bar:
+        for start in range(0, len(vset.images), batch_size):
+            batch = vset.images[start : start + batch_size]
+            plain.append(_embed_batch(model_fn, batch, data_format))
+            mirrored = batch[:, :, ::-1, :]  # along the width
+            flipped.append(_embed_batch(model_fn, mirrored, data_format))
+            bar.update(_pairs_completed(start, len(batch)))
     return np.concatenate(plain), np.concatenate(flipped)
+
+
+def _pairs_completed(start: int, count: int) -> int:
+    """Pairs whose second image is among images [start, start + count): done once both are embedded."""
+    return (start + count) // 2 - start // 2
 
 
 def _embed_batch(model_fn: ModelFn, images_uint8: np.ndarray, data_format: str) -> np.ndarray:

@@ -35,6 +35,7 @@ from pathlib import Path
 import paddle
 
 import plsc
+from plsc.console import captured_output
 from plsc.engine import plsc22
 from plsc.engine.checkpoint import write_text_atomic
 from plsc.errors import PlscError
@@ -192,9 +193,11 @@ def convert_to_onnx(files: list[Path], onnx_file: Path, opset: int = ONNX_OPSET)
         # paddle2onnx 2.x folds constants with polygraphy even when enable_optimize is False, and polygraphy
         # pip-installs packages at run time; any other tool name skips that step.
         options["optimize_tool"] = "none"
-    paddle2onnx.export(str(_graph_file(files)), str(_params_file(files)), str(onnx_file), **options)
+    with captured_output() as said:  # its C++ part prints progress lines straight to stdout
+        paddle2onnx.export(str(_graph_file(files)), str(_params_file(files)), str(onnx_file), **options)
     if not onnx_file.is_file():
-        raise PlscError(f"paddle2onnx could not convert {_graph_file(files).name} (see its log above)")
+        last = (said.getvalue().strip().splitlines() or ["no output"])[-1]
+        raise PlscError(f"paddle2onnx could not convert {_graph_file(files).name}: {last}")
     return onnx_file
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from plsc.console import Progress
 from plsc.data.folder import read_image
 from plsc.data.transforms import EvalTransform
 from plsc.engine.checkpoint import write_text_atomic
@@ -174,15 +175,18 @@ def load_batch(paths: list[Path], transform: EvalTransform) -> np.ndarray:
     return np.stack([transform(read_image(path)) for path in paths])
 
 
-def embed_images(engine, paths: list[Path], image_size: int, batch_size: int = 32) -> np.ndarray:
-    """Embeddings [len(paths), E] of the images, batch by batch."""
+def embed_images(
+    engine, paths: list[Path], image_size: int, batch_size: int = 32, progress: bool = False
+) -> np.ndarray:
+    """Embeddings [len(paths), E] of the images, batch by batch (``progress``: report images done)."""
     if batch_size < 1:
         raise PlscError(f"batch size must be >= 1, got {batch_size}")
     transform = EvalTransform(image_size, "NCHW")
-    batches = [
-        engine(load_batch(paths[start : start + batch_size], transform))
-        for start in range(0, len(paths), batch_size)
-    ]
+    batches = []
+    with Progress(len(paths), "embed", "images", enabled=progress) as bar:
+        for start in range(0, len(paths), batch_size):
+            batches.append(engine(load_batch(paths[start : start + batch_size], transform)))
+            bar.update(len(batches[-1]))
     return np.concatenate(batches).astype(np.float32, copy=False)
 
 
@@ -192,11 +196,12 @@ def run_inference(
     engine: str | None = None,
     batch_size: int = 32,
     threads: int | None = None,
+    progress: bool = False,
 ) -> tuple[list[Path], np.ndarray]:
     """(image paths, their embeddings) for ``plsc infer``."""
     model = locate_model(model_path, engine)
     paths = list_images(images)
-    return paths, embed_images(open_engine(model, threads), paths, model.image_size, batch_size)
+    return paths, embed_images(open_engine(model, threads), paths, model.image_size, batch_size, progress)
 
 
 def embeddings_path(output: str | Path) -> Path:

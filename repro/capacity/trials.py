@@ -9,6 +9,7 @@ failure is a harness error, not a verdict. Peak RSS (VmHWM) is the kernel's figu
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import signal
@@ -30,6 +31,8 @@ OUT_OF_MEMORY = (
     "Unable to allocate",
 )
 TRIAL_TIMEOUT_S = 900
+
+log = logging.getLogger("repro.capacity")
 
 
 class TrialError(RuntimeError):
@@ -149,8 +152,13 @@ def bisect_max_classes(
     trials: list[Trial] = []
 
     def attempt(classes: int) -> Trial:
-        trials.append(try_classes(max(1, int(classes))))
-        return trials[-1]
+        trial = try_classes(max(1, int(classes)))
+        trials.append(trial)
+        # Each trial is a training run of seconds to minutes: say where the search is.
+        log.info("capacity trial %d: %s classes %s (peak RSS %.0f MiB, %.0f s)", len(trials),
+                 f"{trial.classes:,}", "fit" if trial.fits else "did not fit", trial.peak_rss_bytes / 2**20,
+                 trial.seconds)
+        return trial
 
     fits, fails = attempt(low), attempt(high)
     for _ in range(max_widen):

@@ -75,6 +75,15 @@ def test_bisection_halves_the_bracket_each_step():
     assert bracket.fails.classes - bracket.fits.classes <= 100
 
 
+def test_bisection_logs_each_trial(caplog):
+    caplog.set_level("INFO", logger="repro.capacity")
+    bracket = bisect_max_classes(threshold_trials(1000, []), 800, 1200, steps=1)
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == len(bracket.trials) == 3
+    assert lines[0].startswith("capacity trial 1: 800 classes fit (")
+    assert lines[1].startswith("capacity trial 2: 1,200 classes did not fit (")
+
+
 def test_bisection_without_a_bracket_says_so():
     with pytest.raises(TrialError, match="no bracket"):
         bisect_max_classes(threshold_trials(10**9, []), 10, 20, steps=1, max_widen=2)
