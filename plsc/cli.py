@@ -67,6 +67,9 @@ def _add_eval(sub) -> None:
                    help="insightface .bin verification file; repeatable")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--engine", choices=["auto", "paddle", "dygraph"], default="auto",
+                   help="paddle: Paddle Inference (conv + BatchNorm folded); dygraph: the model's own "
+                        "forward; auto: Paddle Inference on the CPU, dygraph on a GPU (default)")
     _add_model_flags(p)
     p.set_defaults(run=_run_eval)
 
@@ -87,7 +90,8 @@ def _run_eval(args) -> int:
     from plsc.eval.runner import evaluate_checkpoint
 
     results = evaluate_checkpoint(
-        args.checkpoint, args.bins, args.batch_size, progress=sys.stderr.isatty(), **_model_hints(args)
+        args.checkpoint, args.bins, args.batch_size, progress=sys.stderr.isatty(), engine=args.engine,
+        **_model_hints(args)
     )
     _print_metrics(results, f"verification of {args.checkpoint}")
     if args.json:
