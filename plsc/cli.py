@@ -268,6 +268,19 @@ def _run_demo_recognize(args) -> int:
     return 0
 
 
+def _add_doctor(sub) -> None:
+    p = sub.add_parser("doctor", help="check that this machine can train: versions, Paddle's own check, fast "
+                                      "paths, 5-step runs; a pass/fail table with what to do")
+    p.add_argument("--output", default="output/doctor", help="folder for the logs (default: output/doctor)")
+    p.set_defaults(run=_run_doctor)
+
+
+def _run_doctor(args) -> int:
+    from plsc.doctor import run_doctor
+
+    return run_doctor(Path(args.output))
+
+
 def _add_bench(sub) -> None:
     from plsc.bench import add_bench_parser
 
@@ -315,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plsc", description="Paddle Large Scale Classification")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_train, _add_eval, _add_convert, _add_export, _add_infer, _add_demo, _add_bench,
-                _add_capacity):
+                _add_capacity, _add_doctor):
         add(sub)
     return parser
 
