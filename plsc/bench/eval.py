@@ -102,6 +102,7 @@ def time_eval(checkpoint: Path, spec: EvalBenchSpec, engine: str, json_out: Path
 
 def bench_eval(spec: EvalBenchSpec) -> dict:
     check_spec(spec)
+    load_before = os.getloadavg()
     times: dict[str, list[float]] = {engine: [] for engine in spec.engines}
     metrics: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="plsc-bench-eval-") as scratch:
@@ -124,6 +125,7 @@ def bench_eval(spec: EvalBenchSpec) -> dict:
         "method": "wall time of `python -m plsc.cli eval ... --engine E` per engine, fresh processes taking "
                   f"turns, OMP_NUM_THREADS={spec.threads}, median of {spec.repeats}",
         "paddle_version": _paddle_version(), "python": sys.version.split()[0],
+        "load_average_1_5_15": {"before": list(load_before), "after": list(os.getloadavg())},
     }
     if set(ENGINES) <= set(medians):
         result["speedup"] = medians["dygraph"] / medians["paddle"]
