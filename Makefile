@@ -28,7 +28,7 @@ test: venv
 
 lint: venv
 	$(BIN)/python -m pip install --quiet ruff
-	$(BIN)/ruff check plsc tests repro scripts benchmarks devtools conftest.py
+	$(BIN)/ruff check plsc tests repro scripts benchmarks devtools tools conftest.py
 
 tox: venv
 	$(BIN)/python -m pip install --quiet tox

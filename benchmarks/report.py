@@ -3,9 +3,9 @@
     python -m benchmarks.report            # rewrite the block and the PNG, only where they changed
     python -m benchmarks.report --check    # exit 1 when the document or the PNG is stale, else 0
 
-Inputs are the JSON files of ``plsc bench head|data|train|verify`` (and benchmarks/test_head_bench.py):
-head_1M, head_4M, head_fp16_1M, head_scaling, data_{folder,rec}[_1worker], train_* and verify. A missing file
-renders as "not measured". The section sits between ``<!-- bench:begin -->`` and ``<!-- bench:end -->``;
+Inputs are the JSON files of ``plsc bench head|data|train|verify|eval`` (and benchmarks/test_head_bench.py):
+head_1M, head_4M, head_fp16_1M, head_scaling, data_{folder,rec}[_1worker], train_*, verify and eval. A missing
+file renders as "not measured". The section sits between ``<!-- bench:begin -->`` and ``<!-- bench:end -->``;
 everything outside the markers is left alone. Rendering is a pure function of the files, and the PNG is drawn
 with fixed size, dpi, style and no metadata, so regenerating gives identical bytes (as repro/report.py does).
 """
@@ -65,6 +65,7 @@ def render(results_dir: str | os.PathLike, figure_link: str = "../benchmarks/fig
         "records how its numbers were measured (its `method` fields), the thread count and the machine's "
         "load average.",
         head_section(results), data_section(results), train_section(results), verify_section(results),
+        eval_section(results),
         f"![Head step against its matmul floor; training step by phase; data pipeline]({figure_link})",
     ])
 
@@ -151,6 +152,22 @@ def verify_section(results: Results) -> str:
         rows = [[f"{run['pairs']:,} x {run['dim']}-d", f"{run['folds']} x {run['thresholds']}",
                  f"{run['evaluate_s']:.3f} s", f"< {run['target_s']:g} s: {verdict}"]]
     return "\n".join(["#### Verification (`plsc bench verify`)", "", _table(header, rows)])
+
+
+def eval_section(results: Results) -> str:
+    run = results.get("eval")
+    header = ["Checkpoint", "Verification set", "Threads", "dygraph", "Paddle Inference", "Speed-up",
+              "Accuracy (both)"]
+    if run is None:
+        rows = [[NOT_MEASURED] + [NONE] * (len(header) - 1)]
+    else:
+        setting, wall, metrics = run["setting"], run["wall_s"], run["metrics"]
+        accuracies = {f"{m['accuracy']:.4f}" for m in metrics.values()}
+        rows = [[f"{setting['checkpoint']}, {setting['image_size']} px",
+                 f"{setting['bin']} ({setting['pairs']} pairs)", str(setting["threads"]),
+                 f"{wall['dygraph']:.1f} s", f"{wall['paddle']:.1f} s", f"{run['speedup']:.2f}x",
+                 " / ".join(sorted(accuracies))]]
+    return "\n".join(["#### Evaluation end to end (`plsc bench eval`)", "", _table(header, rows)])
 
 
 # --- document block ----------------------------------------------------------------------------------------

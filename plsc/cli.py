@@ -104,6 +104,9 @@ def _add_eval(sub) -> None:
                    help="insightface .bin verification file; repeatable")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--engine", choices=["auto", "paddle", "dygraph"], default="auto",
+                   help="paddle: Paddle Inference (conv + BatchNorm folded); dygraph: the model's own "
+                        "forward; auto: Paddle Inference on the CPU, dygraph on a GPU (default)")
     _add_model_flags(p)
     p.set_defaults(run=_run_eval)
 
@@ -124,7 +127,7 @@ def _run_eval(args) -> int:
     from plsc.eval.runner import evaluate_checkpoint
 
     results = evaluate_checkpoint(
-        args.checkpoint, args.bins, args.batch_size, progress=True, **_model_hints(args)
+        args.checkpoint, args.bins, args.batch_size, progress=True, engine=args.engine, **_model_hints(args)
     )
     _print_metrics(results, f"verification of {args.checkpoint}")
     if args.json:
@@ -301,6 +304,19 @@ def _run_demo_recognize(args) -> int:
     return 0
 
 
+def _add_doctor(sub) -> None:
+    p = sub.add_parser("doctor", help="check that this machine can train: versions, Paddle's own check, fast "
+                                      "paths, 5-step runs; a pass/fail table with what to do")
+    p.add_argument("--output", default="output/doctor", help="folder for the logs (default: output/doctor)")
+    p.set_defaults(run=_run_doctor)
+
+
+def _run_doctor(args) -> int:
+    from plsc.doctor import run_doctor
+
+    return run_doctor(Path(args.output))
+
+
 def _add_bench(sub) -> None:
     from plsc.bench import add_bench_parser
 
@@ -348,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plsc", description="Paddle Large Scale Classification")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_train, _add_eval, _add_convert, _add_export, _add_infer, _add_demo, _add_bench,
-                _add_capacity):
+                _add_capacity, _add_doctor):
         add(sub)
     return parser
 

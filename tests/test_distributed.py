@@ -483,7 +483,7 @@ def test_train_dynamic_script_runs_two_cpu_processes(tiny_dir, tmp_path):
     output = tmp_path / "run"
     env = {"PYTHON": sys.executable, "NPROC": "2", "CUDA_VISIBLE_DEVICES": "0,1"}  # no GPU here: ignored
     arguments = cli_arguments(tiny_dir, output, 2, "train.max_steps=2")[2:]  # CONFIG and options
-    run_quietly(["bash", str(script), *arguments], env=env, cwd=tmp_path)
+    run_quietly(["sh", str(script), *arguments], env=env, cwd=tmp_path)  # POSIX sh (dash on Debian)
     from plsc.engine import checkpoint as ckpt
 
     assert ckpt.read_manifest(output / "checkpoints" / "2")["world_size"] == 2
@@ -494,7 +494,7 @@ def test_train_static_script_trains_in_static_mode_on_two_cpu_processes(tiny_dir
     script = Path(__file__).resolve().parent.parent / "scripts" / "train_static.sh"
     output = tmp_path / "run"
     arguments = cli_arguments(tiny_dir, output, 2, "train.max_steps=2")[2:]  # CONFIG and options
-    command = ["bash", str(script), "--nproc", "2", *arguments]
+    command = ["sh", str(script), "--nproc", "2", *arguments]
     run_quietly(command, env={"PYTHON": sys.executable}, cwd=tmp_path)
     from plsc.engine import checkpoint as ckpt
 

@@ -334,7 +334,7 @@ def test_paddle2onnx_for_the_wrong_paddle_is_a_clear_error(monkeypatch):
 
 def run_script(name: str, **env: str) -> str:
     result = subprocess.run(
-        ["bash", str(ROOT / "scripts" / name)],
+        ["sh", str(ROOT / "scripts" / name)],  # POSIX sh (dash on Debian), as PLSC ran them
         env={**os.environ, **env},
         check=True,
         capture_output=True,

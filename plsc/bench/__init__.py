@@ -1,8 +1,9 @@
-"""Performance benchmarks (``plsc bench head|data|train|verify``), one module each.
+"""Performance benchmarks (``plsc bench head|data|train|verify|eval``), one module each.
 
 head, data and train measure in fresh subprocesses (``measure_in_fresh_process``: the thread count is set
-before Paddle is imported); verify is numpy only and runs in this process. ``python -m benchmarks.report``
-(repository tooling, outside the package) renders their JSON into docs/performance.md.
+before Paddle is imported); verify is numpy only and runs in this process; eval times whole ``plsc eval``
+processes. ``python -m benchmarks.report`` (repository tooling, outside the package) renders their JSON into
+docs/performance.md.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def add_bench_parser(sub) -> None:
     _add_data(kinds)
     _add_train(kinds)
     _add_verify(kinds)
+    _add_eval(kinds)
 
 
 def _add_data(kinds) -> None:
@@ -103,6 +105,28 @@ def _add_verify(kinds) -> None:
     verify.add_argument("--repeats", type=int, default=7, help="timed repeats (the median is reported)")
     verify.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
     verify.set_defaults(run=run_verify_command)
+
+
+def _add_eval(kinds) -> None:
+    evaluate = kinds.add_parser(
+        "eval", help="wall time of plsc eval end to end, Paddle Inference against dygraph",
+        description="Runs plsc eval (a fresh process each) once per engine and repeat on the same checkpoint "
+                    "and .bin; reports the median wall time per engine and the metrics each wrote.",
+    )
+    evaluate.add_argument("--checkpoint", default=None,
+                          help="a checkpoint to evaluate (default: an untrained one of --model, --width)")
+    evaluate.add_argument("--model", default="iresnet50", help="backbone of the untrained checkpoint")
+    evaluate.add_argument("--width", type=float, default=1.0, help="its width multiplier")
+    evaluate.add_argument("--image-size", type=int, default=112, help="its input size")
+    evaluate.add_argument("--bin", default=None,
+                          help="verification .bin (default: data/tiny/lfw_disjoint_100.bin)")
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--engines", default="dygraph,paddle", help="comma-separated: dygraph, paddle")
+    evaluate.add_argument("--repeats", type=int, default=1, help="rounds (the median is reported)")
+    evaluate.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                          help="OMP_NUM_THREADS of the runs")
+    evaluate.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
+    evaluate.set_defaults(run=run_eval_command)
 
 
 def rss_classes_of(args) -> tuple[int, int] | None:
@@ -181,6 +205,18 @@ def run_verify_command(args) -> int:
 
     spec = VerifyBenchSpec(pairs=args.pairs, dim=args.dim, repeats=args.repeats)
     return show(bench_verify(spec), table, args.json)
+
+
+def run_eval_command(args) -> int:
+    from plsc.bench.eval import BUNDLED_BIN, EvalBenchSpec, bench_eval, table
+
+    spec = EvalBenchSpec(
+        checkpoint=args.checkpoint, model=args.model, width=args.width, image_size=args.image_size,
+        bin=args.bin or str(BUNDLED_BIN), batch_size=args.batch_size,
+        engines=tuple(engine.strip() for engine in args.engines.split(",") if engine.strip()),
+        repeats=args.repeats, threads=args.threads,
+    )
+    return show(bench_eval(spec), table, args.json)
 
 
 # --- fresh measuring processes (plsc.bench.data and plsc.bench.train) ---------------------------------------

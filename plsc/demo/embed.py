@@ -1,4 +1,5 @@
-"""The recognition model of the demo: an exported model (Paddle Inference or ONNX) or a checkpoint (dygraph).
+"""The recognition model of the demo: an exported model (Paddle Inference or ONNX) or a checkpoint (run as
+:func:`plsc.eval.embedders.open_embedder` runs it: Paddle Inference on the CPU).
 
 Every face crop goes through :class:`plsc.data.transforms.EvalTransform`, the preprocessing of training and
 verification (BGR -> RGB, ``(x / 255 - 0.5) / 0.5``, NCHW at the model's input size), for gallery and query
@@ -97,7 +98,8 @@ def _exported(path: Path, engine: str | None) -> FaceEmbedder:
 
 
 def _checkpoint(path: Path) -> FaceEmbedder:
-    from plsc.eval.runner import embedder, restore_backbone
+    from plsc.eval.embedders import open_embedder
+    from plsc.eval.runner import restore_backbone
 
     model, config = restore_backbone(path, data_format="NCHW")  # same weights, fed NCHW like the exports
     description = {
@@ -106,7 +108,8 @@ def _checkpoint(path: Path) -> FaceEmbedder:
         "image_size": config.data.image_size,
         "path": str(path.resolve()),
     }
-    return FaceEmbedder(embedder(model), config.data.image_size, description, verification_threshold(path))
+    run = open_embedder(model, config.model, config.data.image_size)  # NCHW either way
+    return FaceEmbedder(run, config.data.image_size, description, verification_threshold(path))
 
 
 def verification_threshold(checkpoint: Path) -> float | None:

@@ -37,7 +37,7 @@ from plsc.engine import checkpoint as ckpt
 from plsc.engine.loss_scaler import DynamicLossScaler, all_finite
 from plsc.engine.schedule import learning_rate
 from plsc.errors import PlscError
-from plsc.eval.runner import embedder
+from plsc.eval.embedders import open_embedder
 from plsc.loss import fast_paths
 from plsc.loss.margin import Margin
 from plsc.loss.partial_fc import PartialFC
@@ -461,12 +461,14 @@ class Trainer:
         share_statistics_from_rank0(self.model, self.comm)
         self.model.eval()
         results = {}
+        if self.val_sets:  # on the CPU a Paddle Inference snapshot of the current weights: see embedders
+            embed = open_embedder(self.model, self.config.model, self.config.data.image_size)
         for vset in self.val_sets:
             results[vset.name] = verify_across_ranks(
-                embedder(self.model),
+                embed,
                 vset,
                 self.config.train.eval_batch_size,
-                self.config.model.data_format,
+                embed.data_format,
                 self.config.model.embedding_size,
                 self.comm,
                 progress=self.rank == 0,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import paddle
 
 from plsc.config import Config, config_from_dict
@@ -12,6 +11,7 @@ from plsc.data.verification_bin import load_bin
 from plsc.engine import checkpoint as ckpt
 from plsc.engine import plsc22
 from plsc.errors import PlscError
+from plsc.eval.embedders import open_embedder
 from plsc.eval.verification import verify
 from plsc.models import MODELS, build_model
 
@@ -66,27 +66,23 @@ def _check_expected_model(directory: Path, config: Config, backbone: str | None,
         raise PlscError(f"{directory} has embedding size {config.model.embedding_size}, not {embedding_size}")
 
 
-def embedder(model: paddle.nn.Layer):
-    """A numpy-in, numpy-out embedding function over ``model`` for :func:`plsc.eval.verification.verify`."""
-
-    def embed(batch: np.ndarray) -> np.ndarray:
-        with paddle.no_grad():
-            return model(paddle.to_tensor(batch)).numpy()
-
-    return embed
-
-
 def evaluate_checkpoint(
-    directory: str | Path, bins: list[str], batch_size: int = 64, progress: bool = False, **model_hints
+    directory: str | Path,
+    bins: list[str],
+    batch_size: int = 64,
+    progress: bool = False,
+    engine: str = "auto",
+    **model_hints,
 ):
     """``{bin stem: metrics}`` for each file, metrics as returned by :func:`verify`.
 
+    ``engine``: as for :func:`plsc.eval.embedders.open_embedder` (auto: Paddle Inference on the CPU);
     ``model_hints``: ``backbone``, ``embedding_size``, ``data_format`` as for :func:`restore_backbone`.
     """
     model, config = restore_backbone(directory, **model_hints)
+    embed = open_embedder(model, config.model, config.data.image_size, engine)
     results = {}
     for path in bins:
         vset = load_bin(path, config.data.image_size)
-        layout = config.model.data_format
-        results[vset.name] = verify(embedder(model), vset, batch_size, layout, progress=progress)
+        results[vset.name] = verify(embed, vset, batch_size, embed.data_format, progress=progress)
     return results

@@ -20,7 +20,7 @@ import pytest
 
 from plsc.bench.capacity import MIB, memory_model, predict, setting_from_config
 from plsc.config import load_config
-from repro.capacity.trials import Bracket, Trial, bisect_max_classes, run_trial
+from repro.capacity.trials import GPU_CAPACITY_FLAGS, Bracket, Trial, bisect_max_classes, run_trial
 from repro.claims import PASS, CapacityClaim, CpuCapacityClaim, ModelCapacityClaim, load_claims
 from repro.plsc_runs import ROOT, last_step_logged, run_environment, train_command
 
@@ -37,11 +37,6 @@ CPU_BISECTIONS = 1
 GPU_BISECTIONS = 2
 GPU_STEPS = 5
 PUBLISHED_DEVICE_MIB = 32510  # 8 x V100-32G as the README states it
-# PLSC v2.2's capacity runs: one allocator pool of (nearly) the whole device.
-GPU_CAPACITY_FLAGS = {
-    "FLAGS_allocator_strategy": "naive_best_fit",
-    "FLAGS_fraction_of_gpu_memory_to_use": "0.999",
-}
 BACKBONE_SHORT = {"Res50": "r50", "Res100": "r100"}
 
 

@@ -31,6 +31,11 @@ OUT_OF_MEMORY = (
     "Unable to allocate",
 )
 TRIAL_TIMEOUT_S = 900
+# PLSC v2.2's GPU capacity runs: one allocator pool of (nearly) the whole device.
+GPU_CAPACITY_FLAGS = {
+    "FLAGS_allocator_strategy": "naive_best_fit",
+    "FLAGS_fraction_of_gpu_memory_to_use": "0.999",
+}
 
 log = logging.getLogger("repro.capacity")
 
