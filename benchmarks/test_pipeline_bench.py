@@ -3,7 +3,8 @@
 The pytest-benchmark cases time in this process (threads: OMP_NUM_THREADS, which ``make bench`` sets to the
 core count); the report cases run ``bench_data`` (a fresh process per source) and ``bench_verify`` and write
 benchmarks/results/data_{folder,rec}[_1worker].json and verify.json, docs/performance.md's inputs.
-Data: ../shared/data/faces-mini when present (4,878 LFW faces), else the bundled data/tiny. Nothing here asserts on time.
+Data: ../shared/data/faces-mini when present (4,878 LFW faces), else the bundled data/tiny. Nothing here
+asserts on time.
 """
 
 from __future__ import annotations

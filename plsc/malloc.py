@@ -3,8 +3,8 @@
 Paddle's CPU tensors come from malloc, which maps every block above its mmap threshold (128 KiB, rising to
 at most 32 MiB) afresh and unmaps it when it is freed. A head step at a million classes makes several larger
 tensors ([sampled, emb] rows, gradients, velocities): each new one faults in page by page, and on a virtual
-machine that can cost ~3 us per 4 KiB page, more than the arithmetic on it (measured: a gather of 100,000 x 512 rows
-and one multiply, 0.31 s with 4 KiB pages, 0.10 s with 2 MiB transparent huge pages).
+machine that can cost ~3 us per 4 KiB page, more than the arithmetic on it (measured: a gather of 100,000 x
+512 rows and one multiply, 0.31 s with 4 KiB pages, 0.10 s with 2 MiB transparent huge pages).
 ``glibc.malloc.hugetlb=1`` makes malloc ask for huge pages on those mappings (``madvise``), 512x fewer
 faults; memory is still given back when freed, so peak RSS is unchanged. (Keeping freed memory in the heap
 instead, ``mmap_max=0``, is faster still but raised peak RSS per class by 47% at a million classes: freed

@@ -326,7 +326,8 @@ def _check_shard(path: Path, shape: tuple[int, int], dtype: str) -> None:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise PlscError(f"{path}: truncated or corrupt class-center shard ({reason})") from None
     if tuple(stored_shape) != tuple(shape) or stored_dtype != np.dtype(dtype):
-        raise PlscError(f"{path}: {stored_dtype} {list(stored_shape)}, the manifest says {dtype} {list(shape)}")
+        found, expected = f"{stored_dtype} {list(stored_shape)}", f"{dtype} {list(shape)}"
+        raise PlscError(f"{path}: holds {found}, the manifest says {expected}")
     if path.stat().st_size < offset + int(np.prod(shape)) * stored_dtype.itemsize:
         raise PlscError(f"{path}: truncated class-center shard (shorter than its header says)")
 
