@@ -332,6 +332,7 @@ def assert_latest_is_complete(checkpoints: ckpt.CheckpointDir, resumer: Trainer,
     assert resumer.state.step == manifest["step"]
 
 
+@pytest.mark.filterwarnings("ignore:The input state dict is empty")  # the optimizer has taken no step
 @pytest.mark.parametrize("step", [3, 2], ids=["new-step", "same-step-again"])
 def test_latest_names_a_complete_checkpoint_whichever_call_fails(trained, tiny_dir, tmp_path, monkeypatch,
                                                                   step):
@@ -357,6 +358,8 @@ def test_latest_names_a_complete_checkpoint_whichever_call_fails(trained, tiny_d
         assert_latest_is_complete(trainer.checkpoints, resumer, {2, step})
         leftovers = [p.name for p in trainer.checkpoints.root.iterdir() if p.name.startswith(".")]
         assert not leftovers or calls[k - 1] == "shutil.rmtree", (k, calls[k - 1], leftovers)
+    else:
+        pytest.fail("a save made more than 200 filesystem calls")
     assert k > 20  # the saves were instrumented (each write, fsync and rename counted)
     saved = ckpt.load_backbone_state(trainer.checkpoints.path_for(step))
     for key, value in trainer.model.state_dict().items():
