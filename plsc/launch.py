@@ -149,8 +149,9 @@ def run_train(nproc: int, plsc_argv: list[str], output: Path) -> int:
         print(f"plsc: interrupted by signal {received[0]}; continue from the checkpoint in "
               f"{Path(output) / 'checkpoints'} with the same command and --resume", file=sys.stderr)
         return 128 + received[0]
-    if job.failure is not None:
-        raise job.failure
+    failure = job.failure
+    if failure is not None:
+        raise failure
     if code != 0:
         raise PlscError(f"paddle.distributed.launch exited with code {code} (log: {log_dir / LAUNCHER_LOG})")
     job.console.flush_held()
@@ -346,8 +347,13 @@ def _exit_code(wait_status: int) -> int:
 
 
 def _all_processes() -> dict[int, ProcessInfo]:
+    """Every process, from /proc (none without it: the launcher's report alone then tells a failed rank)."""
     infos = {}
-    for entry in os.listdir("/proc"):
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return infos
+    for entry in entries:
         if entry.isdigit() and (info := _process_info(entry)) is not None:
             infos[int(entry)] = info
     return infos

@@ -543,7 +543,10 @@ class Trainer:
             self.state.step_in_epoch = batch_index + 1
             step = self.state.step
             stopping = self.comm.any_true(self._signal is not None)
-            if self._saves_or_evaluates_after(step, stopping):
+            evaluate = train.eval_interval > 0 and step % train.eval_interval == 0 and bool(self.val_sets)
+            save = train.save_interval > 0 and step % train.save_interval == 0
+            ends = step >= self.total_steps or self.state.step_in_epoch == self.steps_per_epoch  # run() saves
+            if stopping or evaluate or save or ends:  # nothing is saved or verified from non-finite weights
                 self._require_finite_weights()
             if step % train.log_interval == 0 or step == self.total_steps:
                 self._log(window, lr)
@@ -551,26 +554,15 @@ class Trainer:
             elif not self._run_logged:  # a first line within seconds, not after a whole interval of silence
                 self._log(window, lr, to_file=False)
             self._run_logged = True
-            if train.eval_interval > 0 and step % train.eval_interval == 0 and self.val_sets:
+            if evaluate:
                 self._evaluate_and_keep_best()
                 window.exclude_since(time.time())
-            if train.save_interval > 0 and step % train.save_interval == 0:
+            if save:
                 self._last_checkpoint = self.save_step_checkpoint()
             if stopping:
                 self._stop_on_signal()
             if step >= self.total_steps:
                 return
-
-    def _saves_or_evaluates_after(self, step: int, stopping: bool) -> bool:
-        """Whether a checkpoint, best model or verification follows this step (here or in :meth:`run`)."""
-        train = self.config.train
-        return (
-            stopping
-            or step >= self.total_steps
-            or self.state.step_in_epoch == self.steps_per_epoch
-            or (train.eval_interval > 0 and step % train.eval_interval == 0 and bool(self.val_sets))
-            or (train.save_interval > 0 and step % train.save_interval == 0)
-        )
 
     def _stop_on_signal(self) -> None:
         signum = self._signal or signal.SIGTERM
