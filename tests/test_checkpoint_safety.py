@@ -23,6 +23,7 @@ from test_engine import read_log, tiny_config, write_tiny_yaml
 from plsc import cli, safe_pickle
 from plsc.distributed import shard_classes
 from plsc.engine import checkpoint as ckpt
+from plsc.engine import shard_io
 from plsc.engine.trainer import Trainer
 from plsc.errors import PlscError
 
@@ -316,8 +317,8 @@ def inject_failure(monkeypatch, k: int) -> list[str]:
             return function(*args, **kwargs)
         return call
 
-    for module, name in ((os, "replace"), (os, "rename"), (os, "fsync"), (os, "mkdir"),
-                         (np, "save"), (paddle, "save"), (shutil, "rmtree"), (Path, "write_text")):
+    for module, name in ((os, "replace"), (os, "rename"), (os, "fsync"), (os, "mkdir"), (np, "save"),
+                         (shard_io, "write_npy"), (paddle, "save"), (shutil, "rmtree"), (Path, "write_text")):
         monkeypatch.setattr(module, name, counted(f"{getattr(module, '__name__', 'Path')}.{name}",
                                                   getattr(module, name)))
     monkeypatch.setattr(ckpt, "_renameat2", lambda: counted("renameat2", real_renameat2))
@@ -396,14 +397,13 @@ def test_exchange_without_renameat2_puts_the_previous_directory_back_on_failure(
 
 
 def test_disk_full_during_training_is_one_line_and_keeps_the_last_checkpoint(run_copy, monkeypatch, capsys):
-    real_save = np.save
-
-    def disk_full(path, array, *args, **kwargs):
-        real_save(path, array[: len(array) // 2])
+    def disk_full(path, shape, dtype, blocks):
+        with open(path, "wb") as f:  # a part of the shard reaches the disk, then it is full
+            f.write(b"\x93NUMPY" + bytes(100))
         raise OSError(errno.ENOSPC, "No space left on device")
 
     before = snapshot(run_copy / "checkpoints")
-    monkeypatch.setattr(ckpt.np, "save", disk_full)
+    monkeypatch.setattr(shard_io, "write_npy", disk_full)
     overrides = ["--set", "train.max_steps=3", "--set", "data.val_bins=[]"]
     assert cli.main(["train", "--output", str(run_copy), "--resume", *overrides]) == 2
     err = one_error_line(capsys)

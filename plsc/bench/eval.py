@@ -53,18 +53,6 @@ def check_spec(spec: EvalBenchSpec) -> None:
         raise PlscError(f"verification file not found: {spec.bin}")
 
 
-@dataclass(frozen=True)
-class _NoCenters:
-    """The head part of a backbone-only checkpoint: one zero class center (``plsc eval`` reads none)."""
-
-    embedding_size: int
-    num_classes: int = 1
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        zeros = np.zeros((self.num_classes, self.embedding_size), np.float32)
-        return {"weight": zeros, "velocity": zeros}
-
-
 def write_untrained_checkpoint(directory: Path, spec: EvalBenchSpec) -> Path:
     """A plsc checkpoint of the spec's backbone with its initial (random) weights."""
     import paddle
@@ -72,6 +60,8 @@ def write_untrained_checkpoint(directory: Path, spec: EvalBenchSpec) -> Path:
     from plsc.config import load_config
     from plsc.distributed import LocalComm
     from plsc.engine import checkpoint as ckpt
+    from plsc.loss.margin import ARCFACE
+    from plsc.loss.partial_fc import PartialFC
     from plsc.models import build_model
 
     config = load_config(overrides=[
@@ -82,7 +72,7 @@ def write_untrained_checkpoint(directory: Path, spec: EvalBenchSpec) -> Path:
     model = build_model(config.model, image_size=spec.image_size)
     return ckpt.save_checkpoint(
         directory, comm=LocalComm(), state=ckpt.TrainingState(), config=config.to_dict(), model=model,
-        optimizer=None, head=_NoCenters(spec.embedding_size),
+        optimizer=None, head=PartialFC(num_classes=1, embedding_size=spec.embedding_size, margin=ARCFACE),
     )
 
 

@@ -329,7 +329,7 @@ def _check_shard(path: Path, shape: tuple[int, int], dtype: str) -> None:
         found, expected = f"{stored_dtype} {list(stored_shape)}", f"{dtype} {list(shape)}"
         raise PlscError(f"{path}: holds {found}, the manifest says {expected}")
     if path.stat().st_size < offset + int(np.prod(shape)) * stored_dtype.itemsize:
-        raise PlscError(f"{path}: truncated class-center shard (shorter than its header says)")
+        raise PlscError(f"{path}: truncated or corrupt class-center shard (shorter than its header says)")
 
 
 def _load_state(path: Path, kind: str) -> dict:
