@@ -9,8 +9,11 @@ What one timed step is (all on this process, CPU):
 - update: the class-center momentum step (``PartialFC.step``).
 
 With ``chunk_size`` > 0 the streaming head (plsc.loss.streaming) runs instead: it gathers each chunk's rows
-inside its forward, backward and update walks (the gather phase is then empty), and the floor's [k, emb]
-rows are gathered outside the timed step.
+inside its walks (the gather phase is then empty), and the floor's [k, emb] rows are gathered outside the
+timed step. The step is announced before the backward (``plan_update``), as the trainer does when nothing
+scales or clips the gradient: the streaming head then applies its update inside the backward walk (the
+update phase is then nearly empty); with loss scaling or clipping it walks the chunks once more in
+``step()``, two matmuls per chunk more (``update_in_backward=False``).
 
 The floor is the three matmuls any such head must do, timed in the same process on the same shapes right after
 each step: ``logits = E Ws^T`` [B, k], ``dE = dL Ws`` [B, emb] and ``dWs = dL^T E`` [k, emb].
@@ -144,7 +147,7 @@ def timed_sampler(head, clock: PhaseClock):
     return sample_and_mark
 
 
-def head_step(head, embeddings, labels, step: int, clock: PhaseClock):
+def head_step(head, embeddings, labels, step: int, clock: PhaseClock, update_in_backward: bool = True):
     """One whole step of the head, phase by phase; returns the sampled rows, or with the streaming head
     their index (for the floor's shapes)."""
     own_sampler = vars(head).get("sample_tensors")  # an instance's replacement (plsc.loss.fast_paths)
@@ -159,6 +162,8 @@ def head_step(head, embeddings, labels, step: int, clock: PhaseClock):
     clock.mark("gather")
     loss = head.loss(head.comm.all_gather_with_grad(embeddings), sampled, remapped)
     clock.mark("forward")
+    if update_in_backward:
+        head.plan_update(LR, MOMENTUM, WEIGHT_DECAY)
     loss.backward()
     clock.mark("backward")
     head.step(LR, MOMENTUM, WEIGHT_DECAY)
