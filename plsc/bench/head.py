@@ -70,6 +70,7 @@ class HeadBenchSpec:
     seed: int = 0
     malloc: str = "hugepages"  # a key of MALLOC_TUNABLES
     chunk_size: int = 0  # > 0: the streaming head (loss.chunk_size)
+    update_in_backward: bool = True  # False: as with loss scaling or clipping (the update after the backward)
 
     @property
     def global_batch(self) -> int:
@@ -207,7 +208,7 @@ def measure_time(spec: HeadBenchSpec) -> dict:
     for step in range(spec.warmup + spec.steps):
         embeddings, labels = make_batch(spec, rng)
         clock = PhaseClock()
-        rows = head_step(head, embeddings, labels, step, clock)
+        rows = head_step(head, embeddings, labels, step, clock, spec.update_in_backward)
         if rows.ndim == 1:  # the streaming head's sampled ids: the floor still multiplies whole matrices
             rows = gather_rows(head.weight, rows)
         grad_logits = paddle.randn([spec.global_batch, rows.shape[0]])
@@ -270,7 +271,7 @@ def measure_rss(spec: HeadBenchSpec) -> dict:
     rng = np.random.default_rng(spec.seed)
     for step in range(RSS_STEPS):
         embeddings, labels = make_batch(spec, rng)
-        head_step(head, embeddings, labels, step, PhaseClock())
+        head_step(head, embeddings, labels, step, PhaseClock(), spec.update_in_backward)
     return {"classes": spec.classes, "local_classes": head.shard.count, "vmhwm_bytes": vm_status()["VmHWM"],
             "vmhwm_after_init_bytes": after_init["VmHWM"]}
 
@@ -333,7 +334,7 @@ def shape_of(spec: HeadBenchSpec) -> dict:
     return {"classes": spec.classes, "ratio": spec.ratio, "batch_per_rank": spec.batch,
             "global_batch": spec.global_batch, "emb": spec.emb, "world_size": spec.world_size,
             "precision": spec.precision, "momentum_mode": spec.momentum_mode, "malloc": spec.malloc,
-            "chunk_size": spec.chunk_size}
+            "chunk_size": spec.chunk_size, "update_in_backward": spec.update_in_backward}
 
 
 def table(result: dict) -> str:
