@@ -19,10 +19,17 @@ TARGETS = {
     "1M": HeadBenchSpec(classes=1_000_000, ratio=0.1, batch=128, emb=512, steps=8, warmup=2),
     "4M": HeadBenchSpec(classes=4_000_000, ratio=0.025, batch=128, emb=512, steps=8, warmup=2),
 }
+# The streaming head (loss.chunk_size) at the 1M shape, float32 and float16 centers: head_streaming*_1M.json.
+STREAMING = {
+    "streaming_1M": HeadBenchSpec(classes=1_000_000, ratio=0.1, batch=128, emb=512, steps=8, warmup=2,
+                                  chunk_size=4096),
+    "streaming_fp16_1M": HeadBenchSpec(classes=1_000_000, ratio=0.1, batch=128, emb=512, steps=8, warmup=2,
+                                       precision="fp16", chunk_size=4096),
+}
 
 
 def shapes(kind: str) -> dict[str, HeadBenchSpec]:
-    return {"suite": SUITE} if kind == "suite" else TARGETS
+    return {"suite": SUITE} if kind == "suite" else {**TARGETS, **STREAMING}
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +66,7 @@ def test_matmul_floor(benchmark, suite_head):
     benchmark.pedantic(floor, rounds=SUITE.steps, warmup_rounds=SUITE.warmup, iterations=1)
 
 
-@pytest.mark.parametrize("name", ["suite", "1M", "4M"])
+@pytest.mark.parametrize("name", ["suite", "1M", "4M", *STREAMING])
 def test_head_report(name, head_shapes, head_threads, results_dir):
     """``plsc bench head`` with peak-RSS probes at C/2 and C, into benchmarks/results/head_<name>.json."""
     specs = shapes(head_shapes)

@@ -393,5 +393,8 @@ def test_streaming_head_bench_runs_the_chunked_head_and_times_the_same_floor():
     assert result["sampled"] == whole["sampled"] == 300  # the floor's shapes: all sampled rows
     assert result["phases"]["gather"] < result["phases"]["forward"]  # rows gathered inside the walks
     assert spec_from_args(head_args("--chunk-size", "256")).chunk_size == 256
+    assert not spec_from_args(head_args("--separate-update")).update_in_backward
+    separate = measure_time(HeadBenchSpec(**{**streaming.__dict__, "update_in_backward": False}))
+    assert separate["phases"]["update"] > result["phases"]["update"]  # the third walk
     with pytest.raises(PlscError):
         spec_from_args(head_args("--chunk-size", "-1"))

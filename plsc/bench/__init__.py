@@ -37,6 +37,8 @@ def add_bench_parser(sub) -> None:
     head.add_argument("--momentum-mode", choices=["lazy", "dense"], default="lazy")
     head.add_argument("--chunk-size", type=int, default=0, metavar="N",
                       help="the streaming head, N sampled centers per chunk (loss.chunk_size); 0: none")
+    head.add_argument("--separate-update", action="store_true",
+                      help="the center update after the backward, as training with loss scaling or clipping")
     head.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
     head.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     head.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="OMP_NUM_THREADS of the run")
@@ -156,6 +158,7 @@ def spec_from_args(args):
         classes=args.classes, ratio=args.ratio, batch=args.batch, emb=args.emb, world_size=args.world_size,
         precision=args.precision, steps=args.steps, warmup=args.warmup, threads=args.threads,
         momentum_mode=args.momentum_mode, malloc=args.malloc, chunk_size=args.chunk_size,
+        update_in_backward=not args.separate_update,
     )
 
 

@@ -9,8 +9,11 @@ What one timed step is (all on this process, CPU):
 - update: the class-center momentum step (``PartialFC.step``).
 
 With ``chunk_size`` > 0 the streaming head (plsc.loss.streaming) runs instead: it gathers each chunk's rows
-inside its forward, backward and update walks (the gather phase is then empty), and the floor's [k, emb]
-rows are gathered outside the timed step.
+inside its walks (the gather phase is then empty), and the floor's [k, emb] rows are gathered outside the
+timed step. The step is announced before the backward (``plan_update``), as the trainer does when nothing
+scales or clips the gradient: the streaming head then applies its update inside the backward walk (the
+update phase is then nearly empty); with loss scaling or clipping it walks the chunks once more in
+``step()``, two matmuls per chunk more (``update_in_backward=False``).
 
 The floor is the three matmuls any such head must do, timed in the same process on the same shapes right after
 each step: ``logits = E Ws^T`` [B, k], ``dE = dL Ws`` [B, emb] and ``dWs = dL^T E`` [k, emb].
@@ -67,6 +70,7 @@ class HeadBenchSpec:
     seed: int = 0
     malloc: str = "hugepages"  # a key of MALLOC_TUNABLES
     chunk_size: int = 0  # > 0: the streaming head (loss.chunk_size)
+    update_in_backward: bool = True  # False: as with loss scaling or clipping (the update after the backward)
 
     @property
     def global_batch(self) -> int:
@@ -144,7 +148,7 @@ def timed_sampler(head, clock: PhaseClock):
     return sample_and_mark
 
 
-def head_step(head, embeddings, labels, step: int, clock: PhaseClock):
+def head_step(head, embeddings, labels, step: int, clock: PhaseClock, update_in_backward: bool = True):
     """One whole step of the head, phase by phase; returns the sampled rows, or with the streaming head
     their index (for the floor's shapes)."""
     own_sampler = vars(head).get("sample_tensors")  # an instance's replacement (plsc.loss.fast_paths)
@@ -159,6 +163,8 @@ def head_step(head, embeddings, labels, step: int, clock: PhaseClock):
     clock.mark("gather")
     loss = head.loss(head.comm.all_gather_with_grad(embeddings), sampled, remapped)
     clock.mark("forward")
+    if update_in_backward:
+        head.plan_update(LR, MOMENTUM, WEIGHT_DECAY)
     loss.backward()
     clock.mark("backward")
     head.step(LR, MOMENTUM, WEIGHT_DECAY)
@@ -202,7 +208,7 @@ def measure_time(spec: HeadBenchSpec) -> dict:
     for step in range(spec.warmup + spec.steps):
         embeddings, labels = make_batch(spec, rng)
         clock = PhaseClock()
-        rows = head_step(head, embeddings, labels, step, clock)
+        rows = head_step(head, embeddings, labels, step, clock, spec.update_in_backward)
         if rows.ndim == 1:  # the streaming head's sampled ids: the floor still multiplies whole matrices
             rows = gather_rows(head.weight, rows)
         grad_logits = paddle.randn([spec.global_batch, rows.shape[0]])
@@ -265,7 +271,7 @@ def measure_rss(spec: HeadBenchSpec) -> dict:
     rng = np.random.default_rng(spec.seed)
     for step in range(RSS_STEPS):
         embeddings, labels = make_batch(spec, rng)
-        head_step(head, embeddings, labels, step, PhaseClock())
+        head_step(head, embeddings, labels, step, PhaseClock(), spec.update_in_backward)
     return {"classes": spec.classes, "local_classes": head.shard.count, "vmhwm_bytes": vm_status()["VmHWM"],
             "vmhwm_after_init_bytes": after_init["VmHWM"]}
 
@@ -328,7 +334,7 @@ def shape_of(spec: HeadBenchSpec) -> dict:
     return {"classes": spec.classes, "ratio": spec.ratio, "batch_per_rank": spec.batch,
             "global_batch": spec.global_batch, "emb": spec.emb, "world_size": spec.world_size,
             "precision": spec.precision, "momentum_mode": spec.momentum_mode, "malloc": spec.malloc,
-            "chunk_size": spec.chunk_size}
+            "chunk_size": spec.chunk_size, "update_in_backward": spec.update_in_backward}
 
 
 def table(result: dict) -> str:

@@ -304,7 +304,7 @@ def read_center_rows(directory: Path, manifest: dict, shard: ClassShard
     """Rows ``[shard.start, shard.stop)`` of the saved centers and velocities, whatever the saved sharding:
     the pieces of the saved files, read a block at a time when the head copies them in (``set_state``)."""
     directory = Path(directory)
-    parts: dict[str, list[np.ndarray]] = {"weight": [], "velocity": []}
+    parts: dict[str, list[shard_io.FileRows]] = {"weight": [], "velocity": []}
     emb = manifest["embedding_size"]
     for saved in manifest["shards"]:
         lo, hi = max(shard.start, saved["start"]), min(shard.stop, saved["start"] + saved["count"])

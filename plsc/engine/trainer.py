@@ -375,6 +375,9 @@ class Trainer:
     def train_step(self, images: paddle.Tensor, labels: paddle.Tensor, lr: float) -> float:
         self.model.train()
         loss = self.forward_loss(images, labels)
+        optim = self.config.optim
+        if not self.scaler.enabled and optim.clip_norm <= 0:  # nothing can skip or clip this step
+            self.head.plan_update(lr, optim.momentum, optim.weight_decay)
         self.scaler.scale_loss(loss).backward()
         params = self._all_reduce_backbone_grads()
         if self.scaler.found_inf([p.grad for p in params] + self.head.center_grads_to_check(), self.comm):
@@ -393,7 +396,6 @@ class Trainer:
         with paddle.utils.unique_name.guard():
             self.optimizer.step()
         self.optimizer.clear_grad()
-        optim = self.config.optim
         # Center gradients were scaled with the loss too: PLSC v2.2 applied them unscaled; plsc divides.
         self.head.step(lr, optim.momentum, optim.weight_decay, grad_scale=grad_scale)
         self.scaler.update(found_inf=False)

@@ -345,6 +345,10 @@ class PartialFC:
         """Gradient of the last loss for the sampled centers, once backward has run."""
         return None if self._sampled is None else self._sampled.grad
 
+    def plan_update(self, lr: float, momentum: float, weight_decay: float, grad_scale: float = 1.0) -> None:
+        """Announce a step that nothing will skip or clip (the streaming head then updates during the
+        backward); the whole-matrix head applies its update in :meth:`step` either way."""
+
     def center_grads_to_check(self) -> list[paddle.Tensor]:
         """What the trainer's found-inf check reads for the class centers: their gradient."""
         return [self.sampled_grad]

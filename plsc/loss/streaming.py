@@ -49,6 +49,10 @@ class SoftmaxStatistics:
     row_max: paddle.Tensor  # [B, 1] the largest logit of each row over every rank's columns
     sum_exp: paddle.Tensor  # [B] sum over every rank's columns of exp(logit - row_max)
     cos_target: paddle.Tensor  # [B] cosine of each row with its own class center (0 where not on this rank)
+    # [sampled] per center, as the forward computed them: the later walks see the same rows (the weight does
+    # not change before the update), so they reuse these instead of recomputing them.
+    inverse_norms: paddle.Tensor
+    norm_is_live: paddle.Tensor
     grad_per_row: float | None = None  # d loss / d (each row's loss term), known in the backward
 
 
@@ -62,11 +66,15 @@ class ChunkCosine:
     norm_is_live: paddle.Tensor  # [c]: 0 where F.normalize's floor replaces the norm (no gradient through it)
 
 
-def chunk_cosine(unit_embeddings: paddle.Tensor, rows: paddle.Tensor) -> ChunkCosine:
-    norms = paddle.sqrt(paddle.bmm(rows.unsqueeze(1), rows.unsqueeze(2)).reshape([-1]))
-    inverse_norms = 1.0 / paddle.clip(norms, min=NORMALIZE_EPS)
+def chunk_cosine(unit_embeddings: paddle.Tensor, rows: paddle.Tensor, inverse_norms=None, norm_is_live=None
+                 ) -> ChunkCosine:
+    """The chunk's cosines; its rows' inverse norms and liveness computed here unless given."""
+    if inverse_norms is None:
+        norms = paddle.sqrt(paddle.bmm(rows.unsqueeze(1), rows.unsqueeze(2)).reshape([-1]))
+        inverse_norms = 1.0 / paddle.clip(norms, min=NORMALIZE_EPS)
+        norm_is_live = (norms > NORMALIZE_EPS).astype(norms.dtype)
     cosine = paddle.matmul(unit_embeddings, rows, transpose_y=True).multiply_(inverse_norms)
-    return ChunkCosine(rows, cosine, inverse_norms, (norms > NORMALIZE_EPS).astype(norms.dtype))
+    return ChunkCosine(rows, cosine, inverse_norms, norm_is_live)
 
 
 def chunk_columns(remapped: paddle.Tensor, start: int, count: int) -> tuple[paddle.Tensor, paddle.Tensor]:
@@ -152,17 +160,29 @@ class StreamingPartialFC(PartialFC):
         self.dense = self.update is dense_update
         self._stats: SoftmaxStatistics | None = None
         self._grad_sq_norm: paddle.Tensor | None = None
+        self._planned: tuple[float, float, float, float] | None = None  # see plan_update
+        self._applied = False
 
     def chunks(self):
         """``(start, index of the chunk's centers)`` over the sampled centers."""
         for start in range(0, self._index.shape[0], self.chunk_size):
             yield start, self._index[start : start + self.chunk_size]
 
+    def recomputed_chunks(self):
+        """``(start, index, ChunkCosine)`` per chunk after the forward: rows gathered again, cosines
+        recomputed with the forward's norms."""
+        stats = self._stats
+        for start, index in self.chunks():
+            stop = start + index.shape[0]
+            yield start, index, chunk_cosine(stats.unit_embeddings, gather_rows(self.weight, index),
+                                             stats.inverse_norms[start:stop], stats.norm_is_live[start:stop])
+
     def prepare(self, labels: paddle.Tensor, step: int) -> tuple[paddle.Tensor, paddle.Tensor]:
         """Sample this step's centers; returns ``(index, remapped)``: no rows are gathered here."""
         all_labels = self.comm.all_gather(labels.reshape([-1]))
         self._index, remapped = self.sample_tensors(all_labels, step)
         self._stats = self._grad_sq_norm = None
+        self._applied = False
         return self._index, remapped
 
     def loss(self, all_embeddings: paddle.Tensor, index: paddle.Tensor, remapped: paddle.Tensor):
@@ -177,8 +197,11 @@ class StreamingPartialFC(PartialFC):
         row_max = paddle.full([batch, 1], -np.inf, dtype="float32")
         sum_exp = paddle.zeros([batch], dtype="float32")
         cos_target = paddle.zeros([batch], dtype="float32")
+        inverse_norms, norm_is_live = [], []
         for start, index in self.chunks():
             chunk = chunk_cosine(unit_embeddings, gather_rows(self.weight, index))
+            inverse_norms.append(chunk.inverse_norms)
+            norm_is_live.append(chunk.norm_is_live)
             column, inside = chunk_columns(remapped, start, index.shape[0])
             cos_target = paddle.where(inside, paddle.take_along_axis(chunk.cosine, column, 1).squeeze(1),
                                       cos_target)
@@ -189,26 +212,42 @@ class StreamingPartialFC(PartialFC):
             row_max = new_max
         global_max = self.comm.all_reduce_max(row_max)
         sum_exp = self.comm.all_reduce_sum_(sum_exp * paddle.exp(row_max - global_max).squeeze(1))
-        self._stats = SoftmaxStatistics(unit_embeddings, remapped, global_max, sum_exp, cos_target)
+        self._stats = SoftmaxStatistics(unit_embeddings, remapped, global_max, sum_exp, cos_target,
+                                        paddle.concat(inverse_norms), paddle.concat(norm_is_live))
         return self._stats
 
     @paddle.no_grad()
     def backward_walk(self, grad_loss: paddle.Tensor) -> paddle.Tensor:
-        """Walk 2: d(unit embeddings), and the squared norm of the centers' gradient (kept for step)."""
+        """Walk 2: d(unit embeddings), and the squared norm of the centers' gradient (kept for step); or,
+        after :meth:`plan_update`, d(unit embeddings) and each chunk's update applied at once."""
         stats = self._stats
         stats.grad_per_row = float(grad_loss) / stats.unit_embeddings.shape[0]
         unit = stats.unit_embeddings
+        grad_embeddings = paddle.zeros_like(unit)
+        if self._planned is not None:
+            for start, index, chunk in self.recomputed_chunks():
+                grad = softmax_grad_of_chunk(chunk, stats, start, self.margin).multiply_(chunk.inverse_norms)
+                grad_embeddings.addmm_(grad, chunk.rows)  # before the update overwrites the rows
+                self.apply_chunk(index, chunk, grad, *self._planned)
+            self._finish_update(*self._planned[:3])
+            self._applied = True
+            return grad_embeddings
         unit64 = unit.astype("float64")
         unit_gram = paddle.matmul(unit64, unit64, transpose_y=True)
-        grad_embeddings = paddle.zeros_like(unit)
         sq_norm = paddle.zeros([], dtype="float64")
-        for start, index in self.chunks():
-            chunk = chunk_cosine(unit, gather_rows(self.weight, index))
+        for start, _, chunk in self.recomputed_chunks():
             grad = softmax_grad_of_chunk(chunk, stats, start, self.margin).multiply_(chunk.inverse_norms)
             grad_embeddings.addmm_(grad, chunk.rows)
             sq_norm += center_grad_sq_norm(unit_gram, grad, chunk)
         self._grad_sq_norm = sq_norm.astype("float32").reshape([1])
         return grad_embeddings
+
+    def plan_update(self, lr: float, momentum: float, weight_decay: float, grad_scale: float = 1.0) -> None:
+        """Apply this step's update inside the backward walk (one walk, two matmuls per chunk fewer than
+        with :meth:`step`'s own walk). Only for a step nothing will skip or clip (no loss scaling, no
+        clip-by-global-norm, no other check of the gradient): it is applied before any of those could run.
+        :meth:`step` then only closes the step."""
+        self._planned = (lr, momentum, weight_decay, grad_scale)
 
     @property
     def sampled_grad(self) -> None:
@@ -217,36 +256,51 @@ class StreamingPartialFC(PartialFC):
 
     def center_grads_to_check(self) -> list[paddle.Tensor]:
         """The squared norm of the centers' gradient: finite exactly when every gradient element is (an
-        overflow of the squares aside), so the trainer's found-inf check reads it."""
-        return [self._pending_norm()]
+        overflow of the squares aside), so the trainer's found-inf check reads it. Nothing once the update
+        was applied in the backward (:meth:`plan_update`: no check can undo it)."""
+        return [] if self._applied else [self._pending_norm()]
 
     def center_grad_sq_norm(self) -> paddle.Tensor:
         return self._pending_norm()
 
     def _pending_norm(self) -> paddle.Tensor:
+        if self._applied:
+            raise RuntimeError("StreamingPartialFC: the update was applied in the backward (plan_update)")
         if self._grad_sq_norm is None:
             raise RuntimeError("StreamingPartialFC: no gradient before a backward pass")
         return self._grad_sq_norm
 
     def skip_step(self) -> None:
-        self._index = self._stats = self._grad_sq_norm = None
+        self._index = self._stats = self._grad_sq_norm = self._planned = None
+        self._applied = False
 
     @paddle.no_grad()
     def step(self, lr: float, momentum: float, weight_decay: float, grad_scale: float = 1.0) -> None:
         """Walk 3: each chunk's center gradient, formed again and applied at once (times ``grad_scale``)."""
+        if self._applied:
+            if (lr, momentum, weight_decay, grad_scale) != self._planned:
+                raise RuntimeError("StreamingPartialFC.step() differs from the update planned and applied")
+            self.skip_step()
+            return
         self._pending_norm()
         stats = self._stats
-        for start, index in self.chunks():
-            chunk = chunk_cosine(stats.unit_embeddings, gather_rows(self.weight, index))
+        for start, index, chunk in self.recomputed_chunks():
             grad = softmax_grad_of_chunk(chunk, stats, start, self.margin).multiply_(chunk.inverse_norms)
-            center_grad = center_grad_of_chunk(stats.unit_embeddings, grad, chunk)
-            rows, velocity = chunk.rows, gather_rows(self.velocity, index)
-            momentum_(rows, velocity, center_grad, lr, momentum, weight_decay, grad_scale)
-            scatter_rows_(self.velocity, index, velocity)
-            scatter_rows_(self.weight, index, rows)
+            self.apply_chunk(index, chunk, grad, lr, momentum, weight_decay, grad_scale)
+        self._finish_update(lr, momentum, weight_decay)
+        self.skip_step()
+
+    def apply_chunk(self, index, chunk: ChunkCosine, grad, lr, momentum, weight_decay, grad_scale) -> None:
+        """The chunk's center gradient, stepped into its rows and velocities (lazy sparse momentum)."""
+        center_grad = center_grad_of_chunk(self._stats.unit_embeddings, grad, chunk)
+        rows, velocity = chunk.rows, gather_rows(self.velocity, index)
+        momentum_(rows, velocity, center_grad, lr, momentum, weight_decay, grad_scale)
+        scatter_rows_(self.velocity, index, velocity)
+        scatter_rows_(self.weight, index, rows)
+
+    def _finish_update(self, lr: float, momentum: float, weight_decay: float) -> None:
         if self.dense:
             decay_unsampled_rows(self.weight, self.velocity, self._index, lr, momentum, weight_decay)
-        self.skip_step()
 
 
 @paddle.no_grad()
