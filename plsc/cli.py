@@ -326,8 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _setup_console() -> None:
     """plsc's own lines as ``HH:MM:SS LEVEL message``; Paddle's noise off (plsc.console)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    # On plsc's loggers, not the root: Paddle 2.6 sets the root logger to WARNING when it is imported.
+    logging.getLogger("plsc").setLevel(logging.INFO)
     quiet_framework()
 
 
