@@ -1,7 +1,7 @@
 """``plsc``: the command line.
 
 Bad input ends in one ``plsc: error: ...`` line and a non-zero exit code, never a traceback (set
-``PLSC_DEBUG=1`` to see one).
+``PLSC_DEBUG=1`` to see one, and Paddle's own console output, which plsc.console otherwise keeps off).
 """
 
 from __future__ import annotations
