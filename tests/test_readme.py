@@ -97,7 +97,7 @@ def after_make_mini(tmp_path_factory):
     return folder, env
 
 
-def test_readme_names_the_make_mini_model():
+def test_readme_commands_after_the_quick_start_use_bundled_data():
     """What the unit tier below runs is the README's sequence after the quick start, not an empty list."""
     runnable = [command for command in readme_commands() if why_not_here(command) is None]
     subcommands = [shlex.split(command)[1] for command in runnable]
