@@ -1,7 +1,7 @@
 """``plsc``: the command line.
 
 Bad input ends in one ``plsc: error: ...`` line and a non-zero exit code, never a traceback (set
-``PLSC_DEBUG=1`` to see one).
+``PLSC_DEBUG=1`` to see one, and Paddle's own console output, which plsc.console otherwise keeps off).
 """
 
 from __future__ import annotations
@@ -324,6 +324,8 @@ def _add_bench(sub) -> None:
 
 
 def _add_capacity(sub) -> None:
+    from plsc.bench.capacity import FIXED_OVERHEAD_MIB  # numpy only: --help stays fast
+
     p = sub.add_parser("capacity", help="classes that fit: plsc's memory model (plsc/bench/capacity.py)")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--predict", action="store_true",
@@ -331,14 +333,17 @@ def _add_capacity(sub) -> None:
     p.add_argument("--config", required=True, help="YAML config of the run (batch, embedding, ratio, ...)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value; repeatable")
-    p.add_argument("--device-memory-gib", type=float, required=True, metavar="G",
-                   help="memory of one device in GiB (a V100-32G: 31.75, i.e. 32510 MiB)")
+    memory = p.add_mutually_exclusive_group(required=True)
+    memory.add_argument("--device-memory-mib", type=float, metavar="M",
+                        help="memory of one device in MiB, as nvidia-smi reports it (a V100-32G: 32510)")
+    memory.add_argument("--device-memory-gib", type=float, metavar="G", help="the same in GiB")
     p.add_argument("--world-size", type=int, default=1, metavar="N", help="ranks (devices) sharing classes")
     p.add_argument("--device", choices=["gpu", "cpu"], default="gpu",
                    help="gpu: fused margin loss, FP16 activations, checkpoint copies on the host; "
                         "cpu: everything in host memory (default: gpu)")
+    defaults = ", ".join(f"{mib} on {device}" for device, mib in FIXED_OVERHEAD_MIB.items())
     p.add_argument("--fixed-overhead-mib", type=float, default=None, metavar="M",
-                   help="per-device memory outside the model (default: 1024 on gpu, 350 on cpu)")
+                   help=f"per-device memory outside the model (default: {defaults})")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the prediction as JSON")
     p.set_defaults(run=_run_capacity)
 
@@ -349,7 +354,10 @@ def _run_capacity(args) -> int:
 
     config = load_config(args.config, args.overrides)
     overhead = None if args.fixed_overhead_mib is None else int(args.fixed_overhead_mib * MIB)
-    memory = int(args.device_memory_gib * GIB)
+    if args.device_memory_mib is not None:
+        memory = int(args.device_memory_mib * MIB)
+    else:
+        memory = int(args.device_memory_gib * GIB)
     setting = setting_from_config(config, memory, args.world_size, args.device, overhead)
     prediction = predict(memory_model(config, setting))
     print(describe(prediction))
@@ -371,8 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _setup_console() -> None:
     """plsc's own lines as ``HH:MM:SS LEVEL message``; Paddle's noise off (plsc.console)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    # On plsc's loggers, not the root: Paddle 2.6 sets the root logger to WARNING when it is imported.
+    logging.getLogger("plsc").setLevel(logging.INFO)
     quiet_framework()
 
 
@@ -392,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("plsc: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (plsc ... | head): end quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

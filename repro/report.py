@@ -247,14 +247,14 @@ def _outcome(result: CaseResult | None) -> list[str]:
 
 def glance_block(claims: Claims, results: Results) -> str:
     """README's summary: per group of claims, how many passed, failed or were not run."""
-    header = ["Claims", "Hardware", "Count", "Verdicts"]
+    header = ["Claims", "Count", "Verdicts"]
     rows = []
     for group in claims.groups():
         measured = [claim for claim in group.rows if not getattr(claim, "reference", False)]
         verdicts = Counter(results[c.id].verdict if c.id in results else NOT_RUN for c in measured)
         ordered = sorted(verdicts.items(), key=lambda item: (item[0] == NOT_RUN, item[0]))  # "not run" last
         summary = ", ".join(f"{count} {verdict}" for verdict, count in ordered)
-        rows.append([group.section, group.hardware, len(measured), summary])
+        rows.append([group.section, len(measured), summary])
     return tabulate(rows, headers=header, tablefmt="github")
 
 

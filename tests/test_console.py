@@ -1,13 +1,10 @@
-"""What plsc prints: only its own lines on every command (Paddle's noise kept off), and progress reports."""
+"""plsc.console: Paddle's noise kept off, and progress reports (whole commands: tests/test_readme.py)."""
 
 from __future__ import annotations
 
 import logging
 import os
-import re
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,61 +12,6 @@ import pytest
 from plsc import console
 from plsc.data.verification_bin import VerificationSet
 from plsc.eval.verification import _pairs_completed, embed_verification_set
-
-# plsc's own stderr lines: its log format (cli._setup_console) and its one-line errors.
-OWN_STDERR_LINE = re.compile(r"^(\d\d:\d\d:\d\d (INFO|WARNING|ERROR) |plsc: )")
-NOISE = ("OMP_NUM_THREADS", "TuplePop", "!!!", "UserWarning", "warnings.warn", "Paddle2ONNX", "[INFO]",
-         "W1", "I1")
-TINY = [  # a tiny backbone on the bundled faces: 240 images, 7 steps of 32
-    "model.width=0.0625",
-    "model.embedding_size=16",
-    "data.image_size=32",
-    "data.num_workers=0",
-    "train.epochs=1",
-    "train.log_interval=5",
-    "train.eval_interval=0",
-]
-
-
-def run_plsc(*arguments: str, cwd: Path) -> subprocess.CompletedProcess:
-    # OMP_NUM_THREADS=2 is what plsc sets itself on this machine; Paddle warns at import whenever it is > 1.
-    env = {key: value for key, value in os.environ.items() if key not in ("PLSC_DEBUG", "GLOG_minloglevel")}
-    env["OMP_NUM_THREADS"] = "2"
-    return subprocess.run([sys.executable, "-m", "plsc.cli", *arguments], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
-
-
-def assert_only_plsc_lines(result: subprocess.CompletedProcess) -> None:
-    assert result.returncode == 0, result.stderr
-    foreign = [line for line in result.stderr.splitlines() if not OWN_STDERR_LINE.match(line)]
-    assert foreign == [], "\n".join(foreign)
-    noisy = [line for line in result.stdout.splitlines() if any(word in line for word in NOISE)]
-    assert noisy == [], "\n".join(noisy)
-
-
-def test_every_command_prints_only_plsc_lines(tmp_path, project_root, tiny_dir):
-    output = tmp_path / "run"
-    overrides = [f"--set={item}" for item in [*TINY, "train.mode=static"]]
-    train = run_plsc("train", "--config", "configs/cpu/mini.yaml", "--output", str(output), *overrides,
-                     cwd=project_root)
-    assert_only_plsc_lines(train)
-    # The first line comes after step 1, not after a whole log interval; the file keeps one per interval.
-    assert re.search(r"INFO step 1/7 .* img/s eta", train.stderr)
-    logged = [line for line in (output / "train_log.jsonl").read_text().splitlines()]
-    assert [int(re.search(r'"step": (\d+)', line).group(1)) for line in logged] == [5, 7]
-
-    checkpoint = output / "checkpoints" / "7"
-    bin_file = str(tiny_dir / "lfw_disjoint_100.bin")
-    assert_only_plsc_lines(run_plsc("eval", "--checkpoint", str(checkpoint), "--bin", bin_file,
-                                    cwd=project_root))
-    for engine in ("paddle", "onnx"):
-        exported = tmp_path / f"export-{engine}"
-        assert_only_plsc_lines(run_plsc("export", "--checkpoint", str(checkpoint), "--format", engine,
-                                        "--output", str(exported), cwd=project_root))
-    embeddings = tmp_path / "embeddings.npy"
-    assert_only_plsc_lines(run_plsc("infer", "--model", str(tmp_path / "export-paddle"), "--images",
-                                    str(tiny_dir / "images"), "--output", str(embeddings), cwd=project_root))
-    assert np.load(embeddings).shape == (240, 16)
 
 
 def test_import_keeps_other_output_of_paddle(monkeypatch, capsys):
