@@ -278,7 +278,7 @@ def test_report_without_markers_is_one_line_error(tmp_path, capsys):
 
 
 def test_bench_eval_checks_its_spec_and_writes_a_checkpoint_plsc_eval_reads(tmp_path):
-    from plsc.bench.eval import EvalBenchSpec, check_spec, write_untrained_checkpoint
+    from plsc.bench.eval import EvalBenchSpec, check_spec, measure_engine_build, write_untrained_checkpoint
     from plsc.eval.runner import restore_backbone
 
     with pytest.raises(PlscError, match="--engines must name some of dygraph, paddle"):
@@ -286,6 +286,9 @@ def test_bench_eval_checks_its_spec_and_writes_a_checkpoint_plsc_eval_reads(tmp_
     with pytest.raises(PlscError, match="verification file not found"):
         check_spec(EvalBenchSpec(bin=str(tmp_path / "none.bin")))
     spec = EvalBenchSpec(model="iresnet18", width=0.125, embedding_size=16, image_size=32)
-    model, config = restore_backbone(write_untrained_checkpoint(tmp_path / "ck", spec))
+    checkpoint = write_untrained_checkpoint(tmp_path / "ck", spec)
+    model, config = restore_backbone(checkpoint)
     assert (config.model.name, config.model.width, config.model.embedding_size) == ("iresnet18", 0.125, 16)
     assert config.data.image_size == 32 and sum(p.size for p in model.parameters()) > 0
+    build = measure_engine_build(json.dumps({"checkpoint": str(checkpoint)}))
+    assert 0 < build["twin_s"] < build["twin_save_and_predictor_s"]
