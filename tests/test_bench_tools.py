@@ -239,10 +239,11 @@ def test_render_shows_the_numbers_of_the_files(tmp_path):
         "setting": {"checkpoint": "untrained iresnet50 x1", "image_size": 112, "bin": "lfw_disjoint_100.bin",
                     "pairs": 100, "threads": 2},
         "wall_s": {"dygraph": 200.0, "paddle": 50.0}, "speedup": 4.0,
+        "engine_build_s": {"twin_s": 1.0, "twin_save_and_predictor_s": 7.25, "save_and_predictor_s": 6.25},
         "metrics": {"dygraph": {"accuracy": 0.55}, "paddle": {"accuracy": 0.55}}}))
     text = render(results)
     assert re.search(r"untrained iresnet50 x1, 112 px +\| lfw_disjoint_100\.bin \(100 pairs\) +\| 2 +\| "
-                     r"200\.0 s +\| 50\.0 s +\| 4\.00x +\| 0\.5500", text)
+                     r"200\.0 s +\| 50\.0 s +\| 4\.00x +\| 0\.5500 +\| 7\.2 s", text)
     assert "0.012 s" in text and "< 2 s: met" in text
     assert "1,500" in text and "0.75" in text and ">= 0.8: not met" in text
     assert re.search(r"RecordIO \(\.rec/\.idx\) +\| not measured", text)
