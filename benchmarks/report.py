@@ -161,7 +161,7 @@ def verify_section(results: Results) -> str:
 def eval_section(results: Results) -> str:
     run = results.get("eval")
     header = ["Checkpoint", "Verification set", "Threads", "dygraph", "Paddle Inference", "Speed-up",
-              "Accuracy (both)"]
+              "Accuracy (both)", "Engine build"]
     if run is None:
         rows = [[NOT_MEASURED] + [NONE] * (len(header) - 1)]
     else:
@@ -170,8 +170,14 @@ def eval_section(results: Results) -> str:
         rows = [[f"{setting['checkpoint']}, {setting['image_size']} px",
                  f"{setting['bin']} ({setting['pairs']} pairs)", str(setting["threads"]),
                  f"{wall['dygraph']:.1f} s", f"{wall['paddle']:.1f} s", f"{run['speedup']:.2f}x",
-                 " / ".join(sorted(accuracies))]]
+                 " / ".join(sorted(accuracies)), _engine_build(run)]]
     return "\n".join(["#### Evaluation end to end (`plsc bench eval`)", "", _table(header, rows)])
+
+
+def _engine_build(run: dict) -> str:
+    """What training pays at each evaluation on the CPU to build the engine from the current weights."""
+    build = run.get("engine_build_s")
+    return NONE if build is None else f"{build['twin_save_and_predictor_s']:.1f} s"
 
 
 # --- document block ----------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -234,6 +235,7 @@ def train_command(config: Path, output: Path, case: TrainCase) -> list[str]:
 
 def run_train_case(case: TrainCase, config: Path, folder: Path) -> Check:
     output = folder / case.slug
+    shutil.rmtree(output, ignore_errors=True)  # a fresh run, not the continuation of an earlier doctor's
     log = folder / f"{case.slug}.log"
     with open(log, "wb") as f:
         try:

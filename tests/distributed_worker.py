@@ -111,18 +111,20 @@ def run_train(results_dir: str, output: str, batchnorm: str, *overrides: str) ->
     from plsc.engine import trainer as trainer_module
 
     embedded = {"images": 0}
-    original_embedder = trainer_module.embedder
+    original_open_embedder = trainer_module.open_embedder
 
-    def counting_embedder(model):
-        embed = original_embedder(model)
+    class CountingEmbedder:
+        def __init__(self, embed):
+            self.embed, self.data_format = embed, embed.data_format
 
-        def run(batch):
+        def __call__(self, batch):
             embedded["images"] += len(batch)
-            return embed(batch)
+            return self.embed(batch)
 
-        return run
+    def counting_open_embedder(*args, **kwargs):
+        return CountingEmbedder(original_open_embedder(*args, **kwargs))
 
-    trainer_module.embedder = counting_embedder
+    trainer_module.open_embedder = counting_open_embedder
     trainer = trainer_module.Trainer(load_config(overrides=list(overrides)), Path(output))
     if batchnorm == "global":
         use_running_batchnorm_statistics(trainer.model)

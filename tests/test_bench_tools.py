@@ -239,10 +239,11 @@ def test_render_shows_the_numbers_of_the_files(tmp_path):
         "setting": {"checkpoint": "untrained iresnet50 x1", "image_size": 112, "bin": "lfw_disjoint_100.bin",
                     "pairs": 100, "threads": 2},
         "wall_s": {"dygraph": 200.0, "paddle": 50.0}, "speedup": 4.0,
+        "engine_build_s": {"twin_s": 1.0, "twin_save_and_predictor_s": 7.25, "save_and_predictor_s": 6.25},
         "metrics": {"dygraph": {"accuracy": 0.55}, "paddle": {"accuracy": 0.55}}}))
     text = render(results)
     assert re.search(r"untrained iresnet50 x1, 112 px +\| lfw_disjoint_100\.bin \(100 pairs\) +\| 2 +\| "
-                     r"200\.0 s +\| 50\.0 s +\| 4\.00x +\| 0\.5500", text)
+                     r"200\.0 s +\| 50\.0 s +\| 4\.00x +\| 0\.5500 +\| 7\.2 s", text)
     assert "0.012 s" in text and "< 2 s: met" in text
     assert "1,500" in text and "0.75" in text and ">= 0.8: not met" in text
     assert re.search(r"RecordIO \(\.rec/\.idx\) +\| not measured", text)
@@ -278,7 +279,7 @@ def test_report_without_markers_is_one_line_error(tmp_path, capsys):
 
 
 def test_bench_eval_checks_its_spec_and_writes_a_checkpoint_plsc_eval_reads(tmp_path):
-    from plsc.bench.eval import EvalBenchSpec, check_spec, write_untrained_checkpoint
+    from plsc.bench.eval import EvalBenchSpec, check_spec, measure_engine_build, write_untrained_checkpoint
     from plsc.eval.runner import restore_backbone
 
     with pytest.raises(PlscError, match="--engines must name some of dygraph, paddle"):
@@ -286,6 +287,9 @@ def test_bench_eval_checks_its_spec_and_writes_a_checkpoint_plsc_eval_reads(tmp_
     with pytest.raises(PlscError, match="verification file not found"):
         check_spec(EvalBenchSpec(bin=str(tmp_path / "none.bin")))
     spec = EvalBenchSpec(model="iresnet18", width=0.125, embedding_size=16, image_size=32)
-    model, config = restore_backbone(write_untrained_checkpoint(tmp_path / "ck", spec))
+    checkpoint = write_untrained_checkpoint(tmp_path / "ck", spec)
+    model, config = restore_backbone(checkpoint)
     assert (config.model.name, config.model.width, config.model.embedding_size) == ("iresnet18", 0.125, 16)
     assert config.data.image_size == 32 and sum(p.size for p in model.parameters()) > 0
+    build = measure_engine_build(json.dumps({"checkpoint": str(checkpoint)}))
+    assert 0 < build["twin_s"] < build["twin_save_and_predictor_s"]

@@ -90,6 +90,31 @@ def time_eval(checkpoint: Path, spec: EvalBenchSpec, engine: str, json_out: Path
     return seconds, next(iter(json.loads(json_out.read_text()).values()))
 
 
+def time_engine_build(checkpoint: Path, spec: EvalBenchSpec) -> dict:
+    """Seconds to build the Paddle Inference embedder from a restored model, as the trainer does at each
+    evaluation: the twin (a model built and given the weights), then jit.save + predictor; a fresh process."""
+    from plsc.bench import measure_in_fresh_process
+
+    return measure_in_fresh_process("plsc.bench.eval", {"checkpoint": str(checkpoint)}, spec.threads)
+
+
+def measure_engine_build(spec_json: str) -> dict:
+    import paddle  # noqa: F401  (imported before the clock starts)
+
+    from plsc.eval.embedders import InferenceEmbedder, snapshot_twin
+    from plsc.eval.runner import restore_backbone
+
+    model, config = restore_backbone(json.loads(spec_json)["checkpoint"])
+    started = time.perf_counter()
+    snapshot_twin(model, config.model, config.data.image_size)
+    twin_s = time.perf_counter() - started
+    started = time.perf_counter()
+    InferenceEmbedder(model, config.model, config.data.image_size)
+    total_s = time.perf_counter() - started
+    return {"twin_s": twin_s, "twin_save_and_predictor_s": total_s,
+            "save_and_predictor_s": max(0.0, total_s - twin_s)}
+
+
 def bench_eval(spec: EvalBenchSpec) -> dict:
     check_spec(spec)
     load_before = os.getloadavg()
@@ -102,6 +127,7 @@ def bench_eval(spec: EvalBenchSpec) -> dict:
             for engine in spec.engines:
                 seconds, metrics[engine] = time_eval(checkpoint, spec, engine, scratch / f"{engine}.json")
                 times[engine].append(seconds)
+        rebuild = time_engine_build(checkpoint, spec) if "paddle" in spec.engines else None
     medians = {engine: float(np.median(values)) for engine, values in times.items()}
     result = {
         "setting": {
@@ -117,6 +143,8 @@ def bench_eval(spec: EvalBenchSpec) -> dict:
         "paddle_version": _paddle_version(), "python": sys.version.split()[0],
         "load_average_1_5_15": {"before": list(load_before), "after": list(os.getloadavg())},
     }
+    if rebuild is not None:
+        result["engine_build_s"] = rebuild  # what training pays at each evaluation on the CPU
     if set(ENGINES) <= set(medians):
         result["speedup"] = medians["dygraph"] / medians["paddle"]
         result["accuracy_difference"] = abs(metrics["dygraph"]["accuracy"] - metrics["paddle"]["accuracy"])
@@ -127,6 +155,13 @@ def _paddle_version() -> str:
     import paddle
 
     return paddle.__version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Subprocess entry: ``python -m plsc.bench.eval SPEC_JSON``; prints one JSON line."""
+    from plsc.bench import child_main
+
+    return child_main(measure_engine_build, argv)
 
 
 def table(result: dict) -> str:
@@ -141,4 +176,12 @@ def table(result: dict) -> str:
                      f"{seconds:.1f} s (accuracy {result['metrics'][engine]['accuracy']:.4f})"])
     if "speedup" in result:
         rows.append(["speed-up", f"{result['speedup']:.2f}x"])
+    if "engine_build_s" in result:
+        build = result["engine_build_s"]
+        rows.append(["engine build (each evaluation in training)",
+                     f"{build['twin_save_and_predictor_s']:.1f} s (twin {build['twin_s']:.1f} s)"])
     return tabulate(rows, tablefmt="simple")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
