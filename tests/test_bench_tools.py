@@ -229,7 +229,7 @@ def test_missing_results_render_not_measured(tmp_path):
     text = render(tmp_path / "absent")
     for title in ("Classifier head", "Data pipeline", "Training step", "Verification"):
         assert title in text
-    assert text.count(NOT_MEASURED) == 3 + 1 + 4 + 1 + 1  # head rows + scaling, data rows, train, verify
+    assert text.count(NOT_MEASURED) == 5 + 1 + 4 + 1 + 1  # head rows + scaling, data rows, train, verify
 
 
 def test_render_shows_the_numbers_of_the_files(tmp_path):

@@ -29,6 +29,8 @@ from plsc.demo.embed import open_embedder, verification_threshold
 from plsc.distributed import LocalComm
 from plsc.engine import checkpoint as ckpt
 from plsc.errors import PlscError
+from plsc.loss.margin import ARCFACE
+from plsc.loss.partial_fc import PartialFC
 from plsc.models import build_model
 
 IMAGE_SIZE = 32
@@ -48,9 +50,7 @@ def write_checkpoint(directory: Path, embedding_size: int = 16, seed: int = 3) -
     ])
     paddle.seed(seed)
     model = build_model(config.model, image_size=IMAGE_SIZE)
-    centers = np.zeros((4, embedding_size), np.float32)
-    head = SimpleNamespace(num_classes=4, embedding_size=embedding_size,
-                           state_dict=lambda: {"weight": centers, "velocity": centers})
+    head = PartialFC(4, embedding_size, ARCFACE)  # checkpoints stream a real head's shards
     return ckpt.save_checkpoint(directory, comm=LocalComm(), state=ckpt.TrainingState(),
                                 config=config.to_dict(), model=model, optimizer=None, head=head)
 

@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -28,6 +27,8 @@ from plsc.engine import checkpoint as ckpt
 from plsc.errors import PlscError
 from plsc.eval.runner import restore_backbone
 from plsc.export import export_checkpoint, list_images, load_batch, locate_model, run_inference
+from plsc.loss.margin import ARCFACE
+from plsc.loss.partial_fc import PartialFC
 
 ROOT = Path(__file__).resolve().parent.parent
 PARITY_TOLERANCE = 1e-4  # max abs difference of L2-normalised embeddings
@@ -64,10 +65,7 @@ def write_checkpoint(directory: Path, data_format: str, seed: int) -> Path:
 
     model = build_model(config.model, image_size=IMAGE_SIZE)
     model.set_state_dict(random_state(model, seed))
-    centers = np.zeros((10, 16), np.float32)
-    head = SimpleNamespace(
-        num_classes=10, embedding_size=16, state_dict=lambda: {"weight": centers, "velocity": centers}
-    )
+    head = PartialFC(10, 16, ARCFACE)  # checkpoints stream a real head's shards
     comm, state = LocalComm(), ckpt.TrainingState()
     return ckpt.save_checkpoint(
         directory, comm=comm, state=state, config=config.to_dict(), model=model, optimizer=None, head=head
