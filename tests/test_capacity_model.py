@@ -135,7 +135,8 @@ def test_the_head_probe_measures_weight_and_velocity_storage(dtype, itemsize):
 def test_the_streaming_head_probe_counts_one_chunk_and_an_id_per_sampled_center():
     profile = probe_head("float16", "lazy", (1.0, 0.5, 0.0), 64.0, chunked=True)
     assert profile.chunked and profile.storage_per_element == pytest.approx(4.0)
-    assert profile.sampled_bytes == pytest.approx(8.0, rel=0.05)  # the int64 id of each sampled center
+    # Per sampled center: its int64 id, its float32 inverse norm and norm-liveness flag (kept for the walks).
+    assert profile.sampled_bytes == pytest.approx(16.0, rel=0.05)
     # At least the chunk's cosines and their gradient, and the gathered rows (counts of chunk buffers).
     assert profile.step_logits >= 1.0 and profile.update_rows >= 1.0
 
