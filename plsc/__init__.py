@@ -1,11 +1,11 @@
 """PLSC: Paddle Large Scale Classification.
 
-Paddle forces ``OMP_NUM_THREADS=1`` at import when the variable is unset, which silently makes every CPU run
-single-threaded. We choose deliberately instead: the environment wins, otherwise all cores.
+Importing plsc sets ``OMP_NUM_THREADS`` to all cores when it is unset
+(see :func:`plsc.runtime.set_thread_default`).
 """
 
-import os
+from plsc.runtime import set_thread_default
 
-os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+set_thread_default()
 
 __version__ = "0.1.0"

@@ -23,7 +23,7 @@ log = logging.getLogger("plsc")
 # Seconds between two progress lines when stderr is not a terminal.
 LOG_INTERVAL_S = 15.0
 
-# Paddle prints this at import whenever OMP_NUM_THREADS > 1, which plsc sets deliberately (plsc/__init__.py).
+# Paddle prints this at import whenever OMP_NUM_THREADS > 1, which plsc sets deliberately (plsc/runtime.py).
 _THREAD_WARNING_STARTS = ("WARNING: OMP_NUM_THREADS set to", "PLEASE USE OMP_NUM_THREADS WISELY")
 
 
@@ -47,7 +47,7 @@ def quiet_framework() -> None:
 def import_paddle_without_thread_warning() -> None:
     """``import paddle`` with its OMP_NUM_THREADS warning dropped and anything else it prints passed on.
 
-    The variable stays set before the import (plsc/__init__.py) rather than leaving it unset and calling
+    The variable stays set before the import (plsc/runtime.py) rather than leaving it unset and calling
     ``set_num_threads`` after: OpenMP sizes its pools at start-up, and a 3x3 convolution measured 0.41 s that
     way against 0.52 s (Paddle 3.3.1, 2 cores). The warning is about data-parallel jobs, not plsc's runs.
     """

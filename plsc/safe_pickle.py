@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 
 from plsc.errors import PlscError
+from plsc.runtime import first_line
 
 # numpy 2 pickles name numpy._core, numpy 1 numpy.core; both load on either numpy.
 ALLOWED_GLOBALS = frozenset(
@@ -86,8 +87,7 @@ def load(path: str | os.PathLike, kind: str, substitutes: dict | None = None, en
         raise PlscError(f"{path}: refusing to load the global {exc} (a {kind} holds data only; loading it "
                         "could run code)") from None
     except Exception as exc:  # garbage bytes can raise almost any exception type from the unpickler
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise PlscError(f"{path}: truncated or corrupt {kind} (cannot unpickle: {reason})") from None
+        raise PlscError(f"{path}: truncated or corrupt {kind} (cannot unpickle: {first_line(exc)})") from None
     _refuse_object_arrays(path, kind, content)
     return content
 

@@ -117,7 +117,7 @@ class PaddleDetector:
                 raise PlscError(f"detection model file not found: {path}")
         from paddle import inference
 
-        from plsc.export.infer import default_threads, first_line
+        from plsc.runtime import default_threads, first_line
 
         config = inference.Config(str(model_file), str(params_file))
         config.set_cpu_math_library_num_threads(threads or default_threads())

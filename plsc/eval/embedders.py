@@ -25,6 +25,7 @@ import numpy as np
 import paddle
 
 from plsc.errors import PlscError
+from plsc.runtime import first_line
 
 log = logging.getLogger("plsc.eval")
 
@@ -111,7 +112,7 @@ def open_embedder(
         return InferenceEmbedder(model, model_config, image_size, threads)
     except (PlscError, RuntimeError, ValueError, OSError) as exc:  # Paddle raises assorted error types
         log.warning("Paddle Inference unavailable (%s): embedding with the dygraph model instead",
-                    str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+                    first_line(exc))
         return DygraphEmbedder(model, model_config.data_format)
 
 

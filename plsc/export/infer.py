@@ -19,6 +19,7 @@ from plsc.data.transforms import EvalTransform
 from plsc.engine.checkpoint import write_text_atomic
 from plsc.errors import PlscError
 from plsc.export.exporter import EXPORT_JSON, read_description
+from plsc.runtime import default_threads, first_line
 
 ENGINES = ("paddle", "onnx")
 MODEL_SUFFIXES = {".json": "paddle", ".pdmodel": "paddle", ".onnx": "onnx"}
@@ -88,15 +89,6 @@ def _from_model_file(path: Path, engine: str | None) -> ExportedModel:
 
 
 CPU = ["CPUExecutionProvider"]
-
-
-def first_line(exc: Exception) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
-
-
-def default_threads() -> int:
-    return int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
 
 
 class PaddleEngine:
