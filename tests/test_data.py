@@ -25,7 +25,7 @@ from plsc.data import (
     read_image,
     transforms,
 )
-from plsc.data.folder import _is_truncated_jpeg, _read_file
+from plsc.data.folder import _is_truncated_jpeg, read_into_thread_buffer
 from plsc.data.transforms import flip_draws, normalize_pixels
 from plsc.errors import PlscError
 
@@ -159,8 +159,9 @@ def test_truncated_jpeg_is_detected_without_relying_on_opencv(tiny_dir):
 def test_files_are_read_whole_whatever_their_size_against_the_read_buffer(tmp_path, size):
     content = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
     (tmp_path / "file").write_bytes(content)
-    assert bytes(_read_file(tmp_path / "file")) == content
-    assert bytes(_read_file(tmp_path / "file")) == content  # again, with the buffer as the first read left it
+    assert bytes(read_into_thread_buffer(tmp_path / "file")) == content
+    # again, with the buffer as the first read left it
+    assert bytes(read_into_thread_buffer(tmp_path / "file")) == content
 
 
 def test_a_large_image_reads_like_opencvs_imread(tmp_path):

@@ -138,10 +138,11 @@ def build_source_dataset(spec: DataBenchSpec):
 def encoded_images(dataset, indices) -> list[np.ndarray]:
     """The encoded bytes of the data set's images ``indices`` (the files, or the .rec payloads), read as
     the data set reads them."""
-    from plsc.data.folder import FolderDataset, _read_file
+    from plsc.data.folder import FolderDataset, read_into_thread_buffer
 
     if isinstance(dataset, FolderDataset):  # copied out of the reusable read buffer
-        return [np.frombuffer(_read_file(dataset.image_path(i)), dtype=np.uint8).copy() for i in indices]
+        return [np.frombuffer(read_into_thread_buffer(dataset.image_path(i)), dtype=np.uint8).copy()
+                for i in indices]
     return [np.frombuffer(dataset.encoded(i), dtype=np.uint8) for i in indices]
 
 
