@@ -58,33 +58,41 @@ def cpu_model() -> MemoryModel:
     return MemoryModel(a_setting(), HEAD, BACKBONE)
 
 
+# By hand for a_setting() on the CPU: the checkpoint phase binds at 16 MiB fixed + 12 B x 1000 backbone
+# parameters + (4 storage + 4 copies) B x 128 per class, against 256 MiB:
+# C <= (240 x 1_048_576 - 12_000) / 1024 = 245_748.3.
+CPU_MAX_CLASSES = 245_748
+
+
 def test_the_largest_fitting_class_count_fits_and_one_rank_more_does_not(cpu_model):
     classes = cpu_model.max_classes()
+    assert classes == CPU_MAX_CLASSES
     assert cpu_model.peak(classes) <= cpu_model.setting.device_memory_bytes < cpu_model.peak(classes + 1)
 
 
 def test_on_the_cpu_the_checkpoint_copies_bind_at_storage_plus_copies_per_element(cpu_model):
     classes = cpu_model.max_classes()
     assert cpu_model.binding_phase(classes) == "checkpoint"
-    assert cpu_model.bytes_per_class(classes) == pytest.approx(8.0 * 128, rel=1e-3)
+    # (4 storage + 4 checkpoint copies) bytes per element x 128 elements per class
+    assert cpu_model.bytes_per_class(classes) == pytest.approx(1024.0, rel=1e-3)
 
 
 def test_on_a_gpu_checkpoint_copies_are_host_memory_and_the_fused_loss_is_counted():
     model = MemoryModel(a_setting(device="gpu"), HEAD, BACKBONE)
     phases = model.phases(100_000)
     assert "checkpoint" not in phases
-    sampled = 10_000
-    expected_logits = (
-        (HEAD.step_logits - HEAD.margin_loss_logits + FUSED_MARGIN_LOSS_BUFFERS) * 8 * sampled * 4
-    )
-    assert phases["forward/backward"]["logits/softmax + gradients"] == expected_logits
-    assert model.host_bytes_per_rank(100_000) == 4.0 * 100_000 * 128
+    # (4 step - 3 composed margin + 2 fused) buffers x [8 batch, 10_000 sampled] x 4 bytes = 960_000
+    assert FUSED_MARGIN_LOSS_BUFFERS == 2.0
+    assert phases["forward/backward"]["logits/softmax + gradients"] == 960_000
+    # checkpoint copies: 4 bytes x 100_000 classes x 128
+    assert model.host_bytes_per_rank(100_000) == 51_200_000
 
 
 def test_more_ranks_share_the_classes():
     one = MemoryModel(a_setting(), HEAD, BACKBONE).max_classes()
     eight = MemoryModel(a_setting(world_size=8, batch_per_rank=1), HEAD, BACKBONE).max_classes()
-    assert eight == pytest.approx(8 * one, rel=0.01)
+    # Each rank holds ceil(C / 8) classes under the same per-rank budget: C <= 8 x 245_748.
+    assert (one, eight) == (CPU_MAX_CLASSES, 1_965_984)
 
 
 def test_a_device_too_small_for_the_overhead_fits_no_class():
@@ -146,11 +154,13 @@ def test_the_streaming_head_model_counts_the_chunk_not_the_sampled_rows():
     model = MemoryModel(a_setting(device="gpu", chunk_size=256), chunked_head, BACKBONE)
     for classes in (100_000, 1_000_000):
         terms = model.phases(classes)["forward/backward"]
-        assert terms["one chunk: rows + gradients"] == HEAD.step_rows * 256 * 128 * 4
-        assert terms["one chunk: logits/softmax + gradients"] == HEAD.step_logits * 8 * 256 * 4
-        assert terms["sampled ids"] == 8.0 * classes // 10
-    # One more class costs its weight and velocity (4 bytes x 128) and a tenth of an 8-byte id.
-    assert model.bytes_per_class(model.max_classes()) == pytest.approx(4.0 * 128 + 0.8, rel=1e-3)
+        assert terms["one chunk: rows + gradients"] == 262_144  # 2 buffers x [256, 128] x 4 bytes
+        assert terms["one chunk: logits/softmax + gradients"] == 32_768  # 4 buffers x [8, 256] x 4 bytes
+    # 8 bytes x a tenth of the classes sampled
+    assert model.phases(100_000)["forward/backward"]["sampled ids"] == 80_000
+    assert model.phases(1_000_000)["forward/backward"]["sampled ids"] == 800_000
+    # One more class costs its weight and velocity (4 bytes x 128 = 512) and a tenth of an 8-byte id (0.8).
+    assert model.bytes_per_class(model.max_classes()) == pytest.approx(512.8, rel=1e-3)
     with pytest.raises(ValueError, match="disagree"):
         MemoryModel(a_setting(chunk_size=256), HEAD, BACKBONE).peak(1000)
 
