@@ -27,17 +27,13 @@ from plsc.config import Config, save_config
 from plsc.console import format_duration
 from plsc.data import build_dataset, build_train_loader_from_config, normalize_batch
 from plsc.data.verification_bin import load_bin
-from plsc.distributed import (
-    make_comm,
-    require_classes_per_rank,
-    share_statistics_from_rank0,
-    verify_across_ranks,
-)
+from plsc.distributed import make_comm, require_classes_per_rank, share_statistics_from_rank0
 from plsc.engine import checkpoint as ckpt
 from plsc.engine.loss_scaler import DynamicLossScaler, all_finite
 from plsc.engine.schedule import learning_rate
 from plsc.errors import PlscError
 from plsc.eval.embedders import open_embedder
+from plsc.eval.verification import verify_across_ranks
 from plsc.loss import fast_paths
 from plsc.loss.margin import Margin
 from plsc.loss.partial_fc import PartialFC

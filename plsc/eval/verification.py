@@ -216,3 +216,23 @@ def verify(
     # insightface averages the norm over plain and mirrored embeddings; both halves have 2P rows.
     result["xnorm"] = (xnorm(raw) + xnorm(raw_flipped)) / 2
     return result
+
+
+def verify_across_ranks(
+    model_fn, vset, batch_size: int, data_format: str, embedding_size: int, comm, progress: bool = False
+) -> dict:
+    """:func:`verify` with the embedding work split: each rank embeds a contiguous
+    share of the pairs, and every rank scores the gathered embeddings, so all ranks get identical results."""
+    from plsc.distributed import shard_classes  # imported here: it imports Paddle, which this module avoids
+
+    share = shard_classes(vset.pairs, comm.rank, comm.world_size)  # the same balanced split, over pairs
+    if share.count:
+        images = vset.images[2 * share.start : 2 * share.stop]
+        part = VerificationSet(images, vset.issame[share.start : share.stop], vset.name)
+        raw, raw_flipped = embed_verification_set(model_fn, part, batch_size, data_format, progress)
+    else:
+        raw = raw_flipped = np.zeros((0, embedding_size), dtype=np.float32)
+    raw, raw_flipped = comm.gather_rows(raw), comm.gather_rows(raw_flipped)
+    result = evaluate(combine_flip(raw, raw_flipped), vset.issame)
+    result["xnorm"] = (xnorm(raw) + xnorm(raw_flipped)) / 2  # as verify(): over plain and mirrored halves
+    return result
