@@ -160,6 +160,7 @@ def check_fast_paths() -> list[Check]:
     from plsc.loss.margin import ARCFACE
     from plsc.loss.partial_fc import PartialFC
     from plsc.models import build_model
+    from plsc.models.layout_check import check_cudnn_nhwc
 
     config = load_config(overrides=["model.name=iresnet18", "model.width=0.0625", "model.embedding_size=32",
                                     "model.data_format=NHWC", "data.image_size=32"])
@@ -169,7 +170,7 @@ def check_fast_paths() -> list[Check]:
     results = [
         fast_paths.check_margin_cross_entropy(ARCFACE, LocalComm()),
         fast_paths.check_class_center_sample(head),
-        fast_paths.check_cudnn_nhwc(model, "NHWC", lambda: snapshot_twin(model, config.model, 32), 32),
+        check_cudnn_nhwc(model, "NHWC", lambda: snapshot_twin(model, config.model, 32), 32),
     ]
     on_gpu = fast_paths.on_gpu()
     checks = []

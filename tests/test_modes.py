@@ -29,6 +29,7 @@ from plsc.launch import child_environment, launch_command
 from plsc.loss import fast_paths
 from plsc.loss.margin import ARCFACE
 from plsc.loss.partial_fc import PartialFC
+from plsc.models.layout_check import check_cudnn_nhwc
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).with_name("modes_worker.py")
@@ -275,7 +276,7 @@ def test_fast_paths_report_unavailable_on_cpu_and_keep_the_portable_loss():
         "class_center_sample": "unavailable (GPU only; the host sampler is used)",
     }
     assert head.margin_loss is not fast_paths.fused_margin_loss
-    layout = fast_paths.check_cudnn_nhwc(None, "NHWC", None, 32)
+    layout = check_cudnn_nhwc(None, "NHWC", None, 32)
     assert layout.status.startswith("unavailable (CPU")
 
 
@@ -307,7 +308,7 @@ def test_fast_paths_match_the_portable_code_on_gpu():
         model.set_state_dict(nhwc.state_dict())
         return model
 
-    assert fast_paths.check_cudnn_nhwc(nhwc, "NHWC", twin, 32).enabled
+    assert check_cudnn_nhwc(nhwc, "NHWC", twin, 32).enabled
 
 
 # --- the published configurations ---------------------------------------------------------------------------

@@ -40,6 +40,8 @@ from plsc.loss.partial_fc import PartialFC
 from plsc.loss.sparse_momentum import gather_rows
 from plsc.loss.streaming import build_head
 from plsc.models import MODELS, build_model
+from plsc.models.layout_check import check_cudnn_nhwc
+from plsc.parity import agreed
 
 log = logging.getLogger("plsc.train")
 
@@ -229,9 +231,9 @@ class Trainer:
             twin.set_state_dict(self.model.state_dict())
             return twin
 
-        check = fast_paths.check_cudnn_nhwc(self.model, self.config.model.data_format, nchw_twin,
+        check = check_cudnn_nhwc(self.model, self.config.model.data_format, nchw_twin,
                                             self.config.data.image_size)
-        result = fast_paths.agreed(check, self.comm)
+        result = agreed(check, self.comm)
         log.info("fast path %s: %s", result.name, result.status)
         if result.status.startswith(("failed", "disabled")):
             raise PlscError(f"cuDNN NHWC {result.status}; train with model.data_format=NCHW")

@@ -117,6 +117,6 @@ def open_embedder(
 
 
 def _on_gpu() -> bool:
-    from plsc.loss.fast_paths import on_gpu
+    from plsc.parity import on_gpu
 
     return on_gpu()

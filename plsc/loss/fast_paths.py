@@ -6,43 +6,23 @@
 - ``class_center_sample``: Paddle's on-device sampler, saving the per-step copy of the labels to the host.
   One process only (with several ranks it ignores the rank's shard), GPU only (on CPU the host sampler costs
   no copy and stays reproducible from (seed, step, rank); Paddle's draws from Paddle's global generator).
-- ``cudnn_nhwc``: the backbone in channels-last layout on cuDNN, checked against the same weights in NCHW.
-  On CPU, NHWC runs on the portable CPU convolutions (slower than NCHW there; a GPU tensor-core effect).
+- ``cudnn_nhwc`` (the backbone's channels-last layout) is checked in :mod:`plsc.models.layout_check`.
 
-The ranks take the same path: the head's paths are one-process only, and the layout check is agreed on
-(``comm.any_true``).
+The ranks take the same path: the head's paths are one-process only.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import paddle
 import paddle.nn.functional as F
 
 from plsc.loss.partial_fc import PartialFC, margin_softmax_loss, num_sampled
+from plsc.parity import ENABLED, PARITY_TOLERANCE, FastPath, attempt, differs, on_gpu
 
 log = logging.getLogger("plsc.fast_paths")
-
-ENABLED = "enabled"
-# Loss and gradients of a fused kernel may differ from the composed ops by float rounding only.
-PARITY_TOLERANCE = 1e-4
-
-
-@dataclass(frozen=True)
-class FastPath:
-    name: str
-    status: str  # ENABLED, or why the portable path is used
-
-    @property
-    def enabled(self) -> bool:
-        return self.status == ENABLED
-
-
-def on_gpu() -> bool:
-    return paddle.is_compiled_with_cuda() and paddle.get_device().startswith("gpu")
 
 
 def fused_margin_loss(cosine: paddle.Tensor, labels: paddle.Tensor, margin, comm) -> paddle.Tensor:
@@ -63,21 +43,6 @@ def device_sampler(head: PartialFC):
     return sample_tensors
 
 
-def _differs(a: paddle.Tensor, b: paddle.Tensor) -> float:
-    a, b = a.numpy().astype(np.float64), b.numpy().astype(np.float64)
-    return float(np.abs(a - b).max() / max(1.0, np.abs(b).max()))
-
-
-def _attempt(name: str, check) -> FastPath:
-    """Run ``check`` (returns a status); a missing kernel or any failure of the op means 'unavailable'."""
-    try:
-        return FastPath(name, check())
-    except (RuntimeError, ValueError, NotImplementedError) as exc:
-        message = str(exc).strip()
-        reason = "no CPU kernel" if "cpu kernel" in message.lower() else message.splitlines()[0][:120]
-        return FastPath(name, f"unavailable ({reason})")
-
-
 def check_margin_cross_entropy(margin, comm) -> FastPath:
     def parity() -> str:
         rng = np.random.default_rng(0)
@@ -90,10 +55,10 @@ def check_margin_cross_entropy(margin, comm) -> FastPath:
             loss.backward()
             losses.append(loss)
             grads.append(cosine.grad)
-        error = max(_differs(*losses), _differs(*grads))
+        error = max(differs(*losses), differs(*grads))
         return ENABLED if error <= PARITY_TOLERANCE else f"disabled (parity: differs by {error:.2g})"
 
-    return _attempt("margin_cross_entropy", parity)
+    return attempt("margin_cross_entropy", parity)
 
 
 def check_class_center_sample(head: PartialFC) -> FastPath:
@@ -111,28 +76,7 @@ def check_class_center_sample(head: PartialFC) -> FastPath:
         )
         return ENABLED if valid else "disabled (parity: sampled ids or remapped labels differ)"
 
-    return _attempt("class_center_sample", parity)
-
-
-def check_cudnn_nhwc(model: paddle.nn.Layer, data_format: str, build_nchw_twin, image_size: int) -> FastPath:
-    """``build_nchw_twin()``: the same weights built for NCHW (called only when there is a check to run)."""
-    if data_format != "NHWC":
-        return FastPath("cudnn_nhwc", "unavailable (the model is NCHW)")
-    if not on_gpu():
-        return FastPath("cudnn_nhwc", "unavailable (CPU: NHWC runs on the portable CPU convolutions)")
-
-    def parity() -> str:
-        twin = build_nchw_twin()
-        images = paddle.to_tensor(np.random.default_rng(0).standard_normal((4, 3, image_size, image_size)))
-        images = images.astype("float32")
-        model.eval()
-        twin.eval()
-        with paddle.no_grad():
-            error = _differs(model(images.transpose([0, 2, 3, 1])), twin(images))
-        model.train()
-        return ENABLED if error <= PARITY_TOLERANCE else f"failed (differs from NCHW by {error:.2g})"
-
-    return _attempt("cudnn_nhwc", parity)
+    return attempt("class_center_sample", parity)
 
 
 def select_fast_paths(head: PartialFC, comm) -> list[FastPath]:
@@ -150,11 +94,3 @@ def select_fast_paths(head: PartialFC, comm) -> list[FastPath]:
     for result in results:
         log.info("fast path %s: %s", result.name, result.status)
     return results
-
-
-def agreed(result: FastPath, comm) -> FastPath:
-    """``result`` as every rank must take it: a path that failed on any rank is disabled on all."""
-    rejected_somewhere = comm.any_true(not result.enabled)
-    if result.enabled and rejected_somewhere:
-        return FastPath(result.name, "disabled (failed on another rank)")
-    return result
