@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import logging
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,11 @@ import yaml
 from plsc.errors import PlscError
 
 log = logging.getLogger("plsc")
+
+# The folder holding the data sets on this machine: a config writes ``${PLSC_DATA_ROOT}/faces-mini`` in
+# data.root and data.val_bins, so it names its data once and runs wherever the variable points.
+DATA_ROOT_VARIABLE = "PLSC_DATA_ROOT"
+DATA_ROOT_REFERENCE = "${" + DATA_ROOT_VARIABLE + "}"
 
 
 class ConfigError(PlscError):
@@ -210,8 +216,24 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
     for text in overrides:
         _merge(config, parse_override(text), f"--set {text}")
     _move_val_bins_with_root(config.data, file_data)
+    _expand_data_root(config.data, str(path) if path is not None else "config")
     validate(config)
     return config
+
+
+def _expand_data_root(data: DataConfig, source: str) -> None:
+    """``${PLSC_DATA_ROOT}`` in data.root and data.val_bins -> the variable's value; an error when unset.
+    Runs after the overrides, so ``--set data.root=...`` alone makes the variable unnecessary."""
+    if not any(DATA_ROOT_REFERENCE in path for path in (data.root, *data.val_bins)):
+        return
+    value = os.environ.get(DATA_ROOT_VARIABLE)
+    if not value:
+        raise ConfigError(
+            f"{source}: data paths use {DATA_ROOT_REFERENCE}, which is not set: "
+            f"export {DATA_ROOT_VARIABLE}=/folder/holding/the/data sets, or --set data.root=..."
+        )
+    data.root = data.root.replace(DATA_ROOT_REFERENCE, value)
+    data.val_bins = [path.replace(DATA_ROOT_REFERENCE, value) for path in data.val_bins]
 
 
 def _move_val_bins_with_root(data: DataConfig, before: DataConfig) -> None:

@@ -77,7 +77,8 @@ def load_generator():
 
 
 @pytest.mark.parametrize("path", all_yaml_files(), ids=lambda p: str(p.relative_to(CONFIGS)))
-def test_every_shipped_config_loads(path):
+def test_every_shipped_config_loads(path, monkeypatch):
+    monkeypatch.setenv("PLSC_DATA_ROOT", "/data")  # configs/cpu/faces_mini.yaml names its data through it
     config = load_config(path)
     assert isinstance(config, Config)
 
@@ -475,3 +476,35 @@ def test_published_file_names_follow_the_scheme():
     pattern = re.compile(r"ms1mv3_(r50|r100|mfn)_(static|dynamic)_(fp16|fp32)_(nhwc|nchw)_r(0\.1|1\.0)\.yaml")
     for path in published_files():
         assert pattern.fullmatch(path.name), path.name
+
+
+# --- data named through PLSC_DATA_ROOT ----------------------------------------------------------------------
+
+FACES_MINI = CONFIGS / "cpu" / "faces_mini.yaml"
+
+
+def test_faces_mini_finds_its_data_under_plsc_data_root(monkeypatch, tmp_path):
+    monkeypatch.setenv("PLSC_DATA_ROOT", str(tmp_path))
+    data = load_config(FACES_MINI).data
+    assert data.root == f"{tmp_path}/faces-mini"
+    assert data.val_bins == [f"{tmp_path}/faces-mini/lfw_disjoint.bin"]
+
+
+def test_faces_mini_without_plsc_data_root_is_a_one_line_error(monkeypatch):
+    monkeypatch.delenv("PLSC_DATA_ROOT", raising=False)
+    unset = r"faces_mini\.yaml: data paths use \$\{PLSC_DATA_ROOT\}, which is not set"
+    with pytest.raises(PlscError, match=unset) as raised:
+        load_config(FACES_MINI)
+    assert "\n" not in str(raised.value)
+
+
+def test_data_root_on_the_command_line_needs_no_variable(monkeypatch):
+    monkeypatch.delenv("PLSC_DATA_ROOT", raising=False)
+    data = load_config(FACES_MINI, ["data.root=/data/faces"]).data
+    assert (data.root, data.val_bins) == ("/data/faces", ["/data/faces/lfw_disjoint.bin"])
+
+
+def test_configs_without_the_variable_load_with_it_unset(monkeypatch):
+    monkeypatch.delenv("PLSC_DATA_ROOT", raising=False)
+    data = load_config(CONFIGS / "cpu" / "mini.yaml").data
+    assert "PLSC_DATA_ROOT" not in data.root
