@@ -53,7 +53,7 @@ def software_versions() -> dict[str, str]:
     """plsc, Paddle (with the CUDA/cuDNN it was built with, 'False' for CPU builds), numpy and Python."""
     import paddle
 
-    from plsc.engine.checkpoint import versions
+    from plsc.checkpoint import versions
 
     build = {"paddle_cuda": str(paddle.version.cuda()), "paddle_cudnn": str(paddle.version.cudnn())}
     return {**versions(), **build}

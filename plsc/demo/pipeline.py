@@ -14,12 +14,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from plsc.checkpoint import write_text_atomic
 from plsc.data.folder import read_image
 from plsc.demo.detect import DETECTOR_THRESHOLD, largest_face, open_detector, square_crop, whole_image
 from plsc.demo.draw import Labeller
 from plsc.demo.embed import FaceEmbedder, open_embedder
 from plsc.demo.index import GalleryIndex, check_same_model, load_index, save_index, top_k, vote
-from plsc.engine.checkpoint import write_text_atomic
 from plsc.errors import PlscError
 
 log = logging.getLogger("plsc.demo")

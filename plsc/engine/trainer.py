@@ -23,6 +23,7 @@ import numpy as np
 import paddle
 from paddle.jit.dy2static.program_translator import StaticFunction
 
+from plsc import checkpoint as ckpt
 from plsc.config import Config, save_config
 from plsc.console import format_duration
 from plsc.data import build_dataset, build_train_loader_from_config, normalize_batch
@@ -33,7 +34,6 @@ from plsc.distributed import (
     share_statistics_from_rank0,
     verify_across_ranks,
 )
-from plsc.engine import checkpoint as ckpt
 from plsc.engine.loss_scaler import DynamicLossScaler, all_finite
 from plsc.engine.schedule import learning_rate
 from plsc.errors import PlscError

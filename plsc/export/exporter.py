@@ -35,11 +35,10 @@ from pathlib import Path
 import paddle
 
 import plsc
+from plsc.checkpoint import plsc22, write_text_atomic
+from plsc.checkpoint.restore import restore_backbone
 from plsc.console import captured_output
-from plsc.engine import plsc22
-from plsc.engine.checkpoint import write_text_atomic
 from plsc.errors import PlscError
-from plsc.eval.runner import restore_backbone
 from plsc.models import build_model
 
 EXPORT_JSON = "export.json"

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from plsc.checkpoint import write_text_atomic
 from plsc.console import Progress
 from plsc.data.folder import read_image
 from plsc.data.transforms import EvalTransform
-from plsc.engine.checkpoint import write_text_atomic
 from plsc.errors import PlscError
 from plsc.export.exporter import EXPORT_JSON, read_description
 

@@ -9,7 +9,7 @@ Layout of one checkpoint directory::
 
 Each rank writes its own shard; the class range of every shard is in the manifest, so a checkpoint saved on N
 ranks loads on M ranks by reading exactly the rows each new shard needs. Shards are written and read a block
-of rows at a time (plsc.engine.shard_io): the checkpoint phase holds no host copy of a shard.
+of rows at a time (plsc.checkpoint.shards): the checkpoint phase holds no host copy of a shard.
 
 A directory is written under a temporary name, fsynced and renamed into place, so a crash leaves either the
 previous checkpoint or the new one, never half of one. Saving over an existing directory (the same step
@@ -39,8 +39,8 @@ import paddle
 
 import plsc
 from plsc import safe_pickle
+from plsc.checkpoint import shards
 from plsc.distributed import ClassShard
-from plsc.engine import shard_io
 from plsc.errors import PlscError
 
 FORMAT = "plsc-checkpoint"
@@ -165,7 +165,7 @@ def _write_checkpoint(staging: Path, target: Path, *, comm, state, config, model
     for kind in ("weight", "velocity"):  # streamed block by block: no host copy of the shard
         path = staging / shard_file(comm.rank, kind)
         with writing(path):
-            shard_io.write_center_shard(head, path, kind)
+            shards.write_center_shard(head, path, kind)
     if comm.rank == 0:
         with writing(staging / BACKBONE):
             paddle.save(model.state_dict(), str(staging / BACKBONE))
@@ -175,7 +175,7 @@ def _write_checkpoint(staging: Path, target: Path, *, comm, state, config, model
     comm.barrier()
     if comm.rank == 0:
         world = comm.world_size
-        shards = [_shard_entry(r, head.num_classes, world) for r in range(world)]
+        shard_entries = [_shard_entry(r, head.num_classes, world) for r in range(world)]
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -186,7 +186,7 @@ def _write_checkpoint(staging: Path, target: Path, *, comm, state, config, model
             "embedding_size": head.embedding_size,
             "center_dtype": head.storage_dtype,
             "world_size": world,
-            "shards": shards,
+            "shards": shard_entries,
             "config": config,
             "versions": versions(),
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -300,11 +300,11 @@ def _required_files(manifest: dict) -> list[str]:
 
 
 def read_center_rows(directory: Path, manifest: dict, shard: ClassShard
-                     ) -> tuple[shard_io.RowPieces, shard_io.RowPieces]:
+                     ) -> tuple[shards.RowPieces, shards.RowPieces]:
     """Rows ``[shard.start, shard.stop)`` of the saved centers and velocities, whatever the saved sharding:
     the pieces of the saved files, read a block at a time when the head copies them in (``set_state``)."""
     directory = Path(directory)
-    parts: dict[str, list[shard_io.FileRows]] = {"weight": [], "velocity": []}
+    parts: dict[str, list[shards.FileRows]] = {"weight": [], "velocity": []}
     emb = manifest["embedding_size"]
     for saved in manifest["shards"]:
         lo, hi = max(shard.start, saved["start"]), min(shard.stop, saved["start"] + saved["count"])
@@ -313,15 +313,15 @@ def read_center_rows(directory: Path, manifest: dict, shard: ClassShard
         for kind in parts:
             path = directory / saved[kind]
             _check_shard(path, (saved["count"], emb), manifest["center_dtype"])
-            parts[kind].append(shard_io.FileRows(path, lo - saved["start"], hi - saved["start"]))
+            parts[kind].append(shards.FileRows(path, lo - saved["start"], hi - saved["start"]))
     dtype = manifest["center_dtype"]
-    return shard_io.RowPieces(parts["weight"], emb, dtype), shard_io.RowPieces(parts["velocity"], emb, dtype)
+    return shards.RowPieces(parts["weight"], emb, dtype), shards.RowPieces(parts["velocity"], emb, dtype)
 
 
 def _check_shard(path: Path, shape: tuple[int, int], dtype: str) -> None:
     """A class-center shard whose header and length fit the manifest; else an error naming the file."""
     try:
-        offset, stored_shape, stored_dtype = shard_io.npy_layout(path)
+        offset, stored_shape, stored_dtype = shards.npy_layout(path)
     except (OSError, ValueError, EOFError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise PlscError(f"{path}: truncated or corrupt class-center shard ({reason})") from None
