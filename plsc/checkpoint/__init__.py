@@ -23,7 +23,6 @@ loaded into: :func:`load_backbone_into`.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import json
@@ -39,6 +38,7 @@ import paddle
 
 import plsc
 from plsc import safe_pickle
+from plsc.atomic import fsync_path, write_atomic, writing
 from plsc.checkpoint import shards
 from plsc.distributed import ClassShard
 from plsc.errors import PlscError
@@ -74,34 +74,10 @@ def versions() -> dict[str, str]:
     }
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     for path in sorted(root.rglob("*"), reverse=True):
-        _fsync_path(path)
-    _fsync_path(root)
-
-
-def write_error(path: Path, exc: OSError) -> PlscError:
-    """The one-line message for a failed write: a full disk is said as such."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return PlscError(f"no space left writing {path}")
-    return PlscError(f"could not write {path}: {exc.strerror or exc}")
-
-
-@contextlib.contextmanager
-def writing(path: Path):
-    """Turns an OSError raised while writing ``path`` into the PlscError naming it."""
-    try:
-        yield
-    except OSError as exc:
-        raise write_error(path, exc) from None
+        fsync_path(path)
+    fsync_path(root)
 
 
 def remove_tree(path: Path) -> None:
@@ -110,21 +86,6 @@ def remove_tree(path: Path) -> None:
         shutil.rmtree(path)
     except OSError:
         pass
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with writing(path):
-            with open(tmp, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            _fsync_path(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def shard_file(rank: int, kind: str) -> str:
@@ -198,7 +159,7 @@ def _write_checkpoint(staging: Path, target: Path, *, comm, state, config, model
         with writing(staging):
             _fsync_tree(staging)
         with writing(target):
-            _replace_dir(staging, target)
+            replace_dir(staging, target)
 
 
 def _shard_entry(rank: int, num_classes: int, world_size: int) -> dict:
@@ -214,15 +175,16 @@ def _shard_entry(rank: int, num_classes: int, world_size: int) -> dict:
     }
 
 
-def _replace_dir(staging: Path, target: Path) -> None:
-    """Move the complete ``staging`` to ``target``; an existing ``target`` is swapped out in one step."""
+def replace_dir(staging: Path, target: Path) -> None:
+    """Move the complete ``staging`` to ``target``; an existing ``target`` is swapped out in one step (and
+    removed). Used for checkpoints and exported models alike."""
     if target.exists():
         exchange_dirs(staging, target)
-        _fsync_path(target.parent)
+        fsync_path(target.parent)
         remove_tree(staging)  # now the previous checkpoint
     else:
         os.replace(staging, target)
-        _fsync_path(target.parent)
+        fsync_path(target.parent)
 
 
 _AT_FDCWD = -100
@@ -402,7 +364,7 @@ class CheckpointDir:
         return self.root / str(step)
 
     def mark_latest(self, step: int) -> None:
-        write_text_atomic(self.root / LATEST, f"{step}\n")
+        write_atomic(self.root / LATEST, f"{step}\n")
 
     def latest(self) -> Path | None:
         """The checkpoint ``latest`` names; None when there is no ``latest``; an error when it is broken."""
