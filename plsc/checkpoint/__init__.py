@@ -1,4 +1,8 @@
-"""Atomic, shardable checkpoints.
+"""Atomic, shardable checkpoints: the format, written and read here.
+
+The package also holds :mod:`~plsc.checkpoint.shards` (class-center shards streamed to and from ``.npy``),
+:mod:`~plsc.checkpoint.plsc22` (PLSC v2.2 checkpoints imported) and :mod:`~plsc.checkpoint.restore` (a
+backbone from either kind of folder, for eval, export and the demo).
 
 Layout of one checkpoint directory::
 
@@ -14,8 +18,9 @@ of rows at a time (plsc.checkpoint.shards): the checkpoint phase holds no host c
 A directory is written under a temporary name, fsynced and renamed into place, so a crash leaves either the
 previous checkpoint or the new one, never half of one. Saving over an existing directory (the same step
 again, best_model/<name>) swaps the two directories in one step (Linux ``renameat2(RENAME_EXCHANGE)``), so the
-name always holds a complete checkpoint. ``latest`` (a text file naming the newest step) is replaced the same
-way. A failed write (a full disk) removes what it had written and leaves the previous checkpoint as it was.
+name always holds a complete checkpoint. ``latest`` (a text file naming the newest step) is replaced by
+:mod:`plsc.atomic`. A failed write (a full disk) removes what it had written and leaves the previous
+checkpoint as it was.
 
 Tensor files are read by :mod:`plsc.safe_pickle` (data only, never code) and must fit the model they are
 loaded into: :func:`load_backbone_into`.
