@@ -131,9 +131,9 @@ def _run_eval(args) -> int:
     )
     _print_metrics(results, f"verification of {args.checkpoint}")
     if args.json:
-        from plsc.engine.checkpoint import write_text_atomic
+        from plsc.atomic import write_atomic
 
-        write_text_atomic(Path(args.json), json.dumps(results, indent=1) + "\n")
+        write_atomic(Path(args.json), json.dumps(results, indent=1) + "\n")
     return 0
 
 
@@ -362,9 +362,9 @@ def _run_capacity(args) -> int:
     prediction = predict(memory_model(config, setting))
     print(describe(prediction))
     if args.json:
-        from plsc.engine.checkpoint import write_text_atomic
+        from plsc.atomic import write_atomic
 
-        write_text_atomic(Path(args.json), json.dumps(prediction.to_dict(), indent=1) + "\n")
+        write_atomic(Path(args.json), json.dumps(prediction.to_dict(), indent=1) + "\n")
     return 0
 
 

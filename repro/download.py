@@ -28,6 +28,8 @@ import urllib.request
 import zlib
 from pathlib import Path
 
+from plsc.atomic import write_atomic
+
 CHUNK_BYTES = 1 << 20
 TIMEOUT_S = 60.0
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
@@ -85,10 +87,7 @@ def sha256_of(path: Path) -> str:
 
 
 def _write_checksum(path: Path, digest: str) -> None:
-    record = checksum_path(path)
-    tmp = record.with_name(record.name + ".tmp")
-    tmp.write_text(f"{digest}  {path.name}\n")
-    tmp.replace(record)
+    write_atomic(checksum_path(path), f"{digest}  {path.name}\n")
 
 
 def _recorded_checksum(path: Path) -> str | None:

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from plsc.atomic import write_atomic
 from repro.claims import Claim, ClaimGroup, Claims, verdict
 from repro.hardware import Hardware
 
@@ -53,7 +52,7 @@ def software_versions() -> dict[str, str]:
     """plsc, Paddle (with the CUDA/cuDNN it was built with, 'False' for CPU builds), numpy and Python."""
     import paddle
 
-    from plsc.engine.checkpoint import versions
+    from plsc.checkpoint import versions
 
     build = {"paddle_cuda": str(paddle.version.cuda()), "paddle_cudnn": str(paddle.version.cudnn())}
     return {**versions(), **build}
@@ -96,20 +95,11 @@ def result_path(results_dir: Path, tier: str, claim_id: str) -> Path:
 
 
 def write_result(results_dir: Path, result: CaseResult) -> Path:
-    """Write ``result`` under a temporary name, fsync it and rename it into place: never half a file."""
+    """Write ``result`` atomically (:mod:`plsc.atomic`): never half a file."""
     path = result_path(results_dir, result.tier, result.claim_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(asdict(result), indent=2, sort_keys=True) + "\n"
-    descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    write_atomic(path, text)
     return path
 
 

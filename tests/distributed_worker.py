@@ -78,7 +78,7 @@ def run_reshard(*sources_and_targets: str) -> None:
 
 
 def _reshard(source: Path, target: Path) -> None:
-    from plsc.engine import checkpoint as ckpt
+    from plsc import checkpoint as ckpt
 
     comm = make_comm()
     manifest = ckpt.read_manifest(source)

@@ -280,7 +280,7 @@ def test_report_without_markers_is_one_line_error(tmp_path, capsys):
 
 def test_bench_eval_checks_its_spec_and_writes_a_checkpoint_plsc_eval_reads(tmp_path):
     from plsc.bench.eval import EvalBenchSpec, check_spec, measure_engine_build, write_untrained_checkpoint
-    from plsc.eval.runner import restore_backbone
+    from plsc.checkpoint.restore import restore_backbone
 
     with pytest.raises(PlscError, match="--engines must name some of dygraph, paddle"):
         check_spec(EvalBenchSpec(engines=("onnx",)))

@@ -20,10 +20,10 @@ import paddle
 import pytest
 from test_engine import read_log, tiny_config, write_tiny_yaml
 
+from plsc import checkpoint as ckpt
 from plsc import cli, safe_pickle
+from plsc.checkpoint import shards
 from plsc.distributed import shard_classes
-from plsc.engine import checkpoint as ckpt
-from plsc.engine import shard_io
 from plsc.engine.trainer import Trainer
 from plsc.errors import PlscError
 
@@ -318,7 +318,7 @@ def inject_failure(monkeypatch, k: int) -> list[str]:
         return call
 
     for module, name in ((os, "replace"), (os, "rename"), (os, "fsync"), (os, "mkdir"), (np, "save"),
-                         (shard_io, "write_npy"), (paddle, "save"), (shutil, "rmtree"), (Path, "write_text")):
+                         (shards, "write_npy"), (paddle, "save"), (shutil, "rmtree"), (Path, "write_text")):
         monkeypatch.setattr(module, name, counted(f"{getattr(module, '__name__', 'Path')}.{name}",
                                                   getattr(module, name)))
     monkeypatch.setattr(ckpt, "_renameat2", lambda: counted("renameat2", real_renameat2))
@@ -403,7 +403,7 @@ def test_disk_full_during_training_is_one_line_and_keeps_the_last_checkpoint(run
         raise OSError(errno.ENOSPC, "No space left on device")
 
     before = snapshot(run_copy / "checkpoints")
-    monkeypatch.setattr(shard_io, "write_npy", disk_full)
+    monkeypatch.setattr(shards, "write_npy", disk_full)
     overrides = ["--set", "train.max_steps=3", "--set", "data.val_bins=[]"]
     assert cli.main(["train", "--output", str(run_copy), "--resume", *overrides]) == 2
     err = one_error_line(capsys)

@@ -19,6 +19,7 @@ import numpy as np
 import paddle
 import pytest
 
+from plsc import checkpoint as ckpt
 from plsc import cli
 from plsc.config import load_config
 from plsc.demo import UNKNOWN, build_index, load_index, recognize, top_k, vote
@@ -27,7 +28,6 @@ from plsc.demo.detect import Face, HaarDetector, PaddleDetector, square_crop
 from plsc.demo.draw import Labeller
 from plsc.demo.embed import open_embedder, verification_threshold
 from plsc.distributed import LocalComm
-from plsc.engine import checkpoint as ckpt
 from plsc.errors import PlscError
 from plsc.loss.margin import ARCFACE
 from plsc.loss.partial_fc import PartialFC

@@ -313,14 +313,14 @@ def losses(output: Path) -> np.ndarray:
 
 def centers_of(checkpoint: Path) -> tuple[np.ndarray, np.ndarray]:
     """All class centers and velocities of a checkpoint, whatever its number of shards."""
-    from plsc.engine import checkpoint as ckpt
+    from plsc import checkpoint as ckpt
 
     manifest = ckpt.read_manifest(checkpoint)
     return ckpt.read_center_rows(checkpoint, manifest, shard_classes(manifest["num_classes"], 0, 1))
 
 
 def backbone_of(checkpoint: Path) -> dict[str, np.ndarray]:
-    from plsc.engine import checkpoint as ckpt
+    from plsc import checkpoint as ckpt
 
     return {k: v.numpy() for k, v in ckpt.load_backbone_state(checkpoint).items()}
 
@@ -381,7 +381,7 @@ def test_per_rank_batchnorm_and_shared_verification(tiny_dir, tmp_path):
 
 
 def check_shared_verification(tiny_dir: Path, output: Path, ranks_dir: Path, evaluations: int) -> None:
-    from plsc.engine import checkpoint as ckpt
+    from plsc import checkpoint as ckpt
     from plsc.eval.runner import evaluate_checkpoint
 
     rank0, rank1 = (json.loads((ranks_dir / f"rank{r}.json").read_text()) for r in (0, 1))
@@ -407,8 +407,8 @@ def check_shared_verification(tiny_dir: Path, output: Path, ranks_dir: Path, eva
 
 def random_center_checkpoint(path: Path, num_classes: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
     """A one-process checkpoint whose centers and velocities are random (so every row is distinguishable)."""
+    from plsc import checkpoint as ckpt
     from plsc.config import Config
-    from plsc.engine import checkpoint as ckpt
 
     rng = np.random.default_rng(num_classes)
     weight = rng.standard_normal((num_classes, EMBEDDING_SIZE)).astype(dtype)
@@ -421,7 +421,7 @@ def random_center_checkpoint(path: Path, num_classes: int, dtype: str) -> tuple[
 
 
 def test_checkpoint_round_trip_over_1_2_3_1_ranks_is_bit_identical(tmp_path):
-    from plsc.engine import checkpoint as ckpt
+    from plsc import checkpoint as ckpt
 
     chains = {dtype: [tmp_path / f"{dtype}-{n}" for n in (1, 2, 3)] for dtype in ("float32", "float16")}
     originals = {dtype: random_center_checkpoint(chain[0], 23, dtype) for dtype, chain in chains.items()}
@@ -464,8 +464,8 @@ def run_quietly(command: list[str], **kwargs) -> subprocess.CompletedProcess:
 def test_plsc_train_nproc_continues_a_one_process_run_on_two(tiny_dir, tmp_path):
     """``plsc train --nproc 2`` launches 2 ranks of ``python -m plsc.cli train``; resuming a 1-process
     checkpoint on them continues at its step (global batch kept: 2 x 24 after 1 x 48)."""
+    from plsc import checkpoint as ckpt
     from plsc import cli
-    from plsc.engine import checkpoint as ckpt
 
     output = tmp_path / "run"
     assert cli.main(cli_arguments(tiny_dir, output, 1, "train.max_steps=2")) == 0
@@ -484,7 +484,7 @@ def test_train_dynamic_script_runs_two_cpu_processes(tiny_dir, tmp_path):
     env = {"PYTHON": sys.executable, "NPROC": "2", "CUDA_VISIBLE_DEVICES": "0,1"}  # no GPU here: ignored
     arguments = cli_arguments(tiny_dir, output, 2, "train.max_steps=2")[2:]  # CONFIG and options
     run_quietly(["sh", str(script), *arguments], env=env, cwd=tmp_path)  # POSIX sh (dash on Debian)
-    from plsc.engine import checkpoint as ckpt
+    from plsc import checkpoint as ckpt
 
     assert ckpt.read_manifest(output / "checkpoints" / "2")["world_size"] == 2
     assert sorted(p.name for p in (tmp_path / "log").glob("workerlog.*")) == ["workerlog.0", "workerlog.1"]
@@ -496,7 +496,7 @@ def test_train_static_script_trains_in_static_mode_on_two_cpu_processes(tiny_dir
     arguments = cli_arguments(tiny_dir, output, 2, "train.max_steps=2")[2:]  # CONFIG and options
     command = ["sh", str(script), "--nproc", "2", *arguments]
     run_quietly(command, env={"PYTHON": sys.executable}, cwd=tmp_path)
-    from plsc.engine import checkpoint as ckpt
+    from plsc import checkpoint as ckpt
 
     manifest = ckpt.read_manifest(output / "checkpoints" / "2")
     assert manifest["world_size"] == 2 and manifest["config"]["train"]["mode"] == "static"
@@ -535,7 +535,7 @@ def test_two_nodes_on_one_machine_train_like_one_process(tiny_dir, tmp_path):
 def test_sigterm_to_plsc_train_nproc_saves_one_checkpoint_on_all_ranks(tiny_dir, tmp_path):
     """The signal travels plsc -> launcher -> ranks; the ranks agree to stop after the same step (any_true)
     and save one checkpoint together, as a single process does."""
-    from plsc.engine import checkpoint as ckpt
+    from plsc import checkpoint as ckpt
 
     output = tmp_path / "run"
     env = {**child_environment(2), "OMP_NUM_THREADS": "1"}

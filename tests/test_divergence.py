@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from test_engine import tiny_config, write_tiny_yaml
 
+from plsc import checkpoint as ckpt
 from plsc import cli
-from plsc.engine import checkpoint as ckpt
 from plsc.engine.trainer import Trainer, TrainingDiverged
 
 QUICK = ("train.eval_interval=0", "train.save_interval=1", "train.keep_checkpoints=1")

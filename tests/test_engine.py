@@ -17,10 +17,10 @@ import numpy as np
 import paddle
 import pytest
 
+from plsc import checkpoint as ckpt
 from plsc import cli
 from plsc.config import OptimConfig, load_config
 from plsc.data import normalize_batch
-from plsc.engine import checkpoint as ckpt
 from plsc.engine.schedule import learning_rate
 from plsc.engine.trainer import Trainer
 from plsc.errors import PlscError

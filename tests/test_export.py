@@ -19,13 +19,13 @@ import paddle
 import pytest
 from model_weights import random_state
 
+from plsc import checkpoint as ckpt
 from plsc import cli
+from plsc.checkpoint.restore import restore_backbone
 from plsc.config import load_config
 from plsc.data.transforms import EvalTransform
 from plsc.distributed import LocalComm
-from plsc.engine import checkpoint as ckpt
 from plsc.errors import PlscError
-from plsc.eval.runner import restore_backbone
 from plsc.export import export_checkpoint, list_images, load_batch, locate_model, run_inference
 from plsc.loss.margin import ARCFACE
 from plsc.loss.partial_fc import PartialFC

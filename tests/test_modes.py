@@ -19,10 +19,10 @@ import paddle
 import pytest
 from distributed_worker import use_running_batchnorm_statistics
 
+from plsc import checkpoint as ckpt
 from plsc.config import load_config
 from plsc.data import normalize_batch
 from plsc.distributed import LocalComm
-from plsc.engine import checkpoint as ckpt
 from plsc.engine.loss_scaler import DynamicLossScaler, found_inf_anywhere, grads_are_finite
 from plsc.engine.trainer import Trainer
 from plsc.launch import child_environment, launch_command

@@ -18,9 +18,9 @@ import pytest
 from model_weights import random_state
 
 from plsc import cli
-from plsc.engine import plsc22
+from plsc.checkpoint import plsc22
+from plsc.checkpoint.restore import restore_backbone
 from plsc.errors import PlscError
-from plsc.eval.runner import restore_backbone
 from plsc.models import MODELS, plsc22_names
 
 REFERENCE_TOLERANCE = 1e-5  # max|y - ref| / max row L2 norm(ref): the manifest's pass threshold for fill B

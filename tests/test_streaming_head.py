@@ -16,8 +16,8 @@ import numpy as np
 import paddle
 import pytest
 
+from plsc import checkpoint as ckpt
 from plsc.config import load_config
-from plsc.engine import checkpoint as ckpt
 from plsc.engine.loss_scaler import grads_are_finite
 from plsc.engine.trainer import Trainer
 from plsc.loss.margin import ARCFACE, COSFACE, Margin

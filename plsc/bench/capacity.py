@@ -390,15 +390,15 @@ def probe_head(
 
 
 def _probe_save(head) -> _PeakMeter:
-    """What writing the head's shards into a checkpoint allocates (plsc.engine.shard_io, as checkpoints)."""
+    """What writing the head's shards into a checkpoint allocates (plsc.checkpoint.shards, as checkpoints)."""
     import tempfile
     from pathlib import Path
 
-    from plsc.engine import shard_io
+    from plsc.checkpoint import shards
 
     with tempfile.TemporaryDirectory() as scratch, _PeakMeter() as save:
         for kind in ("weight", "velocity"):
-            shard_io.write_center_shard(head, Path(scratch) / f"{kind}.npy", kind)
+            shards.write_center_shard(head, Path(scratch) / f"{kind}.npy", kind)
     return save
 
 

@@ -57,9 +57,9 @@ def write_untrained_checkpoint(directory: Path, spec: EvalBenchSpec) -> Path:
     """A plsc checkpoint of the spec's backbone with its initial (random) weights."""
     import paddle
 
+    from plsc import checkpoint as ckpt
     from plsc.config import load_config
     from plsc.distributed import LocalComm
-    from plsc.engine import checkpoint as ckpt
     from plsc.loss.margin import ARCFACE
     from plsc.loss.partial_fc import PartialFC
     from plsc.models import build_model
@@ -101,8 +101,8 @@ def time_engine_build(checkpoint: Path, spec: EvalBenchSpec) -> dict:
 def measure_engine_build(spec_json: str) -> dict:
     import paddle  # noqa: F401  (imported before the clock starts)
 
+    from plsc.checkpoint.restore import restore_backbone
     from plsc.eval.embedders import InferenceEmbedder, snapshot_twin
-    from plsc.eval.runner import restore_backbone
 
     model, config = restore_backbone(json.loads(spec_json)["checkpoint"])
     started = time.perf_counter()

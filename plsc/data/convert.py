@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from plsc.atomic import atomic_file, remove_stale_temps, write_atomic
 from plsc.console import Progress
 from plsc.console import progress as console_progress
 from plsc.data.folder import FolderDataset
@@ -36,7 +37,6 @@ _SIGNATURES = (
     (b"II*\x00", ".tif"),
     (b"MM\x00*", ".tif"),
 )
-_TEMP_SUFFIX = ".tmp"
 
 
 @dataclass
@@ -71,7 +71,8 @@ def rec_to_images(
     dataset = RecordDataset(rec_path, idx_path)
     images_dir = output_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(output_dir)
+    for directory in (output_dir, images_dir):  # what an interrupted run left: incomplete
+        remove_stale_temps(directory)
     names, written = [], 0
     with Progress(len(dataset), f"{rec_path.name} -> images", "images", enabled=progress) as bar:
         for position, key in enumerate(dataset.image_keys):
@@ -100,7 +101,8 @@ def _extract_image(dataset: RecordDataset, key: int, position: int, images_dir: 
     # A file under its final name was renamed there whole; a size mismatch means it came from elsewhere.
     if path.is_file() and path.stat().st_size == len(payload):
         return f"images/{name}", False
-    write_atomic(path, payload)
+    # No fsync: this guards against interruption (Ctrl-C, kill), not power loss, and 5M fsyncs would dominate.
+    write_atomic(path, payload, durable=False)
     return f"images/{name}", True
 
 
@@ -166,28 +168,6 @@ def _read_bytes(path: Path) -> bytes:
 # Files
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same directory, then rename: readers never see a partial file.
-
-    No fsync: this guards against interruption (Ctrl-C, kill), not power loss, and 5M fsyncs would dominate.
-    """
-    temp = path.with_name(f".{path.name}.{os.getpid()}{_TEMP_SUFFIX}")
-    try:
-        with open(temp, "wb") as handle:
-            handle.write(data)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-
-
-def _remove_stale_temps(output_dir: Path) -> None:
-    """Temporary files of an interrupted run (killed between write and rename) are incomplete."""
-    for directory in (output_dir, output_dir / "images"):
-        for temp in directory.glob(f".*{_TEMP_SUFFIX}"):
-            temp.unlink(missing_ok=True)
-
-
 def _copy_bin_files(source_dir: Path, output_dir: Path) -> list[str]:
     """Copy the verification ``.bin`` files (lfw.bin, ...) that InsightFace ships beside ``train.rec``."""
     copied = []
@@ -195,15 +175,10 @@ def _copy_bin_files(source_dir: Path, output_dir: Path) -> list[str]:
         target = output_dir / source.name
         if target.exists() and (target.samefile(source) or target.stat().st_size == source.stat().st_size):
             continue
-        temp = target.with_name(f".{target.name}.{os.getpid()}{_TEMP_SUFFIX}")
-        try:
-            shutil.copyfile(source, temp)
-            os.replace(temp, target)
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
+        with open(source, "rb") as reader, atomic_file(target) as writer:
+            shutil.copyfileobj(reader, writer)
         copied.append(source.name)
     return copied
 
 
-__all__ = ["ConversionSummary", "images_to_rec", "rec_to_images", "write_atomic"]
+__all__ = ["ConversionSummary", "images_to_rec", "rec_to_images"]

@@ -31,6 +31,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from plsc.atomic import PendingFile, write_atomic
 from plsc.data.folder import decode_image_bytes
 from plsc.errors import PlscError
 
@@ -521,13 +522,18 @@ class RecordWriter:
     def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None):
         self.rec_path = Path(rec_path)
         self.idx_path = Path(idx_path) if idx_path is not None else None
-        self._rec_tmp = _temp_name(self.rec_path)
-        self._idx_tmp = _temp_name(self.idx_path) if self.idx_path is not None else None
-        self._rec = open(self._rec_tmp, "wb")
-        self._idx = open(self._idx_tmp, "w", encoding="ascii", newline="\n") if self._idx_tmp else None
+        self._rec = PendingFile(self.rec_path)
+        self._idx = None
+        if self.idx_path is not None:
+            try:
+                self._idx = PendingFile(self.idx_path, "w", encoding="ascii", newline="\n")
+            except BaseException:
+                self._rec.discard()
+                raise
         self._offset = 0
         self._count = 0
         self._keys: set[int] = set()
+        self._closed = False
 
     @property
     def count(self) -> int:
@@ -540,9 +546,9 @@ class RecordWriter:
             raise PlscError(f"{self.rec_path}: key {key} written twice")
         encoded = encode_record(record)
         offset = self._offset
-        self._rec.write(encoded)
+        self._rec.file.write(encoded)
         if self._idx is not None:
-            self._idx.write(f"{key}\t{offset}\n")
+            self._idx.file.write(f"{key}\t{offset}\n")
         self._keys.add(key)
         self._offset += len(encoded)
         self._count += 1
@@ -550,24 +556,25 @@ class RecordWriter:
 
     def close(self) -> None:
         """Finish: flush and move the files into place."""
-        if self._rec.closed:
+        if self._closed:
             return
-        for handle in (self._rec, self._idx):
-            if handle is not None:
-                handle.flush()
-                os.fsync(handle.fileno())
-                handle.close()
-        os.replace(self._rec_tmp, self.rec_path)
-        if self._idx_tmp is not None:
-            os.replace(self._idx_tmp, self.idx_path)
+        self._closed = True
+        pending = [self._rec] + ([self._idx] if self._idx is not None else [])
+        try:
+            for file in pending:  # both complete on disk before either is renamed
+                file.sync()
+            for file in pending:
+                file.commit()
+        except BaseException:
+            self.abort()
+            raise
 
     def abort(self) -> None:
-        """Discard everything written."""
-        for handle, temp in ((self._rec, self._rec_tmp), (self._idx, self._idx_tmp)):
-            if handle is not None:
-                handle.close()
-            if temp is not None and temp.exists():
-                temp.unlink()
+        """Discard everything written (a file already renamed into place stays)."""
+        self._closed = True
+        for pending in (self._rec, self._idx):
+            if pending is not None:
+                pending.discard()
 
     def __enter__(self) -> RecordWriter:
         return self
@@ -579,16 +586,9 @@ class RecordWriter:
             self.abort()
 
 
-def _temp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
 def write_property(path: str | os.PathLike, num_classes: int, height: int, width: int) -> None:
     """InsightFace's ``property`` file, ``num_classes,height,width``, written atomically."""
-    path = Path(path)
-    temp = _temp_name(path)
-    temp.write_text(f"{int(num_classes)},{int(height)},{int(width)}\n", encoding="ascii")
-    os.replace(temp, path)
+    write_atomic(path, f"{int(num_classes)},{int(height)},{int(width)}\n")
 
 
 def read_property(path: str | os.PathLike) -> tuple[int, int, int]:

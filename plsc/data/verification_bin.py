@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -21,6 +20,7 @@ import cv2
 import numpy as np
 
 from plsc import safe_pickle
+from plsc.atomic import write_atomic
 from plsc.errors import PlscError
 
 
@@ -54,21 +54,14 @@ def load_bin(path: str | os.PathLike, image_size: int | tuple[int, int] = 112) -
 
 
 def save_bin(path: str | os.PathLike, jpeg_bytes_list: Sequence[bytes], issame: Sequence[bool]) -> None:
-    """Write ``(jpeg_bytes_list, issame)`` as a ``.bin``, atomically (a temp file renamed into place)."""
+    """Write ``(jpeg_bytes_list, issame)`` as a ``.bin``, atomically (:mod:`plsc.atomic`)."""
     path = Path(path)
     encoded = [bytes(item) for item in jpeg_bytes_list]
     labels = [bool(flag) for flag in issame]
     if len(encoded) != 2 * len(labels):
         raise PlscError(f"{path}: {len(encoded)} images for {len(labels)} pairs (need exactly 2 per pair)")
     payload = pickle.dumps((encoded, labels), protocol=4)
-    descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(payload)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    write_atomic(path, payload)
 
 
 def _read_pickle(path: Path) -> tuple[list, np.ndarray]:

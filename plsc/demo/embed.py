@@ -98,8 +98,8 @@ def _exported(path: Path, engine: str | None) -> FaceEmbedder:
 
 
 def _checkpoint(path: Path) -> FaceEmbedder:
+    from plsc.checkpoint.restore import restore_backbone
     from plsc.eval.embedders import open_embedder
-    from plsc.eval.runner import restore_backbone
 
     model, config = restore_backbone(path, data_format="NCHW")  # same weights, fed NCHW like the exports
     description = {
@@ -117,7 +117,7 @@ def verification_threshold(checkpoint: Path) -> float | None:
 
     ``plsc eval`` thresholds the squared distance of normalised embeddings, d = 2 - 2 cos.
     """
-    from plsc.engine.checkpoint import MANIFEST
+    from plsc.checkpoint import MANIFEST
 
     try:
         manifest = json.loads((checkpoint / MANIFEST).read_text())

@@ -17,13 +17,13 @@ at the threshold means ``unknown``. A negative cosine is a dissimilarity, never 
 from __future__ import annotations
 
 import json
-import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from plsc.atomic import atomic_file
 from plsc.errors import PlscError
 
 INDEX_FORMAT = "plsc-demo-index"
@@ -49,7 +49,7 @@ class GalleryIndex:
 
 
 def save_index(path: str | Path, index: GalleryIndex) -> Path:
-    """Write the index atomically (a staging file in the same folder, then a rename)."""
+    """Write the index atomically (:mod:`plsc.atomic`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {
@@ -61,15 +61,8 @@ def save_index(path: str | Path, index: GalleryIndex) -> Path:
         "probe": index.probe.astype(np.float32),
         "meta": np.array(json.dumps({"format": INDEX_FORMAT, "version": INDEX_VERSION, **index.meta})),
     }
-    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(staging, "wb") as f:  # a file object: np.savez would append .npz to a name
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(staging, path)
-    finally:
-        staging.unlink(missing_ok=True)
+    with atomic_file(path) as f:  # a file object: np.savez would append .npz to a name
+        np.savez(f, **arrays)
     return path
 
 

@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from plsc.atomic import write_atomic
 from plsc.data.folder import read_image
 from plsc.demo.detect import DETECTOR_THRESHOLD, largest_face, open_detector, square_crop, whole_image
 from plsc.demo.draw import Labeller
 from plsc.demo.embed import FaceEmbedder, open_embedder
 from plsc.demo.index import GalleryIndex, check_same_model, load_index, save_index, top_k, vote
-from plsc.engine.checkpoint import write_text_atomic
 from plsc.errors import PlscError
 
 log = logging.getLogger("plsc.demo")
@@ -231,18 +230,7 @@ def write_outputs(output: Path, names: list[Path], pictures: list[np.ndarray], r
     for name, data, result in zip(names, encoded, results, strict=True):
         target = output / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(target, data)
-        write_text_atomic(target.with_suffix(".json"), json.dumps(result, indent=1) + "\n")
+        write_atomic(target, data)
+        write_atomic(target.with_suffix(".json"), json.dumps(result, indent=1) + "\n")
         log.info("wrote %s and %s", target, target.with_suffix(".json").name)
 
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(staging, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(staging, path)
-    finally:
-        staging.unlink(missing_ok=True)

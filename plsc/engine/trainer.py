@@ -23,12 +23,13 @@ import numpy as np
 import paddle
 from paddle.jit.dy2static.program_translator import StaticFunction
 
+from plsc import checkpoint as ckpt
+from plsc.atomic import write_atomic, writing
 from plsc.config import Config, save_config
 from plsc.console import format_duration
 from plsc.data import build_dataset, build_train_loader_from_config, normalize_batch
 from plsc.data.verification_bin import load_bin
 from plsc.distributed import make_comm, require_classes_per_rank, share_statistics_from_rank0
-from plsc.engine import checkpoint as ckpt
 from plsc.engine.loss_scaler import DynamicLossScaler, all_finite
 from plsc.engine.schedule import learning_rate
 from plsc.errors import PlscError
@@ -695,7 +696,7 @@ def move_previous_run_aside(output: Path) -> Path | None:
     if not previous:
         return None
     aside = output / time.strftime("old-%Y%m%d-%H%M%S")
-    with ckpt.writing(aside):
+    with writing(aside):
         aside.mkdir()
         for path in previous:
             os.replace(path, aside / path.name)
@@ -713,7 +714,7 @@ def truncate_log(path: Path, step: int) -> None:
     lines = path.read_text().splitlines()
     kept = [line for line in lines if _logged_step(line) is not None and _logged_step(line) <= step]
     if len(kept) != len(lines):
-        ckpt.write_text_atomic(path, "".join(line + "\n" for line in kept))
+        write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def _logged_step(line: str) -> int | None:

@@ -25,6 +25,8 @@ import numpy as np
 import paddle
 
 from plsc.errors import PlscError
+from plsc.export.exporter import save_inference_model
+from plsc.export.infer import PaddleEngine
 from plsc.runtime import first_line
 
 log = logging.getLogger("plsc.eval")
@@ -53,9 +55,6 @@ class InferenceEmbedder:
     data_format = "NCHW"
 
     def __init__(self, model: paddle.nn.Layer, model_config, image_size: int, threads: int | None = None):
-        from plsc.export.exporter import save_inference_model  # export imports eval: import on use
-        from plsc.export.infer import PaddleEngine
-
         twin = snapshot_twin(model, model_config, image_size)
         with tempfile.TemporaryDirectory(prefix="plsc-embedder-") as folder:
             files = save_inference_model(twin, Path(folder) / "backbone", image_size)

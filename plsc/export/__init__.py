@@ -1,6 +1,6 @@
 """Deployment: export a checkpoint for Paddle Inference or ONNX Runtime, and embed images with the export.
 
-PLSC v2.2 checkpoints are imported by :mod:`plsc.engine.plsc22`; every entry point that takes a checkpoint
+PLSC v2.2 checkpoints are imported by :mod:`plsc.checkpoint.plsc22`; every entry point that takes a checkpoint
 folder accepts them too.
 """
 

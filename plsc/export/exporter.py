@@ -29,17 +29,16 @@ import inspect
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import paddle
 
 import plsc
+from plsc.atomic import temp_path, write_atomic
+from plsc.checkpoint import plsc22, replace_dir
+from plsc.checkpoint.restore import restore_backbone
 from plsc.console import captured_output
-from plsc.engine import plsc22
-from plsc.engine.checkpoint import write_text_atomic
 from plsc.errors import PlscError
-from plsc.eval.runner import restore_backbone
 from plsc.models import build_model
 
 EXPORT_JSON = "export.json"
@@ -75,15 +74,16 @@ def export_checkpoint(
     name = name or config.model.name
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.export-", dir=output.parent))
+        staging = temp_path(output)
+        staging.mkdir()
     except OSError as exc:
         raise PlscError(f"cannot write the export to {output}: {exc.strerror or exc}") from None
     try:
         artifact = _export_files(model, staging, name, config.data.image_size, export_format, opset)
         _carry_over(output, staging)
         description = merge_description(previous, describe(checkpoint, config), export_format, artifact)
-        write_text_atomic(staging / EXPORT_JSON, json.dumps(description, indent=1) + "\n")
-        _replace_folder(staging, output)
+        write_atomic(staging / EXPORT_JSON, json.dumps(description, indent=1) + "\n")
+        replace_dir(staging, output)
     except OSError as exc:
         raise PlscError(f"cannot write the export to {output}: {exc.strerror or exc}") from None
     finally:
@@ -130,16 +130,6 @@ def _link_or_copy(source, target) -> None:
         os.link(source, target, follow_symlinks=False)
     except OSError:
         shutil.copy2(source, target, follow_symlinks=False)
-
-
-def _replace_folder(staging: Path, output: Path) -> None:
-    """Put ``staging`` in the place of ``output``. Between the two renames the previous export is complete
-    under its temporary name; it is removed only once the new one is in place."""
-    previous = output.with_name(f".{output.name}.previous-{os.getpid()}")
-    if output.exists():
-        os.replace(output, previous)
-    os.replace(staging, output)
-    shutil.rmtree(previous, ignore_errors=True)
 
 
 def nchw_twin(model: paddle.nn.Layer, config) -> paddle.nn.Layer:

@@ -7,16 +7,15 @@ image in sorted path order; an unreadable image stops the run before anything is
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from plsc.atomic import atomic_file, write_atomic
 from plsc.console import Progress
 from plsc.data.folder import read_image
 from plsc.data.transforms import EvalTransform
-from plsc.engine.checkpoint import write_text_atomic
 from plsc.errors import PlscError
 from plsc.export.exporter import EXPORT_JSON, read_description
 from plsc.runtime import default_threads, first_line
@@ -213,12 +212,7 @@ def save_embeddings(output: str | Path, paths: list[Path], embeddings: np.ndarra
     output.parent.mkdir(parents=True, exist_ok=True)
     root = Path(root)
     names = [str(path.relative_to(root)) if root.is_dir() else str(path) for path in paths]
-    write_text_atomic(output.with_suffix(".txt"), "\n".join(names) + "\n")
-    staging = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    try:
-        with open(staging, "wb") as f:
-            np.save(f, embeddings)
-        os.replace(staging, output)
-    finally:
-        staging.unlink(missing_ok=True)
+    write_atomic(output.with_suffix(".txt"), "\n".join(names) + "\n")
+    with atomic_file(output) as f:
+        np.save(f, embeddings)
     return output

@@ -392,7 +392,7 @@ class PartialFC:
 
     def set_state(self, weight, velocity) -> None:
         """Overwrite the centers and velocities in place with ``weight`` and ``velocity``: arrays, or objects
-        with ``blocks()`` yielding ``(first row, rows)`` (:class:`plsc.engine.shard_io.RowPieces`), copied a
+        with ``blocks()`` yielding ``(first row, rows)`` (:class:`plsc.checkpoint.shards.RowPieces`), copied a
         block at a time and cast to the storage dtype (numpy's rounding)."""
         expected = (self.shard.count, self.embedding_size)
         if tuple(weight.shape) != expected or tuple(velocity.shape) != expected:

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from plsc.engine.checkpoint import CheckpointDir
+from plsc.checkpoint import CheckpointDir
 from repro.claims import PASS, OwnAccuracyClaim, load_claims
 from repro.plsc_runs import ROOT, run_environment, train_command
 

@@ -34,7 +34,7 @@ RUN_TIMEOUT_S = 600
 
 @pytest.fixture(scope="module")
 def plsc22_importer():
-    return pytest.importorskip("plsc.engine.plsc22", reason="needs plsc's PLSC v2.2 checkpoint importer")
+    return pytest.importorskip("plsc.checkpoint.plsc22", reason="needs plsc's PLSC v2.2 checkpoint importer")
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,8 @@
-"""Atomic, shardable checkpoints.
+"""Atomic, shardable checkpoints: the format, written and read here.
+
+The package also holds :mod:`~plsc.checkpoint.shards` (class-center shards streamed to and from ``.npy``),
+:mod:`~plsc.checkpoint.plsc22` (PLSC v2.2 checkpoints imported) and :mod:`~plsc.checkpoint.restore` (a
+backbone from either kind of folder, for eval, export and the demo).
 
 Layout of one checkpoint directory::
 
@@ -9,13 +13,14 @@ Layout of one checkpoint directory::
 
 Each rank writes its own shard; the class range of every shard is in the manifest, so a checkpoint saved on N
 ranks loads on M ranks by reading exactly the rows each new shard needs. Shards are written and read a block
-of rows at a time (plsc.engine.shard_io): the checkpoint phase holds no host copy of a shard.
+of rows at a time (plsc.checkpoint.shards): the checkpoint phase holds no host copy of a shard.
 
 A directory is written under a temporary name, fsynced and renamed into place, so a crash leaves either the
 previous checkpoint or the new one, never half of one. Saving over an existing directory (the same step
 again, best_model/<name>) swaps the two directories in one step (Linux ``renameat2(RENAME_EXCHANGE)``), so the
-name always holds a complete checkpoint. ``latest`` (a text file naming the newest step) is replaced the same
-way. A failed write (a full disk) removes what it had written and leaves the previous checkpoint as it was.
+name always holds a complete checkpoint. ``latest`` (a text file naming the newest step) is replaced by
+:mod:`plsc.atomic`. A failed write (a full disk) removes what it had written and leaves the previous
+checkpoint as it was.
 
 Tensor files are read by :mod:`plsc.safe_pickle` (data only, never code) and must fit the model they are
 loaded into: :func:`load_backbone_into`.
@@ -23,7 +28,6 @@ loaded into: :func:`load_backbone_into`.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import json
@@ -39,8 +43,9 @@ import paddle
 
 import plsc
 from plsc import safe_pickle
+from plsc.atomic import fsync_path, write_atomic, writing
+from plsc.checkpoint import shards
 from plsc.distributed import ClassShard
-from plsc.engine import shard_io
 from plsc.errors import PlscError
 
 FORMAT = "plsc-checkpoint"
@@ -74,34 +79,10 @@ def versions() -> dict[str, str]:
     }
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     for path in sorted(root.rglob("*"), reverse=True):
-        _fsync_path(path)
-    _fsync_path(root)
-
-
-def write_error(path: Path, exc: OSError) -> PlscError:
-    """The one-line message for a failed write: a full disk is said as such."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return PlscError(f"no space left writing {path}")
-    return PlscError(f"could not write {path}: {exc.strerror or exc}")
-
-
-@contextlib.contextmanager
-def writing(path: Path):
-    """Turns an OSError raised while writing ``path`` into the PlscError naming it."""
-    try:
-        yield
-    except OSError as exc:
-        raise write_error(path, exc) from None
+        fsync_path(path)
+    fsync_path(root)
 
 
 def remove_tree(path: Path) -> None:
@@ -110,21 +91,6 @@ def remove_tree(path: Path) -> None:
         shutil.rmtree(path)
     except OSError:
         pass
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with writing(path):
-            with open(tmp, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            _fsync_path(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def shard_file(rank: int, kind: str) -> str:
@@ -165,7 +131,7 @@ def _write_checkpoint(staging: Path, target: Path, *, comm, state, config, model
     for kind in ("weight", "velocity"):  # streamed block by block: no host copy of the shard
         path = staging / shard_file(comm.rank, kind)
         with writing(path):
-            shard_io.write_center_shard(head, path, kind)
+            shards.write_center_shard(head, path, kind)
     if comm.rank == 0:
         with writing(staging / BACKBONE):
             paddle.save(model.state_dict(), str(staging / BACKBONE))
@@ -175,7 +141,7 @@ def _write_checkpoint(staging: Path, target: Path, *, comm, state, config, model
     comm.barrier()
     if comm.rank == 0:
         world = comm.world_size
-        shards = [_shard_entry(r, head.num_classes, world) for r in range(world)]
+        shard_entries = [_shard_entry(r, head.num_classes, world) for r in range(world)]
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -186,7 +152,7 @@ def _write_checkpoint(staging: Path, target: Path, *, comm, state, config, model
             "embedding_size": head.embedding_size,
             "center_dtype": head.storage_dtype,
             "world_size": world,
-            "shards": shards,
+            "shards": shard_entries,
             "config": config,
             "versions": versions(),
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -198,7 +164,7 @@ def _write_checkpoint(staging: Path, target: Path, *, comm, state, config, model
         with writing(staging):
             _fsync_tree(staging)
         with writing(target):
-            _replace_dir(staging, target)
+            replace_dir(staging, target)
 
 
 def _shard_entry(rank: int, num_classes: int, world_size: int) -> dict:
@@ -214,15 +180,16 @@ def _shard_entry(rank: int, num_classes: int, world_size: int) -> dict:
     }
 
 
-def _replace_dir(staging: Path, target: Path) -> None:
-    """Move the complete ``staging`` to ``target``; an existing ``target`` is swapped out in one step."""
+def replace_dir(staging: Path, target: Path) -> None:
+    """Move the complete ``staging`` to ``target``; an existing ``target`` is swapped out in one step (and
+    removed). Used for checkpoints and exported models alike."""
     if target.exists():
         exchange_dirs(staging, target)
-        _fsync_path(target.parent)
+        fsync_path(target.parent)
         remove_tree(staging)  # now the previous checkpoint
     else:
         os.replace(staging, target)
-        _fsync_path(target.parent)
+        fsync_path(target.parent)
 
 
 _AT_FDCWD = -100
@@ -300,11 +267,11 @@ def _required_files(manifest: dict) -> list[str]:
 
 
 def read_center_rows(directory: Path, manifest: dict, shard: ClassShard
-                     ) -> tuple[shard_io.RowPieces, shard_io.RowPieces]:
+                     ) -> tuple[shards.RowPieces, shards.RowPieces]:
     """Rows ``[shard.start, shard.stop)`` of the saved centers and velocities, whatever the saved sharding:
     the pieces of the saved files, read a block at a time when the head copies them in (``set_state``)."""
     directory = Path(directory)
-    parts: dict[str, list[shard_io.FileRows]] = {"weight": [], "velocity": []}
+    parts: dict[str, list[shards.FileRows]] = {"weight": [], "velocity": []}
     emb = manifest["embedding_size"]
     for saved in manifest["shards"]:
         lo, hi = max(shard.start, saved["start"]), min(shard.stop, saved["start"] + saved["count"])
@@ -313,15 +280,15 @@ def read_center_rows(directory: Path, manifest: dict, shard: ClassShard
         for kind in parts:
             path = directory / saved[kind]
             _check_shard(path, (saved["count"], emb), manifest["center_dtype"])
-            parts[kind].append(shard_io.FileRows(path, lo - saved["start"], hi - saved["start"]))
+            parts[kind].append(shards.FileRows(path, lo - saved["start"], hi - saved["start"]))
     dtype = manifest["center_dtype"]
-    return shard_io.RowPieces(parts["weight"], emb, dtype), shard_io.RowPieces(parts["velocity"], emb, dtype)
+    return shards.RowPieces(parts["weight"], emb, dtype), shards.RowPieces(parts["velocity"], emb, dtype)
 
 
 def _check_shard(path: Path, shape: tuple[int, int], dtype: str) -> None:
     """A class-center shard whose header and length fit the manifest; else an error naming the file."""
     try:
-        offset, stored_shape, stored_dtype = shard_io.npy_layout(path)
+        offset, stored_shape, stored_dtype = shards.npy_layout(path)
     except (OSError, ValueError, EOFError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise PlscError(f"{path}: truncated or corrupt class-center shard ({reason})") from None
@@ -402,7 +369,7 @@ class CheckpointDir:
         return self.root / str(step)
 
     def mark_latest(self, step: int) -> None:
-        write_text_atomic(self.root / LATEST, f"{step}\n")
+        write_atomic(self.root / LATEST, f"{step}\n")
 
     def latest(self) -> Path | None:
         """The checkpoint ``latest`` names; None when there is no ``latest``; an error when it is broken."""

@@ -8,10 +8,10 @@ import numpy as np
 import paddle
 import pytest
 
+from plsc import checkpoint as ckpt
+from plsc.checkpoint import shards
 from plsc.config import Config
 from plsc.distributed import LocalComm
-from plsc.engine import checkpoint as ckpt
-from plsc.engine import shard_io
 from plsc.errors import PlscError
 from plsc.loss.margin import ARCFACE
 from plsc.loss.partial_fc import PartialFC
@@ -23,9 +23,9 @@ def test_streamed_file_is_byte_for_byte_np_save(tmp_path, dtype, block_rows):
     rows = np.random.default_rng(0).standard_normal((100, 12)).astype(dtype)
     np.save(tmp_path / "reference.npy", rows)
     blocks = (rows[start : start + block_rows] for start in range(0, len(rows), block_rows))
-    shard_io.write_npy(tmp_path / "streamed.npy", rows.shape, dtype, blocks)
+    shards.write_npy(tmp_path / "streamed.npy", rows.shape, dtype, blocks)
     assert (tmp_path / "streamed.npy").read_bytes() == (tmp_path / "reference.npy").read_bytes()
-    pieces = shard_io.RowPieces([shard_io.FileRows(tmp_path / "streamed.npy", 13, 57)], 12, dtype)
+    pieces = shards.RowPieces([shards.FileRows(tmp_path / "streamed.npy", 13, 57)], 12, dtype)
     np.testing.assert_array_equal(np.asarray(pieces), rows[13:57])
     blocks = [(start, rows.copy()) for start, rows in pieces.blocks(block_rows)]
     np.testing.assert_array_equal(np.concatenate([b for _, b in blocks]), rows[13:57])
@@ -35,9 +35,9 @@ def test_streamed_file_is_byte_for_byte_np_save(tmp_path, dtype, block_rows):
 def test_short_or_mistyped_blocks_are_refused(tmp_path):
     rows = np.zeros((10, 4), np.float32)
     with pytest.raises(ValueError, match="9 rows written, 10 expected"):
-        shard_io.write_npy(tmp_path / "a.npy", (10, 4), "float32", [rows[:9]])
+        shards.write_npy(tmp_path / "a.npy", (10, 4), "float32", [rows[:9]])
     with pytest.raises(ValueError, match="does not fit"):
-        shard_io.write_npy(tmp_path / "b.npy", (10, 4), "float16", [rows])
+        shards.write_npy(tmp_path / "b.npy", (10, 4), "float16", [rows])
 
 
 def head_with_random_state(classes: int, dtype: str, seed: int = 0):
