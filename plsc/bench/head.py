@@ -198,7 +198,7 @@ def measure_time(spec: HeadBenchSpec) -> dict:
     """Build the head, then time ``warmup + steps`` steps, each followed by the floor on its shapes."""
     import paddle
 
-    from plsc.loss.sparse_momentum import gather_rows
+    from plsc.loss.rows import gather_rows
 
     before = allocator_bytes()
     head = build_head(spec)

@@ -41,7 +41,7 @@ from plsc.eval.embedders import open_embedder
 from plsc.loss import fast_paths
 from plsc.loss.margin import Margin
 from plsc.loss.partial_fc import PartialFC
-from plsc.loss.sparse_momentum import gather_rows
+from plsc.loss.rows import gather_rows
 from plsc.loss.streaming import build_head
 from plsc.models import MODELS, build_model
 

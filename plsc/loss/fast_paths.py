@@ -22,7 +22,9 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-from plsc.loss.partial_fc import PartialFC, margin_softmax_loss, num_sampled
+from plsc.loss.margin import margin_softmax_cross_entropy
+from plsc.loss.partial_fc import PartialFC
+from plsc.loss.sampling import num_sampled
 
 log = logging.getLogger("plsc.fast_paths")
 
@@ -46,7 +48,8 @@ def on_gpu() -> bool:
 
 
 def fused_margin_loss(cosine: paddle.Tensor, labels: paddle.Tensor, margin, comm) -> paddle.Tensor:
-    """:func:`plsc.loss.partial_fc.margin_softmax_loss` in one kernel (one process: labels are columns)."""
+    """:func:`plsc.loss.margin.margin_softmax_cross_entropy` in one kernel (one process: labels are
+    columns)."""
     return F.margin_cross_entropy(
         cosine, labels, margin1=margin.m1, margin2=margin.m2, margin3=margin.m3, scale=margin.scale
     )
@@ -84,7 +87,7 @@ def check_margin_cross_entropy(margin, comm) -> FastPath:
         cosine_np = rng.uniform(-0.6, 0.9, (16, 40)).astype(np.float32)
         labels = paddle.to_tensor(rng.integers(0, 40, 16))
         losses, grads = [], []
-        for loss_fn in (fused_margin_loss, margin_softmax_loss):
+        for loss_fn in (fused_margin_loss, margin_softmax_cross_entropy):
             cosine = paddle.to_tensor(cosine_np, stop_gradient=False)
             loss = loss_fn(cosine, labels, margin, comm)
             loss.backward()
