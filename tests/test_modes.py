@@ -3,7 +3,7 @@
 
 Static mode compiles the backbone and the head's loss with ``paddle.jit.to_static``; the tests hold it to the
 dynamic run's losses. On Paddle 3 those are bitwise equal (the compiled programs do the same float operations
-in the same order), so the 1e-5 bound is not tight; see plsc.engine.trainer.compile_for_mode for 2.6.
+in the same order), so the 1e-5 bound is not tight; see plsc.engine.modes.compile_for_mode for 2.6.
 """
 
 from __future__ import annotations
