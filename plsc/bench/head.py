@@ -151,15 +151,11 @@ def timed_sampler(head, clock: PhaseClock):
 def head_step(head, embeddings, labels, step: int, clock: PhaseClock, update_in_backward: bool = True):
     """One whole step of the head, phase by phase; returns the sampled rows, or with the streaming head
     their index (for the floor's shapes)."""
-    own_sampler = vars(head).get("sample_tensors")  # an instance's replacement (plsc.loss.fast_paths)
     head.sample_tensors = timed_sampler(head, clock)
     try:
         sampled, remapped = head.prepare(labels, step)
     finally:  # unwrapped again: wrappers piling up across steps would mark old clocks
-        if own_sampler is None:
-            del head.sample_tensors
-        else:
-            head.sample_tensors = own_sampler
+        del head.sample_tensors
     clock.mark("gather")
     loss = head.loss(head.comm.all_gather_with_grad(embeddings), sampled, remapped)
     clock.mark("forward")

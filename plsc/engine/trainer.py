@@ -118,17 +118,6 @@ class Trainer:
         self.num_classes = config.data.num_classes or self.dataset.num_classes
         require_classes_per_rank(self.num_classes, self.comm.world_size)
         self.model = build_backbone(config, config.train.seed)
-        self.head = build_head(
-            config.loss.chunk_size,
-            num_classes=self.num_classes,
-            embedding_size=config.model.embedding_size,
-            margin=Margin.from_list(config.loss.margins, config.loss.scale),
-            sample_ratio=config.loss.sample_ratio,
-            momentum_mode=config.loss.momentum_mode,
-            center_dtype=config.loss.center_dtype,
-            seed=config.train.seed,
-            comm=self.comm,
-        )
         optim = config.optim
         self.optimizer = paddle.optimizer.Momentum(
             learning_rate=optim.lr,
@@ -144,7 +133,22 @@ class Trainer:
                 save_dtype="float32",
             )
         self.scaler = DynamicLossScaler.from_config(config.train, enabled=config.train.precision != "fp32")
-        self.fast_paths = fast_paths.select_fast_paths(self.head, self.comm)
+        margin = Margin.from_list(config.loss.margins, config.loss.scale)
+        chosen = fast_paths.select_fast_paths(margin, self.num_classes, config.loss.sample_ratio, self.comm,
+                                              config.train.seed)
+        self.fast_paths = chosen.results
+        self.head = build_head(
+            config.loss.chunk_size,
+            num_classes=self.num_classes,
+            embedding_size=config.model.embedding_size,
+            margin=margin,
+            sample_ratio=config.loss.sample_ratio,
+            momentum_mode=config.loss.momentum_mode,
+            center_dtype=config.loss.center_dtype,
+            seed=config.train.seed,
+            comm=self.comm,
+            **chosen.head_kwargs(),
+        )
         # Compiled after the fast paths are chosen: the head's loss is traced with the kernel it will use.
         self._backbone = compile_for_mode(BackboneStep(self.model), config.train.mode)
         self._head_loss = compile_head_loss(self.head, config.train.mode, self.comm,

@@ -20,7 +20,7 @@ from plsc.distributed import LocalComm, shard_classes
 from plsc.loss.cosine import ScratchRows, cosine_to_centers
 from plsc.loss.margin import Margin, margin_softmax_cross_entropy
 from plsc.loss.rows import gather_rows, gathers_into, host_view, is_cpu_and_contiguous
-from plsc.loss.sampling import sample_centers
+from plsc.loss.sampling import num_sampled, sample_centers
 from plsc.loss.sparse_momentum import UPDATES
 
 # Initial centers: N(0, INIT_STD^2), generated per block of classes so that a class's row depends only on
@@ -97,7 +97,12 @@ class PartialFC:
         center_dtype: str = "float32",
         seed: int = 0,
         comm=None,
+        margin_loss=margin_softmax_cross_entropy,
+        device_sampler=None,
     ):
+        """``margin_loss(cosine, remapped, margin, comm)`` and ``device_sampler(all_labels, num_local, wanted)
+        -> (index, remapped)``: a fused kernel and an on-device sampler in place of the portable code, each
+        once it passed its start-up parity check (:func:`plsc.loss.fast_paths.select_fast_paths`)."""
         self.comm = comm or LocalComm()
         self.num_classes = num_classes
         self.embedding_size = embedding_size
@@ -111,8 +116,8 @@ class PartialFC:
         self.velocity = paddle.zeros_like(self.weight)
         self._index: paddle.Tensor | None = None
         self._sampled: paddle.Tensor | None = None
-        # Replaceable by a fused kernel that passed its start-up parity check (plsc.loss.fast_paths).
-        self.margin_loss = margin_softmax_cross_entropy
+        self.margin_loss = margin_loss
+        self.device_sampler = device_sampler
         self.center_grad_scratch = ScratchRows()
         # The sampled rows, gathered into the same memory every step where Paddle can (gathers_into):
         # a fresh [k, emb] tensor is fresh pages, and the forward over them took 0.44 s instead of 0.36 on
@@ -146,7 +151,10 @@ class PartialFC:
         return sampled, remapped
 
     def sample_tensors(self, all_labels: paddle.Tensor, step: int) -> tuple[paddle.Tensor, paddle.Tensor]:
-        """:meth:`sample` on tensors; replaceable by Paddle's on-device sampler (plsc.loss.fast_paths)."""
+        """:meth:`sample` on tensors, or the constructor's ``device_sampler`` (no copy to the host)."""
+        if self.device_sampler is not None:
+            count = self.shard.count
+            return self.device_sampler(all_labels, count, num_sampled(count, self.sample_ratio))
         index, remapped = self.sample(all_labels.numpy(), step)
         return paddle.to_tensor(index), paddle.to_tensor(remapped)
 
