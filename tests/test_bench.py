@@ -31,6 +31,7 @@ from plsc.bench.head import (
 )
 from plsc.cli import build_parser
 from plsc.distributed import LocalComm
+from plsc.engine.modes import HeadLossStep
 from plsc.errors import PlscError
 from plsc.loss import sparse_momentum
 from plsc.loss.cosine import ScratchRows, cosine_to_centers
@@ -273,15 +274,6 @@ def test_cast_between_float16_and_float32_rounds_like_numpy():
     assert cast(back, paddle.float32) is back
 
 
-class HeadLoss(paddle.nn.Layer):
-    def __init__(self, head: PartialFC):
-        super().__init__()
-        self.head = head
-
-    def forward(self, all_embeddings, sampled, remapped):
-        return self.head.loss(all_embeddings, sampled, remapped)
-
-
 def test_static_mode_loss_equals_dynamic():
     """The trainer's static mode compiles ``PartialFC.loss`` as one graph, PyLayers included."""
     rng = np.random.default_rng(5)
@@ -289,7 +281,7 @@ def test_static_mode_loss_equals_dynamic():
     labels = paddle.to_tensor(rng.integers(0, 50, 6))
     embeddings_np = rng.standard_normal((6, 8)).astype(np.float32)
     results = []
-    for loss_fn in (HeadLoss(head), paddle.jit.to_static(HeadLoss(head), full_graph=True)):
+    for loss_fn in (HeadLossStep(head), paddle.jit.to_static(HeadLossStep(head), full_graph=True)):
         sampled, remapped = head.prepare(labels, step=3)
         embeddings = paddle.to_tensor(embeddings_np, stop_gradient=False)
         loss = loss_fn(embeddings, sampled, remapped)
