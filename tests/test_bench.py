@@ -31,8 +31,10 @@ from plsc.bench.head import (
 )
 from plsc.cli import build_parser
 from plsc.distributed import LocalComm
+from plsc.engine.modes import HeadLossStep
 from plsc.errors import PlscError
 from plsc.loss import sparse_momentum
+from plsc.loss.cosine import ScratchRows, cosine_to_centers
 from plsc.loss.margin import (
     ARCFACE,
     COSFACE,
@@ -43,15 +45,9 @@ from plsc.loss.margin import (
     target_logit,
     target_logit_slope,
 )
-from plsc.loss.partial_fc import (
-    PartialFC,
-    ScratchRows,
-    cosine_to_centers,
-    distinct_uniform,
-    init_class_center_tensor,
-    init_class_centers,
-    sorted_unique,
-)
+from plsc.loss.partial_fc import PartialFC, init_class_center_tensor, init_class_centers
+from plsc.loss.rows import cast
+from plsc.loss.sampling import distinct_uniform, sorted_unique
 from plsc.loss.sparse_momentum import lazy_update
 
 COMBINED = Margin(0.9, 0.4, 0.15, 32.0)
@@ -264,7 +260,7 @@ def test_cast_between_float16_and_float32_rounds_like_numpy():
     values = np.concatenate([special, rng.standard_normal(4000) * scales]).astype(np.float32)
     values = values[: len(values) // 8 * 8].reshape(-1, 8)
     whole = paddle.to_tensor(np.concatenate([values, values]))  # a row slice of it: a view on Paddle 3.x
-    half = sparse_momentum.cast(whole[len(values):], paddle.float16)
+    half = cast(whole[len(values):], paddle.float16)
     assert half.dtype == paddle.float16 and half.shape == list(values.shape)
     with np.errstate(over="ignore"):
         expected = values.astype(np.float16)
@@ -272,19 +268,10 @@ def test_cast_between_float16_and_float32_rounds_like_numpy():
     if int(paddle.__version__.split(".")[0]) >= 3:  # 2.6's own CPU cast is sometimes one ulp off
         own = whole[len(values):].astype("float16").numpy()
         np.testing.assert_array_equal(half.numpy().view(np.uint16), own.view(np.uint16))
-    back = sparse_momentum.cast(half, paddle.float32)
+    back = cast(half, paddle.float32)
     assert back.dtype == paddle.float32
     np.testing.assert_array_equal(back.numpy(), expected.astype(np.float32))
-    assert sparse_momentum.cast(back, paddle.float32) is back
-
-
-class HeadLoss(paddle.nn.Layer):
-    def __init__(self, head: PartialFC):
-        super().__init__()
-        self.head = head
-
-    def forward(self, all_embeddings, sampled, remapped):
-        return self.head.loss(all_embeddings, sampled, remapped)
+    assert cast(back, paddle.float32) is back
 
 
 def test_static_mode_loss_equals_dynamic():
@@ -294,7 +281,7 @@ def test_static_mode_loss_equals_dynamic():
     labels = paddle.to_tensor(rng.integers(0, 50, 6))
     embeddings_np = rng.standard_normal((6, 8)).astype(np.float32)
     results = []
-    for loss_fn in (HeadLoss(head), paddle.jit.to_static(HeadLoss(head), full_graph=True)):
+    for loss_fn in (HeadLossStep(head), paddle.jit.to_static(HeadLossStep(head), full_graph=True)):
         sampled, remapped = head.prepare(labels, step=3)
         embeddings = paddle.to_tensor(embeddings_np, stop_gradient=False)
         loss = loss_fn(embeddings, sampled, remapped)

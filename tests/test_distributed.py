@@ -26,7 +26,8 @@ from distributed_worker import use_running_batchnorm_statistics
 from plsc.distributed import LocalComm, shard_classes
 from plsc.launch import child_environment, launch_command
 from plsc.loss.margin import Margin, margin_logits, softmax_cross_entropy
-from plsc.loss.partial_fc import PartialFC, init_class_centers, num_sampled
+from plsc.loss.partial_fc import PartialFC, init_class_centers
+from plsc.loss.sampling import num_sampled
 from plsc.loss.sparse_momentum import lazy_update
 
 WORKER = Path(__file__).with_name("distributed_worker.py")

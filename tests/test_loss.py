@@ -17,7 +17,8 @@ from plsc.loss.margin import (
     softmax_cross_entropy,
     target_logit,
 )
-from plsc.loss.partial_fc import PartialFC, init_class_centers, num_sampled, sample_centers
+from plsc.loss.partial_fc import PartialFC, init_class_centers
+from plsc.loss.sampling import num_sampled, sample_centers
 
 COMBINED = Margin(0.9, 0.4, 0.15, 32.0)
 
@@ -252,15 +253,15 @@ def test_sparse_momentum_matches_numpy_over_several_steps(mode):
 def test_rows_gathered_into_kept_memory_train_exactly_like_fresh_ones(monkeypatch):
     # Paddle 3.x gathers the sampled rows into the same buffer every step; each step's leaf must still start
     # with an empty gradient. Reference: the same head gathering into a new tensor each step (2.6's way).
-    from plsc.loss import sparse_momentum
+    from plsc.loss import rows
 
-    supported = sparse_momentum.GATHER_WRITES_INTO
+    supported = rows.GATHER_WRITES_INTO
     assert supported == (int(paddle.__version__.split(".")[0]) >= 3)
     rng = np.random.default_rng(8)
     steps = [(rng.standard_normal((6, 8)).astype(np.float32), rng.integers(0, 40, size=6)) for _ in range(4)]
 
     def train(kept: bool):
-        monkeypatch.setattr(sparse_momentum, "GATHER_WRITES_INTO", kept and supported)
+        monkeypatch.setattr(rows, "GATHER_WRITES_INTO", kept and supported)
         head = PartialFC(40, 8, ARCFACE, sample_ratio=0.25, seed=3)  # k = 10 every step: one buffer
         grads = []
         for step, (embeddings, labels) in enumerate(steps):

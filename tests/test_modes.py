@@ -3,7 +3,7 @@
 
 Static mode compiles the backbone and the head's loss with ``paddle.jit.to_static``; the tests hold it to the
 dynamic run's losses. On Paddle 3 those are bitwise equal (the compiled programs do the same float operations
-in the same order), so the 1e-5 bound is not tight; see plsc.engine.trainer.compile_for_mode for 2.6.
+in the same order), so the 1e-5 bound is not tight; see plsc.engine.modes.compile_for_mode for 2.6.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from plsc.engine.loss_scaler import DynamicLossScaler, found_inf_anywhere, grads
 from plsc.engine.trainer import Trainer
 from plsc.launch import child_environment, launch_command
 from plsc.loss import fast_paths
-from plsc.loss.margin import ARCFACE
+from plsc.loss.margin import ARCFACE, margin_softmax_cross_entropy
 from plsc.loss.partial_fc import PartialFC
 from plsc.models.layout_check import check_cudnn_nhwc
 
@@ -269,8 +269,9 @@ def test_nhwc_trainer_matches_nchw(tiny_dir, tmp_path):
 def test_fast_paths_report_unavailable_on_cpu_and_keep_the_portable_loss():
     if fast_paths.on_gpu():
         pytest.skip("a GPU is in use: test_fast_paths_match_the_portable_code_on_gpu covers it")
-    head = PartialFC(40, 8, ARCFACE)
-    results = {r.name: r.status for r in fast_paths.select_fast_paths(head, LocalComm())}
+    chosen = fast_paths.select_fast_paths(ARCFACE, 40, 1.0, LocalComm())
+    head = PartialFC(40, 8, ARCFACE, **chosen.head_kwargs())
+    results = {r.name: r.status for r in chosen.results}
     assert results == {
         "margin_cross_entropy": "unavailable (no CPU kernel)",
         "class_center_sample": "unavailable (GPU only; the host sampler is used)",
@@ -280,20 +281,47 @@ def test_fast_paths_report_unavailable_on_cpu_and_keep_the_portable_loss():
     assert layout.status.startswith("unavailable (CPU")
 
 
+def test_head_runs_the_sampler_and_margin_loss_handed_to_its_constructor():
+    """The fast paths reach the head only through its constructor; checked on CPU with stand-ins whose
+    effect is known: a sampler keeping every class gives the ratio-1.0 head's loss, a doubled loss doubles."""
+    calls = []
+
+    def every_class(all_labels, num_local, wanted):
+        calls.append((num_local, wanted))
+        return paddle.arange(num_local, dtype="int64"), all_labels
+
+    def doubled(cosine, labels, margin, comm):
+        return 2 * margin_softmax_cross_entropy(cosine, labels, margin, comm)
+
+    rng = np.random.default_rng(5)
+    embeddings, labels = rng.standard_normal((6, 8)).astype(np.float32), rng.integers(0, 40, 6)
+
+    def loss(head):
+        return float(head(paddle.to_tensor(embeddings), paddle.to_tensor(labels), 0))
+
+    whole = loss(PartialFC(40, 8, ARCFACE, sample_ratio=1.0, seed=2))
+    stand_in = PartialFC(40, 8, ARCFACE, sample_ratio=0.25, seed=2, device_sampler=every_class)
+    sampled_by_stand_in = loss(stand_in)
+    assert calls == [(40, 10)]
+    assert sampled_by_stand_in == pytest.approx(whole, rel=1e-6)
+    assert loss(PartialFC(40, 8, ARCFACE, seed=2, margin_loss=doubled)) == pytest.approx(2 * whole, rel=1e-6)
+
+
 @pytest.mark.gpu
 def test_fast_paths_match_the_portable_code_on_gpu():
     """The start-up parity checks on a GPU: fused margin softmax, on-device sampling and cuDNN NHWC."""
     from plsc.config import ModelConfig
     from plsc.models import build_model
 
-    head = PartialFC(1000, 16, ARCFACE, sample_ratio=0.1)
-    results = {r.name: r for r in fast_paths.select_fast_paths(head, LocalComm())}
+    chosen = fast_paths.select_fast_paths(ARCFACE, 1000, 0.1, LocalComm())
+    head = PartialFC(1000, 16, ARCFACE, sample_ratio=0.1, **chosen.head_kwargs())
+    results = {r.name: r for r in chosen.results}
     assert results["margin_cross_entropy"].enabled and results["class_center_sample"].enabled
     labels = paddle.to_tensor(np.arange(0, 64, dtype=np.int64) * 7)
     sampled, remapped = head.prepare(labels, 0)
     embeddings = paddle.to_tensor(np.random.default_rng(0).standard_normal((64, 16)).astype("float32"))
     fused = head.loss(embeddings, sampled, remapped)
-    head.margin_loss = fast_paths.margin_softmax_loss
+    head.margin_loss = margin_softmax_cross_entropy
     assert float(fused) == pytest.approx(float(head.loss(embeddings, sampled, remapped)), rel=1e-4)
 
     def build(data_format):

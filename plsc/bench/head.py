@@ -151,15 +151,11 @@ def timed_sampler(head, clock: PhaseClock):
 def head_step(head, embeddings, labels, step: int, clock: PhaseClock, update_in_backward: bool = True):
     """One whole step of the head, phase by phase; returns the sampled rows, or with the streaming head
     their index (for the floor's shapes)."""
-    own_sampler = vars(head).get("sample_tensors")  # an instance's replacement (plsc.loss.fast_paths)
     head.sample_tensors = timed_sampler(head, clock)
     try:
         sampled, remapped = head.prepare(labels, step)
     finally:  # unwrapped again: wrappers piling up across steps would mark old clocks
-        if own_sampler is None:
-            del head.sample_tensors
-        else:
-            head.sample_tensors = own_sampler
+        del head.sample_tensors
     clock.mark("gather")
     loss = head.loss(head.comm.all_gather_with_grad(embeddings), sampled, remapped)
     clock.mark("forward")
@@ -198,7 +194,7 @@ def measure_time(spec: HeadBenchSpec) -> dict:
     """Build the head, then time ``warmup + steps`` steps, each followed by the floor on its shapes."""
     import paddle
 
-    from plsc.loss.sparse_momentum import gather_rows
+    from plsc.loss.rows import gather_rows
 
     before = allocator_bytes()
     head = build_head(spec)

@@ -2,7 +2,8 @@
 
 One code path for one process and for N: with a single process the collectives in ``comm`` are identities.
 One code path for both graph modes (``train.mode``): static mode compiles the same backbone and loss code
-with ``paddle.jit.to_static``; everything else (sampling, optimizer steps, checkpoints) is shared eager code.
+with ``paddle.jit.to_static`` (:mod:`plsc.engine.modes` decides what compiles and in which precision);
+everything else (sampling, optimizer steps, checkpoints) is shared eager code.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import paddle
-from paddle.jit.dy2static.program_translator import StaticFunction
 
 from plsc import checkpoint as ckpt
 from plsc.atomic import write_atomic, writing
@@ -31,14 +31,20 @@ from plsc.data import build_dataset, build_train_loader_from_config, normalize_b
 from plsc.data.verification_bin import load_bin
 from plsc.distributed import make_comm, require_classes_per_rank, share_statistics_from_rank0
 from plsc.engine.loss_scaler import DynamicLossScaler, all_finite
+from plsc.engine.modes import (
+    BackboneStep,
+    backbone_amp_level,
+    compile_for_mode,
+    compile_head_loss,
+    is_compiled,
+    log_modes,
+)
 from plsc.engine.schedule import learning_rate
 from plsc.errors import PlscError
 from plsc.eval.embedders import open_embedder
 from plsc.eval.verification import verify_across_ranks
 from plsc.loss import fast_paths
 from plsc.loss.margin import Margin
-from plsc.loss.partial_fc import PartialFC
-from plsc.loss.sparse_momentum import gather_rows
 from plsc.loss.streaming import build_head
 from plsc.models import MODELS, build_model
 from plsc.models.layout_check import check_cudnn_nhwc
@@ -83,67 +89,6 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-PADDLE_MAJOR = int(paddle.__version__.split(".")[0]) or 99  # a source build says 0.0.0: the newest
-
-
-class BackboneStep(paddle.nn.Layer):
-    """The backbone's training forward as a layer of its own: compiling it leaves ``model.forward`` eager for
-    evaluation and export (to_static swaps a sublayer's forward only while it traces)."""
-
-    def __init__(self, model: paddle.nn.Layer):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images):
-        return self.model(images)
-
-
-class HeadLossStep(paddle.nn.Layer):
-    """:meth:`PartialFC.loss` as a layer (to_static compiles layers and functions, not methods of others)."""
-
-    def __init__(self, head: PartialFC):
-        super().__init__()
-        self.head = head
-
-    def forward(self, all_embeddings, sampled, remapped):
-        return self.head.loss(all_embeddings, sampled, remapped)
-
-
-def compile_for_mode(step: paddle.nn.Layer, mode: str, has_collectives: bool = False) -> paddle.nn.Layer:
-    """``step`` itself in dynamic mode; in static mode its static-graph program (``paddle.jit.to_static``,
-    the whole forward as one graph: ``full_graph=True``), which reproduces the eager losses and gradients.
-
-    Except a step with collectives on Paddle 2.6, which stays eager: 2.6's static all_reduce needs fleet's
-    static communicator ("You must initialize the gloo environment first"), which ``init_parallel_env`` does
-    not set up. (2.6's bytecode translator, SOT, would cut the graph around the collectives, but its program
-    sums the margin's two gradient paths in another order: 1-ulp differences that grow to 4e-2 in 20 steps.)
-    """
-    if mode == "dynamic" or (has_collectives and PADDLE_MAJOR < 3):
-        return step
-    return paddle.jit.to_static(step, full_graph=True)
-
-
-def _relative_error(actual: np.ndarray, desired: np.ndarray) -> float:
-    return float(np.abs(actual - desired).max() / max(1.0, np.abs(desired).max()))
-
-
-def is_compiled(step: paddle.nn.Layer) -> bool:
-    """Whether ``step`` runs a static program (to_static replaces a layer's forward in place)."""
-    return isinstance(step.forward, StaticFunction)
-
-
-def backbone_amp_level(precision: str) -> str | None:
-    """The ``paddle.amp`` level of the backbone's forward; None: it computes in float32.
-
-    fp16 is PLSC's pure FP16 (O2: float16 weights with float32 master copies, BatchNorm in float32), amp is
-    O1 (float16 where Paddle's lists allow). GPU only: CPU builds have no float16 matmul or conv kernels, and
-    AMP there does nothing. Class-center storage (``loss.center_dtype``) and loss scaling apply on any device.
-    """
-    if precision == "fp32" or not fast_paths.on_gpu():
-        return None
-    return {"fp16": "O2", "amp": "O1"}[precision]
-
-
 def require_files(paths: list[str], key: str) -> None:
     """PlscError naming the first of ``paths`` (the config's ``key``) that is not a file."""
     for path in paths:
@@ -172,17 +117,6 @@ class Trainer:
         self.num_classes = config.data.num_classes or self.dataset.num_classes
         require_classes_per_rank(self.num_classes, self.comm.world_size)
         self.model = build_backbone(config, config.train.seed)
-        self.head = build_head(
-            config.loss.chunk_size,
-            num_classes=self.num_classes,
-            embedding_size=config.model.embedding_size,
-            margin=Margin.from_list(config.loss.margins, config.loss.scale),
-            sample_ratio=config.loss.sample_ratio,
-            momentum_mode=config.loss.momentum_mode,
-            center_dtype=config.loss.center_dtype,
-            seed=config.train.seed,
-            comm=self.comm,
-        )
         optim = config.optim
         self.optimizer = paddle.optimizer.Momentum(
             learning_rate=optim.lr,
@@ -198,12 +132,28 @@ class Trainer:
                 save_dtype="float32",
             )
         self.scaler = DynamicLossScaler.from_config(config.train, enabled=config.train.precision != "fp32")
-        self.fast_paths = fast_paths.select_fast_paths(self.head, self.comm)
+        margin = Margin.from_list(config.loss.margins, config.loss.scale)
+        chosen = fast_paths.select_fast_paths(margin, self.num_classes, config.loss.sample_ratio, self.comm,
+                                              config.train.seed)
+        self.fast_paths = chosen.results
+        self.head = build_head(
+            config.loss.chunk_size,
+            num_classes=self.num_classes,
+            embedding_size=config.model.embedding_size,
+            margin=margin,
+            sample_ratio=config.loss.sample_ratio,
+            momentum_mode=config.loss.momentum_mode,
+            center_dtype=config.loss.center_dtype,
+            seed=config.train.seed,
+            comm=self.comm,
+            **chosen.head_kwargs(),
+        )
         # Compiled after the fast paths are chosen: the head's loss is traced with the kernel it will use.
         self._backbone = compile_for_mode(BackboneStep(self.model), config.train.mode)
-        self._head_loss = self._compile_head_loss(config.train.mode)
+        self._head_loss = compile_head_loss(self.head, config.train.mode, self.comm,
+                                            config.train.batch_size * self.comm.world_size, self.num_classes)
         self.compiled = {"backbone": is_compiled(self._backbone), "loss": is_compiled(self._head_loss)}
-        self._log_modes()
+        log_modes(config, self.compiled, self.amp_level, self.scaler)
         world = self.comm.world_size
         self.loader, self.sampler = build_train_loader_from_config(config, self.dataset, self.rank, world)
         self.steps_per_epoch = self.sampler.batches_per_epoch
@@ -238,61 +188,6 @@ class Trainer:
         log.info("fast path %s: %s", result.name, result.status)
         if result.status.startswith(("failed", "disabled")):
             raise PlscError(f"cuDNN NHWC {result.status}; train with model.data_format=NCHW")
-
-    def _compile_head_loss(self, mode: str) -> paddle.nn.Layer:
-        """The head's loss for ``mode``; a compiled loss only once it reproduces the eager one on one batch.
-
-        Why the check: Paddle 3.3's static PyLayer silently drops in-place ops in a PyLayer's forward
-        (measured: ``out.multiply_(2)`` there has no effect under to_static), so a loss made of such layers
-        compiles without error into wrong numbers. Such a loss runs eagerly (logged); the rest stays static.
-        """
-        eager = HeadLossStep(self.head)
-        if not self.head.traceable:
-            return eager
-        compiled = compile_for_mode(HeadLossStep(self.head), mode, has_collectives=True)
-        if not is_compiled(compiled):
-            return eager
-        error = self.comm.all_reduce_max(paddle.to_tensor([self._head_loss_error(eager, compiled)])).item()
-        if not error <= 1e-5:  # nan included
-            log.warning("static mode: the compiled loss differs from the eager loss by %.3g on a test batch; "
-                        "the loss runs eagerly (in-place ops in a PyLayer do not survive to_static)", error)
-            return eager
-        return compiled
-
-    def _head_loss_error(self, eager: paddle.nn.Layer, compiled: paddle.nn.Layer) -> float:
-        """Largest relative difference of loss and gradients between the two, on a batch shaped like a
-        training batch (so the program traced here is the one training reuses)."""
-        rows = self.config.train.batch_size * self.comm.world_size
-        rng = np.random.default_rng(0)  # the same global batch on every rank, as all_gather would give
-        labels = rng.integers(0, self.num_classes, rows)
-        embeddings = rng.standard_normal((rows, self.config.model.embedding_size)).astype(np.float32)
-        index, remapped = self.head.sample(labels, 0)
-        outputs = []
-        for step in (eager, compiled):
-            inputs = [paddle.to_tensor(embeddings, stop_gradient=False),
-                      gather_rows(self.head.weight, paddle.to_tensor(index))]
-            inputs[1].stop_gradient = False
-            loss = step(*inputs, paddle.to_tensor(remapped))
-            loss.backward()
-            outputs.append([loss.numpy()] + [x.grad.numpy() for x in inputs])
-        return max(_relative_error(a, b) for a, b in zip(*outputs, strict=True))
-
-    def _log_modes(self) -> None:
-        train = self.config.train
-        if train.mode == "static":
-            loss = "and loss compiled" if self.compiled["loss"] else "compiled (the loss runs eagerly)"
-            log.info("static mode: backbone %s by paddle.jit.to_static; the embeddings' all_gather runs "
-                     "eagerly between them", loss)
-        else:
-            log.info("dynamic mode")
-        backbone = f"paddle.amp {self.amp_level}" if self.amp_level else "float32"
-        if self.amp_level is None and train.precision != "fp32":
-            backbone += " (no float16 kernels on this device)"
-        scaling = "no loss scaling"
-        if self.scaler.enabled:
-            scaling = f"dynamic loss scaling from {self.scaler.scale:g}"
-        log.info("precision %s: backbone computes in %s, class centers stored as %s, %s",
-                 train.precision, backbone, self.config.loss.center_dtype, scaling)
 
     # --- checkpoints ---------------------------------------------------------------------------------------
 

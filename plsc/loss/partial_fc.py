@@ -2,7 +2,8 @@
 
 Each rank owns a contiguous shard of class centers ([num_local, emb]) and sees the embeddings and labels of
 the whole global batch. Per step it keeps every positive class of the batch that it owns plus uniformly random
-negatives (without replacement) up to ``ceil(ratio * num_local)``, gathers those rows, and computes its
+negatives (without replacement) up to ``ceil(ratio * num_local)`` (:mod:`plsc.loss.sampling`), gathers those
+rows (:mod:`plsc.loss.rows`), and computes its
 columns of the margin softmax; the softmax itself spans all ranks (see :mod:`plsc.loss.margin`). With ratio
 1.0 every center is used and the result is exactly the full classifier.
 
@@ -12,15 +13,15 @@ gathered rows, and :mod:`plsc.loss.sparse_momentum` applies it, so nothing per s
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import paddle
-import paddle.nn.functional as F
 
 from plsc.distributed import LocalComm, shard_classes
-from plsc.loss.margin import Margin, in_place_allowed, margin_softmax_cross_entropy
-from plsc.loss.sparse_momentum import UPDATES, gather_rows, gathers_into, host_view, is_cpu_and_contiguous
+from plsc.loss.cosine import ScratchRows, cosine_to_centers
+from plsc.loss.margin import Margin, margin_softmax_cross_entropy
+from plsc.loss.rows import gather_rows, gathers_into, host_view, is_cpu_and_contiguous
+from plsc.loss.sampling import num_sampled, sample_centers
+from plsc.loss.sparse_momentum import UPDATES
 
 # Initial centers: N(0, INIT_STD^2), generated per block of classes so that a class's row depends only on
 # (seed, class id), never on how classes are sharded, and no float64 copy of the matrix ever exists.
@@ -28,8 +29,6 @@ INIT_STD = 0.01
 INIT_BLOCK = 4096
 # Rows per block when a shard is copied to or from the host (checkpoints): a few MB whatever the shard.
 STATE_BLOCK_ROWS = 4096
-# F.normalize's default epsilon: norms below it are replaced by it.
-NORMALIZE_EPS = 1e-12
 
 
 def init_class_centers(seed: int, start: int, count: int, embedding_size: int) -> np.ndarray:
@@ -69,185 +68,6 @@ def init_class_center_tensor(seed: int, start: int, count: int, embedding_size: 
     return centers
 
 
-def num_sampled(num_local: int, ratio: float) -> int:
-    return min(num_local, math.ceil(ratio * num_local))
-
-
-def sorted_unique(values: np.ndarray) -> np.ndarray:
-    """``np.unique`` of integers by sort and compare: numpy 2's hash-based unique is ~5x slower here."""
-    values = np.sort(values)
-    keep = np.empty(len(values), dtype=bool)
-    keep[:1] = True
-    np.not_equal(values[1:], values[:-1], out=keep[1:])
-    return values[keep]
-
-
-def distinct_uniform(rng: np.random.Generator, population: int, count: int) -> np.ndarray:
-    """``count`` distinct integers drawn uniformly from ``[0, population)``, sorted, in O(count log count).
-
-    numpy's ``Generator.choice(replace=False)`` allocates and shuffles ``arange(population)`` whenever
-    ``count > population / 50``: O(num_classes) per step. Here: i.i.d. draws until at least ``count``
-    distinct values exist, then a uniformly chosen few of them dropped to leave ``count``. Why this is
-    uniform over all ``count``-subsets: how many values are drawn depends only on how many distinct ones came
-    up, so the distinct set's law is unchanged by any relabelling of the population; dropping a uniform
-    subset of it keeps that symmetry, and a symmetric law on ``count``-subsets is the uniform one.
-    When ``count`` is a large share of the population, repeats pile up and a permutation is cheaper.
-    """
-    if 2 * count > population:
-        return np.sort(rng.permutation(population)[:count])
-    # Draws that give ``count`` distinct values on average, -N log(1 - count/N), plus a few standard
-    # deviations, so that one round nearly always suffices and few values are dropped.
-    expected = -population * math.log1p(-count / population)
-    values = sorted_unique(rng.integers(0, population, size=int(expected + 4 * math.sqrt(count) + 16)))
-    while len(values) < count:
-        more = rng.integers(0, population, size=2 * (count - len(values)) + 16)
-        values = sorted_unique(np.concatenate([values, more]))
-    # The drop is O(len(values)) = O(count) at worst (numpy may permute them), never O(population).
-    return np.delete(values, rng.choice(len(values), size=len(values) - count, replace=False))
-
-
-def sample_centers(
-    local_labels: np.ndarray, num_local: int, ratio: float, seed: int, step: int, rank: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Choose this step's class centers on one rank.
-
-    ``local_labels``: [batch] label minus the shard start, any value outside ``[0, num_local)`` meaning "not
-    mine". Returns ``(index, remapped)``: the sorted local row ids to use, and each sample's column in that
-    index (-1 when the class is not on this rank). Deterministic given (seed, step, rank).
-    """
-    mine = (local_labels >= 0) & (local_labels < num_local)
-    positives = sorted_unique(local_labels[mine])
-    wanted = num_sampled(num_local, ratio)
-    if wanted >= num_local:
-        index = np.arange(num_local, dtype=np.int64)
-    elif len(positives) >= wanted:
-        index = positives.astype(np.int64)
-    else:
-        rng = np.random.default_rng([seed, step, rank])
-        # Draw from the num_local - P non-positive ids, numbered 0..; map the k-th of them to its class id by
-        # skipping the positives below it (positives[i] - i counts the non-positives before positive i).
-        drawn = distinct_uniform(rng, num_local - len(positives), wanted - len(positives))
-        negatives = drawn + np.searchsorted(positives - np.arange(len(positives)), drawn, side="right")
-        # Two disjoint sorted runs: a stable sort (timsort for integers) merges them in one pass.
-        index = np.sort(np.concatenate([positives, negatives]).astype(np.int64), kind="stable")
-    remapped = np.full(local_labels.shape, -1, dtype=np.int64)
-    remapped[mine] = np.searchsorted(index, local_labels[mine])
-    return index, remapped
-
-
-def margin_softmax_loss(cosine: paddle.Tensor, labels: paddle.Tensor, margin: Margin, comm) -> paddle.Tensor:
-    """The portable margin softmax loss: CPU and GPU, one rank or many (``labels``: -1 = not on this rank)."""
-    return margin_softmax_cross_entropy(cosine, labels, margin, comm)
-
-
-def scale_columns(matrix: paddle.Tensor, factors: paddle.Tensor) -> paddle.Tensor:
-    """``matrix * factors[None, :]``, in place when allowed (see ``in_place_allowed``).
-
-    Against the 1-D ``factors`` itself: Paddle's CPU broadcast of a [1, k] operand takes its generic index
-    path (3-7x slower at [128, 100000]), an expand() materialises a [batch, k] copy, and the 1-D operand
-    does neither (measured on 2.6.2 and 3.3.1: multiply_ 10 ms against 14-16 ms expanded, 57 ms [1, k]).
-    """
-    return matrix.multiply_(factors) if in_place_allowed() else matrix * factors
-
-
-class ScratchRows:
-    """One [rows, emb] tensor kept from step to step, for the class centers' gradient.
-
-    On CPU a fresh tensor of that size is fresh pages from the OS (glibc unmaps freed buffers over 32 MiB),
-    and faulting them in costs more than the arithmetic written into them: at 100,000 x 512 the head's
-    backward took 0.91 s with this instead of 1.21 s (0.69 against 0.92 s in a second pair of runs). Paddle
-    hands the gradient a PyLayer returns to the leaf's ``.grad`` without a copy (2.6 and 3.x, tested), so the
-    leaf's gradient *is* this tensor until the next backward overwrites it; PartialFC consumes it in
-    :meth:`PartialFC.step` before that.
-    """
-
-    def __init__(self):
-        self.tensor: paddle.Tensor | None = None
-
-    def like(self, other: paddle.Tensor) -> paddle.Tensor:
-        return self.shaped(other.shape, other.dtype)
-
-    def shaped(self, shape: list[int], dtype) -> paddle.Tensor:
-        if self.tensor is None or self.tensor.shape != list(shape) or self.tensor.dtype != dtype:
-            self.tensor = None  # the old one goes first: never two at once
-            self.tensor = paddle.empty(shape, dtype=dtype)
-        return self.tensor
-
-    def release(self) -> None:
-        self.tensor = None
-
-
-def radial_rows(centers: paddle.Tensor, radial: paddle.Tensor, scratch: ScratchRows | None) -> paddle.Tensor:
-    """``centers * -radial[:, None]``, written into ``scratch`` when given and in-place ops are allowed."""
-    factors = (-radial).unsqueeze(1)  # a [k, 1] operand: Paddle's fast broadcast along rows
-    if scratch is None or not in_place_allowed():
-        return centers * factors
-    rows = scratch.like(centers)
-    rows.copy_(centers, False)
-    return rows.multiply_(factors)
-
-
-def products(saved: paddle.Tensor, grad: paddle.Tensor) -> paddle.Tensor:
-    """``saved * grad``, written over ``saved`` when in-place ops are allowed: the backward's last use of it,
-    and one [batch, k] allocation less at the step's memory peak (51 MB at k=100,000, batch 128)."""
-    return saved.multiply_(grad) if in_place_allowed() else saved * grad
-
-
-class _CosineToCenters(paddle.autograd.PyLayer):
-    """``matmul(unit_embeddings, F.normalize(centers, axis=1), transpose_y=True)`` without normalised centers.
-
-    The centers' norms scale the columns of the [batch, k] product instead of the [k, emb] rows, and the
-    backward is written out: ``d centers = G^T unit_embeddings - (sum_b G * cosine) / |w| * centers`` with
-    ``G = d cosine / |w|``, one addmm into one [k, emb] buffer. F.normalize's autograd makes about five
-    [k, emb] temporaries instead, each a fresh allocation costing more than its arithmetic.
-    """
-
-    @staticmethod
-    def forward(ctx, unit_embeddings, centers, scratch: ScratchRows | None):
-        # Squared row norms as k dot products (bmm): no [k, emb] temporary, unlike square().sum() or p_norm.
-        norms = paddle.sqrt(paddle.bmm(centers.unsqueeze(1), centers.unsqueeze(2)).reshape([-1]))
-        inverse_norms = 1.0 / paddle.clip(norms, min=NORMALIZE_EPS)  # F.normalize's floor on the norm
-        cosine = scale_columns(paddle.matmul(unit_embeddings, centers, transpose_y=True), inverse_norms)
-        # Where the floor is active the norm is a constant: no gradient through it (as F.normalize).
-        norm_is_live = (norms > NORMALIZE_EPS).astype(norms.dtype)
-        ctx.save_for_backward(unit_embeddings, centers, inverse_norms, norm_is_live, cosine)
-        # Paddle wants None, not a gradient, for an input that stops gradient; it also saves a matmul.
-        ctx.wants_grad = (not unit_embeddings.stop_gradient, not centers.stop_gradient)
-        ctx.scratch = scratch
-        return cosine
-
-    @staticmethod
-    def backward(ctx, grad_cosine):
-        unit_embeddings, centers, inverse_norms, norm_is_live, cosine = ctx.saved_tensor()
-        # The incoming gradient is the autograd engine's own buffer (in PartialFC: the margin softmax's
-        # exponentials; a tensor passed to backward() is copied first, tested on 2.6 and 3.x): scaled in
-        # place.
-        grad = scale_columns(grad_cosine, inverse_norms)
-        radial = products(cosine, grad).sum(axis=0) * inverse_norms * norm_is_live
-        grad_embeddings = grad_centers = None
-        if ctx.wants_grad[0]:
-            grad_embeddings = paddle.matmul(grad, centers)
-        if ctx.wants_grad[1]:
-            grad_centers = radial_rows(centers, radial, ctx.scratch)
-            if in_place_allowed():
-                grad_centers.addmm_(grad.t(), unit_embeddings)
-            else:
-                grad_centers = paddle.addmm(grad_centers, grad.t(), unit_embeddings)
-        return grad_embeddings, grad_centers
-
-
-def cosine_to_centers(
-    embeddings: paddle.Tensor, centers: paddle.Tensor, scratch: ScratchRows | None = None
-) -> paddle.Tensor:
-    """[batch, k] cosine similarity of each embedding with each center row, differentiable in both.
-
-    ``scratch``: where the centers' gradient is written (see ScratchRows); it then lives there, overwritten by
-    the next backward through the same scratch. In eager mode the backward overwrites the returned cosine
-    (it is saved for the backward, whose last use of it is a product with the gradient): read it before.
-    """
-    return _CosineToCenters.apply(F.normalize(embeddings, axis=1), centers, scratch)
-
-
 def copy_rows_into(tensor: paddle.Tensor, source, block_rows: int = STATE_BLOCK_ROWS) -> None:
     """``tensor[:] = source`` a block of rows at a time (see :meth:`PartialFC.set_state`)."""
     if hasattr(source, "blocks"):
@@ -277,7 +97,12 @@ class PartialFC:
         center_dtype: str = "float32",
         seed: int = 0,
         comm=None,
+        margin_loss=margin_softmax_cross_entropy,
+        device_sampler=None,
     ):
+        """``margin_loss(cosine, remapped, margin, comm)`` and ``device_sampler(all_labels, num_local, wanted)
+        -> (index, remapped)``: a fused kernel and an on-device sampler in place of the portable code, each
+        once it passed its start-up parity check (:func:`plsc.loss.fast_paths.select_fast_paths`)."""
         self.comm = comm or LocalComm()
         self.num_classes = num_classes
         self.embedding_size = embedding_size
@@ -291,8 +116,8 @@ class PartialFC:
         self.velocity = paddle.zeros_like(self.weight)
         self._index: paddle.Tensor | None = None
         self._sampled: paddle.Tensor | None = None
-        # Replaceable by a fused kernel that passed its start-up parity check (plsc.loss.fast_paths).
-        self.margin_loss = margin_softmax_loss
+        self.margin_loss = margin_loss
+        self.device_sampler = device_sampler
         self.center_grad_scratch = ScratchRows()
         # The sampled rows, gathered into the same memory every step where Paddle can (gathers_into):
         # a fresh [k, emb] tensor is fresh pages, and the forward over them took 0.44 s instead of 0.36 on
@@ -326,7 +151,10 @@ class PartialFC:
         return sampled, remapped
 
     def sample_tensors(self, all_labels: paddle.Tensor, step: int) -> tuple[paddle.Tensor, paddle.Tensor]:
-        """:meth:`sample` on tensors; replaceable by Paddle's on-device sampler (plsc.loss.fast_paths)."""
+        """:meth:`sample` on tensors, or the constructor's ``device_sampler`` (no copy to the host)."""
+        if self.device_sampler is not None:
+            count = self.shard.count
+            return self.device_sampler(all_labels, count, num_sampled(count, self.sample_ratio))
         index, remapped = self.sample(all_labels.numpy(), step)
         return paddle.to_tensor(index), paddle.to_tensor(remapped)
 

@@ -16,13 +16,10 @@ size costs more in page faults than the arithmetic itself.
 
 from __future__ import annotations
 
-import ctypes
-import inspect
-
-import cv2
-import numpy as np
 import paddle
 from paddle import _C_ops
+
+from plsc.loss.rows import as_float32, gather_rows, scatter_rows_
 
 # Rows per block when the dense update walks the whole matrix: bounds its float32 scratch to a few MB.
 DENSE_BLOCK_ROWS = 16384
@@ -30,87 +27,6 @@ DENSE_BLOCK_ROWS = 16384
 # cache from their gather through the momentum kernel to their scatter. Measured at 100,000 x 512 rows of a
 # 1M-class matrix (hugepage malloc, 2 threads): 90 ms per update with 1024 rows, 92 with 512, 153 with 4096.
 UPDATE_BLOCK_ROWS = 1024
-
-
-# Paddle 3.x's index_select can write into a given tensor; 2.6's has no ``out`` parameter.
-GATHER_WRITES_INTO = "out" in inspect.signature(paddle.index_select).parameters
-
-
-def gathers_into(matrix: paddle.Tensor) -> bool:
-    """Whether :func:`gather_rows` writes ``matrix``'s rows into a given ``out`` (float32 storage, a Paddle
-    that can); callers ask first, so as not to allocate an ``out`` that would go unused."""
-    return GATHER_WRITES_INTO and matrix.dtype == paddle.float32
-
-
-def gather_rows(matrix: paddle.Tensor, index: paddle.Tensor, out: paddle.Tensor | None = None
-                ) -> paddle.Tensor:
-    """``matrix[index]`` as float32, whatever the storage dtype. ``out``: a float32 [len(index), emb] tensor
-    to write the rows into where :func:`gathers_into` says so; otherwise the rows are a new tensor. Returns
-    the rows."""
-    if matrix.dtype == paddle.float16:
-        # Paddle's CPU gather has no float16 kernel; bfloat16 has one in 2.6 and 3.x and the same width, so
-        # the bits move through a free view and are never interpreted as bfloat16 numbers.
-        rows = paddle.view(paddle.gather(paddle.view(matrix, "bfloat16"), index), "float16")
-        return cast(rows, paddle.float32)
-    if out is not None and gathers_into(matrix):
-        paddle.index_select(matrix, index, out=out)
-        return out
-    return as_float32(paddle.gather(matrix, index))
-
-
-def as_float32(tensor: paddle.Tensor) -> paddle.Tensor:
-    """``tensor`` itself when already float32: ``astype`` to the same dtype would still copy every element."""
-    return cast(tensor, paddle.float32)
-
-
-def cast(tensor: paddle.Tensor, dtype) -> paddle.Tensor:
-    """``tensor.astype(dtype)`` (``tensor`` itself when it has that dtype already).
-
-    On CPU, float16 <-> float32 goes through OpenCV's conversion (F16C instructions), written straight into
-    the new tensor's memory: IEEE round to nearest even, the same bits as numpy's and Paddle 3.x's casts
-    (tested; Paddle 2.6's CPU cast is sometimes one ulp off), and 20x faster than Paddle's CPU kernel for
-    float32 -> float16 (7 ms against 140 ms for 98 x 1024 x 512 elements, measured), which had made the
-    float16 center update cost 0.4 s per step at 100,000 sampled rows (0.13 s with this).
-    """
-    if tensor.dtype == dtype:
-        return tensor
-    if is_cpu_and_contiguous(tensor) and {tensor.dtype, dtype} == {paddle.float16, paddle.float32}:
-        out = paddle.empty(tensor.shape, dtype=dtype)
-        source, target = host_view(tensor), host_view(out)
-        # OpenCV spells float16 as int16 (CV_16S): the same bits, viewed.
-        if dtype == paddle.float32:
-            source = source.view(np.int16)
-        else:
-            target = target.view(np.int16)
-        if cv2.convertFp16(source, target) is not target:
-            raise RuntimeError("cv2.convertFp16 did not write into the given buffer")
-        return out
-    return tensor.astype(dtype)
-
-
-def scatter_rows_(matrix: paddle.Tensor, index: paddle.Tensor, rows: paddle.Tensor) -> None:
-    """``matrix[index] = rows`` in place (``index`` unique), rounding to the storage dtype."""
-    rows = cast(rows, matrix.dtype)
-    if matrix.dtype == paddle.float16 and matrix.place.is_cpu_place():
-        # Paddle's CPU scatter has no float16 kernel (nor same-width bfloat16/int16 ones); index_put_ has one
-        # but expands the row ids to one index per element: 0.5 s and +690 MB per 100,000 x 512 rows. A
-        # numpy view of the tensors' own memory copies the rows directly (0.02 s).
-        host_view(matrix)[index.numpy()] = host_view(rows)
-    else:
-        paddle.scatter_(matrix, index, rows, overwrite=True)  # ~20x faster than index_put_ on CPU
-
-
-def is_cpu_and_contiguous(tensor: paddle.Tensor) -> bool:
-    """Whether :func:`host_view` may view ``tensor`` (Paddle 2.6 slices are copies, 3.x ones may be views)."""
-    return tensor.place.is_cpu_place() and tensor.is_contiguous()
-
-
-def host_view(tensor: paddle.Tensor) -> np.ndarray:
-    """A writable numpy array over a contiguous CPU tensor's own memory (no copy); valid while it lives."""
-    dtype = np.dtype(str(tensor.dtype).split(".")[-1])
-    count = int(np.prod(tensor.shape))
-    memory = (ctypes.c_byte * (count * dtype.itemsize)).from_address(tensor.data_ptr())
-    return np.ctypeslib.as_array(memory).view(dtype).reshape(tensor.shape)
 
 
 def momentum_(weight, velocity, grad, lr: float, momentum: float, weight_decay: float, grad_scale: float):

@@ -35,9 +35,11 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
+from plsc.loss.cosine import NORMALIZE_EPS
 from plsc.loss.margin import put_columns, target_logit, target_logit_slope
-from plsc.loss.partial_fc import NORMALIZE_EPS, PartialFC
-from plsc.loss.sparse_momentum import DENSE_BLOCK_ROWS, dense_update, gather_rows, momentum_, scatter_rows_
+from plsc.loss.partial_fc import PartialFC
+from plsc.loss.rows import gather_rows, scatter_rows_
+from plsc.loss.sparse_momentum import DENSE_BLOCK_ROWS, dense_update, momentum_
 
 
 @dataclass
