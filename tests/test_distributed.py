@@ -22,6 +22,7 @@ import numpy as np
 import paddle
 import pytest
 from distributed_worker import use_running_batchnorm_statistics
+from tiny_run import TINY_RUN
 
 from plsc.distributed import LocalComm, shard_classes
 from plsc.launch import child_environment, launch_command
@@ -240,20 +241,8 @@ def test_three_ranks_uneven_shards_and_more_positives_than_budget(tmp_path):
 #    no distribution involved, and the 2-rank run drifts likewise (3e-4 to 8e-4 at steps 8-11). So this
 #    comparison covers one epoch (5 steps), where it holds to 1e-5 (measured: 3e-6).
 
-TINY_OVERRIDES = [  # a tiny backbone on the bundled faces, as in tests/test_engine.py
-    "model.name=iresnet18",
-    "model.width=0.125",
-    "model.embedding_size=16",
-    "data.image_size=32",
-    "data.num_workers=0",
-    "loss.scale=16",
-    "loss.sample_ratio=1.0",  # both runs use every center (ratio < 1 samples per rank)
-    "optim.lr=0.05",
-    "optim.clip_norm=5.0",
-    "optim.decay_boundaries=[1]",
-    "train.log_interval=1",
-    "train.eval_batch_size=50",
-]
+# both runs use every center (ratio < 1 samples per rank); the batch is split over the ranks below
+TINY_OVERRIDES = [*TINY_RUN, "loss.sample_ratio=1.0", "train.eval_batch_size=50"]
 GLOBAL_BATCH = 48  # 240 images: 5 steps per epoch
 
 

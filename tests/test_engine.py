@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import paddle
 import pytest
+from tiny_run import TINY_RUN
 
 from plsc import checkpoint as ckpt
 from plsc import cli
@@ -25,22 +26,7 @@ from plsc.engine.schedule import learning_rate
 from plsc.engine.trainer import Trainer
 from plsc.errors import PlscError
 
-TINY_OVERRIDES = [
-    "model.name=iresnet18",
-    "model.width=0.125",
-    "model.embedding_size=16",
-    "data.image_size=32",
-    "data.num_workers=0",
-    "loss.scale=16",
-    "loss.sample_ratio=0.5",
-    "optim.lr=0.05",
-    "optim.clip_norm=5.0",
-    "optim.decay_boundaries=[1]",
-    "train.batch_size=48",  # 240 images -> 5 steps per epoch
-    "train.log_interval=1",
-    "train.eval_interval=4",
-    "train.eval_batch_size=50",
-]
+TINY_OVERRIDES = [*TINY_RUN, "train.eval_interval=4", "train.eval_batch_size=50"]
 
 
 def tiny_config(tiny_dir: Path, *extra: str):

@@ -18,6 +18,7 @@ import numpy as np
 import paddle
 import pytest
 from distributed_worker import use_running_batchnorm_statistics
+from tiny_run import TINY_RUN
 
 from plsc import checkpoint as ckpt
 from plsc.config import load_config
@@ -35,21 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).with_name("modes_worker.py")
 LAUNCH_TIMEOUT_S = 180  # a rank stuck in a collective fails the test instead of hanging it
 
-TINY_OVERRIDES = [  # a tiny backbone on the bundled faces (240 images, 40 people), as in tests/test_engine.py
-    "model.name=iresnet18",
-    "model.width=0.125",
-    "model.embedding_size=16",
-    "data.image_size=32",
-    "data.num_workers=0",
-    "data.val_bins=[]",
-    "loss.scale=16",
-    "loss.sample_ratio=0.5",
-    "optim.lr=0.05",
-    "optim.clip_norm=5.0",
-    "optim.decay_boundaries=[1]",
-    "train.log_interval=1",
-    "train.eval_interval=0",
-]
+TINY_OVERRIDES = [*TINY_RUN, "data.val_bins=[]", "train.eval_interval=0"]  # the batch is set below
 
 
 def tiny_overrides(tiny_dir: Path, *extra: str, batch: int = 24) -> list[str]:

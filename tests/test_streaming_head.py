@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import paddle
 import pytest
+from tiny_run import TINY_RUN
 
 from plsc import checkpoint as ckpt
 from plsc.config import load_config
@@ -171,21 +172,7 @@ def test_streaming_head_holds_no_sampled_sized_buffer():
 
 # --- in the trainer ----------------------------------------------------------------------------------------
 
-TINY_OVERRIDES = [  # a tiny backbone on the bundled faces, as in tests/test_engine.py
-    "model.name=iresnet18",
-    "model.width=0.125",
-    "model.embedding_size=16",
-    "data.image_size=32",
-    "data.num_workers=0",
-    "loss.scale=16",
-    "loss.sample_ratio=0.5",
-    "optim.lr=0.05",
-    "optim.clip_norm=5.0",
-    "optim.decay_boundaries=[1]",
-    "train.batch_size=48",  # 240 images -> 5 steps per epoch
-    "train.log_interval=1",
-    "train.eval_interval=0",
-]
+TINY_OVERRIDES = [*TINY_RUN, "train.eval_interval=0"]  # the tiny run of tests/tiny_run.py
 
 
 def tiny_config(tiny_dir: Path, *extra: str):
