@@ -324,9 +324,9 @@ def _add_bench(sub) -> None:
 
 
 def _add_capacity(sub) -> None:
-    from plsc.bench.capacity import FIXED_OVERHEAD_MIB  # numpy only: --help stays fast
+    from plsc.capacity import FIXED_OVERHEAD_MIB  # numpy only: --help stays fast
 
-    p = sub.add_parser("capacity", help="classes that fit: plsc's memory model (plsc/bench/capacity.py)")
+    p = sub.add_parser("capacity", help="classes that fit: plsc's memory model (plsc/capacity.py)")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--predict", action="store_true",
                       help="predict the largest class count whose peak memory fits the device, per rank")
@@ -349,7 +349,7 @@ def _add_capacity(sub) -> None:
 
 
 def _run_capacity(args) -> int:
-    from plsc.bench.capacity import GIB, MIB, describe, memory_model, predict, setting_from_config
+    from plsc.capacity import GIB, MIB, describe, memory_model, predict, setting_from_config
     from plsc.config import load_config
 
     config = load_config(args.config, args.overrides)

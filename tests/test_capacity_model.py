@@ -1,4 +1,4 @@
-"""plsc's memory model (plsc/bench/capacity.py): its arithmetic on hand-made profiles, its probes on plsc's
+"""plsc's memory model (plsc/capacity.py): its arithmetic on hand-made profiles, its probes on plsc's
 own code, and ``plsc capacity --predict``. Tiny sizes only; the model is checked against measured memory by
 the reproduction harness (repro/capacity).
 """
@@ -10,8 +10,8 @@ import json
 
 import pytest
 
-from plsc.bench import capacity
-from plsc.bench.capacity import (
+from plsc import capacity
+from plsc.capacity import (
     FUSED_MARGIN_LOSS_BUFFERS,
     MIB,
     BackboneProfile,

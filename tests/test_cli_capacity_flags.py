@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from plsc.bench.capacity import has_allocator_counters
+from plsc.capacity import has_allocator_counters
 from plsc.cli import build_parser, main
 
 # The model probes Paddle's host allocator counters (as tests/test_capacity_model.py).

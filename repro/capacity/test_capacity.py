@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from plsc.bench.capacity import MIB, memory_model, predict, setting_from_config
+from plsc.capacity import MIB, memory_model, predict, setting_from_config
 from plsc.config import load_config
 from repro.capacity.trials import GPU_CAPACITY_FLAGS, Bracket, Trial, bisect_max_classes, run_trial
 from repro.claims import PASS, CapacityClaim, CpuCapacityClaim, ModelCapacityClaim, load_claims
