@@ -29,6 +29,9 @@ OUT_OF_MEMORY = (
     "std::bad_alloc",
     "Cannot allocate memory",
     "Unable to allocate",
+    # the dynamic loader, when the capped data segment leaves no room for a library Paddle loads late
+    # (seen: "libmklml_intel.so: failed to map segment from shared object")
+    "failed to map segment from shared object",
 )
 TRIAL_TIMEOUT_S = 900
 # PLSC v2.2's GPU capacity runs: one allocator pool of (nearly) the whole device.

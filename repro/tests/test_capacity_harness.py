@@ -39,6 +39,12 @@ def test_a_trial_under_the_cap_fits_and_reports_its_peak_rss(tmp_path):
     assert trial.fits and trial.peak_rss_bytes >= 100 * MIB
 
 
+def test_a_library_that_cannot_be_mapped_under_the_cap_does_not_fit(tmp_path):
+    message = "libmklml_intel.so: failed to map segment from shared object"  # what the loader says
+    trial = run_trial(7, python(f"raise SystemExit({message!r})"), tmp_path / "log")
+    assert (trial.classes, trial.fits) == (7, False)
+
+
 def test_a_trial_failing_for_another_reason_is_a_harness_error(tmp_path):
     with pytest.raises(TrialError, match="another reason"):
         run_trial(7, python("raise SystemExit('bad config')"), tmp_path / "log")
