@@ -33,6 +33,7 @@ Linux only (the workers are forked, so the mappings and the data set need no pic
 from __future__ import annotations
 
 import collections
+import contextlib
 import mmap
 import multiprocessing
 import os
@@ -70,8 +71,10 @@ def _fill_slots(batches, connection, images: np.ndarray, labels: np.ndarray, par
     process closes its end, or when it is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the trainer handles it
     # The fork inherited Paddle's SIGTERM handler, which prints a "FatalError" report to stdout; a worker is
-    # terminated that way at exit (multiprocessing stops daemon processes so), and should just go.
+    # terminated that way at exit (multiprocessing stops daemon processes so), and should just go. SIGTERM
+    # was blocked across the fork (a SIGTERM sent before this line waits): default first, then unblock.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     cv2.setNumThreads(1)  # one image at a time per worker: OpenCV's own threads would oversubscribe
     while True:
         try:
@@ -96,6 +99,16 @@ def _fill_slots(batches, connection, images: np.ndarray, labels: np.ndarray, par
             connection.send(reply)
         except OSError:  # the main process is gone
             return
+
+
+@contextlib.contextmanager
+def _sigterm_blocked():
+    """SIGTERM held back in this thread, and so in a process forked meanwhile, which inherits the mask."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 class TrainLoader:
@@ -152,7 +165,8 @@ class TrainLoader:
                 target=_fill_slots, args=(self.batches, theirs, self._images, self._labels, parent),
                 name=f"plsc-loader-{worker}", daemon=True,
             )
-            process.start()
+            with _sigterm_blocked():  # until the worker has dropped Paddle's handler (see _fill_slots)
+                process.start()
             theirs.close()  # the worker's end lives in the worker: its exit then reads as EOF here
             self._workers.append(process)
             self._connections.append(ours)
