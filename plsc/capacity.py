@@ -362,7 +362,6 @@ def probe_head(
     with on_cpu():
         small = build(small_rows)[1]
         head, large = build(large_rows)
-        elements = (large_rows - small_rows) * emb
         sampled = min(large_rows, math.ceil(PROBE_RATIO * large_rows))
         rng = np.random.default_rng(0)
         steps = [_probe_step(head, batch, large_rows, rng) for batch in PROBE_BATCHES]
@@ -378,15 +377,24 @@ def probe_head(
             head.margin_loss(cosine, labels, head.margin, head.comm).backward()  # the one plsc trains with
         save = _probe_save(head)
     return HeadProfile(
-        init_device_per_element=(large.device - small.device) / elements,
-        init_host_per_element=max(0.0, (large.host - small.host) / elements),
-        storage_per_element=(large.retained - small.retained) / elements,
-        save_copies_per_element=(save.device + save.host) / (large_rows * emb),
+        **_storage_profile(small, large, save),
         step_rows=step_rows,
         step_logits=logits,
         margin_loss_logits=loss_meter.device / cosine.size / FLOAT32,
         update_rows=max(s[1] for s in steps) / row_bytes,
     )
+
+
+def _storage_profile(small: _PeakMeter, large: _PeakMeter, save: _PeakMeter) -> dict[str, float]:
+    """HeadProfile's per-element storage fields: heads of PROBE_ROWS rows built, the larger one saved."""
+    small_rows, large_rows = PROBE_ROWS
+    elements = (large_rows - small_rows) * PROBE_EMBEDDING
+    return {
+        "init_device_per_element": (large.device - small.device) / elements,
+        "init_host_per_element": max(0.0, (large.host - small.host) / elements),
+        "storage_per_element": (large.retained - small.retained) / elements,
+        "save_copies_per_element": (save.device + save.host) / (large_rows * PROBE_EMBEDDING),
+    }
 
 
 def _probe_save(head) -> _PeakMeter:
@@ -415,7 +423,6 @@ def _probe_streaming_head(build) -> HeadProfile:
         head, large = build(large_rows)
         steps = [_probe_step(head, b, large_rows, rng) for b in batch]
         save = _probe_save(head)
-    elements = (large_rows - small_rows) * emb
     sampled = [min(rows, math.ceil(PROBE_RATIO * rows)) for rows in PROBE_ROWS]
     sampled_bytes = (steps[0][0] - small_step[0]) / (sampled[1] - sampled[0])
     chunk_logit_bytes, chunk_row_bytes = PROBE_CHUNK * FLOAT32, PROBE_CHUNK * emb * FLOAT32
@@ -428,10 +435,7 @@ def _probe_streaming_head(build) -> HeadProfile:
     step_logits, step_rows = logits_and_rows(0)
     update_logits, update_rows = logits_and_rows(1)
     return HeadProfile(
-        init_device_per_element=(large.device - small.device) / elements,
-        init_host_per_element=max(0.0, (large.host - small.host) / elements),
-        storage_per_element=(large.retained - small.retained) / elements,
-        save_copies_per_element=(save.device + save.host) / (large_rows * emb),
+        **_storage_profile(small, large, save),
         step_rows=step_rows,
         step_logits=step_logits,
         margin_loss_logits=0.0,  # the streaming head walks its own softmax, never the fused kernel
