@@ -106,7 +106,8 @@ def head_shape(shape: dict) -> str:
     return (f"C={shape['classes']:,}, ratio {shape['ratio']:g} (k={shape['sampled']:,}), batch "
             f"{shape['global_batch']}, emb {shape['emb']}, {shape['precision']}, "
             f"{shape['world_size']} rank(s)"
-            + (f", streaming head: chunks of {shape['chunk_size']:,}" if shape.get("chunk_size") else ""))
+            + (f", streaming head: chunks of {shape['chunk_size']:,}" if shape.get("chunk_size") else "")
+            + (", int8 velocity" if shape.get("velocity_dtype") == "int8" else ""))
 
 
 def data_section(results: Results) -> str:

@@ -25,9 +25,10 @@ Where the counts come from (nothing is fitted to a capacity run):
 - class-center and head terms: :func:`probe_head` builds plsc's own :class:`~plsc.loss.partial_fc.PartialFC`
   at two small sizes on the CPU and reads Paddle's allocator counters around each phase (init, forward and
   backward, center update, writing a checkpoint), so the counts follow the code as it changes: e.g. 2 bytes
-  x 2 (weight + velocity) per element in float16, about 2 float32 [S, E] buffers and 4 [G, S] buffers at the
-  backward peak with the composed (CPU) margin softmax; for the streaming head, buffers of one chunk,
-  measured at :data:`PROBE_CHUNK` (two shard sizes give the bytes per sampled center);
+  x 2 (weight + velocity) per element in float16 (2 + 1 + 4 / E with int8 velocity,
+  ``loss.velocity_dtype``), about 2 float32 [S, E] buffers and 4 [G, S] buffers at the backward peak
+  with the composed (CPU) margin softmax; for the streaming head, buffers of one chunk, measured at
+  :data:`PROBE_CHUNK` (two shard sizes give the bytes per sampled center);
 - on a GPU, the fused ``margin_cross_entropy`` replaces the composed margin softmax (plsc.loss.fast_paths):
   its share of the [G, S] buffers, measured by the probe, is swapped for :data:`FUSED_MARGIN_LOSS_BUFFERS`
   (its softmax, kept for backward, and the gradient it returns);
@@ -137,6 +138,7 @@ class Setting:
     device_memory_bytes: int
     fixed_overhead_bytes: int
     chunk_size: int = 0  # loss.chunk_size: 0, the whole-matrix head
+    velocity_dtype: str = "same"  # loss.velocity_dtype
 
     @property
     def global_batch(self) -> int:
@@ -336,7 +338,8 @@ class _PeakMeter:
 
 @functools.cache
 def probe_head(
-    center_dtype: str, momentum_mode: str, margins: tuple[float, ...], scale: float, chunked: bool = False
+    center_dtype: str, momentum_mode: str, margins: tuple[float, ...], scale: float, chunked: bool = False,
+    velocity_dtype: str = "same",
 ) -> HeadProfile:
     """Measure :class:`HeadProfile` from plsc's PartialFC (``chunked``: the streaming head) on the CPU
     (a few seconds)."""
@@ -352,7 +355,7 @@ def probe_head(
         with _PeakMeter() as meter:
             head = build_head(PROBE_CHUNK if chunked else 0, num_classes=rows, embedding_size=emb,
                               margin=margin, sample_ratio=PROBE_RATIO, momentum_mode=momentum_mode,
-                              center_dtype=center_dtype, seed=0)
+                              center_dtype=center_dtype, velocity_dtype=velocity_dtype, seed=0)
         return head, meter
 
     if chunked:
@@ -405,7 +408,7 @@ def _probe_save(head) -> _PeakMeter:
     from plsc.checkpoint import shards
 
     with tempfile.TemporaryDirectory() as scratch, _PeakMeter() as save:
-        for kind in ("weight", "velocity"):
+        for kind in head.state_kinds():
             shards.write_center_shard(head, Path(scratch) / f"{kind}.npy", kind)
     return save
 
@@ -516,6 +519,7 @@ def setting_from_config(
         device_memory_bytes=int(device_memory_bytes),
         fixed_overhead_bytes=int(overhead),
         chunk_size=config.loss.chunk_size,
+        velocity_dtype=config.loss.velocity_dtype,
     )
 
 
@@ -523,7 +527,7 @@ def memory_model(config: Config, setting: Setting) -> MemoryModel:
     """The model of ``config``'s runs, its head and backbone profiles probed on this machine's CPU."""
     head = probe_head(
         config.loss.center_dtype, config.loss.momentum_mode, tuple(config.loss.margins), config.loss.scale,
-        chunked=config.loss.chunk_size > 0,
+        chunked=config.loss.chunk_size > 0, velocity_dtype=config.loss.velocity_dtype,
     )
     backbone = probe_backbone(config.model, config.data.image_size)
     return MemoryModel(setting, head, backbone)
@@ -553,6 +557,8 @@ def predict(model: MemoryModel) -> Prediction:
     notes = [f"fixed overhead {setting.fixed_overhead_bytes / MIB:.0f} MiB"]
     if setting.chunk_size:
         notes.append(f"streaming head: {setting.chunk_size} sampled centers per chunk")
+    if setting.velocity_dtype == "int8":
+        notes.append("velocity in int8 with a float32 scale per row")
     if setting.device == "gpu":
         if not setting.chunk_size:
             notes.append(

@@ -63,6 +63,9 @@ class LossConfig:
     sample_ratio: float = 1.0  # PartialFC: fraction of each rank's class centers used per step
     momentum_mode: typing.Literal["lazy", "dense"] = "lazy"
     center_dtype: typing.Literal["float32", "float16"] = "float32"  # storage dtype of class centers
+    # Storage of their momentum velocity: "same" as the centers, or int8 codes with a float32 scale per row
+    # (1 byte per element instead of 2 or 4: plsc.loss.int8_rows).
+    velocity_dtype: typing.Literal["same", "float32", "float16", "int8"] = "same"
     chunk_size: int = 0  # sampled centers per chunk of the streaming head; 0: the whole-matrix head
 
 
@@ -306,6 +309,9 @@ def validate(config: Config) -> None:
         if not allowed(value):
             raise ConfigError(f"{key} must be {text}, got {value!r}")
     _check_margins(config.loss)
+    if config.loss.velocity_dtype == "int8" and config.model.embedding_size % 2:
+        raise ConfigError("loss.velocity_dtype int8 needs an even model.embedding_size (two codes per "
+                          f"float16 of storage), got {config.model.embedding_size}")
 
 
 def _check_finite(config: Config) -> None:

@@ -44,6 +44,8 @@ ADVICE = {
                "on LD_LIBRARY_PATH, and check the driver with nvidia-smi",
     "fast_path": "training still runs, on the portable path (slower), since plsc runs this check itself at "
                  "start-up; upgrade Paddle / CUDA to get the fused path back",
+    "int8_velocity": "train with loss.velocity_dtype same (float velocity, 1 byte more per element): a run "
+                     "with int8 velocity stops at start-up on this device with the same message",
     "train": "read the log; a CUDA or cuDNN error points at the Paddle build (see the install check), "
              "'out of memory' at another process on the GPU (nvidia-smi)",
     "static": "train in dynamic mode (train.mode=dynamic, the *_dynamic_* configs) meanwhile",
@@ -183,6 +185,16 @@ def check_fast_paths() -> list[Check]:
     return checks
 
 
+def check_int8_velocity() -> Check:
+    """int8 velocity's start-up check (loss.velocity_dtype: int8), on this machine's default device."""
+    from plsc.loss import int8_rows
+
+    problem = int8_rows.self_check()
+    if problem:
+        return Check("int8 velocity", FAIL, problem, ADVICE["int8_velocity"])
+    return Check("int8 velocity", PASS, "scatter, gather and block reads equal numpy's quantisation")
+
+
 @dataclass(frozen=True)
 class TrainCase:
     mode: str  # dynamic | static
@@ -273,7 +285,7 @@ def _train_advice(case: TrainCase) -> str:
 
 def run_checks(folder: Path) -> list[Check]:
     folder.mkdir(parents=True, exist_ok=True)
-    checks = [check_install(folder), *check_fast_paths()]
+    checks = [check_install(folder), *check_fast_paths(), check_int8_velocity()]
     config = write_tiny_config(folder)
     for case, reason in train_cases(gpu_count()):
         if reason == NEEDS_GPU:

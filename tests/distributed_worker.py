@@ -89,7 +89,7 @@ def _reshard(source: Path, target: Path) -> None:
         center_dtype=manifest["center_dtype"],
         comm=comm,
     )
-    head.set_state(*ckpt.read_center_rows(source, manifest, head.shard))
+    head.set_state(**ckpt.read_center_rows(source, manifest, head.shard))
     state = ckpt.TrainingState(manifest["step"], manifest["epoch"], manifest["step_in_epoch"])
     backbone = paddle.nn.Linear(2, 2)
     backbone.set_state_dict(ckpt.load_backbone_state(source))

@@ -62,7 +62,7 @@ def test_checkpoint_round_trip_through_streamed_shards(tmp_path, dtype):
     assert manifest["center_dtype"] == dtype
     np.testing.assert_array_equal(np.load(tmp_path / "ckpt" / ckpt.shard_file(0, "weight")), weight)
     restored = PartialFC(10_000, 32, ARCFACE, center_dtype=dtype, seed=1)
-    restored.set_state(*ckpt.read_center_rows(tmp_path / "ckpt", manifest, restored.shard))
+    restored.set_state(**ckpt.read_center_rows(tmp_path / "ckpt", manifest, restored.shard))
     np.testing.assert_array_equal(restored.weight.numpy(), weight)
     np.testing.assert_array_equal(restored.velocity.numpy(), velocity)
 
@@ -72,7 +72,7 @@ def test_float32_checkpoint_loads_into_float16_storage_with_numpy_rounding(tmp_p
     save(head, tmp_path / "ckpt")
     manifest = ckpt.read_manifest(tmp_path / "ckpt")
     half = PartialFC(5000, 32, ARCFACE, center_dtype="float16")
-    half.set_state(*ckpt.read_center_rows(tmp_path / "ckpt", manifest, half.shard))
+    half.set_state(**ckpt.read_center_rows(tmp_path / "ckpt", manifest, half.shard))
     np.testing.assert_array_equal(half.weight.numpy(), weight.astype(np.float16))
     np.testing.assert_array_equal(half.velocity.numpy(), velocity.astype(np.float16))
 
@@ -107,7 +107,7 @@ def test_checkpoint_phase_needs_no_host_copy_of_the_shard(tmp_path):
         manifest = ckpt.read_manifest(tmp_path / "ckpt")
         tracemalloc.reset_peak()
         loading_rss = peak_rss_rise(
-            lambda: head.set_state(*ckpt.read_center_rows(tmp_path / "ckpt", manifest, head.shard)))
+            lambda: head.set_state(**ckpt.read_center_rows(tmp_path / "ckpt", manifest, head.shard)))
         loading_numpy = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -126,4 +126,4 @@ def test_a_shard_file_that_does_not_match_the_manifest_is_a_clear_error(tmp_path
     np.save(shard, np.zeros((100, 32), np.float32))
     shard.write_bytes(shard.read_bytes()[:-10])
     with pytest.raises(PlscError, match="shorter than its header"):
-        head.set_state(*ckpt.read_center_rows(tmp_path / "ckpt", manifest, head.shard))
+        head.set_state(**ckpt.read_center_rows(tmp_path / "ckpt", manifest, head.shard))

@@ -306,7 +306,8 @@ def centers_of(checkpoint: Path) -> tuple[np.ndarray, np.ndarray]:
     from plsc import checkpoint as ckpt
 
     manifest = ckpt.read_manifest(checkpoint)
-    return ckpt.read_center_rows(checkpoint, manifest, shard_classes(manifest["num_classes"], 0, 1))
+    rows = ckpt.read_center_rows(checkpoint, manifest, shard_classes(manifest["num_classes"], 0, 1))
+    return np.asarray(rows["weight"]), np.asarray(rows["velocity"])
 
 
 def backbone_of(checkpoint: Path) -> dict[str, np.ndarray]:
@@ -428,7 +429,8 @@ def test_checkpoint_round_trip_over_1_2_3_1_ranks_is_bit_identical(tmp_path):
                 assert np.array_equal(np.load(checkpoint / shard["weight"]), weight[rows])
                 assert np.array_equal(np.load(checkpoint / shard["velocity"]), velocity[rows])
         back = ckpt.read_center_rows(chain[2], ckpt.read_manifest(chain[2]), shard_classes(23, 0, 1))
-        for restored, original in zip(back, (weight, velocity), strict=True):
+        for restored, original in zip(back.values(), (weight, velocity), strict=True):
+            restored = np.asarray(restored)
             assert restored.dtype == original.dtype and np.array_equal(restored, original)
 
 

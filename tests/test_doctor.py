@@ -8,8 +8,9 @@ import paddle
 import pytest
 
 from plsc import cli, doctor
+from plsc.loss import int8_rows
 
-ROW = r"((?:Paddle install check|fast path \S+|train 5 steps, [^,]+, \w+ \w+))\s{2,}(.*)"
+ROW = r"((?:Paddle install check|fast path \S+|int8 velocity|train 5 steps, [^,]+, \w+ \w+))\s{2,}(.*)"
 
 
 def rows_of(output: str) -> dict[str, str]:
@@ -26,7 +27,7 @@ def test_doctor_on_cpu_passes_the_cpu_subset_and_names_the_gpu_checks(tmp_path, 
     assert cli.main(["doctor", "--output", str(tmp_path)]) == 0
     output = capsys.readouterr().out
     rows = rows_of(output)
-    assert len(rows) == 15 - 3 and "Paddle" in output and "not compiled with CUDA" in output
+    assert len(rows) == 16 - 3 and "Paddle" in output and "not compiled with CUDA" in output
     assert rows["Paddle install check"].startswith("pass")
     for name in ("margin_cross_entropy", "class_center_sample", "cudnn_nhwc"):
         assert rows[f"fast path {name}"].startswith("needs a GPU")
@@ -38,7 +39,8 @@ def test_doctor_on_cpu_passes_the_cpu_subset_and_names_the_gpu_checks(tmp_path, 
     for mode in ("dynamic", "static"):
         assert rows[f"train 5 steps, 1 device, {mode} fp16"] == "needs a GPU"
         assert rows[f"train 5 steps, all GPUs, {mode} fp32"] == "needs a GPU"
-    assert "3 passed, 0 failed, 9 need a GPU" in output
+    assert rows["int8 velocity"].startswith("pass")
+    assert "4 passed, 0 failed, 9 need a GPU" in output
     assert (tmp_path / "run_check.log").read_text().count("works well") == 1  # captured, not printed
     assert "works well" not in output.replace("PaddlePaddle works well on 1 CPU.", "")
 
@@ -48,6 +50,7 @@ def test_failures_exit_1_with_what_to_do(tmp_path, capsys, monkeypatch):
         raise RuntimeError("CUDA driver version is insufficient for CUDA runtime version")
 
     monkeypatch.setattr(paddle.utils, "run_check", broken_install)
+    monkeypatch.setattr(int8_rows, "self_check", lambda: "gather after scatter differs from numpy's quantisation")
     missing_model = {**doctor.TINY_CONFIG["model"], "name": "resnet_missing"}
     monkeypatch.setitem(doctor.TINY_CONFIG, "model", missing_model)
     assert cli.main(["doctor", "--output", str(tmp_path)]) == 1
@@ -59,7 +62,9 @@ def test_failures_exit_1_with_what_to_do(tmp_path, capsys, monkeypatch):
         row = rows[f"train 5 steps, 1 device, {mode} fp32"]
         assert re.match(r"FAIL\s+exit 2: plsc: error: ", row) and "read the log" in row
         assert "resnet_missing" in (tmp_path / f"1dev_{mode}_fp32.log").read_text()
-    assert "0 passed, 3 failed" in output
+    assert re.match(r"FAIL\s+gather after scatter differs", rows["int8 velocity"])
+    assert "train with loss.velocity_dtype same" in rows["int8 velocity"]
+    assert "0 passed, 4 failed" in output
 
 
 @pytest.mark.parametrize("gpus, runnable, skipped", [(0, 2, 0), (1, 4, 4), (8, 8, 0)])

@@ -37,6 +37,9 @@ def add_bench_parser(sub) -> None:
     head.add_argument("--momentum-mode", choices=["lazy", "dense"], default="lazy")
     head.add_argument("--chunk-size", type=int, default=0, metavar="N",
                       help="the streaming head, N sampled centers per chunk (loss.chunk_size); 0: none")
+    head.add_argument("--velocity-dtype", choices=["same", "int8"], default="same",
+                      help="velocity storage (loss.velocity_dtype): as the centers, or int8 codes with a "
+                           "scale per row")
     head.add_argument("--separate-update", action="store_true",
                       help="the center update after the backward, as training with loss scaling or clipping")
     head.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
@@ -158,7 +161,7 @@ def spec_from_args(args):
         classes=args.classes, ratio=args.ratio, batch=args.batch, emb=args.emb, world_size=args.world_size,
         precision=args.precision, steps=args.steps, warmup=args.warmup, threads=args.threads,
         momentum_mode=args.momentum_mode, malloc=args.malloc, chunk_size=args.chunk_size,
-        update_in_backward=not args.separate_update,
+        velocity_dtype=args.velocity_dtype, update_in_backward=not args.separate_update,
     )
 
 

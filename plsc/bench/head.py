@@ -70,6 +70,7 @@ class HeadBenchSpec:
     seed: int = 0
     malloc: str = "hugepages"  # a key of MALLOC_TUNABLES
     chunk_size: int = 0  # > 0: the streaming head (loss.chunk_size)
+    velocity_dtype: str = "same"  # loss.velocity_dtype: "same" as the centers, or int8
     update_in_backward: bool = True  # False: as with loss scaling or clipping (the update after the backward)
 
     @property
@@ -102,13 +103,14 @@ def build_head(spec: HeadBenchSpec):
     return build_partial_fc(
         spec.chunk_size, num_classes=spec.classes, embedding_size=spec.emb, margin=ARCFACE,
         sample_ratio=spec.ratio, momentum_mode=spec.momentum_mode, center_dtype=PRECISIONS[spec.precision],
-        seed=spec.seed, comm=simulated_rank(spec.world_size),
+        velocity_dtype=spec.velocity_dtype, seed=spec.seed, comm=simulated_rank(spec.world_size),
     )
 
 
 def state_bytes(head) -> int:
-    """Exact bytes of the class-center state: numel x element size of the weight and the velocity."""
-    return sum(int(t.numel()) * t.element_size() for t in (head.weight, head.velocity))
+    """Exact bytes of the class-center state: numel x element size of the weight and the velocity (int8
+    velocity: its codes and per-row scales)."""
+    return sum(int(t.numel()) * t.element_size() for t in head.state_tensors())
 
 
 def make_batch(spec: HeadBenchSpec, rng: np.random.Generator):
@@ -239,7 +241,7 @@ def summarise_time(spec, head, steps, floors, sampled, allocated_before, allocat
         "step_s_all": step_s,
         "floor_s_all": floor_s,
         "bytes_per_class": state_bytes(head) / local,
-        "bytes_per_class_method": "numel x element_size of PartialFC.weight + .velocity, / local classes",
+        "bytes_per_class_method": "numel x element_size of PartialFC.state_tensors(), / local classes",
         "allocator_bytes_per_class": allocated,
         "local_classes": local,
         "sampled": int(sampled),
@@ -330,7 +332,8 @@ def shape_of(spec: HeadBenchSpec) -> dict:
     return {"classes": spec.classes, "ratio": spec.ratio, "batch_per_rank": spec.batch,
             "global_batch": spec.global_batch, "emb": spec.emb, "world_size": spec.world_size,
             "precision": spec.precision, "momentum_mode": spec.momentum_mode, "malloc": spec.malloc,
-            "chunk_size": spec.chunk_size, "update_in_backward": spec.update_in_backward}
+            "chunk_size": spec.chunk_size, "update_in_backward": spec.update_in_backward,
+            "velocity_dtype": spec.velocity_dtype}
 
 
 def table(result: dict) -> str:
@@ -340,7 +343,7 @@ def table(result: dict) -> str:
     rows = [
         ["shape", f"C={shape['classes']:,} (local {shape['local_classes']:,}), k={shape['sampled']:,}, "
                   f"B={shape['global_batch']}, emb={shape['emb']}, {shape['precision']}, "
-                  f"n={shape['world_size']}, "
+                  f"n={shape['world_size']}, velocity {shape.get('velocity_dtype', 'same')}, "
                   f"chunk {shape.get('chunk_size') or 'none (whole matrix)'}"],
         ["step (median)", f"{result['step_s']:.4f} s"],
         ["floor: 3 matmuls", f"{result['floor_s']:.4f} s"],

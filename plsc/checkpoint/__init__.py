@@ -10,6 +10,7 @@ Layout of one checkpoint directory::
     backbone.pdparams         backbone state_dict (paddle.save)
     optimizer.pdopt           backbone optimizer state (paddle.save)
     centers/rank00000.weight.npy, rank00000.velocity.npy, ...   one class-center shard per rank
+    centers/rank00000.velocity_scale.npy                         with int8 velocity: its per-row scales
 
 Each rank writes its own shard; the class range of every shard is in the manifest, so a checkpoint saved on N
 ranks loads on M ranks by reading exactly the rows each new shard needs. Shards are written and read a block
@@ -49,7 +50,7 @@ from plsc.distributed import ClassShard
 from plsc.errors import PlscError
 
 FORMAT = "plsc-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: velocity may be int8 codes + per-row scales (``velocity_dtype`` in the manifest)
 MANIFEST = "manifest.json"
 BACKBONE = "backbone.pdparams"
 OPTIMIZER = "optimizer.pdopt"
@@ -128,7 +129,7 @@ def _write_checkpoint(staging: Path, target: Path, *, comm, state, config, model
         with writing(staging):
             (staging / "centers").mkdir(parents=True)
     comm.barrier()
-    for kind in ("weight", "velocity"):  # streamed block by block: no host copy of the shard
+    for kind in head.state_kinds():  # streamed block by block: no host copy of the shard
         path = staging / shard_file(comm.rank, kind)
         with writing(path):
             shards.write_center_shard(head, path, kind)
@@ -141,16 +142,19 @@ def _write_checkpoint(staging: Path, target: Path, *, comm, state, config, model
     comm.barrier()
     if comm.rank == 0:
         world = comm.world_size
-        shard_entries = [_shard_entry(r, head.num_classes, world) for r in range(world)]
+        shard_entries = [_shard_entry(r, head.num_classes, world, head.state_kinds()) for r in range(world)]
+        int8 = head.velocity_dtype == "int8"
         manifest = {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            # Version 1 readers read everything but int8 velocity: they are given the version they can read.
+            "format_version": FORMAT_VERSION if int8 else 1,
             "step": state.step,
             "epoch": state.epoch,
             "step_in_epoch": state.step_in_epoch,
             "num_classes": head.num_classes,
             "embedding_size": head.embedding_size,
             "center_dtype": head.storage_dtype,
+            "velocity_dtype": head.velocity_dtype,
             "world_size": world,
             "shards": shard_entries,
             "config": config,
@@ -167,17 +171,12 @@ def _write_checkpoint(staging: Path, target: Path, *, comm, state, config, model
             replace_dir(staging, target)
 
 
-def _shard_entry(rank: int, num_classes: int, world_size: int) -> dict:
+def _shard_entry(rank: int, num_classes: int, world_size: int, kinds) -> dict:
     from plsc.distributed import shard_classes
 
     shard = shard_classes(num_classes, rank, world_size)
-    return {
-        "rank": rank,
-        "start": shard.start,
-        "count": shard.count,
-        "weight": shard_file(rank, "weight"),
-        "velocity": shard_file(rank, "velocity"),
-    }
+    return {"rank": rank, "start": shard.start, "count": shard.count,
+            **{kind: shard_file(rank, kind) for kind in kinds}}
 
 
 def replace_dir(staging: Path, target: Path) -> None:
@@ -262,27 +261,39 @@ def _check_manifest_keys(path: Path, manifest: dict) -> None:
 def _required_files(manifest: dict) -> list[str]:
     files = [BACKBONE]
     for shard in manifest["shards"]:
-        files += [shard["weight"], shard["velocity"]]
+        files += [shard[kind] for kind in saved_kinds(manifest)]
     return files
 
 
-def read_center_rows(directory: Path, manifest: dict, shard: ClassShard
-                     ) -> tuple[shards.RowPieces, shards.RowPieces]:
-    """Rows ``[shard.start, shard.stop)`` of the saved centers and velocities, whatever the saved sharding:
-    the pieces of the saved files, read a block at a time when the head copies them in (``set_state``)."""
+def saved_kinds(manifest: dict) -> dict[str, tuple[int, str]]:
+    """``{kind: (columns, dtype)}`` of each shard's class-center files (see ``PartialFC.state_kinds``)."""
+    emb, center_dtype = manifest["embedding_size"], manifest["center_dtype"]
+    velocity_dtype = manifest.get("velocity_dtype", center_dtype)  # format 1 stored it as the centers
+    kinds = {"weight": (emb, center_dtype), "velocity": (emb, velocity_dtype)}
+    if velocity_dtype == "int8":
+        kinds["velocity_scale"] = (1, "float32")
+    return kinds
+
+
+def read_center_rows(directory: Path, manifest: dict, shard: ClassShard) -> dict[str, shards.RowPieces]:
+    """Rows ``[shard.start, shard.stop)`` of each saved kind (``weight``, ``velocity`` and, for int8
+    velocity, ``velocity_scale``), whatever the saved sharding: the pieces of the saved files, read a block at
+    a time when the head copies them in (``PartialFC.set_state(**rows)``)."""
     directory = Path(directory)
-    parts: dict[str, list[shards.FileRows]] = {"weight": [], "velocity": []}
-    emb = manifest["embedding_size"]
+    kinds = saved_kinds(manifest)
+    parts: dict[str, list[shards.FileRows]] = {kind: [] for kind in kinds}
     for saved in manifest["shards"]:
         lo, hi = max(shard.start, saved["start"]), min(shard.stop, saved["start"] + saved["count"])
         if lo >= hi:
             continue
-        for kind in parts:
+        for kind, (columns, dtype) in kinds.items():
+            if kind not in saved:
+                raise PlscError(f"{directory / MANIFEST}: corrupt manifest, no shards[{saved['rank']}]."
+                                f"{kind}")
             path = directory / saved[kind]
-            _check_shard(path, (saved["count"], emb), manifest["center_dtype"])
+            _check_shard(path, (saved["count"], columns), dtype)
             parts[kind].append(shards.FileRows(path, lo - saved["start"], hi - saved["start"]))
-    dtype = manifest["center_dtype"]
-    return shards.RowPieces(parts["weight"], emb, dtype), shards.RowPieces(parts["velocity"], emb, dtype)
+    return {kind: shards.RowPieces(parts[kind], columns, dtype) for kind, (columns, dtype) in kinds.items()}
 
 
 def _check_shard(path: Path, shape: tuple[int, int], dtype: str) -> None:

@@ -24,8 +24,9 @@ BLOCK_ROWS = 4096
 
 
 def write_center_shard(head, path: Path, kind: str) -> None:
-    """The head's ``weight`` or ``velocity`` shard into ``path``, streamed (``PartialFC.row_blocks``)."""
-    write_npy(path, (head.shard.count, head.embedding_size), head.storage_dtype, head.row_blocks(kind))
+    """One of the head's matrices (``PartialFC.state_kinds``) into ``path``, streamed (``row_blocks``)."""
+    columns, dtype = head.state_kinds()[kind]
+    write_npy(path, (head.shard.count, columns), dtype, head.row_blocks(kind))
 
 
 def write_npy(path: Path, shape: tuple[int, int], dtype, blocks: Iterable[np.ndarray]) -> None:

@@ -43,7 +43,7 @@ from plsc.engine.schedule import learning_rate
 from plsc.errors import PlscError
 from plsc.eval.embedders import open_embedder
 from plsc.eval.verification import verify_across_ranks
-from plsc.loss import fast_paths
+from plsc.loss import fast_paths, int8_rows
 from plsc.loss.margin import Margin
 from plsc.loss.streaming import build_head
 from plsc.models import MODELS, build_model
@@ -96,6 +96,16 @@ def require_files(paths: list[str], key: str) -> None:
             raise PlscError(f"{key}: {path} not found (--set '{key}=[...]' names others, [] none)")
 
 
+def require_int8_velocity(comm) -> None:
+    """int8 velocity has no other path to fall back on: its start-up check failing on any rank ends the run
+    before anything is built, in one line."""
+    problem = int8_rows.self_check()
+    if comm.any_true(problem is not None):
+        reason = problem or "it failed on another rank"
+        raise PlscError(f"loss.velocity_dtype int8 does not work on {paddle.get_device()}: {reason}; "
+                        "use loss.velocity_dtype same")
+
+
 class Trainer:
     """``resume``: True (``<output>``'s latest checkpoint) or a checkpoint folder. ``weights_only``: take the
     checkpoint's weights and step but restart the optimizer (with another class count: the backbone alone,
@@ -136,6 +146,8 @@ class Trainer:
         chosen = fast_paths.select_fast_paths(margin, self.num_classes, config.loss.sample_ratio, self.comm,
                                               config.train.seed)
         self.fast_paths = chosen.results
+        if config.loss.velocity_dtype == "int8":
+            require_int8_velocity(self.comm)
         self.head = build_head(
             config.loss.chunk_size,
             num_classes=self.num_classes,
@@ -144,6 +156,7 @@ class Trainer:
             sample_ratio=config.loss.sample_ratio,
             momentum_mode=config.loss.momentum_mode,
             center_dtype=config.loss.center_dtype,
+            velocity_dtype=config.loss.velocity_dtype,
             seed=config.train.seed,
             comm=self.comm,
             **chosen.head_kwargs(),
@@ -206,14 +219,14 @@ class Trainer:
             log.warning("checkpoint %s has %d classes, this run %d: reusing the backbone only, class centers "
                         "start fresh at step 0", directory, manifest["num_classes"], self.num_classes)
             return
-        weight, velocity = ckpt.read_center_rows(directory, manifest, self.head.shard)
+        rows = ckpt.read_center_rows(directory, manifest, self.head.shard)
         if weights_only:
-            velocity = np.zeros_like(velocity)
+            rows = {"weight": rows["weight"]}  # the new head's velocity is zero
             log.warning("--resume-weights-only: optimizer state not restored, momentum (backbone and class "
                         "centers) restarts from zero at step %d", manifest["step"])
         else:
             self.optimizer.set_state_dict(optimizer_state)
-        self.head.set_state(weight, velocity)
+        self.head.set_state(**rows)
         if "loss_scaler" in manifest:
             self.scaler.load_state_dict(manifest["loss_scaler"])
         self.state = ckpt.TrainingState(manifest["step"], manifest["epoch"], manifest["step_in_epoch"])
@@ -332,7 +345,7 @@ class Trainer:
         """Before anything is saved or evaluated: the backbone's weights and BatchNorm statistics (which see
         even a skipped step's batch) and this rank's class centers, agreed across ranks."""
         tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]
-        finite = all_finite(tensors + [self.head.weight, self.head.velocity])
+        finite = all_finite(tensors + self.head.float_tensors())
         if self.comm.any_true(not finite):
             raise self._diverged(self.state.step, "the weights hold inf or nan")
 

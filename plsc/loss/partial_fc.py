@@ -18,8 +18,9 @@ import paddle
 
 from plsc.distributed import LocalComm, shard_classes
 from plsc.loss.cosine import ScratchRows, cosine_to_centers
+from plsc.loss.int8_rows import Int8Rows
 from plsc.loss.margin import Margin, margin_softmax_cross_entropy
-from plsc.loss.rows import gather_rows, gathers_into, host_view, is_cpu_and_contiguous
+from plsc.loss.rows import STATE_BLOCK_ROWS, copy_rows_into, gather_rows, gathers_into, host_blocks
 from plsc.loss.sampling import num_sampled, sample_centers
 from plsc.loss.sparse_momentum import UPDATES
 
@@ -27,8 +28,6 @@ from plsc.loss.sparse_momentum import UPDATES
 # (seed, class id), never on how classes are sharded, and no float64 copy of the matrix ever exists.
 INIT_STD = 0.01
 INIT_BLOCK = 4096
-# Rows per block when a shard is copied to or from the host (checkpoints): a few MB whatever the shard.
-STATE_BLOCK_ROWS = 4096
 
 
 def init_class_centers(seed: int, start: int, count: int, embedding_size: int) -> np.ndarray:
@@ -68,20 +67,6 @@ def init_class_center_tensor(seed: int, start: int, count: int, embedding_size: 
     return centers
 
 
-def copy_rows_into(tensor: paddle.Tensor, source, block_rows: int = STATE_BLOCK_ROWS) -> None:
-    """``tensor[:] = source`` a block of rows at a time (see :meth:`PartialFC.set_state`)."""
-    if hasattr(source, "blocks"):
-        blocks = source.blocks(block_rows)
-    else:
-        blocks = ((start, source[start : start + block_rows]) for start in range(0, len(source), block_rows))
-    target = host_view(tensor) if is_cpu_and_contiguous(tensor) else None
-    for start, rows in blocks:
-        if target is not None:
-            target[start : start + len(rows)] = rows
-        else:
-            tensor[start : start + len(rows)] = paddle.to_tensor(np.asarray(rows)).astype(tensor.dtype)
-
-
 class PartialFC:
     """The sharded, sampled classifier of one rank, with its class centers and their momentum."""
 
@@ -95,6 +80,7 @@ class PartialFC:
         sample_ratio: float = 1.0,
         momentum_mode: str = "lazy",
         center_dtype: str = "float32",
+        velocity_dtype: str = "same",
         seed: int = 0,
         comm=None,
         margin_loss=margin_softmax_cross_entropy,
@@ -102,7 +88,9 @@ class PartialFC:
     ):
         """``margin_loss(cosine, remapped, margin, comm)`` and ``device_sampler(all_labels, num_local, wanted)
         -> (index, remapped)``: a fused kernel and an on-device sampler in place of the portable code, each
-        once it passed its start-up parity check (:func:`plsc.loss.fast_paths.select_fast_paths`)."""
+        once it passed its start-up parity check (:func:`plsc.loss.fast_paths.select_fast_paths`).
+        ``velocity_dtype``: ``same`` (as the centers), ``float32``, ``float16`` or ``int8``
+        (:mod:`plsc.loss.int8_rows`)."""
         self.comm = comm or LocalComm()
         self.num_classes = num_classes
         self.embedding_size = embedding_size
@@ -113,7 +101,8 @@ class PartialFC:
         self.shard = shard_classes(num_classes, self.comm.rank, self.comm.world_size)
         shard = self.shard
         self.weight = init_class_center_tensor(seed, shard.start, shard.count, embedding_size, center_dtype)
-        self.velocity = paddle.zeros_like(self.weight)
+        self.velocity = new_velocity(shard.count, embedding_size, center_dtype if velocity_dtype == "same"
+                                     else velocity_dtype)
         self._index: paddle.Tensor | None = None
         self._sampled: paddle.Tensor | None = None
         self.margin_loss = margin_loss
@@ -200,30 +189,91 @@ class PartialFC:
         self.center_grad_scratch.release()
         self.gathered_rows_scratch.release()
 
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """Host copies of the whole shard; checkpoints stream it instead (:meth:`row_blocks`)."""
-        return {"weight": self.weight.numpy(), "velocity": self.velocity.numpy()}
+    def state_tensors(self) -> list[paddle.Tensor]:
+        """Every tensor of the head's state (weight, velocity and, for int8 velocity, its scales)."""
+        velocity = self.velocity.tensors() if isinstance(self.velocity, Int8Rows) else [self.velocity]
+        return [self.weight, *velocity]
+
+    def float_tensors(self) -> list[paddle.Tensor]:
+        """The state tensors that hold floating-point numbers (what an inf/nan check reads): int8 velocity's
+        codes are integers, kept in a float16 container whose bits are no float16 numbers."""
+        velocity = [self.velocity.scale] if isinstance(self.velocity, Int8Rows) else [self.velocity]
+        return [self.weight, *velocity]
 
     @property
     def storage_dtype(self) -> str:
         """The centers' numpy dtype name: ``float32`` or ``float16``."""
         return str(self.weight.dtype).split(".")[-1]
 
-    def row_blocks(self, kind: str, block_rows: int = STATE_BLOCK_ROWS):
-        """The rows of ``weight`` or ``velocity`` as numpy blocks: views of the tensor's own memory on the
-        CPU, one block's host copy at a time from another device. Valid until the next update."""
-        tensor = getattr(self, kind)
-        whole = host_view(tensor) if is_cpu_and_contiguous(tensor) else None
-        for start in range(0, tensor.shape[0], block_rows):
-            yield whole[start : start + block_rows] if whole is not None else \
-                tensor[start : start + block_rows].numpy()
+    @property
+    def velocity_dtype(self) -> str:
+        """The velocity's storage: ``float32``, ``float16`` or ``int8`` (codes and per-row scales)."""
+        return self.velocity.dtype if isinstance(self.velocity, Int8Rows) else \
+            str(self.velocity.dtype).split(".")[-1]
 
-    def set_state(self, weight, velocity) -> None:
-        """Overwrite the centers and velocities in place with ``weight`` and ``velocity``: arrays, or objects
-        with ``blocks()`` yielding ``(first row, rows)`` (:class:`plsc.checkpoint.shards.RowPieces`), copied a
-        block at a time and cast to the storage dtype (numpy's rounding)."""
+    def state_kinds(self) -> dict[str, tuple[int, str]]:
+        """``{kind: (columns, numpy dtype)}`` of the matrices :meth:`row_blocks` yields, as checkpoints store
+        them: ``weight`` and ``velocity``, and ``velocity_scale`` [rows, 1] for int8 velocity."""
+        kinds = {"weight": (self.embedding_size, self.storage_dtype),
+                 "velocity": (self.embedding_size, self.velocity_dtype)}
+        if isinstance(self.velocity, Int8Rows):
+            kinds["velocity_scale"] = (1, "float32")
+        return kinds
+
+    def row_blocks(self, kind: str, block_rows: int = STATE_BLOCK_ROWS):
+        """The rows of one of :meth:`state_kinds` as numpy blocks: views of the tensor's own memory on the
+        CPU, one block's host copy at a time from another device. Valid until the next update."""
+        if isinstance(self.velocity, Int8Rows) and kind != "weight":
+            return self.velocity.code_blocks(block_rows) if kind == "velocity" else \
+                self.velocity.scale_blocks(block_rows)
+        return host_blocks(getattr(self, kind), block_rows)
+
+    def set_state(self, weight, velocity=None, velocity_scale=None) -> None:
+        """Overwrite the centers and velocities in place: arrays, or objects with ``blocks()`` yielding
+        ``(first row, rows)`` (:class:`plsc.checkpoint.shards.RowPieces`), copied a block at a time and cast
+        to the storage dtype (numpy's rounding). ``velocity`` None: the velocity stays as it is.
+        ``velocity_scale`` given: ``velocity`` holds int8 codes (:mod:`plsc.loss.int8_rows`), copied exactly
+        into int8 velocity and dequantised into float velocity; float velocity into int8 is quantised."""
         expected = (self.shard.count, self.embedding_size)
-        if tuple(weight.shape) != expected or tuple(velocity.shape) != expected:
-            raise ValueError(f"class-center shard has shape {tuple(weight.shape)}, expected {expected}")
-        for tensor, source in ((self.weight, weight), (self.velocity, velocity)):
-            copy_rows_into(tensor, source)
+        for given in (weight, velocity):
+            if given is not None and tuple(given.shape) != expected:
+                raise ValueError(f"class-center shard has shape {tuple(given.shape)}, expected {expected}")
+        copy_rows_into(self.weight, weight)
+        if velocity is None:
+            return
+        saved_int8 = velocity_scale is not None
+        if isinstance(self.velocity, Int8Rows) and saved_int8:
+            self.velocity.set_codes(velocity, velocity_scale)
+            return
+        source = Dequantized(velocity, velocity_scale) if saved_int8 else velocity
+        if isinstance(self.velocity, Int8Rows):
+            for start, rows in _blocks_of(source):
+                self.velocity.write_block_(start, paddle.to_tensor(np.asarray(rows, dtype=np.float32)))
+        else:
+            copy_rows_into(self.velocity, source)
+
+
+def new_velocity(rows: int, width: int, dtype: str):
+    """Zero velocity of ``dtype`` (float32, float16, or int8: :class:`Int8Rows`)."""
+    return Int8Rows(rows, width) if dtype == "int8" else paddle.zeros([rows, width], dtype=dtype)
+
+
+class Dequantized:
+    """Saved int8 codes and their per-row scales read as float32 rows, a block at a time."""
+
+    def __init__(self, codes, scale):
+        self.codes, self.scale = codes, scale
+        self.shape = tuple(codes.shape)
+
+    def blocks(self, block_rows: int = STATE_BLOCK_ROWS):
+        for (start, codes), (_, scale) in zip(_blocks_of(self.codes, block_rows),
+                                              _blocks_of(self.scale, block_rows), strict=True):
+            yield start, codes.astype(np.float32) * scale
+
+
+def _blocks_of(source, block_rows: int = STATE_BLOCK_ROWS):
+    if hasattr(source, "blocks"):
+        yield from source.blocks(block_rows)
+    else:
+        for start in range(0, len(source), block_rows):
+            yield start, source[start : start + block_rows]

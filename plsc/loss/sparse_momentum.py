@@ -7,7 +7,8 @@ Both modes follow Paddle's Momentum with L2 weight decay, ``v = mu * v + (g + wd
 - ``dense``: PLSC v2.2's semantics, the optimizer seeing the whole matrix: unsampled rows get a zero gradient,
   but their velocity still decays and weight decay still applies to them. Cost follows all classes.
 
-Weights and velocities may be stored in float16 (PLSC's FP16 mode); the update is computed in float32.
+Weights and velocities may be stored in float16 (PLSC's FP16 mode), velocities also in int8 with a scale per
+row (:mod:`plsc.loss.int8_rows`); the update is computed in float32, a block of rows at a time.
 
 Speed (see ``plsc bench head``): the arithmetic is Paddle's own fused momentum kernel, one pass over the rows
 instead of five elementwise ops each allocating a fresh [rows, emb] tensor; on CPU a fresh tensor of that
@@ -19,7 +20,7 @@ from __future__ import annotations
 import paddle
 from paddle import _C_ops
 
-from plsc.loss.rows import as_float32, gather_rows, scatter_rows_
+from plsc.loss.rows import as_float32, gather_rows, read_block, scatter_rows_, write_block_
 
 # Rows per block when the dense update walks the whole matrix: bounds its float32 scratch to a few MB.
 DENSE_BLOCK_ROWS = 16384
@@ -84,13 +85,12 @@ def dense_update(
     zero_grad = None
     for start in range(0, weight.shape[0], DENSE_BLOCK_ROWS):
         stop = min(start + DENSE_BLOCK_ROWS, weight.shape[0])
-        block_weight = weight[start:stop].astype("float32")
-        block_velocity = velocity[start:stop].astype("float32")
+        block_weight, block_velocity = read_block(weight, start, stop), read_block(velocity, start, stop)
         if zero_grad is None or zero_grad.shape != block_weight.shape:
             zero_grad = paddle.zeros_like(block_weight)
         momentum_(block_weight, block_velocity, zero_grad, lr, momentum, weight_decay, 1.0)
-        weight[start:stop] = block_weight.astype(weight.dtype)
-        velocity[start:stop] = block_velocity.astype(velocity.dtype)
+        write_block_(weight, start, block_weight)
+        write_block_(velocity, start, block_velocity)
     scatter_rows_(velocity, index, rows_velocity)
     scatter_rows_(weight, index, rows)
 

@@ -38,7 +38,7 @@ import paddle.nn.functional as F
 from plsc.loss.cosine import NORMALIZE_EPS
 from plsc.loss.margin import put_columns, target_logit, target_logit_slope
 from plsc.loss.partial_fc import PartialFC
-from plsc.loss.rows import gather_rows, scatter_rows_
+from plsc.loss.rows import gather_rows, read_block, scatter_rows_, write_block_
 from plsc.loss.sparse_momentum import DENSE_BLOCK_ROWS, dense_update, momentum_
 
 
@@ -314,8 +314,7 @@ def decay_unsampled_rows(weight, velocity, index: paddle.Tensor, lr: float, mome
     sampled[index.numpy()] = True
     for start in range(0, weight.shape[0], DENSE_BLOCK_ROWS):
         stop = min(start + DENSE_BLOCK_ROWS, weight.shape[0])
-        block_weight = weight[start:stop].astype("float32")
-        block_velocity = velocity[start:stop].astype("float32")
+        block_weight, block_velocity = read_block(weight, start, stop), read_block(velocity, start, stop)
         keep = paddle.to_tensor(np.flatnonzero(sampled[start:stop]))
         blocks = (block_weight, block_velocity)
         kept = [paddle.gather(block, keep) for block in blocks] if keep.shape[0] else None
@@ -323,8 +322,8 @@ def decay_unsampled_rows(weight, velocity, index: paddle.Tensor, lr: float, mome
         momentum_(block_weight, block_velocity, zero_grad, lr, momentum, weight_decay, 1.0)
         for block, rows in zip(blocks, kept or (), strict=False):  # the sampled rows: already stepped
             paddle.scatter_(block, keep, rows, overwrite=True)
-        weight[start:stop] = block_weight.astype(weight.dtype)
-        velocity[start:stop] = block_velocity.astype(velocity.dtype)
+        write_block_(weight, start, block_weight)
+        write_block_(velocity, start, block_velocity)
 
 
 def build_head(chunk_size: int = 0, **kwargs) -> PartialFC:
