@@ -274,7 +274,7 @@ def test_start_up_check_passes_here_and_a_broken_store_ends_the_run_in_one_line(
     monkeypatch.setattr(int8_rows, "dequantize", lambda container, scale: int8_rows.paddle.zeros(
         [container.shape[0], container.shape[1] * 2]))
     assert int8_rows.self_check() == "gather after scatter differs from numpy's quantisation"
-    with pytest.raises(PlscError, match="loss.velocity_dtype int8 does not work on cpu: gather after scatter"):
+    with pytest.raises(PlscError, match="velocity_dtype int8 does not work on cpu: gather after scatter"):
         Trainer(tiny_config(tiny_dir), tmp_path / "run")
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import paddle
 
-from plsc.loss.rows import copy_rows_into, host_blocks, put_rows_, take_rows
+from plsc.loss.rows import copy_rows_into, host_blocks, put_rows_, source_blocks, take_rows
 
 CODE_MAX = 127  # symmetric: -128 is never used, so a row's largest element maps to +-127 exactly
 
@@ -96,13 +96,22 @@ class _ViewedAsContainer:
         self.codes = codes
 
     def blocks(self, block_rows: int):
-        if hasattr(self.codes, "blocks"):
-            pieces = self.codes.blocks(block_rows)
-        else:
-            pieces = ((start, self.codes[start : start + block_rows]) for start in
-                      range(0, len(self.codes), block_rows))
-        for start, rows in pieces:
+        for start, rows in source_blocks(self.codes, block_rows):
             yield start, np.ascontiguousarray(rows, dtype=np.int8).view(np.float16)
+
+
+class Dequantized:
+    """Saved codes [n, w] and their scales [n, 1] (arrays or ``blocks()`` sources) read as float32 rows, a
+    block at a time: what float velocity loads from an int8 checkpoint."""
+
+    def __init__(self, codes, scale):
+        self.codes, self.scale = codes, scale
+        self.shape = tuple(codes.shape)
+
+    def blocks(self, block_rows: int):
+        for (start, codes), (_, scale) in zip(source_blocks(self.codes, block_rows),
+                                              source_blocks(self.scale, block_rows), strict=True):
+            yield start, codes.astype(np.float32) * scale
 
 
 def self_check() -> str | None:

@@ -18,9 +18,16 @@ import paddle
 
 from plsc.distributed import LocalComm, shard_classes
 from plsc.loss.cosine import ScratchRows, cosine_to_centers
-from plsc.loss.int8_rows import Int8Rows
+from plsc.loss.int8_rows import Dequantized, Int8Rows
 from plsc.loss.margin import Margin, margin_softmax_cross_entropy
-from plsc.loss.rows import STATE_BLOCK_ROWS, copy_rows_into, gather_rows, gathers_into, host_blocks
+from plsc.loss.rows import (
+    STATE_BLOCK_ROWS,
+    copy_rows_into,
+    gather_rows,
+    gathers_into,
+    host_blocks,
+    source_blocks,
+)
 from plsc.loss.sampling import num_sampled, sample_centers
 from plsc.loss.sparse_momentum import UPDATES
 
@@ -247,7 +254,7 @@ class PartialFC:
             return
         source = Dequantized(velocity, velocity_scale) if saved_int8 else velocity
         if isinstance(self.velocity, Int8Rows):
-            for start, rows in _blocks_of(source):
+            for start, rows in source_blocks(source):
                 self.velocity.write_block_(start, paddle.to_tensor(np.asarray(rows, dtype=np.float32)))
         else:
             copy_rows_into(self.velocity, source)
@@ -256,24 +263,3 @@ class PartialFC:
 def new_velocity(rows: int, width: int, dtype: str):
     """Zero velocity of ``dtype`` (float32, float16, or int8: :class:`Int8Rows`)."""
     return Int8Rows(rows, width) if dtype == "int8" else paddle.zeros([rows, width], dtype=dtype)
-
-
-class Dequantized:
-    """Saved int8 codes and their per-row scales read as float32 rows, a block at a time."""
-
-    def __init__(self, codes, scale):
-        self.codes, self.scale = codes, scale
-        self.shape = tuple(codes.shape)
-
-    def blocks(self, block_rows: int = STATE_BLOCK_ROWS):
-        for (start, codes), (_, scale) in zip(_blocks_of(self.codes, block_rows),
-                                              _blocks_of(self.scale, block_rows), strict=True):
-            yield start, codes.astype(np.float32) * scale
-
-
-def _blocks_of(source, block_rows: int = STATE_BLOCK_ROWS):
-    if hasattr(source, "blocks"):
-        yield from source.blocks(block_rows)
-    else:
-        for start in range(0, len(source), block_rows):
-            yield start, source[start : start + block_rows]

@@ -139,13 +139,18 @@ def copy_rows_into(tensor: paddle.Tensor, source, block_rows: int = STATE_BLOCK_
     """``tensor[:] = source`` a block of rows at a time, cast to the tensor's dtype (numpy's rounding):
     ``source`` an array, or an object whose ``blocks(n)`` yields ``(first row, rows)``
     (:class:`plsc.checkpoint.shards.RowPieces`)."""
-    if hasattr(source, "blocks"):
-        blocks = source.blocks(block_rows)
-    else:
-        blocks = ((start, source[start : start + block_rows]) for start in range(0, len(source), block_rows))
     target = host_view(tensor) if is_cpu_and_contiguous(tensor) else None
-    for start, rows in blocks:
+    for start, rows in source_blocks(source, block_rows):
         if target is not None:
             target[start : start + len(rows)] = rows
         else:
             tensor[start : start + len(rows)] = paddle.to_tensor(np.asarray(rows)).astype(tensor.dtype)
+
+
+def source_blocks(source, block_rows: int = STATE_BLOCK_ROWS):
+    """``(first row, rows)`` of an array, or of an object with its own ``blocks(n)``."""
+    if hasattr(source, "blocks"):
+        yield from source.blocks(block_rows)
+    else:
+        for start in range(0, len(source), block_rows):
+            yield start, source[start : start + block_rows]
