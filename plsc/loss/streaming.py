@@ -35,10 +35,10 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-from plsc.loss.cosine import NORMALIZE_EPS
+from plsc.loss.cosine import NORMALIZE_EPS, ScratchRows, radial_rows
 from plsc.loss.margin import put_columns, target_logit, target_logit_slope
 from plsc.loss.partial_fc import PartialFC
-from plsc.loss.rows import gather_rows, read_block, scatter_rows_, write_block_
+from plsc.loss.rows import gather_rows, gathers_into, read_block, scatter_rows_, write_block_
 from plsc.loss.sparse_momentum import DENSE_BLOCK_ROWS, dense_update, momentum_
 
 
@@ -125,10 +125,12 @@ def center_grad_sq_norm(unit_gram: paddle.Tensor, grad: paddle.Tensor, chunk: Ch
     return (gram * unit_gram).sum() - (projection * projection).sum()
 
 
-def center_grad_of_chunk(unit_embeddings, grad: paddle.Tensor, chunk: ChunkCosine) -> paddle.Tensor:
-    """The chunk's center gradient [c, emb], as the whole-matrix head's cosine layer forms it."""
+def center_grad_of_chunk(unit_embeddings, grad: paddle.Tensor, chunk: ChunkCosine,
+                         scratch: ScratchRows | None = None) -> paddle.Tensor:
+    """The chunk's center gradient [c, emb], as the whole-matrix head's cosine layer forms it (written into
+    ``scratch`` when given)."""
     radial = (grad * chunk.cosine).sum(axis=0) * chunk.inverse_norms * chunk.norm_is_live
-    return (chunk.rows * (-radial).unsqueeze(1)).addmm_(grad.t(), unit_embeddings)
+    return radial_rows(chunk.rows, radial, scratch).addmm_(grad.t(), unit_embeddings)
 
 
 class _StreamingMarginLoss(paddle.autograd.PyLayer):
@@ -164,6 +166,10 @@ class StreamingPartialFC(PartialFC):
         self._grad_sq_norm: paddle.Tensor | None = None
         self._planned: tuple[float, float, float, float] | None = None  # see plan_update
         self._applied = False
+        # [chunk, emb] buffers kept across chunks and steps: a chunk's gathered rows (weight, velocity, where
+        # Paddle can gather into a given tensor) and its center gradient. A fresh buffer per chunk costs its
+        # page faults and first touch: the gathers took 2-3x longer.
+        self._chunk_buffers: dict[tuple[str, int], ScratchRows] = {}
 
     def chunks(self):
         """``(start, index of the chunk's centers)`` over the sampled centers."""
@@ -176,8 +182,22 @@ class StreamingPartialFC(PartialFC):
         stats = self._stats
         for start, index in self.chunks():
             stop = start + index.shape[0]
-            yield start, index, chunk_cosine(stats.unit_embeddings, gather_rows(self.weight, index),
+            yield start, index, chunk_cosine(stats.unit_embeddings, self.gather_chunk("weight", index),
                                              stats.inverse_norms[start:stop], stats.norm_is_live[start:stop])
+
+    def gather_chunk(self, kind: str, index: paddle.Tensor) -> paddle.Tensor:
+        """``weight`` or ``velocity`` rows of a chunk as float32, in the kind's kept buffer where possible
+        (valid until the next chunk's gather of that kind)."""
+        matrix = getattr(self, kind)
+        if not gathers_into(matrix):
+            return gather_rows(matrix, index)
+        buffer = self._chunk_buffers.setdefault((kind, index.shape[0]), ScratchRows())
+        out = buffer.shaped([index.shape[0], self.embedding_size], paddle.float32)
+        return gather_rows(matrix, index, out)
+
+    def release_scratch(self) -> None:
+        super().release_scratch()
+        self._chunk_buffers.clear()
 
     def prepare(self, labels: paddle.Tensor, step: int) -> tuple[paddle.Tensor, paddle.Tensor]:
         """Sample this step's centers; returns ``(index, remapped)``: no rows are gathered here."""
@@ -201,7 +221,7 @@ class StreamingPartialFC(PartialFC):
         cos_target = paddle.zeros([batch], dtype="float32")
         inverse_norms, norm_is_live = [], []
         for start, index in self.chunks():
-            chunk = chunk_cosine(unit_embeddings, gather_rows(self.weight, index))
+            chunk = chunk_cosine(unit_embeddings, self.gather_chunk("weight", index))
             inverse_norms.append(chunk.inverse_norms)
             norm_is_live.append(chunk.norm_is_live)
             column, inside = chunk_columns(remapped, start, index.shape[0])
@@ -294,8 +314,9 @@ class StreamingPartialFC(PartialFC):
 
     def apply_chunk(self, index, chunk: ChunkCosine, grad, lr, momentum, weight_decay, grad_scale) -> None:
         """The chunk's center gradient, stepped into its rows and velocities (lazy sparse momentum)."""
-        center_grad = center_grad_of_chunk(self._stats.unit_embeddings, grad, chunk)
-        rows, velocity = chunk.rows, gather_rows(self.velocity, index)
+        scratch = self._chunk_buffers.setdefault(("center_grad", index.shape[0]), ScratchRows())
+        center_grad = center_grad_of_chunk(self._stats.unit_embeddings, grad, chunk, scratch)
+        rows, velocity = chunk.rows, self.gather_chunk("velocity", index)
         momentum_(rows, velocity, center_grad, lr, momentum, weight_decay, grad_scale)
         scatter_rows_(self.velocity, index, velocity)
         scatter_rows_(self.weight, index, rows)
