@@ -4,11 +4,11 @@
     python -m benchmarks.report --check    # exit 1 when the document or the PNG is stale, else 0
 
 Inputs are the JSON files of ``plsc bench head|data|train|verify|eval`` (and benchmarks/test_head_bench.py):
-head_1M, head_4M, head_fp16_1M, head_streaming[_fp16]_1M, head_scaling, data_{folder,rec}[_1worker], train_*,
-verify and eval. A missing file renders as "not measured". The section sits between ``<!-- bench:begin -->``
-and ``<!-- bench:end -->``; everything outside the markers is left alone. Rendering is a pure function of the
-files, and the PNG is drawn with fixed size, dpi, style and no metadata, so regenerating gives identical bytes
-(as repro/report.py does).
+head_1M, head_4M, head_fp16_1M, head_streaming[_fp16[_int8]]_1M, head_scaling, data_{folder,rec}[_1worker],
+train_*, verify and eval. A missing file renders as "not measured". The section sits between
+``<!-- bench:begin -->`` and ``<!-- bench:end -->``; everything outside the markers is left alone. Rendering
+is a pure function of the files, and the PNG is drawn with fixed size, dpi, style and no metadata, so
+regenerating gives identical bytes (as repro/report.py does).
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ NONE = "—"
 HEAD_RUNS = {"head_1M": "1M classes, ratio 0.1", "head_4M": "4M classes, ratio 0.025",
              "head_fp16_1M": "1M classes, ratio 0.1, fp16 centers",
              "head_streaming_1M": "1M classes, ratio 0.1, streaming head",
-             "head_streaming_fp16_1M": "1M classes, ratio 0.1, fp16 centers, streaming head"}
+             "head_streaming_fp16_1M": "1M classes, ratio 0.1, fp16 centers, streaming head",
+             "head_streaming_fp16_int8_1M":
+                 "1M classes, ratio 0.1, fp16 centers, int8 velocity, streaming head"}
 # all cores as workers, and one worker (the main process then has a core of its own)
 DATA_RUNS = {"data_folder": "folder (JPEG files)", "data_rec": "RecordIO (.rec/.idx)",
              "data_folder_1worker": "folder (JPEG files), 1 worker", "data_rec_1worker": "RecordIO, 1 worker"}

@@ -19,12 +19,16 @@ TARGETS = {
     "1M": HeadBenchSpec(classes=1_000_000, ratio=0.1, batch=128, emb=512, steps=8, warmup=2),
     "4M": HeadBenchSpec(classes=4_000_000, ratio=0.025, batch=128, emb=512, steps=8, warmup=2),
 }
-# The streaming head (loss.chunk_size) at the 1M shape, float32 and float16 centers: head_streaming*_1M.json.
+# The streaming head (loss.chunk_size) at the 1M shape, float32 and float16 centers, and float16 centers with
+# int8 velocity (loss.velocity_dtype): head_streaming*_1M.json.
 STREAMING = {
     "streaming_1M": HeadBenchSpec(classes=1_000_000, ratio=0.1, batch=128, emb=512, steps=8, warmup=2,
                                   chunk_size=4096),
     "streaming_fp16_1M": HeadBenchSpec(classes=1_000_000, ratio=0.1, batch=128, emb=512, steps=8, warmup=2,
                                        precision="fp16", chunk_size=4096),
+    "streaming_fp16_int8_1M": HeadBenchSpec(classes=1_000_000, ratio=0.1, batch=128, emb=512, steps=8,
+                                            warmup=2, precision="fp16", chunk_size=4096,
+                                            velocity_dtype="int8"),
 }
 
 
