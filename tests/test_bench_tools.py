@@ -230,7 +230,7 @@ def test_missing_results_render_not_measured(tmp_path):
     for title in ("Classifier head", "Data pipeline", "Training step", "Verification", "Evaluation end to"):
         assert title in text
     # head rows + scaling, data rows, train, verify, eval
-    assert text.count(NOT_MEASURED) == 5 + 1 + 4 + 1 + 1 + 1
+    assert text.count(NOT_MEASURED) == 6 + 1 + 4 + 1 + 1 + 1
 
 
 def test_render_shows_the_numbers_of_the_files(tmp_path):
