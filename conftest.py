@@ -14,6 +14,8 @@ warnings.filterwarnings("ignore", message="No ccache found")
 
 import pytest  # noqa: E402
 
+from tests.tiny_run import TINY_RUN  # noqa: E402
+
 pytest_plugins = ("repro.tiers", "pytester")
 
 ROOT = Path(__file__).resolve().parent
@@ -29,6 +31,13 @@ def project_root() -> Path:
 def tiny_dir() -> Path:
     """The bundled default data set (40 people x 6 images + a 100-pair .bin), always present."""
     return ROOT / "data" / "tiny"
+
+
+@pytest.fixture
+def tiny_run() -> list[str]:
+    """The tiny training run on ``tiny_dir``'s faces as ``--set`` overrides (tests/tiny_run.py says which);
+    a test lists what it varies after these (later overrides win). A new list for each test."""
+    return list(TINY_RUN)
 
 
 @pytest.fixture(scope="session")

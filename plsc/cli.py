@@ -352,7 +352,7 @@ def _run_capacity(args) -> int:
     from plsc.capacity import GIB, MIB, describe, memory_model, predict, setting_from_config
     from plsc.config import load_config
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, args.overrides, reads_data=False)  # a prediction opens no data
     overhead = None if args.fixed_overhead_mib is None else int(args.fixed_overhead_mib * MIB)
     if args.device_memory_mib is not None:
         memory = int(args.device_memory_mib * MIB)

@@ -204,7 +204,14 @@ def parse_override(text: str) -> dict:
     return {parts[0]: {parts[1]: value}}
 
 
-def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: typing.Iterable[str] = (), *, reads_data: bool = True
+) -> Config:
+    """The file's settings over the defaults, then the overrides (``section.key=value``), validated.
+
+    ``reads_data=False`` is for callers that read no data (a capacity prediction, a look at the settings): a
+    ``${PLSC_DATA_ROOT}`` that the environment does not set then stays in the data paths as written.
+    """
     config = Config()
     if path is not None:
         path = Path(path)
@@ -219,24 +226,29 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
     for text in overrides:
         _merge(config, parse_override(text), f"--set {text}")
     _move_val_bins_with_root(config.data, file_data)
-    _expand_data_root(config.data, str(path) if path is not None else "config")
+    _expand_data_root(config.data, str(path) if path is not None else "config", reads_data)
     validate(config)
     return config
 
 
-def _expand_data_root(data: DataConfig, source: str) -> None:
-    """``${PLSC_DATA_ROOT}`` in data.root and data.val_bins -> the variable's value; an error when unset.
-    Runs after the overrides, so ``--set data.root=...`` alone makes the variable unnecessary."""
+def _expand_data_root(data: DataConfig, source: str, reads_data: bool) -> None:
+    """``${PLSC_DATA_ROOT}`` in data.root and data.val_bins -> the variable's value. Unset, it is an error
+    when a path the run reads names it (data.val_bins, and data.root unless the data is synthetic); paths
+    nothing reads keep it as written. Runs after the overrides, so ``--set data.root=...`` alone makes the
+    variable unnecessary."""
     if not any(DATA_ROOT_REFERENCE in path for path in (data.root, *data.val_bins)):
         return
     value = os.environ.get(DATA_ROOT_VARIABLE)
-    if not value:
+    if value:
+        data.root = data.root.replace(DATA_ROOT_REFERENCE, value)
+        data.val_bins = [path.replace(DATA_ROOT_REFERENCE, value) for path in data.val_bins]
+        return
+    read = [*data.val_bins, *([data.root] if data.source != "synthetic" else [])] if reads_data else []
+    if any(DATA_ROOT_REFERENCE in path for path in read):
         raise ConfigError(
             f"{source}: data paths use {DATA_ROOT_REFERENCE}, which is not set: "
             f"export {DATA_ROOT_VARIABLE}=/folder/holding/the/data sets, or --set data.root=..."
         )
-    data.root = data.root.replace(DATA_ROOT_REFERENCE, value)
-    data.val_bins = [path.replace(DATA_ROOT_REFERENCE, value) for path in data.val_bins]
 
 
 def _move_val_bins_with_root(data: DataConfig, before: DataConfig) -> None:

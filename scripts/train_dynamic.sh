@@ -6,11 +6,14 @@
 # Environment (as in PLSC v2.2):
 #   TRAINER_IP_LIST       comma-separated IPs of all nodes (default 127.0.0.1); run the same command on each
 #   CUDA_VISIBLE_DEVICES  GPUs to train on, one process each, e.g. 0,1,2,3,4,5,6,7 (default: all GPUs)
+#   PLSC_DATA_ROOT        folder holding MS1M_v3/, for the published configs (default CONFIG among them);
+#                         or pass --set data.root=/path/to/MS1M_v3 instead
 # and, for CPU machines or a chosen process count:
 #   NPROC                 processes per node (or --nproc N); without GPUs the default is 1
 #   PYTHON                interpreter with plsc and paddlepaddle installed (default: see scripts/_python.sh)
 #
 # Examples:
+#   export PLSC_DATA_ROOT=/path/to/datasets
 #   CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7 sh scripts/train_dynamic.sh configs/ms1mv3_r50_dynamic_fp16_nhwc_r0.1.yaml
 #   TRAINER_IP_LIST=10.0.0.1,10.0.0.2 sh scripts/train_dynamic.sh configs/ms1mv3_r100_dynamic_fp16_nhwc_r0.1.yaml
 #   sh scripts/train_dynamic.sh --nproc 2 configs/cpu/mini.yaml --output output/mini-2proc

@@ -7,7 +7,8 @@
 #   sh scripts/train_static.sh [--nproc N] [CONFIG] [plsc train options ...]
 #
 # Examples:
-#   CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7 sh scripts/train_static.sh configs/ms1mv3_r50_static_fp16_nhwc_r0.1.yaml
+#   PLSC_DATA_ROOT=/path/to/datasets CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7 \
+#     sh scripts/train_static.sh configs/ms1mv3_r50_static_fp16_nhwc_r0.1.yaml
 #   sh scripts/train_static.sh --nproc 2 configs/cpu/mini.yaml --output output/mini-static
 set -eu
 

@@ -1,10 +1,12 @@
 """``plsc capacity``'s memory flags: MiB and GiB give the same device, and --help states the overhead the
-model uses when --fixed-overhead-mib is left out."""
+model uses when --fixed-overhead-mib is left out. A prediction reads no data: the published configs predict
+without PLSC_DATA_ROOT."""
 
 from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -16,9 +18,13 @@ pytestmark = pytest.mark.skipif(not has_allocator_counters(), reason="Paddle lac
 CONFIG = "model: {name: iresnet18, width: 0.0625, embedding_size: 32}\ndata: {image_size: 16}\n"
 
 
-def predict(tmp_path, *flags: str) -> dict:
-    config = tmp_path / "tiny.yaml"
-    config.write_text(CONFIG)
+PUBLISHED = sorted((Path(__file__).resolve().parent.parent / "configs").glob("ms1mv3_*.yaml"))
+
+
+def predict(tmp_path, *flags: str, config: Path | None = None) -> dict:
+    if config is None:
+        config = tmp_path / "tiny.yaml"
+        config.write_text(CONFIG)
     out = tmp_path / f"prediction-{len(list(tmp_path.glob('prediction-*')))}.json"
     assert main(["capacity", "--predict", "--config", str(config), *flags, "--json", str(out)]) == 0
     return json.loads(out.read_text())
@@ -47,3 +53,16 @@ def test_help_states_the_overhead_the_model_uses_by_default(tmp_path, capsys, de
     stated = float(re.search(rf"default: .*?(\d+) on {device}", text).group(1))
     setting = predict(tmp_path, "--device-memory-gib", "4", "--device", device)["setting"]
     assert setting["fixed_overhead_bytes"] == stated * 2**20
+
+
+def test_every_published_config_predicts_without_plsc_data_root(tmp_path, monkeypatch):
+    """The published configs name their data under ${PLSC_DATA_ROOT}; a prediction opens none of it, so it
+    needs no variable and predicts what it predicts with the variable set."""
+    assert len(PUBLISHED) == 18
+    flags = ("--device-memory-mib", "32510", "--world-size", "8")
+    for path in PUBLISHED:
+        monkeypatch.delenv("PLSC_DATA_ROOT", raising=False)
+        without = predict(tmp_path, *flags, config=path)
+        monkeypatch.setenv("PLSC_DATA_ROOT", str(tmp_path / "datasets"))
+        assert predict(tmp_path, *flags, config=path) == without, path.name
+        assert without["max_classes"] > 0

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from plsc import cli
 from plsc.config import (
     Config,
     ConfigError,
@@ -78,7 +79,7 @@ def load_generator():
 
 @pytest.mark.parametrize("path", all_yaml_files(), ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_every_shipped_config_loads(path, monkeypatch):
-    monkeypatch.setenv("PLSC_DATA_ROOT", "/data")  # configs/cpu/faces_mini.yaml names its data through it
+    monkeypatch.setenv("PLSC_DATA_ROOT", "/data")  # faces_mini.yaml and the published configs use it
     config = load_config(path)
     assert isinstance(config, Config)
 
@@ -86,7 +87,7 @@ def test_every_shipped_config_loads(path, monkeypatch):
 def test_exactly_the_18_published_configs_exist():
     combos = {}
     for path in published_files():
-        c = load_config(path)
+        c = load_config(path, reads_data=False)
         backbone = BACKBONE_OF_MODEL[c.model.name]
         key = (
             c.train.mode,
@@ -102,13 +103,14 @@ def test_exactly_the_18_published_configs_exist():
 
 
 @pytest.mark.parametrize("key", sorted(PUBLISHED), ids=lambda k: "_".join(k))
-def test_published_config_matches_its_row(key):
+def test_published_config_matches_its_row(key, monkeypatch):
     mode, backbone, precision, data_format, ratio = key
     model_name, embedding, short = MODEL[backbone]
     name = f"ms1mv3_{short}_{mode}_{precision.lower()}_{data_format.lower()}_r{ratio}.yaml"
     path = CONFIGS / name
     assert path.is_file(), f"missing {name}"
-    c = load_config(path)
+    monkeypatch.delenv("PLSC_DATA_ROOT", raising=False)
+    c = load_config(path, reads_data=False)
 
     assert (c.train.mode, c.train.precision, c.model.data_format) == (mode, precision.lower(), data_format)
     assert c.model.name == model_name and c.model.embedding_size == embedding
@@ -119,7 +121,8 @@ def test_published_config_matches_its_row(key):
     assert c.optim.clip_norm == (2.0 if mode == "dynamic" else 0.0)
     # The shared PLSC v2.2 MS1MV3 recipe.
     assert c.data.num_classes == 93431 and c.data.source == "folder" and c.data.num_workers == 8
-    assert [Path(p).name for p in c.data.val_bins] == ["lfw.bin", "cfp_fp.bin", "agedb_30.bin"]
+    assert c.data.root == "${PLSC_DATA_ROOT}/MS1M_v3"  # as written: nothing is read here
+    assert c.data.val_bins == [f"{c.data.root}/{name}.bin" for name in ("lfw", "cfp_fp", "agedb_30")]
     assert c.loss.margins == [1.0, 0.5, 0.0] and c.loss.scale == 64.0
     assert (c.optim.lr, c.optim.momentum, c.optim.weight_decay) == (0.1, 0.9, 5e-4)
     assert (c.optim.warmup_steps, c.optim.schedule, c.optim.decay_unit) == (0, "step", "epoch")
@@ -134,6 +137,7 @@ def test_published_config_matches_its_row(key):
     assert f"agedb30 {agedb}, cfp_fp {cfp}, lfw {lfw}" in header
     assert f"MS1M_v3_arcface_{backbone}_{mode}_{ratio}_{data_format}_{precision}_v2.2.tgz" in header
     assert "paddle.distributed.launch --gpus 0,1,2,3,4,5,6,7" in header
+    assert "export PLSC_DATA_ROOT=" in header and "--set data.root=/path/to/MS1M_v3" in header
 
 
 def test_table_in_this_test_matches_the_seed_readme(shared_dir):
@@ -460,9 +464,9 @@ def test_config_from_dict_and_save_round_trip(tmp_path):
 
 def test_every_published_config_round_trips_through_save(tmp_path):
     for path in published_files():
-        c = load_config(path)
+        c = load_config(path, reads_data=False)
         save_config(c, tmp_path / path.name)
-        assert load_config(tmp_path / path.name).to_dict() == c.to_dict()
+        assert load_config(tmp_path / path.name, reads_data=False).to_dict() == c.to_dict()
 
 
 def test_override_accepts_exponent_without_dot():
@@ -508,3 +512,53 @@ def test_configs_without_the_variable_load_with_it_unset(monkeypatch):
     monkeypatch.delenv("PLSC_DATA_ROOT", raising=False)
     data = load_config(CONFIGS / "cpu" / "mini.yaml").data
     assert "PLSC_DATA_ROOT" not in data.root
+
+
+def test_published_configs_find_ms1m_under_plsc_data_root(monkeypatch):
+    monkeypatch.setenv("PLSC_DATA_ROOT", "/data")
+    for path in published_files():
+        data = load_config(path).data
+        assert data.root == "/data/MS1M_v3", path.name
+        assert data.val_bins == [f"/data/MS1M_v3/{name}.bin" for name in ("lfw", "cfp_fp", "agedb_30")]
+
+
+PUBLISHED_EXAMPLE = CONFIGS / "ms1mv3_r50_dynamic_fp32_nchw_r0.1.yaml"
+
+
+def test_training_a_published_config_without_plsc_data_root_is_a_one_line_error(monkeypatch, tmp_path,
+                                                                                  capsys):
+    monkeypatch.delenv("PLSC_DATA_ROOT", raising=False)
+    output = tmp_path / "run"
+    assert cli.main(["train", "--config", str(PUBLISHED_EXAMPLE), "--output", str(output)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"plsc: error: {PUBLISHED_EXAMPLE}: data paths use ${{PLSC_DATA_ROOT}}, which is not set: "
+        "export PLSC_DATA_ROOT=/folder/holding/the/data sets, or --set data.root=..."
+    ]
+    assert not output.exists()
+
+
+def test_only_paths_that_are_read_need_the_variable(monkeypatch):
+    """Synthetic data reads no data.root; verification files are read whatever the source; a caller that
+    reads no data (reads_data=False, as ``plsc capacity``) needs the variable for neither."""
+    monkeypatch.delenv("PLSC_DATA_ROOT", raising=False)
+    synthetic = load_config(PUBLISHED_EXAMPLE, ["data.source=synthetic", "data.val_bins=[]"]).data
+    assert synthetic.root == "${PLSC_DATA_ROOT}/MS1M_v3"
+    with pytest.raises(ConfigError, match=r"data paths use \$\{PLSC_DATA_ROOT\}, which is not set"):
+        load_config(PUBLISHED_EXAMPLE, ["data.source=synthetic"])
+    with pytest.raises(ConfigError, match=r"data paths use \$\{PLSC_DATA_ROOT\}, which is not set"):
+        load_config(PUBLISHED_EXAMPLE, ["data.val_bins=[]"])
+    assert load_config(PUBLISHED_EXAMPLE, reads_data=False).data.root == "${PLSC_DATA_ROOT}/MS1M_v3"
+
+
+def test_a_published_config_trains_on_synthetic_data_without_plsc_data_root(monkeypatch, tmp_path):
+    """As the capacity trials and throughput runs do (repro/): the saved config.yaml resumes the same way."""
+    monkeypatch.delenv("PLSC_DATA_ROOT", raising=False)
+    output = tmp_path / "run"
+    tiny = ["data.source=synthetic", "data.val_bins=[]", "data.num_classes=20", "data.synthetic_samples=64",
+            "data.image_size=16", "data.num_workers=0", "model.name=iresnet18", "model.width=0.0625",
+            "model.embedding_size=16", "train.batch_size=8", "train.log_interval=1", "train.eval_interval=0"]
+    flags = [flag for setting in tiny for flag in ("--set", setting)]
+    command = ["train", "--config", str(PUBLISHED_EXAMPLE), "--output", str(output), *flags]
+    assert cli.main([*command, "--set", "train.max_steps=1"]) == 0
+    assert cli.main(["train", "--output", str(output), "--resume", "--set", "train.max_steps=2"]) == 0
+    assert len((output / "train_log.jsonl").read_text().splitlines()) == 2  # one record a step

@@ -22,7 +22,6 @@ import numpy as np
 import paddle
 import pytest
 from distributed_worker import use_running_batchnorm_statistics
-from tiny_run import TINY_RUN
 
 from plsc.distributed import LocalComm, shard_classes
 from plsc.launch import child_environment, launch_command
@@ -241,16 +240,20 @@ def test_three_ranks_uneven_shards_and_more_positives_than_budget(tmp_path):
 #    no distribution involved, and the 2-rank run drifts likewise (3e-4 to 8e-4 at steps 8-11). So this
 #    comparison covers one epoch (5 steps), where it holds to 1e-5 (measured: 3e-6).
 
-# both runs use every center (ratio < 1 samples per rank); the batch is split over the ranks below
-TINY_OVERRIDES = [*TINY_RUN, "loss.sample_ratio=1.0", "train.eval_batch_size=50"]
 GLOBAL_BATCH = 48  # 240 images: 5 steps per epoch
 
 
-def tiny_overrides(tiny_dir: Path, processes: int, *extra: str, verify: bool = False) -> list[str]:
-    """The tiny run's settings with the global batch split over ``processes``."""
-    bins = f"[{tiny_dir / 'lfw_disjoint_100.bin'}]" if verify else "[]"
-    return [f"data.root={tiny_dir}", f"data.val_bins={bins}", *TINY_OVERRIDES,
-            f"train.batch_size={GLOBAL_BATCH // processes}", *extra]
+@pytest.fixture
+def tiny_overrides(tiny_dir, tiny_run):
+    """``tiny_overrides(processes, *extra, verify=False)``: the tiny run's settings with the global batch
+    split over ``processes``; every center is used (ratio < 1 would sample per rank)."""
+
+    def overrides(processes: int, *extra: str, verify: bool = False) -> list[str]:
+        bins = f"[{tiny_dir / 'lfw_disjoint_100.bin'}]" if verify else "[]"
+        return [f"data.root={tiny_dir}", f"data.val_bins={bins}", *tiny_run, "loss.sample_ratio=1.0",
+                "train.eval_batch_size=50", f"train.batch_size={GLOBAL_BATCH // processes}", *extra]
+
+    return overrides
 
 
 def normalise_batches_like_ranks(model: paddle.nn.Layer, ranks: int) -> paddle.nn.Layer:
@@ -331,20 +334,20 @@ def assert_same_checkpoint_tensors(a: Path, b: Path, tolerance: float, running_s
 GENTLE_LR = "optim.lr=0.01"
 
 
-def test_two_ranks_train_exactly_like_one_process_with_the_double_batch(tiny_dir, tmp_path):
+def test_two_ranks_train_exactly_like_one_process_with_the_double_batch(tiny_overrides, tmp_path):
     """Comparison 1 (see above): 11 steps, then both resume on 1 process for 2 more from their own
     checkpoints. The 2-rank checkpoint continues at the same step, on the same trajectory."""
     steps = 11  # two epochs and one step: the resume starts mid-epoch
     two, one = tmp_path / "two", tmp_path / "one"
     run_length = (f"train.max_steps={steps}", GENTLE_LR)
-    train_on_two_ranks(tmp_path, two, "global", tiny_overrides(tiny_dir, 2, *run_length))
-    one_process_trainer(tiny_overrides(tiny_dir, 1, *run_length), one, "global").run()
+    train_on_two_ranks(tmp_path, two, "global", tiny_overrides(2, *run_length))
+    one_process_trainer(tiny_overrides(1, *run_length), one, "global").run()
 
     assert [r["step"] for r in read_log(two)] == list(range(1, steps + 1))
     np.testing.assert_allclose(losses(two), losses(one), rtol=1e-6, atol=1e-5)
     assert_same_checkpoint_tensors(two / "checkpoints" / str(steps), one / "checkpoints" / str(steps), 1e-5)
 
-    more = tiny_overrides(tiny_dir, 1, f"train.max_steps={steps + 2}", GENTLE_LR)
+    more = tiny_overrides(1, f"train.max_steps={steps + 2}", GENTLE_LR)
     resumed = one_process_trainer(more, two / "resumed", "global", resume=two / "checkpoints" / str(steps))
     assert (resumed.state.step, resumed.state.epoch, resumed.state.step_in_epoch) == (steps, 2, 1)
     resumed.run()
@@ -354,7 +357,7 @@ def test_two_ranks_train_exactly_like_one_process_with_the_double_batch(tiny_dir
                                    one / "checkpoints" / str(steps + 2), 1e-5)
 
 
-def test_per_rank_batchnorm_and_shared_verification(tiny_dir, tmp_path):
+def test_per_rank_batchnorm_and_shared_verification(tiny_overrides, tiny_dir, tmp_path):
     """Comparison 2 (see above), with verification at steps 2, 4 and 5 on both ranks: each rank embeds half
     of the pairs, both get identical results and take the same best-model decisions, and rank 0 alone
     writes the shared files."""
@@ -362,9 +365,9 @@ def test_per_rank_batchnorm_and_shared_verification(tiny_dir, tmp_path):
     two, one = tmp_path / "two", tmp_path / "one"
     ranks_dir = train_on_two_ranks(
         tmp_path, two, "per-rank",
-        tiny_overrides(tiny_dir, 2, f"train.max_steps={steps}", "train.eval_interval=2", verify=True),
+        tiny_overrides(2, f"train.max_steps={steps}", "train.eval_interval=2", verify=True),
     )
-    one_process_trainer(tiny_overrides(tiny_dir, 1, f"train.max_steps={steps}"), one, "per-rank").run()
+    one_process_trainer(tiny_overrides(1, f"train.max_steps={steps}"), one, "per-rank").run()
     np.testing.assert_allclose(losses(two), losses(one), rtol=1e-6, atol=1e-5)
     assert_same_checkpoint_tensors(two / "checkpoints" / str(steps), one / "checkpoints" / str(steps), 1e-5,
                                    running_statistics=False)
@@ -437,11 +440,18 @@ def test_checkpoint_round_trip_over_1_2_3_1_ranks_is_bit_identical(tmp_path):
 # --- starting processes: plsc train --nproc, scripts/train_dynamic.sh, two nodes ---------------------------
 
 
-def cli_arguments(tiny_dir: Path, output: Path, processes: int, *extra: str) -> list[str]:
+@pytest.fixture
+def cli_arguments(tiny_overrides):
+    """``cli_arguments(output, processes, *extra)``: ``plsc train``'s arguments for the tiny run, no
+    verification."""
     config = Path(__file__).resolve().parent.parent / "configs" / "cpu" / "mini.yaml"
-    settings = tiny_overrides(tiny_dir, processes, "train.eval_interval=0", *extra)
-    flags = [flag for setting in settings for flag in ("--set", setting)]
-    return ["train", "--config", str(config), "--output", str(output), *flags]
+
+    def arguments(output: Path, processes: int, *extra: str) -> list[str]:
+        settings = tiny_overrides(processes, "train.eval_interval=0", *extra)
+        flags = [flag for setting in settings for flag in ("--set", setting)]
+        return ["train", "--config", str(config), "--output", str(output), *flags]
+
+    return arguments
 
 
 def run_quietly(command: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -453,15 +463,15 @@ def run_quietly(command: list[str], **kwargs) -> subprocess.CompletedProcess:
     return proc
 
 
-def test_plsc_train_nproc_continues_a_one_process_run_on_two(tiny_dir, tmp_path):
+def test_plsc_train_nproc_continues_a_one_process_run_on_two(cli_arguments, tmp_path):
     """``plsc train --nproc 2`` launches 2 ranks of ``python -m plsc.cli train``; resuming a 1-process
     checkpoint on them continues at its step (global batch kept: 2 x 24 after 1 x 48)."""
     from plsc import checkpoint as ckpt
     from plsc import cli
 
     output = tmp_path / "run"
-    assert cli.main(cli_arguments(tiny_dir, output, 1, "train.max_steps=2")) == 0
-    arguments = cli_arguments(tiny_dir, output, 2, "train.max_steps=4")
+    assert cli.main(cli_arguments(output, 1, "train.max_steps=2")) == 0
+    arguments = cli_arguments(output, 2, "train.max_steps=4")
     proc = run_quietly([sys.executable, "-m", "plsc.cli", *arguments, "--resume", "--nproc", "2"])
     assert "checkpoint:" in proc.stdout  # rank 0's console output reaches the user through the launcher
     assert [r["step"] for r in read_log(output)] == [1, 2, 3, 4]
@@ -470,11 +480,11 @@ def test_plsc_train_nproc_continues_a_one_process_run_on_two(tiny_dir, tmp_path)
     assert sorted(p.name for p in (output / "log").glob("workerlog.*")) == ["workerlog.0", "workerlog.1"]
 
 
-def test_train_dynamic_script_runs_two_cpu_processes(tiny_dir, tmp_path):
+def test_train_dynamic_script_runs_two_cpu_processes(cli_arguments, tmp_path):
     script = Path(__file__).resolve().parent.parent / "scripts" / "train_dynamic.sh"
     output = tmp_path / "run"
     env = {"PYTHON": sys.executable, "NPROC": "2", "CUDA_VISIBLE_DEVICES": "0,1"}  # no GPU here: ignored
-    arguments = cli_arguments(tiny_dir, output, 2, "train.max_steps=2")[2:]  # CONFIG and options
+    arguments = cli_arguments(output, 2, "train.max_steps=2")[2:]  # CONFIG and options
     run_quietly(["sh", str(script), *arguments], env=env, cwd=tmp_path)  # POSIX sh (dash on Debian)
     from plsc import checkpoint as ckpt
 
@@ -482,10 +492,10 @@ def test_train_dynamic_script_runs_two_cpu_processes(tiny_dir, tmp_path):
     assert sorted(p.name for p in (tmp_path / "log").glob("workerlog.*")) == ["workerlog.0", "workerlog.1"]
 
 
-def test_train_static_script_trains_in_static_mode_on_two_cpu_processes(tiny_dir, tmp_path):
+def test_train_static_script_trains_in_static_mode_on_two_cpu_processes(cli_arguments, tmp_path):
     script = Path(__file__).resolve().parent.parent / "scripts" / "train_static.sh"
     output = tmp_path / "run"
-    arguments = cli_arguments(tiny_dir, output, 2, "train.max_steps=2")[2:]  # CONFIG and options
+    arguments = cli_arguments(output, 2, "train.max_steps=2")[2:]  # CONFIG and options
     command = ["sh", str(script), "--nproc", "2", *arguments]
     run_quietly(command, env={"PYTHON": sys.executable}, cwd=tmp_path)
     from plsc import checkpoint as ckpt
@@ -500,14 +510,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_nodes_on_one_machine_train_like_one_process(tiny_dir, tmp_path):
+def test_two_nodes_on_one_machine_train_like_one_process(tiny_overrides, tmp_path):
     """Two launchers (--nnodes 2, one process each) meeting at a loopback master: the multi-node path of
     paddle.distributed.launch. They train like one process with the double batch (comparison 1 above)."""
     steps = 3
     two, one, ranks_dir = tmp_path / "two-nodes", tmp_path / "one", tmp_path / "ranks"
     ranks_dir.mkdir()
     program = [sys.executable, str(WORKER), "train", str(ranks_dir), str(two), "global",
-               *tiny_overrides(tiny_dir, 2, f"train.max_steps={steps}")]
+               *tiny_overrides(2, f"train.max_steps={steps}")]
     master = f"127.0.0.1:{free_port()}"
     env = {**child_environment(1), "OMP_NUM_THREADS": "1"}
     nodes = [
@@ -518,20 +528,20 @@ def test_two_nodes_on_one_machine_train_like_one_process(tiny_dir, tmp_path):
     ]
     outputs = [node.communicate(timeout=LAUNCH_TIMEOUT_S)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
-    one_process_trainer(tiny_overrides(tiny_dir, 1, f"train.max_steps={steps}"), one, "global").run()
+    one_process_trainer(tiny_overrides(1, f"train.max_steps={steps}"), one, "global").run()
     np.testing.assert_allclose(losses(two), losses(one), rtol=1e-6, atol=1e-5)
     assert_same_checkpoint_tensors(two / "checkpoints" / str(steps), one / "checkpoints" / str(steps), 1e-5)
     assert sorted(json.loads(p.read_text())["rank"] for p in ranks_dir.glob("rank*.json")) == [0, 1]
 
 
-def test_sigterm_to_plsc_train_nproc_saves_one_checkpoint_on_all_ranks(tiny_dir, tmp_path):
+def test_sigterm_to_plsc_train_nproc_saves_one_checkpoint_on_all_ranks(cli_arguments, tmp_path):
     """The signal travels plsc -> launcher -> ranks; the ranks agree to stop after the same step (any_true)
     and save one checkpoint together, as a single process does."""
     from plsc import checkpoint as ckpt
 
     output = tmp_path / "run"
     env = {**child_environment(2), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "plsc.cli", *cli_arguments(tiny_dir, output, 2, "train.max_steps=500"),
+    command = [sys.executable, "-m", "plsc.cli", *cli_arguments(output, 2, "train.max_steps=500"),
                "--nproc", "2"]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = output / "train_log.jsonl"
@@ -547,7 +557,7 @@ def test_sigterm_to_plsc_train_nproc_saves_one_checkpoint_on_all_ranks(tiny_dir,
     assert manifest["world_size"] == 2 and manifest["step"] == read_log(output)[-1]["step"] >= 2
 
 
-def test_more_ranks_than_classes_is_a_clear_error(tiny_dir, tmp_path):
+def test_more_ranks_than_classes_is_a_clear_error(tiny_overrides, tmp_path):
     """A rank without classes would have an empty softmax shard; the trainer refuses before building one."""
     from plsc.config import load_config
     from plsc.engine.trainer import Trainer
@@ -557,4 +567,4 @@ def test_more_ranks_than_classes_is_a_clear_error(tiny_dir, tmp_path):
         world_size = 41  # the bundled data has 40 classes
 
     with pytest.raises(PlscError, match="cannot shard 40 classes over 41 ranks"):
-        Trainer(load_config(overrides=tiny_overrides(tiny_dir, 1)), tmp_path, comm=FortyOneRanks())
+        Trainer(load_config(overrides=tiny_overrides(1)), tmp_path, comm=FortyOneRanks())

@@ -50,7 +50,8 @@ def test_failures_exit_1_with_what_to_do(tmp_path, capsys, monkeypatch):
         raise RuntimeError("CUDA driver version is insufficient for CUDA runtime version")
 
     monkeypatch.setattr(paddle.utils, "run_check", broken_install)
-    monkeypatch.setattr(int8_rows, "self_check", lambda: "gather after scatter differs from numpy's")
+    broken_int8 = "gather after scatter differs from numpy's quantisation"
+    monkeypatch.setattr(int8_rows, "self_check", lambda: broken_int8)
     missing_model = {**doctor.TINY_CONFIG["model"], "name": "resnet_missing"}
     monkeypatch.setitem(doctor.TINY_CONFIG, "model", missing_model)
     assert cli.main(["doctor", "--output", str(tmp_path)]) == 1

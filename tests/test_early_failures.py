@@ -15,7 +15,7 @@ from plsc.engine import trainer as trainer_module
 from plsc.engine.trainer import Trainer
 from plsc.errors import PlscError
 
-PUBLISHED = "configs/ms1mv3_r50_dynamic_fp32_nchw_r0.1.yaml"  # val_bins: MS1M_v3/{lfw,cfp_fp,agedb_30}.bin
+PUBLISHED = "configs/ms1mv3_r50_dynamic_fp32_nchw_r0.1.yaml"  # val_bins: ${PLSC_DATA_ROOT}/MS1M_v3/*.bin
 TINY = ["model.width=0.0625", "model.embedding_size=16", "data.image_size=32", "data.num_workers=0",
         "train.batch_size=16", "loss.sample_ratio=1.0"]
 

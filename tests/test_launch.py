@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -99,41 +100,63 @@ def assert_one_error_line(err: str, expected: str) -> None:
     assert "Traceback" not in err
 
 
-def test_a_killed_rank_ends_the_job_with_one_line_and_no_process_left(tiny_dir, tmp_path):
+@dataclass
+class Job:
+    proc: subprocess.Popen  # plsc train --nproc 2
+    output: Path
+    ranks: dict[int, int]  # rank -> pid
+    processes: set[int]  # every process of the job once both ranks were stepping
+
+
+@pytest.fixture
+def job(tiny_dir, tmp_path):
+    """A 2-rank job whose ranks are both stepping. A job still running after the test (one that failed before
+    the job ended) is killed, so that no training is left behind."""
     output = tmp_path / "run"
     proc = start_training(tiny_dir, output)
-    ranks, processes = wait_for_training(proc, output)
+    processes: set[int] = set()
+    try:
+        ranks, processes = wait_for_training(proc, output)
+        yield Job(proc, output, ranks, processes)
+    finally:
+        if proc.poll() is None:
+            for pid in [*(processes | descendants(proc.pid)), proc.pid]:
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+            proc.communicate()
+
+
+def kill_rank_1(job: Job) -> tuple[str, str]:
+    """SIGKILL rank 1: the job ends within END_WITHIN_S with exit code 2, one line naming the rank and its
+    log, and no process left. Returns the job's stdout and stderr."""
+    os.kill(job.ranks[1], signal.SIGKILL)
+    out, err, took = finish(job.proc, time.monotonic())
+    assert job.proc.returncode == 2 and took < END_WITHIN_S
+    assert_one_error_line(err, f"plsc: error: rank 1 exited with code -9, killed by SIGKILL "
+                               f"(log: {job.output / 'log' / 'workerlog.1'})")
+    assert not [pid for pid in job.processes if alive(pid)]
+    return out, err
+
+
+def test_a_killed_rank_ends_the_job_with_one_line_and_no_process_left(job):
     # Each rank got its share of the 2 cores (plsc's default is all of them for one process).
     share = max(1, (os.cpu_count() or 1) // 2)
-    assert [environment_of(ranks[r])["OMP_NUM_THREADS"] for r in (0, 1)] == [str(share)] * 2
-    os.kill(ranks[1], signal.SIGKILL)
-    out, err, took = finish(proc, time.monotonic())
-    assert proc.returncode == 2 and took < END_WITHIN_S
-    assert_one_error_line(err, f"plsc: error: rank 1 exited with code -9, killed by SIGKILL "
-                               f"(log: {output / 'log' / 'workerlog.1'})")
-    assert not [pid for pid in processes if alive(pid)]
+    assert [environment_of(job.ranks[r])["OMP_NUM_THREADS"] for r in (0, 1)] == [str(share)] * 2
+    out, err = kill_rank_1(job)
     # The console: rank 0's own lines (up to the failure), not the launcher's (in <output>/log/launcher.log).
-    rank0 = (output / "log" / "workerlog.0").read_text().splitlines()
+    rank0 = (job.output / "log" / "workerlog.0").read_text().splitlines()
     assert set(out.splitlines()) <= set(rank0)
     assert ("step 2/2000" in out) == any("step 2/2000" in line for line in rank0)  # Paddle 2.6: no INFO lines
     assert "LAUNCH" not in out + err and "Modified FLAGS" not in out + err
-    assert "LAUNCH INFO" in (output / "log" / "launcher.log").read_text()
+    assert "LAUNCH INFO" in (job.output / "log" / "launcher.log").read_text()
 
 
-def test_a_rank_failing_while_the_launcher_hangs_is_still_ended_by_plsc(tiny_dir, tmp_path):
+def test_a_rank_failing_while_the_launcher_hangs_is_still_ended_by_plsc(job):
     """The launcher stopped (it can neither report nor stop the ranks): plsc sees the dead rank itself and
     kills every process of the job, the stopped launcher included."""
-    output = tmp_path / "run"
-    proc = start_training(tiny_dir, output)
-    ranks, processes = wait_for_training(proc, output)
-    (launcher,) = children(proc.pid)
+    (launcher,) = children(job.proc.pid)
     os.kill(launcher, signal.SIGSTOP)
-    os.kill(ranks[1], signal.SIGKILL)
-    out, err, took = finish(proc, time.monotonic())
-    assert proc.returncode == 2 and took < END_WITHIN_S
-    assert_one_error_line(err, f"plsc: error: rank 1 exited with code -9, killed by SIGKILL "
-                               f"(log: {output / 'log' / 'workerlog.1'})")
-    assert not [pid for pid in processes if alive(pid)]
+    kill_rank_1(job)
 
 
 def test_an_error_on_the_ranks_is_one_line_naming_the_rank_and_the_error(tiny_dir, tmp_path):

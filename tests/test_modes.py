@@ -18,7 +18,6 @@ import numpy as np
 import paddle
 import pytest
 from distributed_worker import use_running_batchnorm_statistics
-from tiny_run import TINY_RUN
 
 from plsc import checkpoint as ckpt
 from plsc.config import load_config
@@ -36,15 +35,26 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).with_name("modes_worker.py")
 LAUNCH_TIMEOUT_S = 180  # a rank stuck in a collective fails the test instead of hanging it
 
-TINY_OVERRIDES = [*TINY_RUN, "data.val_bins=[]", "train.eval_interval=0"]  # the batch is set below
+
+@pytest.fixture
+def tiny_overrides(tiny_dir, tiny_run):
+    """``tiny_overrides(*extra, batch=24)``: the tiny run without verification, ``batch`` images per rank."""
+
+    def overrides(*extra: str, batch: int = 24) -> list[str]:
+        return [f"data.root={tiny_dir}", *tiny_run, "data.val_bins=[]", "train.eval_interval=0",
+                f"train.batch_size={batch}", *extra]
+
+    return overrides
 
 
-def tiny_overrides(tiny_dir: Path, *extra: str, batch: int = 24) -> list[str]:
-    return [f"data.root={tiny_dir}", *TINY_OVERRIDES, f"train.batch_size={batch}", *extra]
+@pytest.fixture
+def tiny_trainer(tiny_overrides):
+    """``tiny_trainer(output, *extra, batch=24, **kwargs)``: a Trainer of those overrides into ``output``."""
 
+    def trainer(output: Path, *extra: str, batch: int = 24, **kwargs) -> Trainer:
+        return Trainer(load_config(overrides=tiny_overrides(*extra, batch=batch)), output, **kwargs)
 
-def tiny_trainer(tiny_dir: Path, output: Path, *extra: str, batch: int = 24, **kwargs) -> Trainer:
-    return Trainer(load_config(overrides=tiny_overrides(tiny_dir, *extra, batch=batch)), output, **kwargs)
+    return trainer
 
 
 def losses(output: Path) -> np.ndarray:
@@ -76,12 +86,12 @@ def well_conditioned(trainer: Trainer) -> Trainer:
 # --- static vs dynamic ------------------------------------------------------------------------------------
 
 
-def test_static_mode_matches_dynamic_and_checkpoints_cross_modes(tiny_dir, tmp_path):
+def test_static_mode_matches_dynamic_and_checkpoints_cross_modes(tiny_trainer, tmp_path):
     """20 steps (2 epochs of 10) in each mode; then each mode resumes the other's step-10 checkpoint."""
     runs = {}
     for mode in ("dynamic", "static"):
         runs[mode] = tmp_path / mode
-        trainer = tiny_trainer(tiny_dir, runs[mode], f"train.mode={mode}", "train.max_steps=20",
+        trainer = tiny_trainer(runs[mode], f"train.mode={mode}", "train.max_steps=20",
                                "train.save_interval=10", "train.keep_checkpoints=2")
         assert trainer.compiled["backbone"] == (mode == "static")
         trainer.run()
@@ -95,20 +105,20 @@ def test_static_mode_matches_dynamic_and_checkpoints_cross_modes(tiny_dir, tmp_p
     optimizers = {mode: ckpt.load_optimizer_state(path) for mode, path in saved.items()}
     assert list(backbones["static"]) == list(backbones["dynamic"])
     assert sorted(optimizers["static"]) == sorted(optimizers["dynamic"])
-    assert list(backbones["dynamic"]) == list(tiny_trainer(tiny_dir, tmp_path / "fresh").model.state_dict())
+    assert list(backbones["dynamic"]) == list(tiny_trainer(tmp_path / "fresh").model.state_dict())
 
     for mode, other in (("dynamic", "static"), ("static", "dynamic")):
         output = tmp_path / f"{mode}-from-{other}"
-        resumed = tiny_trainer(tiny_dir, output, f"train.mode={mode}", "train.max_steps=14",
+        resumed = tiny_trainer(output, f"train.mode={mode}", "train.max_steps=14",
                                resume=saved[other])
         assert resumed.state.step == 10
         resumed.run()
         np.testing.assert_allclose(losses(output), dynamic[10:14], rtol=0, atol=1e-5)
 
 
-def test_static_mode_matches_dynamic_on_two_ranks(tiny_dir, tmp_path):
+def test_static_mode_matches_dynamic_on_two_ranks(tiny_overrides, tmp_path):
     """2 ranks x 12 samples, every collective of the head in play (ratio 0.5 samples per shard)."""
-    launch_worker(tmp_path, 2, "modes", tmp_path, *tiny_overrides(tiny_dir, "train.max_steps=20", batch=12))
+    launch_worker(tmp_path, 2, "modes", tmp_path, *tiny_overrides("train.max_steps=20", batch=12))
     dynamic, static = losses(tmp_path / "dynamic"), losses(tmp_path / "static")
     assert len(dynamic) == len(static) == 20
     np.testing.assert_allclose(static, dynamic, rtol=0, atol=1e-5)
@@ -125,12 +135,12 @@ def center_bytes_per_class(head: PartialFC) -> float:
     return sum(int(t.numel()) * t.element_size() for t in tensors) / head.shard.count
 
 
-def test_fp16_stores_centers_in_half_the_bytes_and_follows_fp32(tiny_dir, tmp_path):
+def test_fp16_stores_centers_in_half_the_bytes_and_follows_fp32(tiny_trainer, tmp_path):
     """Float16 storage rounds every center update by up to 2^-11 relative. The trajectories are compared on a
     well-conditioned run (see :func:`well_conditioned`): measured at most 1.4e-3 relative on Paddle 3.3.1 and
     2.3e-3 on 2.6.2 (with batch statistics and lr 0.05 the tiny network amplifies it to 2.7e-2)."""
-    fp32 = well_conditioned(tiny_trainer(tiny_dir, tmp_path / "fp32", "train.max_steps=20", "optim.lr=0.02"))
-    fp16 = well_conditioned(tiny_trainer(tiny_dir, tmp_path / "fp16", "train.max_steps=20", "optim.lr=0.02",
+    fp32 = well_conditioned(tiny_trainer(tmp_path / "fp32", "train.max_steps=20", "optim.lr=0.02"))
+    fp16 = well_conditioned(tiny_trainer(tmp_path / "fp16", "train.max_steps=20", "optim.lr=0.02",
                                          "train.precision=fp16", "loss.center_dtype=float16"))
     # Measured, not computed from the dtype: float32 16 + 16 values x 4 bytes, float16 the half of that.
     assert center_bytes_per_class(fp32.head) == 128.0
@@ -184,24 +194,24 @@ def test_found_inf_sees_inf_and_nan():
     assert not found_inf_anywhere(finite, LocalComm())
 
 
-def test_amp_checkpoint_keeps_the_loss_scaler_state(tiny_dir, tmp_path):
-    trainer = tiny_trainer(tiny_dir, tmp_path, "train.precision=amp", "train.max_steps=2",
+def test_amp_checkpoint_keeps_the_loss_scaler_state(tiny_trainer, tmp_path):
+    trainer = tiny_trainer(tmp_path, "train.precision=amp", "train.max_steps=2",
                            "train.loss_scale_init=4096", "train.loss_scale_growth_interval=2")
     trainer.run()
     assert trainer.scaler.scale == 8192.0  # grown once after 2 good steps
     manifest = ckpt.read_manifest(tmp_path / "checkpoints" / "2")
     assert manifest["loss_scaler"] == {"scale": 8192.0, "good_steps": 0}
-    resumed = tiny_trainer(tiny_dir, tmp_path, "train.precision=amp", "train.max_steps=3",
+    resumed = tiny_trainer(tmp_path, "train.precision=amp", "train.max_steps=3",
                            "train.loss_scale_init=4096", "train.loss_scale_growth_interval=2", resume=True)
     assert resumed.scaler.state_dict() == {"scale": 8192.0, "good_steps": 0}
 
 
-def test_inf_on_one_rank_skips_the_step_on_every_rank(tiny_dir, tmp_path):
+def test_inf_on_one_rank_skips_the_step_on_every_rank(tiny_overrides, tmp_path):
     """Rank 1 alone sees a nan in its center gradient at step 3: both ranks skip it, back off, and go on."""
     results = tmp_path / "results"
     results.mkdir()
     fp16 = ["train.precision=fp16", "loss.center_dtype=float16"]
-    overrides = tiny_overrides(tiny_dir, "train.max_steps=5", *fp16, batch=12)
+    overrides = tiny_overrides("train.max_steps=5", *fp16, batch=12)
     launch_worker(tmp_path, 2, "poison", results, tmp_path / "run", 3, *overrides)
     ranks = [json.loads((results / f"rank{rank}.json").read_text()) for rank in range(2)]
     for rank in ranks:
@@ -218,14 +228,14 @@ def test_inf_on_one_rank_skips_the_step_on_every_rank(tiny_dir, tmp_path):
 # --- NHWC ---------------------------------------------------------------------------------------------------
 
 
-def test_nhwc_trainer_matches_nchw(tiny_dir, tmp_path):
+def test_nhwc_trainer_matches_nchw(tiny_trainer, tmp_path):
     """Same weights, same batches: outputs within 1e-5 (BatchNorm on batch statistics and in eval mode), and a
     well-conditioned 10-step run within 1e-4 (measured at lr 0.01: 1.9e-6). With batch statistics the layouts'
     1e-6 output differences become 1e-3 relative in the stem's gradient and 1e-2 in the loss within 5 steps;
     even on running statistics, lr 0.02 shows a jump of 1e-4 at step 6 that grows to 1e-3 by step 10."""
 
     def trainers(tag: str) -> dict[str, Trainer]:
-        return {fmt: tiny_trainer(tiny_dir, tmp_path / tag / fmt, f"model.data_format={fmt}",
+        return {fmt: tiny_trainer(tmp_path / tag / fmt, f"model.data_format={fmt}",
                                   "train.max_steps=10", "optim.lr=0.01") for fmt in ("NCHW", "NHWC")}
 
     nchw, nhwc = trainers("outputs").values()
@@ -366,7 +376,7 @@ def test_there_are_18_published_configs():
 
 @pytest.mark.parametrize("path", PUBLISHED_PARAMS)
 def test_published_config_trains_two_steps_on_cpu(path, tiny_dir, tmp_path):
-    published = load_config(path)
+    published = load_config(path, reads_data=False)  # its settings; the data is the bundled faces
     trainer = Trainer(load_config(path, [f"data.root={tiny_dir}", *CPU_SIZE]), tmp_path)
     assert trainer.num_classes == published.data.num_classes == 93431
     assert trainer.compiled["backbone"] == (published.train.mode == "static")

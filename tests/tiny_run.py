@@ -1,6 +1,7 @@
 """The tiny training run the unit tier shares, as ``--set`` overrides: a width-1/8 IResNet-18 at 32 px on the
 bundled faces (data/tiny: 240 images of 40 people, 5 steps of 48 per epoch). A test module lists what it
-varies after these (later overrides win)."""
+varies after these (later overrides win). Tests take them as the ``tiny_run`` fixture (conftest.py); a module
+helper that is not a fixture imports ``TINY_RUN``."""
 
 TINY_RUN = [
     "model.name=iresnet18",

@@ -144,7 +144,7 @@ def test_memory_model_matches_cpu_trials_under_a_memory_cap(
 def test_memory_model_predicts_the_published_rows(claim: ModelCapacityClaim, record_result):
     group = CLAIMS.capacity_model
     overrides = [f"train.batch_size={group.batch_per_rank}", f"loss.sample_ratio={group.ratio}"]
-    config = load_config(ROOT / claim.config, overrides)
+    config = load_config(ROOT / claim.config, overrides, reads_data=False)  # a prediction reads no data
     setting = setting_from_config(config, group.device_memory_mib * MIB, group.world_size, "gpu")
     prediction = predict(memory_model(config, setting))
     details = {

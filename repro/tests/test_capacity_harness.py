@@ -19,7 +19,6 @@ from repro.throughput.measure import RunFailed, check_finite_loss, steady_state
 pytestmark = pytest.mark.cpu
 
 MIB = 2**20
-CPU_MACHINE = Hardware(cpu_model="Test CPU", cpu_count=2, memory_mib=4096, paddle_version="3.3.1")
 
 
 def python(code: str) -> list[str]:
@@ -149,7 +148,7 @@ def cells(text: str) -> list[list[str]]:
     ]
 
 
-def record(claims, claim_id: str, measured: dict, details: dict):
+def record(claims, claim_id: str, measured: dict, details: dict, machine: Hardware):
     claim = claims.find(claim_id)[1]
     return new_result(
         claims,
@@ -157,20 +156,21 @@ def record(claims, claim_id: str, measured: dict, details: dict):
         tier="cpu",
         config="test",
         measured=measured,
-        machine=CPU_MACHINE,
+        machine=machine,
         command="python -m pytest",
         duration_s=1.0,
         details=details,
     )
 
 
-def test_the_capacity_block_shows_prediction_ratio_and_cpu_measurement():
+def test_the_capacity_block_shows_prediction_ratio_and_cpu_measurement(cpu_machine):
     claims = load_claims()
     prediction = record(
         claims,
         "model_capacity_paddle_static_fp16_res50",
         {"classes": 69_000_000.0},
         {"binding_phase": "center update", "bytes_per_class": 3694.0},
+        cpu_machine,
     )
     cpu = record(
         claims,
@@ -183,6 +183,7 @@ def test_the_capacity_block_shows_prediction_ratio_and_cpu_measurement():
             "bytes_per_class": 1027.0,
             "predicted_bytes_per_class": 1020.6,
         },
+        cpu_machine,
     )
     results = {result.claim_id: result for result in (prediction, cpu)}
     rows = cells(report.render_blocks(claims, results, "figure.png")["capacity"])
@@ -197,7 +198,7 @@ def test_the_capacity_block_shows_prediction_ratio_and_cpu_measurement():
         "recorded",
     ] in rows
     cpu_row = ["1.5 GiB", "1,130,799 / 1,222,486", "1,222,487", "1,027 / 1,021", "-0.6% / -0.8%", "pass"]
-    assert cpu_row + [CPU_MACHINE.describe()] in rows
+    assert cpu_row + [cpu_machine.describe()] in rows
 
 
 def test_the_throughput_and_accuracy_blocks_list_the_cpu_rows_not_run():

@@ -7,7 +7,7 @@ import pytest
 
 from repro import report
 from repro.claims import load_claims
-from repro.hardware import Gpu, Hardware
+from repro.hardware import Hardware
 from repro.results import new_result, results_recorded, write_result
 
 pytestmark = pytest.mark.cpu
@@ -20,15 +20,6 @@ Text before, kept as it is.
 
 Text after, kept as it is.
 """
-GPU_MACHINE = Hardware(
-    cpu_model="Test CPU",
-    cpu_count=64,
-    memory_mib=512 * 1024,
-    gpus=(Gpu("Tesla V100-SXM2-32GB", 32510),) * 8,
-    gpu_source="paddle",
-    paddle_cuda=True,
-)
-CPU_MACHINE = Hardware(cpu_model="Test CPU", cpu_count=2, memory_mib=4096, paddle_version="3.3.1")
 
 
 @pytest.fixture(scope="module")
@@ -118,11 +109,13 @@ def test_the_png_has_identical_bytes_each_time_and_no_metadata(claims):
     assert b"Software" not in png and b"matplotlib" not in png
 
 
-def test_results_appear_beside_the_published_values(run_report, workspace, record, claims):
+def test_results_appear_beside_the_published_values(
+    run_report, workspace, record, claims, cpu_machine, gpu_machine
+):
     accuracy = {"agedb30": 0.98370, "cfp_fp": 0.99000, "lfw": 0.99850}
-    record("dynamic_res50_fp16_nhwc_r0.1", accuracy, CPU_MACHINE, "cpu")
-    record("capacity_paddle_static_fp16_res50", {"classes": 91_000_000}, GPU_MACHINE, "gpu8")
-    record("nhwc_fp16_memory", {"change": -0.05}, GPU_MACHINE, "gpu")
+    record("dynamic_res50_fp16_nhwc_r0.1", accuracy, cpu_machine, "cpu")
+    record("capacity_paddle_static_fp16_res50", {"classes": 91_000_000}, gpu_machine, "gpu8")
+    record("nhwc_fp16_memory", {"change": -0.05}, gpu_machine, "gpu")
     run_report()
     text = workspace[0].read_text(encoding="utf-8")
     accuracy_row = ["dynamic", "Res50", "FP16", "NHWC", "0.1", "0.98367 / 0.98370", "0.99029 / 0.99000"]
@@ -135,10 +128,12 @@ def test_results_appear_beside_the_published_values(run_report, workspace, recor
     assert report.render_figure(claims, {}) != workspace[1].read_bytes()  # the measured capacity is drawn
 
 
-def test_the_readme_summary_counts_each_groups_verdicts(run_report, workspace, record, claims):
+def test_the_readme_summary_counts_each_groups_verdicts(
+    run_report, workspace, record, claims, cpu_machine, gpu_machine
+):
     record("dynamic_res50_fp16_nhwc_r0.1", {"agedb30": 0.98370, "cfp_fp": 0.99000, "lfw": 0.99850},
-           CPU_MACHINE, "cpu")
-    record("nhwc_fp16_memory", {"change": -0.05}, GPU_MACHINE, "gpu")
+           cpu_machine, "cpu")
+    record("nhwc_fp16_memory", {"change": -0.05}, gpu_machine, "gpu")
     run_report()
     rows = {row[0]: row for row in table_rows(workspace[3].read_text(encoding="utf-8"), "glance")[2:]}
     assert rows[claims.accuracy.section][1:] == ["18", "1 pass, 17 not run"]
@@ -156,12 +151,12 @@ def table_rows(text: str, block: str) -> list[list[str]]:
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
 
 
-def test_check_passes_when_current_and_fails_when_stale(run_report, workspace, record, capsys):
+def test_check_passes_when_current_and_fails_when_stale(run_report, workspace, record, capsys, gpu_machine):
     readme, figure, *_ = workspace
     assert run_report("--check") == 1  # never rendered
     run_report()
     assert run_report("--check") == 0
-    record("nhwc_fp16_throughput", {"change": 0.12}, GPU_MACHINE, "gpu")
+    record("nhwc_fp16_throughput", {"change": 0.12}, gpu_machine, "gpu")
     capsys.readouterr()
     assert run_report("--check") == 1
     assert f"{readme} is stale" in capsys.readouterr().err

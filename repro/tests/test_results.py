@@ -7,20 +7,10 @@ import json
 import pytest
 
 from repro.claims import FAIL, PASS, load_claims
-from repro.hardware import Gpu, Hardware
+from repro.hardware import Hardware
 from repro.results import ResultsError, load_results, new_result, read_result, result_path, write_result
 
 pytestmark = pytest.mark.cpu
-
-CPU_MACHINE = Hardware(cpu_model="Test CPU", cpu_count=2, memory_mib=4096, paddle_version="3.3.1")
-GPU_MACHINE = Hardware(
-    cpu_model="Test CPU",
-    cpu_count=64,
-    memory_mib=512 * 1024,
-    gpus=(Gpu("Tesla V100-SXM2-32GB", 32510),) * 8,
-    gpu_source="paddle",
-    paddle_cuda=True,
-)
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +19,8 @@ def claims():
 
 
 @pytest.fixture
-def make_result(claims):
-    def make(claim_id: str, measured: dict, machine: Hardware = CPU_MACHINE, tier: str = "cpu"):
+def make_result(claims, cpu_machine):
+    def make(claim_id: str, measured: dict, machine: Hardware = cpu_machine, tier: str = "cpu"):
         claim = claims.find(claim_id)[1]
         return new_result(
             claims,
@@ -63,8 +53,8 @@ def test_a_wrong_measurement_fails(make_result):
     assert "published" in result.explain() and "0.95" in result.explain()
 
 
-def test_gpu_hardware_is_summarised_by_its_gpus(make_result):
-    result = make_result("capacity_paddle_static_fp16_res50", {"classes": 9.1e7}, GPU_MACHINE, "gpu8")
+def test_gpu_hardware_is_summarised_by_its_gpus(make_result, gpu_machine):
+    result = make_result("capacity_paddle_static_fp16_res50", {"classes": 9.1e7}, gpu_machine, "gpu8")
     assert result.hardware["summary"] == "8 x Tesla V100-SXM2-32GB (32510 MiB)"
     assert result.verdict == PASS
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from repro import hardware
-from repro.hardware import Gpu, Hardware
+from repro.hardware import Hardware
 
 pytestmark = pytest.mark.cpu
 
@@ -35,11 +35,6 @@ def test_gpu8(gpu_count):
 def test_multinode():
     pass
 """
-NO_GPU = Hardware("Test CPU", 2, 4096, paddle_version="3.3.1")
-
-
-def machine_with(gpus: int) -> Hardware:
-    return Hardware("Test CPU", 2, 4096, gpus=(Gpu("Tesla V100", 32510),) * gpus, paddle_cuda=True)
 
 
 @pytest.fixture
@@ -54,8 +49,8 @@ def tier_run(pytester, monkeypatch):
     return run
 
 
-def test_without_gpus_only_the_cpu_tier_runs_and_the_rest_say_what_they_need(tier_run):
-    result = tier_run(NO_GPU)
+def test_without_gpus_only_the_cpu_tier_runs_and_the_rest_say_what_they_need(tier_run, cpu_machine):
+    result = tier_run(cpu_machine)
     result.assert_outcomes(passed=2, skipped=4)
     result.stdout.fnmatch_lines_random(
         [
@@ -67,24 +62,24 @@ def test_without_gpus_only_the_cpu_tier_runs_and_the_rest_say_what_they_need(tie
     )
 
 
-def test_run_slow_runs_the_cpu_slow_tier(tier_run):
-    tier_run(NO_GPU, "--run-slow").assert_outcomes(passed=3, skipped=3)
+def test_run_slow_runs_the_cpu_slow_tier(tier_run, cpu_machine):
+    tier_run(cpu_machine, "--run-slow").assert_outcomes(passed=3, skipped=3)
 
 
-def test_two_gpus_run_the_gpu_tier_but_not_gpu8(tier_run):
-    result = tier_run(machine_with(2))
+def test_two_gpus_run_the_gpu_tier_but_not_gpu8(tier_run, v100_machine):
+    result = tier_run(v100_machine(2))
     result.assert_outcomes(passed=3, skipped=3)
     result.stdout.fnmatch_lines(
-        ["SKIPPED*gpu8 tier: needs 8 GPU(s) usable by paddle; found 2 (Tesla V100, 32510 MiB)"]
+        ["SKIPPED*gpu8 tier: needs 8 GPU(s) usable by paddle; found 2 (Tesla V100-SXM2-32GB, 32510 MiB)"]
     )
 
 
-def test_eight_gpus_run_both_gpu_tiers(tier_run):
-    tier_run(machine_with(8)).assert_outcomes(passed=4, skipped=2)
+def test_eight_gpus_run_both_gpu_tiers(tier_run, v100_machine):
+    tier_run(v100_machine(8)).assert_outcomes(passed=4, skipped=2)
 
 
-def test_gpus_option_caps_the_gpus_a_tier_may_use(tier_run):
-    result = tier_run(machine_with(8), "--gpus", "1")
+def test_gpus_option_caps_the_gpus_a_tier_may_use(tier_run, v100_machine):
+    result = tier_run(v100_machine(8), "--gpus", "1")
     result.assert_outcomes(passed=3, skipped=3)
     result.stdout.fnmatch_lines(
         ["SKIPPED*gpu8 tier: needs 8 GPU(s) usable by paddle; --gpus 1 allows 1 of the 8 found"]
