@@ -10,7 +10,7 @@ set -eu
 
 OUTPUT=${OUTPUT:-output/ms1mv3_r50_dynamic_fp16_nhwc_r0.1}
 CHECKPOINT_DIR=${CHECKPOINT_DIR:-$OUTPUT/best_model/cfp_fp}
-DATA_DIR=${DATA_DIR:-MS1M_v3}
+DATA_DIR=${DATA_DIR:-${PLSC_DATA_ROOT:+$PLSC_DATA_ROOT/}MS1M_v3}  # the .bin files: under PLSC_DATA_ROOT when set
 VAL_TARGETS=${VAL_TARGETS:-lfw,cfp_fp,agedb_30}
 BATCH_SIZE=${BATCH_SIZE:-128}
 BACKBONE=${BACKBONE:-}              # e.g. FresResNet50; empty: detected from the checkpoint

@@ -35,6 +35,7 @@ def clean_env(**extra: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if key not in ("PYTHON", "VIRTUAL_ENV", "NPROC")}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     env.pop("TRAINER_IP_LIST", None)
+    env.pop("PLSC_DATA_ROOT", None)
     return {**env, **extra}
 
 
@@ -84,6 +85,8 @@ def test_an_activated_venv_or_python_wins_over_the_repository_venv(tmp_path):
     env = clean_env(PYTHON=str(chosen), CHECKPOINT_DIR="ck", VAL_TARGETS="lfw,agedb_30", DATA_DIR="d")
     assert run(scripts / "validation_dynamic.sh", env=env) == (
         "python3.11 -m plsc.cli eval --checkpoint ck --batch-size 128 --bin d/lfw.bin --bin d/agedb_30.bin")
+    env = clean_env(PYTHON=str(chosen), CHECKPOINT_DIR="ck", VAL_TARGETS="lfw", PLSC_DATA_ROOT="/data")
+    assert run(scripts / "validation_dynamic.sh", env=env).endswith("--bin /data/MS1M_v3/lfw.bin")
 
 
 @pytest.mark.parametrize(
