@@ -284,3 +284,18 @@ def test_capacity_model_counts_one_byte_per_velocity_element():
 
     profile = probe_head("float16", "lazy", (1.0, 0.5, 0.0), 64.0, chunked=True, velocity_dtype="int8")
     assert profile.storage_per_element == pytest.approx(2 + 1 + 4 / PROBE_EMBEDDING, rel=0.02)
+
+
+def test_a_manifest_without_the_scales_file_is_a_one_line_error(tmp_path):
+    import json
+
+    from plsc.errors import PlscError
+
+    head, _ = head_with_state("int8", classes=100)
+    save(head, tmp_path / "ckpt")
+    manifest_path = tmp_path / "ckpt" / ckpt.MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["shards"][0]["velocity_scale"]
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(PlscError, match=r"corrupt manifest, no shards\[0\]\.velocity_scale"):
+        ckpt.read_manifest(tmp_path / "ckpt")

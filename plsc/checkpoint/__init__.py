@@ -58,7 +58,7 @@ LATEST = "latest"
 # Keys every manifest of this format has; a manifest without one is corrupt (or hand-edited).
 MANIFEST_KEYS = ("format_version", "step", "epoch", "step_in_epoch", "num_classes", "embedding_size",
                  "center_dtype", "world_size", "shards", "config")
-SHARD_KEYS = ("rank", "start", "count", "weight", "velocity")
+SHARD_KEYS = ("rank", "start", "count")  # and a file per saved kind (saved_kinds)
 STRUCTURE_KEY = "StructuredToParameterName@@"  # paddle.save's record of parameter names: not a tensor
 
 
@@ -250,8 +250,9 @@ def read_manifest(directory: Path) -> dict:
 def _check_manifest_keys(path: Path, manifest: dict) -> None:
     missing = [key for key in MANIFEST_KEYS if key not in manifest]
     if not missing and isinstance(manifest["shards"], list):
+        keys = [*SHARD_KEYS, *saved_kinds(manifest)]
         missing = [f"shards[{i}].{key}" for i, shard in enumerate(manifest["shards"])
-                   for key in SHARD_KEYS if not isinstance(shard, dict) or key not in shard]
+                   for key in keys if not isinstance(shard, dict) or key not in shard]
     elif not missing:
         missing = ["shards (a list)"]
     if missing:
@@ -287,9 +288,6 @@ def read_center_rows(directory: Path, manifest: dict, shard: ClassShard) -> dict
         if lo >= hi:
             continue
         for kind, (columns, dtype) in kinds.items():
-            if kind not in saved:
-                raise PlscError(f"{directory / MANIFEST}: corrupt manifest, no shards[{saved['rank']}]."
-                                f"{kind}")
             path = directory / saved[kind]
             _check_shard(path, (saved["count"], columns), dtype)
             parts[kind].append(shards.FileRows(path, lo - saved["start"], hi - saved["start"]))
