@@ -8,6 +8,7 @@ import paddle
 import paddle.nn.functional as F
 
 from plsc.loss.margin import in_place_allowed
+from plsc.loss.sums import column_sums
 
 # F.normalize's default epsilon: norms below it are replaced by it.
 NORMALIZE_EPS = 1e-12
@@ -96,7 +97,7 @@ class _CosineToCenters(paddle.autograd.PyLayer):
         # exponentials; a tensor passed to backward() is copied first, tested on 2.6 and 3.x): scaled in
         # place.
         grad = scale_columns(grad_cosine, inverse_norms)
-        radial = products(cosine, grad).sum(axis=0) * inverse_norms * norm_is_live
+        radial = column_sums(products(cosine, grad)) * inverse_norms * norm_is_live
         grad_embeddings = grad_centers = None
         if ctx.wants_grad[0]:
             grad_embeddings = paddle.matmul(grad, centers)

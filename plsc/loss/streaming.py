@@ -40,6 +40,7 @@ from plsc.loss.margin import put_columns, target_logit, target_logit_slope
 from plsc.loss.partial_fc import PartialFC
 from plsc.loss.rows import gather_rows, gathers_into, read_block, scatter_rows_, write_block_
 from plsc.loss.sparse_momentum import DENSE_BLOCK_ROWS, dense_update, momentum_
+from plsc.loss.sums import column_sums, row_sums
 
 
 @dataclass
@@ -119,7 +120,7 @@ def center_grad_sq_norm(unit_gram: paddle.Tensor, grad: paddle.Tensor, chunk: Ch
     ``|D|^2 = <U U^T, G G^T> - sum_j live_j S_j^2`` with ``S_j = sum_b G_bj cos_bj``: a [B, B] product
     instead of a [c, emb] one.
     """
-    projection = ((grad * chunk.cosine).sum(axis=0) * chunk.norm_is_live).astype("float64")
+    projection = (column_sums(grad * chunk.cosine) * chunk.norm_is_live).astype("float64")
     gram = paddle.matmul(grad, grad, transpose_y=True).astype("float64")
     # The two sums in float64: their difference cancels where centers align with their samples.
     return (gram * unit_gram).sum() - (projection * projection).sum()
@@ -129,7 +130,7 @@ def center_grad_of_chunk(unit_embeddings, grad: paddle.Tensor, chunk: ChunkCosin
                          scratch: ScratchRows | None = None) -> paddle.Tensor:
     """The chunk's center gradient [c, emb], as the whole-matrix head's cosine layer forms it (written into
     ``scratch`` when given)."""
-    radial = (grad * chunk.cosine).sum(axis=0) * chunk.inverse_norms * chunk.norm_is_live
+    radial = column_sums(grad * chunk.cosine) * chunk.inverse_norms * chunk.norm_is_live
     return radial_rows(chunk.rows, radial, scratch).addmm_(grad.t(), unit_embeddings)
 
 
@@ -230,7 +231,7 @@ class StreamingPartialFC(PartialFC):
             logits = chunk_logits(chunk.cosine, column, inside, self.margin)
             new_max = paddle.maximum(row_max, logits.max(axis=1, keepdim=True))
             sum_exp = sum_exp * paddle.exp(row_max - new_max).squeeze(1) + \
-                logits.subtract_(new_max).exp_().sum(axis=1)
+                row_sums(logits.subtract_(new_max).exp_())
             row_max = new_max
         global_max = self.comm.all_reduce_max(row_max)
         sum_exp = self.comm.all_reduce_sum_(sum_exp * paddle.exp(row_max - global_max).squeeze(1))
