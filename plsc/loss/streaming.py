@@ -56,7 +56,25 @@ class SoftmaxStatistics:
     # not change before the update), so they reuse these instead of recomputing them.
     inverse_norms: paddle.Tensor
     norm_is_live: paddle.Tensor
-    grad_per_row: float | None = None  # d loss / d (each row's loss term), known in the backward
+    columns: list[tuple[paddle.Tensor, paddle.Tensor]]  # per chunk: chunk_columns' (column, inside)
+    terms: RowTerms | None = None  # known in the backward
+
+
+@dataclass
+class RowTerms:
+    """The softmax gradient's per-row parts, the same in every chunk: formed once per backward."""
+
+    target_logits: paddle.Tensor  # [B] each row's margin logit at its target column
+    factors: paddle.Tensor  # [B, 1] d loss / d logit = factors * exp(logit - row_max), off the target
+    at_target: paddle.Tensor  # [B] d loss / d cosine at the target column
+
+    @classmethod
+    def of(cls, stats: SoftmaxStatistics, grad_per_row: float, margin) -> RowTerms:
+        target_logits = margin.scale * target_logit(stats.cos_target, margin)
+        softmax_target = paddle.exp(target_logits - stats.row_max.squeeze(1)) / stats.sum_exp
+        slope = margin.scale * target_logit_slope(stats.cos_target, margin)
+        return cls(target_logits, (grad_per_row * margin.scale / stats.sum_exp).unsqueeze(1),
+                   grad_per_row * (softmax_target - 1.0) * slope)
 
 
 @dataclass
@@ -73,7 +91,9 @@ def chunk_cosine(unit_embeddings: paddle.Tensor, rows: paddle.Tensor, inverse_no
                  ) -> ChunkCosine:
     """The chunk's cosines; its rows' inverse norms and liveness computed here unless given."""
     if inverse_norms is None:
-        norms = paddle.sqrt(paddle.bmm(rows.unsqueeze(1), rows.unsqueeze(2)).reshape([-1]))
+        # A [chunk, emb] square and a matrix-vector product: 0.33 ms against 1.2 ms for k row-by-row bmm
+        # dot products at 4096 x 512 (3.3.1 and 2.6.2).
+        norms = paddle.sqrt(row_sums(rows * rows))
         inverse_norms = 1.0 / paddle.clip(norms, min=NORMALIZE_EPS)
         norm_is_live = (norms > NORMALIZE_EPS).astype(norms.dtype)
     cosine = paddle.matmul(unit_embeddings, rows, transpose_y=True).multiply_(inverse_norms)
@@ -88,28 +108,25 @@ def chunk_columns(remapped: paddle.Tensor, start: int, count: int) -> tuple[padd
     return column, inside
 
 
-def chunk_logits(cosine: paddle.Tensor, column, inside, margin) -> paddle.Tensor:
-    """``scale * cosine`` with the margin applied at the target columns inside the chunk (in place)."""
-    cos_at_column = paddle.take_along_axis(cosine, column, axis=1).squeeze(1)
-    # Rows whose target is elsewhere write their own plain logit back (as the whole-matrix loss does).
-    values = margin.scale * paddle.where(inside, target_logit(cos_at_column, margin), cos_at_column)
-    return put_columns(cosine.scale_(margin.scale), column, values)
+def at_column(matrix: paddle.Tensor, column: paddle.Tensor) -> paddle.Tensor:
+    """``matrix[b, column[b]]`` for each row, [B] (no broadcast of the index: 0.005 ms against 0.07 ms)."""
+    return paddle.take_along_axis(matrix, column, axis=1, broadcast=False).squeeze(1)
 
 
-def softmax_grad_of_chunk(chunk: ChunkCosine, stats: SoftmaxStatistics, start: int, margin) -> paddle.Tensor:
-    """d loss / d cosine for the chunk's columns, [B, c]; overwrites ``chunk.cosine`` (it is recomputed)."""
-    count = chunk.rows.shape[0]
-    column, inside = chunk_columns(stats.remapped, start, count)
-    cosine = chunk.cosine.clone()  # the plain cosines are needed again for the center gradient
-    exp = chunk_logits(cosine, column, inside, margin).subtract_(stats.row_max).exp_()
-    softmax_target = paddle.take_along_axis(exp, column, axis=1).squeeze(1) / stats.sum_exp
-    per_row = stats.grad_per_row
-    grad = exp.multiply_((per_row * margin.scale / stats.sum_exp).unsqueeze(1))
+def put_targets(matrix: paddle.Tensor, column, inside, values: paddle.Tensor) -> paddle.Tensor:
+    """``matrix[b, column[b]] = values[b]`` for the rows whose target is inside the chunk, in place; the
+    other rows write their own value back (as the whole-matrix loss does)."""
+    return put_columns(matrix, column, paddle.where(inside, values, at_column(matrix, column)))
+
+
+def softmax_grad_of_chunk(chunk: ChunkCosine, columns, stats: SoftmaxStatistics, terms: RowTerms,
+                          margin) -> paddle.Tensor:
+    """d loss / d cosine for the chunk's columns, [B, c] (``columns``: the chunk's ``chunk_columns``)."""
+    column, inside = columns
+    logits = chunk.cosine.clone().scale_(margin.scale)  # the plain cosines: again in the center gradient
+    exp = put_targets(logits, column, inside, terms.target_logits).subtract_(stats.row_max).exp_()
     # At the target column: per_row * (softmax - 1) * the target logit's slope (as the whole-matrix loss).
-    slope = margin.scale * target_logit_slope(stats.cos_target, margin)
-    at_target = paddle.where(inside, per_row * (softmax_target - 1.0) * slope,
-                             paddle.take_along_axis(grad, column, axis=1).squeeze(1))
-    return put_columns(grad, column, at_target)
+    return put_targets(exp.multiply_(terms.factors), column, inside, terms.at_target)
 
 
 def center_grad_sq_norm(unit_gram: paddle.Tensor, grad: paddle.Tensor, chunk: ChunkCosine) -> paddle.Tensor:
@@ -177,14 +194,16 @@ class StreamingPartialFC(PartialFC):
         for start in range(0, self._index.shape[0], self.chunk_size):
             yield start, self._index[start : start + self.chunk_size]
 
-    def recomputed_chunks(self):
-        """``(start, index, ChunkCosine)`` per chunk after the forward: rows gathered again, cosines
-        recomputed with the forward's norms."""
+    def chunk_gradients(self):
+        """``(index, ChunkCosine, G)`` per chunk after the forward: rows gathered again, cosines recomputed
+        with the forward's norms, and ``G`` = d loss / d cosine times the centers' inverse norms, [B, c]."""
         stats = self._stats
-        for start, index in self.chunks():
+        for (start, index), columns in zip(self.chunks(), stats.columns, strict=True):
             stop = start + index.shape[0]
-            yield start, index, chunk_cosine(stats.unit_embeddings, self.gather_chunk("weight", index),
-                                             stats.inverse_norms[start:stop], stats.norm_is_live[start:stop])
+            chunk = chunk_cosine(stats.unit_embeddings, self.gather_chunk("weight", index),
+                                 stats.inverse_norms[start:stop], stats.norm_is_live[start:stop])
+            grad = softmax_grad_of_chunk(chunk, columns, stats, stats.terms, self.margin)
+            yield index, chunk, grad.multiply_(chunk.inverse_norms)
 
     def gather_chunk(self, kind: str, index: paddle.Tensor) -> paddle.Tensor:
         """``weight`` or ``velocity`` rows of a chunk as float32, in the kind's kept buffer where possible
@@ -220,15 +239,18 @@ class StreamingPartialFC(PartialFC):
         row_max = paddle.full([batch, 1], -np.inf, dtype="float32")
         sum_exp = paddle.zeros([batch], dtype="float32")
         cos_target = paddle.zeros([batch], dtype="float32")
-        inverse_norms, norm_is_live = [], []
+        inverse_norms, norm_is_live, columns = [], [], []
+        scale = self.margin.scale
         for start, index in self.chunks():
             chunk = chunk_cosine(unit_embeddings, self.gather_chunk("weight", index))
             inverse_norms.append(chunk.inverse_norms)
             norm_is_live.append(chunk.norm_is_live)
             column, inside = chunk_columns(remapped, start, index.shape[0])
-            cos_target = paddle.where(inside, paddle.take_along_axis(chunk.cosine, column, 1).squeeze(1),
-                                      cos_target)
-            logits = chunk_logits(chunk.cosine, column, inside, self.margin)
+            columns.append((column, inside))
+            cos_at_column = at_column(chunk.cosine, column)
+            cos_target = paddle.where(inside, cos_at_column, cos_target)
+            logits = put_targets(chunk.cosine.scale_(scale), column, inside,
+                                 scale * target_logit(cos_at_column, self.margin))
             new_max = paddle.maximum(row_max, logits.max(axis=1, keepdim=True))
             sum_exp = sum_exp * paddle.exp(row_max - new_max).squeeze(1) + \
                 row_sums(logits.subtract_(new_max).exp_())
@@ -236,7 +258,7 @@ class StreamingPartialFC(PartialFC):
         global_max = self.comm.all_reduce_max(row_max)
         sum_exp = self.comm.all_reduce_sum_(sum_exp * paddle.exp(row_max - global_max).squeeze(1))
         self._stats = SoftmaxStatistics(unit_embeddings, remapped, global_max, sum_exp, cos_target,
-                                        paddle.concat(inverse_norms), paddle.concat(norm_is_live))
+                                        paddle.concat(inverse_norms), paddle.concat(norm_is_live), columns)
         return self._stats
 
     @paddle.no_grad()
@@ -244,12 +266,11 @@ class StreamingPartialFC(PartialFC):
         """Walk 2: d(unit embeddings), and the squared norm of the centers' gradient (kept for step); or,
         after :meth:`plan_update`, d(unit embeddings) and each chunk's update applied at once."""
         stats = self._stats
-        stats.grad_per_row = float(grad_loss) / stats.unit_embeddings.shape[0]
         unit = stats.unit_embeddings
+        stats.terms = RowTerms.of(stats, float(grad_loss) / unit.shape[0], self.margin)
         grad_embeddings = paddle.zeros_like(unit)
         if self._planned is not None:
-            for start, index, chunk in self.recomputed_chunks():
-                grad = softmax_grad_of_chunk(chunk, stats, start, self.margin).multiply_(chunk.inverse_norms)
+            for index, chunk, grad in self.chunk_gradients():
                 grad_embeddings.addmm_(grad, chunk.rows)  # before the update overwrites the rows
                 self.apply_chunk(index, chunk, grad, *self._planned)
             self._finish_update(*self._planned[:3])
@@ -258,8 +279,7 @@ class StreamingPartialFC(PartialFC):
         unit64 = unit.astype("float64")
         unit_gram = paddle.matmul(unit64, unit64, transpose_y=True)
         sq_norm = paddle.zeros([], dtype="float64")
-        for start, _, chunk in self.recomputed_chunks():
-            grad = softmax_grad_of_chunk(chunk, stats, start, self.margin).multiply_(chunk.inverse_norms)
+        for _, chunk, grad in self.chunk_gradients():
             grad_embeddings.addmm_(grad, chunk.rows)
             sq_norm += center_grad_sq_norm(unit_gram, grad, chunk)
         self._grad_sq_norm = sq_norm.astype("float32").reshape([1])
@@ -306,9 +326,7 @@ class StreamingPartialFC(PartialFC):
             self.skip_step()
             return
         self._pending_norm()
-        stats = self._stats
-        for start, index, chunk in self.recomputed_chunks():
-            grad = softmax_grad_of_chunk(chunk, stats, start, self.margin).multiply_(chunk.inverse_norms)
+        for index, chunk, grad in self.chunk_gradients():
             self.apply_chunk(index, chunk, grad, lr, momentum, weight_decay, grad_scale)
         self._finish_update(lr, momentum, weight_decay)
         self.skip_step()
