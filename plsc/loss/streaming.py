@@ -123,7 +123,7 @@ def softmax_grad_of_chunk(chunk: ChunkCosine, columns, stats: SoftmaxStatistics,
                           margin) -> paddle.Tensor:
     """d loss / d cosine for the chunk's columns, [B, c] (``columns``: the chunk's ``chunk_columns``)."""
     column, inside = columns
-    logits = chunk.cosine.clone().scale_(margin.scale)  # the plain cosines: again in the center gradient
+    logits = chunk.cosine * margin.scale  # a new tensor: the plain cosines are needed for the center gradient
     exp = put_targets(logits, column, inside, terms.target_logits).subtract_(stats.row_max).exp_()
     # At the target column: per_row * (softmax - 1) * the target logit's slope (as the whole-matrix loss).
     return put_targets(exp.multiply_(terms.factors), column, inside, terms.at_target)
