@@ -36,7 +36,7 @@ import paddle
 import paddle.nn.functional as F
 
 from plsc.loss.cosine import NORMALIZE_EPS, ScratchRows, radial_rows
-from plsc.loss.margin import put_columns, target_logit, target_logit_slope
+from plsc.loss.margin import at_columns, put_columns, target_logit, target_logit_slope
 from plsc.loss.partial_fc import PartialFC
 from plsc.loss.rows import gather_rows, gathers_into, read_block, scatter_rows_, write_block_
 from plsc.loss.sparse_momentum import DENSE_BLOCK_ROWS, dense_update, momentum_
@@ -108,15 +108,10 @@ def chunk_columns(remapped: paddle.Tensor, start: int, count: int) -> tuple[padd
     return column, inside
 
 
-def at_column(matrix: paddle.Tensor, column: paddle.Tensor) -> paddle.Tensor:
-    """``matrix[b, column[b]]`` for each row, [B] (no broadcast of the index: 0.005 ms against 0.07 ms)."""
-    return paddle.take_along_axis(matrix, column, axis=1, broadcast=False).squeeze(1)
-
-
 def put_targets(matrix: paddle.Tensor, column, inside, values: paddle.Tensor) -> paddle.Tensor:
     """``matrix[b, column[b]] = values[b]`` for the rows whose target is inside the chunk, in place; the
     other rows write their own value back (as the whole-matrix loss does)."""
-    return put_columns(matrix, column, paddle.where(inside, values, at_column(matrix, column)))
+    return put_columns(matrix, column, paddle.where(inside, values, at_columns(matrix, column)))
 
 
 def softmax_grad_of_chunk(chunk: ChunkCosine, columns, stats: SoftmaxStatistics, terms: RowTerms,
@@ -247,7 +242,7 @@ class StreamingPartialFC(PartialFC):
             norm_is_live.append(chunk.norm_is_live)
             column, inside = chunk_columns(remapped, start, index.shape[0])
             columns.append((column, inside))
-            cos_at_column = at_column(chunk.cosine, column)
+            cos_at_column = at_columns(chunk.cosine, column)
             cos_target = paddle.where(inside, cos_at_column, cos_target)
             logits = put_targets(chunk.cosine.scale_(scale), column, inside,
                                  scale * target_logit(cos_at_column, self.margin))
