@@ -300,3 +300,16 @@ def test_fp16_storage_halves_bytes_and_tracks_fp32():
             losses[dtype].append(float(loss))
     # Relative: at scale 64 the loss is ~50; float16 rounding of the centers moves each logit by ~1e-3 * s.
     np.testing.assert_allclose(losses["float16"], losses["float32"], rtol=1e-2)
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (7, 1), (128, 300)])
+def test_row_and_column_sums_as_products_equal_numpy_sums(shape):
+    from plsc.loss.sums import column_sums, row_sums
+
+    matrix = np.random.default_rng(sum(shape)).standard_normal(shape).astype(np.float32)
+    tensor = paddle.to_tensor(matrix)
+    np.testing.assert_allclose(column_sums(tensor).numpy(), matrix.astype(np.float64).sum(axis=0),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(row_sums(tensor).numpy(), matrix.astype(np.float64).sum(axis=1),
+                               rtol=1e-5, atol=1e-5)
+    assert column_sums(tensor).shape == [shape[1]] and row_sums(tensor).shape == [shape[0]]
