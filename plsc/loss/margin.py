@@ -93,7 +93,7 @@ def at_columns(matrix: paddle.Tensor, column: paddle.Tensor) -> paddle.Tensor:
     """``matrix[b, column[b]]`` for each row b (``column``: [batch, 1]), [batch].
 
     Without ``broadcast=False`` Paddle's take_along_axis first broadcasts ``matrix`` to its own shape, a copy
-    of the whole [batch, classes] matrix (5-8 ms at [128, 100000], 3.3.1)."""
+    of the whole [batch, classes] matrix (41 ms against 0.006 ms at [128, 100000], 3.3.1)."""
     return paddle.take_along_axis(matrix, column, axis=1, broadcast=False).squeeze(1)
 
 
