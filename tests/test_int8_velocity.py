@@ -66,6 +66,26 @@ def test_quantize_matches_numpy():
     assert np.all(error <= reference_scale / 2 * (1 + 1e-5))  # half a step at most
 
 
+def test_host_quantisation_gives_the_codes_of_paddles_own_ops(monkeypatch):
+    """On the CPU quantize/dequantize run numpy on the tensors' memory; elsewhere Paddle's ops. Both do the
+    same float32 operations, so the codes and rows must be identical, ties (x.5 before the floor) included."""
+    from plsc.loss import int8_rows
+
+    rng = np.random.default_rng(11)
+    scales = rng.uniform(1e-4, 30, (64, 1)).astype(np.float32)
+    rows = rng.standard_normal((64, 16)).astype(np.float32) * scales
+    rows[3] = 0.0
+    rows[5] = np.float32([127, 2.5, -2.5, 0.5, -0.5, 1.5, 126.5, -126.5] * 2)  # scale 1: every code a tie
+    on_host = quantize(paddle.to_tensor(rows))
+    host_rows = dequantize(*on_host).numpy()
+    monkeypatch.setattr(int8_rows, "is_cpu_and_contiguous", lambda tensor: False)
+    by_paddle = quantize(paddle.to_tensor(rows))
+    for host, device in zip(on_host, by_paddle, strict=True):
+        np.testing.assert_array_equal(host.numpy().view(np.uint16), device.numpy().view(np.uint16))
+    np.testing.assert_array_equal(host_rows, dequantize(*by_paddle).numpy())
+    assert on_host[0].numpy().view(np.int8)[5, :8].tolist() == [127, 3, -2, 1, 0, 2, 127, -126]
+
+
 def test_rows_gathered_and_scattered_by_index():
     rng = np.random.default_rng(1)
     store, rows = Int8Rows(50, 16), random_rows(rng, 10, 16)

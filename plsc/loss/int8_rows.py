@@ -17,15 +17,26 @@ from __future__ import annotations
 import numpy as np
 import paddle
 
-from plsc.loss.rows import copy_rows_into, host_blocks, put_rows_, source_blocks, take_rows
+from plsc.loss.rows import (
+    copy_rows_into,
+    host_blocks,
+    host_view,
+    is_cpu_and_contiguous,
+    put_rows_,
+    source_blocks,
+    take_rows,
+)
 
 CODE_MAX = 127  # symmetric: -128 is never used, so a row's largest element maps to +-127 exactly
 
 
 def quantize(rows: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
     """float32 ``rows`` [n, w] -> (codes as a float16 container [n, w / 2], scales float32 [n, 1])."""
+    if is_cpu_and_contiguous(rows):
+        return quantize_on_host(rows)
     absmax = rows.abs().max(axis=1, keepdim=True)
-    scale = absmax / CODE_MAX
+    # A tensor divisor: Paddle 2.6 multiplies by the reciprocal of a Python number (one ulp off numpy).
+    scale = absmax / paddle.full_like(absmax, CODE_MAX)
     # An all-zero row keeps scale 0 and codes 0 (dividing by 1 instead of 0).
     divisor = paddle.where(absmax > 0, scale, paddle.ones_like(scale))
     codes = paddle.floor(rows / divisor + 0.5)
@@ -34,8 +45,27 @@ def quantize(rows: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
     return container, scale
 
 
+def quantize_on_host(rows: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """:func:`quantize` by numpy on a CPU tensor's own memory: the same float32 operations (IEEE division,
+    add, floor), so the same codes, in 3.2 ms against 7.3 ms for Paddle's CPU ops at 4096 x 512 (3.3.1; the
+    row maximum and the division by a [n, 1] column are slow paths of Paddle's CPU kernels)."""
+    values = host_view(rows)
+    absmax = np.abs(values).max(axis=1, keepdims=True)
+    scale = absmax / np.float32(CODE_MAX)
+    codes = values / np.where(absmax > 0, scale, np.float32(1))
+    codes += np.float32(0.5)
+    container = paddle.empty([rows.shape[0], rows.shape[1] // 2], dtype="float16")
+    host_view(container).view(np.int8)[...] = np.floor(codes, out=codes)  # whole numbers in [-127, 127]
+    return container, paddle.to_tensor(scale, place=rows.place)
+
+
 def dequantize(container: paddle.Tensor, scale: paddle.Tensor) -> paddle.Tensor:
     """A float16 container of codes [n, w / 2] and its scales [n, 1] -> float32 rows [n, w]."""
+    if is_cpu_and_contiguous(container) and is_cpu_and_contiguous(scale):
+        # numpy on the tensors' memory: the same products, without Paddle's slow [n, 1] broadcast.
+        rows = paddle.empty([container.shape[0], container.shape[1] * 2], dtype="float32")
+        np.multiply(host_view(container).view(np.int8), host_view(scale), out=host_view(rows))
+        return rows
     return paddle.view(container, "int8").astype("float32").multiply_(scale)
 
 
