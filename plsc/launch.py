@@ -163,6 +163,9 @@ POLL_S = 0.25
 # After a rank failed: how long the launcher gets to stop the others (it waits 3 s for them, then kills
 # them) before plsc kills every process of the job itself. Ranks blocked in a collective ignore SIGTERM.
 STOP_GRACE_S = 10.0
+# How the launcher stops the other ranks once one has failed (a SIGKILL 3 s later, for ranks that ignore it,
+# comes after the first failure was seen).
+_STOP_SIGNALS = (signal.SIGTERM,)
 # What paddle.distributed.launch (2.6 and 3.x) logs for the first rank that exited non-zero.
 _FAILED_RANK = re.compile(r"Container rank (\d+) status failed .*? code (-?\d+) log ")
 
@@ -186,6 +189,16 @@ def _last_error_line(log: Path) -> str | None:
     lines = FileTail(log, from_start=True).new_lines()
     errors = [line for line in lines[-5:] if line.startswith("plsc: error: ")]
     return errors[-1].removeprefix("plsc: error: ") if errors else None
+
+
+def first_cause(failures: dict[int, int], log_dir: Path) -> RankFailed | None:
+    """:attr:`Job.failure` of ``failures`` (rank -> exit code, in the order seen) and the ranks' logs."""
+    if not failures:
+        return None
+    logs = {rank: log_dir / f"workerlog.{rank}" for rank in failures}
+    own = [rank for rank in failures if not _lost_a_peer(logs[rank])]
+    causes = [rank for rank in own if -failures[rank] not in _STOP_SIGNALS] or own or list(failures)
+    return RankFailed(causes[0], failures[causes[0]], logs[causes[0]])
 
 
 # How a gloo collective fails when the rank at the other end is gone.
@@ -307,13 +320,10 @@ class Job:
 
     @property
     def failure(self) -> RankFailed | None:
-        """The failed rank that ended the job: the first seen that did not fail for losing a peer (the
-        others' collectives break when one rank dies; which exit is reaped first is up to the scheduler)."""
-        if not self.failures:
-            return None
-        logs = {rank: self.log_dir / f"workerlog.{rank}" for rank in self.failures}
-        causes = [rank for rank in self.failures if not _lost_a_peer(logs[rank])] or list(self.failures)
-        return RankFailed(causes[0], self.failures[causes[0]], logs[causes[0]])
+        """The failed rank that ended the job: the first seen that failed on its own, neither stopped by the
+        launcher (SIGTERM: it stops the others once one rank failed) nor for losing a peer (the others'
+        collectives break when one rank dies). Which exit is seen first is up to the scheduler."""
+        return first_cause(self.failures, self.log_dir)
 
     def kill_leftovers(self) -> None:
         """SIGKILL every process still in one of the job's process groups (the launcher's, each rank's with

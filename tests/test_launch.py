@@ -185,3 +185,24 @@ def test_ranks_get_their_share_of_the_cores():
     finally:
         os.environ.clear()
         os.environ.update(env)
+
+
+def test_the_failure_named_is_a_rank_that_failed_on_its_own(tmp_path):
+    """The launcher stops the other ranks (SIGTERM) once one failed, and their collectives break: whichever
+    exit is seen first, the line names the rank whose own error ended the job."""
+    from plsc.launch import first_cause
+
+    (tmp_path / "workerlog.0").write_text("step 1\n")  # stopped by the launcher
+    (tmp_path / "workerlog.1").write_text("loading\nplsc: error: data root is not a directory: /x\n")
+    (tmp_path / "workerlog.2").write_text("gloo/transport/tcp/pair.cc:598] Connection reset by peer\n")
+    cause = first_cause({0: -signal.SIGTERM, 2: 1, 1: 2}, tmp_path)
+    assert (cause.rank, cause.code) == (1, 2)
+    log = tmp_path / "workerlog.1"
+    assert str(cause) == f"rank 1 exited with code 2 (log: {log}): data root is not a directory: /x"
+    crashed = first_cause({2: 1, 0: -signal.SIGSEGV}, tmp_path)  # a crash by signal is its own failure
+    assert (crashed.rank, crashed.code) == (0, -signal.SIGSEGV)
+    killed = first_cause({0: -signal.SIGTERM, 1: -signal.SIGKILL}, tmp_path)  # killed from outside: the cause
+    assert (killed.rank, killed.code) == (1, -signal.SIGKILL)
+    alone = first_cause({0: -signal.SIGTERM}, tmp_path)  # nothing better known: what was seen
+    assert str(alone).startswith("rank 0 exited with code -15, killed by SIGTERM")
+    assert first_cause({}, tmp_path) is None
