@@ -48,7 +48,6 @@ class SoftmaxStatistics:
     """What the backward and the update need from the forward, all of size [global batch] or [batch, emb]."""
 
     unit_embeddings: paddle.Tensor  # [B, emb] float32, detached
-    remapped: paddle.Tensor  # [B] int64: each row's column among the sampled centers, -1 if not on this rank
     row_max: paddle.Tensor  # [B, 1] the largest logit of each row over every rank's columns
     sum_exp: paddle.Tensor  # [B] sum over every rank's columns of exp(logit - row_max)
     cos_target: paddle.Tensor  # [B] cosine of each row with its own class center (0 where not on this rank)
@@ -114,10 +113,11 @@ def put_targets(matrix: paddle.Tensor, column, inside, values: paddle.Tensor) ->
     return put_columns(matrix, column, paddle.where(inside, values, at_columns(matrix, column)))
 
 
-def softmax_grad_of_chunk(chunk: ChunkCosine, columns, stats: SoftmaxStatistics, terms: RowTerms,
-                          margin) -> paddle.Tensor:
-    """d loss / d cosine for the chunk's columns, [B, c] (``columns``: the chunk's ``chunk_columns``)."""
+def softmax_grad_of_chunk(chunk: ChunkCosine, columns, stats: SoftmaxStatistics, margin) -> paddle.Tensor:
+    """d loss / d cosine for the chunk's columns, [B, c] (``columns``: the chunk's ``chunk_columns``; the
+    backward has set ``stats.terms``)."""
     column, inside = columns
+    terms = stats.terms
     logits = chunk.cosine * margin.scale  # a new tensor: the plain cosines are needed for the center gradient
     exp = put_targets(logits, column, inside, terms.target_logits).subtract_(stats.row_max).exp_()
     # At the target column: per_row * (softmax - 1) * the target logit's slope (as the whole-matrix loss).
@@ -197,7 +197,7 @@ class StreamingPartialFC(PartialFC):
             stop = start + index.shape[0]
             chunk = chunk_cosine(stats.unit_embeddings, self.gather_chunk("weight", index),
                                  stats.inverse_norms[start:stop], stats.norm_is_live[start:stop])
-            grad = softmax_grad_of_chunk(chunk, columns, stats, stats.terms, self.margin)
+            grad = softmax_grad_of_chunk(chunk, columns, stats, self.margin)
             yield index, chunk, grad.multiply_(chunk.inverse_norms)
 
     def gather_chunk(self, kind: str, index: paddle.Tensor) -> paddle.Tensor:
@@ -252,7 +252,7 @@ class StreamingPartialFC(PartialFC):
             row_max = new_max
         global_max = self.comm.all_reduce_max(row_max)
         sum_exp = self.comm.all_reduce_sum_(sum_exp * paddle.exp(row_max - global_max).squeeze(1))
-        self._stats = SoftmaxStatistics(unit_embeddings, remapped, global_max, sum_exp, cos_target,
+        self._stats = SoftmaxStatistics(unit_embeddings, global_max, sum_exp, cos_target,
                                         paddle.concat(inverse_norms), paddle.concat(norm_is_live), columns)
         return self._stats
 
