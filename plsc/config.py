@@ -72,6 +72,9 @@ class LossConfig:
 @dataclass
 class OptimConfig:
     lr: float = 0.1
+    # > 0: optim.lr is the rate for a global batch of this size, and a run trains at
+    # lr * global_batch / lr_reference_batch (PLSC v2.2's linear scaling rule, with 512); 0: lr as it is.
+    lr_reference_batch: int = 0
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_steps: int = 0
@@ -288,6 +291,7 @@ _RULES: list[tuple[str, typing.Callable[[typing.Any], bool], str]] = [
     ("loss.sample_ratio", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("loss.chunk_size", lambda v: v >= 0, ">= 0 (0: the whole-matrix head)"),
     ("optim.lr", lambda v: v > 0, "> 0"),
+    ("optim.lr_reference_batch", lambda v: v >= 0, ">= 0 (0: optim.lr is not scaled by the global batch)"),
     ("optim.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
     ("optim.warmup_steps", lambda v: v >= 0, ">= 0"),

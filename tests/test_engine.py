@@ -22,7 +22,7 @@ from plsc import checkpoint as ckpt
 from plsc import cli
 from plsc.config import OptimConfig, load_config
 from plsc.data import normalize_batch
-from plsc.engine.schedule import learning_rate
+from plsc.engine.schedule import Schedule
 from plsc.engine.trainer import Trainer
 from plsc.errors import PlscError
 
@@ -47,21 +47,42 @@ def read_log(output: Path) -> list[dict]:
 # --- schedule ---------------------------------------------------------------------------------------------
 
 
-def test_learning_rate_warmup_then_epoch_steps():
-    optim = OptimConfig(lr=0.1, warmup_steps=4, decay_boundaries=[2, 3], decay_factor=0.1)
-    lrs = [learning_rate(optim, step, steps_per_epoch=10, total_steps=100) for step in range(40)]
-    np.testing.assert_allclose(lrs[:4], [0.025, 0.05, 0.075, 0.1])
-    np.testing.assert_allclose(lrs[4:20], 0.1)
-    np.testing.assert_allclose(lrs[20:30], 0.01)
-    np.testing.assert_allclose(lrs[30:], 0.001, rtol=1e-9)
+def paddle_schedule_lrs(base_lr: float, warmup: int, inner, steps: int) -> list[float]:
+    """The rates Paddle's own schedulers give steps 0..steps-1, stepped as PLSC v2.2's loops step them
+    (dynamic/train.py:105-112 and 237: the rate is read, then ``lr_scheduler.step()``)."""
+    scheduler = paddle.optimizer.lr.LinearWarmup(inner, warmup, 0.0, base_lr) if warmup else inner
+    rates = []
+    for _ in range(steps):
+        rates.append(scheduler())
+        scheduler.step()
+    return rates
 
 
-def test_learning_rate_step_unit_and_poly():
+@pytest.mark.parametrize("warmup", [0, 4])
+def test_step_schedule_equals_paddles_warmup_and_piecewise_decay(warmup):
+    optim = OptimConfig(lr=0.1, lr_reference_batch=512, warmup_steps=warmup, decay_boundaries=[2, 3],
+                        decay_factor=0.1)
+    schedule = Schedule.from_config(optim, steps_per_epoch=10, total_steps=60, global_batch=1024)
+    assert schedule.base_lr == pytest.approx(0.2)  # PLSC's base_lr = global_batch * lr / 512
+    assert schedule.decay_steps == (20, 30)  # boundaries in global steps, as PLSC logs them
+    inner = paddle.optimizer.lr.PiecewiseDecay([20, 30], [0.2, 0.02, 0.002])
+    expected = paddle_schedule_lrs(0.2, warmup, inner, 60)
+    np.testing.assert_allclose([schedule.lr(k) for k in range(60)], expected, rtol=1e-12)
+
+
+def test_poly_schedule_equals_paddles_warmup_and_polynomial_decay():
+    optim = OptimConfig(lr=0.5, schedule="poly", poly_power=2.0, warmup_steps=3)
+    schedule = Schedule.from_config(optim, steps_per_epoch=7, total_steps=20, global_batch=64)
+    assert schedule.base_lr == 0.5  # lr_reference_batch 0: no scaling
+    inner = paddle.optimizer.lr.PolynomialDecay(0.5, decay_steps=17, end_lr=0.0, power=2.0)
+    np.testing.assert_allclose([schedule.lr(k) for k in range(20)], paddle_schedule_lrs(0.5, 3, inner, 20),
+                               rtol=1e-12, atol=1e-15)
+
+
+def test_step_unit_boundaries_are_global_steps():
     optim = OptimConfig(lr=1.0, decay_unit="step", decay_boundaries=[5], decay_factor=0.5)
-    assert learning_rate(optim, 4, 1000, 10) == 1.0 and learning_rate(optim, 5, 1000, 10) == 0.5
-    poly = OptimConfig(lr=1.0, schedule="poly", poly_power=2.0, warmup_steps=0)
-    assert learning_rate(poly, 5, 10, 10) == pytest.approx(0.25)
-    assert learning_rate(poly, 10, 10, 10) == 0.0
+    schedule = Schedule.from_config(optim, steps_per_epoch=1000, total_steps=10, global_batch=8)
+    assert [schedule.lr(k) for k in (4, 5)] == [1.0, 0.5]
 
 
 # --- training ---------------------------------------------------------------------------------------------

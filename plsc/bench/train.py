@@ -156,15 +156,12 @@ def repeat_loader(trainer, steps: int) -> None:
 def run_steps(trainer, steps: int, timer: StepPhaseTimer | None = None) -> tuple[list[float], list]:
     """``steps`` calls of ``trainer.train_step`` as ``Trainer._train_epoch`` makes them, from the current
     epoch's start; returns (losses, one PhaseClock per step, or [] without a timer)."""
-    from plsc.engine.schedule import learning_rate
-
     trainer.sampler.set_epoch(trainer.state.epoch)
     batches = iter(trainer.loader)
     losses, clocks = [], []
     for _ in range(steps):
         clock = timer.start_step() if timer else PhaseClock()
-        lr = learning_rate(trainer.config.optim, trainer.state.step, trainer.steps_per_epoch,
-                           trainer.total_steps)
+        lr = trainer.schedule.lr(trainer.state.step)
         images, labels = next(batches)
         clock.mark("data")
         losses.append(trainer.train_step(images, labels, lr))

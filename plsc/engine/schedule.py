@@ -1,21 +1,72 @@
-"""Learning rate per step: linear warmup, then PLSC's piecewise (step) decay or polynomial decay."""
+"""Learning rate per step, as PLSC v2.2 schedules it: the linear scaling rule, linear warmup from 0, then
+piecewise (step) decay or polynomial decay.
+
+PLSC v2.2 (dynamic/train.py:83-112, static/train.py:80-109) computes, from the image count and the global
+batch: ``steps_per_epoch = images // global_batch``; ``base_lr = global_batch * lr / 512``; decay boundaries
+in global steps (epochs times ``steps_per_epoch``); and wraps Paddle's ``PiecewiseDecay`` in
+``LinearWarmup(start_lr=0, end_lr=base_lr)``. Paddle's LinearWarmup gives step ``k`` (0-based) the rate
+``base_lr * k / warmup`` (step 0 trains at 0) and afterwards asks the wrapped schedule for step
+``k - warmup``: the decay boundaries count from the end of the warmup.
+"""
 
 from __future__ import annotations
 
 import bisect
+from dataclasses import dataclass
 
 from plsc.config import OptimConfig
 
 
-def learning_rate(optim: OptimConfig, step: int, steps_per_epoch: int, total_steps: int) -> float:
-    """The learning rate used for optimizer step ``step`` (0-based)."""
-    if step < optim.warmup_steps:
-        return optim.lr * (step + 1) / optim.warmup_steps
-    if optim.schedule == "poly":
-        span = max(1, total_steps - optim.warmup_steps)
-        progress = min(1.0, (step - optim.warmup_steps) / span)
-        return optim.lr * (1.0 - progress) ** optim.poly_power
-    # Boundaries in epochs (PLSC's MS1MV3 configs) or in steps (its base config).
-    position = step // steps_per_epoch if optim.decay_unit == "epoch" else step
-    passed = bisect.bisect_right(sorted(optim.decay_boundaries), position)
-    return optim.lr * optim.decay_factor**passed
+def base_learning_rate(optim: OptimConfig, global_batch: int) -> float:
+    """``optim.lr`` scaled by PLSC's linear rule: the rate is given for a global batch of
+    ``optim.lr_reference_batch`` (0: ``optim.lr`` is used as it is)."""
+    if optim.lr_reference_batch <= 0:
+        return optim.lr
+    return optim.lr * global_batch / optim.lr_reference_batch
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The learning rate of every optimizer step of a run.
+
+    ``decay_steps``: the decay boundaries in global steps as PLSC logs them (``boundary * steps_per_epoch``
+    for epoch boundaries); the decayed rate takes effect ``warmup_steps`` later, see :meth:`lr`.
+    """
+
+    base_lr: float
+    warmup_steps: int
+    total_steps: int
+    kind: str  # "step" or "poly"
+    decay_steps: tuple[int, ...] = ()
+    decay_factor: float = 0.1
+    poly_power: float = 2.0
+
+    @classmethod
+    def from_config(cls, optim: OptimConfig, steps_per_epoch: int, total_steps: int,
+                    global_batch: int) -> Schedule:
+        per_unit = steps_per_epoch if optim.decay_unit == "epoch" else 1
+        return cls(
+            base_lr=base_learning_rate(optim, global_batch),
+            warmup_steps=optim.warmup_steps,
+            total_steps=total_steps,
+            kind=optim.schedule,
+            decay_steps=tuple(sorted(b * per_unit for b in optim.decay_boundaries)),
+            decay_factor=optim.decay_factor,
+            poly_power=optim.poly_power,
+        )
+
+    def lr(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` (0-based)."""
+        if step < self.warmup_steps:
+            return self.base_lr * step / self.warmup_steps
+        after = step - self.warmup_steps
+        if self.kind == "poly":
+            span = max(1, self.total_steps - self.warmup_steps)
+            return self.base_lr * (1.0 - min(1.0, after / span)) ** self.poly_power
+        return self.base_lr * self.decay_factor ** bisect.bisect_right(self.decay_steps, after)
+
+    def phases(self) -> list[tuple[int, float]]:
+        """(first step, learning rate) of each constant-rate phase of a step schedule after the warmup."""
+        starts = [0, *self.decay_steps]
+        return [(self.warmup_steps + s, self.lr(self.warmup_steps + s)) for s in starts
+                if self.warmup_steps + s < max(self.total_steps, 1)]

@@ -39,7 +39,7 @@ from plsc.engine.modes import (
     is_compiled,
     log_modes,
 )
-from plsc.engine.schedule import learning_rate
+from plsc.engine.schedule import Schedule
 from plsc.errors import PlscError
 from plsc.eval.embedders import open_embedder
 from plsc.eval.verification import verify_across_ranks
@@ -172,6 +172,8 @@ class Trainer:
         self.steps_per_epoch = self.sampler.batches_per_epoch
         by_epochs = config.train.epochs * self.steps_per_epoch
         self.total_steps = config.train.max_steps if config.train.max_steps > 0 else by_epochs
+        self.schedule = Schedule.from_config(config.optim, self.steps_per_epoch, self.total_steps,
+                                             config.train.batch_size * world)
         self.val_sets = [load_bin(path, config.data.image_size) for path in config.data.val_bins]
         self.state = ckpt.TrainingState()
         self.best: dict[str, dict] = {}
@@ -446,7 +448,7 @@ class Trainer:
         self.sampler.set_epoch(self.state.epoch, start_batch=self.state.step_in_epoch)
         window = _LogWindow(time.time(), self.state.step)
         for batch_index, (images, labels) in enumerate(self.loader, start=self.state.step_in_epoch):
-            lr = learning_rate(self.config.optim, self.state.step, self.steps_per_epoch, self.total_steps)
+            lr = self.schedule.lr(self.state.step)
             window.add(self.train_step(images, labels, lr))
             self.state.step += 1
             self.state.step_in_epoch = batch_index + 1
