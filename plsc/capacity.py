@@ -16,7 +16,7 @@ logits exist for one chunk at a time: their terms count [chunk, emb] and [global
 a few bytes per sampled center (its id), and the center update recomputes one chunk's logits too.
 
 plus a fixed overhead (CUDA context and workspaces, or the Python process with Paddle). With ``L`` classes
-on a rank (``ceil(C / world)``), ``S = ceil(ratio * L)`` sampled, ``G`` the global batch and ``E`` the
+on a rank (``ceil(C / world)``), ``S = floor(ratio * L)`` sampled, ``G`` the global batch and ``E`` the
 embedding size, every term is a count times a known size: ``L * E`` center elements, ``S * E`` and ``G * S``
 float32 elements, ``P`` backbone parameters, ``B`` samples.
 
@@ -49,7 +49,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import math
 import tracemalloc
 from dataclasses import dataclass, field
 
@@ -57,6 +56,7 @@ import numpy as np
 
 from plsc.config import Config
 from plsc.errors import PlscError
+from plsc.loss.sampling import num_sampled
 
 MIB, GIB = 2**20, 2**30
 FLOAT32 = 4
@@ -157,7 +157,7 @@ class MemoryModel:
 
     def sampled(self, num_classes: int) -> int:
         local = self.setting.local_classes(num_classes)
-        return min(local, math.ceil(self.setting.sample_ratio * local))
+        return num_sampled(local, self.setting.sample_ratio)
 
     def sizes(self, num_classes: int) -> tuple[int, int, int]:
         """On the busiest rank: (class-center elements, bytes of one float32 [sampled, emb], bytes of one
@@ -365,7 +365,7 @@ def probe_head(
     with on_cpu():
         small = build(small_rows)[1]
         head, large = build(large_rows)
-        sampled = min(large_rows, math.ceil(PROBE_RATIO * large_rows))
+        sampled = num_sampled(large_rows, PROBE_RATIO)
         rng = np.random.default_rng(0)
         steps = [_probe_step(head, batch, large_rows, rng) for batch in PROBE_BATCHES]
         logits = (
@@ -426,7 +426,7 @@ def _probe_streaming_head(build) -> HeadProfile:
         head, large = build(large_rows)
         steps = [_probe_step(head, b, large_rows, rng) for b in batch]
         save = _probe_save(head)
-    sampled = [min(rows, math.ceil(PROBE_RATIO * rows)) for rows in PROBE_ROWS]
+    sampled = [num_sampled(rows, PROBE_RATIO) for rows in PROBE_ROWS]
     sampled_bytes = (steps[0][0] - small_step[0]) / (sampled[1] - sampled[0])
     chunk_logit_bytes, chunk_row_bytes = PROBE_CHUNK * FLOAT32, PROBE_CHUNK * emb * FLOAT32
 

@@ -67,6 +67,10 @@ class LossConfig:
     # (1 byte per element instead of 2 or 4: plsc.loss.int8_rows).
     velocity_dtype: typing.Literal["same", "float32", "float16", "int8"] = "same"
     chunk_size: int = 0  # sampled centers per chunk of the streaming head; 0: the whole-matrix head
+    # Initial centers N(0, std^2), drawn per (train.seed, class) whatever the sharding. 0: std 0.01
+    # (arcface_torch). N > 0: PLSC v2.2's std, sqrt(2 / (embedding_size + ceil(classes / N))), that of a run
+    # on N ranks (it counts one rank's classes: dynamic/classifiers/lsc.py:53,66).
+    center_init_ranks: int = 0
 
 
 @dataclass
@@ -83,7 +87,17 @@ class OptimConfig:
     decay_boundaries: list[int] = field(default_factory=lambda: [10, 16, 22])
     decay_factor: float = 0.1
     poly_power: float = 2.0
-    clip_norm: float = 0.0  # 0 disables clip-by-global-norm
+    # > 0: the backbone's gradient is multiplied by min(clip_norm / (norm + 1e-6), clip_max_factor), norm
+    # being its global norm (after the all-reduce, unscaling and grad_divisor); the class centers are never
+    # clipped. PLSC v2.2 dynamic: 2.0 and 2.0 (dynamic/utils/parallel_grad_scaler.py:21-62, so a small
+    # gradient is amplified up to 2x); arcface_torch: clip_grad_norm_ at 5 on the backbone (factor at most 1).
+    clip_norm: float = 0.0  # 0: no clipping
+    clip_max_factor: float = 1.0
+    # Every gradient (backbone and class centers) is divided by this before clipping and the update. PLSC
+    # v2.2 divides each rank's loss, already the global batch's mean, by its rank count (dynamic:
+    # parallel_grad_scaler.py:86-88; static: fleet's 1/nranks loss-gradient scale), then sums the backbone's
+    # gradients over ranks: its run of N ranks trained on (1/N) d(loss). 1: the gradient of the loss itself.
+    grad_divisor: float = 1.0
 
 
 @dataclass
@@ -290,6 +304,7 @@ _RULES: list[tuple[str, typing.Callable[[typing.Any], bool], str]] = [
     ("loss.scale", lambda v: v > 0, "> 0"),
     ("loss.sample_ratio", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("loss.chunk_size", lambda v: v >= 0, ">= 0 (0: the whole-matrix head)"),
+    ("loss.center_init_ranks", lambda v: v >= 0, ">= 0 (0: std 0.01; N: PLSC v2.2's std on N ranks)"),
     ("optim.lr", lambda v: v > 0, "> 0"),
     ("optim.lr_reference_batch", lambda v: v >= 0, ">= 0 (0: optim.lr is not scaled by the global batch)"),
     ("optim.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -299,6 +314,8 @@ _RULES: list[tuple[str, typing.Callable[[typing.Any], bool], str]] = [
     ("optim.decay_factor", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("optim.poly_power", lambda v: v >= 0, ">= 0"),
     ("optim.clip_norm", lambda v: v >= 0, ">= 0 (0: no clipping)"),
+    ("optim.clip_max_factor", lambda v: v > 0, "> 0 (1: clipping only ever shrinks the gradient)"),
+    ("optim.grad_divisor", lambda v: v > 0, "> 0 (1: the loss's own gradient)"),
     ("train.batch_size", lambda v: v >= 1, ">= 1"),
     ("train.epochs", lambda v: v >= 0, ">= 0"),
     ("train.max_steps", lambda v: v >= 0, ">= 0 (0: train.epochs decides)"),

@@ -62,10 +62,11 @@ def _head_case(case: dict, all_embeddings: np.ndarray, all_labels: np.ndarray, c
         "embedding_grad": embeddings.grad.numpy(),
         "shard": np.array([head.shard.start, head.shard.count]),
         "sampled_ids": index + head.shard.start,
-        "center_grad_sq_norm": head.center_grad_sq_norm().numpy(),
     }
     if head.sampled_grad is not None:  # the streaming head never holds it
         result["sampled_grad"] = head.sampled_grad.numpy()
+    else:  # what its found-inf check reads instead: the squared norm of its shard's gradient
+        result["center_grad_sq_norm"] = head.center_grads_to_check()[0].numpy()
     head.step(lr=0.1, momentum=0.9, weight_decay=5e-4)
     return {**result, "weight": head.weight.numpy(), "velocity": head.velocity.numpy()}
 

@@ -21,7 +21,6 @@ from tiny_run import TINY_RUN
 from plsc import checkpoint as ckpt
 from plsc import cli
 from plsc.config import OptimConfig, load_config
-from plsc.data import normalize_batch
 from plsc.engine.schedule import Schedule
 from plsc.engine.trainer import Trainer
 from plsc.errors import PlscError
@@ -131,14 +130,63 @@ def test_resume_continues_the_same_trajectory(tiny_dir, tmp_path):
         )
 
 
-def test_clip_factor_is_the_global_norm_over_backbone_and_centers(tiny_dir, tmp_path):
-    trainer = Trainer(tiny_config(tiny_dir, "optim.clip_norm=0.01"), tmp_path)
-    pixels, labels = next(iter(trainer.loader))
-    trainer.head(trainer.model(normalize_batch(pixels)), labels, 0).backward()
-    params = [p for p in trainer.model.parameters() if p.grad is not None]
-    norm_sq = sum(float(np.sum(p.grad.numpy().astype(np.float64) ** 2)) for p in params)
-    norm_sq += float(np.sum(trainer.head.sampled_grad.numpy().astype(np.float64) ** 2))
-    assert trainer._clip_factor(params) == pytest.approx(0.01 / math.sqrt(norm_sq), rel=1e-4)
+def backbone_state(trainer: Trainer) -> dict[str, np.ndarray]:
+    return {p.name: p.numpy().astype(np.float64) for p in trainer.model.parameters()}
+
+
+@pytest.fixture(scope="module")
+def unclipped_first_step(tiny_dir, tmp_path_factory):
+    """The first batch, the backbone's weights and summed gradients before the first step, and the class
+    centers after a step without clipping."""
+    output = tmp_path_factory.mktemp("unclipped")
+    trainer = Trainer(tiny_config(tiny_dir, "optim.clip_norm=0"), output)
+    images, labels = next(iter(trainer.loader))
+    before = backbone_state(trainer)
+    trainer.forward_loss(images, labels).backward()
+    grads = {p.name: p.grad.numpy().astype(np.float64) for p in trainer._all_reduce_backbone_grads()}
+    stepped = Trainer(tiny_config(tiny_dir, "optim.clip_norm=0"), output)
+    stepped.train_step(images, labels, 0.05)
+    centers = (stepped.head.weight.numpy(), stepped.head.velocity.numpy())
+    return images, labels, before, grads, centers
+
+
+def momentum_first_step(weight, grad, lr: float, decay: float):
+    """Paddle's Momentum from zero velocity with L2 decay: velocity = grad + decay * weight."""
+    return weight - lr * (grad + decay * weight)
+
+
+# (clip_norm as a multiple of the gradient's norm, clip_max_factor): shrunk 1000x; 1.5x, allowed up to 2x
+# (PLSC v2.2's amplification); 10x capped at 2x; 10x capped at 1x (arcface_torch's clip_grad_norm_).
+@pytest.mark.parametrize("relative_clip, max_factor", [(1e-3, 1.0), (1.5, 2.0), (10.0, 2.0), (10.0, 1.0)])
+@pytest.mark.parametrize("divisor", [1.0, 8.0])
+def test_clipping_scales_the_backbone_alone(unclipped_first_step, tiny_dir, tmp_path, relative_clip,
+                                            max_factor, divisor):
+    """The backbone's first step equals Momentum's (numpy) on the gradient / optim.grad_divisor times
+    min(clip / (norm + 1e-6), max); the class centers equal the unclipped run's exactly."""
+    images, labels, before, grads, centers = unclipped_first_step
+    norm = math.sqrt(sum(float(np.sum(g**2)) for g in grads.values())) / divisor
+    clip = relative_clip * norm
+    trainer = Trainer(tiny_config(tiny_dir, f"optim.clip_norm={clip!r}",
+                                  f"optim.clip_max_factor={max_factor}", f"optim.grad_divisor={divisor}"),
+                      tmp_path)
+    lr, decay = 0.05, trainer.config.optim.weight_decay
+    trainer.train_step(images, labels, lr)
+    factor = min(clip / (norm + 1e-6), max_factor)
+    after = backbone_state(trainer)
+    off_clipped, off_unclipped = 0.0, 0.0
+    for name, grad in grads.items():
+        weight = before[name]
+        tolerance = 1e-6 * max(1.0, np.abs(weight).max())
+        clipped = momentum_first_step(weight, factor * grad / divisor, lr, decay)
+        off_clipped = max(off_clipped, np.abs(after[name] - clipped).max() / tolerance)
+        unclipped = momentum_first_step(weight, grad / divisor, lr, decay)
+        off_unclipped = max(off_unclipped, np.abs(after[name] - unclipped).max() / tolerance)
+    assert off_clipped <= 1.0, f"the backbone is {off_clipped:.3g} tolerances from the reference"
+    if abs(factor - 1.0) > 0.1:  # the reference would have told an unclipped step apart
+        assert off_unclipped > 100.0
+    if divisor == 1.0:
+        np.testing.assert_array_equal(trainer.head.weight.numpy(), centers[0])
+        np.testing.assert_array_equal(trainer.head.velocity.numpy(), centers[1])
 
 
 def test_failed_save_keeps_the_previous_checkpoint(tiny_dir, tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ from plsc.loss.margin import (
     softmax_cross_entropy,
     target_logit,
 )
-from plsc.loss.partial_fc import PartialFC, init_class_centers
+from plsc.loss.partial_fc import PartialFC, center_init_std, init_class_centers
 from plsc.loss.sampling import num_sampled, sample_centers
 
 COMBINED = Margin(0.9, 0.4, 0.15, 32.0)
@@ -116,6 +116,18 @@ def test_init_is_per_class_and_independent_of_sharding():
     assert full.dtype == np.float32
     assert abs(full.std() - 0.01) < 1e-3
     assert not np.array_equal(init_class_centers(8, 0, 10, 8), full[:10])
+
+
+def test_plscs_init_std_counts_one_of_n_ranks_classes():
+    """PLSC v2.2 (dynamic/classifiers/lsc.py:53,66): sqrt(2 / (embedding + ceil(C / world))); MS1MV3 on 8."""
+    assert center_init_std(8, 93431, 512) == pytest.approx(math.sqrt(2.0 / (512 + 11679)), rel=1e-12)
+    assert center_init_std(0, 93431, 512) == 0.01  # arcface_torch's
+    std = center_init_std(8, 9000, 8)
+    full = init_class_centers(7, 0, 9000, 8, std)
+    # Two float32 roundings apart: 1e-6.
+    np.testing.assert_allclose(full, init_class_centers(7, 0, 9000, 8) * (std / 0.01), rtol=1e-6)
+    head = PartialFC(9000, 8, ARCFACE, seed=7, init_std=std, comm=LocalComm())
+    np.testing.assert_array_equal(head.weight.numpy(), full)
 
 
 @pytest.mark.parametrize("num_classes,world", [(9, 4), (10, 3), (3, 4), (100, 1)])
@@ -248,6 +260,48 @@ def test_sparse_momentum_matches_numpy_over_several_steps(mode):
         np.testing.assert_array_equal(
             head.weight.numpy()[untouched], init_class_centers(2, 0, classes, emb)[untouched]
         )
+
+
+def paddle_sparse_momentum_(weight_t, velocity_t, index, grad_t, lr: float, mu: float, wd: float) -> None:
+    """PLSC v2.2's class-center update (dynamic/utils/hybrid_optimizer.py:85-101): Paddle's own
+    sparse_momentum kernel on the [emb, classes] weight along axis 1, L2 decay fused, no Nesterov."""
+    from paddle import _legacy_C_ops  # the op has no other Python entry point, in 2.6 as in 3.x
+
+    lr_tensor = paddle.to_tensor([lr], dtype="float32")
+    _legacy_C_ops.sparse_momentum(weight_t, grad_t, velocity_t, index, lr_tensor, None, weight_t,
+                                  velocity_t, None, "mu", mu, "use_nesterov", False,
+                                  "regularization_method", "l2_decay", "regularization_coeff", wd,
+                                  "axis", 1, "multi_precision", False)
+
+
+@pytest.mark.parametrize("chunk_size", [0, 4], ids=["whole-matrix", "streaming"])
+def test_dense_momentum_is_paddles_sparse_momentum_kernel(chunk_size):
+    """Every row's velocity decays and takes weight decay, sampled or not: plsc's dense mode against the
+    kernel PLSC v2.2 ran, fed the whole-matrix head's sampled gradient, over several steps."""
+    from plsc.loss.streaming import build_head
+
+    rng = np.random.default_rng(9)
+    classes, emb, lr, mu, wd = 40, 6, 0.1, 0.9, 5e-2  # a decay whose effect (lr * wd = 5e-3 a step) shows
+    options = dict(sample_ratio=0.25, momentum_mode="dense", seed=4)
+    head = build_head(chunk_size, num_classes=classes, embedding_size=emb, margin=ARCFACE, **options)
+    whole = PartialFC(classes, emb, ARCFACE, **options)  # its gradient feeds the kernel
+    weight_t = paddle.to_tensor(head.weight.numpy().T.copy())
+    velocity_t = paddle.zeros_like(weight_t)
+    for step in range(4):
+        embeddings = rng.standard_normal((6, emb)).astype(np.float32)
+        labels = paddle.to_tensor(rng.integers(0, classes, size=6))
+        whole.set_state(weight_t.numpy().T, velocity_t.numpy().T)
+        whole(paddle.to_tensor(embeddings, stop_gradient=False), labels, step).backward()
+        index, grad = whole._index, whole.sampled_grad
+        paddle_sparse_momentum_(weight_t, velocity_t, index, grad.t(), lr, mu, wd)
+        head(paddle.to_tensor(embeddings, stop_gradient=False), labels, step).backward()
+        head.step(lr, mu, wd)
+        whole.skip_step()
+        assert len(index) < classes // 2  # most rows unsampled
+        for mine, kernels in ((head.weight, weight_t), (head.velocity, velocity_t)):
+            # 1e-5 of the largest element: the streaming head sums its gradient in another order.
+            desired = kernels.numpy().T
+            np.testing.assert_allclose(mine.numpy(), desired, rtol=0, atol=1e-5 * np.abs(desired).max())
 
 
 def test_rows_gathered_into_kept_memory_train_exactly_like_fresh_ones(monkeypatch):

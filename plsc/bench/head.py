@@ -19,7 +19,7 @@ The floor is the three matmuls any such head must do, timed in the same process 
 each step: ``logits = E Ws^T`` [B, k], ``dE = dL Ws`` [B, emb] and ``dWs = dL^T E`` [k, emb].
 
 ``world_size n`` simulates rank 0 of n ranks: it owns ``C / n`` classes (``shard_classes``), samples
-``ceil(ratio * C / n)`` of them, and sees the global batch of ``n * batch`` embeddings (``batch`` is per
+``floor(ratio * C / n)`` of them, and sees the global batch of ``n * batch`` embeddings (``batch`` is per
 rank, as PLSC's ``batch_size``), whose labels are uniform over all C classes. Its collectives are identities:
 the communication itself is not timed.
 

@@ -45,6 +45,7 @@ from plsc.eval.embedders import open_embedder
 from plsc.eval.verification import verify_across_ranks
 from plsc.loss import fast_paths, int8_rows
 from plsc.loss.margin import Margin
+from plsc.loss.partial_fc import center_init_std
 from plsc.loss.streaming import build_head
 from plsc.models import MODELS, build_model
 from plsc.models.layout_check import check_cudnn_nhwc
@@ -159,6 +160,8 @@ class Trainer:
             velocity_dtype=config.loss.velocity_dtype,
             seed=config.train.seed,
             comm=self.comm,
+            init_std=center_init_std(config.loss.center_init_ranks, self.num_classes,
+                                     config.model.embedding_size),
             **chosen.head_kwargs(),
         )
         # Compiled after the fast paths are chosen: the head's loss is traced with the kernel it will use.
@@ -285,28 +288,29 @@ class Trainer:
         self.model.train()
         loss = self.forward_loss(images, labels)
         optim = self.config.optim
-        if not self.scaler.enabled and optim.clip_norm <= 0:  # nothing can skip or clip this step
-            self.head.plan_update(lr, optim.momentum, optim.weight_decay)
+        if not self.scaler.enabled:  # nothing can skip this step, and clipping never touches the centers
+            self.head.plan_update(lr, optim.momentum, optim.weight_decay, grad_scale=1.0 / optim.grad_divisor)
         self.scaler.scale_loss(loss).backward()
         params = self._all_reduce_backbone_grads()
         if self.scaler.found_inf([p.grad for p in params] + self.head.center_grads_to_check(), self.comm):
             self._skip_step()
             return float(loss)
         self.skipped_in_a_row = 0
-        unscale = self.scaler.inverse
-        grad_scale = self._clip_factor(params, unscale) * unscale
-        if grad_scale != 1.0:
+        # Center gradients were scaled with the loss too: PLSC v2.2's dynamic mode applied them still scaled
+        # (parallel_grad_scaler.py:148-157 checks them for inf only); plsc divides.
+        unscale = self.scaler.inverse / optim.grad_divisor
+        backbone_scale = self._clip_factor(params, unscale) * unscale
+        if backbone_scale != 1.0:
             with paddle.no_grad():
                 for p in params:
-                    p.grad.scale_(grad_scale)
+                    p.grad.scale_(backbone_scale)
         self.optimizer.set_lr(lr)
         # The optimizer names its velocity tensors on its first step from the process-wide name counter, and
         # restores saved state by those names: a fresh name scope makes them the same in every run.
         with paddle.utils.unique_name.guard():
             self.optimizer.step()
         self.optimizer.clear_grad()
-        # Center gradients were scaled with the loss too: PLSC v2.2 applied them unscaled; plsc divides.
-        self.head.step(lr, optim.momentum, optim.weight_decay, grad_scale=grad_scale)
+        self.head.step(lr, optim.momentum, optim.weight_decay, grad_scale=unscale)
         self.scaler.update(found_inf=False)
         loss_value = float(loss)
         if not math.isfinite(loss_value):
@@ -352,18 +356,20 @@ class Trainer:
             raise self._diverged(self.state.step, "the weights hold inf or nan")
 
     def _clip_factor(self, params, unscale: float = 1.0) -> float:
-        """Clip-by-global-norm over every gradient of the step: backbone and (all ranks') sampled centers.
+        """The backbone's clip factor, ``min(clip_norm / (norm + 1e-6), clip_max_factor)`` (1 without
+        clipping), as PLSC v2.2's dynamic mode clips after the all-reduce and the unscale
+        (parallel_grad_scaler.py:21-62, 159-197). The class centers are never clipped.
 
-        ``unscale``: the factor that undoes loss scaling; the norm is that of the true gradients.
+        ``unscale``: the factor that turns the summed gradients into the ones the update takes (undoing loss
+        scaling, dividing by ``optim.grad_divisor``); the norm is theirs. Backbone gradients are identical on
+        every rank after their all-reduce, so every rank computes the same factor.
         """
-        clip = self.config.optim.clip_norm
-        if clip <= 0:
+        optim = self.config.optim
+        if optim.clip_norm <= 0:
             return 1.0
-        backbone_sq = paddle.add_n([paddle.square(p.grad.astype("float32")).sum() for p in params])
-        # Backbone gradients are identical on every rank after their all-reduce; center gradients per shard.
-        centers_sq = self.comm.all_reduce_sum_(self.head.center_grad_sq_norm())
-        total = math.sqrt(backbone_sq.item() + centers_sq.item()) * unscale
-        return min(1.0, clip / (total + 1e-6))
+        squares = paddle.add_n([paddle.square(p.grad.astype("float32")).sum() for p in params])
+        norm = math.sqrt(squares.item()) * unscale
+        return min(optim.clip_norm / (norm + 1e-6), optim.clip_max_factor)
 
     # --- verification --------------------------------------------------------------------------------------
 

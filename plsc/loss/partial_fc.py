@@ -2,7 +2,7 @@
 
 Each rank owns a contiguous shard of class centers ([num_local, emb]) and sees the embeddings and labels of
 the whole global batch. Per step it keeps every positive class of the batch that it owns plus uniformly random
-negatives (without replacement) up to ``ceil(ratio * num_local)`` (:mod:`plsc.loss.sampling`), gathers those
+negatives (without replacement) up to ``floor(ratio * num_local)`` (:mod:`plsc.loss.sampling`), gathers those
 rows (:mod:`plsc.loss.rows`), and computes its
 columns of the margin softmax; the softmax itself spans all ranks (see :mod:`plsc.loss.margin`). With ratio
 1.0 every center is used and the result is exactly the full classifier.
@@ -12,6 +12,8 @@ gathered rows, and :mod:`plsc.loss.sparse_momentum` applies it, so nothing per s
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import paddle
@@ -31,21 +33,32 @@ from plsc.loss.rows import (
 from plsc.loss.sampling import num_sampled, sample_centers
 from plsc.loss.sparse_momentum import UPDATES
 
-# Initial centers: N(0, INIT_STD^2), generated per block of classes so that a class's row depends only on
+# Initial centers: N(0, std^2), generated per block of classes so that a class's row depends only on
 # (seed, class id), never on how classes are sharded, and no float64 copy of the matrix ever exists.
-INIT_STD = 0.01
+INIT_STD = 0.01  # arcface_torch's (partial_fc_v2.py:71)
 INIT_BLOCK = 4096
 
 
-def init_class_centers(seed: int, start: int, count: int, embedding_size: int) -> np.ndarray:
+def center_init_std(init_ranks: int, num_classes: int, embedding_size: int) -> float:
+    """The initial centers' standard deviation (``loss.center_init_ranks``): INIT_STD for 0; else PLSC v2.2's
+    ``sqrt(2 / (embedding + num_local))`` with ``num_local = ceil(C / ranks)`` the classes of one of its
+    ``init_ranks`` ranks (dynamic/classifiers/lsc.py:53,66; static/classifiers/lsc.py:53,72). A count of ranks
+    named in the config, not this run's: every sharding starts from the same matrix."""
+    if init_ranks <= 0:
+        return INIT_STD
+    return math.sqrt(2.0 / (embedding_size + -(-num_classes // init_ranks)))
+
+
+def init_class_centers(seed: int, start: int, count: int, embedding_size: int, std: float = INIT_STD
+                       ) -> np.ndarray:
     """Rows ``[start, start + count)`` of the global initial class-center matrix, float32."""
     out = np.empty((count, embedding_size), dtype=np.float32)
-    for offset, rows in center_blocks(seed, start, count, embedding_size):
+    for offset, rows in center_blocks(seed, start, count, embedding_size, std):
         out[offset : offset + len(rows)] = rows
     return out
 
 
-def center_blocks(seed: int, start: int, count: int, embedding_size: int):
+def center_blocks(seed: int, start: int, count: int, embedding_size: int, std: float = INIT_STD):
     """The rows of :func:`init_class_centers` as ``(offset, rows)`` pieces of at most INIT_BLOCK rows, so that
     a caller can fill its own storage without ever holding a second copy of the matrix."""
     stop = start + count
@@ -56,15 +69,16 @@ def center_blocks(seed: int, start: int, count: int, embedding_size: int):
         )
         lo, hi = max(start, block_start), min(stop, block_start + INIT_BLOCK)
         rows = rows[lo - block_start : hi - block_start]
-        rows *= np.float32(INIT_STD)
+        rows *= np.float32(std)
         yield lo - start, rows
 
 
-def init_class_center_tensor(seed: int, start: int, count: int, embedding_size: int, dtype: str):
+def init_class_center_tensor(seed: int, start: int, count: int, embedding_size: int, dtype: str,
+                             std: float = INIT_STD):
     """:func:`init_class_centers` as a Paddle tensor of ``dtype``, written block by block into its storage:
     peak memory is the tensor itself, not a float32 numpy copy plus a Paddle copy plus a cast."""
     centers = paddle.empty([count, embedding_size], dtype=dtype)
-    for offset, rows in center_blocks(seed, start, count, embedding_size):
+    for offset, rows in center_blocks(seed, start, count, embedding_size, std):
         block = paddle.to_tensor(rows)
         if centers.dtype == paddle.float32:
             # scatter_ writes 10x faster than slice assignment (set_value), but has no float16 kernel.
@@ -92,12 +106,13 @@ class PartialFC:
         comm=None,
         margin_loss=margin_softmax_cross_entropy,
         device_sampler=None,
+        init_std: float = INIT_STD,
     ):
         """``margin_loss(cosine, remapped, margin, comm)`` and ``device_sampler(all_labels, num_local, wanted)
         -> (index, remapped)``: a fused kernel and an on-device sampler in place of the portable code, each
         once it passed its start-up parity check (:func:`plsc.loss.fast_paths.select_fast_paths`).
         ``velocity_dtype``: ``same`` (as the centers), ``float32``, ``float16`` or ``int8``
-        (:mod:`plsc.loss.int8_rows`)."""
+        (:mod:`plsc.loss.int8_rows`). ``init_std``: of the initial centers (:func:`center_init_std`)."""
         self.comm = comm or LocalComm()
         self.num_classes = num_classes
         self.embedding_size = embedding_size
@@ -107,7 +122,8 @@ class PartialFC:
         self.update = UPDATES[momentum_mode]
         self.shard = shard_classes(num_classes, self.comm.rank, self.comm.world_size)
         shard = self.shard
-        self.weight = init_class_center_tensor(seed, shard.start, shard.count, embedding_size, center_dtype)
+        self.weight = init_class_center_tensor(seed, shard.start, shard.count, embedding_size, center_dtype,
+                                               init_std)
         self.velocity = new_velocity(shard.count, embedding_size, center_dtype if velocity_dtype == "same"
                                      else velocity_dtype)
         self._index: paddle.Tensor | None = None
@@ -170,19 +186,15 @@ class PartialFC:
         return None if self._sampled is None else self._sampled.grad
 
     def plan_update(self, lr: float, momentum: float, weight_decay: float, grad_scale: float = 1.0) -> None:
-        """Announce a step that nothing will skip or clip (the streaming head then updates during the
-        backward); the whole-matrix head applies its update in :meth:`step` either way."""
+        """Announce a step that nothing will skip (the streaming head then updates during the backward); the
+        whole-matrix head applies its update in :meth:`step` either way."""
 
     def center_grads_to_check(self) -> list[paddle.Tensor]:
         """What the trainer's found-inf check reads for the class centers: their gradient."""
         return [self.sampled_grad]
 
-    def center_grad_sq_norm(self) -> paddle.Tensor:
-        """Squared norm of the sampled centers' gradient, [1] (this rank's shard), for clip-by-global-norm."""
-        return paddle.square(self.sampled_grad).sum().reshape([1])
-
     def step(self, lr: float, momentum: float, weight_decay: float, grad_scale: float = 1.0) -> None:
-        """Apply the sampled centers' gradient (times ``grad_scale``, e.g. 1/loss_scale or a clip factor)."""
+        """Apply the sampled centers' gradient (times ``grad_scale``: 1/loss_scale, 1/optim.grad_divisor)."""
         grad = self.sampled_grad
         if grad is None:
             raise RuntimeError("PartialFC.step() before a backward pass")

@@ -1,5 +1,5 @@
 """Which class centers a rank uses in a step: every positive class of the global batch that it owns, plus
-uniformly random negatives (without replacement) up to ``ceil(ratio * num_local)``; deterministic given
+uniformly random negatives (without replacement) up to :func:`num_sampled`; deterministic given
 (seed, step, rank). :class:`plsc.loss.partial_fc.PartialFC` gathers the chosen rows.
 """
 
@@ -11,7 +11,13 @@ import numpy as np
 
 
 def num_sampled(num_local: int, ratio: float) -> int:
-    return min(num_local, math.ceil(ratio * num_local))
+    """Centers a rank samples (more when its positives outnumber them: all of those are kept, as Paddle's
+    class_center_sample does). ``ratio * num_local`` rounded down, as PLSC v2.2
+    (dynamic/classifiers/lsc.py:56, static/classifiers/lsc.py:56) and arcface_torch (partial_fc_v2.py:66)
+    round it; at least 1, since
+    Paddle's sparse_momentum refuses an empty index (sparse_momentum_op.h) and a rank without a center
+    would add nothing to the softmax."""
+    return max(1, min(num_local, math.floor(ratio * num_local)))
 
 
 def sorted_unique(values: np.ndarray) -> np.ndarray:

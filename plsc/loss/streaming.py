@@ -12,16 +12,17 @@ the chunk's rows (float16 -> float32 per chunk) and recomputing its cosines and 
 2. backward: each chunk's softmax gradient; accumulates d(embeddings) and the squared norm of the chunk's
    center gradient, without forming that gradient (see :func:`center_grad_sq_norm`). The norm, a sum of
    squares, is finite exactly when the gradient is (barring float32 overflow of the square itself), so the
-   trainer's found-inf and clip-by-global-norm checks read it instead of a [sampled, emb] gradient.
-3. update (:meth:`step`): once the trainer knows whether the step is skipped (found-inf) and the clip factor,
-   each chunk's center gradient is formed again and applied to weight + velocity at once (lazy or dense
-   momentum, weight decay, ``grad_scale`` as in :mod:`plsc.loss.sparse_momentum`).
+   trainer's found-inf check reads it instead of a [sampled, emb] gradient.
+3. update (:meth:`step`): once the trainer knows whether the step is skipped (found-inf), each chunk's
+   center gradient is formed again and applied to weight + velocity at once (lazy or dense momentum, weight
+   decay, ``grad_scale`` as in :mod:`plsc.loss.sparse_momentum`).
 
-Why the update waits for a third walk rather than happening in the backward: the skip decision covers the
-backbone's gradients, which exist only after the head's backward has returned d(embeddings), and the clip
-factor needs the global gradient norm; an update applied earlier could not be undone exactly (float16
-storage rounds). The price is two more matmuls per chunk than the whole-matrix head's three; the memory
-saved is what the head is for.
+Why the update waits for a third walk under loss scaling: the skip decision covers the backbone's
+gradients, which exist only after the head's backward has returned d(embeddings); an update applied earlier
+could not be undone exactly (float16 storage rounds). The price is two more matmuls per chunk than the
+whole-matrix head's three; the memory saved is what the head is for. Without loss scaling nothing can skip
+the step (clipping touches the backbone only), and the trainer announces the update before the backward
+(:meth:`StreamingPartialFC.plan_update`): walk 2 applies it and walk 3 does not happen.
 
 The loss is a Python loop over chunks with host-side control; it runs eagerly in static mode too
 (``traceable = False``: the trainer compiles the backbone only).
@@ -282,8 +283,8 @@ class StreamingPartialFC(PartialFC):
 
     def plan_update(self, lr: float, momentum: float, weight_decay: float, grad_scale: float = 1.0) -> None:
         """Apply this step's update inside the backward walk (one walk, two matmuls per chunk fewer than
-        with :meth:`step`'s own walk). Only for a step nothing will skip or clip (no loss scaling, no
-        clip-by-global-norm, no other check of the gradient): it is applied before any of those could run.
+        with :meth:`step`'s own walk). Only for a step nothing will skip (no loss scaling, no other check of
+        the centers' gradient): it is applied before any check could run, with ``grad_scale`` fixed here.
         :meth:`step` then only closes the step."""
         self._planned = (lr, momentum, weight_decay, grad_scale)
 
@@ -297,9 +298,6 @@ class StreamingPartialFC(PartialFC):
         overflow of the squares aside), so the trainer's found-inf check reads it. Nothing once the update
         was applied in the backward (:meth:`plan_update`: no check can undo it)."""
         return [] if self._applied else [self._pending_norm()]
-
-    def center_grad_sq_norm(self) -> paddle.Tensor:
-        return self._pending_norm()
 
     def _pending_norm(self) -> paddle.Tensor:
         if self._applied:
