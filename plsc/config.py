@@ -86,7 +86,9 @@ class OptimConfig:
     decay_unit: typing.Literal["epoch", "step"] = "epoch"
     decay_boundaries: list[int] = field(default_factory=lambda: [10, 16, 22])
     decay_factor: float = 0.1
-    poly_power: float = 2.0
+    # schedule poly: lr * (1 - progress)^poly_power after the warmup. arcface_torch's PolynomialLRWarmup
+    # has power 1.0 (lr_scheduler.py:7; train_v2.py passes none); its PolyScheduler before April 2023, 2.
+    poly_power: float = 1.0
     # > 0: the backbone's gradient is multiplied by min(clip_norm / (norm + 1e-6), clip_max_factor), norm
     # being its global norm (after the all-reduce, unscaling and grad_divisor); the class centers are never
     # clipped. PLSC v2.2 dynamic: 2.0 and 2.0 (dynamic/utils/parallel_grad_scaler.py:21-62, so a small
@@ -113,6 +115,11 @@ class TrainConfig:
     mode: typing.Literal["dynamic", "static"] = "dynamic"
     precision: typing.Literal["fp32", "fp16", "amp"] = "fp32"
     fp16_master_weights: bool = True  # precision fp16 on a GPU: float32 copies of the backbone's weights
+    # Under loss scaling, the class centers' gradient is divided by the loss scale before their update.
+    # false: it keeps the scale, as in PLSC v2.2's FP16 runs (dynamic: parallel_grad_scaler.py:148-157
+    # checks it for inf but unscales only the backbone's; static: optimization_pass.py amp_pass takes it out
+    # of check_finite_and_unscale).
+    unscale_center_grads: bool = True
     eval_batch_size: int = 64
     # Dynamic loss scaling, active for precision fp16 and amp (PLSC v2.2's values).
     loss_scale_init: float = 27648.0

@@ -147,14 +147,29 @@ def render(row: Row, index: int) -> str:
         f"  sample_ratio: {row.ratio}" + ("  # PartialFC" if row.ratio != "1.0" else "  # full FC"),
         "  center_dtype: "
         + ("float16  # PLSC v2.2 FP16 stores the classifier shards in float16" if fp16 else "float32"),
-        "  # momentum_mode: plsc's default (PLSC v2.2 used its HybridOptimizer for the classifier)",
+        *(
+            [
+                "  # PLSC v2.2's sparse_momentum steps every row of the shard, weight decay and momentum",
+                "  # (dynamic/utils/hybrid_optimizer.py:85-101; static/utils/optimization_pass.py:23).",
+                "  momentum_mode: dense",
+            ]
+            if row.ratio != "1.0"
+            else ["  momentum_mode: dense  # ratio 1.0 samples every center: lazy and dense are one update"]
+        ),
+        "  # Initial std sqrt(2 / (embedding + ceil(93431 / 8))) as PLSC v2.2's on its 8 ranks",
+        "  # (dynamic/classifiers/lsc.py:53,66); its matrix itself (RandomState(2021), lsc.py:67) is not.",
+        "  center_init_ranks: 8",
         *(
             [f"  chunk_size: {CAPACITY_CHUNK_SIZE}  # the streaming head, as the capacity table (README 9.2)"]
             if capacity_row(row) else []
         ),
         "",
         "optim:",
-        "  lr: 0.1  # PLSC's comment says 'for global batch 512'; the published runs used 0.1 at 1024",
+        "  # PLSC v2.2 trains at global_batch * lr / 512 (dynamic/train.py:104, static/train.py:101);",
+        "  # its logs print total_batch_size 1024 and lr 0.200000 from step 100",
+        "  # (experiments/logs/*/training.log).",
+        "  lr: 0.1",
+        "  lr_reference_batch: 512",
         "  momentum: 0.9",
         "  weight_decay: 0.0005",
         "  warmup_steps: 0",
@@ -162,11 +177,20 @@ def render(row: Row, index: int) -> str:
         "  decay_unit: epoch",
         "  decay_boundaries: [10, 16, 22]",
         "  decay_factor: 0.1",
-        (
-            "  clip_norm: 2.0  # PLSC v2.2 grad_norm_clip 2.0 (applied in dynamic mode only)"
+        *(
+            [
+                "  # PLSC v2.2 dynamic: the backbone's gradient times min(2 / (norm + 1e-6), 2)",
+                "  # (configs/config.py:49-50, dynamic/utils/parallel_grad_scaler.py:21-62). The published",
+                "  # dynamic logs list no grad_norm_clip argument among the run's arguments.",
+                "  clip_norm: 2.0",
+                "  clip_max_factor: 2.0",
+            ]
             if dynamic
-            else "  clip_norm: 0.0  # none: PLSC v2.2's grad_norm_clip 2.0 applies in dynamic mode only"
+            else ["  clip_norm: 0.0  # PLSC v2.2's static Momentum has no grad_clip (static_model.py:105)"]
         ),
+        "  # PLSC v2.2 divides each rank's loss (the global batch's mean) by its rank count, 8 in its logs:",
+        "  # dynamic/utils/parallel_grad_scaler.py:86-88; static: fleet's 1/nranks loss-gradient scale.",
+        "  grad_divisor: 8.0",
         "",
         "train:",
         "  batch_size: 128  # per GPU; 1024 global on 8 GPUs",
@@ -182,6 +206,12 @@ def render(row: Row, index: int) -> str:
         lines += [
             "  loss_scale_init: 27648.0  # dynamic scaling: x2 per 2000 good steps, x0.5 after an inf/nan",
             "  loss_scale_growth_interval: 2000",
+            "  # PLSC v2.2 FP16 backbones are float16 parameters updated without float32 master copies",
+            "  # (dynamic/train.py:114-115,138-146; static/static_model.py:105-131: multi_precision unset).",
+            "  fp16_master_weights: false",
+            "  # PLSC v2.2 FP16 never unscales the class centers' gradient (dynamic/utils/",
+            "  # parallel_grad_scaler.py:148-157; static/utils/optimization_pass.py:89, amp_pass).",
+            "  unscale_center_grads: false",
         ]
     lines.append("  # seed: plsc's default; PLSC v2.2 left it unset (seed None)")
     return "\n".join(lines) + "\n"

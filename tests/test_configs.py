@@ -118,7 +118,14 @@ def test_published_config_matches_its_row(key, monkeypatch):
     # The capacity table's settings (FP16, ratio 0.1) train with the streaming head; the others whole-matrix.
     assert (c.loss.chunk_size > 0) == (precision == "FP16" and ratio == "0.1")
     assert c.loss.center_dtype == ("float16" if precision == "FP16" else "float32")
-    assert c.optim.clip_norm == (2.0 if mode == "dynamic" else 0.0)
+    # PLSC v2.2's training semantics (docs/design.md, "Training semantics"): dynamic mode clips the backbone
+    # by min(2 / (norm + 1e-6), 2), static mode not at all; every gradient is 1/8 (its 8 ranks'); dense
+    # momentum; the init std of 8 ranks; FP16 without master weights or unscaled center gradients.
+    assert (c.optim.clip_norm, c.optim.clip_max_factor) == ((2.0, 2.0) if mode == "dynamic" else (0.0, 1.0))
+    assert (c.optim.lr_reference_batch, c.optim.grad_divisor) == (512, 8.0)
+    assert c.loss.momentum_mode == "dense" and c.loss.center_init_ranks == 8
+    fp16 = precision == "FP16"
+    assert (c.train.fp16_master_weights, c.train.unscale_center_grads) == (not fp16, not fp16)
     # The shared PLSC v2.2 MS1MV3 recipe.
     assert c.data.num_classes == 93431 and c.data.source == "folder" and c.data.num_workers == 8
     assert c.data.root == "${PLSC_DATA_ROOT}/MS1M_v3"  # as written: nothing is read here
@@ -382,6 +389,11 @@ def test_validation(override, match):
         ("optim.decay_boundaries=[10, -2]",
          "optim.decay_boundaries must be a list of numbers >= 0, got [10, -2]"),
         ("optim.clip_norm=-1", "optim.clip_norm must be >= 0 (0: no clipping), got -1.0"),
+        ("optim.clip_max_factor=0",
+         "optim.clip_max_factor must be > 0 (1: clipping only ever shrinks the gradient), got 0.0"),
+        ("optim.grad_divisor=0", "optim.grad_divisor must be > 0 (1: the loss's own gradient), got 0.0"),
+        ("loss.center_init_ranks=-1",
+         "loss.center_init_ranks must be >= 0 (0: std 0.01; N: PLSC v2.2's std on N ranks), got -1"),
         ("loss.scale=0", "loss.scale must be > 0, got 0.0"),
         ("loss.scale=-64", "loss.scale must be > 0, got -64.0"),
         ("loss.scale=.inf", "loss.scale must be a finite number, got inf"),

@@ -144,10 +144,12 @@ def unclipped_first_step(tiny_dir, tmp_path_factory):
     before = backbone_state(trainer)
     trainer.forward_loss(images, labels).backward()
     grads = {p.name: p.grad.numpy().astype(np.float64) for p in trainer._all_reduce_backbone_grads()}
+    center_grad = (trainer.head._index.numpy(), trainer.head.sampled_grad.numpy().astype(np.float64),
+                   trainer.head.weight.numpy().astype(np.float64))
     stepped = Trainer(tiny_config(tiny_dir, "optim.clip_norm=0"), output)
     stepped.train_step(images, labels, 0.05)
     centers = (stepped.head.weight.numpy(), stepped.head.velocity.numpy())
-    return images, labels, before, grads, centers
+    return images, labels, before, grads, centers, center_grad
 
 
 def momentum_first_step(weight, grad, lr: float, decay: float):
@@ -163,7 +165,7 @@ def test_clipping_scales_the_backbone_alone(unclipped_first_step, tiny_dir, tmp_
                                             max_factor, divisor):
     """The backbone's first step equals Momentum's (numpy) on the gradient / optim.grad_divisor times
     min(clip / (norm + 1e-6), max); the class centers equal the unclipped run's exactly."""
-    images, labels, before, grads, centers = unclipped_first_step
+    images, labels, before, grads, centers, _ = unclipped_first_step
     norm = math.sqrt(sum(float(np.sum(g**2)) for g in grads.values())) / divisor
     clip = relative_clip * norm
     trainer = Trainer(tiny_config(tiny_dir, f"optim.clip_norm={clip!r}",
@@ -187,6 +189,23 @@ def test_clipping_scales_the_backbone_alone(unclipped_first_step, tiny_dir, tmp_
     if divisor == 1.0:
         np.testing.assert_array_equal(trainer.head.weight.numpy(), centers[0])
         np.testing.assert_array_equal(trainer.head.velocity.numpy(), centers[1])
+
+
+@pytest.mark.parametrize("unscaled", [True, False])
+def test_center_gradients_keep_the_loss_scale_only_if_asked(unclipped_first_step, tiny_dir, tmp_path, unscaled):
+    """Loss scale 1024 (a CPU run scales and unscales but computes in float32), grad_divisor 8: the sampled
+    centers' first (lazy) step takes the gradient / 8, or times 1024 / 8 with train.unscale_center_grads false
+    (PLSC v2.2's FP16 runs); numpy reference from the unscaled gradient."""
+    images, labels, _, _, _, (index, grad, weight) = unclipped_first_step
+    trainer = Trainer(tiny_config(tiny_dir, "train.precision=fp16", "train.loss_scale_init=1024",
+                                  "optim.grad_divisor=8", f"train.unscale_center_grads={str(unscaled).lower()}"),
+                      tmp_path)
+    lr, decay = 0.05, trainer.config.optim.weight_decay
+    trainer.train_step(images, labels, lr)
+    scale = (1.0 if unscaled else 1024.0) / 8.0
+    expected = momentum_first_step(weight[index], scale * grad, lr, decay)
+    tolerance = 1e-6 * max(1.0, np.abs(expected).max())
+    np.testing.assert_allclose(trainer.head.weight.numpy()[index], expected, rtol=0, atol=tolerance)
 
 
 def test_failed_save_keeps_the_previous_checkpoint(tiny_dir, tmp_path, monkeypatch):

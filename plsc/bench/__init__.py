@@ -41,7 +41,7 @@ def add_bench_parser(sub) -> None:
                       help="velocity storage (loss.velocity_dtype): as the centers, or int8 codes with a "
                            "scale per row")
     head.add_argument("--separate-update", action="store_true",
-                      help="the center update after the backward, as training with loss scaling or clipping")
+                      help="the center update after the backward, as training with loss scaling")
     head.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
     head.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     head.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="OMP_NUM_THREADS of the run")

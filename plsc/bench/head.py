@@ -10,10 +10,10 @@ What one timed step is (all on this process, CPU):
 
 With ``chunk_size`` > 0 the streaming head (plsc.loss.streaming) runs instead: it gathers each chunk's rows
 inside its walks (the gather phase is then empty), and the floor's [k, emb] rows are gathered outside the
-timed step. The step is announced before the backward (``plan_update``), as the trainer does when nothing
-scales or clips the gradient: the streaming head then applies its update inside the backward walk (the
-update phase is then nearly empty); with loss scaling or clipping it walks the chunks once more in
-``step()``, two matmuls per chunk more (``update_in_backward=False``).
+timed step. The step is announced before the backward (``plan_update``), as the trainer does without loss
+scaling: the streaming head then applies its update inside the backward walk (the update phase is then
+nearly empty); with loss scaling it walks the chunks once more in ``step()``, two matmuls per chunk more
+(``update_in_backward=False``).
 
 The floor is the three matmuls any such head must do, timed in the same process on the same shapes right after
 each step: ``logits = E Ws^T`` [B, k], ``dE = dL Ws`` [B, emb] and ``dWs = dL^T E`` [k, emb].
@@ -71,7 +71,7 @@ class HeadBenchSpec:
     malloc: str = "hugepages"  # a key of MALLOC_TUNABLES
     chunk_size: int = 0  # > 0: the streaming head (loss.chunk_size)
     velocity_dtype: str = "same"  # loss.velocity_dtype: "same" as the centers, or int8
-    update_in_backward: bool = True  # False: as with loss scaling or clipping (the update after the backward)
+    update_in_backward: bool = True  # False: as with loss scaling (the update after the backward)
 
     @property
     def global_batch(self) -> int:

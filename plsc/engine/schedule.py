@@ -39,7 +39,7 @@ class Schedule:
     kind: str  # "step" or "poly"
     decay_steps: tuple[int, ...] = ()
     decay_factor: float = 0.1
-    poly_power: float = 2.0
+    poly_power: float = 1.0
 
     @classmethod
     def from_config(cls, optim: OptimConfig, steps_per_epoch: int, total_steps: int,

@@ -296,8 +296,6 @@ class Trainer:
             self._skip_step()
             return float(loss)
         self.skipped_in_a_row = 0
-        # Center gradients were scaled with the loss too: PLSC v2.2's dynamic mode applied them still scaled
-        # (parallel_grad_scaler.py:148-157 checks them for inf only); plsc divides.
         unscale = self.scaler.inverse / optim.grad_divisor
         backbone_scale = self._clip_factor(params, unscale) * unscale
         if backbone_scale != 1.0:
@@ -310,7 +308,9 @@ class Trainer:
         with paddle.utils.unique_name.guard():
             self.optimizer.step()
         self.optimizer.clear_grad()
-        self.head.step(lr, optim.momentum, optim.weight_decay, grad_scale=unscale)
+        # Center gradients were scaled with the loss too (train.unscale_center_grads: whether that is undone).
+        center_scale = unscale if self.config.train.unscale_center_grads else 1.0 / optim.grad_divisor
+        self.head.step(lr, optim.momentum, optim.weight_decay, grad_scale=center_scale)
         self.scaler.update(found_inf=False)
         loss_value = float(loss)
         if not math.isfinite(loss_value):
