@@ -192,14 +192,15 @@ def test_clipping_scales_the_backbone_alone(unclipped_first_step, tiny_dir, tmp_
 
 
 @pytest.mark.parametrize("unscaled", [True, False])
-def test_center_gradients_keep_the_loss_scale_only_if_asked(unclipped_first_step, tiny_dir, tmp_path, unscaled):
+def test_center_gradients_keep_the_loss_scale_only_if_asked(unclipped_first_step, tiny_dir, tmp_path,
+                                                            unscaled):
     """Loss scale 1024 (a CPU run scales and unscales but computes in float32), grad_divisor 8: the sampled
     centers' first (lazy) step takes the gradient / 8, or times 1024 / 8 with train.unscale_center_grads false
     (PLSC v2.2's FP16 runs); numpy reference from the unscaled gradient."""
     images, labels, _, _, _, (index, grad, weight) = unclipped_first_step
-    trainer = Trainer(tiny_config(tiny_dir, "train.precision=fp16", "train.loss_scale_init=1024",
-                                  "optim.grad_divisor=8", f"train.unscale_center_grads={str(unscaled).lower()}"),
-                      tmp_path)
+    settings = ["train.precision=fp16", "train.loss_scale_init=1024", "optim.grad_divisor=8",
+                f"train.unscale_center_grads={str(unscaled).lower()}"]
+    trainer = Trainer(tiny_config(tiny_dir, *settings), tmp_path)
     lr, decay = 0.05, trainer.config.optim.weight_decay
     trainer.train_step(images, labels, lr)
     scale = (1.0 if unscaled else 1024.0) / 8.0
