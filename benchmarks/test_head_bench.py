@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from plsc.bench.head import HeadBenchSpec, PhaseClock, bench_head, build_head, head_step, make_batch, table
+from plsc.loss.sampling import num_sampled
 
 SUITE = HeadBenchSpec(classes=200_000, ratio=0.1, batch=128, emb=512, steps=8, warmup=2)
 TARGETS = {
@@ -56,7 +57,7 @@ def test_head_step(benchmark, suite_head):
 def test_matmul_floor(benchmark, suite_head):
     import paddle
 
-    sampled = int(np.ceil(SUITE.ratio * SUITE.classes))
+    sampled = num_sampled(SUITE.classes, SUITE.ratio)
     embeddings = paddle.randn([SUITE.global_batch, SUITE.emb])
     rows = paddle.randn([sampled, SUITE.emb])
     grad_logits = paddle.randn([SUITE.global_batch, sampled])
