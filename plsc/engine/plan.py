@@ -307,16 +307,28 @@ def describe_plan(plan: RunPlan) -> str:
     return f"{text}\n\n{table}"
 
 
+# The training log's lines: these items of plan_rows() each, the notes, then the departures on one line.
+LOG_LINES = (
+    ("world size", "global batch", "images", "steps per epoch"),
+    ("total steps", "warmup steps", "decay steps", "base lr", "lr phases"),
+    ("momentum mode", "precision / layout / mode", "classes", "backbone"),
+)
+
+
 def log_plan(config: Config, comm, images: int, num_classes: int) -> None:
-    """Rank 0 logs the run's plan, a line per item, departures from PLSC v2.2 included."""
+    """Rank 0 logs the run's plan in a few lines, departures from PLSC v2.2 included (without the memory
+    prediction, which plsc.capacity makes above this layer)."""
     if comm.rank != 0:
         return
     plan = make_plan(config, comm.world_size, images, "the training data", num_classes)
-    for item, value in plan_rows(plan):
-        if item != "memory per device":
-            log.info("plan: %s: %s", item, value)
-    for setting, plsc, ours, source in departure_rows(plan):
-        log.info("plan: departs from PLSC v2.2: %s %s (PLSC: %s, %s)", setting, ours, plsc, source)
+    rows = dict(plan_rows(plan))
+    for items in LOG_LINES:
+        log.info("plan: %s", "; ".join(f"{item} {rows[item]}" for item in items))
+    for note in plan.notes:
+        log.info("plan: note: %s", note)
+    if plan.departures:
+        listed = [f"{setting} {ours} (PLSC {plsc})" for setting, plsc, ours, _ in departure_rows(plan)]
+        log.info("plan: departs from PLSC v2.2 (plsc plan names the sources): %s", ", ".join(listed))
 
 
 # --- the images and classes of a planned run ---------------------------------------------------------------

@@ -65,14 +65,15 @@ def _scratch_on_cpu():
     """Paddle on the CPU, with its CPU random state and its parameter-name counter as they were on entry
     restored on exit: a model built here changes nothing a training run draws or names afterwards."""
     device = paddle.device.get_device()
-    rng_state = paddle.get_rng_state("cpu")
     paddle.device.set_device("cpu")
+    # The current device's generator, not device="cpu": Paddle 2.6's set_rng_state fails on a device name.
+    rng_state = paddle.get_rng_state()
     try:
         with paddle.utils.unique_name.guard():
             yield
     finally:
+        paddle.set_rng_state(rng_state)
         paddle.device.set_device(device)
-        paddle.set_rng_state(rng_state, "cpu")
 
 
 def backbone_cost(model_config, image_size: int) -> BackboneCost:
