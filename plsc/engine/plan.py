@@ -73,7 +73,8 @@ PLSC_V22: tuple[PlscValue, ...] = (
     PlscValue("loss.momentum_mode", _sampled("dense"),
               "dynamic/utils/hybrid_optimizer.py:85-99: sparse_momentum over the whole shard"),
     PlscValue("loss.center_init", lambda config, world: "plsc22",
-              "dynamic/classifiers/lsc.py:70-72: normal(0, sqrt(2 / (emb + local))), RandomState(2021)"),
+              "configs/config.py:29, dynamic/classifiers/lsc.py:65-71: RandomState(2021) normal, "
+              "std sqrt(2 / (emb + local))"),
     PlscValue("loss.sample_rounding", _sampled("floor"),
               "dynamic/classifiers/lsc.py:56, static/classifiers/lsc.py:56: int(sample_ratio * num_local)"),
     PlscValue("loss.center_dtype", lambda config, world: "float32" if config.train.precision == "fp32"
