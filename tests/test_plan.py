@@ -235,7 +235,7 @@ def test_counted_images_by_source(tiny_dir):
 
 def test_planned_data_counts_reads_labels_or_takes_the_given_count(tiny_dir):
     config = tiny_config()  # data.num_classes 0: the labels decide
-    assert planned_data(config, None) == (240, "data set", 40)
+    assert planned_data(config, None) == (240, "data set, labels read", 40)
     assert planned_data(config, 5000) == (5000, "--images", 40)
     config.data.num_classes = 100
     assert planned_data(config, None) == (240, "label file", 100)
@@ -272,7 +272,7 @@ def test_plan_command_prints_the_table_and_writes_strict_json(tmp_path, capsys, 
     images = len(FolderDataset(ROOT / "data" / "tiny"))
     assert (plan["world_size"], plan["global_batch"], plan["images"]) == (2, 64, images)
     assert plan["steps_per_epoch"] == images // 64 and plan["total_steps"] == 15 * (images // 64)
-    assert plan["images_source"] == "data set" and plan["num_classes"] == 40  # data.num_classes 0: labels
+    assert plan["images_source"] == "data set, labels read" and plan["num_classes"] == 40  # num_classes 0
     assert plan["memory_per_gpu_mib"] > 0 and plan["memory_device"] == "cpu"
     assert "steps per epoch" in printed and "departs from PLSC v2.2" in printed
     assert f"{plan['steps_per_epoch']:,} (images // global batch)" in printed

@@ -354,4 +354,4 @@ def planned_data(config: Config, images: int | None) -> tuple[int, str, int]:
     dataset = build_dataset(data, seed=config.train.seed)  # the labels decide the class count
     if images is not None:
         return images, "--images", dataset.num_classes
-    return len(dataset), "data set", dataset.num_classes
+    return len(dataset), "data set, labels read", dataset.num_classes
