@@ -1,6 +1,7 @@
 """``plsc plan`` for PLSC v2.2's published configs against PLSC's own numbers (plsc22_schedules.yaml beside
 this file): what its published training logs print and the rates they log, for the four runs with a log;
-PLSC's formulas (dynamic/train.py:82-104) over its own config files, for the other published runs.
+PLSC's formulas (dynamic/train.py:82-104) over its own config files, for the other published runs. And the
+backbones' multiply-adds per image against insightface's published figures (insightface_flops.yaml).
 
 Tier cpu: neither data nor a GPU is needed, the image count is MS1MV3's as the logs read it, at 8 GPUs as
 the published runs. The logged runs go through the command itself (``plsc plan --json``); the others through
@@ -124,3 +125,16 @@ def test_plan_has_plscs_rate_and_momentum_for_runs_without_a_log(row):
     assert plan.schedule.base_lr == pytest.approx(expected["base_lr"], rel=1e-12)
     if row.ratio < 1:
         assert plan.momentum_mode == "dense"
+
+
+INSIGHTFACE = yaml.safe_load((Path(__file__).parent / "insightface_flops.yaml").read_text())
+
+
+@pytest.mark.parametrize("name", list(INSIGHTFACE["gflops"]))
+def test_backbone_multiply_adds_match_insightfaces_published_flops(name):
+    overrides = [f"model.name={name}", f"data.image_size={INSIGHTFACE['image_size']}"]
+    published = ROOT / "configs" / "ms1mv3_r50_dynamic_fp32_nchw_r0.1.yaml"
+    config = load_config(published, overrides, reads_data=False)
+    plan = make_plan(config, PLSC["world_size"], PLSC["images"], "--images", config.data.num_classes)
+    rounding = 0.5 * 10 ** -INSIGHTFACE["decimals"]
+    assert plan.backbone.multiply_adds / 1e9 == pytest.approx(INSIGHTFACE["gflops"][name], abs=rounding)
