@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.plsc-installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: venv mini test lint tox clean repro-cpu repro-accuracy repro-capacity repro-throughput report report-check
+.PHONY: venv mini test lint tox clean repro-cpu repro-accuracy repro-capacity repro-throughput repro-plan report report-check
 
 venv: $(STAMP)
 
@@ -54,6 +54,9 @@ repro-capacity: venv
 
 repro-throughput: venv
 	$(REPRO_PYTEST) repro/throughput $(REPRO_OPTS)
+
+repro-plan: venv
+	$(REPRO_PYTEST) repro/plan $(REPRO_OPTS)
 
 report: venv
 	$(BIN)/python -m repro.report

@@ -368,11 +368,53 @@ def _run_capacity(args) -> int:
     return 0
 
 
+def _add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="what a run will do before it starts: world size, batch, steps, learning "
+                                    "rates, memory per device, backbone size, departures from PLSC v2.2")
+    p.add_argument("--config", required=True, help="YAML config of the run")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value; repeatable")
+    p.add_argument("--gpus", type=int, default=None, metavar="N",
+                   help="ranks of the run (default: as paddle.distributed.launch set them, else 1)")
+    p.add_argument("--images", type=int, default=None, metavar="N",
+                   help="training images (default: counted from data.root's label file or .rec index)")
+    p.add_argument("--device", choices=["gpu", "cpu"], default="gpu",
+                   help="the memory prediction's device, as plsc capacity (default: gpu)")
+    p.add_argument("--device-memory-gib", type=float, default=32.0, metavar="G",
+                   help="memory of one device, to say whether the run fits (default: 32, a V100 32G)")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the plan as JSON")
+    p.set_defaults(run=_run_plan)
+
+
+def _run_plan(args) -> int:
+    from plsc.capacity import GIB, memory_model, setting_from_config
+    from plsc.config import load_config
+    from plsc.distributed import launched_world_size
+    from plsc.engine.plan import MemoryPrediction, describe_plan, make_plan, planned_data
+
+    config = load_config(args.config, args.overrides, reads_data=False)  # only the data it counts is read
+    world = launched_world_size() if args.gpus is None else args.gpus
+    if world < 1:
+        raise PlscError(f"--gpus must be >= 1, got {world}")
+    images, source, num_classes = planned_data(config, args.images)
+    setting = setting_from_config(config, int(args.device_memory_gib * GIB), world, args.device)
+    model = memory_model(config, setting)
+    memory = MemoryPrediction(model.peak(num_classes), model.binding_phase(num_classes), args.device,
+                              setting.device_memory_bytes)
+    plan = make_plan(config, world, images, source, num_classes, memory)
+    print(describe_plan(plan))
+    if args.json:
+        from plsc.atomic import write_atomic
+
+        write_atomic(Path(args.json), json.dumps(plan.to_dict(), indent=1, allow_nan=False) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plsc", description="Paddle Large Scale Classification")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_train, _add_eval, _add_convert, _add_export, _add_infer, _add_demo, _add_bench,
-                _add_capacity, _add_doctor):
+                _add_capacity, _add_plan, _add_doctor):
         add(sub)
     return parser
 

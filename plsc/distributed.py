@@ -153,10 +153,14 @@ class CollectiveComm:
         dist.barrier()
 
 
+def launched_world_size() -> int:
+    """The ranks ``paddle.distributed.launch`` started this process among (1 outside a launch)."""
+    return int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))
+
+
 def make_comm():
     """LocalComm for a single process, CollectiveComm when launched with more than one rank."""
-    world_size = int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))
-    if world_size <= 1:
+    if launched_world_size() <= 1:
         return LocalComm()
     if not dist.is_initialized():
         dist.init_parallel_env()

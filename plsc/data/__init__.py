@@ -12,6 +12,7 @@ _LOADER_NAMES = (
     "DistributedShuffleSampler",
     "TrainBatches",
     "build_dataset",
+    "count_samples",
     "build_train_loader",
     "build_train_loader_from_config",
     "TrainLoader",

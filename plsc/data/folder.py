@@ -132,6 +132,17 @@ def _parse_line(line: str) -> tuple[str, int] | str:
     return path, label
 
 
+def _is_sample_line(stripped: str) -> bool:
+    """A label-file line that describes a sample (not blank, not a ``#`` comment), after ``strip()``."""
+    return bool(stripped) and not stripped.startswith("#")
+
+
+def count_label_lines(root: str | os.PathLike, label_file: str = "label.txt") -> int:
+    """The samples ``root/label_file`` lists, without parsing them or looking for the images: the size of
+    the :class:`FolderDataset` that strict mode builds (it stops at a bad line or a missing image)."""
+    return sum(_is_sample_line(line.strip()) for line in _read_label_lines(Path(root) / label_file))
+
+
 def _read_label_lines(label_path: Path) -> list[str]:
     if not label_path.is_file():
         raise PlscError(f"label file not found: {label_path}")
@@ -246,7 +257,7 @@ class FolderDataset:
         rel_paths, labels, line_numbers = [], [], []
         for line_number, line in enumerate(_read_label_lines(self.label_path), start=1):
             stripped = line.strip()
-            if not stripped or stripped.startswith("#"):
+            if not _is_sample_line(stripped):
                 continue
             parsed = _parse_line(stripped)
             if isinstance(parsed, str):

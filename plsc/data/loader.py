@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import paddle
 
-from plsc.data.folder import FolderDataset
+from plsc.data.folder import FolderDataset, count_label_lines
 from plsc.data.synthetic import SyntheticDataset
 from plsc.data.transforms import PIXEL_SCALE, TrainTransform, check_data_format, check_image_size, flip_draws
 from plsc.data.workers import TrainLoader
@@ -211,6 +211,20 @@ def _build_synthetic_dataset(data_cfg, seed: int) -> SyntheticDataset:
     if data_cfg.num_classes < 1:
         raise PlscError("data.num_classes must be set (> 0) for data.source=synthetic")
     return SyntheticDataset(data_cfg.synthetic_samples, data_cfg.num_classes, data_cfg.image_size, seed)
+
+
+def count_samples(data_cfg) -> tuple[int, str]:
+    """The training samples a plsc.config.DataConfig describes, counted without reading an image or a label
+    (the size :func:`build_dataset` gives in strict mode), and where the count was read."""
+    if data_cfg.source == "folder":
+        return count_label_lines(data_cfg.root, data_cfg.label_file), "label file"
+    if data_cfg.source == "rec":
+        from plsc.data.recordio import count_record_images
+
+        return count_record_images(Path(data_cfg.root) / data_cfg.rec_file), ".rec index"
+    if data_cfg.source == "synthetic":
+        return data_cfg.synthetic_samples, "data.synthetic_samples"
+    raise PlscError(f"data.source must be folder, rec or synthetic, got {data_cfg.source!r}")
 
 
 def _apply_num_classes(dataset, num_classes: int, source: str):

@@ -679,6 +679,47 @@ def _payload_bytes(source: bytes | os.PathLike | str) -> bytes:
 # Training dataset
 
 
+def find_image_keys(reader: RecordReader, rec_path: Path) -> tuple[str, np.ndarray]:
+    """The layout of a ``.rec`` ("insightface" or "flat") and the keys of its image records."""
+    if len(reader) == 0:
+        raise PlscError(f"{rec_path}: contains no records")
+    if 0 in reader:
+        header, payload = unpack(reader.read(0), f"{rec_path}: key 0")
+        # An image always has bytes; InsightFace's header record has none (its multi-label images also
+        # have flag > 0, so the flag alone cannot tell the two apart).
+        if header.flag > 0 and not payload:
+            return "insightface", _insightface_image_keys(reader, rec_path, header)
+    return "flat", np.array(reader.keys, dtype=np.int64)
+
+
+def _insightface_image_keys(reader: RecordReader, rec_path: Path, header: IRHeader) -> np.ndarray:
+    end = int(header.label[0])
+    keys = np.arange(1, end, dtype=np.int64)
+    if not len(keys):
+        raise PlscError(f"{rec_path}: header record says there are no images (label {header.label})")
+    missing = keys[~np.isin(keys, reader.keys)]
+    if len(missing):
+        raise PlscError(
+            f"{rec_path}: header record says images are keys 1..{end - 1}, but key {missing[0]} is missing"
+        )
+    return keys
+
+
+def _index_beside(rec_path: Path, idx_path: str | os.PathLike | None) -> str | os.PathLike | None:
+    """``idx_path``, or when it is None the ``.idx`` beside the ``.rec`` if there is one."""
+    if idx_path is None and rec_path.with_suffix(".idx").is_file():
+        return rec_path.with_suffix(".idx")
+    return idx_path
+
+
+def count_record_images(rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None) -> int:
+    """How many images a :class:`RecordDataset` of ``rec_path`` holds, from its index (the ``.idx`` beside
+    it when there is one) and its header record, without reading the images' labels."""
+    rec_path = Path(rec_path)
+    with RecordReader(rec_path, _index_beside(rec_path, idx_path)) as reader:
+        return len(find_image_keys(reader, rec_path)[1])
+
+
 class RecordDataset:
     """Face training samples straight from a ``.rec``: ``dataset[i] -> (BGR uint8 HxWx3, label)``.
 
@@ -691,42 +732,15 @@ class RecordDataset:
 
     def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None):
         rec_path = Path(rec_path)
-        if idx_path is None and rec_path.with_suffix(".idx").is_file():
-            idx_path = rec_path.with_suffix(".idx")
-        self.reader = RecordReader(rec_path, idx_path)
+        self.reader = RecordReader(rec_path, _index_beside(rec_path, idx_path))
         self.rec_path = rec_path
         self._rec_text = str(rec_path)
-        self.layout, self.image_keys = self._find_image_keys()  # "insightface" or "flat"
+        self.layout, self.image_keys = find_image_keys(self.reader, rec_path)  # "insightface" or "flat"
         self.image_offsets = self.reader.offsets_of(self.image_keys)  # no key lookup per sample
         # Where each image's encoded bytes lie: one slice of the map per sample, no header parsing.
         self._payload_starts, self._payload_lengths = self.reader.payload_spans(self.image_keys)
         self.labels = self._read_labels()
         self.num_classes = int(self.labels.max()) + 1
-
-    def _find_image_keys(self) -> tuple[str, np.ndarray]:
-        reader = self.reader
-        if len(reader) == 0:
-            raise PlscError(f"{self.rec_path}: contains no records")
-        if 0 in reader:
-            header, payload = unpack(reader.read(0), f"{self.rec_path}: key 0")
-            # An image always has bytes; InsightFace's header record has none (its multi-label images also
-            # have flag > 0, so the flag alone cannot tell the two apart).
-            if header.flag > 0 and not payload:
-                return "insightface", self._insightface_image_keys(header)
-        return "flat", np.array(reader.keys, dtype=np.int64)
-
-    def _insightface_image_keys(self, header: IRHeader) -> np.ndarray:
-        end = int(header.label[0])
-        keys = np.arange(1, end, dtype=np.int64)
-        if not len(keys):
-            raise PlscError(f"{self.rec_path}: header record says there are no images (label {header.label})")
-        missing = keys[~np.isin(keys, self.reader.keys)]
-        if len(missing):
-            raise PlscError(
-                f"{self.rec_path}: header record says images are keys 1..{end - 1}, "
-                f"but key {missing[0]} is missing"
-            )
-        return keys
 
     def _read_labels(self) -> np.ndarray:
         values = self.reader.first_labels(self.image_keys)

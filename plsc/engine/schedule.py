@@ -14,7 +14,13 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
-from plsc.config import OptimConfig
+from plsc.config import OptimConfig, TrainConfig
+
+
+def run_steps(train: TrainConfig, steps_per_epoch: int) -> int:
+    """Optimizer steps of a whole run: ``train.max_steps`` when set, else ``train.epochs`` epochs (PLSC
+    v2.2's ``total_steps = steps_per_epoch * train_num`` for epoch units, dynamic/train.py:87)."""
+    return train.max_steps if train.max_steps > 0 else train.epochs * steps_per_epoch
 
 
 def base_learning_rate(optim: OptimConfig, global_batch: int) -> float:

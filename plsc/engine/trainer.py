@@ -39,6 +39,7 @@ from plsc.engine.modes import (
     is_compiled,
     log_modes,
 )
+from plsc.engine.plan import log_plan
 from plsc.engine.schedule import Schedule
 from plsc.errors import PlscError
 from plsc.eval.embedders import open_embedder
@@ -177,6 +178,7 @@ class Trainer:
         self.total_steps = config.train.max_steps if config.train.max_steps > 0 else by_epochs
         self.schedule = Schedule.from_config(config.optim, self.steps_per_epoch, self.total_steps,
                                              config.train.batch_size * world)
+        log_plan(config, self.comm, len(self.dataset), self.num_classes)
         self.val_sets = [load_bin(path, config.data.image_size) for path in config.data.val_bins]
         self.state = ckpt.TrainingState()
         self.best: dict[str, dict] = {}
