@@ -44,7 +44,6 @@ REQUIRED_KEYS = {
     "backbone_params", "backbone_flops", "departures",
 }
 # Settings PLSC_V22 names that plsc's config does not have yet; once they exist, remove them here.
-AWAITED_SETTINGS = {"optim.clip_max_factor", "optim.grad_divisor", "loss.center_init", "loss.sample_rounding"}
 
 
 def tiny_config(*overrides: str) -> Config:
@@ -156,25 +155,24 @@ def plsc_like(config: Config, world: int) -> Config:
     for row in PLSC_V22:
         value = row.value(config, world)
         section, name = row.key.split(".")
-        if value is not None and row.key not in AWAITED_SETTINGS:
+        if value is not None:
             setattr(getattr(config, section), name, value)
     return config
 
 
-def test_every_plsc_setting_is_a_plsc_setting_or_awaited():
+def test_every_plsc_setting_is_a_plsc_setting():
     missing = set()
     for row in PLSC_V22:
         try:
             setting_value(Config(), row.key)
         except UnknownSetting:
             missing.add(row.key)
-    assert missing == AWAITED_SETTINGS
+    assert missing == set()
 
 
 def test_departures_name_each_differing_setting_with_both_values():
     config = plsc_like(load_config(PUBLISHED, reads_data=False), 8)
-    assert {d.setting for d in departures(config, 8)} == AWAITED_SETTINGS
-    assert all(d.status == "unknown" and d.ours is None for d in departures(config, 8))
+    assert departures(config, 8) == []
     config.loss.momentum_mode = "lazy"
     config.optim.lr_reference_batch = 0
     differs = {d.setting: (d.plsc, d.ours) for d in departures(config, 8) if d.status == "differs"}
@@ -187,8 +185,7 @@ def test_settings_that_change_nothing_in_the_run_are_not_departures():
     config.loss.sample_ratio, config.loss.momentum_mode = 1.0, "lazy"  # every row sampled: lazy is dense
     config.train.loss_scale_init = 1.0  # no loss scaling in fp32
     config.train.mode, config.optim.clip_norm = "static", 0.0  # PLSC's static mode does not clip
-    assert {d.setting for d in departures(config, 8)} == AWAITED_SETTINGS - {"loss.sample_rounding",
-                                                                              "optim.clip_max_factor"}
+    assert departures(config, 8) == []
 
 
 def test_a_setting_plsc_does_not_have_is_listed_as_unknown(monkeypatch):

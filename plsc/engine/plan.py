@@ -72,13 +72,15 @@ PLSC_V22: tuple[PlscValue, ...] = (
               "dynamic/utils/parallel_grad_scaler.py:86-88: the loss times 1 / world_size"),
     PlscValue("loss.momentum_mode", _sampled("dense"),
               "dynamic/utils/hybrid_optimizer.py:85-99: sparse_momentum over the whole shard"),
-    PlscValue("loss.center_init", lambda config, world: "plsc22",
-              "configs/config.py:29, dynamic/classifiers/lsc.py:65-71: RandomState(2021) normal, "
-              "std sqrt(2 / (emb + local))"),
-    PlscValue("loss.sample_rounding", _sampled("floor"),
-              "dynamic/classifiers/lsc.py:56, static/classifiers/lsc.py:56: int(sample_ratio * num_local)"),
+    PlscValue("loss.center_init_ranks", lambda config, world: world,
+              "configs/config.py:29, dynamic/classifiers/lsc.py:65-71: normal, std sqrt(2 / (emb + local)) "
+              "with local = ceil(classes / world_size)"),
     PlscValue("loss.center_dtype", lambda config, world: "float32" if config.train.precision == "fp32"
               else "float16", "dynamic/classifiers/lsc.py:87: float16 when fp16"),
+    PlscValue("train.fp16_master_weights", _scaled(False),
+              "dynamic/train.py:114-146: float16 parameters, Momentum without multi_precision"),
+    PlscValue("train.unscale_center_grads", _scaled(False),
+              "dynamic/utils/parallel_grad_scaler.py:148-157, static/utils/optimization_pass.py:89"),
     PlscValue("train.loss_scale_init", _scaled(27648.0), "configs/config.py:32"),
     PlscValue("train.loss_scale_growth_interval", _scaled(2000), "configs/config.py:33"),
     PlscValue("train.loss_scale_growth_factor", _scaled(2.0), "configs/config.py:35"),

@@ -40,7 +40,7 @@ from plsc.engine.modes import (
     log_modes,
 )
 from plsc.engine.plan import log_plan
-from plsc.engine.schedule import Schedule
+from plsc.engine.schedule import Schedule, run_steps
 from plsc.errors import PlscError
 from plsc.eval.embedders import open_embedder
 from plsc.eval.verification import verify_across_ranks
@@ -174,8 +174,7 @@ class Trainer:
         world = self.comm.world_size
         self.loader, self.sampler = build_train_loader_from_config(config, self.dataset, self.rank, world)
         self.steps_per_epoch = self.sampler.batches_per_epoch
-        by_epochs = config.train.epochs * self.steps_per_epoch
-        self.total_steps = config.train.max_steps if config.train.max_steps > 0 else by_epochs
+        self.total_steps = run_steps(config.train, self.steps_per_epoch)
         self.schedule = Schedule.from_config(config.optim, self.steps_per_epoch, self.total_steps,
                                              config.train.batch_size * world)
         log_plan(config, self.comm, len(self.dataset), self.num_classes)
