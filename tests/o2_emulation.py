@@ -69,7 +69,9 @@ def create_step_state(optimizer) -> None:
         if getattr(optimizer, "helper", None) is None:  # Paddle 2.6 creates it in the optimization pass
             optimizer.helper = LayerHelper(type(optimizer).__name__)
         block = paddle.static.default_main_program().global_block()
-        optimizer._create_accumulators(block, optimizer._parameter_list)
+        # a step updates the parameters that have gradients (not BatchNorm's statistics)
+        trained = [p for p in optimizer._parameter_list if not p.stop_gradient]
+        optimizer._create_accumulators(block, trained)
 
 
 def state_after_steps(optimizer, seed: int = 0) -> None:

@@ -8,6 +8,7 @@ built by hand from them, and ``plsc eval`` / an exported model run by Paddle Inf
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +160,55 @@ def test_fp16_checkpoint_resume_verify_export_through_the_trainer(trained_fp32, 
                  if f.endswith((".json", ".pdmodel")))
     engine = PaddleEngine(graph, graph.with_suffix(".pdiparams"))
     np.testing.assert_allclose(engine(images), embed(reference, images), rtol=1e-4, atol=1e-5)
+
+
+def saved_optimizer_state(directory: Path) -> dict[str, np.ndarray]:
+    """The optimizer file read by Paddle's own loader: accumulators and master weights by tensor name."""
+    state = paddle.load(str(directory / ckpt.OPTIMIZER))
+    masters = {t.name: t.numpy() for t in state.pop("master_weights", {}).values()}
+    return {**{name: t.numpy() for name, t in state.items()}, **masters}
+
+
+def test_a_float32_checkpoint_resumes_into_fp16_with_master_weights_from_its_float32_weights(
+        trained_fp32, tiny_dir, tiny_run, tmp_path, monkeypatch):
+    config = fp16_config(tiny_dir, tiny_run, "train.max_steps=4")
+    trainer = o2_trainer(monkeypatch, config, tmp_path / "o2", resume=trained_fp32)
+    create_step_state(trainer.optimizer)  # the first GPU step: binds the state by name (Paddle asserts)
+    saved = {k: v.numpy() for k, v in ckpt.load_backbone_state(trained_fp32).items()}
+    saved_opt = saved_optimizer_state(trained_fp32)
+    names = {param.name: key for key, param in trainer.model.named_parameters()}
+    masters = master_weights(trainer.optimizer)
+    assert masters and all(name in names for name in masters)
+    for name, master in masters.items():  # the float32 weights, not the float16 ones cast back up
+        np.testing.assert_array_equal(master, saved[names[name]])
+    assert any(np.any(master != saved[names[name]].astype(np.float16).astype(np.float32))
+               for name, master in masters.items())
+    moments = velocities(trainer.optimizer)
+    for name, value in moments.items():
+        plain = name.replace(precision.MASTER_SUFFIX, "")
+        np.testing.assert_array_equal(value, saved_opt[plain])
+    assert len(moments) == len(saved_opt)
+
+
+def test_an_fp16_checkpoint_resumes_and_trains_on_the_cpu(tiny_dir, tiny_run, tmp_path, monkeypatch):
+    config = fp16_config(tiny_dir, tiny_run, "train.max_steps=4")
+    o2 = o2_trainer(monkeypatch, config, tmp_path)
+    state_after_steps(o2.optimizer)
+    o2.state.step = 3
+    directory = o2.save_step_checkpoint()
+    saved_opt = saved_optimizer_state(directory)
+    saved = {k: v.numpy() for k, v in ckpt.load_backbone_state(directory).items()}
+    cpu = Trainer(config, tmp_path, resume=True)  # the CPU: float32 parameters, no master weights
+    for key, param in cpu.model.named_parameters():
+        mastered = param.name + precision.MASTER_SUFFIX
+        # the float32 weight the fp16 run trained: its master weight where it kept one
+        np.testing.assert_array_equal(param.numpy(), saved_opt.get(mastered, saved[key]))
+    cpu.run()  # step 4: the optimizer finds every velocity (Paddle asserts it does)
+    moments = velocities(cpu.optimizer)
+    assert set(moments) == {name.replace(precision.MASTER_SUFFIX, "") for name in saved_opt
+                            if name.endswith("_velocity_0")}
+    last = [json.loads(line) for line in (tmp_path / "train_log.jsonl").open()][-1]
+    assert last["step"] == 4 and np.isfinite(last["loss"])
 
 
 class _Rank0Statistics:

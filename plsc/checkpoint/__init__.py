@@ -349,12 +349,14 @@ def load_optimizer_state(directory: Path) -> dict | None:
     return _load_state(path, "optimizer state") if path.is_file() else None
 
 
-def load_backbone_into(model: paddle.nn.Layer, directory: Path) -> None:
+def load_backbone_into(model: paddle.nn.Layer, directory: Path) -> dict:
     """Restore ``model``'s weights from a checkpoint; every key must be there, with the model's shape. The
-    saved float32 tensors are cast to the model's dtypes (float16 under fp16: see plsc.models.precision)."""
+    saved float32 tensors are cast to the model's dtypes (float16 under fp16: see plsc.models.precision).
+    Returns the saved state."""
     state = load_backbone_state(directory)
     check_state_fits(precision.own_state(model), state, Path(directory) / BACKBONE)
     model.set_state_dict(precision.fitted_state(model, state))
+    return state
 
 
 def check_state_fits(expected: dict, state: dict, path: Path) -> None:

@@ -53,3 +53,49 @@ def _as_dtype(tensor, dtype):
     if not isinstance(tensor, paddle.Tensor) or not tensor.is_floating_point() or tensor.dtype == dtype:
         return tensor
     return tensor.astype(dtype)
+
+
+# Paddle names a float16 parameter's float32 master weight <parameter name>_fp32_master_0 (made in a fresh
+# name scope, as Trainer.train_step steps) and each optimizer accumulator <owner>_<kind>_0, whose owner is the
+# master weight where the optimizer keeps one (multi-precision, a float16 parameter), else the parameter.
+MASTER_SUFFIX = "_fp32_master_0"
+
+
+def restore_optimizer_state(optimizer, model: paddle.nn.Layer, state: dict, weights: dict) -> None:
+    """Load a saved optimizer ``state`` into ``optimizer`` (over ``model``'s parameters), whichever precision
+    saved it; ``weights`` is the checkpoint's float32 backbone state (keyed as ``state_dict()``).
+
+    A state saved in the other form (fp16 with master weights, or float32) would load, and then stop the
+    first step: the optimizer finds its accumulators by owner name. So they are renamed to the owner this
+    optimizer uses and cast to its dtype. Master weights the state lacks are made from ``weights`` (not from
+    the float16 parameters, which lost their low bits); a float32 parameter whose run kept a master weight
+    takes the master (the float32 weight that run trained).
+    """
+    state = dict(state)
+    saved_masters = state.pop("master_weights", {})
+    masters = {}
+    with paddle.no_grad():
+        for key, param in model.named_parameters():
+            mastered = bool(getattr(optimizer, "_multi_precision", False)) and param.dtype == paddle.float16
+            master_name = param.name + MASTER_SUFFIX
+            owner, other = (master_name, param.name) if mastered else (param.name, master_name)
+            for name in _accumulators_of(state, other):
+                state[owner + name[len(other):]] = state.pop(name)
+            for name in _accumulators_of(state, owner):
+                state[name] = _as_dtype(state[name], paddle.float32 if mastered else param.dtype)
+            if mastered:
+                masters[param.name] = saved_masters.get(param.name)
+                if masters[param.name] is None:
+                    masters[param.name] = paddle.to_tensor(weights[key].numpy().astype("float32"))
+                masters[param.name].name = master_name
+            elif param.name in saved_masters:
+                param.set_value(_as_dtype(saved_masters[param.name], param.dtype))
+    if masters:
+        state["master_weights"] = masters
+    optimizer.set_state_dict(state)
+
+
+def _accumulators_of(state: dict, owner: str) -> list[str]:
+    """The keys of ``state`` that are accumulators of ``owner`` (a parameter's or a master weight's name)."""
+    return [name for name in state if name.startswith(owner + "_")
+            and not name.startswith(owner + MASTER_SUFFIX + "_")]
