@@ -85,7 +85,7 @@ def trained_fp32(tiny_dir, tiny_run, tmp_path) -> Path:
     return tmp_path / "cpu" / "checkpoints" / "2"
 
 
-def test_the_emulation_is_pauls_o2_decoration(tiny_dir, tiny_run, tmp_path, monkeypatch):
+def test_the_emulation_is_paddles_own_o2_decoration(tiny_dir, tiny_run, tmp_path, monkeypatch):
     config = fp16_config(tiny_dir, tiny_run)
     plain = Trainer(config, tmp_path / "plain")
     assert plain.amp_level is None  # the CPU itself: decorate does nothing here
