@@ -85,7 +85,8 @@ def state_after_steps(optimizer, seed: int = 0) -> None:
         master.set_value(value + rng.uniform(-1, 1, value.shape).astype(np.float32) * 1e-5 * np.abs(value))
     for by_param in optimizer._accumulators.values():
         for velocity in by_param.values():
-            velocity.set_value(rng.standard_normal(velocity.shape).astype(np.float32) * 1e-3)
+            noise = rng.standard_normal(velocity.shape).astype(np.float32) * 1e-3
+            velocity.set_value(noise.astype(velocity.numpy().dtype))  # float16 without master weights
 
 
 def master_weights(optimizer) -> dict[str, np.ndarray]:

@@ -211,6 +211,36 @@ def test_an_fp16_checkpoint_resumes_and_trains_on_the_cpu(tiny_dir, tiny_run, tm
     assert last["step"] == 4 and np.isfinite(last["loss"])
 
 
+@pytest.mark.filterwarnings("ignore:Accumulating with FP16")  # Paddle's word on float16 velocities
+def test_fp16_without_master_weights_resumes_with_them_and_on_the_cpu(tiny_dir, tiny_run, tmp_path,
+                                                                        monkeypatch):
+    """train.fp16_master_weights=false keeps float16 velocities of the float16 weights themselves: resumed
+    with master weights they become the masters' float32 velocities (the masters made from the saved float32
+    weights); resumed on the CPU, the float32 parameters' velocities."""
+    config = fp16_config(tiny_dir, tiny_run, "train.max_steps=4", "train.fp16_master_weights=false")
+    plain = o2_trainer(monkeypatch, config, tmp_path)
+    assert not plain.optimizer._multi_precision
+    state_after_steps(plain.optimizer)
+    plain.state.step = 3
+    directory = plain.save_step_checkpoint()
+    saved_opt = saved_optimizer_state(directory)
+    assert not any(name.endswith(precision.MASTER_SUFFIX) for name in saved_opt)
+    assert np.dtype(np.float16) in {value.dtype for value in saved_opt.values()}
+    saved = {k: v.numpy() for k, v in ckpt.load_backbone_state(directory).items()}
+    with_masters = fp16_config(tiny_dir, tiny_run, "train.max_steps=4")
+    for trainer in (o2_trainer(monkeypatch, with_masters, tmp_path, resume=True),
+                    Trainer(with_masters, tmp_path, resume=True)):
+        create_step_state(trainer.optimizer)
+        moments = velocities(trainer.optimizer)
+        assert len(moments) == len(saved_opt)
+        for name, value in moments.items():
+            assert value.dtype == np.float32
+            np.testing.assert_array_equal(value, saved_opt[name.replace(precision.MASTER_SUFFIX, "")])
+        names = {param.name: key for key, param in trainer.model.named_parameters()}
+        for name, master in master_weights(trainer.optimizer).items():
+            np.testing.assert_array_equal(master, saved[names[name]])
+
+
 class _Rank0Statistics:
     """A comm whose broadcast delivers rank 0's value: here, a constant."""
 
