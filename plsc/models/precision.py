@@ -13,7 +13,8 @@ The rules built on that, the same on every device:
 - loaded weights are cast to the dtype each tensor of the model has (PLSC v2.2 dynamic/utils/io.py:170-181
   casts every loaded tensor to its parameter's dtype the same way);
 - whatever computes with the weights outside training (verification, export) runs a float32 copy of the
-  model, so it computes exactly what a float32 model loaded from the saved checkpoint computes.
+  model, so it computes exactly what a float32 model loaded from the saved checkpoint computes;
+- a saved optimizer state loads into either precision's optimizer (:func:`restore_optimizer_state`).
 """
 
 from __future__ import annotations
@@ -84,15 +85,20 @@ def restore_optimizer_state(optimizer, model: paddle.nn.Layer, state: dict, weig
             for name in _accumulators_of(state, owner):
                 state[name] = _as_dtype(state[name], paddle.float32 if mastered else param.dtype)
             if mastered:
-                masters[param.name] = saved_masters.get(param.name)
-                if masters[param.name] is None:
-                    masters[param.name] = paddle.to_tensor(weights[key].numpy().astype("float32"))
-                masters[param.name].name = master_name
+                masters[param.name] = _master_weight(saved_masters.get(param.name), weights[key], master_name)
             elif param.name in saved_masters:
                 param.set_value(_as_dtype(saved_masters[param.name], param.dtype))
     if masters:
         state["master_weights"] = masters
     optimizer.set_state_dict(state)
+
+
+def _master_weight(saved, weight, name: str):
+    """The saved master weight, else one made from the checkpoint's float32 ``weight``; named as Paddle names
+    it (its accumulators are found by this name)."""
+    master = saved if saved is not None else paddle.to_tensor(weight.numpy().astype("float32"))
+    master.name = name
+    return master
 
 
 def _accumulators_of(state: dict, owner: str) -> list[str]:
