@@ -15,6 +15,7 @@ import paddle
 import paddle.distributed as dist
 
 from plsc.errors import PlscError
+from plsc.models.precision import own_state
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,7 @@ def share_statistics_from_rank0(model: paddle.nn.Layer, comm) -> None:
     Each rank normalises its own batches in training, so running statistics drift apart; checkpoints hold
     rank 0's. Sharing them first makes every rank evaluate exactly the model a checkpoint saves.
     """
-    for tensor in model.state_dict().values():
+    for tensor in own_state(model).values():  # the tensors themselves: an fp16 model's state_dict() copies
         if tensor.stop_gradient:
             comm.broadcast_(tensor, src=0)
 

@@ -7,7 +7,10 @@ does not hide the others:
 - the parity check of each GPU fast path on one batch (:mod:`plsc.loss.fast_paths`: the fused margin loss,
   the on-device class-center sampler, cuDNN NHWC), the checks training runs at start-up;
 - 5 training steps of a tiny synthetic config in a fresh ``plsc train`` process, in dynamic and static mode,
-  fp32 and fp16, on one device and on all GPUs (``--nproc N``).
+  fp32 and fp16, on one device and on all GPUs (``--nproc N``);
+- fp16 end to end on one GPU: training, a verification, and a resumed run that verifies again (the float16
+  backbone's checkpoints, verification and resume; tests/test_fp16_o2.py runs the same trainer code on the
+  CPU under an emulation of the GPU's fp16 decoration).
 
 Every check ends as pass, FAIL (with what to do), "needs a GPU" (on a machine without one: not a failure) or
 skipped. The exit code is 1 when any check failed, else 0. Logs stay in the output folder.
@@ -27,7 +30,9 @@ from pathlib import Path
 
 PASS, FAIL, NEEDS_GPU, SKIPPED = "pass", "FAIL", "needs a GPU", "skipped"
 STEPS = 5
+RESUMED_STEPS = 2  # steps the resumed run of the fp16 end-to-end check adds
 TRAIN_TIMEOUT_S = 900
+FP16_RESUME = "fp16 train, verify, resume, verify"
 
 # Synthetic data, a 1/16-width IResNet-18 at 32 px: every phase of a real step, in seconds.
 TINY_CONFIG = {
@@ -248,21 +253,72 @@ def run_train_case(case: TrainCase, config: Path, folder: Path) -> Check:
     output = folder / case.slug
     shutil.rmtree(output, ignore_errors=True)  # a fresh run, not the continuation of an earlier doctor's
     log = folder / f"{case.slug}.log"
-    with open(log, "wb") as f:
+    log.unlink(missing_ok=True)
+    failed = run_logged(train_command(config, output, case), log, case.name, _train_advice(case))
+    return failed or _trained_to(output, STEPS, case.name, _train_advice(case)) or Check(
+        case.name, PASS, f"loss {_last_record(output / 'train_log.jsonl')['loss']:.3f} at step {STEPS}")
+
+
+def run_logged(command: list[str], log: Path, name: str, advice: str) -> Check | None:
+    """Run ``command`` with its output appended to ``log``; a FAIL check when it does not exit 0."""
+    with open(log, "ab") as f:
         try:
-            code = subprocess.run(train_command(config, output, case), stdout=f, stderr=subprocess.STDOUT,
+            code = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT,
                                   timeout=TRAIN_TIMEOUT_S).returncode
         except subprocess.TimeoutExpired:
-            return Check(case.name, FAIL, f"no end after {TRAIN_TIMEOUT_S} s ({log})", _train_advice(case))
+            return Check(name, FAIL, f"no end after {TRAIN_TIMEOUT_S} s ({log})", advice)
+    if code == 0:
+        return None
+    tail = log.read_text(errors="replace").strip().splitlines()
+    return Check(name, FAIL, f"exit {code}: {tail[-1][:160] if tail else 'no output'} ({log})", advice)
+
+
+def _trained_to(output: Path, steps: int, name: str, advice: str) -> Check | None:
+    """A FAIL check unless the run's log ends at ``steps`` with a finite loss."""
     last = _last_record(output / "train_log.jsonl")
-    if code != 0:
-        tail = log.read_text(errors="replace").strip().splitlines()
-        return Check(case.name, FAIL, f"exit {code}: {tail[-1][:160] if tail else 'no output'} ({log})",
-                     _train_advice(case))
-    if last is None or last.get("step") != STEPS or not math.isfinite(last.get("loss", math.nan)):
-        return Check(case.name, FAIL, f"no finite loss at step {STEPS} in {output / 'train_log.jsonl'}",
-                     _train_advice(case))
-    return Check(case.name, PASS, f"loss {last['loss']:.3f} at step {STEPS}")
+    if last is None or last.get("step") != steps or not math.isfinite(last.get("loss", math.nan)):
+        return Check(name, FAIL, f"no finite loss at step {steps} in {output / 'train_log.jsonl'}", advice)
+    return None
+
+
+def write_tiny_pairs(folder: Path, image_size: int, pairs: int = 16) -> Path:
+    """A verification .bin of random images: verification runs on it; its accuracy means nothing."""
+    import cv2
+    import numpy as np
+
+    from plsc.data.verification_bin import save_bin
+
+    images = np.random.default_rng(0).integers(0, 256, (2 * pairs, image_size, image_size, 3), dtype=np.uint8)
+    path = folder / "tiny_pairs.bin"
+    encoded = [cv2.imencode(".jpg", image)[1].tobytes() for image in images]
+    save_bin(path, encoded, [index % 2 == 0 for index in range(pairs)])
+    return path
+
+
+def check_fp16_resume(config: Path, folder: Path, case: TrainCase | None = None) -> Check:
+    """``case`` (1 device, dynamic fp16) trains STEPS steps and verifies, then ``--resume`` continues it for
+    RESUMED_STEPS more and verifies again: what fp16 training does at its first verification and checkpoint,
+    and after a restart."""
+    case = case or TrainCase("dynamic", "fp16", 1)
+    output, log = folder / f"{case.slug}_resume", folder / f"{case.slug}_resume.log"
+    advice = _train_advice(case)
+    shutil.rmtree(output, ignore_errors=True)
+    log.unlink(missing_ok=True)
+    pairs = write_tiny_pairs(folder, TINY_CONFIG["data"]["image_size"])
+    verifying = ["--set", f"data.val_bins=[{pairs}]"]
+    end = STEPS + RESUMED_STEPS
+    first = [*train_command(config, output, case), *verifying]
+    resumed = [*first, "--resume", "--set", f"train.max_steps={end}"]
+    for command, steps in ((first, STEPS), (resumed, end)):
+        failed = run_logged(command, log, FP16_RESUME, advice)
+        if failed or (failed := _trained_to(output, steps, FP16_RESUME, advice)):
+            return failed
+    said = log.read_text(errors="replace")
+    unverified = [step for step in (STEPS, end) if f"step {step} verification {pairs.stem}:" not in said]
+    if unverified:
+        return Check(FP16_RESUME, FAIL, f"no verification at step {unverified[0]} ({log})", advice)
+    return Check(FP16_RESUME, PASS, f"verified at steps {STEPS} and {end} (resumed at {STEPS}), "
+                                    f"loss {_last_record(output / 'train_log.jsonl')['loss']:.3f}")
 
 
 def _last_record(path: Path) -> dict | None:
@@ -294,6 +350,7 @@ def run_checks(folder: Path) -> list[Check]:
             checks.append(Check(case.name, SKIPPED, reason))
         else:
             checks.append(run_train_case(case, config, folder))
+    checks.append(check_fp16_resume(config, folder) if gpu_count() else Check(FP16_RESUME, NEEDS_GPU))
     return checks
 
 

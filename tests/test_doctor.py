@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import paddle
@@ -10,7 +11,8 @@ import pytest
 from plsc import cli, doctor
 from plsc.loss import int8_rows
 
-ROW = r"((?:Paddle install check|fast path \S+|int8 velocity|train 5 steps, [^,]+, \w+ \w+))\s{2,}(.*)"
+ROW = (r"((?:Paddle install check|fast path \S+|int8 velocity|train 5 steps, [^,]+, \w+ \w+|"
+       r"fp16 train, verify, resume, verify))\s{2,}(.*)")
 
 
 def rows_of(output: str) -> dict[str, str]:
@@ -27,7 +29,7 @@ def test_doctor_on_cpu_passes_the_cpu_subset_and_names_the_gpu_checks(tmp_path, 
     assert cli.main(["doctor", "--output", str(tmp_path)]) == 0
     output = capsys.readouterr().out
     rows = rows_of(output)
-    assert len(rows) == 16 - 3 and "Paddle" in output and "not compiled with CUDA" in output
+    assert len(rows) == 17 - 3 and "Paddle" in output and "not compiled with CUDA" in output
     assert rows["Paddle install check"].startswith("pass")
     for name in ("margin_cross_entropy", "class_center_sample", "cudnn_nhwc"):
         assert rows[f"fast path {name}"].startswith("needs a GPU")
@@ -40,7 +42,8 @@ def test_doctor_on_cpu_passes_the_cpu_subset_and_names_the_gpu_checks(tmp_path, 
         assert rows[f"train 5 steps, 1 device, {mode} fp16"] == "needs a GPU"
         assert rows[f"train 5 steps, all GPUs, {mode} fp32"] == "needs a GPU"
     assert rows["int8 velocity"].startswith("pass")
-    assert "4 passed, 0 failed, 9 need a GPU" in output
+    assert rows[doctor.FP16_RESUME] == "needs a GPU"
+    assert "4 passed, 0 failed, 10 need a GPU" in output
     assert (tmp_path / "run_check.log").read_text().count("works well") == 1  # captured, not printed
     assert "works well" not in output.replace("PaddlePaddle works well on 1 CPU.", "")
 
@@ -88,3 +91,27 @@ def test_train_command_flags(tmp_path):
     assert "--set model.data_format=NHWC" in text and text.endswith("--nproc 4")
     assert "--nproc" not in " ".join(doctor.train_command(tmp_path / "t.yaml", tmp_path, doctor.TrainCase(
         "dynamic", "fp32", 1)))
+
+
+def test_the_fp16_resume_row_runs_its_commands_and_reads_their_results(tmp_path):
+    """The GPU-only row's own code, run on the CPU (where train.precision fp16 computes in float32: the
+    float16 backbone's checkpoint, verification and resume paths are tests/test_fp16_o2.py's, under an
+    emulation of the GPU's decoration). Both runs must train, the second from the first's checkpoint, and
+    each must verify."""
+    check = doctor.check_fp16_resume(doctor.write_tiny_config(tmp_path), tmp_path)
+    assert check.status == doctor.PASS, check
+    end = doctor.STEPS + doctor.RESUMED_STEPS
+    assert check.detail.startswith(f"verified at steps {doctor.STEPS} and {end} (resumed at {doctor.STEPS})")
+    said = (tmp_path / "1dev_dynamic_fp16_resume.log").read_text()
+    assert f"resumed from {tmp_path / '1dev_dynamic_fp16_resume' / 'checkpoints' / str(doctor.STEPS)}" in said
+    log = [json.loads(line) for line in (tmp_path / "1dev_dynamic_fp16_resume" / "train_log.jsonl").open()]
+    assert [record["step"] for record in log] == list(range(1, end + 1))
+
+
+def test_the_fp16_resume_row_fails_with_what_to_do(tmp_path, monkeypatch):
+    missing_model = {**doctor.TINY_CONFIG["model"], "name": "resnet_missing"}
+    monkeypatch.setitem(doctor.TINY_CONFIG, "model", missing_model)
+    check = doctor.check_fp16_resume(doctor.write_tiny_config(tmp_path), tmp_path)
+    assert check.status == doctor.FAIL and check.detail.startswith("exit 2: plsc: error: ")
+    assert doctor.ADVICE["fp16"] in check.advice
+    assert not (tmp_path / "1dev_dynamic_fp16_resume" / "checkpoints").exists()  # the resume never ran

@@ -48,6 +48,7 @@ from plsc.atomic import fsync_path, write_atomic, writing
 from plsc.checkpoint import shards
 from plsc.distributed import ClassShard
 from plsc.errors import PlscError
+from plsc.models import precision
 
 FORMAT = "plsc-checkpoint"
 FORMAT_VERSION = 2  # 2: velocity may be int8 codes + per-row scales (``velocity_dtype`` in the manifest)
@@ -135,7 +136,7 @@ def _write_checkpoint(staging: Path, target: Path, *, comm, state, config, model
             shards.write_center_shard(head, path, kind)
     if comm.rank == 0:
         with writing(staging / BACKBONE):
-            paddle.save(model.state_dict(), str(staging / BACKBONE))
+            paddle.save(precision.float32_state(model), str(staging / BACKBONE))
         if optimizer is not None:
             with writing(staging / OPTIMIZER):
                 paddle.save(optimizer.state_dict(), str(staging / OPTIMIZER))
@@ -322,9 +323,20 @@ def _load_state(path: Path, kind: str) -> dict:
 def _as_tensors(value):
     if isinstance(value, np.ndarray):
         return paddle.to_tensor(value)
+    if _is_named_array(value):
+        # paddle.save pickles a tensor below the top level (the optimizer's float32 master weights under
+        # fp16) as (name, array). The name matters: the optimizer finds each master weight's velocity by it.
+        tensor = paddle.to_tensor(value[1])
+        tensor.name = value[0]
+        return tensor
     if isinstance(value, dict):
         return {key: _as_tensors(item) for key, item in value.items()}
     return value
+
+
+def _is_named_array(value) -> bool:
+    return (isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str)
+            and isinstance(value[1], np.ndarray))
 
 
 def load_backbone_state(directory: Path) -> dict:
@@ -337,11 +349,14 @@ def load_optimizer_state(directory: Path) -> dict | None:
     return _load_state(path, "optimizer state") if path.is_file() else None
 
 
-def load_backbone_into(model: paddle.nn.Layer, directory: Path) -> None:
-    """Restore ``model``'s weights from a checkpoint; every key must be there, with the model's shape."""
+def load_backbone_into(model: paddle.nn.Layer, directory: Path) -> dict:
+    """Restore ``model``'s weights from a checkpoint; every key must be there, with the model's shape. The
+    saved float32 tensors are cast to the model's dtypes (float16 under fp16: see plsc.models.precision).
+    Returns the saved state."""
     state = load_backbone_state(directory)
-    check_state_fits(model.state_dict(), state, Path(directory) / BACKBONE)
-    model.set_state_dict(state)
+    check_state_fits(precision.own_state(model), state, Path(directory) / BACKBONE)
+    model.set_state_dict(precision.fitted_state(model, state))
+    return state
 
 
 def check_state_fits(expected: dict, state: dict, path: Path) -> None:

@@ -50,6 +50,7 @@ from plsc.loss.partial_fc import center_init_std
 from plsc.loss.streaming import build_head
 from plsc.models import MODELS, build_model
 from plsc.models.layout_check import check_cudnn_nhwc
+from plsc.models.precision import restore_optimizer_state
 from plsc.parity import agreed
 
 log = logging.getLogger("plsc.train")
@@ -220,7 +221,7 @@ class Trainer:
         if optimizer_state is None and not weights_only:
             raise PlscError(f"{directory / ckpt.OPTIMIZER}: optimizer state not found; --resume-weights-only "
                             "continues without it (momentum restarts from zero)")
-        ckpt.load_backbone_into(self.model, directory)
+        weights = ckpt.load_backbone_into(self.model, directory)
         if manifest["num_classes"] != self.num_classes:  # only with weights_only (resume_conflict)
             log.warning("checkpoint %s has %d classes, this run %d: reusing the backbone only, class centers "
                         "start fresh at step 0", directory, manifest["num_classes"], self.num_classes)
@@ -231,7 +232,7 @@ class Trainer:
             log.warning("--resume-weights-only: optimizer state not restored, momentum (backbone and class "
                         "centers) restarts from zero at step %d", manifest["step"])
         else:
-            self.optimizer.set_state_dict(optimizer_state)
+            restore_optimizer_state(self.optimizer, self.model, optimizer_state, weights)
         self.head.set_state(**rows)
         if "loss_scaler" in manifest:
             self.scaler.load_state_dict(manifest["loss_scaler"])

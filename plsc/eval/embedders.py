@@ -11,6 +11,10 @@ An embedder maps a float32 batch in its ``data_format`` to raw embeddings, numpy
 ``auto`` takes Paddle Inference on the CPU and dygraph on a GPU (where the forward runs on the device and the
 engine's gain is small); if the engine cannot be built it falls back to dygraph with a warning. Both compute
 the same function: embeddings agree to ~1e-5 relative (tests/test_embedders.py).
+
+A backbone trained in fp16 holds float16 weights (see :mod:`plsc.models.precision`), which compute only under
+``paddle.amp.auto_cast`` and only on a GPU. Either engine embeds with a float32 copy of such a model: the same
+numbers on every device, and the numbers ``plsc eval`` gives for the (float32) checkpoint saved from it.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import paddle
 from plsc.errors import PlscError
 from plsc.export.exporter import save_inference_model
 from plsc.export.infer import PaddleEngine
+from plsc.models import precision
 from plsc.runtime import first_line
 
 log = logging.getLogger("plsc.eval")
@@ -66,20 +71,21 @@ class InferenceEmbedder:
         return self._engine(batch)
 
 
-def snapshot_twin(model: paddle.nn.Layer, model_config, image_size: int) -> paddle.nn.Layer:
-    """A separate NCHW copy of ``model`` in eval mode, with its current weights.
+def snapshot_twin(model: paddle.nn.Layer, model_config, image_size: int, data_format: str = "NCHW"
+                  ) -> paddle.nn.Layer:
+    """A separate float32 copy of ``model`` in eval mode and ``data_format``, with its current weights.
 
-    Separate so that tracing it leaves the (possibly training) model untouched; NCHW because the exported
-    graph takes NCHW whatever the training layout (see :mod:`plsc.export.exporter`). Building it neither
-    shifts Paddle's parameter names nor draws from its random generator, so a training run that evaluates
-    continues exactly as one that does not.
+    Separate so that tracing it leaves the (possibly training) model untouched; NCHW by default because the
+    exported graph takes NCHW whatever the training layout (see :mod:`plsc.export.exporter`). Building it
+    neither shifts Paddle's parameter names nor draws from its random generator, so a training run that
+    evaluates continues exactly as one that does not.
     """
     from plsc.models import build_model
 
-    config = dataclasses.replace(model_config, data_format="NCHW")
+    config = dataclasses.replace(model_config, data_format=data_format)
     with paddle.utils.unique_name.guard(), _rng_kept():
         twin = build_model(config, image_size=image_size)
-    twin.set_state_dict(model.state_dict())
+    precision.copy_weights(model, twin)
     twin.eval()
     return twin
 
@@ -104,7 +110,7 @@ def open_embedder(
     if engine not in ENGINES:
         raise PlscError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if engine == "dygraph" or (engine == "auto" and _on_gpu()):
-        return DygraphEmbedder(model, model_config.data_format)
+        return dygraph_embedder(model, model_config, image_size)
     if engine == "paddle":
         return InferenceEmbedder(model, model_config, image_size, threads)
     try:
@@ -112,7 +118,14 @@ def open_embedder(
     except (PlscError, RuntimeError, ValueError, OSError) as exc:  # Paddle raises assorted error types
         log.warning("Paddle Inference unavailable (%s): embedding with the dygraph model instead",
                     first_line(exc))
-        return DygraphEmbedder(model, model_config.data_format)
+        return dygraph_embedder(model, model_config, image_size)
+
+
+def dygraph_embedder(model: paddle.nn.Layer, model_config, image_size: int) -> DygraphEmbedder:
+    """The model's own forward; a float32 copy's (in the model's layout) when the model holds float16."""
+    if precision.holds_float16(model):
+        model = snapshot_twin(model, model_config, image_size, model_config.data_format)
+    return DygraphEmbedder(model, model_config.data_format)
 
 
 def _on_gpu() -> bool:

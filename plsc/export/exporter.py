@@ -39,7 +39,7 @@ from plsc.checkpoint import plsc22, replace_dir
 from plsc.checkpoint.restore import restore_backbone
 from plsc.console import captured_output
 from plsc.errors import PlscError
-from plsc.models import build_model
+from plsc.models import build_model, precision
 
 EXPORT_JSON = "export.json"
 FORMATS = ("paddle", "onnx")
@@ -137,7 +137,7 @@ def nchw_twin(model: paddle.nn.Layer, config) -> paddle.nn.Layer:
     model_config = dataclasses.replace(config.model, data_format="NCHW")
     with paddle.utils.unique_name.guard():
         twin = build_model(model_config, image_size=config.data.image_size)
-    twin.set_state_dict(model.state_dict())
+    precision.copy_weights(model, twin)
     twin.eval()
     return twin
 
