@@ -29,6 +29,7 @@ loaded into: :func:`load_backbone_into`.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -475,8 +476,11 @@ class CheckpointDir:
     def mark_latest(self, step: int) -> None:
         """Point ``latest`` at ``step``, a complete checkpoint of that step (checked: plsc must be able to
         read back every ``latest`` it writes)."""
-        path = self.path_for(step) if _is_int(step) and step >= 0 else None
-        if path is None or read_manifest(path)["step"] != step:
+        saved = None
+        if _is_int(step) and step >= 0:
+            with contextlib.suppress(PlscError):
+                saved = read_manifest(self.path_for(step))["step"]
+        if saved != step:
             raise PlscError(f"{self.root / LATEST}: refusing to name {step!r}, not a saved step here")
         write_atomic(self.root / LATEST, f"{step}\n")
 
