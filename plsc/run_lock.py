@@ -60,12 +60,13 @@ def acquire(folder: str | os.PathLike) -> RunLock:
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        if not _lock_within(fd, fcntl.LOCK_EX, CONTENTION_S):
+        if not _lock_within(fd, fcntl.LOCK_EX, 0.0):
             holder = _holder_line(path)
             if holder is not None and _shared_with_us(holder):
                 os.close(fd)
                 return RunLock(folder, None)
-            raise PlscError(refusal(folder, holder, "train into it"))
+            if not _lock_within(fd, fcntl.LOCK_EX, CONTENTION_S):
+                raise PlscError(refusal(folder, _holder_line(path), "train into it"))
         with writing(path):
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()} {_command_line()}\n".encode())

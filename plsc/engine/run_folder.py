@@ -124,7 +124,7 @@ def check_restart(directory: Path, output: Path, overwrite: bool) -> None:
                         "--overwrite to move them aside, or choose another --output")
 
 
-def lock(output: Path, config: Config, resume: bool | str | Path, weights_only: bool, overwrite: bool,
+def lock(config: Config, output: Path, resume: bool | str | Path, weights_only: bool, overwrite: bool,
          world_size: int, resuming_from: Path | None) -> run_lock.RunLock:
     """Take ``output`` for this run (created if missing) and check it again under the lock: a run that wrote
     into it since :func:`check_output` (then ``resuming_from``) makes this one start over."""

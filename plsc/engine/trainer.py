@@ -428,7 +428,7 @@ class Trainer:
         held, problem = None, None
         if self.rank == 0:
             try:
-                held = run_folder.lock(self.output, self.config, *self._restart, self.overwrite,
+                held = run_folder.lock(self.config, self.output, *self._restart, self.overwrite,
                                        self.comm.world_size, self._resume_from)
                 if self.overwrite:
                     run_folder.move_previous_run_aside(self.output)
