@@ -74,6 +74,9 @@ def test_a_folder_in_use_refuses_a_second_run_a_resume_and_an_export_until_its_h
         second = ["train", "--config", str(config), "--output", str(output), "--set", "train.max_steps=1"]
         assert cli.main(second) == 2
         assert f"cannot train into it: {holder}" in one_error_line(capsys)
+        assert cli.main([*second, "--nproc", "2"]) == 2  # refused before any process is started
+        assert f"cannot train into it: {holder}" in one_error_line(capsys)
+        assert not (output / "log").exists()
         assert cli.main(["train", "--output", str(output), "--resume"]) == 2
         assert holder in one_error_line(capsys)
         step = output / "checkpoints" / "4999"  # not written yet
