@@ -123,3 +123,27 @@ def write_atomic(path: str | os.PathLike, data: bytes | str, *, durable: bool = 
     else:
         with atomic_file(path, "wb", durable=durable) as f:
             f.write(data)
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append one complete line (a log record) to ``path``: written in one call and, when the disk is full
+    or the write fails part way, cut back to the file's previous end, so the file never ends in a partial
+    line; the failure is the one-line PlscError of :func:`write_error`."""
+    path = Path(path)
+    data = line.encode("utf-8")
+    if not data.endswith(b"\n"):
+        data += b"\n"
+    with writing(path):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        end = os.fstat(fd).st_size
+        try:
+            written = os.write(fd, data)
+            if written != len(data):  # a short write: the disk filled up after the first bytes
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, end)
+            raise write_error(path, exc) from None
+    finally:
+        os.close(fd)

@@ -68,7 +68,8 @@ def _continue_command(output: Path, world_size: int) -> str:
 
 
 def _run_train(args) -> int:
-    from plsc.engine.trainer import Trainer, TrainingInterrupted, check_output
+    from plsc.engine import run_folder
+    from plsc.engine.trainer import Trainer, TrainingInterrupted
 
     config, output = _train_config(args)
     resume = args.resume or args.resume_weights_only
@@ -76,8 +77,11 @@ def _run_train(args) -> int:
     if args.nproc is not None and args.nproc != 1:
         from plsc.launch import run_train  # the config loaded: a bad one fails here once, not in N children
 
-        check_output(config, output, resume, weights_only, args.overwrite, args.nproc)  # before <output>/log
-        return run_train(args.nproc, args.argv, output)
+        # Before <output>/log; the launcher holds the folder for its ranks (they share its lock).
+        start = (config, output, resume, weights_only, args.overwrite, args.nproc)
+        resuming_from = run_folder.check_output(*start)
+        with run_folder.lock(*start, resuming_from):
+            return run_train(args.nproc, args.argv, output)
     trainer = Trainer(config, output, resume=resume, weights_only=weights_only, overwrite=args.overwrite)
     try:
         result = trainer.run()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from plsc.atomic import write_atomic
 from plsc.errors import PlscError
 
 log = logging.getLogger("plsc")
@@ -387,4 +388,5 @@ def _check_margins(loss: LossConfig) -> None:
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    # Replaced whole: a resume reads it back, and a file cut short (a full disk) would silently mean defaults.
+    write_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -234,8 +234,10 @@ def train_cases(gpus: int) -> list[tuple[TrainCase, str | None]]:
 def write_tiny_config(folder: Path) -> Path:
     import yaml
 
+    from plsc.atomic import write_atomic
+
     path = folder / "tiny.yaml"
-    path.write_text(yaml.safe_dump(TINY_CONFIG, sort_keys=False))
+    write_atomic(path, yaml.safe_dump(TINY_CONFIG, sort_keys=False))
     return path
 
 

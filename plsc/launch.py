@@ -20,11 +20,13 @@ import time
 import typing
 from pathlib import Path
 
+from plsc import run_lock
 from plsc.errors import PlscError
 
 # Variables that tie a process to a running job: a launcher started from inside a launched process (or from a
 # shell that exported them) would join that job instead of starting its own.
-_JOB_VARIABLES = ("PADDLE_", "MASTER_ADDR", "MASTER_PORT", "FLAGS_selected_")
+# A launcher's lock on the run folder, too (run_train hands its own on to its ranks).
+_JOB_VARIABLES = ("PADDLE_", "MASTER_ADDR", "MASTER_PORT", "FLAGS_selected_", run_lock.SHARED_BY)
 
 
 def launch_command(
@@ -131,7 +133,9 @@ def run_train(nproc: int, plsc_argv: list[str], output: Path) -> int:
     # the ranks, which save a checkpoint together, and stops them if they take longer than 30 s. (In our
     # process group a Ctrl-C would reach it twice, and its second signal means "quit now".)
     with open(log_dir / LAUNCHER_LOG, "ab") as launcher_log:
-        job = Job(command, child_environment(nproc), log_dir, launcher_log)
+        # The ranks share this process's lock on the run folder (plsc.run_lock).
+        env = {**child_environment(nproc), run_lock.SHARED_BY: str(os.getpid())}
+        job = Job(command, env, log_dir, launcher_log)
     received: list[int] = []
 
     def forward(signum, frame):

@@ -385,8 +385,8 @@ def check_shared_verification(tiny_dir: Path, output: Path, ranks_dir: Path, eva
     assert rank0["images_embedded"] == rank1["images_embedded"] == evaluations * 200
     # Shared files come from rank 0 alone: one log line per step, no second writer's leftovers.
     assert [r["step"] for r in read_log(output)] == list(range(1, rank0["steps"] + 1))
-    assert sorted(p.name for p in output.iterdir()) == ["best_model", "checkpoints", "config.yaml",
-                                                        "train_log.jsonl"]
+    shared = [".plsc.lock", "best_model", "checkpoints", "config.yaml", "train_log.jsonl"]  # lock: rank 0's
+    assert sorted(p.name for p in output.iterdir()) == shared
     best_dir = output / "best_model" / "lfw_disjoint_100"
     best = ckpt.read_manifest(best_dir)
     assert best["world_size"] == 2 and best["step"] == rank0["best"]["lfw_disjoint_100"]["step"]

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from plsc.atomic import write_atomic, writing
 from plsc.errors import PlscError
 
 
@@ -167,8 +168,9 @@ def spec_from_args(args):
 
 def write_json(path: str | Path, result: dict) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(result, indent=1) + "\n")
     print(f"results: {path}")
 
 

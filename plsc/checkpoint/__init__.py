@@ -29,6 +29,7 @@ loaded into: :func:`load_backbone_into`.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -240,8 +241,11 @@ def read_manifest(directory: Path) -> dict:
         raise PlscError(f"{path}: not a plsc checkpoint manifest")
     _check_manifest_keys(path, manifest)
     version = manifest["format_version"]
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not _is_int(version) or version > FORMAT_VERSION:
         raise PlscError(f"{path}: checkpoint format {version!r}, this plsc reads up to {FORMAT_VERSION}")
+    problem = manifest_problem(manifest)
+    if problem:
+        raise PlscError(f"{path}: corrupt manifest, {problem}")
     missing = [name for name in _required_files(manifest) if not (directory / name).is_file()]
     if missing:
         raise PlscError(f"{directory}: checkpoint is incomplete, missing {', '.join(missing[:3])}")
@@ -258,6 +262,91 @@ def _check_manifest_keys(path: Path, manifest: dict) -> None:
         missing = ["shards (a list)"]
     if missing:
         raise PlscError(f"{path}: corrupt manifest, no {', '.join(missing[:3])}")
+
+
+CENTER_DTYPES = ("float32", "float16")
+VELOCITY_DTYPES = ("float32", "float16", "int8")
+# Values the loader, the trainer and the `latest` pointer take as they are: (key, test, what it must be).
+_COUNTS = (("format_version", lambda v: v >= 1), ("step", lambda v: v >= 0), ("epoch", lambda v: v >= 0),
+           ("step_in_epoch", lambda v: v >= 0), ("num_classes", lambda v: v >= 1),
+           ("embedding_size", lambda v: v >= 1), ("world_size", lambda v: v >= 1))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value \
+        and abs(value) != float("inf")
+
+
+def manifest_problem(manifest: dict) -> str | None:
+    """What is wrong with a manifest's values (types and ranges), or None: a hand-edited or damaged manifest
+    is refused at load rather than trained from (a negative step means a negative learning rate)."""
+    for key, in_range in _COUNTS:
+        value = manifest[key]
+        if not _is_int(value) or not in_range(value):
+            bound = "a positive integer" if key in ("format_version", "num_classes", "embedding_size",
+                                                     "world_size") else "a non-negative integer"
+            return f"{key} must be {bound}, got {_short(value)}"
+    if manifest["center_dtype"] not in CENTER_DTYPES:
+        return (f"center_dtype must be one of {', '.join(CENTER_DTYPES)}, "
+                f"got {_short(manifest['center_dtype'])}")
+    velocity = manifest.get("velocity_dtype", manifest["center_dtype"])
+    if velocity not in VELOCITY_DTYPES:
+        return f"velocity_dtype must be one of {', '.join(VELOCITY_DTYPES)}, got {_short(velocity)}"
+    if velocity == "int8" and manifest["format_version"] < 2:
+        return "velocity_dtype int8 needs format_version 2"
+    config = manifest["config"]
+    if not isinstance(config, dict) or not all(isinstance(section, dict) for section in config.values()):
+        return "config must map sections to settings"
+    return _shards_problem(manifest) or _extras_problem(manifest)
+
+
+def _shards_problem(manifest: dict) -> str | None:
+    """The shards must be ranks 0..world_size-1 in order, covering the classes once, each file inside the
+    checkpoint."""
+    shard_list = manifest["shards"]
+    if len(shard_list) != manifest["world_size"]:
+        return f"{len(shard_list)} shards for world_size {manifest['world_size']}"
+    next_start = 0
+    for index, shard in enumerate(shard_list):
+        rank, start, count = shard["rank"], shard["start"], shard["count"]
+        if not (_is_int(rank) and _is_int(start) and _is_int(count)) or rank != index or count < 0:
+            return f"shards[{index}] must be rank {index} with a start and count (integers)"
+        if start != next_start:
+            return f"shards[{index}] starts at class {start}, not {next_start} (an overlap or a gap)"
+        next_start = start + count
+        for kind in saved_kinds(manifest):
+            name = shard[kind]
+            if not isinstance(name, str) or name.startswith("/") or {"", ".", ".."} & set(name.split("/")):
+                return f"shards[{index}].{kind} must name a file inside the checkpoint, got {_short(name)}"
+    if next_start != manifest["num_classes"]:
+        return f"the shards hold {next_start} classes, num_classes is {manifest['num_classes']}"
+    return None
+
+
+def _extras_problem(manifest: dict) -> str | None:
+    """Optional entries the trainer reads on a resume: the best accuracies so far and the loss scaler."""
+    best = manifest.get("best", {})
+    if not isinstance(best, dict) or not all(
+            isinstance(m, dict) and _is_number(m.get("accuracy")) and _is_int(m.get("step", 0))
+            for m in best.values()):
+        return "best must map each verification set to its accuracy and step"
+    scaler = manifest.get("loss_scaler", {"scale": 1.0, "good_steps": 0})
+    if not isinstance(scaler, dict) or not (_is_number(scaler.get("scale")) and scaler["scale"] > 0
+                                            and _is_int(scaler.get("good_steps"))
+                                            and scaler["good_steps"] >= 0):
+        return "loss_scaler must hold a positive scale and a count of good_steps"
+    if "saved_ns" in manifest and not _is_int(manifest["saved_ns"]):
+        return f"saved_ns must be an integer, got {_short(manifest['saved_ns'])}"
+    return None
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _required_files(manifest: dict) -> list[str]:
@@ -382,6 +471,13 @@ def _first_three(items: list[str]) -> str:
     return ", ".join(items[:3]) + more
 
 
+def run_folder_of(directory: Path) -> Path | None:
+    """The run folder (``--output``) of a step checkpoint (``<output>/checkpoints/<step>``, or its staging
+    name while it is written) or of a best model (``<output>/best_model/<name>``); None for another path."""
+    directory = Path(directory).absolute()
+    return directory.parent.parent if directory.parent.name in ("checkpoints", "best_model") else None
+
+
 class CheckpointDir:
     """``<output>/checkpoints``: numbered step directories, the ``latest`` pointer, pruning of old ones."""
 
@@ -393,10 +489,19 @@ class CheckpointDir:
         return self.root / str(step)
 
     def mark_latest(self, step: int) -> None:
+        """Point ``latest`` at ``step``, a complete checkpoint of that step (checked: plsc must be able to
+        read back every ``latest`` it writes)."""
+        saved = None
+        if _is_int(step) and step >= 0:
+            with contextlib.suppress(PlscError):
+                saved = read_manifest(self.path_for(step))["step"]
+        if saved != step:
+            raise PlscError(f"{self.root / LATEST}: refusing to name {step!r}, not a saved step here")
         write_atomic(self.root / LATEST, f"{step}\n")
 
     def latest(self) -> Path | None:
-        """The checkpoint ``latest`` names; None when there is no ``latest``; an error when it is broken."""
+        """The checkpoint ``latest`` names; None when there is no ``latest``; an error when it is broken (it
+        must name, in ASCII digits, the step of a complete checkpoint here)."""
         pointer = self.root / LATEST
         if not pointer.is_file():
             return None
@@ -404,17 +509,20 @@ class CheckpointDir:
             text = pointer.read_text().strip()
         except (OSError, UnicodeDecodeError) as exc:
             raise PlscError(f"cannot read {pointer}: {getattr(exc, 'strerror', None) or exc}") from None
-        if not text.isdigit():
+        if not is_step_name(text):
             raise PlscError(f"{pointer} does not name a step (it holds {text[:40]!r})")
         path = self.path_for(int(text))
         if not (path / MANIFEST).is_file():
             raise PlscError(f"{pointer} names step {text}, but {path} is not a complete checkpoint")
+        step = read_manifest(path)["step"]
+        if step != int(text):
+            raise PlscError(f"{pointer} names step {text}, but {path} holds step {step}")
         return path
 
     def step_dirs(self) -> list[Path]:
         if not self.root.is_dir():
             return []
-        return [p for p in self.root.iterdir() if p.is_dir() and p.name.isdigit()]
+        return [p for p in self.root.iterdir() if p.is_dir() and is_step_name(p.name)]
 
     def holds_checkpoints(self) -> bool:
         return bool(self.step_dirs()) or (self.root / LATEST).exists()
@@ -422,11 +530,19 @@ class CheckpointDir:
     def prune(self) -> None:
         """Keep the ``keep`` most recently written checkpoints (and the one ``latest`` names), whatever their
         step numbers: a run resumed from an earlier step writes lower numbers than the ones it replaces."""
-        latest = (self.root / LATEST).read_text().strip() if (self.root / LATEST).is_file() else None
+        try:
+            latest = (self.root / LATEST).read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            latest = None
         by_age = sorted(self.step_dirs(), key=lambda path: (_written_ns(path), int(path.name)))
         for path in by_age[: -self.keep]:
             if path.name != latest:
                 remove_tree(path)
+
+
+def is_step_name(text: str) -> bool:
+    """Whether ``text`` is a step number as plsc writes it: ASCII digits only (``int`` also takes "１２")."""
+    return text.isascii() and text.isdigit()
 
 
 def _written_ns(directory: Path) -> int:

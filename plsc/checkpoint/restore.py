@@ -7,6 +7,7 @@ from pathlib import Path
 import paddle
 
 from plsc import checkpoint as ckpt
+from plsc import run_lock
 from plsc.checkpoint import plsc22
 from plsc.config import Config, config_from_dict
 from plsc.errors import PlscError
@@ -28,11 +29,11 @@ def restore_backbone(
     """
     directory = Path(directory)
     if not directory.exists():
-        raise PlscError(f"checkpoint not found: {directory}")
+        raise PlscError(f"checkpoint not found: {directory}{_being_written(directory)}")
     if plsc22.is_plsc22_checkpoint(directory):
         return plsc22.restore_backbone(directory, backbone, embedding_size, data_format)
     if directory.is_dir() and not (directory / ckpt.MANIFEST).exists():
-        raise PlscError(_not_a_checkpoint(directory))
+        raise PlscError(_not_a_checkpoint(directory) + _being_written(directory))
     manifest = ckpt.read_manifest(directory)
     config = config_from_dict(manifest["config"])
     _check_expected_model(directory, config, backbone, embedding_size)
@@ -42,6 +43,14 @@ def restore_backbone(
     ckpt.load_backbone_into(model, directory)
     model.eval()
     return model, config
+
+
+def _being_written(directory: Path) -> str:
+    """When ``directory`` is a step or best model of a run in progress: which process holds the run (the
+    checkpoint may not be complete yet). Empty otherwise."""
+    run = ckpt.run_folder_of(directory)
+    line = run_lock.holder(run) if run is not None else None
+    return f"; {run_lock.in_use(run, line)}, which may still be writing it" if line else ""
 
 
 def _is_checkpoint(directory: Path) -> bool:

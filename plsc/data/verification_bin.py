@@ -22,6 +22,7 @@ import numpy as np
 from plsc import safe_pickle
 from plsc.atomic import write_atomic
 from plsc.errors import PlscError
+from plsc.names import distinct_names, path_component
 
 
 @dataclass(eq=False)
@@ -50,7 +51,19 @@ def load_bin(path: str | os.PathLike, image_size: int | tuple[int, int] = 112) -
     images = np.empty((len(encoded), height, width, 3), dtype=np.uint8)
     for index, item in enumerate(encoded):
         images[index] = _decode_rgb(path, index, item, height, width)
-    return VerificationSet(images=images, issame=issame, name=path.stem)
+    return VerificationSet(images=images, issame=issame, name=bin_name(path))
+
+
+def bin_name(path: str | os.PathLike) -> str:
+    """A verification set's name, its file stem (``lfw`` for ``lfw.bin``): its results and its best model
+    (``best_model/<name>``) are filed under it, so it must be one ordinary path component."""
+    return path_component(Path(path).stem, str(path))
+
+
+def verification_names(paths: Sequence[str | os.PathLike], key: str) -> list[str]:
+    """The names of the sets ``paths`` (``key``: the setting or option that lists them); two files of one name
+    (``a/lfw.bin`` and ``b/lfw.bin``, or one file given twice) are refused."""
+    return distinct_names(((str(path), bin_name(path)) for path in paths), key)
 
 
 def save_bin(path: str | os.PathLike, jpeg_bytes_list: Sequence[bytes], issame: Sequence[bool]) -> None:

@@ -20,6 +20,7 @@ from plsc.demo.draw import Labeller
 from plsc.demo.embed import FaceEmbedder, open_embedder
 from plsc.demo.index import GalleryIndex, check_same_model, load_index, save_index, top_k, vote
 from plsc.errors import PlscError
+from plsc.names import distinct_names
 
 log = logging.getLogger("plsc.demo")
 
@@ -214,10 +215,12 @@ def name_faces(image, faces, embedder: FaceEmbedder, index: GalleryIndex, cdd_nu
 
 
 def output_names(paths: list[Path], inputs: Path) -> list[Path]:
-    """Each input's path relative to the input folder (its file name for a single file)."""
-    if inputs.is_dir():
-        return [path.relative_to(inputs) for path in paths]
-    return [Path(path.name) for path in paths]
+    """Each input's path relative to the input folder (its file name for a single file). Two inputs whose
+    results would share a file (``a.jpg`` and ``a.png`` both give ``a.json``) are refused."""
+    names = [path.relative_to(inputs) for path in paths] if inputs.is_dir() else [Path(p.name) for p in paths]
+    results = zip(map(str, paths), (str(name.with_suffix(".json")) for name in names), strict=True)
+    distinct_names(results, "--input")
+    return names
 
 
 def write_outputs(output: Path, names: list[Path], pictures: list[np.ndarray], results: list[dict]) -> None:

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import resource
 import signal
 import time
@@ -24,12 +23,13 @@ import numpy as np
 import paddle
 
 from plsc import checkpoint as ckpt
-from plsc.atomic import write_atomic, writing
+from plsc.atomic import append_line
 from plsc.config import Config, save_config
 from plsc.console import format_duration
 from plsc.data import build_dataset, build_train_loader_from_config, normalize_batch
-from plsc.data.verification_bin import load_bin
+from plsc.data.verification_bin import load_bin, verification_names
 from plsc.distributed import make_comm, require_classes_per_rank, share_statistics_from_rank0
+from plsc.engine import run_folder
 from plsc.engine.loss_scaler import DynamicLossScaler, all_finite
 from plsc.engine.modes import (
     BackboneStep,
@@ -48,7 +48,7 @@ from plsc.loss import fast_paths, int8_rows
 from plsc.loss.margin import Margin
 from plsc.loss.partial_fc import center_init_std
 from plsc.loss.streaming import build_head
-from plsc.models import MODELS, build_model
+from plsc.models import build_model
 from plsc.models.layout_check import check_cudnn_nhwc
 from plsc.models.precision import restore_optimizer_state
 from plsc.parity import agreed
@@ -123,9 +123,11 @@ class Trainer:
         self.rank = self.comm.rank
         self.checkpoints = ckpt.CheckpointDir(self.output / "checkpoints", config.train.keep_checkpoints)
         self.overwrite = overwrite
-        self._resume_from = check_output(config, self.output, resume, weights_only, overwrite,
-                                         self.comm.world_size)
+        self._restart = (resume, weights_only)  # checked again under the run folder's lock (run)
+        self._resume_from = run_folder.check_output(config, self.output, resume, weights_only, overwrite,
+                                                    self.comm.world_size)
         require_files(config.data.val_bins, "data.val_bins")  # before minutes of loading and building
+        verification_names(config.data.val_bins, "data.val_bins")  # results and best_model/<name> by name
         self.dataset = build_dataset(config.data, seed=config.train.seed)
         self.num_classes = config.data.num_classes or self.dataset.num_classes
         require_classes_per_rank(self.num_classes, self.comm.world_size)
@@ -214,7 +216,7 @@ class Trainer:
     def _resume(self, directory: Path, weights_only: bool) -> None:
         manifest = ckpt.read_manifest(directory)
         world = self.comm.world_size  # check_output compared the settings; the class count is known only now
-        conflict = resume_conflict(manifest, self.config, world, self.num_classes, weights_only)
+        conflict = run_folder.resume_conflict(manifest, self.config, world, self.num_classes, weights_only)
         if conflict:
             raise PlscError(f"cannot resume from {directory}: {conflict}")
         optimizer_state = None if weights_only else ckpt.load_optimizer_state(directory)
@@ -223,6 +225,7 @@ class Trainer:
                             "continues without it (momentum restarts from zero)")
         weights = ckpt.load_backbone_into(self.model, directory)
         if manifest["num_classes"] != self.num_classes:  # only with weights_only (resume_conflict)
+            run_folder.check_restart(directory, self.output, self.overwrite)
             log.warning("checkpoint %s has %d classes, this run %d: reusing the backbone only, class centers "
                         "start fresh at step 0", directory, manifest["num_classes"], self.num_classes)
             return
@@ -238,7 +241,7 @@ class Trainer:
             self.scaler.load_state_dict(manifest["loss_scaler"])
         self.state = ckpt.TrainingState(manifest["step"], manifest["epoch"], manifest["step_in_epoch"])
         # best_model/ of another output is not this run's: its accuracies are not the bar to beat here.
-        self.best = manifest.get("best", {}) if of_this_run(directory, self.output) else {}
+        self.best = manifest.get("best", {}) if run_folder.of_this_run(directory, self.output) else {}
         if directory.resolve() == self.checkpoints.path_for(self.state.step).resolve():
             self._last_checkpoint = directory  # resuming a finished run does not save it again
         log.info("resumed from %s at step %d (epoch %d)", directory, self.state.step, self.state.epoch)
@@ -422,13 +425,34 @@ class Trainer:
         return previous
 
     def run(self) -> TrainResult:
+        held = self._take_run_folder()
+        try:
+            return self._run()
+        finally:
+            if held is not None:
+                held.release()
+
+    def _take_run_folder(self):
+        """Rank 0 locks the output folder for the whole run (checked again under the lock), then prepares it;
+        a refusal ends every rank."""
+        held, problem = None, None
         if self.rank == 0:
-            self.output.mkdir(parents=True, exist_ok=True)
-            if self.overwrite:
-                move_previous_run_aside(self.output)
-            save_config(self.config, self.output / "config.yaml")
-            truncate_log(self.output / "train_log.jsonl", self.state.step)
-        self.comm.barrier()
+            try:
+                held = run_folder.lock(self.config, self.output, *self._restart, self.overwrite,
+                                       self.comm.world_size, self._resume_from)
+                if self.overwrite:
+                    run_folder.move_previous_run_aside(self.output)
+                save_config(self.config, self.output / "config.yaml")
+                run_folder.truncate_log(self.output / "train_log.jsonl", self.state.step)
+            except PlscError as exc:
+                if held is not None:
+                    held.release()
+                problem = exc
+        if self.comm.any_true(problem is not None):
+            raise problem or PlscError(f"rank 0 could not take {self.output} for this run (see its log)")
+        return held
+
+    def _run(self) -> TrainResult:
         started = time.time()
         self._run_logged = False  # no step of this run logged yet
         previous_handlers = self._install_signal_handlers()
@@ -511,8 +535,7 @@ class Trainer:
             record.update(loss_scale=self.scaler.scale, skipped_steps=self.skipped_steps)
         if self.rank == 0:
             if to_file:
-                with open(self.output / "train_log.jsonl", "a") as f:
-                    f.write(json_line(record))
+                append_line(self.output / "train_log.jsonl", json_line(record))
             log.info(
                 "step %d/%d epoch %d loss %.4f lr %.5f %.1f img/s eta %s mem %.0f MB",
                 self.state.step,
@@ -524,124 +547,6 @@ class Trainer:
                 format_duration(eta),
                 record["mem_mb"],
             )
-
-
-# --- the run folder and resuming ----------------------------------------------------------------------------
-
-# Settings a resumed run keeps. SHAPE_KEYS decide the tensors' shapes (the saved ones would not fit);
-# TRAJECTORY_KEYS the data order, the sampled classes or the layout the numbers were computed in (a changed
-# value silently makes another run). Everything else (intervals, max_steps, epochs, lr, ...) may change.
-SHAPE_KEYS = ("model.name", "model.width", "model.embedding_size", "data.image_size")
-TRAJECTORY_KEYS = ("model.data_format", "train.seed", "loss.sample_ratio")
-PREVIOUS_RUN_FILES = ("checkpoints", "best_model", "train_log.jsonl")
-
-
-def _same_setting(key: str, saved, wanted) -> bool:
-    if key == "model.name":  # FresResNet50 and iresnet50 are one architecture
-        return saved == wanted or (MODELS.get(saved) is not None and MODELS.get(saved) is MODELS.get(wanted))
-    return saved == wanted
-
-
-def resume_conflict(manifest: dict, config: Config, world_size: int, num_classes: int | None,
-                    weights_only: bool = False) -> str | None:
-    """Why ``config`` cannot continue the run that saved ``manifest`` (None: it can).
-
-    ``num_classes`` None skips the class count (not known before the data set is read). With ``weights_only``
-    only the shapes must agree: the class count may change too (the backbone alone is taken then).
-    """
-    saved = manifest["config"]
-    wanted = config.to_dict()
-    for key in SHAPE_KEYS + ((), TRAJECTORY_KEYS)[not weights_only]:
-        section, name = key.split(".")
-        before, now = saved.get(section, {}).get(name), wanted[section][name]
-        if not _same_setting(key, before, now):
-            why = "the saved tensors would not fit" if key in SHAPE_KEYS else (
-                "it changes the run's trajectory; --resume-weights-only takes the weights anyway")
-            return f"{key} is {before!r} in the checkpoint, {now!r} here ({why})"
-    if weights_only:
-        return None
-    if num_classes is not None and manifest["num_classes"] != num_classes:
-        return (f"the checkpoint has {manifest['num_classes']} classes, this run {num_classes} "
-                "(--resume-weights-only takes the backbone alone)")
-    saved_batch, saved_world = saved.get("train", {}).get("batch_size"), manifest["world_size"]
-    batch = config.train.batch_size
-    if saved_batch is None or saved_batch * saved_world != batch * world_size:
-        return (f"the global batch (train.batch_size x ranks) is {saved_batch} x {saved_world} in the "
-                f"checkpoint, {batch} x {world_size} here (it changes the data order)")
-    return None
-
-
-def of_this_run(checkpoint: Path, output: Path) -> bool:
-    """Whether ``checkpoint`` is one of ``output``'s step or best_model checkpoints."""
-    parents = Path(checkpoint).resolve().parents
-    return any((Path(output) / name).resolve() in parents for name in ("checkpoints", "best_model"))
-
-
-def check_output(config: Config, output: Path, resume: bool | str | Path, weights_only: bool, overwrite: bool,
-                 world_size: int) -> Path | None:
-    """Checks made before anything is written: the checkpoint to resume from (None: a fresh start) exists and
-    fits ``config``; ``output`` holds no other run's results unless ``overwrite`` moves them aside."""
-    checkpoints = ckpt.CheckpointDir(output / "checkpoints")
-    directory = None
-    if resume is True:
-        if overwrite:
-            raise PlscError("--overwrite would move aside the checkpoints --resume continues: pass one")
-        directory = checkpoints.latest()
-        if directory is None:
-            raise PlscError(f"--resume: no checkpoint under {checkpoints.root}")
-    elif resume:
-        directory = Path(resume)
-        if not directory.is_dir():
-            raise PlscError(f"--resume: checkpoint folder {directory} not found")
-        if overwrite and of_this_run(directory, output):
-            raise PlscError(f"--overwrite would move aside {directory}, the checkpoint to resume from")
-    own = directory is not None and of_this_run(directory, output)
-    previous = [name for name in PREVIOUS_RUN_FILES if (output / name).exists()]
-    if previous and not own and not overwrite:
-        raise PlscError(f"{output} holds another run's {', '.join(previous)}: continue it with --resume, "
-                        "choose another --output, or pass --overwrite to move them aside")
-    if directory is not None:
-        manifest = ckpt.read_manifest(directory)
-        conflict = resume_conflict(manifest, config, world_size, None, weights_only)
-        if conflict:
-            raise PlscError(f"cannot resume from {directory}: {conflict}")
-    return directory
-
-
-def move_previous_run_aside(output: Path) -> Path | None:
-    """Move another run's checkpoints, best models and log into ``output/old-<time>`` (--overwrite)."""
-    previous = [output / name for name in PREVIOUS_RUN_FILES if (output / name).exists()]
-    if not previous:
-        return None
-    aside = output / time.strftime("old-%Y%m%d-%H%M%S")
-    with writing(aside):
-        aside.mkdir()
-        for path in previous:
-            os.replace(path, aside / path.name)
-    log.warning("--overwrite: moved the previous run's %s to %s", ", ".join(p.name for p in previous), aside)
-    return aside
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """Drop the log records after ``step`` (the run continues from there), so no step is logged twice.
-
-    Unreadable lines (a record cut by a crash) go too. The log is replaced atomically.
-    """
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines()
-    kept = [line for line in lines if _logged_step(line) is not None and _logged_step(line) <= step]
-    if len(kept) != len(lines):
-        write_atomic(path, "".join(line + "\n" for line in kept))
-
-
-def _logged_step(line: str) -> int | None:
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None
-    step = record.get("step") if isinstance(record, dict) else None
-    return step if isinstance(step, int) else None
 
 
 class _LogWindow:

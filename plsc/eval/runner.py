@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from plsc.checkpoint.restore import restore_backbone
-from plsc.data.verification_bin import load_bin
+from plsc.data.verification_bin import load_bin, verification_names
 from plsc.eval.embedders import open_embedder
 from plsc.eval.verification import verify
 
@@ -23,6 +23,7 @@ def evaluate_checkpoint(
     ``engine``: as for :func:`plsc.eval.embedders.open_embedder` (auto: Paddle Inference on the CPU);
     ``model_hints``: ``backbone``, ``embedding_size``, ``data_format`` as for :func:`restore_backbone`.
     """
+    verification_names(bins, "--bin")  # results are keyed by name: before minutes of loading
     model, config = restore_backbone(directory, **model_hints)
     embed = open_embedder(model, config.model, config.data.image_size, engine)
     results = {}

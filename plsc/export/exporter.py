@@ -40,6 +40,7 @@ from plsc.checkpoint.restore import restore_backbone
 from plsc.console import captured_output
 from plsc.errors import PlscError
 from plsc.models import build_model, precision
+from plsc.names import path_component
 
 EXPORT_JSON = "export.json"
 FORMATS = ("paddle", "onnx")
@@ -68,10 +69,12 @@ def export_checkpoint(
         raise PlscError(f"export format must be one of {', '.join(FORMATS)}, got {export_format!r}")
     output = Path(output)
     previous = check_output(output)
+    if name is not None:
+        path_component(name, "--name")  # the exported files' stem: before any work
     model, config = restore_backbone(checkpoint, **model_hints)
     if config.model.data_format != "NCHW":
         model = nchw_twin(model, config)
-    name = name or config.model.name
+    name = path_component(name or config.model.name, "--name (default: the checkpoint's model.name)")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         staging = temp_path(output)

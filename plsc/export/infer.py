@@ -18,6 +18,7 @@ from plsc.data.folder import read_image
 from plsc.data.transforms import EvalTransform
 from plsc.errors import PlscError
 from plsc.export.exporter import EXPORT_JSON, read_description
+from plsc.names import path_component
 from plsc.runtime import default_threads, first_line
 
 ENGINES = ("paddle", "onnx")
@@ -63,7 +64,8 @@ def _from_export_folder(directory: Path, engine: str | None) -> ExportedModel:
     if engine not in artifacts:
         present = ", ".join(artifacts) or "none"
         raise PlscError(f"{directory} holds no {engine or 'known'} export (exported: {present})")
-    files = [directory / name for name in artifacts[engine]["files"]]
+    listed = f"{directory / EXPORT_JSON}: artifacts.{engine}.files"
+    files = [directory / path_component(name, listed) for name in artifacts[engine]["files"]]
     image_size = int(description["input"]["shape"][-1])
     if engine == "onnx":
         return ExportedModel("onnx", files[0], None, image_size)
