@@ -50,10 +50,11 @@ def test_a_trial_failing_for_another_reason_is_a_harness_error(tmp_path):
 
 
 def test_a_trial_stopped_once_done_fits(tmp_path):
+    # Not stopped, the 60 s sleep would outlast the 30 s timeout: run_trial would raise TrialError.
     trial = run_trial(
         7, python("import time; time.sleep(60)"), tmp_path / "log", done=lambda: True, timeout_s=30
     )
-    assert trial.fits and trial.seconds < 30
+    assert trial.fits
 
 
 # --- the bisection
