@@ -1,4 +1,4 @@
-"""The capacity and throughput harness's own machinery: trials under an OS memory cap, the bisection, the
+"""The capacity and throughput harness's own machinery: trials under a resident-memory cap, the bisection, the
 steady-state throughput, and the claims and tables they feed. No training runs here (repro/capacity and
 repro/throughput do that)."""
 
@@ -10,7 +10,17 @@ import pytest
 import yaml
 
 from repro import report
-from repro.capacity.trials import Trial, TrialError, bisect_max_classes, run_trial
+from repro.capacity.trials import (
+    FINISHED,
+    GUARD_FACTOR,
+    OVER_CAP,
+    REFUSED_MEMORY,
+    STOPPED_DONE,
+    Trial,
+    TrialError,
+    bisect_max_classes,
+    run_trial,
+)
 from repro.claims import CLAIMS_FILE, ClaimsError, load_claims
 from repro.hardware import Hardware
 from repro.results import new_result
@@ -28,9 +38,31 @@ def python(code: str) -> list[str]:
 # --- one trial
 
 
-def test_a_trial_that_needs_more_than_the_cap_does_not_fit(tmp_path):
-    trial = run_trial(7, python("bytearray(400 * 2**20)"), tmp_path / "log", memory_cap_bytes=200 * MIB)
-    assert (trial.classes, trial.fits) == (7, False)
+def test_a_trial_whose_resident_memory_passes_the_cap_does_not_fit(tmp_path):
+    # 300 MiB written (resident) under a 200 MiB cap; within the guard, so the allocation itself succeeds.
+    # It would sleep past the timeout (TrialError) unless stopped once its RSS passed the cap.
+    code = "import time; b = bytearray(300 * 2**20); time.sleep(600)"
+    trial = run_trial(7, python(code), tmp_path / "log", memory_cap_bytes=200 * MIB, timeout_s=120)
+    assert (trial.classes, trial.fits, trial.reason) == (7, False, OVER_CAP)
+    assert trial.peak_rss_bytes > 200 * MIB
+
+
+def test_address_space_reserved_but_never_touched_is_not_resident_and_fits(tmp_path):
+    # 300 MiB of private address space (counted by RLIMIT_DATA, the old cap) under a 200 MiB cap on RSS.
+    code = ("import mmap; m = mmap.mmap(-1, 300 * 2**20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS); "
+            "print(open('/proc/self/status').read())")
+    trial = run_trial(7, python(code), tmp_path / "log", memory_cap_bytes=200 * MIB)
+    status = dict(line.split(":", 1) for line in (tmp_path / "log").read_text().splitlines() if ":" in line)
+    assert int(status["VmData"].split()[0]) * 1024 > 300 * MIB  # the reservation is in the data segment
+    assert (trial.fits, trial.reason) == (True, FINISHED) and trial.peak_rss_bytes < 200 * MIB
+
+
+def test_an_allocation_far_beyond_the_cap_is_refused_by_the_guard_and_does_not_fit(tmp_path):
+    cap = 100 * MIB
+    code = f"b = bytearray({(GUARD_FACTOR + 1) * cap})"
+    trial = run_trial(7, python(code), tmp_path / "log", memory_cap_bytes=cap)
+    assert (trial.fits, trial.reason) == (False, REFUSED_MEMORY) and trial.peak_rss_bytes < cap
+    assert "MemoryError" in (tmp_path / "log").read_text()
 
 
 def test_a_trial_under_the_cap_fits_and_reports_its_peak_rss(tmp_path):
@@ -54,7 +86,7 @@ def test_a_trial_stopped_once_done_fits(tmp_path):
     trial = run_trial(
         7, python("import time; time.sleep(60)"), tmp_path / "log", done=lambda: True, timeout_s=30
     )
-    assert trial.fits
+    assert (trial.fits, trial.reason) == (True, STOPPED_DONE)
 
 
 # --- the bisection
