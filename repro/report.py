@@ -147,22 +147,26 @@ def capacity_model_block(group: ModelCapacityGroup, results: Results) -> str:
 
 
 def cpu_capacity_block(group: CpuCapacityGroup, results: Results) -> str:
-    header = ["Memory cap", "Max classes (fits / fails)", "Model's max", "Bytes per class measured / model"]
-    header += ["Model error per class / peak", "Verdict", "Hardware"]
+    header = ["Peak RSS cap", "Fixed overhead (measured)", "Max classes (fits / fails)", "Model's max"]
+    header += ["Binding phase", "Bytes per class measured / model", "Model error per class / peak"]
+    header += ["Verdict", "Hardware"]
     rows = []
     for claim in group.rows:
         result = results.get(claim.id)
         if result is None:
-            rows.append([f"{claim.memory_cap_mib / 1024:g} GiB", NONE, NONE, NONE, NONE] + _outcome(result))
+            rows.append([f"{claim.memory_cap_mib / 1024:g} GiB"] + [NONE] * 6 + _outcome(result))
             continue
         details, measured = result.details, result.measured
         cap = f"{details['memory_cap_mib'] / 1024:g} GiB"  # the trials' cap, whatever claims.yaml says now
+        overhead = _detail(result, "fixed_overhead_mib", "{:,.0f} MiB")
         bracket = f"{measured['classes']:,.0f} / {details['fails_at_classes']:,.0f}"
+        model_max = f"{details['predicted_classes']:,.0f}"
+        if "classes_error" in details:
+            model_max += f" ({details['classes_error']:+.1%})"
+        phase = details.get("binding_phase", NONE)
         per_class = f"{details['bytes_per_class']:,.0f} / {details['predicted_bytes_per_class']:,.0f}"
         errors = f"{measured['bytes_per_class_error']:+.1%} / {measured['peak_error']:+.1%}"
-        rows.append(
-            [cap, bracket, f"{details['predicted_classes']:,.0f}", per_class, errors] + _outcome(result)
-        )
+        rows.append([cap, overhead, bracket, model_max, phase, per_class, errors] + _outcome(result))
     return _block(group, results, header, rows, lead=group.section)
 
 

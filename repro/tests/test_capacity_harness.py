@@ -213,6 +213,9 @@ def test_the_capacity_block_shows_prediction_ratio_and_cpu_measurement(cpu_machi
             "memory_cap_mib": 1536,
             "fails_at_classes": 1_222_486,
             "predicted_classes": 1_222_487,
+            "classes_error": 1_222_487 / 1_130_799 - 1,
+            "fixed_overhead_mib": 352.4,
+            "binding_phase": "inf/nan check",
             "bytes_per_class": 1027.0,
             "predicted_bytes_per_class": 1020.6,
         },
@@ -230,7 +233,8 @@ def test_the_capacity_block_shows_prediction_ratio_and_cpu_measurement(cpu_machi
         "3,694",
         "recorded",
     ] in rows
-    cpu_row = ["1.5 GiB", "1,130,799 / 1,222,486", "1,222,487", "1,027 / 1,021", "-0.6% / -0.8%", "pass"]
+    cpu_row = ["1.5 GiB", "352 MiB", "1,130,799 / 1,222,486", "1,222,487 (+8.1%)", "inf/nan check",
+               "1,027 / 1,021", "-0.6% / -0.8%", "pass"]
     assert cpu_row + [cpu_machine.describe()] in rows
 
 
