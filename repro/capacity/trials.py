@@ -9,16 +9,20 @@ RSS counts and counts reserved address space that is never touched, so under it 
 a peak RSS far below the cap and fit far above it. It is kept as a guard only, at :data:`GUARD_FACTOR` x the
 cap, so that an allocation far beyond the cap is refused before a poll could see it (such a trial does not
 fit either). Any other failure is a harness error, not a verdict. A trial that does not fit stopped early:
-its peak RSS is where it stopped, not what it needed.
+its peak RSS is where it stopped, not what it needed. Each trial runs under a small launcher
+(:mod:`repro.capacity.own_rusage`): forked from this process directly, its peak RSS would start from this
+process's own.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import resource
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,6 +53,8 @@ GPU_CAPACITY_FLAGS = {
     "FLAGS_allocator_strategy": "naive_best_fit",
     "FLAGS_fraction_of_gpu_memory_to_use": "0.999",
 }
+
+LAUNCHER = Path(__file__).with_name("own_rusage.py")
 
 log = logging.getLogger("repro.capacity")
 
@@ -99,19 +105,23 @@ def run_trial(
     ``worker_logs``: a folder of per-rank logs (``plsc train --nproc``) searched for out-of-memory errors too.
     """
     started = time.monotonic()
+    report = log_path.with_name(f"{log_path.name}.rusage.json")
+    report.unlink(missing_ok=True)
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            command,
+            [sys.executable, "-S", str(LAUNCHER), str(report), *command],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,  # its own process group: stopping it stops the ranks a launcher started
             preexec_fn=data_limit(GUARD_FACTOR * memory_cap_bytes) if memory_cap_bytes else None,
         )
-        end = _wait(process, started + timeout_s, done, memory_cap_bytes)
+        end = _wait(process, started + timeout_s, done, memory_cap_bytes, report)
     seconds = time.monotonic() - started
-    code = os.waitstatus_to_exitcode(end.status)
-    peak = max(end.usage.ru_maxrss * 1024, end.polled_peak)
+    own = _read_report(report)  # the command's own status and peak, unless the launcher was killed too
+    report.unlink(missing_ok=True)
+    code = os.waitstatus_to_exitcode(own.get("status", end.status))
+    peak = max(own.get("maxrss_kib", 0) * 1024, end.polled_peak)
     if end.stopped:
         return Trial(classes, True, peak, seconds, STOPPED_DONE)
     if end.over_cap or (code == 0 and memory_cap_bytes and peak > memory_cap_bytes):
@@ -128,26 +138,27 @@ def run_trial(
 
 @dataclass(frozen=True)
 class _End:
-    status: int  # wait status
-    usage: resource.struct_rusage
+    status: int  # wait status of the launcher
     stopped: bool  # killed by us once ``done``
     over_cap: bool  # killed by us once its VmHWM passed the cap
     polled_peak: int  # the largest VmHWM read while it ran
 
 
 def _wait(process: subprocess.Popen, deadline: float, done: Callable[[], bool] | None,
-          cap: int | None) -> _End:
-    """How the child ended, through ``os.wait4``; killed once ``done``, once its VmHWM passes ``cap``, or at
-    ``deadline`` (TrialError)."""
+          cap: int | None, report: Path) -> _End:
+    """How the launcher ended, through ``os.wait4``; killed (its process group) once ``done``, once the
+    command's VmHWM passes ``cap``, or at ``deadline`` (TrialError)."""
     stopped = over_cap = False
     polled_peak = 0
+    command_pid = None
     while True:
-        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        pid, status, _ = os.wait4(process.pid, os.WNOHANG)
         if pid:
             process.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
-            return _End(status, usage, stopped, over_cap, polled_peak)
-        if cap and not (stopped or over_cap):
-            polled_peak = max(polled_peak, peak_rss_of(process.pid))
+            return _End(status, stopped, over_cap, polled_peak)
+        command_pid = command_pid or _read_report(report).get("pid")
+        if cap and command_pid and not (stopped or over_cap):
+            polled_peak = max(polled_peak, peak_rss_of(command_pid))
             if polled_peak > cap:
                 over_cap = True
                 _kill_group(process)
@@ -160,6 +171,14 @@ def _wait(process: subprocess.Popen, deadline: float, done: Callable[[], bool] |
             process.returncode = -signal.SIGKILL
             raise TrialError(f"trial did not finish in time; killed: {' '.join(map(str, process.args))}")
         time.sleep(POLL_S)
+
+
+def _read_report(path: Path) -> dict:
+    """The launcher's report (see repro.capacity.own_rusage), {} before it is written."""
+    try:
+        return json.loads(path.read_text(encoding="ascii"))
+    except (OSError, ValueError):
+        return {}
 
 
 def peak_rss_of(pid: int) -> int:

@@ -4,6 +4,7 @@ repro/throughput do that)."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import pytest
@@ -68,6 +69,17 @@ def test_an_allocation_far_beyond_the_cap_is_refused_by_the_guard_and_does_not_f
 def test_a_trial_under_the_cap_fits_and_reports_its_peak_rss(tmp_path):
     trial = run_trial(7, python("b = bytearray(100 * 2**20)"), tmp_path / "log", memory_cap_bytes=400 * MIB)
     assert trial.fits and trial.peak_rss_bytes >= 100 * MIB
+
+
+def test_a_trials_peak_rss_is_its_own_not_the_high_water_mark_of_the_process_that_started_it(tmp_path):
+    code = "import resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    grown = bytearray(600 * MIB)  # this process's high-water mark: at least 600 MiB from here on
+    del grown
+    trial = run_trial(7, python(code), tmp_path / "log", memory_cap_bytes=400 * MIB)
+    # A child forked from here would report >= 600 MiB: its ru_maxrss starts from this process's mark.
+    forked = subprocess.run(python(code), capture_output=True, text=True, check=True)
+    assert int(forked.stdout) * 1024 > 600 * MIB
+    assert (trial.fits, trial.reason) == (True, FINISHED) and trial.peak_rss_bytes < 100 * MIB
 
 
 def test_a_library_that_cannot_be_mapped_under_the_cap_does_not_fit(tmp_path):
