@@ -150,8 +150,12 @@ def test_memory_model_predicts_the_published_rows(claim: ModelCapacityClaim, rec
     config = load_config(ROOT / claim.config, overrides, reads_data=False)  # a prediction reads no data
     setting = setting_from_config(config, group.device_memory_mib * MIB, group.world_size, "gpu")
     prediction = predict(memory_model(config, setting))
+    int8 = load_config(ROOT / claim.config, [*overrides, "loss.velocity_dtype=int8"], reads_data=False)
     details = {
         "ratio_to_published": prediction.max_classes / claim.published["classes"],
+        # the same setting with int8 velocity (codes and a float32 scale per row): the README's summary
+        "int8_velocity_classes": predict(memory_model(int8, setting_from_config(
+            int8, group.device_memory_mib * MIB, group.world_size, "gpu"))).max_classes,
         "max_classes_per_rank": prediction.max_classes_per_rank,
         "bytes_per_class": prediction.bytes_per_class,
         "binding_phase": prediction.binding_phase,

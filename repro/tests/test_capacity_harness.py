@@ -254,3 +254,22 @@ def test_the_throughput_and_accuracy_blocks_list_the_cpu_rows_not_run():
     blocks = report.render_blocks(load_claims(), {}, "figure.png")
     assert "Tiers `cpu`, `cpu_slow`: 0 of 2 cases run." in blocks["throughput"]
     assert "faces_mini_lfw_disjoint" in blocks["accuracy"] and ">= 0.8500" in blocks["accuracy"]
+
+
+def test_the_readme_capacity_sentence_takes_every_number_from_the_results(cpu_machine):
+    claims = load_claims()
+    assert report.capacity_summary(claims, {}) == (
+        "Capacity: plsc's memory model has not been run for PLSC v2.2's 92M setting (8 x NVIDIA Tesla V100 "
+        "32G (32510 MiB), configs/ms1mv3_r50_static_fp16_nhwc_r0.1.yaml, batch 64 per GPU, ratio 0.1); the "
+        "CPU tier has not been run:"
+    )
+    prediction = record(claims, "model_capacity_paddle_static_fp16_res50", {"classes": 101_537_232.0},
+                        {"binding_phase": "inf/nan check", "int8_velocity_classes": 124_987_654}, cpu_machine)
+    cpu = record(claims, "cpu_capacity_memory_model",
+                 {"classes": 1_484_569, "bytes_per_class_error": -0.021, "peak_error": -0.018},
+                 {"memory_cap_mib": 1280, "bytes_per_class": 651.1}, cpu_machine)
+    sentence = report.capacity_summary(claims, {r.claim_id: r for r in (prediction, cpu)})
+    assert "predicts 101.5M classes (125.0M with `loss.velocity_dtype=int8`) for PLSC v2.2's 92M" in sentence
+    assert "bound by its inf/nan check phase" in sentence
+    assert sentence.endswith("the CPU tier fits 1,484,569 classes under a 1.25 GiB cap on peak RSS, the "
+                             "model's bytes per class -2.1% off the measured 651 (pass):")
