@@ -49,7 +49,7 @@ def test_a_trial_whose_resident_memory_passes_the_cap_does_not_fit(tmp_path):
 
 
 def test_address_space_reserved_but_never_touched_is_not_resident_and_fits(tmp_path):
-    # 300 MiB of private address space (counted by RLIMIT_DATA, the old cap) under a 200 MiB cap on RSS.
+    # 300 MiB of private address space (RLIMIT_DATA counts it), never touched, under a 200 MiB cap on RSS.
     code = ("import mmap; m = mmap.mmap(-1, 300 * 2**20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS); "
             "print(open('/proc/self/status').read())")
     trial = run_trial(7, python(code), tmp_path / "log", memory_cap_bytes=200 * MIB)
