@@ -70,8 +70,10 @@ FP16_ACTIVATION_FACTOR = 0.5  # estimate: FP16/AMP activations on a GPU, relativ
 FIXED_OVERHEAD_MIB = {
     # CUDA context, cuBLAS/cuDNN workspaces and Paddle's own buffers on one GPU: an estimate.
     "gpu": 1024,
-    # A `plsc train` process (Python, Paddle, plsc, a tiny model, 1000 classes): 477 MiB VmHWM with Paddle
-    # 3.3.1, about 330 MiB of it Paddle's library pages (303 MiB with 2.6.2).
+    # A `plsc train` process (Python, Paddle, plsc, a tiny model, 1000 classes): 350-485 MiB VmHWM with
+    # Paddle 3.3.1 (about 300 with 2.6.2). Most of the spread is the library pages it maps (RssFile: 205-330
+    # MiB for the same files), which depend on how the page cache holds them; the CPU capacity tier
+    # (repro/capacity) measures the overhead on its machine.
     "cpu": 480,
 }
 DEVICES = tuple(FIXED_OVERHEAD_MIB)
