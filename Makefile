@@ -35,12 +35,14 @@ tox: venv
 	$(BIN)/tox
 
 # Reproduction of PLSC v2.2's published claims (docs/reproduction.md). Optional variables:
-#   DATA_DIR=MS1M_v3 (agedb_30.bin, cfp_fp.bin, lfw.bin)  CHECKPOINT_DIR=dir  DOWNLOAD=1  GPUS=n  RESULTS_DIR=dir
+#   DATA_DIR=MS1M_v3 (agedb_30.bin, cfp_fp.bin, lfw.bin)  CHECKPOINT_DIR=dir  DOWNLOAD=1  GPUS=n
 #   RUN_SLOW=1 (the cpu_slow tier: faces-mini accuracy, static-mode CPU throughput)
+#   RESULTS_DIR=dir  where the results go (default output/repro/results/, not tracked)
+#   UPDATE_RESULTS=1 write the committed results in repro/results/ instead (what `make report` renders)
 # Cases whose data, checkpoints or hardware are missing are skipped with the reason (-rs prints it).
 REPRO_OPTS = $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(CHECKPOINT_DIR),--checkpoint-dir $(CHECKPOINT_DIR)) \
 	$(if $(DOWNLOAD),--download) $(if $(GPUS),--gpus $(GPUS)) $(if $(RESULTS_DIR),--results-dir $(RESULTS_DIR)) \
-	$(if $(RUN_SLOW),--run-slow)
+	$(if $(UPDATE_RESULTS),--update-results) $(if $(RUN_SLOW),--run-slow)
 REPRO_PYTEST = $(BIN)/python -m pytest -rs
 
 repro-cpu: venv

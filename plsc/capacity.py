@@ -8,6 +8,9 @@ forward/back    backbone parameters, gradients, momentum + activations of the ra
                 and their velocity + the sampled rows and their gradients ([sampled, emb], float32) + the
                 logits, softmax and their gradients ([global batch, sampled], float32)
 center update   the same without activations and logits, plus the rows the momentum step works on
+inf/nan check   class centers + the check's own buffers: before every save or verification the trainer
+                checks that the centers are finite (plsc.engine.loss_scaler.all_finite), and Paddle's
+                ``isfinite`` returns one bool per element, the size of the class-center matrix in bytes
 checkpoint      class centers + what writing them costs (streamed block by block: one block, not a copy)
 ==============  ==========================================================================================
 
@@ -24,8 +27,8 @@ Where the counts come from (nothing is fitted to a capacity run):
 
 - class-center and head terms: :func:`probe_head` builds plsc's own :class:`~plsc.loss.partial_fc.PartialFC`
   at two small sizes on the CPU and reads Paddle's allocator counters around each phase (init, forward and
-  backward, center update, writing a checkpoint), so the counts follow the code as it changes: e.g. 2 bytes
-  x 2 (weight + velocity) per element in float16 (2 + 1 + 4 / E with int8 velocity,
+  backward, center update, the inf/nan check, writing a checkpoint), so the counts follow the code as it
+  changes: e.g. 2 bytes x 2 (weight + velocity) per element in float16 (2 + 1 + 4 / E with int8 velocity,
   ``loss.velocity_dtype``), about 2 float32 [S, E] buffers and 4 [G, S] buffers at the backward peak
   with the composed (CPU) margin softmax; for the streaming head, buffers of one chunk, measured at
   :data:`PROBE_CHUNK` (two shard sizes give the bytes per sampled center);
@@ -67,8 +70,10 @@ FP16_ACTIVATION_FACTOR = 0.5  # estimate: FP16/AMP activations on a GPU, relativ
 FIXED_OVERHEAD_MIB = {
     # CUDA context, cuBLAS/cuDNN workspaces and Paddle's own buffers on one GPU: an estimate.
     "gpu": 1024,
-    # A `plsc train` process (Python, Paddle, plsc, a tiny model, 1000 classes): 477 MiB VmHWM with Paddle
-    # 3.3.1, about 330 MiB of it Paddle's library pages (303 MiB with 2.6.2).
+    # A `plsc train` process (Python, Paddle, plsc, a tiny model, 1000 classes): 350-485 MiB VmHWM with
+    # Paddle 3.3.1 (about 300 with 2.6.2). Most of the spread is the library pages it maps (RssFile: 205-330
+    # MiB for the same files), which depend on how the page cache holds them; the CPU capacity tier
+    # (repro/capacity) measures the overhead on its machine.
     "cpu": 480,
 }
 DEVICES = tuple(FIXED_OVERHEAD_MIB)
@@ -101,6 +106,8 @@ class HeadProfile:
     step_logits: float  # at the forward/backward peak, with the composed margin softmax
     margin_loss_logits: float  # the composed margin softmax's share of step_logits
     update_rows: float  # at the center update's peak (the sampled rows and their gradient included)
+    # The trainer's inf/nan check of the centers before a save or verification (peak, per element).
+    check_per_element: float = 0.0
     # The streaming head: rows and logits above count [chunk, emb] and [G, chunk] buffers instead.
     chunked: bool = False
     sampled_bytes: float = 0.0  # bytes per sampled center besides the chunk's buffers (its id)
@@ -219,6 +226,10 @@ class MemoryModel:
                 **fixed, **backbone_state, **centers, **ids,
                 "one chunk: rows being updated": head.update_rows * rows,
                 "one chunk: logits recomputed": head.update_logits * logits,
+            }
+        if head.check_per_element:  # on the device that holds the centers, a GPU's too
+            phases["inf/nan check"] = {
+                **fixed, **backbone_state, **centers, "inf/nan check": head.check_per_element * elements,
             }
         if s.device == "cpu":
             copies = {"checkpoint writing": head.save_copies_per_element * elements}
@@ -378,9 +389,9 @@ def probe_head(
         labels = paddle.to_tensor(rng.integers(0, sampled, PROBE_BATCHES[1]))
         with _PeakMeter() as loss_meter:
             head.margin_loss(cosine, labels, head.margin, head.comm).backward()  # the one plsc trains with
-        save = _probe_save(head)
+        storage = _storage_profile(small, large, head)
     return HeadProfile(
-        **_storage_profile(small, large, save),
+        **storage,
         step_rows=step_rows,
         step_logits=logits,
         margin_loss_logits=loss_meter.device / cosine.size / FLOAT32,
@@ -388,16 +399,29 @@ def probe_head(
     )
 
 
-def _storage_profile(small: _PeakMeter, large: _PeakMeter, save: _PeakMeter) -> dict[str, float]:
-    """HeadProfile's per-element storage fields: heads of PROBE_ROWS rows built, the larger one saved."""
+def _storage_profile(small: _PeakMeter, large: _PeakMeter, head) -> dict[str, float]:
+    """HeadProfile's per-element storage fields: heads of PROBE_ROWS rows built, the larger one checked and
+    saved."""
     small_rows, large_rows = PROBE_ROWS
     elements = (large_rows - small_rows) * PROBE_EMBEDDING
+    check, save = _probe_check(head), _probe_save(head)
     return {
         "init_device_per_element": (large.device - small.device) / elements,
         "init_host_per_element": max(0.0, (large.host - small.host) / elements),
         "storage_per_element": (large.retained - small.retained) / elements,
         "save_copies_per_element": (save.device + save.host) / (large_rows * PROBE_EMBEDDING),
+        "check_per_element": check.device / (large_rows * PROBE_EMBEDDING),
     }
+
+
+def _probe_check(head) -> _PeakMeter:
+    """What the trainer's inf/nan check of the class centers allocates (it runs before every save and
+    verification: plsc.engine.trainer, ``_require_finite_weights``)."""
+    from plsc.engine.loss_scaler import all_finite
+
+    with _PeakMeter() as check:
+        all_finite(head.float_tensors())
+    return check
 
 
 def _probe_save(head) -> _PeakMeter:
@@ -425,7 +449,7 @@ def _probe_streaming_head(build) -> HeadProfile:
         del small_head
         head, large = build(large_rows)
         steps = [_probe_step(head, b, large_rows, rng) for b in batch]
-        save = _probe_save(head)
+        storage = _storage_profile(small, large, head)
     sampled = [num_sampled(rows, PROBE_RATIO) for rows in PROBE_ROWS]
     sampled_bytes = (steps[0][0] - small_step[0]) / (sampled[1] - sampled[0])
     chunk_logit_bytes, chunk_row_bytes = PROBE_CHUNK * FLOAT32, PROBE_CHUNK * emb * FLOAT32
@@ -438,7 +462,7 @@ def _probe_streaming_head(build) -> HeadProfile:
     step_logits, step_rows = logits_and_rows(0)
     update_logits, update_rows = logits_and_rows(1)
     return HeadProfile(
-        **_storage_profile(small, large, save),
+        **storage,
         step_rows=step_rows,
         step_logits=step_logits,
         margin_loss_logits=0.0,  # the streaming head walks its own softmax, never the fused kernel

@@ -130,7 +130,7 @@ class ModelCapacityClaim(Claim):
 @dataclass(frozen=True, kw_only=True)
 class CpuCapacityClaim(Claim):
     config: str  # the capacity trials' plsc config, relative to the project root
-    memory_cap_mib: int  # RLIMIT_DATA of every trial
+    memory_cap_mib: int  # the cap on every trial's peak resident memory (repro.capacity.trials)
 
 
 @dataclass(frozen=True, kw_only=True)

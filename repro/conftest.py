@@ -2,7 +2,9 @@
 
 Tiers (markers, ``--run-slow``, ``--gpus``) and the ``machine`` / ``gpu_count`` fixtures come from the plugin
 ``repro.tiers``, loaded by the root conftest. Each case writes its result with ``record_result`` to
-``<--results-dir>/<tier>/<claim id>.json``; ``python -m repro.report`` renders them into docs/reproduction.md.
+``<results dir>/<tier>/<claim id>.json``: output/repro/results/ (not tracked) unless ``--results-dir`` names
+another folder or ``--update-results`` asks for the committed repro/results/, which ``python -m repro.report``
+renders into docs/reproduction.md.
 """
 
 from __future__ import annotations
@@ -16,7 +18,15 @@ import pytest
 from repro import hardware
 from repro.accuracy.published_checkpoints import CheckpointStore
 from repro.claims import Claims, load_claims
-from repro.results import RESULTS_DIR, CaseResult, mark_recorded, new_result, write_result
+from repro.results import (
+    OUTPUT_RESULTS_DIR,
+    RESULTS_DIR,
+    CaseResult,
+    chosen_results_dir,
+    mark_recorded,
+    new_result,
+    write_result,
+)
 from repro.tiers import tier_of
 
 
@@ -44,9 +54,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--results-dir",
         type=Path,
-        default=RESULTS_DIR,
+        default=None,
         metavar="DIR",
-        help=f"where each case writes <tier>/<claim id>.json (default: {RESULTS_DIR})",
+        help=f"where each case writes <tier>/<claim id>.json (default: {OUTPUT_RESULTS_DIR}, not tracked)",
+    )
+    group.addoption(
+        "--update-results",
+        action="store_true",
+        help=f"write the committed results instead, {RESULTS_DIR}, which `make report` renders",
     )
 
 
@@ -68,7 +83,11 @@ def checkpoint_store(request: pytest.FixtureRequest) -> CheckpointStore:
 
 @pytest.fixture(scope="session")
 def results_dir(request: pytest.FixtureRequest) -> Path:
-    return request.config.getoption("results_dir")
+    options = request.config.getoption
+    try:
+        return chosen_results_dir(options("results_dir"), options("update_results"))
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 @pytest.fixture
@@ -92,6 +111,7 @@ def record_result(request: pytest.FixtureRequest, claims, results_dir):
             details={"case": request.node.nodeid, **(details or {})},
         )
         write_result(results_dir, result)
+        request.config.repro_results_written = results_dir  # named at the end of the session
         if Path(results_dir).resolve() == RESULTS_DIR:  # the results the documents are rendered from
             mark_recorded(request.config)
         return result
@@ -101,3 +121,15 @@ def record_result(request: pytest.FixtureRequest, claims, results_dir):
 
 def _command(config: pytest.Config) -> str:
     return shlex.join(["python", "-m", "pytest", *config.invocation_params.args])
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    written = getattr(config, "repro_results_written", None)
+    if written is None:
+        return
+    if Path(written).resolve() == RESULTS_DIR:
+        terminalreporter.write_line(f"repro: results written to {written}; `make report` renders them")
+    else:
+        terminalreporter.write_line(f"repro: results written to {written} (the committed ones in "
+                                    f"{RESULTS_DIR} are unchanged: --update-results or UPDATE_RESULTS=1 "
+                                    "writes those)")

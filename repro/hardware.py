@@ -34,6 +34,8 @@ class Hardware:
     paddle_cuda: bool = False  # whether the installed Paddle can use the GPUs at all
     paddle_version: str = "not installed"
     nodes: int = 1
+    # The widest x86 vector extension the CPU has (AVX-512, AVX2, ...): kernels may take other paths on it.
+    cpu_vectors: str = ""
 
     @property
     def usable_gpus(self) -> int:
@@ -56,7 +58,8 @@ class Hardware:
         """One line for tables: the GPUs when Paddle can use them, else the CPU."""
         if self.usable_gpus:
             return f"{self.usable_gpus} x {self.gpus[0].name} ({self.gpus[0].memory_mib} MiB)"
-        return f"CPU: {self.cpu_model}, {self.cpu_count} cores, {self.memory_mib // 1024} GiB"
+        vectors = f" ({self.cpu_vectors})" if self.cpu_vectors else ""
+        return f"CPU: {self.cpu_model}{vectors}, {self.cpu_count} cores, {self.memory_mib // 1024} GiB"
 
     def to_dict(self) -> dict:
         """JSON-shaped: what a result file stores and reads back unchanged."""
@@ -72,6 +75,7 @@ def detect() -> Hardware:
         source = "nvidia-smi" if gpus else "none"
     return Hardware(
         cpu_model=_cpu_model(),
+        cpu_vectors=widest_vector_extension(_cpu_flags()),
         cpu_count=os.cpu_count() or 1,
         memory_mib=_memory_mib(),
         gpus=gpus,
@@ -130,6 +134,26 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown"
+
+
+# /proc/cpuinfo flag -> name, widest first
+VECTOR_EXTENSIONS = (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("sse4_2", "SSE4.2"))
+
+
+def widest_vector_extension(flags: set[str]) -> str:
+    """The widest of VECTOR_EXTENSIONS among a CPU's flags; "" when none (or not an x86 CPU)."""
+    return next((name for flag, name in VECTOR_EXTENSIONS if flag in flags), "")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 def _memory_mib() -> int:

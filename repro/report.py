@@ -6,9 +6,9 @@ capacity / throughput figure.
 
 Inputs are ``repro/claims.yaml`` and the newest result of each claim under ``--results-dir``. Each table sits
 between ``<!-- repro:<name>:begin -->`` and ``<!-- repro:<name>:end -->`` (names: accuracy, capacity, nhwc,
-throughput, figure in docs/reproduction.md; glance in README.md); everything outside the markers is left
-alone. Rendering is a pure function of its inputs,
-and the PNG is drawn with fixed size, dpi, style and no metadata, so regenerating gives identical bytes.
+throughput, figure in docs/reproduction.md; glance and capacity-summary in README.md); everything outside the
+markers is left alone. Rendering is a pure function of its inputs, and the PNG is drawn with fixed size,
+dpi, style and no metadata, so regenerating gives identical bytes.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ README = ROOT / "README.md"
 DOCUMENT = ROOT / "docs" / "reproduction.md"
 FIGURE = ROOT / "repro" / "figures" / "capacity_throughput.png"
 BLOCKS = ("accuracy", "capacity", "nhwc", "throughput", "figure")
+README_BLOCKS = ("glance", "capacity-summary")
 NOT_RUN = "not run"
 NONE = "—"
 FIGURE_SIZE_IN, FIGURE_DPI = (11.0, 4.2), 100
@@ -147,22 +148,26 @@ def capacity_model_block(group: ModelCapacityGroup, results: Results) -> str:
 
 
 def cpu_capacity_block(group: CpuCapacityGroup, results: Results) -> str:
-    header = ["Memory cap", "Max classes (fits / fails)", "Model's max", "Bytes per class measured / model"]
-    header += ["Model error per class / peak", "Verdict", "Hardware"]
+    header = ["Peak RSS cap", "Fixed overhead (measured)", "Max classes (fits / fails)", "Model's max"]
+    header += ["Binding phase", "Bytes per class measured / model", "Model error per class / peak"]
+    header += ["Verdict", "Hardware"]
     rows = []
     for claim in group.rows:
         result = results.get(claim.id)
         if result is None:
-            rows.append([f"{claim.memory_cap_mib / 1024:g} GiB", NONE, NONE, NONE, NONE] + _outcome(result))
+            rows.append([f"{claim.memory_cap_mib / 1024:g} GiB"] + [NONE] * 6 + _outcome(result))
             continue
         details, measured = result.details, result.measured
         cap = f"{details['memory_cap_mib'] / 1024:g} GiB"  # the trials' cap, whatever claims.yaml says now
+        overhead = _detail(result, "fixed_overhead_mib", "{:,.0f} MiB")
         bracket = f"{measured['classes']:,.0f} / {details['fails_at_classes']:,.0f}"
+        model_max = f"{details['predicted_classes']:,.0f}"
+        if "classes_error" in details:
+            model_max += f" ({details['classes_error']:+.1%})"
+        phase = details.get("binding_phase", NONE)
         per_class = f"{details['bytes_per_class']:,.0f} / {details['predicted_bytes_per_class']:,.0f}"
         errors = f"{measured['bytes_per_class_error']:+.1%} / {measured['peak_error']:+.1%}"
-        rows.append(
-            [cap, bracket, f"{details['predicted_classes']:,.0f}", per_class, errors] + _outcome(result)
-        )
+        rows.append([cap, overhead, bracket, model_max, phase, per_class, errors] + _outcome(result))
     return _block(group, results, header, rows, lead=group.section)
 
 
@@ -243,6 +248,32 @@ def _outcome(result: CaseResult | None) -> list[str]:
     if result is None:
         return [NOT_RUN, NONE]
     return [result.verdict, result.hardware.get("summary", NONE)]
+
+
+def capacity_summary(claims: Claims, results: Results) -> str:
+    """README's capacity sentence: the model's prediction for the first published Paddle row and the CPU
+    tier's measurement, every number from a result file."""
+    group, row = claims.capacity_model, claims.capacity_model.rows[0]
+    prediction, cpu = results.get(row.id), results.get(claims.cpu_capacity.rows[0].id)
+    setting = (f"PLSC v2.2's {row.published['classes'] / 1e6:.0f}M setting ({group.hardware}, "
+               f"{row.config}, batch {group.batch_per_rank} per GPU, ratio {group.ratio:g})")
+    if prediction is None:
+        predicted = f"plsc's memory model has not been run for {setting}"
+    else:
+        int8 = prediction.details.get("int8_velocity_classes")
+        with_int8 = "" if int8 is None else f" ({int8 / 1e6:.1f}M with `loss.velocity_dtype=int8`)"
+        predicted = (f"with the streaming head (`loss.chunk_size`) plsc's memory model predicts "
+                     f"{prediction.measured['classes'] / 1e6:.1f}M classes{with_int8} for {setting}, "
+                     f"bound by its {prediction.details['binding_phase']} phase")
+    if cpu is None:
+        measured = "the CPU tier has not been run"
+    else:
+        details = cpu.details
+        error = cpu.measured["bytes_per_class_error"]
+        measured = (f"the CPU tier fits {cpu.measured['classes']:,.0f} classes under a "
+                    f"{details['memory_cap_mib'] / 1024:g} GiB cap on peak RSS, the model's bytes per class "
+                    f"{error:+.1%} off the measured {details['bytes_per_class']:,.0f} ({cpu.verdict})")
+    return f"Capacity: {predicted}; {measured}:"
 
 
 def glance_block(claims: Claims, results: Results) -> str:
@@ -368,7 +399,9 @@ def build(documents: dict[str, Path], results_dir: Path, figure: Path) -> docblo
     blocks = render_blocks(claims, results, docblocks.figure_link(figure, document))
     texts = {
         document: replace_blocks(docblocks.read_document(document), blocks),
-        readme: replace_blocks(docblocks.read_document(readme), {"glance": glance_block(claims, results)}),
+        readme: replace_blocks(docblocks.read_document(readme), {
+            "glance": glance_block(claims, results), "capacity-summary": capacity_summary(claims, results),
+        }),
     }
     return texts, render_figure(claims, results)
 

@@ -17,7 +17,10 @@ from plsc.atomic import write_atomic
 from repro.claims import Claim, ClaimGroup, Claims, verdict
 from repro.hardware import Hardware
 
+# The committed results, which `make report` renders into the documents; a run writes there only when asked
+# (--update-results), else into OUTPUT_RESULTS_DIR, under the untracked output/ folder.
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+OUTPUT_RESULTS_DIR = RESULTS_DIR.parent.parent / "output" / "repro" / "results"
 
 
 class ResultsError(ValueError):
@@ -92,6 +95,16 @@ def new_result(
 
 def result_path(results_dir: Path, tier: str, claim_id: str) -> Path:
     return Path(results_dir) / tier / f"{claim_id}.json"
+
+
+def chosen_results_dir(results_dir: Path | None, update_committed: bool) -> Path:
+    """Where a run writes: the committed results when ``update_committed``, else ``results_dir`` or, by
+    default, :data:`OUTPUT_RESULTS_DIR`."""
+    if update_committed:
+        if results_dir is not None and Path(results_dir).resolve() != RESULTS_DIR:
+            raise ValueError(f"--update-results writes {RESULTS_DIR}: drop --results-dir {results_dir}")
+        return RESULTS_DIR
+    return Path(results_dir) if results_dir is not None else OUTPUT_RESULTS_DIR
 
 
 def write_result(results_dir: Path, result: CaseResult) -> Path:

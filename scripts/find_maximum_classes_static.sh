@@ -5,7 +5,7 @@
 # FP16 class centers; the bracket starts around plsc's memory-model prediction. Options (see --help):
 #   --config C  --set SECTION.KEY=VALUE  --nproc N  --batch-size B  --steps S  --bisections K  --low L --high H
 #   --output DIR (trial logs and result.json; default output/find_maximum_classes_static)
-# Without a GPU the trials run on the CPU, each under an OS memory cap that must be given:
+# Without a GPU the trials run on the CPU, each under a cap on its peak resident memory that must be given:
 #   sh scripts/find_maximum_classes_static.sh --config repro/capacity/cpu_capacity.yaml --memory-cap-mib 1280
 # PYTHON is the interpreter with plsc installed (default: see scripts/_python.sh).
 set -eu

@@ -373,15 +373,58 @@ def test_plsc_bench_head_writes_json_and_a_table(tmp_path):
     assert "step / floor" in proc.stdout and "step / floor" in table(result)
 
 
-def test_streaming_head_bench_runs_the_chunked_head_and_times_the_same_floor():
-    streaming = HeadBenchSpec(**{**TINY.__dict__, "chunk_size": 64})
-    result = measure_time(streaming)
+class WalkCountingClock(PhaseClock):
+    """A phase clock that also notes, at each mark, how many row gathers and gradient walks the streaming
+    head has made so far: what each phase did, told by the code's own calls instead of by its duration."""
+
+    def __init__(self, calls: dict[str, int]):
+        super().__init__()
+        self.calls, self.seen = calls, {}
+
+    def mark(self, phase: str) -> None:
+        super().mark(phase)
+        self.seen[phase] = dict(self.calls)
+
+
+def count_calls(monkeypatch, owner, names: tuple[str, ...]) -> dict[str, int]:
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        original = getattr(owner, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("update_in_backward", [True, False], ids=["update-in-backward", "separate-update"])
+def test_streaming_head_bench_gathers_rows_inside_the_walks_and_updates_in_the_planned_walk(
+    monkeypatch, update_in_backward
+):
+    from plsc.loss.streaming import StreamingPartialFC
+
+    spec = HeadBenchSpec(**{**TINY.__dict__, "chunk_size": 64, "update_in_backward": update_in_backward})
+    calls = count_calls(monkeypatch, StreamingPartialFC, ("gather_chunk", "chunk_gradients"))
+    head = build_head(spec)
+    clock = WalkCountingClock(calls)
+    index = head_step(head, *make_batch(spec, np.random.default_rng(0)), 0, clock, update_in_backward)
+    assert index.ndim == 1 and index.shape[0] == 300  # the sampled ids, not gathered rows
+    chunks = -(-300 // 64)
+    assert clock.seen["gather"] == {"gather_chunk": 0, "chunk_gradients": 0}  # no rows before the forward
+    assert clock.seen["forward"]["gather_chunk"] == chunks  # walk 1: the weight rows of every chunk
+    assert clock.seen["backward"]["chunk_gradients"] == 1  # walk 2
+    # With the update planned, walk 2 applies it and step() walks no more; else step() is walk 3.
+    assert clock.seen["update"]["chunk_gradients"] == (1 if update_in_backward else 2)
+
+
+def test_streaming_head_bench_times_the_same_floor_and_reads_its_options():
+    result = measure_time(HeadBenchSpec(**{**TINY.__dict__, "chunk_size": 64}))
     whole = measure_time(TINY)
     assert result["sampled"] == whole["sampled"] == 300  # the floor's shapes: all sampled rows
-    assert result["phases"]["gather"] < result["phases"]["forward"]  # rows gathered inside the walks
+    assert set(result["phases"]) == set(PHASES) and len(result["step_s_all"]) == TINY.steps
     assert spec_from_args(head_args("--chunk-size", "256")).chunk_size == 256
     assert not spec_from_args(head_args("--separate-update")).update_in_backward
-    separate = measure_time(HeadBenchSpec(**{**streaming.__dict__, "update_in_backward": False}))
-    assert separate["phases"]["update"] > result["phases"]["update"]  # the third walk
     with pytest.raises(PlscError):
         spec_from_args(head_args("--chunk-size", "-1"))

@@ -292,4 +292,6 @@ def test_bench_eval_checks_its_spec_and_writes_a_checkpoint_plsc_eval_reads(tmp_
     assert (config.model.name, config.model.width, config.model.embedding_size) == ("iresnet18", 0.125, 16)
     assert config.data.image_size == 32 and sum(p.size for p in model.parameters()) > 0
     build = measure_engine_build(json.dumps({"checkpoint": str(checkpoint)}))
-    assert 0 < build["twin_s"] < build["twin_save_and_predictor_s"]
+    # Durations, not compared with each other (a loaded machine can stretch either): the split is exact.
+    assert build["twin_s"] > 0 and build["twin_save_and_predictor_s"] > 0
+    assert build["save_and_predictor_s"] == max(0.0, build["twin_save_and_predictor_s"] - build["twin_s"])

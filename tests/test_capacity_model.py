@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 
 from plsc import capacity
@@ -88,6 +89,22 @@ def test_on_a_gpu_checkpoint_copies_are_host_memory_and_the_fused_loss_is_counte
     assert model.host_bytes_per_rank(100_000) == 51_200_000
 
 
+def test_the_inf_nan_check_holds_one_byte_per_center_element_beside_the_centers_on_any_device():
+    checked = dataclasses.replace(HEAD, check_per_element=1.0)
+    for device in ("cpu", "gpu"):
+        model = MemoryModel(a_setting(device=device), checked, BACKBONE)
+        terms = model.phases(100_000)["inf/nan check"]
+        # 1 byte x 100_000 classes x 128 elements, beside the centers' 4 bytes per element
+        assert terms["inf/nan check"] == 12_800_000 and terms["class centers + velocity"] == 51_200_000
+    # With the streaming head a class costs the step 4.1 bytes per element (its centers and a tenth of an
+    # 8-byte id per 128 elements), the check (4 storage + 1) x 128 = 640 bytes: the check binds.
+    streaming = dataclasses.replace(checked, chunked=True, sampled_bytes=8.0, update_logits=2.0)
+    gpu = MemoryModel(a_setting(device="gpu", chunk_size=256), streaming, BACKBONE)
+    assert gpu.binding_phase(gpu.max_classes()) == "inf/nan check"
+    assert gpu.bytes_per_class(gpu.max_classes()) == pytest.approx(640.0, rel=1e-3)
+    assert "inf/nan check" not in MemoryModel(a_setting(), HEAD, BACKBONE).phases(1000)  # not probed: none
+
+
 def test_more_ranks_share_the_classes():
     one = MemoryModel(a_setting(), HEAD, BACKBONE).max_classes()
     eight = MemoryModel(a_setting(world_size=8, batch_per_rank=1), HEAD, BACKBONE).max_classes()
@@ -137,6 +154,16 @@ def test_the_head_probe_measures_weight_and_velocity_storage(dtype, itemsize):
     assert profile.storage_per_element == pytest.approx(2 * itemsize)
     assert profile.save_copies_per_element < 0.01  # checkpoints stream the shard: no copy of it
     assert profile.step_rows >= 1.0 and profile.step_logits >= 1.0  # the sampled rows' gradient, the logits
+
+
+@needs_allocator_counters
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole-matrix", "streaming"])
+@pytest.mark.parametrize("center_dtype", ["float32", "float16"])
+def test_the_head_probe_measures_the_inf_nan_check_of_the_centers(center_dtype, chunked):
+    profile = probe_head(center_dtype, "lazy", (1.0, 0.5, 0.0), 64.0, chunked=chunked)
+    # The check (plsc.engine.loss_scaler.all_finite) takes paddle.isfinite of one center matrix at a time:
+    # a bool per element, numpy's bool size, whatever the centers' dtype.
+    assert profile.check_per_element == pytest.approx(np.dtype(bool).itemsize, rel=0.01)
 
 
 @needs_allocator_counters

@@ -143,9 +143,9 @@ def test_find_maximum_classes_static_runs_the_bisection_in_static_mode(tmp_path)
 
 
 def test_find_maximum_classes_on_the_cpu_brackets_under_a_memory_cap(tmp_path):
-    """Two real trials of repro/capacity/cpu_capacity.yaml (16 px, 1 step) under a 1.25 GiB cap: 1000 classes
-    fit, 4 million (2 x 4M x 128 float16 centers and velocities = 2 GiB) cannot; the bracket and every trial
-    land in result.json, each trial's log beside it."""
+    """Two real trials of repro/capacity/cpu_capacity.yaml (16 px, 1 step) under a 1.25 GiB peak-RSS cap: 1000
+    classes fit, 4 million (2 x 4M x 128 float16 centers and velocities = 2 GiB) cannot; the bracket and every
+    trial land in result.json, each trial's log beside it."""
     out = tmp_path / "out"
     proc = subprocess.run(
         [shell(), str(ROOT / "scripts" / "find_maximum_classes_dynamic.sh"), "--config",
@@ -157,7 +157,8 @@ def test_find_maximum_classes_on_the_cpu_brackets_under_a_memory_cap(tmp_path):
     result = json.loads((out / "result.json").read_text())
     assert (result["max_classes"], result["fails_at_classes"]) == (1000, 4_000_000)
     assert [(t["classes"], t["fits"]) for t in result["trials"]] == [(1000, True), (4_000_000, False)]
-    assert result["mode"] == "dynamic" and result["device"] == "CPU, cap 1280.0 MiB"
+    assert result["trials"][0]["reason"] == "finished" and result["trials"][0]["peak_rss_mib"] < 1280
+    assert result["mode"] == "dynamic" and result["device"] == "CPU, peak RSS cap 1280.0 MiB"
     assert (out / "trial-1000.log").is_file() and (out / "trial-4000000.log").is_file()
     assert "largest class count that fits: 1,000 (4,000,000 does not)" in proc.stdout
 

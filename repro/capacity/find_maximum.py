@@ -7,8 +7,9 @@ device, the config's sample ratio, FP16 class centers, a few steps per trial, ea
 memory-model prediction (``plsc capacity --predict``, in a child process: this one never touches a GPU) and
 is bisected.
 
-On a CPU (no GPU visible) the trials run in host memory under an OS cap on each trial's data segment,
-``--memory-cap-mib``, which is required there (without it a trial would take the machine's memory).
+On a CPU (no GPU visible) the trials run in host memory under a cap on each trial's peak resident memory,
+``--memory-cap-mib``, which is required there: a trial fits when it finishes within it, and is stopped once
+it passes it (see :mod:`repro.capacity.trials`).
 
     python -m repro.capacity.find_maximum --mode dynamic [--config C] [--nproc N] [--bisections K] ...
 """
@@ -51,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64, help="per device (default 64, as PLSC)")
     p.add_argument("--steps", type=int, default=None, help="training steps per trial (default: 5 on GPU, 1)")
     p.add_argument("--memory-cap-mib", type=float, default=None,
-                   help="CPU: the data-segment cap of each trial in MiB (required without a GPU)")
+                   help="CPU: the cap on each trial's peak resident memory (RSS) in MiB "
+                        "(required without a GPU)")
     p.add_argument("--low", type=int, default=None, help="first guess below the maximum (default: predicted)")
     p.add_argument("--high", type=int, default=None, help="first guess above it (default: predicted)")
     p.add_argument("--bisections", type=int, default=3, help="halvings of the bracket (default 3)")
@@ -143,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                                env=env, done=done, worker_logs=trial_output / "log")
         finally:
             shutil.rmtree(trial_output, ignore_errors=True)
-        print(f"{classes:>12,} classes: {'fits' if result.fits else 'does not fit'} "
-              f"(peak RSS {result.peak_rss_bytes / MIB:,.0f} MiB, {result.seconds:.0f} s)", flush=True)
+        print(f"{classes:>12,} classes: {'fits' if result.fits else 'does not fit'} ({result.reason}, "
+              f"peak RSS {result.peak_rss_bytes / MIB:,.0f} MiB, {result.seconds:.0f} s)", flush=True)
         return result
 
     memory_mib = min(gpus) if on_gpu else args.memory_cap_mib
@@ -162,11 +164,13 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(scratch, ignore_errors=True)
     result = {
         "mode": args.mode, "config": str(config), "overrides": args.overrides, "nproc": nproc,
-        "device": f"{nproc} GPU(s) of {memory_mib:,.0f} MiB" if on_gpu else f"CPU, cap {memory_mib} MiB",
+        "device": (f"{nproc} GPU(s) of {memory_mib:,.0f} MiB" if on_gpu
+                   else f"CPU, peak RSS cap {memory_mib} MiB"),
         "max_classes": bracket.fits.classes, "fails_at_classes": bracket.fails.classes, "steps": steps,
         "batch_size_per_device": args.batch_size,
-        "trials": [{"classes": t.classes, "fits": t.fits, "peak_rss_mib": round(t.peak_rss_bytes / MIB, 1),
-                    "seconds": round(t.seconds, 1)} for t in bracket.trials],
+        "trials": [{"classes": t.classes, "fits": t.fits, "reason": t.reason,
+                    "peak_rss_mib": round(t.peak_rss_bytes / MIB, 1), "seconds": round(t.seconds, 1)}
+                   for t in bracket.trials],
     }
     (output / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"largest class count that fits: {bracket.fits.classes:,} ({bracket.fails.classes:,} does not); "

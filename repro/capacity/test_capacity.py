@@ -1,8 +1,9 @@
 """Seed README 9.2, maximum number of classes: measured by bisection, and predicted by plsc's memory model.
 
-- ``cpu``: bisection over the class count under a 1.25 GiB OS memory cap, each trial a ``plsc train``
-  subprocess (repro/capacity/cpu_capacity.yaml); the memory model is checked against the trials' peak RSS.
-  Four trials (a 1000-class one, then three around the model's maximum), about 40 s on a 2-core machine.
+- ``cpu``: bisection over the class count under a cap on peak resident memory (repro/capacity/trials.py),
+  each trial a ``plsc train`` subprocess (repro/capacity/cpu_capacity.yaml); the memory model, its fixed
+  overhead measured by a 1000-class trial on this machine, is checked against the trials' peak RSS: bytes
+  per class and peak. Five trials (the 1000-class one, then four around the model's maximum).
 - ``cpu``: the model's prediction for each published Paddle row on 8 x V100-32G (recorded beside it).
 - ``gpu8``: the published Paddle rows, trials launched on 8 GPUs (``plsc train --nproc 8``), the device's
   out-of-memory error ending a trial. On GPUs other than 32 GiB ones the class counts scale with the device
@@ -26,14 +27,14 @@ from repro.plsc_runs import ROOT, last_step_logged, run_environment, train_comma
 
 CLAIMS = load_claims()
 BASELINE_CLASSES = 1000  # the trial that measures the fixed overhead and the low end of the slope
-# The CPU trials' first bracket, as fractions of the model's maximum, widened by its upper end until it
-# brackets. The model predicts peak RSS, the cap limits the data segment (RLIMIT_DATA): that leaves out the
-# ~330 MiB of Paddle's library pages RSS counts, but counts reserved, untouched address space. Measured, the
-# largest class count that fits lay 0-8% above the model's maximum (caps of 1.25 and 1.5 GiB, Paddle 2.6.2
-# and 3.3.1), and once 11% below it (a run whose 1000-class trial peaked 110 MiB lower): the bracket widens
-# downward then, at two trials more. One bisection leaves a bracket of 4%.
-CPU_BRACKET = (1.0, 1.08)
-CPU_BISECTIONS = 1
+# The CPU trials' first bracket, as fractions of the model's maximum (the class count whose predicted peak
+# RSS reaches the cap, the fixed overhead measured): the cap is on peak RSS, what the model predicts, so the
+# largest count that fits lies off the model's maximum by about the model's error, which the tolerance bounds
+# at 10%. Widened by CPU_WIDEN (up to 4 times, 46%) until it brackets: a model further off fails on its
+# numbers instead of leaving no bracket. Two bisections leave a bracket of 2.5%.
+CPU_BRACKET = (0.95, 1.05)
+CPU_WIDEN = 1.1
+CPU_BISECTIONS = 2
 GPU_BISECTIONS = 2
 GPU_STEPS = 5
 PUBLISHED_DEVICE_MIB = 32510  # 8 x V100-32G as the README states it
@@ -89,6 +90,7 @@ def trial_rows(trials) -> list[dict]:
         {
             "classes": t.classes,
             "fits": t.fits,
+            "reason": t.reason,
             "peak_rss_mib": round(t.peak_rss_bytes / MIB, 1),
             "seconds": round(t.seconds, 1),
         }
@@ -118,7 +120,7 @@ def test_memory_model_matches_cpu_trials_under_a_memory_cap(
     )
     guess = model.max_classes()
     low, high = CPU_BRACKET
-    bracket = bisect_max_classes(trial, int(guess * low), int(guess * high), CPU_BISECTIONS, widen=high)
+    bracket = bisect_max_classes(trial, int(guess * low), int(guess * high), CPU_BISECTIONS, widen=CPU_WIDEN)
 
     errors = model_errors(model, baseline, bracket)
     measured = {"classes": bracket.fits.classes, **{key: errors[key] for key in claim.published}}
@@ -127,6 +129,7 @@ def test_memory_model_matches_cpu_trials_under_a_memory_cap(
         "memory_cap_mib": claim.memory_cap_mib,
         "fails_at_classes": bracket.fails.classes,
         "predicted_classes": guess,
+        "classes_error": guess / bracket.fits.classes - 1,  # the model's maximum against the largest fitted
         "binding_phase": model.binding_phase(bracket.fits.classes),
         "fixed_overhead_mib": round(overhead / MIB, 1),
         "trials": trial_rows((baseline, *bracket.trials)),
@@ -147,8 +150,12 @@ def test_memory_model_predicts_the_published_rows(claim: ModelCapacityClaim, rec
     config = load_config(ROOT / claim.config, overrides, reads_data=False)  # a prediction reads no data
     setting = setting_from_config(config, group.device_memory_mib * MIB, group.world_size, "gpu")
     prediction = predict(memory_model(config, setting))
+    int8 = load_config(ROOT / claim.config, [*overrides, "loss.velocity_dtype=int8"], reads_data=False)
     details = {
         "ratio_to_published": prediction.max_classes / claim.published["classes"],
+        # the same setting with int8 velocity (codes and a float32 scale per row): the README's summary
+        "int8_velocity_classes": predict(memory_model(int8, setting_from_config(
+            int8, group.device_memory_mib * MIB, group.world_size, "gpu"))).max_classes,
         "max_classes_per_rank": prediction.max_classes_per_rank,
         "bytes_per_class": prediction.bytes_per_class,
         "binding_phase": prediction.binding_phase,

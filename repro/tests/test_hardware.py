@@ -17,6 +17,25 @@ def test_this_machine_is_detected():
     assert machine.usable_gpus == (len(machine.gpus) if machine.paddle_cuda else 0)
 
 
+@pytest.mark.parametrize(
+    "flags, widest",
+    [
+        ({"sse4_2", "avx", "avx2", "avx512f", "avx512bw"}, "AVX-512"),
+        ({"sse4_2", "avx", "avx2", "fma"}, "AVX2"),
+        ({"sse4_2"}, "SSE4.2"),
+        (set(), ""),
+    ],
+)
+def test_the_widest_vector_extension_is_named(flags, widest):
+    assert hardware.widest_vector_extension(flags) == widest
+
+
+def test_the_cpu_line_names_its_vector_extension():
+    machine = Hardware("EPYC", 2, 4096, cpu_vectors="AVX-512")
+    assert machine.describe() == "CPU: EPYC (AVX-512), 2 cores, 4 GiB"
+    assert Hardware("EPYC", 2, 4096).describe() == "CPU: EPYC, 2 cores, 4 GiB"
+
+
 def test_nvidia_smi_lines_are_parsed():
     assert hardware._parse_nvidia_smi_line("Tesla V100-SXM2-32GB, 32510") == Gpu(
         "Tesla V100-SXM2-32GB", 32510

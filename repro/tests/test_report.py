@@ -39,7 +39,7 @@ def workspace(tmp_path):
     document.parent.mkdir()
     document.write_text(README_TEMPLATE.format(blocks=empty_blocks(*report.BLOCKS)), encoding="utf-8")
     readme = tmp_path / "README.md"
-    readme.write_text(README_TEMPLATE.format(blocks=empty_blocks("glance")), encoding="utf-8")
+    readme.write_text(README_TEMPLATE.format(blocks=empty_blocks(*report.README_BLOCKS)), encoding="utf-8")
     return document, tmp_path / "figures" / "plot.png", tmp_path / "results", readme
 
 

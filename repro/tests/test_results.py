@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 
 import pytest
 
 from repro.claims import FAIL, PASS, load_claims
 from repro.hardware import Hardware
-from repro.results import ResultsError, load_results, new_result, read_result, result_path, write_result
+from repro.results import (
+    OUTPUT_RESULTS_DIR,
+    RESULTS_DIR,
+    ResultsError,
+    chosen_results_dir,
+    load_results,
+    new_result,
+    read_result,
+    result_path,
+    write_result,
+)
 
 pytestmark = pytest.mark.cpu
 
@@ -101,3 +113,22 @@ def test_unreadable_results_are_errors(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ResultsError, match="cannot read result"):
         load_results(tmp_path)
+
+
+def git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=RESULTS_DIR, capture_output=True, text=True)
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git to tell tracked from ignored files")
+def test_a_run_writes_an_untracked_folder_unless_asked_to_update_the_committed_results(tmp_path):
+    if git("rev-parse", "--is-inside-work-tree").returncode != 0:
+        pytest.skip("the project is not a git work tree here: nothing is tracked")
+    default = chosen_results_dir(None, update_committed=False)
+    assert default == OUTPUT_RESULTS_DIR
+    assert git("check-ignore", "-q", str(default / "cpu" / "a_claim.json")).returncode == 0  # git ignores it
+    assert chosen_results_dir(tmp_path, update_committed=False) == tmp_path
+    committed = chosen_results_dir(None, update_committed=True)
+    assert committed == RESULTS_DIR and git("ls-files", str(committed)).stdout.strip()  # tracked files
+    assert chosen_results_dir(RESULTS_DIR, update_committed=True) == RESULTS_DIR
+    with pytest.raises(ValueError, match="--update-results writes"):
+        chosen_results_dir(tmp_path, update_committed=True)
