@@ -9,8 +9,9 @@ forward/back    backbone parameters, gradients, momentum + activations of the ra
                 logits, softmax and their gradients ([global batch, sampled], float32)
 center update   the same without activations and logits, plus the rows the momentum step works on
 inf/nan check   class centers + the check's own buffers: before every save or verification the trainer
-                checks that the centers are finite (plsc.engine.loss_scaler.all_finite), and Paddle's
-                ``isfinite`` returns one bool per element, the size of the class-center matrix in bytes
+                checks that the centers are finite (plsc.engine.loss_scaler.all_finite): Paddle's
+                ``isfinite`` returns one bool per element, so it reads blocks of at most
+                ``FINITE_CHECK_BLOCK`` elements
 checkpoint      class centers + what writing them costs (streamed block by block: one block, not a copy)
 ==============  ==========================================================================================
 
@@ -228,8 +229,11 @@ class MemoryModel:
                 "one chunk: logits recomputed": head.update_logits * logits,
             }
         if head.check_per_element:  # on the device that holds the centers, a GPU's too
+            from plsc.engine.loss_scaler import FINITE_CHECK_BLOCK  # imports Paddle: only when needed
+
             phases["inf/nan check"] = {
-                **fixed, **backbone_state, **centers, "inf/nan check": head.check_per_element * elements,
+                **fixed, **backbone_state, **centers,
+                "inf/nan check": head.check_per_element * min(elements, FINITE_CHECK_BLOCK),
             }
         if s.device == "cpu":
             copies = {"checkpoint writing": head.save_copies_per_element * elements}

@@ -89,19 +89,25 @@ def test_on_a_gpu_checkpoint_copies_are_host_memory_and_the_fused_loss_is_counte
     assert model.host_bytes_per_rank(100_000) == 51_200_000
 
 
-def test_the_inf_nan_check_holds_one_byte_per_center_element_beside_the_centers_on_any_device():
+def test_the_inf_nan_check_holds_one_byte_per_center_element_up_to_one_block_on_any_device():
+    from plsc.engine.loss_scaler import FINITE_CHECK_BLOCK
+
     checked = dataclasses.replace(HEAD, check_per_element=1.0)
     for device in ("cpu", "gpu"):
         model = MemoryModel(a_setting(device=device), checked, BACKBONE)
         terms = model.phases(100_000)["inf/nan check"]
-        # 1 byte x 100_000 classes x 128 elements, beside the centers' 4 bytes per element
+        # 1 byte x 100_000 classes x 128 elements (under one block), beside the centers' 4 bytes per element
         assert terms["inf/nan check"] == 12_800_000 and terms["class centers + velocity"] == 51_200_000
-    # With the streaming head a class costs the step 4.1 bytes per element (its centers and a tenth of an
-    # 8-byte id per 128 elements), the check (4 storage + 1) x 128 = 640 bytes: the check binds.
+        large = model.phases(10_000_000)["inf/nan check"]
+        assert large["inf/nan check"] == FINITE_CHECK_BLOCK  # a block at most, whatever the shard
+    # With the streaming head the check costs the capacity at most one block's worth of classes (4 bytes of
+    # storage per element), where a byte per element would cost a fifth of it.
     streaming = dataclasses.replace(checked, chunked=True, sampled_bytes=8.0, update_logits=2.0)
-    gpu = MemoryModel(a_setting(device="gpu", chunk_size=256), streaming, BACKBONE)
-    assert gpu.binding_phase(gpu.max_classes()) == "inf/nan check"
-    assert gpu.bytes_per_class(gpu.max_classes()) == pytest.approx(640.0, rel=1e-3)
+    setting = a_setting(device="gpu", chunk_size=256)
+    with_check = MemoryModel(setting, streaming, BACKBONE).max_classes()
+    unchecked = dataclasses.replace(streaming, check_per_element=0.0)
+    without = MemoryModel(setting, unchecked, BACKBONE).max_classes()
+    assert without - FINITE_CHECK_BLOCK / (4 * 128) <= with_check <= without
     assert "inf/nan check" not in MemoryModel(a_setting(), HEAD, BACKBONE).phases(1000)  # not probed: none
 
 
@@ -164,6 +170,23 @@ def test_the_head_probe_measures_the_inf_nan_check_of_the_centers(center_dtype, 
     # The check (plsc.engine.loss_scaler.all_finite) takes paddle.isfinite of one center matrix at a time:
     # a bool per element, numpy's bool size, whatever the centers' dtype.
     assert profile.check_per_element == pytest.approx(np.dtype(bool).itemsize, rel=0.01)
+
+
+@needs_allocator_counters
+def test_the_inf_nan_check_of_a_large_shard_costs_one_block(monkeypatch):
+    import paddle
+
+    from plsc.capacity import _PeakMeter
+    from plsc.engine import loss_scaler
+
+    monkeypatch.setattr(loss_scaler, "FINITE_CHECK_BLOCK", 4096 * 16)
+    centers = paddle.zeros([4096 * 8, 64], dtype="float16")  # 32 blocks of 2^16 elements
+    with _PeakMeter() as whole:
+        paddle.isfinite(centers).all()
+    with _PeakMeter() as blocks:
+        assert loss_scaler.all_finite([centers])
+    assert whole.device >= centers.size  # a bool per element at once
+    assert blocks.device <= 2 * 4096 * 16  # one block's bools (and the next, being formed) at most
 
 
 @needs_allocator_counters

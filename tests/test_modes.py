@@ -23,7 +23,8 @@ from plsc import checkpoint as ckpt
 from plsc.config import load_config
 from plsc.data import normalize_batch
 from plsc.distributed import LocalComm
-from plsc.engine.loss_scaler import DynamicLossScaler, found_inf_anywhere, grads_are_finite
+from plsc.engine import loss_scaler
+from plsc.engine.loss_scaler import DynamicLossScaler, all_finite, found_inf_anywhere
 from plsc.engine.trainer import Trainer
 from plsc.launch import child_environment, launch_command
 from plsc.loss import fast_paths
@@ -186,9 +187,21 @@ def test_loss_scaler_state_round_trip_and_disabled_scaler():
         DynamicLossScaler(backoff_factor=1.5)
 
 
+@pytest.mark.parametrize("bad_row", [0, 4, 6])
+def test_the_finite_check_reads_row_blocks_and_finds_a_nan_in_any_of_them(monkeypatch, bad_row):
+    monkeypatch.setattr(loss_scaler, "FINITE_CHECK_BLOCK", 9)  # 3 rows of [7, 3] a block (2 whole rows + 1)
+    values = np.arange(21, dtype="float32").reshape(7, 3)
+    blocks = [b.numpy() for b in loss_scaler._row_blocks(paddle.to_tensor(values), 9)]
+    assert [len(b) for b in blocks] == [3, 3, 1]
+    np.testing.assert_array_equal(np.concatenate(blocks), values)  # every row read once, in order
+    values[bad_row, 1] = np.nan
+    assert not all_finite([paddle.to_tensor(values)])
+    assert all_finite([paddle.to_tensor(np.nan_to_num(values))])
+
+
 def test_found_inf_sees_inf_and_nan():
     finite = [paddle.ones([2, 2]), paddle.zeros([3])]
-    assert grads_are_finite(finite) and grads_are_finite([])
+    assert all_finite(finite) and all_finite([])
     for bad in (float("inf"), float("-inf"), float("nan")):
         assert found_inf_anywhere([*finite, paddle.to_tensor([1.0, bad])], LocalComm())
     assert not found_inf_anywhere(finite, LocalComm())

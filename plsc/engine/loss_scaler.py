@@ -79,18 +79,28 @@ class DynamicLossScaler:
             self.good_steps = int(state["good_steps"])
 
 
+# paddle.isfinite returns a bool per element: the check reads a large tensor in row blocks of at most this
+# many elements, so checking a shard of tens of millions of class centers costs one block, not a byte per
+# element.
+FINITE_CHECK_BLOCK = 1 << 24
+
+
 def all_finite(tensors: list[paddle.Tensor]) -> bool:
     """True when every tensor is free of inf and nan (one host sync for all of them)."""
-    if not tensors:
-        return True
-    flags = paddle.stack([paddle.isfinite(t).all() for t in tensors])
-    return bool(flags.all().item())
+    flags = [paddle.isfinite(block).all() for t in tensors for block in _row_blocks(t, FINITE_CHECK_BLOCK)]
+    return bool(paddle.stack(flags).all().item()) if flags else True
 
 
-def grads_are_finite(grads: list[paddle.Tensor]) -> bool:
-    return all_finite(grads)
+def _row_blocks(tensor: paddle.Tensor, elements: int):
+    """``tensor`` itself when it is small or a vector, else slices of whole rows of at most ``elements``."""
+    if tensor.ndim < 2 or tensor.size <= elements:
+        yield tensor
+        return
+    rows = max(1, elements * tensor.shape[0] // tensor.size)
+    for start in range(0, tensor.shape[0], rows):
+        yield tensor[start:start + rows]
 
 
 def found_inf_anywhere(grads: list[paddle.Tensor], comm) -> bool:
     """The collective overflow decision: True on every rank when any rank saw a non-finite gradient."""
-    return comm.any_true(not grads_are_finite(grads))
+    return comm.any_true(not all_finite(grads))
