@@ -151,9 +151,11 @@ class CollectiveComm:
                 self.all_reduce_sum_(bucket[0])
                 continue
             flat = self.all_reduce_sum_(paddle.concat([t.reshape([-1]) for t in bucket]))
-            parts = paddle.split(flat, [int(np.prod(t.shape)) for t in bucket])
-            for tensor, part in zip(bucket, parts, strict=True):
-                paddle.assign(part.reshape(tensor.shape), output=tensor)
+            start = 0
+            for tensor in bucket:  # slices are views: one copy each (paddle.split would copy twice)
+                stop = start + int(np.prod(tensor.shape))
+                paddle.assign(flat[start:stop].reshape(tensor.shape), output=tensor)
+                start = stop
 
     def any_true(self, flag: bool) -> bool:
         """A decision every rank takes together (found_inf, early stop, best model)."""
