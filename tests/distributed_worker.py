@@ -4,6 +4,9 @@
   of a global batch (stored in the spec's .npz), one ``<case>.rank<r>.npz`` per case.
 ``python distributed_worker.py reshard SRC DST [SRC DST ...]``: restore checkpoints on this world size and
   save them again.
+``python distributed_worker.py allreduce SPEC.json OUT_DIR``: sums of this rank's random tensors (the spec's
+  shapes and dtypes) over ranks, per tensor and coalesced in each of the spec's bucket sizes, with the
+  number of all-reduces each issued, in ``allreduce.rank<r>.npz``.
 ``python distributed_worker.py train RESULTS OUTPUT BATCHNORM OVERRIDE...``: a Trainer run writing OUTPUT, its
   BatchNorm layers on batch statistics (BATCHNORM=per-rank, the default of training) or on their running
   statistics (global, see :func:`use_running_batchnorm_statistics`);
@@ -69,6 +72,36 @@ def _head_case(case: dict, all_embeddings: np.ndarray, all_labels: np.ndarray, c
         result["center_grad_sq_norm"] = head.center_grads_to_check()[0].numpy()
     head.step(lr=0.1, momentum=0.9, weight_decay=5e-4)
     return {**result, "weight": head.weight.numpy(), "velocity": head.velocity.numpy()}
+
+
+def run_allreduce(spec_path: str, out_dir: str) -> None:
+    import paddle.distributed as dist
+
+    spec = json.loads(Path(spec_path).read_text())
+    comm = make_comm()
+    rng = np.random.default_rng(comm.rank)
+    inputs = [(rng.standard_normal(shape) * 100).astype(dtype) for shape, dtype in spec["tensors"]]
+    calls = {"all_reduce": 0}
+    all_reduce = dist.all_reduce
+
+    def counting_all_reduce(*args, **kwargs):
+        calls["all_reduce"] += 1
+        return all_reduce(*args, **kwargs)
+
+    dist.all_reduce = counting_all_reduce
+    result = {f"input{i}": x for i, x in enumerate(inputs)}
+    per_tensor = [comm.all_reduce_sum_(paddle.to_tensor(x)).numpy() for x in inputs]
+    result.update({f"per_tensor{i}": x for i, x in enumerate(per_tensor)})
+    for bucket_bytes in spec["bucket_bytes"]:
+        tensors = [paddle.to_tensor(x) for x in inputs]
+        calls["all_reduce"] = 0
+        comm.all_reduce_sum_coalesced_(tensors, bucket_bytes)
+        result[f"calls{bucket_bytes}"] = np.array(calls["all_reduce"])
+        result.update({f"coalesced{bucket_bytes}_{i}": t.numpy() for i, t in enumerate(tensors)})
+    raw = paddle.to_tensor(np.ones(4, np.float16))
+    all_reduce(raw)  # gloo's own float16 sum, what all_reduce_sum_ works around
+    result["raw_float16_sum_of_ones"] = raw.numpy()
+    np.savez(Path(out_dir) / f"allreduce.rank{comm.rank}.npz", **result)
 
 
 def run_reshard(*sources_and_targets: str) -> None:
@@ -142,4 +175,5 @@ def run_train(results_dir: str, output: str, batchnorm: str, *overrides: str) ->
 
 if __name__ == "__main__":
     mode, *arguments = sys.argv[1:]
-    {"head": run_head, "reshard": run_reshard, "train": run_train}[mode](*arguments)
+    modes = {"head": run_head, "allreduce": run_allreduce, "reshard": run_reshard, "train": run_train}
+    modes[mode](*arguments)

@@ -326,9 +326,9 @@ class Trainer:
 
     def _all_reduce_backbone_grads(self) -> list:
         params = [p for p in self.model.parameters() if p.grad is not None]
-        for p in params:
-            # Each rank's backbone gradient covers its own samples of the global-mean loss: sum, not average.
-            self.comm.all_reduce_sum_(p.grad)
+        # Each rank's backbone gradient covers its own samples of the global-mean loss: sum, not average.
+        bucket_bytes = self.config.train.allreduce_bucket_mb * 2**20
+        self.comm.all_reduce_sum_coalesced_([p.grad for p in params], bucket_bytes)
         return params
 
     def _skip_step(self) -> None:
