@@ -7,7 +7,6 @@ Bad input ends in one ``plsc: error: ...`` line and a non-zero exit code, never 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shlex
@@ -131,9 +130,10 @@ def _run_eval(args) -> int:
     )
     _print_metrics(results, f"verification of {args.checkpoint}")
     if args.json:
+        from plsc import strict_json
         from plsc.atomic import write_atomic
 
-        write_atomic(Path(args.json), json.dumps(results, indent=1) + "\n")
+        write_atomic(Path(args.json), strict_json.dumps(results, indent=1) + "\n")
     return 0
 
 
@@ -362,9 +362,10 @@ def _run_capacity(args) -> int:
     prediction = predict(memory_model(config, setting))
     print(describe(prediction))
     if args.json:
+        from plsc import strict_json
         from plsc.atomic import write_atomic
 
-        write_atomic(Path(args.json), json.dumps(prediction.to_dict(), indent=1) + "\n")
+        write_atomic(Path(args.json), strict_json.dumps(prediction.to_dict(), indent=1) + "\n")
     return 0
 
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from plsc import strict_json
 from plsc.errors import PlscError
 
 
@@ -168,7 +169,7 @@ def spec_from_args(args):
 def write_json(path: str | Path, result: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    path.write_text(strict_json.dumps(result, indent=1) + "\n")
     print(f"results: {path}")
 
 
@@ -237,7 +238,7 @@ def measure_in_fresh_process(module: str, spec: dict, threads: int) -> dict:
     from plsc.malloc import MALLOC_SETTINGS
 
     env = {"GLIBC_TUNABLES": MALLOC_SETTINGS, **os.environ, "OMP_NUM_THREADS": str(threads)}
-    command = [sys.executable, "-m", module, json.dumps(spec)]
+    command = [sys.executable, "-m", module, strict_json.dumps(spec)]
     proc = subprocess.run(command, env=env, capture_output=True, text=True)
     lines = proc.stderr.strip().splitlines()
     if proc.returncode == 2 and lines and lines[-1].startswith(ERROR_PREFIX):
@@ -264,5 +265,5 @@ def child_main(measure, argv: list[str] | None = None) -> int:
     except PlscError as exc:
         print(f"{ERROR_PREFIX}{exc}", file=sys.stderr)
         return 2
-    print(json.dumps(result))
+    print(strict_json.dumps(result))
     return 0

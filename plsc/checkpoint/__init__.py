@@ -48,6 +48,7 @@ from plsc.atomic import fsync_path, write_atomic, writing
 from plsc.checkpoint import shards
 from plsc.distributed import ClassShard
 from plsc.errors import PlscError
+from plsc.finite import require_finite_state
 
 FORMAT = "plsc-checkpoint"
 FORMAT_VERSION = 2  # 2: velocity may be int8 codes + per-row scales (``velocity_dtype`` in the manifest)
@@ -316,6 +317,7 @@ def _load_state(path: Path, kind: str) -> dict:
     if not isinstance(state, dict):
         raise PlscError(f"{path}: not a {kind} (a pickled {type(state).__name__}, not a dict)")
     state.pop(STRUCTURE_KEY, None)
+    require_finite_state(state, path)
     return _as_tensors(state)
 
 

@@ -33,6 +33,7 @@ import paddle
 from plsc import safe_pickle
 from plsc.config import Config, config_from_dict
 from plsc.errors import PlscError
+from plsc.finite import require_finite
 from plsc.models import MODELS, build_model, plsc22_names
 from plsc.models.iresnet import STAGE_BLOCKS, STAGE_CHANNELS
 from plsc.models.layers import scaled_channels
@@ -66,10 +67,11 @@ def read_tensor_file(path: str | Path) -> np.ndarray:
     static_eval = {("builtins", "eval"): _static_payload}
     payload = safe_pickle.load(path, "PLSC v2.2 tensor file", substitutes=static_eval)
     if isinstance(payload, tuple) and len(payload) == 2 and isinstance(payload[1], np.ndarray):
-        return payload[1]
-    if isinstance(payload, np.ndarray):
-        return payload
-    raise PlscError(f"{path} holds no tensor (a {type(payload).__name__})")
+        payload = payload[1]
+    if not isinstance(payload, np.ndarray):
+        raise PlscError(f"{path} holds no tensor (a {type(payload).__name__})")
+    require_finite(path.stem, payload, path.parent)
+    return payload
 
 
 # ----------------------------------------------------------------------------------------------------

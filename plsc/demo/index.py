@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from plsc import strict_json
 from plsc.atomic import atomic_file
 from plsc.errors import PlscError
 
@@ -59,7 +60,7 @@ def save_index(path: str | Path, index: GalleryIndex) -> Path:
         "boxes": index.boxes.astype(np.int32).reshape(-1, 4),
         "detected": index.detected.astype(bool),
         "probe": index.probe.astype(np.float32),
-        "meta": np.array(json.dumps({"format": INDEX_FORMAT, "version": INDEX_VERSION, **index.meta})),
+        "meta": np.array(strict_json.dumps({"format": INDEX_FORMAT, "version": INDEX_VERSION, **index.meta})),
     }
     with atomic_file(path) as f:  # a file object: np.savez would append .npz to a name
         np.savez(f, **arrays)

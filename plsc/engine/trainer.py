@@ -24,6 +24,7 @@ import numpy as np
 import paddle
 
 from plsc import checkpoint as ckpt
+from plsc import strict_json
 from plsc.atomic import write_atomic, writing
 from plsc.config import Config, save_config
 from plsc.console import format_duration
@@ -660,7 +661,5 @@ class _LogWindow:
 
 
 def json_line(record: dict) -> str:
-    """One strict-JSON line: a non-finite number (the mean loss of a window of skipped steps) becomes null,
-    since NaN and Infinity are not JSON."""
-    finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-    return json.dumps(finite, allow_nan=False) + "\n"
+    """One strict-JSON line: a non-finite number (the mean loss of a window of skipped steps) becomes null."""
+    return strict_json.dumps(record) + "\n"

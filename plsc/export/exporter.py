@@ -34,6 +34,7 @@ from pathlib import Path
 import paddle
 
 import plsc
+from plsc import strict_json
 from plsc.atomic import temp_path, write_atomic
 from plsc.checkpoint import plsc22, replace_dir
 from plsc.checkpoint.restore import restore_backbone
@@ -82,7 +83,7 @@ def export_checkpoint(
         artifact = _export_files(model, staging, name, config.data.image_size, export_format, opset)
         _carry_over(output, staging)
         description = merge_description(previous, describe(checkpoint, config), export_format, artifact)
-        write_atomic(staging / EXPORT_JSON, json.dumps(description, indent=1) + "\n")
+        write_atomic(staging / EXPORT_JSON, strict_json.dumps(description, indent=1) + "\n")
         replace_dir(staging, output)
     except OSError as exc:
         raise PlscError(f"cannot write the export to {output}: {exc.strerror or exc}") from None
