@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from plsc.console import quiet_framework
-from plsc.errors import PlscError
+from plsc.errors import PlscError, memory_hint
 from plsc.malloc import reexec_with_huge_pages
 
 
@@ -393,7 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nproc hands on to each process
     _setup_console()
     try:
-        return args.run(args)
+        with memory_hint("", "the sizes in the settings (train.batch_size, data.image_size, "
+                             "model.embedding_size, --batch-size)"):
+            return args.run(args)
     except PlscError as exc:
         if os.environ.get("PLSC_DEBUG"):
             raise

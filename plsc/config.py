@@ -30,6 +30,13 @@ DATA_ROOT_REFERENCE = "${" + DATA_ROOT_VARIABLE + "}"
 # Class labels are integers in [0, MAX_CLASSES). The largest public face sets have ~10^7 identities; 2**31
 # classes of even 128 float16 values are 512 GiB of centers, so a label beyond is a damaged label, not data.
 MAX_CLASSES = 2**31
+# Largest sizes that can run. Embeddings: PLSC and insightface use 128-512; the backbone's last layer is
+# [channels x 7 x 7, E] and every class center holds E values, so E = 8192 already makes both 16x the usual.
+MAX_EMBEDDING_SIZE = 8192
+# Input side: the models are built for 112 px; at 1024 px one IResNet-50 image's activations are ~6 GiB.
+MAX_IMAGE_SIZE = 1024
+# Paddle's random generator keeps the low 32 bits of a seed: seed 2**32 initialises as seed 0.
+SEED_LIMIT = 2**32
 
 
 class ConfigError(PlscError):
@@ -358,12 +365,18 @@ _NEUTRAL_MARGINS = [1.0, 0.0, 0.0]
 # (key, check, allowed range as the message says it). Float keys must also be finite (checked first).
 _RULES: list[tuple[str, typing.Callable[[typing.Any], bool], str]] = [
     ("data.num_classes", lambda v: v >= 0, ">= 0 (0: read from the labels)"),
-    ("data.num_classes", lambda v: v <= MAX_CLASSES, f"<= {MAX_CLASSES} (see MAX_CLASSES)"),
+    ("data.num_classes", lambda v: v <= MAX_CLASSES, f"<= {MAX_CLASSES}"),
     ("data.image_size", lambda v: v >= 1, ">= 1"),
+    ("data.image_size", lambda v: v <= MAX_IMAGE_SIZE, f"<= {MAX_IMAGE_SIZE}"),
     ("data.num_workers", lambda v: v >= 0, ">= 0 (0: load in the training process)"),
+    # Each worker is a process holding a copy of the batch buffers; more than 512 is a typo, not a setting.
+    ("data.num_workers", lambda v: v <= 512, "<= 512"),
     ("data.synthetic_samples", lambda v: v >= 1, ">= 1"),
     ("model.embedding_size", lambda v: v >= 1, ">= 1"),
+    ("model.embedding_size", lambda v: v <= MAX_EMBEDDING_SIZE, f"<= {MAX_EMBEDDING_SIZE}"),
     ("model.width", lambda v: v > 0, "> 0"),
+    # Parameters grow with width squared: width 8 is an IResNet-50 of ~2 G parameters (8 GiB float32).
+    ("model.width", lambda v: v <= 8, "<= 8"),
     ("model.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("loss.scale", lambda v: v > 0, "> 0"),
     ("loss.sample_ratio", lambda v: 0 < v <= 1, "in (0, 1]"),
@@ -377,14 +390,18 @@ _RULES: list[tuple[str, typing.Callable[[typing.Any], bool], str]] = [
     ("optim.poly_power", lambda v: v >= 0, ">= 0"),
     ("optim.clip_norm", lambda v: v >= 0, ">= 0 (0: no clipping)"),
     ("train.batch_size", lambda v: v >= 1, ">= 1"),
+    # Per rank: PLSC v2.2's configs use 64-512; 65536 images of 112 px are 2.3 GiB of uint8 input alone.
+    ("train.batch_size", lambda v: v <= 65536, "<= 65536"),
     ("train.epochs", lambda v: v >= 0, ">= 0"),
     ("train.max_steps", lambda v: v >= 0, ">= 0 (0: train.epochs decides)"),
     ("train.seed", lambda v: v >= 0, ">= 0"),
+    ("train.seed", lambda v: v < SEED_LIMIT, f"< {SEED_LIMIT} (Paddle keeps a seed's low 32 bits)"),
     ("train.log_interval", lambda v: v >= 1, ">= 1"),
     ("train.eval_interval", lambda v: v >= 0, ">= 0 (0: verify at the end only)"),
     ("train.save_interval", lambda v: v >= 0, ">= 0 (0: save at the end of every epoch only)"),
     ("train.keep_checkpoints", lambda v: v >= 1, ">= 1"),
     ("train.eval_batch_size", lambda v: v >= 1, ">= 1"),
+    ("train.eval_batch_size", lambda v: v <= 65536, "<= 65536"),
     ("train.loss_scale_init", lambda v: v > 0, "> 0"),
     ("train.loss_scale_growth_interval", lambda v: v >= 1, ">= 1"),
     ("train.loss_scale_growth_factor", lambda v: v >= 1, ">= 1"),
