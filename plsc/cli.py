@@ -13,6 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from plsc.config import finite_float
 from plsc.console import quiet_framework
 from plsc.errors import PlscError, memory_hint
 from plsc.malloc import reexec_with_huge_pages
@@ -58,6 +59,17 @@ def _train_config(args):
     return load_config(config_file, args.overrides), output
 
 
+def _require_classes_for_ranks(config, nproc: int) -> None:
+    """Every rank owns at least one class: checked on the labels once here, not after N processes have
+    started and read them."""
+    from plsc.data import build_dataset
+    from plsc.distributed import require_classes_per_rank
+
+    if nproc < 1:
+        raise PlscError(f"--nproc must be at least 1, got {nproc}")
+    require_classes_per_rank(build_dataset(config.data).num_classes, nproc)
+
+
 def _continue_command(output: Path, world_size: int) -> str:
     """The command that continues an interrupted run (its settings are in <output>/config.yaml)."""
     command = ["plsc", "train", "--output", str(output), "--resume"]
@@ -75,6 +87,7 @@ def _run_train(args) -> int:
     if args.nproc is not None and args.nproc != 1:
         from plsc.launch import run_train  # the config loaded: a bad one fails here once, not in N children
 
+        _require_classes_for_ranks(config, args.nproc)  # before any process starts or folder is made
         check_output(config, output, resume, weights_only, args.overwrite, args.nproc)  # before <output>/log
         return run_train(args.nproc, args.argv, output)
     trainer = Trainer(config, output, resume=resume, weights_only=weights_only, overwrite=args.overwrite)
@@ -253,7 +266,7 @@ def _add_demo(sub) -> None:
     rec.add_argument("--output", required=True, help="folder for each annotated image and its .json")
     rec.add_argument("--cdd-num", "--cdd_num", type=int, default=10,
                      help="nearest gallery faces that vote for a name (default: 10)")
-    rec.add_argument("--threshold", type=float, default=None,
+    rec.add_argument("--threshold", type=finite_float, default=None,
                      help="least cosine similarity of a voting candidate (default: the model's verification "
                           "threshold when its checkpoint records one, else 0.45)")
     rec.add_argument("--font", default=None, help="TrueType/OpenType font for the names (needs Pillow)")
@@ -265,13 +278,14 @@ def _add_demo_model_flags(p, margin_help: str) -> None:
     p.add_argument("--model", required=True,
                    help="export folder, model file (Paddle Inference, ONNX), or plsc/PLSC v2.2 checkpoint")
     p.add_argument("--engine", choices=["paddle", "onnx"], default=None, help="for an export holding both")
-    p.add_argument("--margin", type=float, default=None, help=margin_help)
+    p.add_argument("--margin", type=finite_float, default=None, help=margin_help)
     group = p.add_argument_group("face detector (default: OpenCV's bundled Haar cascade)")
     group.add_argument("--det-model-file-path", "--det_model_file_path", default=None, metavar="FILE",
                        help="a PaddleDetection inference model instead, e.g. BlazeFace's inference.pdmodel")
     group.add_argument("--det-params-file-path", "--det_params_file_path", default=None, metavar="FILE",
                        help="its parameters (default: beside it, .pdiparams)")
-    group.add_argument("--det-threshold", type=float, default=None, help="its least score (default: 0.5)")
+    group.add_argument("--det-threshold", type=finite_float, default=None,
+                       help="its least score (default: 0.5)")
     group.add_argument("--haar-cascade", default=None, metavar="XML", help="another OpenCV cascade file")
 
 
@@ -334,15 +348,15 @@ def _add_capacity(sub) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value; repeatable")
     memory = p.add_mutually_exclusive_group(required=True)
-    memory.add_argument("--device-memory-mib", type=float, metavar="M",
+    memory.add_argument("--device-memory-mib", type=finite_float, metavar="M",
                         help="memory of one device in MiB, as nvidia-smi reports it (a V100-32G: 32510)")
-    memory.add_argument("--device-memory-gib", type=float, metavar="G", help="the same in GiB")
+    memory.add_argument("--device-memory-gib", type=finite_float, metavar="G", help="the same in GiB")
     p.add_argument("--world-size", type=int, default=1, metavar="N", help="ranks (devices) sharing classes")
     p.add_argument("--device", choices=["gpu", "cpu"], default="gpu",
                    help="gpu: fused margin loss, FP16 activations, checkpoint copies on the host; "
                         "cpu: everything in host memory (default: gpu)")
     defaults = ", ".join(f"{mib} on {device}" for device, mib in FIXED_OVERHEAD_MIB.items())
-    p.add_argument("--fixed-overhead-mib", type=float, default=None, metavar="M",
+    p.add_argument("--fixed-overhead-mib", type=finite_float, default=None, metavar="M",
                    help=f"per-device memory outside the model (default: {defaults})")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the prediction as JSON")
     p.set_defaults(run=_run_capacity)
@@ -369,8 +383,16 @@ def _run_capacity(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes in one line, like every other plsc error (argparse prints the whole usage first;
+    ``--help`` still shows it). Subcommand parsers are of the same class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="plsc", description="Paddle Large Scale Classification")
+    parser = _Parser(prog="plsc", description="Paddle Large Scale Classification")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_train, _add_eval, _add_convert, _add_export, _add_infer, _add_demo, _add_bench,
                 _add_capacity, _add_doctor):

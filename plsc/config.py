@@ -5,6 +5,7 @@ Unknown sections or keys are errors, so a typo never silently falls back to a de
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import logging
@@ -287,6 +288,18 @@ def parse_override(text: str) -> dict:
     except ConfigError as exc:
         raise ConfigError(f"override {_shown.repr(text)}: {exc}") from None
     return {parts[0]: {parts[1]: value}}
+
+
+def finite_float(text: str) -> float:
+    """argparse type of plsc's number flags: a float, but not nan or inf (which pass every ``<``/``>`` check
+    unnoticed or overflow an integer conversion later)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def load_config(

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from plsc import strict_json
+from plsc.config import finite_float
 from plsc.errors import PlscError
 
 
@@ -28,7 +29,7 @@ def add_bench_parser(sub) -> None:
                     "per class.",
     )
     head.add_argument("--classes", type=int, required=True, help="global class count C")
-    head.add_argument("--ratio", type=float, default=0.1, help="sample ratio (of the rank's classes)")
+    head.add_argument("--ratio", type=finite_float, default=0.1, help="sample ratio (of the rank's classes)")
     head.add_argument("--batch", type=int, default=128, help="batch per rank; a rank sees world-size x batch")
     head.add_argument("--emb", type=int, default=512, help="embedding size")
     head.add_argument("--world-size", type=int, default=1,
@@ -122,7 +123,7 @@ def _add_eval(kinds) -> None:
     evaluate.add_argument("--checkpoint", default=None,
                           help="a checkpoint to evaluate (default: an untrained one of --model, --width)")
     evaluate.add_argument("--model", default="iresnet50", help="backbone of the untrained checkpoint")
-    evaluate.add_argument("--width", type=float, default=1.0, help="its width multiplier")
+    evaluate.add_argument("--width", type=finite_float, default=1.0, help="its width multiplier")
     evaluate.add_argument("--image-size", type=int, default=112, help="its input size")
     evaluate.add_argument("--bin", default=None,
                           help="verification .bin (default: data/tiny/lfw_disjoint_100.bin)")
