@@ -17,6 +17,7 @@ from plsc.config import finite_float
 from plsc.console import quiet_framework
 from plsc.errors import PlscError, memory_hint
 from plsc.malloc import reexec_with_huge_pages
+from plsc.output_paths import require_output_file, require_output_folder
 
 
 def _add_train(sub) -> None:
@@ -82,6 +83,7 @@ def _run_train(args) -> int:
     from plsc.engine.trainer import Trainer, TrainingInterrupted, check_output
 
     config, output = _train_config(args)
+    require_output_folder(output, "--output")
     resume = args.resume or args.resume_weights_only
     weights_only = bool(args.resume_weights_only)
     if args.nproc is not None and args.nproc != 1:
@@ -120,7 +122,7 @@ def _add_eval(sub) -> None:
                    help="paddle: Paddle Inference (conv + BatchNorm folded); dygraph: the model's own "
                         "forward; auto: Paddle Inference on the CPU, dygraph on a GPU (default)")
     _add_model_flags(p)
-    p.set_defaults(run=_run_eval)
+    p.set_defaults(run=_run_eval, outputs={"json": "file"})
 
 
 def _add_model_flags(p) -> None:
@@ -171,13 +173,13 @@ def _add_convert(sub) -> None:
     rec.add_argument("--rec", required=True, help="the .rec file")
     rec.add_argument("--idx", default=None, help="its .idx (default: beside the .rec)")
     rec.add_argument("--output", required=True, help="output folder; rerun after an interruption to finish")
-    rec.set_defaults(run=_run_rec2images)
+    rec.set_defaults(run=_run_rec2images, outputs={"output": "folder"})
     images = kinds.add_parser("images2rec", help="images/ + label.txt -> InsightFace .rec/.idx/property")
     images.add_argument("--root", required=True, help="folder holding label.txt and images/")
     images.add_argument("--label-file", default=None, help="label file inside --root (default: label.txt)")
     images.add_argument("--output", required=True,
                         help="output prefix: writes PREFIX.rec, PREFIX.idx, property")
-    images.set_defaults(run=_run_images2rec)
+    images.set_defaults(run=_run_images2rec, outputs={"output": "file"})
 
 
 def _run_rec2images(args) -> int:
@@ -208,7 +210,7 @@ def _add_export(sub) -> None:
     p.add_argument("--name", default=None, help="file name stem (default: the backbone name, as PLSC)")
     p.add_argument("--opset", type=int, default=11, help="ONNX opset version")
     _add_model_flags(p)
-    p.set_defaults(run=_run_export)
+    p.set_defaults(run=_run_export, outputs={"output": "folder"})
 
 
 def _run_export(args) -> int:
@@ -231,7 +233,7 @@ def _add_infer(sub) -> None:
     p.add_argument("--output", default=None, metavar="F.npy",
                    help="write the embeddings [N, E] here and the image list to F.txt (default: print them)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.set_defaults(run=_run_infer)
+    p.set_defaults(run=_run_infer, outputs={"output": "file"})
 
 
 def _run_infer(args) -> int:
@@ -259,7 +261,7 @@ def _add_demo(sub) -> None:
                        help="IMAGE<TAB>NAME per line (default: GALLERY/label.txt)")
     index.add_argument("--index", required=True, metavar="OUT", help="index file to write (an .npz)")
     _add_demo_model_flags(index, "crop margin per side, a fraction of the face box (default: 0.05)")
-    index.set_defaults(run=_run_demo_index)
+    index.set_defaults(run=_run_demo_index, outputs={"index": "file"})
     rec = steps.add_parser("recognize", help="detect the faces of an image (or folder) and name them")
     rec.add_argument("--index", required=True, help="index file from plsc demo index (same --model)")
     rec.add_argument("--input", required=True, help="an image, or a folder of images (searched recursively)")
@@ -271,7 +273,7 @@ def _add_demo(sub) -> None:
                           "threshold when its checkpoint records one, else 0.45)")
     rec.add_argument("--font", default=None, help="TrueType/OpenType font for the names (needs Pillow)")
     _add_demo_model_flags(rec, "crop margin per side (default: the index's)")
-    rec.set_defaults(run=_run_demo_recognize)
+    rec.set_defaults(run=_run_demo_recognize, outputs={"output": "folder"})
 
 
 def _add_demo_model_flags(p, margin_help: str) -> None:
@@ -322,7 +324,7 @@ def _add_doctor(sub) -> None:
     p = sub.add_parser("doctor", help="check that this machine can train: versions, Paddle's own check, fast "
                                       "paths, 5-step runs; a pass/fail table with what to do")
     p.add_argument("--output", default="output/doctor", help="folder for the logs (default: output/doctor)")
-    p.set_defaults(run=_run_doctor)
+    p.set_defaults(run=_run_doctor, outputs={"output": "folder"})
 
 
 def _run_doctor(args) -> int:
@@ -359,7 +361,7 @@ def _add_capacity(sub) -> None:
     p.add_argument("--fixed-overhead-mib", type=finite_float, default=None, metavar="M",
                    help=f"per-device memory outside the model (default: {defaults})")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the prediction as JSON")
-    p.set_defaults(run=_run_capacity)
+    p.set_defaults(run=_run_capacity, outputs={"json": "file"})
 
 
 def _run_capacity(args) -> int:
@@ -391,6 +393,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _check_outputs(args) -> None:
+    """Every path a command will write (its ``outputs``: option name -> "folder" or "file"), checked
+    before the command does any work."""
+    for name, kind in getattr(args, "outputs", {}).items():
+        value = getattr(args, name)
+        if value is not None:
+            flag = "--" + name.replace("_", "-")
+            (require_output_folder if kind == "folder" else require_output_file)(value, flag)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="plsc", description="Paddle Large Scale Classification")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -417,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with memory_hint("", "the sizes in the settings (train.batch_size, data.image_size, "
                              "model.embedding_size, --batch-size)"):
+            _check_outputs(args)
             return args.run(args)
     except PlscError as exc:
         if os.environ.get("PLSC_DEBUG"):
