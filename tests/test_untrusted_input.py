@@ -274,12 +274,14 @@ def test_bin_of_nested_shared_references_is_refused(tmp_path):
         load_bin(path)
 
 
-def test_bin_with_one_image_object_referenced_many_times_still_loads(tmp_path):
-    image = jpeg()  # pickled once, then fetched from the memo: shared, but each reference costs bytes
+def test_bin_listing_one_stored_image_many_times_is_refused_before_decoding(tmp_path):
+    image = jpeg()  # pickled once, then referenced from the memo: 2 bytes per copy, 112 x 112 x 3 decoded
     path = tmp_path / "same.bin"
     path.write_bytes(pickle.dumps(([image] * 400, [True, False] * 100), protocol=4))
-    loaded = load_bin(path, 8)
-    assert loaded.images.shape == (400, 8, 8, 3) and loaded.pairs == 200
+    assert path.stat().st_size < 400 * len(image)
+    message = rf"same\.bin: its 400 images add up to {400 * len(image)} bytes, more than the file's \d+: "
+    with pytest.raises(PlscError, match=message + "images are listed more than once"):
+        load_bin(path)
 
 
 # ------------------------------------------------------------------------------------------------------------
