@@ -129,7 +129,7 @@ def _parse_line(line: str) -> tuple[str, int] | str:
     is_number = label_text.isascii() and label_text.isdigit() and len(label_text) <= len(str(MAX_CLASSES))
     if not is_number or int(label_text) >= MAX_CLASSES:
         shown = label_text if len(label_text) <= 24 else label_text[:21] + "..."
-        return f"label {shown!r} is not a class (an integer in [0, {MAX_CLASSES}))"
+        return f"label {shown!r} is not a non-negative integer below {MAX_CLASSES}"
     return path, int(label_text)
 
 

@@ -746,8 +746,8 @@ class RecordDataset:
         bad = np.flatnonzero(~is_class_label(values))
         if len(bad):
             key, value = int(self.image_keys[bad[0]]), values[bad[0]]
-            raise PlscError(f"{self.rec_path}: key {key}: label {value:g} is not a class (an integer in "
-                            f"[0, {LABEL_LIMIT}); float32 labels hold larger integers inexactly)")
+            raise PlscError(f"{self.rec_path}: key {key}: label {value:g} is not a non-negative integer "
+                            f"below {LABEL_LIMIT} (float32 labels hold larger integers inexactly)")
         return values.astype(np.int64)
 
     def __len__(self) -> int:
