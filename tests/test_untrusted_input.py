@@ -29,9 +29,11 @@ from plsc.config import ConfigError, load_config, parse_override
 from plsc.data.folder import FolderDataset
 from plsc.data.recordio import IRHeader, RecordDataset, RecordWriter, pack
 from plsc.data.verification_bin import load_bin
+from plsc.demo.index import load_index
 from plsc.engine import trainer as trainer_module
 from plsc.errors import PlscError, memory_hint
 from plsc.eval.verification import evaluate
+from plsc.export.exporter import EXPORT_JSON, read_description
 from plsc.output_paths import require_output_file, require_output_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,6 +125,29 @@ def test_strict_json_writes_null_for_undefined_numbers():
 
     parsed = json.loads(strict_json.dumps(value, indent=1), parse_constant=refuse)
     assert parsed == {"a": None, "b": [None, 1.5, None], "c": 3, "d": [True, None], "e": "NaN"}
+
+
+def test_strict_json_reads_only_json():
+    for text in ("NaN", '{"a": Infinity}', "[-Infinity]", "[" * 5000 + "]" * 5000, '{"a": 1'):
+        with pytest.raises(ValueError):
+            strict_json.loads(text)
+    assert strict_json.loads('{"a": [1, null, 2.5]}') == {"a": [1, None, 2.5]}
+
+
+@pytest.mark.parametrize("text", ["[" * 5000, '{"model": NaN}'])
+def test_export_description_that_is_not_json_is_one_line(tmp_path, text):
+    (tmp_path / EXPORT_JSON).write_text(text)
+    with pytest.raises(PlscError, match=r"export\.json: corrupt export description \("):
+        read_description(tmp_path)
+
+
+def test_demo_index_whose_meta_is_not_an_object_is_one_line(tmp_path):
+    path = tmp_path / "gallery.npz"
+    empty = np.zeros((0, 4), np.float32)
+    np.savez(path, embeddings=empty, names=np.array([], str), paths=np.array([], str), boxes=np.zeros((0, 4)),
+             detected=np.zeros(0, bool), probe=empty, meta=np.array("[]"))
+    with pytest.raises(PlscError, match=r"gallery\.npz is not a plsc demo index"):
+        load_index(path)
 
 
 # The checkpoint manifest is written by the manifest-schema code (plsc/checkpoint/__init__.py), which holds

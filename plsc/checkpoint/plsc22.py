@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import paddle
 
-from plsc import safe_pickle
+from plsc import safe_pickle, strict_json
 from plsc.config import MAX_CLASSES, MAX_EMBEDDING_SIZE, Config, config_from_dict
 from plsc.errors import PlscError
 from plsc.finite import require_finite
@@ -103,10 +103,10 @@ def read_meta(directory: str | Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        meta = json.loads(path.read_text())
+        meta = strict_json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise PlscError(f"{path}: corrupt meta.json ({exc.msg})") from None
-    except (ValueError, RecursionError, UnicodeDecodeError) as exc:  # 5000-digit numbers, deep nesting
+    except ValueError as exc:  # NaN, 5000-digit numbers, deep nesting, bytes that are not UTF-8
         raise PlscError(f"{path}: corrupt meta.json ({first_line(exc)[:80]})") from None
     if not isinstance(meta, dict):
         raise PlscError(f"{path}: expected a JSON object of checkpoint facts, found a {type(meta).__name__}")

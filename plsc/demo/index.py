@@ -16,7 +16,6 @@ at the threshold means ``unknown``. A negative cosine is a dissimilarity, never 
 
 from __future__ import annotations
 
-import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,10 +73,10 @@ def load_index(path: str | Path) -> GalleryIndex:
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
-        meta = json.loads(str(arrays["meta"]))
+        meta = strict_json.loads(str(arrays["meta"]))
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         raise PlscError(f"{path} is not a plsc demo index (build one with plsc demo index)") from None
-    if meta.get("format") != INDEX_FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT:
         raise PlscError(f"{path} is not a plsc demo index (build one with plsc demo index)")
     index = GalleryIndex(
         arrays["embeddings"], arrays["names"].tolist(), arrays["paths"].tolist(),

@@ -41,6 +41,7 @@ from plsc.checkpoint.restore import restore_backbone
 from plsc.console import captured_output
 from plsc.errors import PlscError
 from plsc.models import build_model
+from plsc.runtime import first_line
 
 EXPORT_JSON = "export.json"
 FORMATS = ("paddle", "onnx")
@@ -224,12 +225,14 @@ def read_description(directory: str | Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        description = json.loads(path.read_text())
+        description = strict_json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise PlscError(f"{path}: corrupt export description ({exc.msg})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise PlscError(f"{path}: unreadable export description ({getattr(exc, 'strerror', None) or exc})") \
             from None
+    except ValueError as exc:  # NaN, nesting deeper than Python's recursion limit
+        raise PlscError(f"{path}: corrupt export description ({first_line(exc)[:80]})") from None
     if not isinstance(description, dict):
         raise PlscError(f"{path}: corrupt export description (not a JSON object)")
     return description
