@@ -66,7 +66,7 @@ def _require_classes_for_ranks(config, nproc: int) -> None:
     from plsc.data import build_dataset
     from plsc.distributed import require_classes_per_rank
 
-    if nproc < 1:
+    if nproc < 1:  # launch_command refuses it too, but after <output>/log exists
         raise PlscError(f"--nproc must be at least 1, got {nproc}")
     require_classes_per_rank(build_dataset(config.data).num_classes, nproc)
 
