@@ -355,8 +355,12 @@ def test_trainer_out_of_memory_for_the_class_centers_names_the_class_count(tmp_p
         trainer_module.Trainer(config, tmp_path / "run")
 
 
-def test_nproc_beyond_the_class_count_is_refused_before_anything_starts(tmp_path, tiny_dir, monkeypatch,
-                                                                         capsys):
+@pytest.mark.parametrize("nproc, message", [
+    ("41", "cannot shard 40 classes over 41 ranks; use at most 40 ranks"),
+    ("0", "--nproc must be at least 1, got 0"),
+])
+def test_nproc_the_classes_cannot_fill_is_refused_before_anything_starts(nproc, message, tmp_path, tiny_dir,
+                                                                         monkeypatch, capsys):
     import plsc.launch
 
     def must_not_start(*args, **kwargs):
@@ -367,10 +371,9 @@ def test_nproc_beyond_the_class_count_is_refused_before_anything_starts(tmp_path
     config.write_text(f"data: {{root: {tiny_dir}}}\n")
     output = tmp_path / "out"
     settings = [part for setting in TINY for part in ("--set", setting)]
-    argv = ["train", "--config", str(config), "--output", str(output), "--nproc", "41", *settings]
+    argv = ["train", "--config", str(config), "--output", str(output), "--nproc", nproc, *settings]
     assert cli.main(argv) == 2
-    line = one_line(capsys.readouterr().err)
-    assert line == "plsc: error: cannot shard 40 classes over 41 ranks; use at most 40 ranks"
+    assert one_line(capsys.readouterr().err) == f"plsc: error: {message}"
     assert not output.exists()
 
 
