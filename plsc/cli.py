@@ -7,16 +7,17 @@ Bad input ends in one ``plsc: error: ...`` line and a non-zero exit code, never 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shlex
 import sys
 from pathlib import Path
 
+from plsc.config import finite_float
 from plsc.console import quiet_framework
-from plsc.errors import PlscError
+from plsc.errors import PlscError, memory_hint
 from plsc.malloc import reexec_with_huge_pages
+from plsc.output_paths import require_output_file, require_output_folder
 
 
 def _add_train(sub) -> None:
@@ -59,6 +60,17 @@ def _train_config(args):
     return load_config(config_file, args.overrides), output
 
 
+def _require_classes_for_ranks(config, nproc: int) -> None:
+    """Every rank owns at least one class: checked on the labels once here, not after N processes have
+    started and read them."""
+    from plsc.data import build_dataset
+    from plsc.distributed import require_classes_per_rank
+
+    if nproc < 1:  # launch_command refuses it too, but after <output>/log exists
+        raise PlscError(f"--nproc must be at least 1, got {nproc}")
+    require_classes_per_rank(build_dataset(config.data).num_classes, nproc)
+
+
 def _continue_command(output: Path, world_size: int) -> str:
     """The command that continues an interrupted run (its settings are in <output>/config.yaml)."""
     command = ["plsc", "train", "--output", str(output), "--resume"]
@@ -72,11 +84,13 @@ def _run_train(args) -> int:
     from plsc.engine.trainer import Trainer, TrainingInterrupted
 
     config, output = _train_config(args)
+    require_output_folder(output, "--output")
     resume = args.resume or args.resume_weights_only
     weights_only = bool(args.resume_weights_only)
     if args.nproc is not None and args.nproc != 1:
         from plsc.launch import run_train  # the config loaded: a bad one fails here once, not in N children
 
+        _require_classes_for_ranks(config, args.nproc)  # before any process starts or folder is made
         # Before <output>/log; the launcher holds the folder for its ranks (they share its lock).
         start = (config, output, resume, weights_only, args.overwrite, args.nproc)
         resuming_from = run_folder.check_output(*start)
@@ -112,7 +126,7 @@ def _add_eval(sub) -> None:
                    help="paddle: Paddle Inference (conv + BatchNorm folded); dygraph: the model's own "
                         "forward; auto: Paddle Inference on the CPU, dygraph on a GPU (default)")
     _add_model_flags(p)
-    p.set_defaults(run=_run_eval)
+    p.set_defaults(run=_run_eval, outputs={"json": "file"})
 
 
 def _add_model_flags(p) -> None:
@@ -135,9 +149,10 @@ def _run_eval(args) -> int:
     )
     _print_metrics(results, f"verification of {args.checkpoint}")
     if args.json:
+        from plsc import strict_json
         from plsc.atomic import write_atomic
 
-        write_atomic(Path(args.json), json.dumps(results, indent=1) + "\n")
+        write_atomic(Path(args.json), strict_json.dumps(results, indent=1) + "\n")
     return 0
 
 
@@ -162,13 +177,13 @@ def _add_convert(sub) -> None:
     rec.add_argument("--rec", required=True, help="the .rec file")
     rec.add_argument("--idx", default=None, help="its .idx (default: beside the .rec)")
     rec.add_argument("--output", required=True, help="output folder; rerun after an interruption to finish")
-    rec.set_defaults(run=_run_rec2images)
+    rec.set_defaults(run=_run_rec2images, outputs={"output": "folder"})
     images = kinds.add_parser("images2rec", help="images/ + label.txt -> InsightFace .rec/.idx/property")
     images.add_argument("--root", required=True, help="folder holding label.txt and images/")
     images.add_argument("--label-file", default=None, help="label file inside --root (default: label.txt)")
     images.add_argument("--output", required=True,
                         help="output prefix: writes PREFIX.rec, PREFIX.idx, property")
-    images.set_defaults(run=_run_images2rec)
+    images.set_defaults(run=_run_images2rec, outputs={"output": "file"})
 
 
 def _run_rec2images(args) -> int:
@@ -199,7 +214,7 @@ def _add_export(sub) -> None:
     p.add_argument("--name", default=None, help="file name stem (default: the backbone name, as PLSC)")
     p.add_argument("--opset", type=int, default=11, help="ONNX opset version")
     _add_model_flags(p)
-    p.set_defaults(run=_run_export)
+    p.set_defaults(run=_run_export, outputs={"output": "folder"})
 
 
 def _run_export(args) -> int:
@@ -222,7 +237,7 @@ def _add_infer(sub) -> None:
     p.add_argument("--output", default=None, metavar="F.npy",
                    help="write the embeddings [N, E] here and the image list to F.txt (default: print them)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.set_defaults(run=_run_infer)
+    p.set_defaults(run=_run_infer, outputs={"output": "file"})
 
 
 def _run_infer(args) -> int:
@@ -250,32 +265,33 @@ def _add_demo(sub) -> None:
                        help="IMAGE<TAB>NAME per line (default: GALLERY/label.txt)")
     index.add_argument("--index", required=True, metavar="OUT", help="index file to write (an .npz)")
     _add_demo_model_flags(index, "crop margin per side, a fraction of the face box (default: 0.05)")
-    index.set_defaults(run=_run_demo_index)
+    index.set_defaults(run=_run_demo_index, outputs={"index": "file"})
     rec = steps.add_parser("recognize", help="detect the faces of an image (or folder) and name them")
     rec.add_argument("--index", required=True, help="index file from plsc demo index (same --model)")
     rec.add_argument("--input", required=True, help="an image, or a folder of images (searched recursively)")
     rec.add_argument("--output", required=True, help="folder for each annotated image and its .json")
     rec.add_argument("--cdd-num", "--cdd_num", type=int, default=10,
                      help="nearest gallery faces that vote for a name (default: 10)")
-    rec.add_argument("--threshold", type=float, default=None,
+    rec.add_argument("--threshold", type=finite_float, default=None,
                      help="least cosine similarity of a voting candidate (default: the model's verification "
                           "threshold when its checkpoint records one, else 0.45)")
     rec.add_argument("--font", default=None, help="TrueType/OpenType font for the names (needs Pillow)")
     _add_demo_model_flags(rec, "crop margin per side (default: the index's)")
-    rec.set_defaults(run=_run_demo_recognize)
+    rec.set_defaults(run=_run_demo_recognize, outputs={"output": "folder"})
 
 
 def _add_demo_model_flags(p, margin_help: str) -> None:
     p.add_argument("--model", required=True,
                    help="export folder, model file (Paddle Inference, ONNX), or plsc/PLSC v2.2 checkpoint")
     p.add_argument("--engine", choices=["paddle", "onnx"], default=None, help="for an export holding both")
-    p.add_argument("--margin", type=float, default=None, help=margin_help)
+    p.add_argument("--margin", type=finite_float, default=None, help=margin_help)
     group = p.add_argument_group("face detector (default: OpenCV's bundled Haar cascade)")
     group.add_argument("--det-model-file-path", "--det_model_file_path", default=None, metavar="FILE",
                        help="a PaddleDetection inference model instead, e.g. BlazeFace's inference.pdmodel")
     group.add_argument("--det-params-file-path", "--det_params_file_path", default=None, metavar="FILE",
                        help="its parameters (default: beside it, .pdiparams)")
-    group.add_argument("--det-threshold", type=float, default=None, help="its least score (default: 0.5)")
+    group.add_argument("--det-threshold", type=finite_float, default=None,
+                       help="its least score (default: 0.5)")
     group.add_argument("--haar-cascade", default=None, metavar="XML", help="another OpenCV cascade file")
 
 
@@ -312,7 +328,7 @@ def _add_doctor(sub) -> None:
     p = sub.add_parser("doctor", help="check that this machine can train: versions, Paddle's own check, fast "
                                       "paths, 5-step runs; a pass/fail table with what to do")
     p.add_argument("--output", default="output/doctor", help="folder for the logs (default: output/doctor)")
-    p.set_defaults(run=_run_doctor)
+    p.set_defaults(run=_run_doctor, outputs={"output": "folder"})
 
 
 def _run_doctor(args) -> int:
@@ -338,18 +354,18 @@ def _add_capacity(sub) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value; repeatable")
     memory = p.add_mutually_exclusive_group(required=True)
-    memory.add_argument("--device-memory-mib", type=float, metavar="M",
+    memory.add_argument("--device-memory-mib", type=finite_float, metavar="M",
                         help="memory of one device in MiB, as nvidia-smi reports it (a V100-32G: 32510)")
-    memory.add_argument("--device-memory-gib", type=float, metavar="G", help="the same in GiB")
+    memory.add_argument("--device-memory-gib", type=finite_float, metavar="G", help="the same in GiB")
     p.add_argument("--world-size", type=int, default=1, metavar="N", help="ranks (devices) sharing classes")
     p.add_argument("--device", choices=["gpu", "cpu"], default="gpu",
                    help="gpu: fused margin loss, FP16 activations, checkpoint copies on the host; "
                         "cpu: everything in host memory (default: gpu)")
     defaults = ", ".join(f"{mib} on {device}" for device, mib in FIXED_OVERHEAD_MIB.items())
-    p.add_argument("--fixed-overhead-mib", type=float, default=None, metavar="M",
+    p.add_argument("--fixed-overhead-mib", type=finite_float, default=None, metavar="M",
                    help=f"per-device memory outside the model (default: {defaults})")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the prediction as JSON")
-    p.set_defaults(run=_run_capacity)
+    p.set_defaults(run=_run_capacity, outputs={"json": "file"})
 
 
 def _run_capacity(args) -> int:
@@ -366,9 +382,10 @@ def _run_capacity(args) -> int:
     prediction = predict(memory_model(config, setting))
     print(describe(prediction))
     if args.json:
+        from plsc import strict_json
         from plsc.atomic import write_atomic
 
-        write_atomic(Path(args.json), json.dumps(prediction.to_dict(), indent=1) + "\n")
+        write_atomic(Path(args.json), strict_json.dumps(prediction.to_dict(), indent=1) + "\n")
     return 0
 
 
@@ -384,10 +401,10 @@ def _add_plan(sub) -> None:
                    help="training images (default: counted from data.root's label file or .rec index)")
     p.add_argument("--device", choices=["gpu", "cpu"], default="gpu",
                    help="the memory prediction's device, as plsc capacity (default: gpu)")
-    p.add_argument("--device-memory-gib", type=float, default=32.0, metavar="G",
+    p.add_argument("--device-memory-gib", type=finite_float, default=32.0, metavar="G",
                    help="memory of one device, to say whether the run fits (default: 32, a V100 32G)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the plan as JSON")
-    p.set_defaults(run=_run_plan)
+    p.set_defaults(run=_run_plan, outputs={"json": "file"})
 
 
 def _run_plan(args) -> int:
@@ -408,14 +425,33 @@ def _run_plan(args) -> int:
     plan = make_plan(config, world, images, source, num_classes, memory)
     print(describe_plan(plan))
     if args.json:
+        from plsc import strict_json
         from plsc.atomic import write_atomic
 
-        write_atomic(Path(args.json), json.dumps(plan.to_dict(), indent=1, allow_nan=False) + "\n")
+        write_atomic(Path(args.json), strict_json.dumps(plan.to_dict(), indent=1) + "\n")
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes in one line, like every other plsc error (argparse prints the whole usage first;
+    ``--help`` still shows it). Subcommand parsers are of the same class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _check_outputs(args) -> None:
+    """Every path a command will write (its ``outputs``: option name -> "folder" or "file"), checked
+    before the command does any work."""
+    for name, kind in getattr(args, "outputs", {}).items():
+        value = getattr(args, name)
+        if value is not None:
+            flag = "--" + name.replace("_", "-")
+            (require_output_folder if kind == "folder" else require_output_file)(value, flag)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="plsc", description="Paddle Large Scale Classification")
+    parser = _Parser(prog="plsc", description="Paddle Large Scale Classification")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_train, _add_eval, _add_convert, _add_export, _add_infer, _add_demo, _add_bench,
                 _add_capacity, _add_plan, _add_doctor):
@@ -438,7 +474,10 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nproc hands on to each process
     _setup_console()
     try:
-        return args.run(args)
+        with memory_hint("", "the sizes in the settings (train.batch_size, data.image_size, "
+                             "model.embedding_size, --batch-size)"):
+            _check_outputs(args)
+            return args.run(args)
     except PlscError as exc:
         if os.environ.get("PLSC_DEBUG"):
             raise

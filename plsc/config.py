@@ -5,11 +5,13 @@ Unknown sections or keys are errors, so a typo never silently falls back to a de
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import logging
 import math
 import os
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,9 +29,92 @@ log = logging.getLogger("plsc")
 DATA_ROOT_VARIABLE = "PLSC_DATA_ROOT"
 DATA_ROOT_REFERENCE = "${" + DATA_ROOT_VARIABLE + "}"
 
+# Class labels are integers in [0, MAX_CLASSES). The largest public face sets have ~10^7 identities; 2**31
+# classes of even 128 float16 values are 512 GiB of centers, so a label beyond is a damaged label, not data.
+MAX_CLASSES = 2**31
+# Largest sizes that can run. Embeddings: PLSC and insightface use 128-512; the backbone's last layer is
+# [channels x 7 x 7, E] and every class center holds E values, so E = 8192 already makes both 16x the usual.
+MAX_EMBEDDING_SIZE = 8192
+# Input side: the models are built for 112 px; at 1024 px (84x the pixels) one IResNet-50 image keeps GiBs
+# of activations for the backward pass.
+MAX_IMAGE_SIZE = 1024
+# Paddle's random generator keeps the low 32 bits of a seed: seed 2**32 initialises as seed 0.
+SEED_LIMIT = 2**32
+
 
 class ConfigError(PlscError):
     """A configuration file or override that cannot be used; the message is one line for the user."""
+
+
+# A config is a few dozen settings, but YAML aliases let a few hundred bytes describe billions of nodes (each
+# alias repeats its anchor's whole subtree, and anchors can hold aliases). Files are refused by the size they
+# expand to, counted on the parsed node graph before anything is built from it.
+MAX_CONFIG_NODES = 10_000
+
+# Values shown in error messages: a few items and characters, however large the value.
+_shown = reprlib.Repr()
+_shown.maxlist = _shown.maxtuple = _shown.maxdict = 6
+_shown.maxstring = _shown.maxother = 60
+_shown.maxlevel = 3
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last silently)
+    and a document that expands to more than MAX_CONFIG_NODES nodes: ConfigError (without the file name)."""
+
+    def construct_document(self, node):
+        _count_expanded_nodes(node, {}, set())
+        return super().construct_document(node)
+
+    def construct_mapping(self, node, deep=False):
+        _refuse_duplicate_keys(self, node)
+        return super().construct_mapping(node, deep)
+
+
+def _refuse_duplicate_keys(loader: yaml.SafeLoader, node: yaml.MappingNode) -> None:
+    seen = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *defaults" then overriding keys is intended
+            continue
+        key = loader.construct_object(key_node)
+        try:
+            duplicate = key in seen
+        except TypeError:  # an unhashable key: PyYAML's own error names it
+            continue
+        if duplicate:
+            raise ConfigError(f"line {key_node.start_mark.line + 1}: key {_shown.repr(key)} is given twice")
+        seen.add(key)
+
+
+def _count_expanded_nodes(node: yaml.Node, counted: dict[int, int], open_nodes: set[int]) -> int:
+    """Nodes in the document with every alias expanded; each distinct node is visited once."""
+    if id(node) in counted:
+        return counted[id(node)]
+    if id(node) in open_nodes:
+        raise ConfigError(f"line {node.start_mark.line + 1}: an alias refers to a node containing it")
+    open_nodes.add(id(node))
+    children = []
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [item for pair in node.value for item in pair]
+    total = 1
+    for child in children:
+        total += _count_expanded_nodes(child, counted, open_nodes)
+        if total > MAX_CONFIG_NODES:
+            raise ConfigError(f"expands to more than {MAX_CONFIG_NODES} values (YAML aliases repeat their "
+                              "anchor's whole content); write the settings out")
+    open_nodes.discard(id(node))
+    counted[id(node)] = total
+    return total
+
+
+def _read_yaml(text: str):
+    """The YAML document in ``text`` read by _ConfigLoader; yaml.YAMLError or ConfigError when unusable."""
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 (a SafeLoader subclass)
+    except RecursionError:
+        raise ConfigError("nested too deeply") from None
 
 
 @dataclass
@@ -151,12 +236,12 @@ def _coerce(value, annotation, where: str):
     if origin is typing.Literal:
         choices = typing.get_args(annotation)
         if value not in choices:
-            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
+            raise ConfigError(f"{where}: {_shown.repr(value)} is not one of {', '.join(map(str, choices))}")
         return value
     if origin is list:
         (item_type,) = typing.get_args(annotation)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {_shown.repr(value)}")
         return [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         errors = []
@@ -169,12 +254,12 @@ def _coerce(value, annotation, where: str):
     if annotation is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        raise ConfigError(f"{where}: expected true or false, got {_shown.repr(value)}")
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {_shown.repr(value)}")
         return value
     if annotation is float:
         if isinstance(value, str):
@@ -184,11 +269,11 @@ def _coerce(value, annotation, where: str):
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {_shown.repr(value)}")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {_shown.repr(value)}")
         return value
     raise ConfigError(f"{where}: unsupported type {annotation}")
 
@@ -226,10 +311,24 @@ def parse_override(text: str) -> dict:
     if len(parts) != 2 or not all(parts):
         raise ConfigError(f"override '{text}': the key must be section.key, e.g. train.batch_size")
     try:
-        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+        value = _read_yaml(raw_value) if raw_value.strip() else ""
     except yaml.YAMLError:
         value = raw_value
+    except ConfigError as exc:
+        raise ConfigError(f"override {_shown.repr(text)}: {exc}") from None
     return {parts[0]: {parts[1]: value}}
+
+
+def finite_float(text: str) -> float:
+    """argparse type of plsc's number flags: a float, but not nan or inf (which pass every ``<``/``>`` check
+    unnoticed or overflow an integer conversion later)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def load_config(
@@ -246,9 +345,11 @@ def load_config(
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = _read_yaml(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
         _merge(config, raw, str(path))
     file_data = copy.deepcopy(config.data)
     for text in overrides:
@@ -306,11 +407,18 @@ _NEUTRAL_MARGINS = [1.0, 0.0, 0.0]
 # (key, check, allowed range as the message says it). Float keys must also be finite (checked first).
 _RULES: list[tuple[str, typing.Callable[[typing.Any], bool], str]] = [
     ("data.num_classes", lambda v: v >= 0, ">= 0 (0: read from the labels)"),
+    ("data.num_classes", lambda v: v <= MAX_CLASSES, f"<= {MAX_CLASSES}"),
     ("data.image_size", lambda v: v >= 1, ">= 1"),
+    ("data.image_size", lambda v: v <= MAX_IMAGE_SIZE, f"<= {MAX_IMAGE_SIZE}"),
     ("data.num_workers", lambda v: v >= 0, ">= 0 (0: load in the training process)"),
+    # Each worker is a process holding a copy of the batch buffers; more than 512 is a typo, not a setting.
+    ("data.num_workers", lambda v: v <= 512, "<= 512"),
     ("data.synthetic_samples", lambda v: v >= 1, ">= 1"),
     ("model.embedding_size", lambda v: v >= 1, ">= 1"),
+    ("model.embedding_size", lambda v: v <= MAX_EMBEDDING_SIZE, f"<= {MAX_EMBEDDING_SIZE}"),
     ("model.width", lambda v: v > 0, "> 0"),
+    # Parameters grow with width squared: width 8 is an IResNet-50 of ~2 G parameters (8 GiB float32).
+    ("model.width", lambda v: v <= 8, "<= 8"),
     ("model.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("loss.scale", lambda v: v > 0, "> 0"),
     ("loss.sample_ratio", lambda v: 0 < v <= 1, "in (0, 1]"),
@@ -328,14 +436,18 @@ _RULES: list[tuple[str, typing.Callable[[typing.Any], bool], str]] = [
     ("optim.clip_max_factor", lambda v: v > 0, "> 0 (1: clipping only ever shrinks the gradient)"),
     ("optim.grad_divisor", lambda v: v > 0, "> 0 (1: the loss's own gradient)"),
     ("train.batch_size", lambda v: v >= 1, ">= 1"),
+    # Per rank: PLSC v2.2's configs use 64-512; 65536 images of 112 px are 2.3 GiB of uint8 input alone.
+    ("train.batch_size", lambda v: v <= 65536, "<= 65536"),
     ("train.epochs", lambda v: v >= 0, ">= 0"),
     ("train.max_steps", lambda v: v >= 0, ">= 0 (0: train.epochs decides)"),
     ("train.seed", lambda v: v >= 0, ">= 0"),
+    ("train.seed", lambda v: v < SEED_LIMIT, f"< {SEED_LIMIT} (Paddle keeps a seed's low 32 bits)"),
     ("train.log_interval", lambda v: v >= 1, ">= 1"),
     ("train.eval_interval", lambda v: v >= 0, ">= 0 (0: verify at the end only)"),
     ("train.save_interval", lambda v: v >= 0, ">= 0 (0: save at the end of every epoch only)"),
     ("train.keep_checkpoints", lambda v: v >= 1, ">= 1"),
     ("train.eval_batch_size", lambda v: v >= 1, ">= 1"),
+    ("train.eval_batch_size", lambda v: v <= 65536, "<= 65536"),
     ("train.loss_scale_init", lambda v: v > 0, "> 0"),
     ("train.loss_scale_growth_interval", lambda v: v >= 1, ">= 1"),
     ("train.loss_scale_growth_factor", lambda v: v >= 1, ">= 1"),
@@ -352,7 +464,7 @@ def validate(config: Config) -> None:
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)
         if not allowed(value):
-            raise ConfigError(f"{key} must be {text}, got {value!r}")
+            raise ConfigError(f"{key} must be {text}, got {_shown.repr(value)}")
     _check_margins(config.loss)
     if config.loss.velocity_dtype == "int8" and config.model.embedding_size % 2:
         raise ConfigError("loss.velocity_dtype int8 needs an even model.embedding_size (two codes per "
@@ -366,7 +478,7 @@ def _check_finite(config: Config) -> None:
         for key, value in dataclasses.asdict(values).items():
             numbers = value if isinstance(value, list) else [value]
             if any(isinstance(x, float) and not math.isfinite(x) for x in numbers):
-                raise ConfigError(f"{section.name}.{key} must be a finite number, got {value!r}")
+                raise ConfigError(f"{section.name}.{key} must be a finite number, got {_shown.repr(value)}")
 
 
 def _check_margins(loss: LossConfig) -> None:

@@ -88,8 +88,58 @@ def load(path: str | os.PathLike, kind: str, substitutes: dict | None = None, en
                         "could run code)") from None
     except Exception as exc:  # garbage bytes can raise almost any exception type from the unpickler
         raise PlscError(f"{path}: truncated or corrupt {kind} (cannot unpickle: {first_line(exc)})") from None
+    _refuse_expansion(path, kind, content)
     _refuse_object_arrays(path, kind, content)
     return content
+
+
+# Objects one byte of pickle may stand for, plus a constant for the smallest files. Each reference to an
+# object in the unpickled structure costs at least one opcode byte (building it, or fetching it from the
+# memo), so data (no container referenced twice) stays below one object per byte; a file whose containers
+# are shared (a list of two references to a list of two references to ...) expands exponentially in its
+# size, and whatever walks it (np.asarray, a loop over the pairs) runs out of memory.
+OBJECTS_PER_BYTE = 1
+OBJECTS_SLACK = 1024
+
+
+def _refuse_expansion(path: Path, kind: str, content) -> None:
+    limit = OBJECTS_PER_BYTE * path.stat().st_size + OBJECTS_SLACK
+    if expanded_size(content, limit) > limit:
+        raise PlscError(f"{path}: the {kind} unpickles to a structure far larger than the file (shared or "
+                        "recursive containers); refusing it")
+
+
+def _children(value) -> tuple | list:
+    if isinstance(value, dict):
+        return [*value.keys(), *value.values()]
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return list(value)
+    return ()
+
+
+def expanded_size(root, limit: int) -> int:
+    """Objects in ``root`` counted as a tree (a container referenced twice counts twice, with its content),
+    each distinct one visited once; stops at the first count above ``limit`` (a cycle counts as infinite)."""
+    sizes: dict[int, int] = {}
+    open_ids: set[int] = set()
+    stack = [(root, False)]
+    while stack:  # iterative: a small file can nest lists far deeper than Python's recursion limit
+        value, children_done = stack.pop()
+        key = id(value)
+        if children_done:
+            open_ids.discard(key)
+            sizes[key] = 1 + sum(sizes[id(child)] for child in _children(value))
+            if sizes[key] > limit:
+                return sizes[key]
+            continue
+        if key in sizes:
+            continue
+        if key in open_ids:  # reached again below itself
+            return limit + 1
+        open_ids.add(key)
+        stack.append((value, True))
+        stack.extend((child, False) for child in _children(value) if id(child) not in sizes)
+    return sizes[id(root)]
 
 
 def _refuse_object_arrays(path: Path, kind: str, content, depth: int = 0) -> None:

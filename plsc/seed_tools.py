@@ -17,6 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from plsc.config import finite_float
 from plsc.errors import PlscError
 
 
@@ -68,12 +69,13 @@ def recognition_argv(argv: list[str]) -> list[str]:
     p.add_argument("--det", action="store_true", help="detect with the --det_model_file_path model")
     p.add_argument("--det_model_file_path", default=None, help="PaddleDetection inference model (.pdmodel)")
     p.add_argument("--det_params_file_path", default=None, help="its parameters (default: beside it)")
-    p.add_argument("--det_thresh", type=float, default=None, help="least detection score (default: 0.5)")
+    p.add_argument("--det_thresh", type=finite_float, default=None,
+                   help="least detection score (default: 0.5)")
     p.add_argument("--rec", action="store_true", help="accepted for PLSC compatibility: always on")
     p.add_argument("--rec_model_file_path", required=True,
                    help="exported model file (.pdmodel, .json, .onnx), export folder or checkpoint")
     p.add_argument("--rec_params_file_path", default=None, help="the .pdiparams beside the model file")
-    p.add_argument("--rec_thresh", type=float, default=None,
+    p.add_argument("--rec_thresh", type=finite_float, default=None,
                    help="least cosine similarity of a voting candidate (default: the model's, else 0.45)")
     p.add_argument("--build_index", default=None, metavar="INDEX", help="index file to build from --img_dir")
     p.add_argument("--img_dir", default=None, help="gallery folder (with --build_index)")

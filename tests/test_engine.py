@@ -256,7 +256,7 @@ def test_new_class_count_reuses_only_the_backbone(tiny_dir, tmp_path, caplog):
 
 
 def write_tiny_yaml(tiny_dir: Path, path: Path, *extra: str) -> Path:
-    lines = []
+    sections: dict[str, dict[str, str]] = {}
     for override in [
         f"data.root={tiny_dir}",
         f"data.val_bins=[{tiny_dir / 'lfw_disjoint_100.bin'}]",
@@ -265,11 +265,10 @@ def write_tiny_yaml(tiny_dir: Path, path: Path, *extra: str) -> Path:
     ]:
         key, value = override.split("=", 1)
         section, name = key.split(".")
-        lines.append((section, f"  {name}: {value}"))
-    sections: dict[str, list[str]] = {}
-    for section, line in lines:
-        sections.setdefault(section, []).append(line)
-    path.write_text("".join(f"{s}:\n" + "\n".join(ls) + "\n" for s, ls in sections.items()))
+        sections.setdefault(section, {})[name] = value  # a later one wins, as with --set (a YAML key is once)
+    text = "".join(f"{section}:\n" + "".join(f"  {name}: {value}\n" for name, value in values.items())
+                   for section, values in sections.items())
+    path.write_text(text)
     return path
 
 

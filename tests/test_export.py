@@ -250,7 +250,7 @@ def test_export_output_that_is_a_file_is_one_line_and_nothing_is_written(small_c
     code = cli.main(["export", "--checkpoint", str(small_checkpoint), "--output", str(target)])
     err = capsys.readouterr().err
     assert code == 2
-    expected = f"plsc: error: export output {target} is a file; name a folder (new, or holding an export)"
+    expected = f"plsc: error: --output {target} is a file, not a folder"  # plsc.output_paths, before any work
     assert err == expected + "\n"
     assert target.read_bytes() == b"not a folder"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.bin"]

@@ -161,14 +161,15 @@ def test_a_rank_failing_while_the_launcher_hangs_is_still_ended_by_plsc(job):
 
 def test_an_error_on_the_ranks_is_one_line_naming_the_rank_and_the_error(tiny_dir, tmp_path):
     output = tmp_path / "run"
-    proc = start_training(tiny_dir, output, f"data.root={tmp_path / 'nowhere'}")  # each rank finds no data
+    missing = tmp_path / "missing.bin"  # read by each rank (plsc train checks only the labels before them)
+    proc = start_training(tiny_dir, output, f"data.val_bins=[{missing}]")
     out, err, took = finish(proc, time.monotonic())
     assert proc.returncode == 2
     (line,) = [line for line in err.splitlines() if line.startswith("plsc: error:")]
     # Both ranks fail alike; the line names the one seen first.
     rank = next(r for r in (0, 1) if line.startswith(f"plsc: error: rank {r} "))
     log = output / "log" / f"workerlog.{rank}"
-    cause = f"data root is not a directory: {tmp_path / 'nowhere'}"
+    cause = f"data.val_bins: {missing} not found (--set 'data.val_bins=[...]' names others, [] none)"
     assert line == f"plsc: error: rank {rank} exited with code 2 (log: {log}): {cause}"
     assert "Traceback" not in err
 

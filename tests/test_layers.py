@@ -13,7 +13,8 @@ ROOT = Path(plsc.__file__).parent
 # Lowest first. A module may import its own layer and the layers below it, never one above.
 LAYERS = (
     ("plsc", "plsc.errors", "plsc.config", "plsc.console", "plsc.runtime", "plsc.atomic", "plsc.safe_pickle",
-     "plsc.malloc", "plsc.parity", "plsc.names", "plsc.run_lock"),
+     "plsc.strict_json", "plsc.finite", "plsc.output_paths", "plsc.malloc", "plsc.parity", "plsc.names",
+     "plsc.run_lock"),
     ("plsc.models", "plsc.data", "plsc.loss", "plsc.distributed"),
     ("plsc.checkpoint",),  # the checkpoint format, shards, PLSC v2.2 import, restoring a backbone
     ("plsc.export",),  # exported models and inference on them

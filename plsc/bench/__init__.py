@@ -14,7 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from plsc import strict_json
 from plsc.atomic import write_atomic, writing
+from plsc.config import finite_float
 from plsc.errors import PlscError
 
 
@@ -28,7 +30,7 @@ def add_bench_parser(sub) -> None:
                     "per class.",
     )
     head.add_argument("--classes", type=int, required=True, help="global class count C")
-    head.add_argument("--ratio", type=float, default=0.1, help="sample ratio (of the rank's classes)")
+    head.add_argument("--ratio", type=finite_float, default=0.1, help="sample ratio (of the rank's classes)")
     head.add_argument("--batch", type=int, default=128, help="batch per rank; a rank sees world-size x batch")
     head.add_argument("--emb", type=int, default=512, help="embedding size")
     head.add_argument("--world-size", type=int, default=1,
@@ -122,7 +124,7 @@ def _add_eval(kinds) -> None:
     evaluate.add_argument("--checkpoint", default=None,
                           help="a checkpoint to evaluate (default: an untrained one of --model, --width)")
     evaluate.add_argument("--model", default="iresnet50", help="backbone of the untrained checkpoint")
-    evaluate.add_argument("--width", type=float, default=1.0, help="its width multiplier")
+    evaluate.add_argument("--width", type=finite_float, default=1.0, help="its width multiplier")
     evaluate.add_argument("--image-size", type=int, default=112, help="its input size")
     evaluate.add_argument("--bin", default=None,
                           help="verification .bin (default: data/tiny/lfw_disjoint_100.bin)")
@@ -170,7 +172,7 @@ def write_json(path: str | Path, result: dict) -> None:
     path = Path(path)
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(result, indent=1) + "\n")
+    write_atomic(path, strict_json.dumps(result, indent=1) + "\n")
     print(f"results: {path}")
 
 
@@ -239,7 +241,7 @@ def measure_in_fresh_process(module: str, spec: dict, threads: int) -> dict:
     from plsc.malloc import MALLOC_SETTINGS
 
     env = {"GLIBC_TUNABLES": MALLOC_SETTINGS, **os.environ, "OMP_NUM_THREADS": str(threads)}
-    command = [sys.executable, "-m", module, json.dumps(spec)]
+    command = [sys.executable, "-m", module, strict_json.dumps(spec)]
     proc = subprocess.run(command, env=env, capture_output=True, text=True)
     lines = proc.stderr.strip().splitlines()
     if proc.returncode == 2 and lines and lines[-1].startswith(ERROR_PREFIX):
@@ -266,5 +268,5 @@ def child_main(measure, argv: list[str] | None = None) -> int:
     except PlscError as exc:
         print(f"{ERROR_PREFIX}{exc}", file=sys.stderr)
         return 2
-    print(json.dumps(result))
+    print(strict_json.dumps(result))
     return 0

@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from plsc import strict_json
 from plsc.malloc import MALLOC_SETTINGS
 
 PRECISIONS = {"fp32": "float32", "fp16": "float16"}
@@ -293,7 +294,7 @@ def run_measurement(kind: str, spec: HeadBenchSpec, runner: Runner = Runner()) -
     child_env.pop("GLIBC_TUNABLES", None)  # this process's own (the plsc command sets one) must not leak
     if MALLOC_TUNABLES[spec.malloc]:
         child_env["GLIBC_TUNABLES"] = MALLOC_TUNABLES[spec.malloc]
-    command = [runner.python, "-m", runner.entry, kind, json.dumps(asdict(spec))]
+    command = [runner.python, "-m", runner.entry, kind, strict_json.dumps(asdict(spec))]
     proc = subprocess.run(command, env=child_env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(command[:4])} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -367,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
 
     spec = HeadBenchSpec(**json.loads(args.spec))
     measure = measure_time if args.kind == "time" else measure_rss
-    print(json.dumps(measure(spec)))
+    print(strict_json.dumps(measure(spec)))
     return 0
 
 

@@ -44,11 +44,12 @@ import numpy as np
 import paddle
 
 import plsc
-from plsc import safe_pickle
+from plsc import safe_pickle, strict_json
 from plsc.atomic import fsync_path, write_atomic, writing
 from plsc.checkpoint import shards
 from plsc.distributed import ClassShard
 from plsc.errors import PlscError
+from plsc.finite import require_finite_state
 from plsc.models import precision
 
 FORMAT = "plsc-checkpoint"
@@ -166,7 +167,7 @@ def _write_checkpoint(staging: Path, target: Path, *, comm, state, config, model
             **(extra or {}),
         }
         with writing(staging / MANIFEST):
-            (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            (staging / MANIFEST).write_text(strict_json.dumps(manifest, indent=1))
         with writing(staging):
             _fsync_tree(staging)
         with writing(target):
@@ -232,9 +233,9 @@ def read_manifest(directory: Path) -> dict:
     if not path.is_file():
         raise PlscError(f"{directory} is not a plsc checkpoint (no {MANIFEST})")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise PlscError(f"{path}: corrupt manifest ({exc.msg})") from None
+        manifest = strict_json.loads(path.read_text())
+    except ValueError as exc:
+        raise PlscError(f"{path}: corrupt manifest ({getattr(exc, 'msg', exc)})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise PlscError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -406,6 +407,7 @@ def _load_state(path: Path, kind: str) -> dict:
     if not isinstance(state, dict):
         raise PlscError(f"{path}: not a {kind} (a pickled {type(state).__name__}, not a dict)")
     state.pop(STRUCTURE_KEY, None)
+    require_finite_state(state, path)
     return _as_tensors(state)
 
 

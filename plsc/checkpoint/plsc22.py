@@ -30,13 +30,15 @@ from pathlib import Path
 import numpy as np
 import paddle
 
-from plsc import safe_pickle
-from plsc.config import Config, config_from_dict
+from plsc import safe_pickle, strict_json
+from plsc.config import MAX_CLASSES, MAX_EMBEDDING_SIZE, Config, config_from_dict
 from plsc.errors import PlscError
+from plsc.finite import require_finite
 from plsc.models import MODELS, build_model, plsc22_names
 from plsc.models.iresnet import STAGE_BLOCKS, STAGE_CHANNELS
 from plsc.models.layers import scaled_channels
 from plsc.models.mobilefacenet import NUM_HALVINGS
+from plsc.runtime import first_line
 
 PARAM_SUFFIX = ".pdparam"
 META = "meta.json"
@@ -66,10 +68,11 @@ def read_tensor_file(path: str | Path) -> np.ndarray:
     static_eval = {("builtins", "eval"): _static_payload}
     payload = safe_pickle.load(path, "PLSC v2.2 tensor file", substitutes=static_eval)
     if isinstance(payload, tuple) and len(payload) == 2 and isinstance(payload[1], np.ndarray):
-        return payload[1]
-    if isinstance(payload, np.ndarray):
-        return payload
-    raise PlscError(f"{path} holds no tensor (a {type(payload).__name__})")
+        payload = payload[1]
+    if not isinstance(payload, np.ndarray):
+        raise PlscError(f"{path} holds no tensor (a {type(payload).__name__})")
+    require_finite(path.stem, payload, path.parent)
+    return payload
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -84,15 +87,35 @@ def is_plsc22_checkpoint(directory: str | Path) -> bool:
     return any(directory.glob(f"*{PARAM_SUFFIX}"))
 
 
+# meta.json keys plsc reads: whole numbers, as PLSC v2.2 writes them (dynamic/utils/io.py:99-104), with the
+# least and largest value each may take.
+META_INTEGERS = {
+    "num_classes": (1, MAX_CLASSES),
+    "embedding_size": (1, MAX_EMBEDDING_SIZE),
+    "pretrain_world_size": (1, 1 << 20),
+}
+
+
 def read_meta(directory: str | Path) -> dict:
-    """meta.json ({} when absent: parameter-only copies of a checkpoint have none)."""
+    """meta.json ({} when absent: parameter-only copies of a checkpoint have none), checked to be a JSON
+    object whose META_INTEGERS are integers in range."""
     path = Path(directory) / META
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
+        meta = strict_json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise PlscError(f"{path}: corrupt meta.json ({exc.msg})") from None
+    except ValueError as exc:  # NaN, 5000-digit numbers, deep nesting, bytes that are not UTF-8
+        raise PlscError(f"{path}: corrupt meta.json ({first_line(exc)[:80]})") from None
+    if not isinstance(meta, dict):
+        raise PlscError(f"{path}: expected a JSON object of checkpoint facts, found a {type(meta).__name__}")
+    meta = {key: value for key, value in meta.items() if value is not None}  # null: not recorded
+    for key, (least, most) in META_INTEGERS.items():
+        value = meta.get(key, least)
+        if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= most:
+            raise PlscError(f"{path}: {key} must be an integer in [{least}, {most}], found {str(value)[:40]}")
+    return meta
 
 
 def _param_stems(directory: Path) -> set[str]:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from plsc.errors import PlscError
+from plsc.finite import require_finite
 
 # Rows per block: 8 MiB of float32 at embedding 512, small against any shard worth streaming.
 BLOCK_ROWS = 4096
@@ -97,6 +98,8 @@ class RowPieces:
                     rows = buffer[: min(block_rows, piece.stop - piece.start - start)]
                     if f.readinto(memoryview(rows).cast("B")) != rows.nbytes:
                         raise PlscError(f"{piece.path}: shorter than its header says")
+                    require_finite(f"rows {piece.start + start}..{piece.start + start + len(rows) - 1}", rows,
+                                   piece.path)
                     yield first + start, rows
             first += piece.stop - piece.start
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from plsc.config import MAX_CLASSES
 from plsc.errors import PlscError
 
 log = logging.getLogger(__name__)
@@ -123,13 +124,13 @@ def _parse_line(line: str) -> tuple[str, int] | str:
         shown = line if len(line) <= 60 else line[:57] + "..."
         return f"expected '<image path> <label>', got {len(fields)} fields: {shown!r}"
     path, label_text = fields
-    try:
-        label = int(label_text)
-    except ValueError:
-        label = -1
-    if label < 0:
-        return f"label {label_text!r} is not a non-negative integer"
-    return path, label
+    # ASCII digits only: int() also takes "+3", "3_000" and other scripts' digits ("\u0663" is 3); and
+    # few of them: int() of thousands of digits is an error of its own.
+    is_number = label_text.isascii() and label_text.isdigit() and len(label_text) <= len(str(MAX_CLASSES))
+    if not is_number or int(label_text) >= MAX_CLASSES:
+        shown = label_text if len(label_text) <= 24 else label_text[:21] + "..."
+        return f"label {shown!r} is not a non-negative integer below {MAX_CLASSES}"
+    return path, int(label_text)
 
 
 def _is_sample_line(stripped: str) -> bool:

@@ -23,6 +23,7 @@ Nothing here imports paddle, so the module also works where only mxnet is instal
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -32,6 +33,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 import numpy as np
 
 from plsc.atomic import PendingFile, write_atomic
+from plsc.config import MAX_CLASSES
 from plsc.data.folder import decode_image_bytes
 from plsc.errors import PlscError
 
@@ -49,6 +51,9 @@ IR_HEADER_SIZE = _IR_HEADER.size  # 24
 
 # float32 holds every integer up to 2**24 exactly; InsightFace stores record keys in float labels.
 _FLOAT32_EXACT_LIMIT = 1 << 24
+# Class labels of image records: integers below both 2**24 (above it, float32 labels are rounded: 16777217
+# reads as 16777216) and MAX_CLASSES.
+LABEL_LIMIT = min(_FLOAT32_EXACT_LIMIT, MAX_CLASSES)
 
 
 class IRHeader(NamedTuple):
@@ -100,6 +105,12 @@ def unpack_header(record: bytes, where: str = "record") -> IRHeader:
         )
     labels = np.frombuffer(record, dtype="<f4", count=flag, offset=IR_HEADER_SIZE)
     return IRHeader(flag, tuple(float(x) for x in labels), record_id, record_id2)
+
+
+def is_class_label(values: np.ndarray) -> np.ndarray:
+    """Which float labels are classes: integers in [0, LABEL_LIMIT) (nan and inf are not)."""
+    with np.errstate(invalid="ignore"):
+        return (values >= 0) & (values < LABEL_LIMIT) & (values == np.floor(values))
 
 
 def first_label(header: IRHeader) -> float:
@@ -693,10 +704,13 @@ def find_image_keys(reader: RecordReader, rec_path: Path) -> tuple[str, np.ndarr
 
 
 def _insightface_image_keys(reader: RecordReader, rec_path: Path, header: IRHeader) -> np.ndarray:
-    end = int(header.label[0])
+    end = header.label[0]
+    if not (math.isfinite(end) and end == int(end) and 1 < end <= len(reader)):
+        # Checked before anything is sized by it: a damaged header must not allocate 10^15 keys.
+        raise PlscError(f"{rec_path}: header record says images are keys 1..{end:g}-1, but the file "
+                        f"has {len(reader)} records (label {header.label})")
+    end = int(end)
     keys = np.arange(1, end, dtype=np.int64)
-    if not len(keys):
-        raise PlscError(f"{rec_path}: header record says there are no images (label {header.label})")
     missing = keys[~np.isin(keys, reader.keys)]
     if len(missing):
         raise PlscError(
@@ -744,10 +758,11 @@ class RecordDataset:
 
     def _read_labels(self) -> np.ndarray:
         values = self.reader.first_labels(self.image_keys)
-        bad = np.flatnonzero(~((values >= 0) & (values == np.floor(values))))
+        bad = np.flatnonzero(~is_class_label(values))
         if len(bad):
             key, value = int(self.image_keys[bad[0]]), values[bad[0]]
-            raise PlscError(f"{self.rec_path}: key {key}: label {value} is not a non-negative integer class")
+            raise PlscError(f"{self.rec_path}: key {key}: label {value:g} is not a non-negative integer "
+                            f"below {LABEL_LIMIT} (float32 labels hold larger integers inexactly)")
         return values.astype(np.int64)
 
     def __len__(self) -> int:

@@ -102,7 +102,19 @@ def _check_structure(path: Path, content) -> tuple[list, np.ndarray]:
     for index, item in enumerate(encoded):
         if not _is_encoded_image(item):
             raise PlscError(f"{path}: image {index} has type {type(item).__name__}, not encoded image bytes")
+    _refuse_repeated_images(path, encoded)
     return list(encoded), issame
+
+
+def _refuse_repeated_images(path: Path, encoded) -> None:
+    """Each image is stored once in a real ``.bin``, so together they are smaller than the file. A pickle can
+    instead list one stored image many times (two bytes per reference), and every reference is decoded into
+    H x W x 3 bytes: a small file would fill the memory."""
+    stored = sum(len(item) for item in encoded)
+    size = path.stat().st_size
+    if stored > size:
+        raise PlscError(f"{path}: its {len(encoded)} images add up to {stored} bytes, more than the file's "
+                        f"{size}: images are listed more than once (a crafted file)")
 
 
 def _is_encoded_image(item) -> bool:

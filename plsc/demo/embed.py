@@ -9,7 +9,6 @@ protocol's flip test, so that the cosine threshold found by ``plsc eval`` carrie
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from plsc import strict_json
 from plsc.data.transforms import EvalTransform
 from plsc.errors import PlscError
 from plsc.eval.verification import combine_flip
@@ -120,7 +120,7 @@ def verification_threshold(checkpoint: Path) -> float | None:
     from plsc.checkpoint import MANIFEST
 
     try:
-        manifest = json.loads((checkpoint / MANIFEST).read_text())
+        manifest = strict_json.loads((checkpoint / MANIFEST).read_text())
         distance = manifest["best_metric"][checkpoint.name]["threshold"]
     except (OSError, ValueError, KeyError, TypeError):
         return None

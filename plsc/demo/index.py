@@ -16,13 +16,13 @@ at the threshold means ``unknown``. A negative cosine is a dissimilarity, never 
 
 from __future__ import annotations
 
-import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from plsc import strict_json
 from plsc.atomic import atomic_file
 from plsc.errors import PlscError
 
@@ -59,7 +59,7 @@ def save_index(path: str | Path, index: GalleryIndex) -> Path:
         "boxes": index.boxes.astype(np.int32).reshape(-1, 4),
         "detected": index.detected.astype(bool),
         "probe": index.probe.astype(np.float32),
-        "meta": np.array(json.dumps({"format": INDEX_FORMAT, "version": INDEX_VERSION, **index.meta})),
+        "meta": np.array(strict_json.dumps({"format": INDEX_FORMAT, "version": INDEX_VERSION, **index.meta})),
     }
     with atomic_file(path) as f:  # a file object: np.savez would append .npz to a name
         np.savez(f, **arrays)
@@ -73,10 +73,10 @@ def load_index(path: str | Path) -> GalleryIndex:
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
-        meta = json.loads(str(arrays["meta"]))
+        meta = strict_json.loads(str(arrays["meta"]))
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         raise PlscError(f"{path} is not a plsc demo index (build one with plsc demo index)") from None
-    if meta.get("format") != INDEX_FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT:
         raise PlscError(f"{path} is not a plsc demo index (build one with plsc demo index)")
     index = GalleryIndex(
         arrays["embeddings"], arrays["names"].tolist(), arrays["paths"].tolist(),

@@ -6,13 +6,13 @@ run leaves no partial index or output behind.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from plsc import strict_json
 from plsc.atomic import write_atomic
 from plsc.data.folder import read_image
 from plsc.demo.detect import DETECTOR_THRESHOLD, largest_face, open_detector, square_crop, whole_image
@@ -234,6 +234,6 @@ def write_outputs(output: Path, names: list[Path], pictures: list[np.ndarray], r
         target = output / name
         target.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(target, data)
-        write_atomic(target.with_suffix(".json"), json.dumps(result, indent=1) + "\n")
+        write_atomic(target.with_suffix(".json"), strict_json.dumps(result, indent=1) + "\n")
         log.info("wrote %s and %s", target, target.with_suffix(".json").name)
 

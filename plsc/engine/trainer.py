@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import resource
@@ -23,6 +22,7 @@ import numpy as np
 import paddle
 
 from plsc import checkpoint as ckpt
+from plsc import strict_json
 from plsc.atomic import append_line
 from plsc.config import Config, save_config
 from plsc.console import format_duration
@@ -41,7 +41,7 @@ from plsc.engine.modes import (
 )
 from plsc.engine.plan import log_plan
 from plsc.engine.schedule import Schedule, run_steps
-from plsc.errors import PlscError
+from plsc.errors import PlscError, memory_hint
 from plsc.eval.embedders import open_embedder
 from plsc.eval.verification import verify_across_ranks
 from plsc.loss import fast_paths, int8_rows
@@ -131,7 +131,8 @@ class Trainer:
         self.dataset = build_dataset(config.data, seed=config.train.seed)
         self.num_classes = config.data.num_classes or self.dataset.num_classes
         require_classes_per_rank(self.num_classes, self.comm.world_size)
-        self.model = build_backbone(config, config.train.seed)
+        with memory_hint("building the backbone", "model.width, model.embedding_size or data.image_size"):
+            self.model = build_backbone(config, config.train.seed)
         optim = config.optim
         self.optimizer = paddle.optimizer.Momentum(
             learning_rate=optim.lr,
@@ -153,21 +154,23 @@ class Trainer:
         self.fast_paths = chosen.results
         if config.loss.velocity_dtype == "int8":
             require_int8_velocity(self.comm)
-        self.head = build_head(
-            config.loss.chunk_size,
-            num_classes=self.num_classes,
-            embedding_size=config.model.embedding_size,
-            margin=margin,
-            sample_ratio=config.loss.sample_ratio,
-            momentum_mode=config.loss.momentum_mode,
-            center_dtype=config.loss.center_dtype,
-            velocity_dtype=config.loss.velocity_dtype,
-            seed=config.train.seed,
-            comm=self.comm,
-            init_std=center_init_std(config.loss.center_init_ranks, self.num_classes,
-                                     config.model.embedding_size),
-            **chosen.head_kwargs(),
-        )
+        with memory_hint(f"allocating the centers of {self.num_classes} classes", "the class count "
+                         "(data.num_classes, the labels) or model.embedding_size, or train on more ranks"):
+            self.head = build_head(
+                config.loss.chunk_size,
+                num_classes=self.num_classes,
+                embedding_size=config.model.embedding_size,
+                margin=margin,
+                sample_ratio=config.loss.sample_ratio,
+                momentum_mode=config.loss.momentum_mode,
+                center_dtype=config.loss.center_dtype,
+                velocity_dtype=config.loss.velocity_dtype,
+                seed=config.train.seed,
+                comm=self.comm,
+                init_std=center_init_std(config.loss.center_init_ranks, self.num_classes,
+                                         config.model.embedding_size),
+                **chosen.head_kwargs(),
+            )
         # Compiled after the fast paths are chosen: the head's loss is traced with the kernel it will use.
         self._backbone = compile_for_mode(BackboneStep(self.model), config.train.mode)
         self._head_loss = compile_head_loss(self.head, config.train.mode, self.comm,
@@ -458,7 +461,8 @@ class Trainer:
         previous_handlers = self._install_signal_handlers()
         try:
             while self.state.step < self.total_steps:
-                self._train_epoch()
+                with memory_hint("training", "train.batch_size, data.image_size or loss.sample_ratio"):
+                    self._train_epoch()
                 if self.state.step_in_epoch == self.steps_per_epoch:
                     self.state.epoch += 1
                     self.state.step_in_epoch = 0
@@ -575,7 +579,5 @@ class _LogWindow:
 
 
 def json_line(record: dict) -> str:
-    """One strict-JSON line: a non-finite number (the mean loss of a window of skipped steps) becomes null,
-    since NaN and Infinity are not JSON."""
-    finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-    return json.dumps(finite, allow_nan=False) + "\n"
+    """One strict-JSON line: a non-finite number (the mean loss of a window of skipped steps) becomes null."""
+    return strict_json.dumps(record) + "\n"

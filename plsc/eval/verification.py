@@ -32,6 +32,7 @@ import numpy as np
 from plsc.console import Progress
 from plsc.data.verification_bin import VerificationSet
 from plsc.errors import PlscError
+from plsc.finite import non_finite_count
 
 THRESHOLDS = np.arange(0, 4, 0.01)
 FAR_TARGET = 1e-3
@@ -106,6 +107,10 @@ def _check_inputs(embeddings: np.ndarray, issame: np.ndarray, nfolds: int) -> np
         raise PlscError(f"embeddings must be [2 x {len(issame)} pairs, dim], got shape {shape}")
     if nfolds < 2 or len(issame) < nfolds:
         raise PlscError(f"cannot split {len(issame)} pairs into {nfolds} folds (need 2 <= folds <= pairs)")
+    bad = non_finite_count(embeddings)
+    if bad:  # nan distances compare false with every threshold: accuracy 0.5, not an error, without this
+        raise PlscError(f"the model gives nan or inf embeddings ({bad} values of {np.size(embeddings)}): its "
+                        "weights or inputs hold non-finite numbers")
     return issame
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 import paddle
 
 import plsc
+from plsc import strict_json
 from plsc.atomic import temp_path, write_atomic
 from plsc.checkpoint import plsc22, replace_dir
 from plsc.checkpoint.restore import restore_backbone
@@ -41,6 +42,7 @@ from plsc.console import captured_output
 from plsc.errors import PlscError
 from plsc.models import build_model, precision
 from plsc.names import path_component
+from plsc.runtime import first_line
 
 EXPORT_JSON = "export.json"
 FORMATS = ("paddle", "onnx")
@@ -85,7 +87,7 @@ def export_checkpoint(
         artifact = _export_files(model, staging, name, config.data.image_size, export_format, opset)
         _carry_over(output, staging)
         description = merge_description(previous, describe(checkpoint, config), export_format, artifact)
-        write_atomic(staging / EXPORT_JSON, json.dumps(description, indent=1) + "\n")
+        write_atomic(staging / EXPORT_JSON, strict_json.dumps(description, indent=1) + "\n")
         replace_dir(staging, output)
     except OSError as exc:
         raise PlscError(f"cannot write the export to {output}: {exc.strerror or exc}") from None
@@ -226,12 +228,14 @@ def read_description(directory: str | Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        description = json.loads(path.read_text())
+        description = strict_json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise PlscError(f"{path}: corrupt export description ({exc.msg})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise PlscError(f"{path}: unreadable export description ({getattr(exc, 'strerror', None) or exc})") \
             from None
+    except ValueError as exc:  # NaN, nesting deeper than Python's recursion limit
+        raise PlscError(f"{path}: corrupt export description ({first_line(exc)[:80]})") from None
     if not isinstance(description, dict):
         raise PlscError(f"{path}: corrupt export description (not a JSON object)")
     return description

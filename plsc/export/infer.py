@@ -18,6 +18,7 @@ from plsc.data.folder import read_image
 from plsc.data.transforms import EvalTransform
 from plsc.errors import PlscError
 from plsc.export.exporter import EXPORT_JSON, read_description
+from plsc.finite import non_finite_count
 from plsc.names import path_component
 from plsc.runtime import default_threads, first_line
 
@@ -179,6 +180,9 @@ def embed_images(
     with Progress(len(paths), "embed", "images", enabled=progress) as bar:
         for start in range(0, len(paths), batch_size):
             batches.append(engine(load_batch(paths[start : start + batch_size], transform)))
+            if non_finite_count(batches[-1]):
+                raise PlscError(f"the model gives nan or inf embeddings (first batch: {paths[start]}): its "
+                                "weights hold non-finite numbers")
             bar.update(len(batches[-1]))
     return np.concatenate(batches).astype(np.float32, copy=False)
 
