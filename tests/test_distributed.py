@@ -377,7 +377,7 @@ def test_per_rank_batchnorm_and_shared_verification(tiny_overrides, tiny_dir, tm
 
 def check_shared_verification(tiny_dir: Path, output: Path, ranks_dir: Path, evaluations: int) -> None:
     from plsc import checkpoint as ckpt
-    from plsc.eval.runner import evaluate_checkpoint
+    from plsc.eval.runner import evaluate_model
 
     rank0, rank1 = (json.loads((ranks_dir / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0["best"] == rank1["best"] and rank0["last_eval"] == rank1["last_eval"]
@@ -392,7 +392,7 @@ def check_shared_verification(tiny_dir: Path, output: Path, ranks_dir: Path, eva
     assert best["world_size"] == 2 and best["step"] == rank0["best"]["lfw_disjoint_100"]["step"]
     # Scored again in one process, the saved best model gives what the ranks computed together: every rank
     # evaluated rank 0's model, the one checkpoints hold (BatchNorm statistics are otherwise per rank).
-    again = evaluate_checkpoint(best_dir, [str(tiny_dir / "lfw_disjoint_100.bin")], batch_size=50)
+    again = evaluate_model(best_dir, [str(tiny_dir / "lfw_disjoint_100.bin")], batch_size=50)
     for key in ("accuracy", "threshold", "tar_at_far_1e-3", "xnorm"):
         assert again["lfw_disjoint_100"][key] == pytest.approx(best["best_metric"]["lfw_disjoint_100"][key])
 
