@@ -207,7 +207,8 @@ def test_an_fp16_checkpoint_resumes_and_trains_on_the_cpu(tiny_dir, tiny_run, tm
     moments = velocities(cpu.optimizer)
     assert set(moments) == {name.replace(precision.MASTER_SUFFIX, "") for name in saved_opt
                             if name.endswith("_velocity_0")}
-    last = [json.loads(line) for line in (tmp_path / "train_log.jsonl").open()][-1]
+    records = map(json.loads, (tmp_path / "train_log.jsonl").open())
+    last = [record for record in records if "loss" in record][-1]
     assert last["step"] == 4 and np.isfinite(last["loss"])
 
 

@@ -93,7 +93,7 @@ def after_make_mini(tmp_path_factory):
     # The first line comes after step 1, not after a whole log interval; the file keeps one per interval.
     assert re.search(r"INFO step 1/7 .* img/s eta", train.stderr)
     log = (folder / "output" / "mini" / "train_log.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in log] == [5, 7]
+    assert [record["step"] for record in map(json.loads, log) if "loss" in record] == [5, 7]
     return folder, env
 
 
