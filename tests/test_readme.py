@@ -117,6 +117,9 @@ def test_readme_commands_run_as_written_after_make_mini(after_make_mini):
     assert np.load(folder / "embeddings.npy").shape == (240, 16)
     assert len((folder / "embeddings.txt").read_text().splitlines()) == 240
     assert json.loads((folder / "eval.json").read_text())["lfw_disjoint_100"]["pairs"] == 100
+    run_eval = json.loads((folder / "run_eval.json").read_text())["lfw_disjoint_100"]
+    assert Path(run_eval["model"]) == Path("output/mini/best_model/lfw_disjoint_100")
+    assert (folder / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert (folder / "unpacked" / "label.txt").read_bytes().count(b"\n") == 240
 
 
