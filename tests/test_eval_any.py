@@ -23,7 +23,7 @@ from plsc.checkpoint.restore import restore_backbone
 from plsc.config import load_config
 from plsc.engine.trainer import Trainer
 from plsc.errors import PlscError
-from plsc.eval.runner import evaluate_model, run_models
+from plsc.eval.runner import evaluate_model, evaluate_run, run_models
 from plsc.eval.sources import identify
 from plsc.export import export_checkpoint
 
@@ -133,7 +133,10 @@ def test_a_run_is_scored_with_each_sets_best_model_others_with_the_latest(run, t
 
     other = str(shutil.copy(tiny_dir / BIN, tmp_path / "other.bin"))  # no best model of that name
     latest = ckpt.CheckpointDir(run / "checkpoints").latest()
-    assert run_models(run, [other, str(tiny_dir / BIN)]) == {latest: [other], best: [str(tiny_dir / BIN)]}
+    assert run_models(run, [other, str(tiny_dir / BIN)]) == {other: latest, str(tiny_dir / BIN): best}
+    results = evaluate_run(run, [str(tiny_dir / BIN), other])
+    assert list(results) == [SET, "other"] and results["other"]["model"] == str(latest)
+    assert results["other"]["accuracy"] == pytest.approx(logged_accuracy(run, STEPS), abs=ACCURACY_TOLERANCE)
 
 
 @pytest.mark.parametrize("make, argv_tail, message", [

@@ -58,18 +58,22 @@ def evaluate_run(
     engine: str = "auto",
     **model_hints,
 ) -> dict[str, dict]:
-    """``{set: metrics and "model", the checkpoint that was evaluated}`` for a run folder (see the module)."""
+    """``{set: metrics and "model", the checkpoint that was evaluated}`` for a run folder (see the module), in
+    the order of the sets; each model is opened once."""
+    picks = run_models(run, bins)
+    by_model: dict[Path, list[str]] = {}
+    for path, model_dir in picks.items():
+        by_model.setdefault(model_dir, []).append(path)
     results = {}
-    for model_dir, its_bins in run_models(run, bins).items():
-        model = identify(model_dir, engine)
-        embed, image_size = open_model(model, engine, **model_hints)
+    for model_dir, its_bins in by_model.items():
+        embed, image_size = open_model(identify(model_dir, engine), engine, **model_hints)
         for name, metrics in evaluate_sets(embed, image_size, its_bins, batch_size, progress).items():
             results[name] = {**metrics, "model": str(model_dir)}
-    return results
+    return {name: results[name] for name in verification_names(list(picks), "--bin")}
 
 
-def run_models(run: str | Path, bins: list[str] | None = None) -> dict[Path, list[str]]:
-    """``{checkpoint folder: the .bin files to evaluate on it}`` for a run folder (see the module)."""
+def run_models(run: str | Path, bins: list[str] | None = None) -> dict[str, Path]:
+    """``{.bin file: the checkpoint folder to evaluate it on}`` for a run folder (see the module)."""
     run = Path(run)
     config_file = run / "config.yaml"
     if not config_file.is_file():
@@ -79,11 +83,11 @@ def run_models(run: str | Path, bins: list[str] | None = None) -> dict[Path, lis
         raise PlscError(f"{config_file} lists no data.val_bins: pass --bin")
     names = verification_names(bins, "--bin")
     latest = ckpt.CheckpointDir(run / "checkpoints").latest()
-    picks: dict[Path, list[str]] = {}
+    picks: dict[str, Path] = {}
     for path, name in zip(bins, names, strict=True):
         best = run / "best_model" / name
         model = best if (best / ckpt.MANIFEST).is_file() else latest
         if model is None:
             raise PlscError(f"{run}: no best_model/{name} and no checkpoints/latest to evaluate {name} with")
-        picks.setdefault(model, []).append(path)
+        picks[str(path)] = model
     return picks
