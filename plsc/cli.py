@@ -115,16 +115,24 @@ def _run_train(args) -> int:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="verification accuracy of a checkpoint on .bin files")
-    p.add_argument("--checkpoint", required=True,
-                   help="checkpoint folder: a step folder, best_model/<name>, or a PLSC v2.2 checkpoint")
-    p.add_argument("--bin", dest="bins", action="append", required=True, metavar="FILE",
-                   help="insightface .bin verification file; repeatable")
+    p = sub.add_parser("eval", help="verification accuracy on .bin files of a checkpoint, an exported "
+                                    "model or a run's best models")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", "--model", dest="model", metavar="PATH",
+                       help="a plsc checkpoint (a step folder or best_model/<set>), a PLSC v2.2 checkpoint, "
+                            "an export folder (plsc export) or its .json/.pdmodel/.onnx file")
+    model.add_argument("--run", dest="run_folder", metavar="DIR",
+                       help="a run folder (train --output): each set on the run's best model for it "
+                            "(best_model/<set>), a set without one on checkpoints/latest")
+    p.add_argument("--bin", dest="bins", action="extend", nargs="+", default=None, metavar="FILE",
+                   help="insightface .bin verification files (--bin a.bin b.bin, or repeated); default: the "
+                        "data.val_bins of the run's config.yaml or of the plsc checkpoint's saved config")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--engine", choices=["auto", "paddle", "dygraph"], default="auto",
-                   help="paddle: Paddle Inference (conv + BatchNorm folded); dygraph: the model's own "
-                        "forward; auto: Paddle Inference on the CPU, dygraph on a GPU (default)")
+    p.add_argument("--engine", choices=["auto", "paddle", "dygraph", "onnx"], default="auto",
+                   help="for a checkpoint: paddle (Paddle Inference, conv + BatchNorm folded), dygraph (the "
+                        "model's own forward), auto (Paddle Inference on the CPU, dygraph on a GPU; "
+                        "default); for an export folder holding both formats: paddle or onnx (auto: paddle)")
     _add_model_flags(p)
     p.set_defaults(run=_run_eval, outputs={"json": "file"})
 
@@ -142,12 +150,12 @@ def _model_hints(args) -> dict:
 
 
 def _run_eval(args) -> int:
-    from plsc.eval.runner import evaluate_checkpoint
+    from plsc.eval.runner import evaluate_model, evaluate_run
 
-    results = evaluate_checkpoint(
-        args.checkpoint, args.bins, args.batch_size, progress=True, engine=args.engine, **_model_hints(args)
-    )
-    _print_metrics(results, f"verification of {args.checkpoint}")
+    evaluate, source = (evaluate_run, args.run_folder) if args.run_folder else (evaluate_model, args.model)
+    results = evaluate(source, args.bins, args.batch_size, progress=True, engine=args.engine,
+                       **_model_hints(args))
+    _print_metrics(results, f"verification of {source}")
     if args.json:
         from plsc import strict_json
         from plsc.atomic import write_atomic
@@ -161,13 +169,14 @@ def _print_metrics(results: dict, title: str) -> None:
         return
     from tabulate import tabulate
 
+    models = [[m["model"]] if "model" in m else [] for m in results.values()]  # a run's: one per set
     rows = [
-        [name, m["accuracy"], m["std"], m["threshold"], m["xnorm"], m["tar_at_far_1e-3"], m["pairs"]]
-        for name, m in results.items()
+        [name, m["accuracy"], m["std"], m["threshold"], m["xnorm"], m["tar_at_far_1e-3"], m["pairs"], *model]
+        for (name, m), model in zip(results.items(), models, strict=True)
     ]
+    headers = ["set", "accuracy", "std", "threshold", "xnorm", "TAR@FAR=1e-3", "pairs"]
     print(title)
-    print(tabulate(rows, headers=["set", "accuracy", "std", "threshold", "xnorm", "TAR@FAR=1e-3", "pairs"],
-                   floatfmt=".4f"))
+    print(tabulate(rows, headers=headers + (["model"] if any(models) else []), floatfmt=".4f"))
 
 
 def _add_convert(sub) -> None:
@@ -324,6 +333,24 @@ def _run_demo_recognize(args) -> int:
     return 0
 
 
+def _add_plot(sub) -> None:
+    p = sub.add_parser("plot", help="draw loss, learning rate and verification accuracy against the step "
+                                    "from runs' train_log.jsonl (needs matplotlib: pip install 'plsc[plot]')")
+    p.add_argument("runs", nargs="+", metavar="RUN",
+                   help="run folders (train --output) or their train_log.jsonl; several share each panel")
+    p.add_argument("--output", default="curves.png", metavar="FILE",
+                   help="the image to write (default: curves.png); its suffix picks the format (.png, .svg)")
+    p.set_defaults(run=_run_plot)
+
+
+def _run_plot(args) -> int:
+    from plsc.engine.curves import plot_runs
+
+    plot_runs(args.runs, args.output)
+    print(f"curves of {', '.join(args.runs)} drawn in {args.output}")
+    return 0
+
+
 def _add_doctor(sub) -> None:
     p = sub.add_parser("doctor", help="check that this machine can train: versions, Paddle's own check, fast "
                                       "paths, 5-step runs; a pass/fail table with what to do")
@@ -454,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="plsc", description="Paddle Large Scale Classification")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_train, _add_eval, _add_convert, _add_export, _add_infer, _add_demo, _add_bench,
-                _add_capacity, _add_plan, _add_doctor):
+                _add_capacity, _add_plan, _add_plot, _add_doctor):
         add(sub)
     return parser
 

@@ -19,7 +19,6 @@ skipped. The exit code is 1 when any check failed, else 0. Logs stay in the outp
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -324,10 +323,11 @@ def check_fp16_resume(config: Path, folder: Path, case: TrainCase | None = None)
 
 
 def _last_record(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    lines = path.read_text().strip().splitlines()
-    return json.loads(lines[-1]) if lines else None
+    """The last training record of a run's log (evaluation records have no loss)."""
+    from plsc.engine.curves import training_records
+
+    records = training_records(path) if path.is_file() else []
+    return records[-1] if records else None
 
 
 def _train_advice(case: TrainCase) -> str:

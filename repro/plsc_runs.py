@@ -36,7 +36,8 @@ def run_environment(**extra: str) -> dict[str, str]:
 
 
 def read_train_log(output: Path) -> list[dict]:
-    """The records of ``<output>/train_log.jsonl`` (one per log interval, rank 0), [] before the first."""
+    """The training records of ``<output>/train_log.jsonl`` (one per log interval, rank 0; the evaluation
+    records, ``{"step", "eval"}``, are left out), [] before the first."""
     path = Path(output) / "train_log.jsonl"
     if not path.is_file():
         return []
@@ -46,7 +47,7 @@ def read_train_log(output: Path) -> list[dict]:
             records.append(json.loads(line))
         except ValueError:  # a line being written right now
             break
-    return records
+    return [record for record in records if "loss" in record]
 
 
 def last_step_logged(output: Path, steps: int) -> bool:

@@ -9,6 +9,7 @@ address on a port the OS just handed out.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import signal
 import socket
@@ -386,8 +387,10 @@ def train_on_two_ranks(tmp_path: Path, output: Path, batchnorm: str, overrides: 
     return ranks_dir
 
 
-def read_log(output: Path) -> list[dict]:
-    return [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines()]
+def read_log(output: Path, kind: str = "loss") -> list[dict]:
+    """The training records of a run's log (``kind="eval"``: its evaluation records)."""
+    records = [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines()]
+    return [record for record in records if kind in record]
 
 
 def losses(output: Path) -> np.ndarray:
@@ -544,7 +547,7 @@ def test_per_rank_batchnorm_and_shared_verification(tiny_overrides, tiny_dir, tm
 
 def check_shared_verification(tiny_dir: Path, output: Path, ranks_dir: Path, evaluations: int) -> None:
     from plsc import checkpoint as ckpt
-    from plsc.eval.runner import evaluate_checkpoint
+    from plsc.eval.runner import evaluate_model
 
     rank0, rank1 = (json.loads((ranks_dir / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0["best"] == rank1["best"] and rank0["last_eval"] == rank1["last_eval"]
@@ -552,14 +555,16 @@ def check_shared_verification(tiny_dir: Path, output: Path, ranks_dir: Path, eva
     assert rank0["images_embedded"] == rank1["images_embedded"] == evaluations * 200
     # Shared files come from rank 0 alone: one log line per step, no second writer's leftovers.
     assert [r["step"] for r in read_log(output)] == list(range(1, rank0["steps"] + 1))
+    assert len(read_log(output, "eval")) == evaluations
     shared = [".plsc.lock", "best_model", "checkpoints", "config.yaml", "train_log.jsonl"]  # lock: rank 0's
+    shared += ["visualdl"] if importlib.util.find_spec("visualdl") else []  # plsc.engine.curves
     assert sorted(p.name for p in output.iterdir()) == shared
     best_dir = output / "best_model" / "lfw_disjoint_100"
     best = ckpt.read_manifest(best_dir)
     assert best["world_size"] == 2 and best["step"] == rank0["best"]["lfw_disjoint_100"]["step"]
     # Scored again in one process, the saved best model gives what the ranks computed together: every rank
     # evaluated rank 0's model, the one checkpoints hold (BatchNorm statistics are otherwise per rank).
-    again = evaluate_checkpoint(best_dir, [str(tiny_dir / "lfw_disjoint_100.bin")], batch_size=50)
+    again = evaluate_model(best_dir, [str(tiny_dir / "lfw_disjoint_100.bin")], batch_size=50)
     for key in ("accuracy", "threshold", "tar_at_far_1e-3", "xnorm"):
         assert again["lfw_disjoint_100"][key] == pytest.approx(best["best_metric"]["lfw_disjoint_100"][key])
 

@@ -25,7 +25,8 @@ def strict_log(output) -> list[dict]:
         raise ValueError(f"not JSON: {name}")
 
     lines = (output / "train_log.jsonl").read_text().splitlines()
-    return [json.loads(line, parse_constant=refuse) for line in lines]
+    records = [json.loads(line, parse_constant=refuse) for line in lines]
+    return [record for record in records if "loss" in record]  # the training records
 
 
 def poison_loss(trainer: Trainer, from_step: int, value: float = math.nan, steps=None) -> None:

@@ -121,7 +121,7 @@ def test_eval_cli_engines_agree(tmp_path, monkeypatch):
         engines_used.append(embed.engine)
         return embed
 
-    monkeypatch.setattr("plsc.eval.runner.open_embedder", recording)
+    monkeypatch.setattr("plsc.eval.sources.open_embedder", recording)
     results = {}
     for engine in ("paddle", "dygraph"):
         out = tmp_path / f"{engine}.json"

@@ -40,7 +40,9 @@ def tiny_config(tiny_dir: Path, *extra: str):
 
 
 def read_log(output: Path) -> list[dict]:
-    return [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines()]
+    """The training records of a run's log (evaluation records, {"step", "eval"}, have no loss)."""
+    records = [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines()]
+    return [record for record in records if "loss" in record]
 
 
 # --- schedule ---------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from plsc.data.verification_bin import load_bin
 from plsc.distributed import share_statistics_from_rank0
 from plsc.engine.trainer import Trainer
 from plsc.eval import embedders
-from plsc.eval.runner import evaluate_checkpoint
+from plsc.eval.runner import evaluate_model
 from plsc.eval.verification import verify
 from plsc.export.exporter import export_checkpoint
 from plsc.export.infer import PaddleEngine
@@ -154,7 +154,7 @@ def test_fp16_checkpoint_resume_verify_export_through_the_trainer(trained_fp32, 
 
     # plsc eval of the saved best model gives the trainer's numbers; the export computes the float32 model.
     best = output / "best_model" / vset.name
-    assert evaluate_checkpoint(best, [str(tiny_dir / BIN)], 50)[vset.name] == results[vset.name]
+    assert evaluate_model(best, [str(tiny_dir / BIN)], 50)[vset.name] == results[vset.name]
     exported = export_checkpoint(best, tmp_path / "export")
     graph = next(tmp_path / "export" / f for f in exported["artifacts"]["paddle"]["files"]
                  if f.endswith((".json", ".pdmodel")))
@@ -207,7 +207,8 @@ def test_an_fp16_checkpoint_resumes_and_trains_on_the_cpu(tiny_dir, tiny_run, tm
     moments = velocities(cpu.optimizer)
     assert set(moments) == {name.replace(precision.MASTER_SUFFIX, "") for name in saved_opt
                             if name.endswith("_velocity_0")}
-    last = [json.loads(line) for line in (tmp_path / "train_log.jsonl").open()][-1]
+    records = map(json.loads, (tmp_path / "train_log.jsonl").open())
+    last = [record for record in records if "loss" in record][-1]
     assert last["step"] == 4 and np.isfinite(last["loss"])
 
 

@@ -60,7 +60,7 @@ def tiny_trainer(tiny_overrides):
 
 def losses(output: Path) -> np.ndarray:
     lines = (output / "train_log.jsonl").read_text().splitlines()
-    return np.array([json.loads(line)["loss"] for line in lines])
+    return np.array([record["loss"] for record in map(json.loads, lines) if "loss" in record])
 
 
 def launch_worker(tmp_path: Path, nproc: int, *arguments: str) -> None:
@@ -150,7 +150,8 @@ def test_fp16_stores_centers_in_half_the_bytes_and_follows_fp32(tiny_trainer, tm
     fp16.run()
     assert fp16.head.weight.dtype == fp16.head.velocity.dtype == paddle.float16
     np.testing.assert_allclose(losses(tmp_path / "fp16"), losses(tmp_path / "fp32"), rtol=1e-2)
-    record = json.loads((tmp_path / "fp16" / "train_log.jsonl").read_text().splitlines()[-1])
+    lines = (tmp_path / "fp16" / "train_log.jsonl").read_text().splitlines()
+    record = [record for record in map(json.loads, lines) if "loss" in record][-1]
     assert record["loss_scale"] == 27648.0 and record["skipped_steps"] == 0
 
 

@@ -13,6 +13,21 @@ from plsc.config import Config, config_from_dict
 from plsc.errors import PlscError
 from plsc.models import MODELS, build_model
 
+CHECKPOINT_KINDS = ("plsc", "plsc22")  # plsc's own format, PLSC v2.2's one-pickle-per-tensor folders
+
+
+def checkpoint_kind(directory: str | Path) -> str:
+    """What a checkpoint folder holds, ``plsc`` (a manifest) or ``plsc22`` (``*.pdparam`` tensor files),
+    decided here once; an error naming the checkpoints inside a folder that is neither."""
+    directory = Path(directory)
+    if not directory.exists():
+        raise PlscError(f"checkpoint not found: {directory}{_being_written(directory)}")
+    if (directory / ckpt.MANIFEST).is_file():
+        return "plsc"
+    if plsc22.is_plsc22_checkpoint(directory):
+        return "plsc22"
+    raise PlscError(_not_a_checkpoint(directory) + _being_written(directory))
+
 
 def restore_backbone(
     directory: str | Path,
@@ -27,13 +42,19 @@ def restore_backbone(
     tensors (see :mod:`plsc.checkpoint.plsc22`). ``backbone`` and ``embedding_size``, when given, must agree
     with the checkpoint; ``data_format`` builds the model in that layout (the weights fit either).
     """
-    directory = Path(directory)
-    if not directory.exists():
-        raise PlscError(f"checkpoint not found: {directory}{_being_written(directory)}")
-    if plsc22.is_plsc22_checkpoint(directory):
-        return plsc22.restore_backbone(directory, backbone, embedding_size, data_format)
-    if directory.is_dir() and not (directory / ckpt.MANIFEST).exists():
-        raise PlscError(_not_a_checkpoint(directory) + _being_written(directory))
+    return restore_kind(checkpoint_kind(directory), directory, backbone, embedding_size, data_format)
+
+
+def restore_kind(kind: str, directory: str | Path, backbone: str | None = None,
+                 embedding_size: int | None = None, data_format: str | None = None
+                 ) -> tuple[paddle.nn.Layer, Config]:
+    """:func:`restore_backbone` for a folder whose kind (:func:`checkpoint_kind`) is already known."""
+    restore = plsc22.restore_backbone if kind == "plsc22" else _restore_plsc
+    return restore(Path(directory), backbone, embedding_size, data_format)
+
+
+def _restore_plsc(directory: Path, backbone: str | None, embedding_size: int | None,
+                  data_format: str | None) -> tuple[paddle.nn.Layer, Config]:
     manifest = ckpt.read_manifest(directory)
     config = config_from_dict(manifest["config"])
     _check_expected_model(directory, config, backbone, embedding_size)

@@ -68,17 +68,13 @@ def open_embedder(path: str | Path, engine: str | None = None) -> FaceEmbedder:
     path = Path(path)
     if not path.exists():
         raise PlscError(f"model not found: {path}")
+    from plsc.eval.sources import is_export
+
     if is_export(path):
         return _exported(path, engine)
     if engine is not None:
         raise PlscError(f"--engine applies to exported models; {path} is a checkpoint folder")
     return _checkpoint(path)
-
-
-def is_export(path: Path) -> bool:
-    from plsc.export import EXPORT_JSON
-
-    return path.is_file() or (path / EXPORT_JSON).is_file()
 
 
 def _exported(path: Path, engine: str | None) -> FaceEmbedder:

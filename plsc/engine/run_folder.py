@@ -31,7 +31,8 @@ log = logging.getLogger("plsc.train")
 # value silently makes another run). Everything else (intervals, max_steps, epochs, lr, ...) may change.
 SHAPE_KEYS = ("model.name", "model.width", "model.embedding_size", "data.image_size")
 TRAJECTORY_KEYS = ("model.data_format", "train.seed", "loss.sample_ratio")
-PREVIOUS_RUN_FILES = ("checkpoints", "best_model", "train_log.jsonl")
+# visualdl: the VisualDL scalars plsc.engine.curves writes beside the log when VisualDL is installed
+PREVIOUS_RUN_FILES = ("checkpoints", "best_model", "train_log.jsonl", "visualdl")
 
 
 def _same_setting(key: str, saved, wanted) -> bool:

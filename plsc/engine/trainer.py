@@ -22,14 +22,13 @@ import numpy as np
 import paddle
 
 from plsc import checkpoint as ckpt
-from plsc import strict_json
-from plsc.atomic import append_line
 from plsc.config import Config, save_config
 from plsc.console import format_duration
 from plsc.data import build_dataset, build_train_loader_from_config, normalize_batch
 from plsc.data.verification_bin import load_bin, verification_names
 from plsc.distributed import make_comm, require_classes_per_rank, share_statistics_from_rank0
 from plsc.engine import run_folder
+from plsc.engine.curves import CurveWriter
 from plsc.engine.loss_scaler import DynamicLossScaler, all_finite
 from plsc.engine.modes import (
     BackboneStep,
@@ -122,6 +121,7 @@ class Trainer:
         self.comm = comm or make_comm()
         self.rank = self.comm.rank
         self.checkpoints = ckpt.CheckpointDir(self.output / "checkpoints", config.train.keep_checkpoints)
+        self.curves = CurveWriter(self.output)  # rank 0 writes the log (and VisualDL scalars) through it
         self.overwrite = overwrite
         self._restart = (resume, weights_only)  # checked again under the run folder's lock (run)
         self._resume_from = run_folder.check_output(config, self.output, resume, weights_only, overwrite,
@@ -411,6 +411,8 @@ class Trainer:
             if self.comm.any_true(metrics["accuracy"] > self.best.get(name, {}).get("accuracy", -1.0)):
                 self.best[name] = {**metrics, "step": self.state.step}
                 self.save(self.output / "best_model" / name, extra={"best_metric": {name: metrics}})
+        if self.rank == 0:
+            self.curves.evaluation(self.state.step, results)
         return results
 
     # --- the loop ------------------------------------------------------------------------------------------
@@ -432,6 +434,7 @@ class Trainer:
         try:
             return self._run()
         finally:
+            self.curves.close()
             if held is not None:
                 held.release()
 
@@ -539,7 +542,7 @@ class Trainer:
             record.update(loss_scale=self.scaler.scale, skipped_steps=self.skipped_steps)
         if self.rank == 0:
             if to_file:
-                append_line(self.output / "train_log.jsonl", json_line(record))
+                self.curves.training(record)
             log.info(
                 "step %d/%d epoch %d loss %.4f lr %.5f %.1f img/s eta %s mem %.0f MB",
                 self.state.step,
@@ -576,8 +579,3 @@ class _LogWindow:
 
     def mean_loss(self) -> float:
         return float(np.mean(self.losses)) if self.losses else float("nan")
-
-
-def json_line(record: dict) -> str:
-    """One strict-JSON line: a non-finite number (the mean loss of a window of skipped steps) becomes null."""
-    return strict_json.dumps(record) + "\n"

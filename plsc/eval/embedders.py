@@ -1,6 +1,7 @@
 """Embedders: what verification (``plsc eval``, training-time verification) and the demo run a backbone with.
 
-An embedder maps a float32 batch in its ``data_format`` to raw embeddings, numpy in and out. Two kinds:
+An embedder maps a float32 batch in its ``data_format`` to raw embeddings, numpy in and out. Two kinds run a
+model restored from a checkpoint:
 
 - ``paddle``: Paddle Inference. The model's weights are ``paddle.jit.save``-d (as its NCHW twin) to a
   temporary folder and loaded by a predictor, whose default IR passes fold every conv + BatchNorm pair. On the
@@ -15,6 +16,9 @@ the same function: embeddings agree to ~1e-5 relative (tests/test_embedders.py).
 A backbone trained in fp16 holds float16 weights (see :mod:`plsc.models.precision`), which compute only under
 ``paddle.amp.auto_cast`` and only on a GPU. Either engine embeds with a float32 copy of such a model: the same
 numbers on every device, and the numbers ``plsc eval`` gives for the (float32) checkpoint saved from it.
+
+An exported model (``plsc export``) runs as exported: :class:`ExportEmbedder`, Paddle Inference or onnxruntime
+over its files, fed NCHW.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import paddle
 
 from plsc.errors import PlscError
 from plsc.export.exporter import save_inference_model
-from plsc.export.infer import PaddleEngine
+from plsc.export.infer import ExportedModel, PaddleEngine, open_engine
 from plsc.models import precision
 from plsc.runtime import first_line
 
@@ -69,6 +73,19 @@ class InferenceEmbedder:
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self._engine(batch)
+
+
+class ExportEmbedder:
+    """An exported model's own files run by its engine (``paddle`` or ``onnx``), fed NCHW batches."""
+
+    data_format = "NCHW"
+
+    def __init__(self, exported: ExportedModel, threads: int | None = None):
+        self.engine = exported.engine
+        self._run = open_engine(exported, threads)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self._run(batch)
 
 
 def snapshot_twin(model: paddle.nn.Layer, model_config, image_size: int, data_format: str = "NCHW"

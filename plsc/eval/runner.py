@@ -1,33 +1,93 @@
-"""Evaluate a saved backbone on verification `.bin` files: what ``plsc eval`` runs."""
+"""Evaluate a model on verification ``.bin`` files: what ``plsc eval`` runs.
+
+The model is any path :func:`plsc.eval.sources.identify` knows (a plsc or PLSC v2.2 checkpoint, a Paddle or
+ONNX export), or a run folder (:func:`evaluate_run`): each verification set is evaluated on the run's best
+model for that set (``best_model/<set>``, the weights that scored best on it during training), and a set
+without one on the run's latest checkpoint (``checkpoints/latest``). Without files given, a plsc checkpoint is
+evaluated on its saved config's ``data.val_bins``, and a run on its ``config.yaml``'s.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from plsc.checkpoint.restore import restore_backbone
+from plsc import checkpoint as ckpt
+from plsc.config import load_config
 from plsc.data.verification_bin import load_bin, verification_names
-from plsc.eval.embedders import open_embedder
+from plsc.errors import PlscError
+from plsc.eval.sources import identify, open_model, saved_val_bins
 from plsc.eval.verification import verify
 
 
-def evaluate_checkpoint(
-    directory: str | Path,
-    bins: list[str],
+def evaluate_model(
+    path: str | Path,
+    bins: list[str] | None = None,
     batch_size: int = 64,
     progress: bool = False,
     engine: str = "auto",
     **model_hints,
-):
+) -> dict[str, dict]:
     """``{bin stem: metrics}`` for each file, metrics as returned by :func:`verify`.
 
-    ``engine``: as for :func:`plsc.eval.embedders.open_embedder` (auto: Paddle Inference on the CPU);
-    ``model_hints``: ``backbone``, ``embedding_size``, ``data_format`` as for :func:`restore_backbone`.
+    ``bins`` None or empty: a plsc checkpoint's own ``data.val_bins``. ``engine``: as for
+    :func:`plsc.eval.sources.identify`; ``model_hints``: ``backbone``, ``embedding_size``, ``data_format`` as
+    for :func:`plsc.checkpoint.restore.restore_backbone` (checkpoints only).
     """
+    model = identify(path, engine)
+    bins = list(bins or saved_val_bins(model))
     verification_names(bins, "--bin")  # results are keyed by name: before minutes of loading
-    model, config = restore_backbone(directory, **model_hints)
-    embed = open_embedder(model, config.model, config.data.image_size, engine)
+    embed, image_size = open_model(model, engine, **model_hints)
+    return evaluate_sets(embed, image_size, bins, batch_size, progress)
+
+
+def evaluate_sets(embed, image_size: int, bins: list[str], batch_size: int, progress: bool
+                  ) -> dict[str, dict]:
+    """``{set name: metrics}`` of ``embed`` (an embedder for input size ``image_size``) on each file."""
     results = {}
     for path in bins:
-        vset = load_bin(path, config.data.image_size)
+        vset = load_bin(path, image_size)
         results[vset.name] = verify(embed, vset, batch_size, embed.data_format, progress=progress)
     return results
+
+
+def evaluate_run(
+    run: str | Path,
+    bins: list[str] | None = None,
+    batch_size: int = 64,
+    progress: bool = False,
+    engine: str = "auto",
+    **model_hints,
+) -> dict[str, dict]:
+    """``{set: metrics and "model", the checkpoint that was evaluated}`` for a run folder (see the module), in
+    the order of the sets; each model is opened once."""
+    picks = run_models(run, bins)
+    by_model: dict[Path, list[str]] = {}
+    for path, model_dir in picks.items():
+        by_model.setdefault(model_dir, []).append(path)
+    results = {}
+    for model_dir, its_bins in by_model.items():
+        embed, image_size = open_model(identify(model_dir, engine), engine, **model_hints)
+        for name, metrics in evaluate_sets(embed, image_size, its_bins, batch_size, progress).items():
+            results[name] = {**metrics, "model": str(model_dir)}
+    return {name: results[name] for name in verification_names(list(picks), "--bin")}
+
+
+def run_models(run: str | Path, bins: list[str] | None = None) -> dict[str, Path]:
+    """``{.bin file: the checkpoint folder to evaluate it on}`` for a run folder (see the module)."""
+    run = Path(run)
+    config_file = run / "config.yaml"
+    if not config_file.is_file():
+        raise PlscError(f"{run} is not a run folder (no config.yaml): pass --checkpoint or --model instead")
+    bins = list(bins or load_config(config_file, reads_data=False).data.val_bins)
+    if not bins:
+        raise PlscError(f"{config_file} lists no data.val_bins: pass --bin")
+    names = verification_names(bins, "--bin")
+    latest = ckpt.CheckpointDir(run / "checkpoints").latest()
+    picks: dict[str, Path] = {}
+    for path, name in zip(bins, names, strict=True):
+        best = run / "best_model" / name
+        model = best if (best / ckpt.MANIFEST).is_file() else latest
+        if model is None:
+            raise PlscError(f"{run}: no best_model/{name} and no checkpoints/latest to evaluate {name} with")
+        picks[str(path)] = model
+    return picks

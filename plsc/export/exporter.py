@@ -36,8 +36,8 @@ import paddle
 import plsc
 from plsc import strict_json
 from plsc.atomic import temp_path, write_atomic
-from plsc.checkpoint import plsc22, replace_dir
-from plsc.checkpoint.restore import restore_backbone
+from plsc.checkpoint import replace_dir
+from plsc.checkpoint.restore import checkpoint_kind, restore_kind
 from plsc.console import captured_output
 from plsc.errors import PlscError
 from plsc.models import build_model, precision
@@ -49,6 +49,7 @@ FORMATS = ("paddle", "onnx")
 INPUT_NAME = "images"
 ONNX_OPSET = 11
 NORMALIZATION = "RGB, (x / 255 - 0.5) / 0.5"
+SOURCE_FORMATS = {"plsc": "plsc", "plsc22": "plsc-v2.2"}  # export.json's source.format per checkpoint kind
 
 
 def export_checkpoint(
@@ -73,7 +74,8 @@ def export_checkpoint(
     previous = check_output(output)
     if name is not None:
         path_component(name, "--name")  # the exported files' stem: before any work
-    model, config = restore_backbone(checkpoint, **model_hints)
+    kind = checkpoint_kind(checkpoint)
+    model, config = restore_kind(kind, checkpoint, **model_hints)
     if config.model.data_format != "NCHW":
         model = nchw_twin(model, config)
     name = path_component(name or config.model.name, "--name (default: the checkpoint's model.name)")
@@ -86,7 +88,7 @@ def export_checkpoint(
     try:
         artifact = _export_files(model, staging, name, config.data.image_size, export_format, opset)
         _carry_over(output, staging)
-        description = merge_description(previous, describe(checkpoint, config), export_format, artifact)
+        description = merge_description(previous, describe(checkpoint, config, kind), export_format, artifact)
         write_atomic(staging / EXPORT_JSON, strict_json.dumps(description, indent=1) + "\n")
         replace_dir(staging, output)
     except OSError as exc:
@@ -200,10 +202,9 @@ def onnx_versions() -> dict[str, str]:
     return {"paddle": paddle.__version__, "paddle2onnx": importlib.metadata.version("paddle2onnx")}
 
 
-def describe(checkpoint: str | Path, config) -> dict:
-    """The format-independent part of export.json."""
+def describe(checkpoint: str | Path, config, kind: str = "plsc") -> dict:
+    """The format-independent part of export.json; ``kind`` as :func:`checkpoint_kind` names it."""
     size, embedding = config.data.image_size, config.model.embedding_size
-    kind = "plsc-v2.2" if plsc22.is_plsc22_checkpoint(checkpoint) else "plsc"
     return {
         "model": {
             "name": config.model.name,
@@ -219,7 +220,7 @@ def describe(checkpoint: str | Path, config) -> dict:
             "normalization": NORMALIZATION,
         },
         "output": {"shape": [None, embedding], "dtype": "float32", "embedding": "raw, not L2-normalised"},
-        "source": {"checkpoint": str(Path(checkpoint).resolve()), "format": kind},
+        "source": {"checkpoint": str(Path(checkpoint).resolve()), "format": SOURCE_FORMATS[kind]},
     }
 
 

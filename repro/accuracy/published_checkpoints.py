@@ -76,14 +76,14 @@ def evaluate_published(unpacked: Path, bins: dict[str, Path], batch_size: int) -
     ``bins`` maps the published keys (agedb30, cfp_fp, lfw) to ``.bin`` files; a checkpoint folder serving
     several data sets is loaded once.
     """
-    from plsc.eval.runner import evaluate_checkpoint  # imports Paddle: only when a case really runs
+    from plsc.eval.runner import evaluate_model  # imports Paddle: only when a case really runs
 
     key_of = {Path(path).stem: key for key, path in bins.items()}
     folders = best_model_dirs(unpacked, list(key_of))
     measured, details = {}, {}
     for folder in sorted(set(folders.values())):
         paths = [str(bins[key_of[stem]]) for stem, chosen in folders.items() if chosen == folder]
-        for stem, metrics in evaluate_checkpoint(folder, paths, batch_size).items():
+        for stem, metrics in evaluate_model(folder, paths, batch_size).items():
             measured[key_of[stem]] = metrics["accuracy"]
             details[key_of[stem]] = {"checkpoint": str(folder), **metrics}
     return measured, details
