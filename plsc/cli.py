@@ -156,7 +156,7 @@ def _print_metrics(results: dict, title: str) -> None:
 
 
 def _add_convert(sub) -> None:
-    p = sub.add_parser("convert", help="convert between MXNet RecordIO and PLSC's folder layout")
+    p = sub.add_parser("convert", help="MXNet RecordIO <-> PLSC's folder layout; verification pairs -> .bin")
     kinds = p.add_subparsers(dest="kind", required=True)
     rec = kinds.add_parser("rec2images", help=".rec/.idx -> images/NNNNNNNN.jpg + label.txt (bytes verbatim)")
     rec.add_argument("--rec", required=True, help="the .rec file")
@@ -169,6 +169,13 @@ def _add_convert(sub) -> None:
     images.add_argument("--output", required=True,
                         help="output prefix: writes PREFIX.rec, PREFIX.idx, property")
     images.set_defaults(run=_run_images2rec)
+    pairs = kinds.add_parser("pairs2bin", help="pairs file ('IMAGE1 IMAGE2 1|0' lines) -> insightface .bin")
+    pairs.add_argument("--pairs", required=True, metavar="FILE",
+                       help="a pair per line: two image paths relative to --root, then 1 (same person) or 0")
+    pairs.add_argument("--root", required=True, help="folder the image paths start from")
+    pairs.add_argument("--output", required=True, metavar="X.bin",
+                       help="the .bin to write (its stem names the set in plsc eval and training logs)")
+    pairs.set_defaults(run=_run_pairs2bin)
 
 
 def _run_rec2images(args) -> int:
@@ -186,6 +193,67 @@ def _run_images2rec(args) -> int:
 
     summary = images_to_rec(args.root, args.label_file, args.output, progress=True)
     print(f"{summary.images} images of {summary.num_classes} classes written to {summary.output}")
+    return 0
+
+
+def _run_pairs2bin(args) -> int:
+    from plsc.data.verification_bin import bin_name
+    from plsc.faces.pairs import pairs_to_bin
+
+    bin_name(args.output)  # a name that cannot name a verification set fails now, not after reading
+    count = pairs_to_bin(args.pairs, args.root, args.output, progress=True)
+    print(f"{count} pairs written to {args.output}")
+    return 0
+
+
+def _add_prepare(sub) -> None:
+    from plsc.faces import DETECTOR_NAMES, FACE_POLICIES, FORMATS
+
+    p = sub.add_parser("prepare", help="photos in one folder per person -> aligned 112x112 faces in PLSC's "
+                                       "layout (or .rec), a report, held-out verification pairs")
+    p.add_argument("--input", required=True, help="folder with one sub-folder of photos per person")
+    p.add_argument("--output", required=True, help="new (or empty) folder for the training set")
+    p.add_argument("--format", choices=FORMATS, default="folder",
+                   help="folder: images/ + label.txt; rec: train.rec/.idx + property (default: folder)")
+    p.add_argument("--faces", choices=FACE_POLICIES, default="largest",
+                   help="a photo with several faces: keep the largest, skip the photo, or keep all "
+                        "(default: largest); every such photo is listed in OUTPUT/report.tsv")
+    p.add_argument("--detector", choices=DETECTOR_NAMES, default="auto",
+                   help="mtcnn: five landmarks, faces aligned (pip install 'plsc[faces]'); haar: OpenCV's "
+                        "cascade, boxes only, faces centre-cropped; auto: mtcnn when installed")
+    p.add_argument("--haar-cascade", default=None, metavar="XML", help="another OpenCV cascade file")
+    p.add_argument("--image-size", type=int, default=112, help="side of the crops (default: 112)")
+    p.add_argument("--holdout-identities", type=int, default=0, metavar="K",
+                   help="keep K people (drawn at random) out of the training set, in OUTPUT/holdout/")
+    p.add_argument("--pairs", type=int, default=0, metavar="N",
+                   help="draw N verification pairs of the held-out people (half same, half different) "
+                        "into OUTPUT/holdout.bin and OUTPUT/holdout_pairs.txt")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out people and pairs (default: 0)")
+    p.set_defaults(run=_run_prepare)
+
+
+def _run_prepare(args) -> int:
+    from plsc.faces.prepare import PrepareOptions, prepare
+
+    options = PrepareOptions(
+        input=Path(args.input), output=Path(args.output), format=args.format, faces=args.faces,
+        detector=args.detector, haar_cascade=args.haar_cascade, image_size=args.image_size,
+        holdout_identities=args.holdout_identities, pairs=args.pairs, seed=args.seed,
+    )
+    summary = prepare(options, progress=True)
+    crops = "aligned on five landmarks" if summary.aligned else "centre-cropped (no landmarks: NOT aligned)"
+    print(f"{summary.photos} photos of {summary.identities + summary.holdout_identities} people: "
+          f"{summary.faces_written} faces of {summary.identities} people for training, {crops} "
+          f"({summary.detector})")
+    print(f"no face: {summary.no_face}, several faces: {summary.several_faces} (--faces {args.faces}), "
+          f"unreadable: {summary.unreadable}; listed in {Path(args.output) / 'report.tsv'}")
+    if summary.people_without_faces:
+        print(f"people left out (no face in any photo): {', '.join(summary.people_without_faces)}")
+    if summary.holdout_identities:
+        print(f"held out: {summary.holdout_faces} faces of {summary.holdout_identities} people in "
+              f"{Path(args.output) / 'holdout'}" + (f", {summary.pairs} pairs in "
+                                                      f"{Path(args.output) / 'holdout.bin'}" if summary.pairs
+                                                      else ""))
     return 0
 
 
@@ -417,8 +485,8 @@ def _run_plan(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plsc", description="Paddle Large Scale Classification")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_eval, _add_convert, _add_export, _add_infer, _add_demo, _add_bench,
-                _add_capacity, _add_plan, _add_doctor):
+    for add in (_add_train, _add_eval, _add_prepare, _add_convert, _add_export, _add_infer, _add_demo,
+                _add_bench, _add_capacity, _add_plan, _add_doctor):
         add(sub)
     return parser
 

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 REASONS_KEPT = 10  # skipped_reasons keeps this many examples; `skipped` has the full count
 MAX_CONSECUTIVE_UNREADABLE = 64  # more than this in a row means broken storage, not a few bad files
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")  # what OpenCV decodes
 _JPEG_SOI = b"\xff\xd8"
 _JPEG_SOS = b"\xff\xda"
 _JPEG_EOI = b"\xff\xd9"
