@@ -242,7 +242,7 @@ def _run_prepare(args) -> int:
     )
     summary = prepare(options, progress=True)
     crops = "aligned on five landmarks" if summary.aligned else "centre-cropped (no landmarks: NOT aligned)"
-    print(f"{summary.photos} photos of {summary.identities + summary.holdout_identities} people: "
+    print(f"{summary.photos} photos of {summary.people} people: "
           f"{summary.faces_written} faces of {summary.identities} people for training, {crops} "
           f"({summary.detector})")
     print(f"no face: {summary.no_face}, several faces: {summary.several_faces} (--faces {args.faces}), "

@@ -29,6 +29,7 @@ from plsc.demo.draw import Labeller
 from plsc.demo.embed import open_embedder, verification_threshold
 from plsc.distributed import LocalComm
 from plsc.errors import PlscError
+from plsc.faces.detect import mtcnn_available
 from plsc.loss.margin import ARCFACE
 from plsc.loss.partial_fc import PartialFC
 from plsc.models import build_model
@@ -318,7 +319,8 @@ def test_index_file_holds_normalised_gallery_embeddings(demo, demo_run):
     assert index.embeddings.shape == (8, 16) and index.embeddings.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(index.embeddings, axis=1), 1.0, atol=1e-5)
     assert index.detected.all()  # every gallery photo has a face
-    assert index.meta["model"]["name"] == "iresnet18" and index.meta["detector"].startswith("haar:")
+    default_detector = "mtcnn:" if mtcnn_available() else "haar:"  # plsc.faces.detect.open_face_detector
+    assert index.meta["model"]["name"] == "iresnet18" and index.meta["detector"].startswith(default_detector)
 
 
 def test_recognize_writes_annotated_image_and_json(demo, demo_run, expected):

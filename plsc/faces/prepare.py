@@ -67,6 +67,7 @@ class Crop:
 @dataclass
 class PrepareSummary:
     photos: int = 0
+    people: int = 0
     faces_written: int = 0
     identities: int = 0
     no_face: int = 0
@@ -88,7 +89,8 @@ def prepare(options: PrepareOptions, progress: bool = True) -> PrepareSummary:
     people = list_people(options.input)
     check_empty_output(options.output)
     detector = open_face_detector(options.detector, options.haar_cascade)
-    summary = PrepareSummary(detector=detector.name, aligned=detector.landmarks, output=str(options.output))
+    summary = PrepareSummary(people=len(people), detector=detector.name, aligned=detector.landmarks,
+                             output=str(options.output))
     if not detector.landmarks:
         log.warning("%s finds no landmarks: faces are centre-cropped from its boxes, not aligned",
                     detector.name)
