@@ -343,3 +343,8 @@ def test_prepare_refuses_bad_input_in_one_line(raw_photos, tmp_path, capsys):
         assert message in error and error.count("\n") == 1, error
     assert run_cli("prepare", "--input", tmp_path / "full", "--output", tmp_path / "p") == 2
     assert "no person folders" in capsys.readouterr().err
+
+
+def test_a_photo_folder_as_data_root_points_to_plsc_prepare(raw_photos):
+    with pytest.raises(PlscError, match=r"label file not found: .*6 sub-folders.*plsc prepare --input"):
+        FolderDataset(raw_photos[0])
