@@ -156,6 +156,8 @@ def _print_metrics(results: dict, title: str) -> None:
 
 
 def _add_convert(sub) -> None:
+    from plsc.faces import DETECTOR_NAMES
+
     p = sub.add_parser("convert", help="MXNet RecordIO <-> PLSC's folder layout; verification pairs -> .bin")
     kinds = p.add_subparsers(dest="kind", required=True)
     rec = kinds.add_parser("rec2images", help=".rec/.idx -> images/NNNNNNNN.jpg + label.txt (bytes verbatim)")
@@ -175,6 +177,9 @@ def _add_convert(sub) -> None:
     pairs.add_argument("--root", required=True, help="folder the image paths start from")
     pairs.add_argument("--output", required=True, metavar="X.bin",
                        help="the .bin to write (its stem names the set in plsc eval and training logs)")
+    pairs.add_argument("--align", choices=DETECTOR_NAMES, default=None, const="auto", nargs="?",
+                       help="the images are photos: cut each one's largest face as plsc prepare does "
+                            "(detector as its --detector, default auto); else files are stored as they are")
     pairs.set_defaults(run=_run_pairs2bin)
 
 
@@ -201,7 +206,7 @@ def _run_pairs2bin(args) -> int:
     from plsc.faces.pairs import pairs_to_bin
 
     bin_name(args.output)  # a name that cannot name a verification set fails now, not after reading
-    count = pairs_to_bin(args.pairs, args.root, args.output, progress=True)
+    count = pairs_to_bin(args.pairs, args.root, args.output, progress=True, align=args.align)
     print(f"{count} pairs written to {args.output}")
     return 0
 

@@ -348,3 +348,53 @@ def test_prepare_refuses_bad_input_in_one_line(raw_photos, tmp_path, capsys):
 def test_a_photo_folder_as_data_root_points_to_plsc_prepare(raw_photos):
     with pytest.raises(PlscError, match=r"label file not found: .*6 sub-folders.*plsc prepare --input"):
         FolderDataset(raw_photos[0])
+
+
+@needs_mtcnn
+def test_phone_photos_are_turned_upright_by_their_exif_orientation(raw_photos, prepared, tmp_path):
+    """A photo stored on its side with EXIF orientation 6 (rotate 90 degrees clockwise to show) gives the crop
+    of the upright photo: OpenCV's decoder applies the orientation (checked with OpenCV 4.11 and 4.14)."""
+    image_module = pytest.importorskip("PIL.Image", reason="Pillow writes the EXIF tag")
+    person, _, _ = raw_photos[1][0]
+    upright = cv2.imread(str(raw_photos[0] / person / "0.png"))
+    stored = cv2.rotate(upright, cv2.ROTATE_90_COUNTERCLOCKWISE)
+    exif = image_module.Exif()
+    exif[0x0112] = 6  # Orientation
+    (tmp_path / "input" / person).mkdir(parents=True)
+    image_module.fromarray(stored[:, :, ::-1]).save(tmp_path / "input" / person / "side.jpg", quality=95,
+                                                    exif=exif.tobytes())
+    assert run_cli("prepare", "--input", tmp_path / "input", "--output", tmp_path / "out") == 0
+    crop = cv2.imread(str(tmp_path / "out" / "images" / "00000001.jpg")).astype(float)
+    reference = cv2.imread(str(prepared / "images" / "00000001.jpg")).astype(float)
+    assert np.corrcoef(crop.ravel(), reference.ravel())[0, 1] > 0.95
+
+
+@needs_mtcnn
+def test_pairs2bin_align_cuts_the_faces_of_photos_as_prepare_does(raw_photos, prepared, tmp_path):
+    """--align on raw photos stores what plsc prepare writes for them (same detector, crop and JPEG)."""
+    first, second = (f"{raw_photos[1][index][0]}/0.png" for index in (0, 3))
+    (tmp_path / "pairs.txt").write_text(f"{first} {second} 0\n")
+    output = tmp_path / "raw.bin"
+    assert run_cli("convert", "pairs2bin", "--pairs", tmp_path / "pairs.txt", "--root", raw_photos[0],
+                   "--output", output, "--align") == 0
+    with open(output, "rb") as file:
+        encoded, issame = pickle.load(file)
+    assert issame == [False]
+    assert encoded == [(prepared / "images" / name).read_bytes() for name in ("00000001.jpg", "00000004.jpg")]
+
+
+@needs_mtcnn
+def test_pairs2bin_align_uses_the_centre_square_when_no_face_is_found(raw_photos, tmp_path, caplog):
+    ys, xs = np.mgrid[0:90, 0:150]
+    noise = np.stack([xs * 1.6, ys * 2.5, np.full_like(xs, BACKGROUND)], axis=-1).astype(np.uint8)  # no face
+    cv2.imwrite(str(tmp_path / "noise.png"), noise)
+    (tmp_path / "pairs.txt").write_text("noise.png noise.png 1\n")
+    assert run_cli("convert", "pairs2bin", "--pairs", tmp_path / "pairs.txt", "--root", tmp_path,
+                   "--output", tmp_path / "x.bin", "--align", "mtcnn") == 0
+    assert "1 of 1 images had no face found" in caplog.text
+    with open(tmp_path / "x.bin", "rb") as file:
+        encoded, _ = pickle.load(file)
+    decoded = cv2.imdecode(np.frombuffer(encoded[0], np.uint8), cv2.IMREAD_COLOR).astype(float)
+    centre = cv2.resize(noise[:, 30:120], (112, 112), interpolation=cv2.INTER_LINEAR).astype(float)
+    # JPEG (quality 95) costs 0.6 on these ramps; the square 5 px off centre is 2.7 away, the whole image 8
+    assert np.abs(decoded - centre).mean() < 1.5

@@ -22,6 +22,7 @@ ARCFACE_TEMPLATE = np.array(
     dtype=np.float64,
 )
 TEMPLATE_SIZE = 112
+JPEG_QUALITY = 95  # cv2.imencode's default, with which insightface's packing tools encode their crops
 
 
 def template_for(image_size: int) -> np.ndarray:
@@ -112,3 +113,11 @@ def face_crop(image: np.ndarray, face, image_size: int = TEMPLATE_SIZE,
     crop = square_crop(image, face.box, margin)
     interpolation = cv2.INTER_AREA if crop.shape[0] > image_size else cv2.INTER_LINEAR
     return cv2.resize(crop, (image_size, image_size), interpolation=interpolation)
+
+
+def encode_jpeg(image: np.ndarray) -> bytes:
+    """A crop as the JPEG bytes plsc stores (training images, .rec records, .bin entries)."""
+    ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    if not ok:
+        raise PlscError("OpenCV cannot encode JPEG images")
+    return data.tobytes()

@@ -10,6 +10,7 @@ as ``plsc prepare`` writes.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,10 @@ from plsc.console import progress as console_progress
 from plsc.data.folder import decode_image_bytes
 from plsc.data.verification_bin import save_bin
 from plsc.errors import PlscError
+from plsc.faces.align import TEMPLATE_SIZE, encode_jpeg, face_crop
+from plsc.faces.detect import Face, largest_face, open_face_detector
+
+log = logging.getLogger("plsc.faces")
 
 SAME, DIFFERENT = "1", "0"
 
@@ -80,22 +85,53 @@ def read_encoded_image(path: Path, where: str) -> bytes:
 
 
 def pairs_to_bin(pairs_file: str | os.PathLike, root: str | os.PathLike, output: str | os.PathLike,
-                 progress: bool = True) -> int:
+                 progress: bool = True, align: str | None = None) -> int:
     """Write the ``.bin`` of the pairs listed in ``pairs_file`` (paths relative to ``root``); returns the
-    number of pairs. Every image is read and checked before the file is written (atomically)."""
+    number of pairs. Every image is read and checked before the file is written (atomically).
+
+    ``align`` None stores each file's bytes as they are (aligned crops already); a detector name
+    (:data:`plsc.faces.DETECTOR_NAMES`) cuts each photo's largest face first, as ``plsc prepare`` does, and
+    stores it as JPEG (insightface's build_eval_pack.py:72-116 does the same with its detector)."""
     pairs_file, root = Path(pairs_file), Path(root)
     if not root.is_dir():
         raise PlscError(f"--root is not a folder: {root}")
     pairs = read_pairs_file(pairs_file)
+    cut = None if align is None else FaceCutter(align)
     encoded, cache = [], {}
     for number, pair in enumerate(console_progress(pairs, len(pairs), "pairs -> .bin", "pairs", progress), 1):
         for relative in (pair.first, pair.second):
             if relative not in cache:  # an image in several pairs is read once
                 where = f"{pairs_file} pair {number}"
-                cache[relative] = read_encoded_image(image_under(root, relative, where), where)
+                data = read_encoded_image(image_under(root, relative, where), where)
+                cache[relative] = data if cut is None else cut(data, relative)
             encoded.append(cache[relative])
+    if cut is not None and cut.without_face:
+        log.warning("%d of %d images had no face found; their centre square was used instead (first: %s)",
+                    len(cut.without_face), len(cache), cut.without_face[0])
     save_bin(output, encoded, [pair.same for pair in pairs])
     return len(pairs)
+
+
+class FaceCutter:
+    """Encoded photo -> JPEG of its largest face, aligned when the detector finds landmarks. A photo with no
+    face found gives its centre square (verification photos such as LFW's are centred on the face): a pair
+    list cannot drop an image, and one missed face should not stop the whole file."""
+
+    def __init__(self, detector: str):
+        self.detect = open_face_detector(detector)
+        self.without_face: list[str] = []
+
+    def __call__(self, data: bytes, name: str) -> bytes:
+        image = decode_image_bytes(data)
+        face = largest_face(self.detect(image))
+        if face is None:
+            self.without_face.append(name)
+            height, width = image.shape[:2]
+            side = min(height, width)
+            top, left = (height - side) // 2, (width - side) // 2
+            face = Face((left, top, left + side, top + side), 0.0)
+            return encode_jpeg(face_crop(image, face, TEMPLATE_SIZE, margin=0.0))
+        return encode_jpeg(face_crop(image, face, TEMPLATE_SIZE))
 
 
 def draw_pairs(labels: Sequence[int], count: int, seed: int = 0) -> list[tuple[int, int, bool]]:

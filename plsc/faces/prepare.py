@@ -24,7 +24,6 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from plsc.atomic import write_atomic
@@ -33,14 +32,13 @@ from plsc.data.folder import IMAGE_SUFFIXES, read_image
 from plsc.data.recordio import write_insightface
 from plsc.errors import PlscError
 from plsc.faces import FACE_POLICIES, FORMATS
-from plsc.faces.align import TEMPLATE_SIZE, face_crop
+from plsc.faces.align import TEMPLATE_SIZE, encode_jpeg, face_crop
 from plsc.faces.detect import largest_face, open_face_detector
 from plsc.faces.pairs import draw_pairs, pairs_to_bin
 from plsc.names import path_component
 
 log = logging.getLogger("plsc.faces")
 
-JPEG_QUALITY = 95  # cv2.imencode's default, as insightface's packing tools write their crops
 
 
 @dataclass
@@ -200,13 +198,6 @@ def _detect_photo(photo, name, source, options, detector, crops, summary) -> str
         outcome = "all kept (--faces all)" if options.faces == "all" else "largest kept (--faces largest)"
         return f"{source}\t{len(faces)}\t{outcome}\n"
     return None
-
-
-def encode_jpeg(image: np.ndarray) -> bytes:
-    ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
-    if not ok:
-        raise PlscError("OpenCV cannot encode JPEG images")
-    return data.tobytes()
 
 
 def _split_people(people: list[str], options: PrepareOptions) -> tuple[list[str], list[str]]:
