@@ -336,6 +336,7 @@ def test_prepare_refuses_bad_input_in_one_line(raw_photos, tmp_path, capsys):
         (["--output", tmp_path / "full"], "not an empty folder"),
         (["--output", tmp_path / "o", "--pairs", "4"], "--pairs needs --holdout-identities"),
         (["--output", tmp_path / "o", "--holdout-identities", "6"], "leaves no one to train on"),
+        (["--output", tmp_path / "o", "--image-size", "100"], "multiple of 112 or 128"),
     ]
     for extra, message in cases:
         assert run_cli("prepare", "--input", raw_photos[0], "--detector", "haar", *extra) == 2
@@ -398,3 +399,12 @@ def test_pairs2bin_align_uses_the_centre_square_when_no_face_is_found(raw_photos
     centre = cv2.resize(noise[:, 30:120], (112, 112), interpolation=cv2.INTER_LINEAR).astype(float)
     # JPEG (quality 95) costs 0.6 on these ramps; the square 5 px off centre is 2.7 away, the whole image 8
     assert np.abs(decoded - centre).mean() < 1.5
+
+
+def test_too_many_pairs_stop_before_the_training_set_is_written(raw_photos, tmp_path, capsys):
+    """3 photos of each of 2 held-out people make 6 same-person pairs: 14 pairs need 7."""
+    output = tmp_path / "out"
+    assert run_cli("prepare", "--input", raw_photos[0], "--output", output, "--detector", "haar",
+                   "--holdout-identities", 2, "--pairs", 14) == 2
+    assert "same-person pairs" in capsys.readouterr().err
+    assert sorted(path.name for path in output.iterdir()) == ["report.tsv"]

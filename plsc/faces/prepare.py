@@ -32,7 +32,7 @@ from plsc.data.folder import IMAGE_SUFFIXES, read_image
 from plsc.data.recordio import write_insightface
 from plsc.errors import PlscError
 from plsc.faces import FACE_POLICIES, FORMATS
-from plsc.faces.align import TEMPLATE_SIZE, encode_jpeg, face_crop
+from plsc.faces.align import TEMPLATE_SIZE, encode_jpeg, face_crop, template_for
 from plsc.faces.detect import largest_face, open_face_detector
 from plsc.faces.pairs import draw_pairs, pairs_to_bin
 from plsc.names import path_component
@@ -95,14 +95,22 @@ def prepare(options: PrepareOptions, progress: bool = True) -> PrepareSummary:
     crops, report = _detect_all(people, options, detector, summary, progress)
     found = {crop.person for crop in crops}
     summary.people_without_faces = [name for name, _ in people if name not in found]
-    training, holdout = _split_people(sorted(found), options)
     options.output.mkdir(parents=True, exist_ok=True)
     write_atomic(options.output / "report.tsv", "photo\tfaces\toutcome\n" + "".join(report))
+    if not crops:
+        raise PlscError(f"{options.input}: no face found in any photo (see {options.output / 'report.tsv'})")
+    training, holdout = _split_people(sorted(found), options)
+    holdout_samples = _labelled(crops, holdout)
+    # drawn before anything else is written: too few pairs stops the run with only the report written
+    pairs = []
+    if options.pairs:
+        pairs = draw_pairs([label for _, label in holdout_samples], options.pairs, options.seed)
     summary.identities = len(training)
     summary.faces_written = _write_training(crops, training, options)
     if holdout:
-        summary.holdout_identities = len(holdout)
-        summary.holdout_faces, summary.pairs = _write_holdout(crops, holdout, options)
+        _write_holdout(holdout_samples, holdout, pairs, options)
+        summary.holdout_identities, summary.holdout_faces = len(holdout), len(holdout_samples)
+        summary.pairs = len(pairs)
     write_atomic(options.output / "prepare.json",
                  json.dumps({"settings": _settings(options), **asdict(summary)}, indent=1) + "\n")
     return summary
@@ -115,6 +123,7 @@ def _check_options(options: PrepareOptions) -> None:
         raise PlscError(f"--faces must be one of {', '.join(FACE_POLICIES)}, got {options.faces!r}")
     if options.holdout_identities < 0 or options.pairs < 0:
         raise PlscError("--holdout-identities and --pairs must be >= 0")
+    template_for(options.image_size)  # a size the template cannot take fails before any photo is read
     if options.pairs and options.holdout_identities < 2:
         raise PlscError("--pairs needs --holdout-identities of at least 2 (different-person pairs need two)")
 
@@ -241,8 +250,6 @@ def write_image_folder(folder: Path, samples: list[tuple[Crop, int]]) -> list[st
 
 def _write_training(crops: list[Crop], people: list[str], options: PrepareOptions) -> int:
     samples = _labelled(crops, people)
-    if not samples:
-        raise PlscError(f"{options.input}: no face found in any photo (see {options.output / 'report.tsv'})")
     _write_identities(options.output, people)
     if options.format == "rec":
         write_insightface(options.output / "train", [(crop.jpeg, label) for crop, label in samples],
@@ -252,21 +259,20 @@ def _write_training(crops: list[Crop], people: list[str], options: PrepareOption
     return len(samples)
 
 
-def _write_holdout(crops: list[Crop], people: list[str], options: PrepareOptions) -> tuple[int, int]:
-    """The held-out people as a folder of their own, and ``options.pairs`` pairs of theirs as a .bin."""
+def _write_holdout(samples: list[tuple[Crop, int]], people: list[str], pairs: list[tuple[int, int, bool]],
+                   options: PrepareOptions) -> None:
+    """The held-out people as a folder of their own, and their ``pairs`` (indices into ``samples``) as a .bin
+    and the pairs file it is made of."""
     folder = options.output / "holdout"
-    samples = _labelled(crops, people)
     names = write_image_folder(folder, samples)
     _write_identities(folder, people)
-    if not options.pairs:
-        return len(samples), 0
-    pairs = draw_pairs([label for _, label in samples], options.pairs, options.seed)
+    if not pairs:
+        return
     lines = "".join(f"holdout/{names[a]}\tholdout/{names[b]}\t{int(same)}\n" for a, b, same in pairs)
     write_atomic(options.output / "holdout_pairs.txt", lines)
     # The .bin that `plsc convert pairs2bin` makes of that file: one way to build a .bin
     pairs_to_bin(options.output / "holdout_pairs.txt", options.output, options.output / "holdout.bin",
                  progress=False)
-    return len(samples), len(pairs)
 
 
 __all__ = ["FACE_POLICIES", "FORMATS", "PrepareOptions", "PrepareSummary", "prepare"]
