@@ -339,11 +339,17 @@ def _add_demo(sub) -> None:
 
 
 def _add_demo_model_flags(p, margin_help: str) -> None:
+    from plsc.faces import DETECTOR_NAMES
+
     p.add_argument("--model", required=True,
                    help="export folder, model file (Paddle Inference, ONNX), or plsc/PLSC v2.2 checkpoint")
     p.add_argument("--engine", choices=["paddle", "onnx"], default=None, help="for an export holding both")
     p.add_argument("--margin", type=float, default=None, help=margin_help)
-    group = p.add_argument_group("face detector (default: OpenCV's bundled Haar cascade)")
+    group = p.add_argument_group("face detector (default: plsc prepare's, MTCNN when installed, else Haar)")
+    group.add_argument("--detector", choices=DETECTOR_NAMES, default="auto",
+                       help="mtcnn: five landmarks, faces aligned as plsc prepare aligns them; haar: "
+                            "OpenCV's cascade, faces centre-cropped (as data/tiny was cut); auto: mtcnn when "
+                            "installed")
     group.add_argument("--det-model-file-path", "--det_model_file_path", default=None, metavar="FILE",
                        help="a PaddleDetection inference model instead, e.g. BlazeFace's inference.pdmodel")
     group.add_argument("--det-params-file-path", "--det_params_file_path", default=None, metavar="FILE",
@@ -356,7 +362,7 @@ def _demo_detector(args) -> dict:
     from plsc.demo.pipeline import detector_options
 
     return detector_options(args.det_model_file_path, args.det_params_file_path, args.det_threshold,
-                            args.haar_cascade)
+                            args.haar_cascade, args.detector)
 
 
 def _run_demo_index(args) -> int:

@@ -29,7 +29,7 @@ from plsc.demo.draw import Labeller
 from plsc.demo.embed import open_embedder, verification_threshold
 from plsc.distributed import LocalComm
 from plsc.errors import PlscError
-from plsc.faces.detect import mtcnn_available
+from plsc.faces.detect import bundled_cascade, mtcnn_available
 from plsc.loss.margin import ARCFACE
 from plsc.loss.partial_fc import PartialFC
 from plsc.models import build_model
@@ -460,3 +460,16 @@ def test_bad_index_model_and_options_fail_cleanly(capsys, demo, demo_run, tiny_m
                            "--cdd-num", "0", *common)
     assert_one_line_error(code, err, "--cdd-num must be >= 1")
     assert not (tmp_path / "out").exists()
+
+
+def test_demo_detector_choice_follows_plsc_prepare():
+    from plsc.demo.detect import open_detector
+    from plsc.faces.detect import MtcnnDetector
+
+    assert isinstance(open_detector(name="haar"), HaarDetector)
+    assert isinstance(open_detector(haar_cascade=str(bundled_cascade())), HaarDetector)
+    if mtcnn_available():
+        assert isinstance(open_detector(), MtcnnDetector) and isinstance(open_detector(name="mtcnn"),
+                                                                         MtcnnDetector)
+    with pytest.raises(PlscError, match="unknown face detector"):
+        open_detector(name="yolo")

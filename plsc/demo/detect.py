@@ -108,14 +108,15 @@ class PaddleDetector:
         return sorted(faces, key=lambda face: -face.score)
 
 
-def open_detector(model_file=None, params_file=None, threshold=DETECTOR_THRESHOLD, haar_cascade=None):
-    """The Paddle detector when a model file is given, else the given Haar cascade, else plsc's default
-    (MTCNN when installed, the bundled Haar cascade otherwise)."""
+def open_detector(model_file=None, params_file=None, threshold=DETECTOR_THRESHOLD, haar_cascade=None,
+                  name="auto"):
+    """The Paddle detector when a model file is given, else plsc's face detector ``name``
+    (:func:`plsc.faces.detect.open_face_detector`; a given Haar cascade means ``haar``)."""
     if model_file:
         return PaddleDetector.from_files(model_file, params_file, threshold)
     if params_file:
         raise PlscError("--det-params-file-path needs --det-model-file-path")
-    return open_face_detector("haar" if haar_cascade else "auto", haar_cascade)
+    return open_face_detector("haar" if haar_cascade and name == "auto" else name, haar_cascade)
 
 
 # ----------------------------------------------------------------------------------------------------

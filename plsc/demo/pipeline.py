@@ -31,11 +31,12 @@ DEFAULT_THRESHOLD = 0.45  # PLSC v2.2 demo's rec_thresh; used when the model rec
 DEFAULT_CANDIDATES = 10
 
 
-def detector_options(model_file=None, params_file=None, threshold=None, haar_cascade=None) -> dict:
+def detector_options(model_file=None, params_file=None, threshold=None, haar_cascade=None,
+                     name="auto") -> dict:
     """Keyword arguments for :func:`plsc.demo.detect.open_detector` from the CLI's detector flags."""
     threshold = DETECTOR_THRESHOLD if threshold is None else threshold
     return {"model_file": model_file, "params_file": params_file, "threshold": threshold,
-            "haar_cascade": haar_cascade}
+            "haar_cascade": haar_cascade, "name": name}
 
 
 # ----------------------------------------------------------------------------------------------------
