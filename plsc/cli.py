@@ -180,7 +180,9 @@ def _print_metrics(results: dict, title: str) -> None:
 
 
 def _add_convert(sub) -> None:
-    p = sub.add_parser("convert", help="convert between MXNet RecordIO and PLSC's folder layout")
+    from plsc.faces import DETECTOR_NAMES
+
+    p = sub.add_parser("convert", help="MXNet RecordIO <-> PLSC's folder layout; verification pairs -> .bin")
     kinds = p.add_subparsers(dest="kind", required=True)
     rec = kinds.add_parser("rec2images", help=".rec/.idx -> images/NNNNNNNN.jpg + label.txt (bytes verbatim)")
     rec.add_argument("--rec", required=True, help="the .rec file")
@@ -193,6 +195,16 @@ def _add_convert(sub) -> None:
     images.add_argument("--output", required=True,
                         help="output prefix: writes PREFIX.rec, PREFIX.idx, property")
     images.set_defaults(run=_run_images2rec, outputs={"output": "file"})
+    pairs = kinds.add_parser("pairs2bin", help="pairs file ('IMAGE1 IMAGE2 1|0' lines) -> insightface .bin")
+    pairs.add_argument("--pairs", required=True, metavar="FILE",
+                       help="a pair per line: two image paths relative to --root, then 1 (same person) or 0")
+    pairs.add_argument("--root", required=True, help="folder the image paths start from")
+    pairs.add_argument("--output", required=True, metavar="X.bin",
+                       help="the .bin to write (its stem names the set in plsc eval and training logs)")
+    pairs.add_argument("--align", choices=DETECTOR_NAMES, default=None, const="auto", nargs="?",
+                       help="the images are photos: cut each one's largest face as plsc prepare does "
+                            "(detector as its --detector, default auto); else files are stored as they are")
+    pairs.set_defaults(run=_run_pairs2bin, outputs={"output": "file"})
 
 
 def _run_rec2images(args) -> int:
@@ -210,6 +222,67 @@ def _run_images2rec(args) -> int:
 
     summary = images_to_rec(args.root, args.label_file, args.output, progress=True)
     print(f"{summary.images} images of {summary.num_classes} classes written to {summary.output}")
+    return 0
+
+
+def _run_pairs2bin(args) -> int:
+    from plsc.data.verification_bin import bin_name
+    from plsc.faces.pairs import pairs_to_bin
+
+    bin_name(args.output)  # a name that cannot name a verification set fails now, not after reading
+    count = pairs_to_bin(args.pairs, args.root, args.output, progress=True, align=args.align)
+    print(f"{count} pairs written to {args.output}")
+    return 0
+
+
+def _add_prepare(sub) -> None:
+    from plsc.faces import DETECTOR_NAMES, FACE_POLICIES, FORMATS
+
+    p = sub.add_parser("prepare", help="photos in one folder per person -> aligned 112x112 faces in PLSC's "
+                                       "layout (or .rec), a report, held-out verification pairs")
+    p.add_argument("--input", required=True, help="folder with one sub-folder of photos per person")
+    p.add_argument("--output", required=True, help="new (or empty) folder for the training set")
+    p.add_argument("--format", choices=FORMATS, default="folder",
+                   help="folder: images/ + label.txt; rec: train.rec/.idx + property (default: folder)")
+    p.add_argument("--faces", choices=FACE_POLICIES, default="largest",
+                   help="a photo with several faces: keep the largest, skip the photo, or keep all "
+                        "(default: largest); every such photo is listed in OUTPUT/report.tsv")
+    p.add_argument("--detector", choices=DETECTOR_NAMES, default="auto",
+                   help="mtcnn: five landmarks, faces aligned (pip install 'plsc[faces]'); haar: OpenCV's "
+                        "cascade, boxes only, faces centre-cropped; auto: mtcnn when installed")
+    p.add_argument("--haar-cascade", default=None, metavar="XML", help="another OpenCV cascade file")
+    p.add_argument("--image-size", type=int, default=112, help="side of the crops (default: 112)")
+    p.add_argument("--holdout-identities", type=int, default=0, metavar="K",
+                   help="keep K people (drawn at random) out of the training set, in OUTPUT/holdout/")
+    p.add_argument("--pairs", type=int, default=0, metavar="N",
+                   help="draw N verification pairs of the held-out people (half same, half different) "
+                        "into OUTPUT/holdout.bin and OUTPUT/holdout_pairs.txt")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out people and pairs (default: 0)")
+    p.set_defaults(run=_run_prepare)
+
+
+def _run_prepare(args) -> int:
+    from plsc.faces.prepare import PrepareOptions, prepare
+
+    options = PrepareOptions(
+        input=Path(args.input), output=Path(args.output), format=args.format, faces=args.faces,
+        detector=args.detector, haar_cascade=args.haar_cascade, image_size=args.image_size,
+        holdout_identities=args.holdout_identities, pairs=args.pairs, seed=args.seed,
+    )
+    summary = prepare(options, progress=True)
+    crops = "aligned on five landmarks" if summary.aligned else "centre-cropped (no landmarks: NOT aligned)"
+    print(f"{summary.photos} photos of {summary.people} people: "
+          f"{summary.faces_written} faces of {summary.identities} people for training, {crops} "
+          f"({summary.detector})")
+    print(f"no face: {summary.no_face}, several faces: {summary.several_faces} (--faces {args.faces}), "
+          f"unreadable: {summary.unreadable}; listed in {Path(args.output) / 'report.tsv'}")
+    if summary.people_without_faces:
+        print(f"people left out (no face in any photo): {', '.join(summary.people_without_faces)}")
+    if summary.holdout_identities:
+        print(f"held out: {summary.holdout_faces} faces of {summary.holdout_identities} people in "
+              f"{Path(args.output) / 'holdout'}" + (f", {summary.pairs} pairs in "
+                                                      f"{Path(args.output) / 'holdout.bin'}" if summary.pairs
+                                                      else ""))
     return 0
 
 
@@ -290,11 +363,17 @@ def _add_demo(sub) -> None:
 
 
 def _add_demo_model_flags(p, margin_help: str) -> None:
+    from plsc.faces import DETECTOR_NAMES
+
     p.add_argument("--model", required=True,
                    help="export folder, model file (Paddle Inference, ONNX), or plsc/PLSC v2.2 checkpoint")
     p.add_argument("--engine", choices=["paddle", "onnx"], default=None, help="for an export holding both")
     p.add_argument("--margin", type=finite_float, default=None, help=margin_help)
-    group = p.add_argument_group("face detector (default: OpenCV's bundled Haar cascade)")
+    group = p.add_argument_group("face detector (default: plsc prepare's, MTCNN when installed, else Haar)")
+    group.add_argument("--detector", choices=DETECTOR_NAMES, default="auto",
+                       help="mtcnn: five landmarks, faces aligned as plsc prepare aligns them; haar: "
+                            "OpenCV's cascade, faces centre-cropped (as data/tiny was cut); auto: mtcnn when "
+                            "installed")
     group.add_argument("--det-model-file-path", "--det_model_file_path", default=None, metavar="FILE",
                        help="a PaddleDetection inference model instead, e.g. BlazeFace's inference.pdmodel")
     group.add_argument("--det-params-file-path", "--det_params_file_path", default=None, metavar="FILE",
@@ -308,7 +387,7 @@ def _demo_detector(args) -> dict:
     from plsc.demo.pipeline import detector_options
 
     return detector_options(args.det_model_file_path, args.det_params_file_path, args.det_threshold,
-                            args.haar_cascade)
+                            args.haar_cascade, args.detector)
 
 
 def _run_demo_index(args) -> int:
@@ -480,8 +559,8 @@ def _check_outputs(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="plsc", description="Paddle Large Scale Classification")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_eval, _add_convert, _add_export, _add_infer, _add_demo, _add_bench,
-                _add_capacity, _add_plan, _add_plot, _add_doctor):
+    for add in (_add_train, _add_eval, _add_prepare, _add_convert, _add_export, _add_infer, _add_demo,
+                _add_bench, _add_capacity, _add_plan, _add_plot, _add_doctor):
         add(sub)
     return parser
 

@@ -29,6 +29,7 @@ from plsc.demo.draw import Labeller
 from plsc.demo.embed import open_embedder, verification_threshold
 from plsc.distributed import LocalComm
 from plsc.errors import PlscError
+from plsc.faces.detect import bundled_cascade, mtcnn_available
 from plsc.loss.margin import ARCFACE
 from plsc.loss.partial_fc import PartialFC
 from plsc.models import build_model
@@ -318,7 +319,8 @@ def test_index_file_holds_normalised_gallery_embeddings(demo, demo_run):
     assert index.embeddings.shape == (8, 16) and index.embeddings.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(index.embeddings, axis=1), 1.0, atol=1e-5)
     assert index.detected.all()  # every gallery photo has a face
-    assert index.meta["model"]["name"] == "iresnet18" and index.meta["detector"].startswith("haar:")
+    default_detector = "mtcnn:" if mtcnn_available() else "haar:"  # plsc.faces.detect.open_face_detector
+    assert index.meta["model"]["name"] == "iresnet18" and index.meta["detector"].startswith(default_detector)
 
 
 def test_recognize_writes_annotated_image_and_json(demo, demo_run, expected):
@@ -458,3 +460,16 @@ def test_bad_index_model_and_options_fail_cleanly(capsys, demo, demo_run, tiny_m
                            "--cdd-num", "0", *common)
     assert_one_line_error(code, err, "--cdd-num must be >= 1")
     assert not (tmp_path / "out").exists()
+
+
+def test_demo_detector_choice_follows_plsc_prepare():
+    from plsc.demo.detect import open_detector
+    from plsc.faces.detect import MtcnnDetector
+
+    assert isinstance(open_detector(name="haar"), HaarDetector)
+    assert isinstance(open_detector(haar_cascade=str(bundled_cascade())), HaarDetector)
+    if mtcnn_available():
+        assert isinstance(open_detector(), MtcnnDetector) and isinstance(open_detector(name="mtcnn"),
+                                                                         MtcnnDetector)
+    with pytest.raises(PlscError, match="unknown face detector"):
+        open_detector(name="yolo")

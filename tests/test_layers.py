@@ -15,7 +15,7 @@ LAYERS = (
     ("plsc", "plsc.errors", "plsc.config", "plsc.console", "plsc.runtime", "plsc.atomic", "plsc.safe_pickle",
      "plsc.strict_json", "plsc.finite", "plsc.output_paths", "plsc.malloc", "plsc.parity", "plsc.names",
      "plsc.run_lock"),
-    ("plsc.models", "plsc.data", "plsc.loss", "plsc.distributed"),
+    ("plsc.models", "plsc.data", "plsc.loss", "plsc.distributed", "plsc.faces"),
     ("plsc.checkpoint",),  # the checkpoint format, shards, PLSC v2.2 import, restoring a backbone
     ("plsc.export",),  # exported models and inference on them
     ("plsc.eval",),  # verification; its fast embedder runs an exported model

@@ -33,6 +33,7 @@ NOT_HERE = (
     ("MS1M_v3", "needs MS1M"),
     ("ms1m-retinaface", "needs MS1M"),
     (" bench ", "a benchmark: minutes, and it rewrites the committed bench/results"),
+    ("my_faces", "needs a folder of one's own photos (tests/test_prepare.py runs these on pasted faces)"),
     (" train ", "training: the cpu_slow test runs it"),
 )
 TINY_RUN = ["model.width=0.0625", "model.embedding_size=16", "data.num_workers=0", "train.epochs=1",

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 REASONS_KEPT = 10  # skipped_reasons keeps this many examples; `skipped` has the full count
 MAX_CONSECUTIVE_UNREADABLE = 64  # more than this in a row means broken storage, not a few bad files
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")  # what OpenCV decodes
 _JPEG_SOI = b"\xff\xd8"
 _JPEG_SOS = b"\xff\xda"
 _JPEG_EOI = b"\xff\xd9"
@@ -146,13 +147,25 @@ def count_label_lines(root: str | os.PathLike, label_file: str = "label.txt") ->
 
 def _read_label_lines(label_path: Path) -> list[str]:
     if not label_path.is_file():
-        raise PlscError(f"label file not found: {label_path}")
+        raise PlscError(f"label file not found: {label_path}{_photo_folder_hint(label_path.parent)}")
     try:
         return label_path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as exc:
         raise PlscError(f"{label_path}: not UTF-8 text (byte {exc.start})") from None
     except OSError as exc:
         raise PlscError(f"cannot read label file {label_path}: {exc.strerror or exc}") from None
+
+
+def _photo_folder_hint(root: Path) -> str:
+    """What to do when ``root`` looks like photos in one folder per person rather than a prepared set."""
+    try:
+        folders = [entry for entry in root.iterdir() if entry.is_dir() and entry.name != "images"]
+    except OSError:
+        return ""
+    if not folders:
+        return ""
+    return (f" ({root} holds {len(folders)} sub-folders: if they are one folder of photos per person, "
+            f"make a training set of them with: plsc prepare --input {root} --output NEW_FOLDER)")
 
 
 def _list_files(directory: str) -> frozenset[str]:

@@ -15,27 +15,28 @@ import numpy as np
 from plsc import strict_json
 from plsc.atomic import write_atomic
 from plsc.data.folder import read_image
-from plsc.demo.detect import DETECTOR_THRESHOLD, largest_face, open_detector, square_crop, whole_image
+from plsc.demo.detect import DETECTOR_THRESHOLD, open_detector, whole_image
 from plsc.demo.draw import Labeller
 from plsc.demo.embed import FaceEmbedder, open_embedder
 from plsc.demo.index import GalleryIndex, check_same_model, load_index, save_index, top_k, vote
 from plsc.errors import PlscError
+from plsc.faces.align import CENTRE_CROP_MARGIN, TEMPLATE_SIZE, face_crop, square_crop
+from plsc.faces.detect import largest_face
 from plsc.names import distinct_names
 
 log = logging.getLogger("plsc.demo")
 
-# Grown by 5% per side, OpenCV's Haar box of an LFW frame (~114 px of 250) covers the 126 px centre crop that
-# faces-mini was cut with: query crops then look like the training faces.
-DEFAULT_MARGIN = 0.05
+DEFAULT_MARGIN = CENTRE_CROP_MARGIN  # for faces without landmarks (Haar, BlazeFace): see plsc.faces.align
 DEFAULT_THRESHOLD = 0.45  # PLSC v2.2 demo's rec_thresh; used when the model records no verification threshold
 DEFAULT_CANDIDATES = 10
 
 
-def detector_options(model_file=None, params_file=None, threshold=None, haar_cascade=None) -> dict:
+def detector_options(model_file=None, params_file=None, threshold=None, haar_cascade=None,
+                     name="auto") -> dict:
     """Keyword arguments for :func:`plsc.demo.detect.open_detector` from the CLI's detector flags."""
     threshold = DETECTOR_THRESHOLD if threshold is None else threshold
     return {"model_file": model_file, "params_file": params_file, "threshold": threshold,
-            "haar_cascade": haar_cascade}
+            "haar_cascade": haar_cascade, "name": name}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -101,7 +102,8 @@ def build_index(
         log.info("%s: %s", path.relative_to(gallery), describe_face(face) if face else
                  "no face found, using the whole image")
         box = face.box if face else whole_image(image).box
-        crops.append(square_crop(image, box, margin if face else 0.0))  # a whole image is only padded square
+        # a face is cut as plsc prepare cuts training faces; a whole image is only padded square
+        crops.append(face_crop(image, face, TEMPLATE_SIZE, margin) if face else square_crop(image, box, 0.0))
         boxes.append(box)
         detected.append(face is not None)
     index = GalleryIndex(
@@ -193,7 +195,7 @@ def choose_threshold(threshold: float | None, embedder: FaceEmbedder) -> float:
 
 def name_faces(image, faces, embedder: FaceEmbedder, index: GalleryIndex, cdd_num, threshold, margin):
     """One JSON-ready record per detected face: box, detector score, name, score, votes, candidates."""
-    embeddings = embedder.embed([square_crop(image, face.box, margin) for face in faces])
+    embeddings = embedder.embed([face_crop(image, face, TEMPLATE_SIZE, margin) for face in faces])
     indices, similarities = top_k(index.embeddings, embeddings, cdd_num)
     records = []
     for face, rows, sims in zip(faces, indices, similarities, strict=True):

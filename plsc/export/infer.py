@@ -14,7 +14,7 @@ import numpy as np
 
 from plsc.atomic import atomic_file, write_atomic
 from plsc.console import Progress
-from plsc.data.folder import read_image
+from plsc.data.folder import IMAGE_SUFFIXES, read_image
 from plsc.data.transforms import EvalTransform
 from plsc.errors import PlscError
 from plsc.export.exporter import EXPORT_JSON, read_description
@@ -24,7 +24,6 @@ from plsc.runtime import default_threads, first_line
 
 ENGINES = ("paddle", "onnx")
 MODEL_SUFFIXES = {".json": "paddle", ".pdmodel": "paddle", ".onnx": "onnx"}
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 DEFAULT_IMAGE_SIZE = 112  # PLSC's input size, for a bare model file without export.json
 
 
