@@ -131,6 +131,33 @@ def test_demo_passes_detector_threshold_and_font(tmp_path):
     ]
 
 
+def run_failing(script: Path, env: dict[str, str], cwd: Path) -> str:
+    proc = subprocess.run([shell(), str(script)], env=env, cwd=cwd, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stdout == ""
+    (line,) = proc.stderr.splitlines()
+    return line
+
+
+def test_demo_with_its_defaults_says_what_it_needs_that_is_not_bundled(tmp_path):
+    """From a repository checkout without the shared demo photos, then without the faces_mini model."""
+    env = clean_env(PYTHON="echo")
+    line = run_failing(ROOT / "scripts" / "demo.sh", env, tmp_path)
+    assert line.startswith("demo.sh: ../shared/data/demo/gallery not found: the demo photos are not in the ")
+    demo = tmp_path / "demo"
+    (demo / "gallery").mkdir(parents=True)
+    (demo / "query").mkdir()
+    (demo / "query" / "expected.json").write_text("{}")
+    line = run_failing(ROOT / "scripts" / "demo.sh", {**env, "DEMO": str(demo)}, tmp_path)
+    assert line.startswith("demo.sh: output/faces_mini/best_model/lfw_disjoint not found: train it with "
+                           "'PLSC_DATA_ROOT=../shared/data plsc train --config configs/cpu/faces_mini.yaml'")
+    model = tmp_path / "output" / "faces_mini" / "best_model" / "lfw_disjoint"
+    model.mkdir(parents=True)
+    lines = run(ROOT / "scripts" / "demo.sh", env={**env, "DEMO": str(demo)}, cwd=tmp_path).splitlines()
+    assert lines[0].startswith(f"-m plsc.cli demo index --gallery {demo}/gallery ")
+    assert f"--model {model.relative_to(tmp_path)} " in lines[0]
+    assert lines[2].endswith(f"--expected {demo}/query/expected.json")  # the default query is scored
+
+
 def test_find_maximum_classes_static_runs_the_bisection_in_static_mode(tmp_path):
     python = fake_python(tmp_path / "bin" / "python")
     out = run(ROOT / "scripts" / "find_maximum_classes_static.sh", "--memory-cap-mib", "900",

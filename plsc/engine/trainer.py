@@ -24,6 +24,7 @@ import paddle
 from plsc import checkpoint as ckpt
 from plsc import strict_json
 from plsc.atomic import append_line
+from plsc.checkpoint import plsc22
 from plsc.config import Config, save_config
 from plsc.console import format_duration
 from plsc.data import build_dataset, build_train_loader_from_config, normalize_batch
@@ -226,6 +227,12 @@ class Trainer:
     # --- checkpoints ---------------------------------------------------------------------------------------
 
     def _resume(self, directory: Path, weights_only: bool) -> None:
+        if plsc22.is_plsc22_checkpoint(directory):  # with weights_only alone (run_folder.check_output)
+            plsc22.load_backbone_into(self.model, directory, self.config.model.name,
+                                      self.config.model.embedding_size)
+            log.warning("backbone from the PLSC v2.2 checkpoint %s; class centers and momentum start fresh "
+                        "at step 0", directory)
+            return
         manifest = ckpt.read_manifest(directory)
         world = self.comm.world_size  # check_output compared the settings; the class count is known only now
         conflict = run_folder.resume_conflict(manifest, self.config, world, self.num_classes, weights_only)
