@@ -96,3 +96,16 @@ def test_a_node_that_gave_up_before_the_last_one_came_stops_the_first_node_too()
     late = in_thread(nodes.meet, three, 2, 30.0, port)
     assert finished(first).startswith("node(s) 127.0.0.2 gave up waiting before all nodes joined")
     assert finished(late).startswith("the first node 127.0.0.1 stopped the run")
+
+
+def test_paddles_launcher_reads_the_multi_node_command_as_meant(monkeypatch):
+    """launch_command's --ips/--host, parsed by paddle.distributed.launch's own argument parser."""
+    from paddle.distributed.launch.context.args_envs import parse_args
+
+    from plsc.launch import launch_command
+
+    command = launch_command(2, ["/bin/python", "-m", "plsc.cli", "train"], ips=NODES, node_rank=1)
+    monkeypatch.setattr("sys.argv", ["launch", *command[3:]])  # after "python -m paddle.distributed.launch"
+    args = parse_args()[0]
+    assert (args.ips, args.host, str(args.nproc_per_node)) == ("127.0.0.1,127.0.0.2", "127.0.0.2", "2")
+    assert [args.training_script, *args.training_script_args] == ["/bin/python", "-m", "plsc.cli", "train"]

@@ -143,7 +143,7 @@ def test_readme_commands_including_training_run_as_written(tmp_path):
 
 def make_mini_command() -> str:
     """The command `make mini` runs (make -n; the install step taken as done)."""
-    proc = subprocess.run(["make", "-s", "-n", "-o", ".venv/.plsc-installed", "mini"], cwd=ROOT,
+    proc = subprocess.run(["make", "-s", "-n", "-o", ".venv/.plsc-installed", "mini", "VENV=.venv"], cwd=ROOT,
                           capture_output=True, text=True, check=True)
     (command,) = proc.stdout.splitlines()
     return command
