@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# A rerun replaces output/mini: --overwrite moves the previous run aside into output/mini/old-<time> (and says
+# so) instead of refusing; a mini still running holds the folder's lock, and a second one stops at once.
 mini: venv
-	$(BIN)/plsc train --config configs/cpu/mini.yaml --output output/mini
+	$(BIN)/plsc train --config configs/cpu/mini.yaml --output output/mini --overwrite
 
 test: venv
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q

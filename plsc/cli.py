@@ -41,6 +41,10 @@ def _add_train(sub) -> None:
     p.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="train on N local processes (started through paddle.distributed.launch; "
                         "per-rank logs in <output>/log)")
+    p.add_argument("--nodes", default=None, metavar="IP,IP,...",
+                   help="train on several machines: every node's address, the same list on each node, where "
+                        "the same command runs; N processes on each (--nproc). The first node waits "
+                        "train.node_wait_s for the others")
     p.set_defaults(run=_run_train)
 
 
@@ -65,7 +69,9 @@ def _require_classes_for_ranks(config, nproc: int) -> None:
     started and read them."""
     from plsc.data import build_dataset
     from plsc.distributed import require_classes_per_rank
+    from plsc.engine.trainer import require_data_root
 
+    require_data_root(config.data)
     if nproc < 1:  # launch_command refuses it too, but after <output>/log exists
         raise PlscError(f"--nproc must be at least 1, got {nproc}")
     require_classes_per_rank(build_dataset(config.data).num_classes, nproc)
@@ -82,20 +88,24 @@ def _continue_command(output: Path, world_size: int) -> str:
 def _run_train(args) -> int:
     from plsc.engine import run_folder
     from plsc.engine.trainer import Trainer, TrainingInterrupted
+    from plsc.nodes import parse_nodes
 
     config, output = _train_config(args)
     require_output_folder(output, "--output")
     resume = args.resume or args.resume_weights_only
     weights_only = bool(args.resume_weights_only)
-    if args.nproc is not None and args.nproc != 1:
+    nodes = parse_nodes(args.nodes) if args.nodes is not None else None
+    if (args.nproc is not None and args.nproc != 1) or (nodes is not None and len(nodes) > 1):
         from plsc.launch import run_train  # the config loaded: a bad one fails here once, not in N children
 
-        _require_classes_for_ranks(config, args.nproc)  # before any process starts or folder is made
+        nproc = args.nproc if args.nproc is not None else 1
+        world_size = nproc * len(nodes or [None])
+        _require_classes_for_ranks(config, world_size)  # before any process starts or folder is made
         # Before <output>/log; the launcher holds the folder for its ranks (they share its lock).
-        start = (config, output, resume, weights_only, args.overwrite, args.nproc)
+        start = (config, output, resume, weights_only, args.overwrite, world_size)
         resuming_from = run_folder.check_output(*start)
         with run_folder.lock(*start, resuming_from):
-            return run_train(args.nproc, args.argv, output)
+            return run_train(nproc, args.argv, output, nodes, config.train.node_wait_s)
     trainer = Trainer(config, output, resume=resume, weights_only=weights_only, overwrite=args.overwrite)
     try:
         result = trainer.run()

@@ -216,6 +216,9 @@ class TrainConfig:
     # Backbone gradients are summed over ranks in buckets of at most this many MiB, one all-reduce each
     # (PLSC v2.2: 128); fewer, larger messages cost less latency. 0: one all-reduce per parameter.
     allreduce_bucket_mb: int = 128
+    # Several nodes (plsc train --nodes): how long the first node waits for the others to join, and the
+    # others for it, before the run ends with one line naming the nodes missing (no rank has started yet).
+    node_wait_s: float = 120.0
 
 
 @dataclass
@@ -341,9 +344,7 @@ def load_config(
     """
     config = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+        path = resolve_config_path(path)
         try:
             raw = _read_yaml(path.read_text()) or {}
         except yaml.YAMLError as exc:
@@ -358,6 +359,28 @@ def load_config(
     _expand_data_root(config.data, str(path) if path is not None else "config", reads_data)
     validate(config)
     return config
+
+
+# The repository's configs/ (beside the plsc package in a source checkout): `--config cpu/mini` finds
+# configs/cpu/mini.yaml from any folder. An installed package has none; names then resolve as given.
+REPOSITORY_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def config_candidates(name: str | Path) -> list[Path]:
+    """Where ``--config NAME`` may be, in order: NAME, NAME.yaml, and both under the repository's configs/."""
+    name = Path(name)
+    with_suffix = [name] if name.suffix in (".yaml", ".yml") else [name, Path(f"{name}.yaml")]
+    under_repository = [] if name.is_absolute() else [REPOSITORY_CONFIGS / path for path in with_suffix]
+    return with_suffix + under_repository
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """The first of :func:`config_candidates` that is a file; ConfigError listing what was tried."""
+    candidates = config_candidates(name)
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise ConfigError(f"config file not found: {name} (tried {', '.join(map(str, candidates))})")
 
 
 def _expand_data_root(data: DataConfig, source: str, reads_data: bool) -> None:
@@ -446,6 +469,9 @@ _RULES: list[tuple[str, typing.Callable[[typing.Any], bool], str]] = [
     ("train.eval_interval", lambda v: v >= 0, ">= 0 (0: verify at the end only)"),
     ("train.save_interval", lambda v: v >= 0, ">= 0 (0: save at the end of every epoch only)"),
     ("train.keep_checkpoints", lambda v: v >= 1, ">= 1"),
+    ("train.node_wait_s", lambda v: v > 0, "> 0"),
+    # A day: longer is a node that will never come, not a slow start.
+    ("train.node_wait_s", lambda v: v <= 86400, "<= 86400"),
     ("train.eval_batch_size", lambda v: v >= 1, ">= 1"),
     ("train.eval_batch_size", lambda v: v <= 65536, "<= 65536"),
     ("train.loss_scale_init", lambda v: v > 0, "> 0"),

@@ -20,6 +20,7 @@ import time
 import typing
 from pathlib import Path
 
+from plsc import nodes as plsc_nodes
 from plsc import run_lock
 from plsc.errors import PlscError
 
@@ -37,12 +38,14 @@ def launch_command(
     nnodes: int = 1,
     master: str | None = None,
     node_rank: int | None = None,
+    ips: list[str] | None = None,
 ) -> list[str]:
     """``python -m paddle.distributed.launch [options] <program...>``.
 
     ``program[0]`` must be an executable, not a ``.py`` file: the launcher runs any other first word as is,
     which lets ``program`` be ``[python, "-m", module, ...]``. ``master`` (``ip:port``) and ``node_rank`` are
-    only needed with several nodes; one node rendezvouses on free ports the launcher picks itself.
+    only needed with several nodes; one node rendezvouses on free ports the launcher picks itself. ``ips``
+    (with ``node_rank``, this node's position) gives several nodes fixed endpoints ``ip:6070+i`` instead.
     """
     if nproc_per_node < 1:
         raise PlscError(f"--nproc must be at least 1, got {nproc_per_node}")
@@ -53,7 +56,11 @@ def launch_command(
         command += ["--nnodes", str(nnodes)]
     if master is not None:
         command += ["--master", master]
-    if node_rank is not None:
+    if ips is not None:
+        command += ["--ips", ",".join(ips)]
+        if node_rank is not None:  # the launcher finds its node by this address, not by the host name's
+            command += ["--host", ips[node_rank]]
+    elif node_rank is not None:
         command += ["--rank", str(node_rank)]
     if log_dir is not None:
         command += ["--log_dir", str(log_dir)]
@@ -61,8 +68,10 @@ def launch_command(
 
 
 def train_program(plsc_argv: list[str]) -> list[str]:
-    """The command every rank runs: this Python, ``-m plsc.cli``, the user's arguments without ``--nproc``."""
-    return [sys.executable, "-m", "plsc.cli", *without_option(plsc_argv, "--nproc")]
+    """The command every rank runs: this Python, ``-m plsc.cli``, the user's arguments without ``--nproc``
+    and ``--nodes``."""
+    own_options = without_option(without_option(plsc_argv, "--nproc"), "--nodes")
+    return [sys.executable, "-m", "plsc.cli", *own_options]
 
 
 def without_option(argv: list[str], option: str) -> list[str]:
@@ -115,18 +124,28 @@ def in_launched_process() -> bool:
     return int(os.environ.get("PADDLE_TRAINERS_NUM", "1")) > 1
 
 
-def run_train(nproc: int, plsc_argv: list[str], output: Path) -> int:
+def run_train(nproc: int, plsc_argv: list[str], output: Path, nodes: list[str] | None = None,
+              node_wait_s: float = 120.0) -> int:
     """Run ``plsc train`` on ``nproc`` local processes; 0, or 128 + signal when interrupted (as a
     single-process run). A rank that fails ends the job: :class:`RankFailed` names it.
 
     The console shows rank 0's own output and one line saying where the rest is: the launcher's output goes
-    to ``<output>/log/launcher.log`` beside the ranks' ``workerlog.<rank>``.
+    to ``<output>/log/launcher.log`` beside the ranks' ``workerlog.<rank>``. With several ``nodes`` (this
+    command runs on each), they meet first (:mod:`plsc.nodes`): one missing after ``node_wait_s`` ends the run
+    in one line before any rank starts.
     """
     if in_launched_process():
         raise PlscError("--nproc starts processes itself; leave it out under paddle.distributed.launch")
+    multi_node = {}
+    if nodes is not None and len(nodes) > 1:
+        node_rank = plsc_nodes.this_node(nodes)
+        print(f"plsc: node {node_rank} of {len(nodes)} ({nodes[node_rank]}); waiting up to {node_wait_s:g} s "
+              f"for the others", file=sys.stderr, flush=True)
+        plsc_nodes.meet(nodes, node_rank, node_wait_s)
+        multi_node = {"ips": nodes, "node_rank": node_rank}
     log_dir = Path(output) / "log"
     log_dir.mkdir(parents=True, exist_ok=True)
-    command = launch_command(nproc, train_program(plsc_argv), log_dir=log_dir)
+    command = launch_command(nproc, train_program(plsc_argv), log_dir=log_dir, **multi_node)
     print(f"plsc: {nproc} processes started by paddle.distributed.launch; every rank's log and the "
           f"launcher's in {log_dir}", file=sys.stderr, flush=True)
     # The launcher gets its own session and each SIGINT/SIGTERM of ours exactly once: it passes them on to

@@ -10,12 +10,36 @@
 # Every value below can be set from the environment; PYTHON is the interpreter with plsc installed
 # (default: see scripts/_python.sh).
 #
-#   MODEL=output/faces_mini/best_model/lfw_disjoint sh scripts/demo.sh
+# With no settings it needs two things the repository does not bundle, and says so when one is missing:
+# - the demo photos in DEMO (default ../shared/data/demo: gallery/ with label.txt, query/group1.jpg and
+#   query/expected.json, which then scores the answers);
+# - the faces_mini model, trained on the faces-mini data set (about 40 min on 2 CPU cores):
+#     PLSC_DATA_ROOT=../shared/data plsc train --config configs/cpu/faces_mini.yaml
+#   MODEL=output/mini/best_model/lfw_disjoint_100 runs it with `make mini`'s model instead (which names few
+#   of the faces: it scores about 0.6 on its verification pairs).
+#
+#   sh scripts/demo.sh
 set -eu
 . "$(dirname "$0")/_python.sh"
 
 DEMO=${DEMO:-../shared/data/demo}
-MODEL=${MODEL:-output/faces_mini/best_model/lfw_disjoint}
+if [ -z "${GALLERY:-}${INPUT:-}" ] && [ ! -d "$DEMO/gallery" ]; then
+  echo "demo.sh: $DEMO/gallery not found: the demo photos are not in the repository; set DEMO to the folder" \
+    "holding gallery/ and query/group1.jpg (or GALLERY and INPUT)" >&2
+  exit 2
+fi
+if [ -z "${MODEL:-}" ]; then
+  MODEL=output/faces_mini/best_model/lfw_disjoint
+  if [ ! -e "$MODEL" ]; then
+    echo "demo.sh: $MODEL not found: train it with 'PLSC_DATA_ROOT=../shared/data plsc train --config" \
+      "configs/cpu/faces_mini.yaml' (the faces-mini data set, about 40 min), or set MODEL (e.g." \
+      "output/mini/best_model/lfw_disjoint_100, make mini's, which names few faces)" >&2
+    exit 2
+  fi
+fi
+if [ -z "${EXPECTED:-}${INPUT:-}" ] && [ -f "$DEMO/query/expected.json" ]; then
+  EXPECTED=$DEMO/query/expected.json  # the default query's answers: score them
+fi
 GALLERY=${GALLERY:-$DEMO/gallery}
 LABEL=${LABEL:-$GALLERY/label.txt}
 INDEX=${INDEX:-output/demo/index.npz}

@@ -17,7 +17,8 @@
 #   CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7 sh scripts/train_dynamic.sh configs/ms1mv3_r50_dynamic_fp16_nhwc_r0.1.yaml
 #   TRAINER_IP_LIST=10.0.0.1,10.0.0.2 sh scripts/train_dynamic.sh configs/ms1mv3_r100_dynamic_fp16_nhwc_r0.1.yaml
 #   sh scripts/train_dynamic.sh --nproc 2 configs/cpu/mini.yaml --output output/mini-2proc
-# The launcher writes one log per process to log/workerlog.<n>.
+# Through `plsc train --nproc N [--nodes IPS]`: the console shows plsc's own lines (rank 0's log and errors,
+# once); the launcher's output and one log per process go to <output>/log/, nothing into the current folder.
 set -eu
 . "$(dirname "$0")/_python.sh"
 
@@ -28,28 +29,20 @@ fi
 CONFIG=${1:-configs/ms1mv3_r50_dynamic_fp16_nhwc_r0.1.yaml}
 if [ $# -gt 0 ]; then shift; fi
 TRAINER_IP_LIST=${TRAINER_IP_LIST:-127.0.0.1}
-PYTHON=$(command -v "$PYTHON")  # absolute: the launcher runs its first word as given
 
 gpu_count() {  # the last line: importing paddle may print warnings first
   { "$PYTHON" -c 'import paddle; print(paddle.device.cuda.device_count() if paddle.is_compiled_with_cuda() else 0)' \
     2>/dev/null || echo 0; } | tail -n 1
 }
 
-# The launcher's options go in front of the plsc command line kept in "$@".
-set -- "$PYTHON" -m plsc.cli train --config "$CONFIG" "$@"
-if [ "$(gpu_count)" -eq 0 ]; then
-  # A CPU build: the launcher would take CUDA_VISIBLE_DEVICES for GPUs and never start the gloo group.
-  unset CUDA_VISIBLE_DEVICES
-  set -- --nproc_per_node "${NPROC:-1}" "$@"
-elif [ -n "${NPROC:-}" ]; then
-  set -- --nproc_per_node "$NPROC" "$@"
-elif [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
-  set -- --gpus "$CUDA_VISIBLE_DEVICES" "$@"
-fi  # else: one process per GPU the launcher sees
-# Several nodes: fixed endpoints (ip:6070+i) every node derives from the same list. One node: the launcher
-# picks free ports itself, so two jobs on one machine do not collide.
+if [ -z "${NPROC:-}" ]; then
+  NPROC=$(gpu_count)  # one process per GPU the launcher sees (CUDA_VISIBLE_DEVICES chooses them)
+  if [ "$NPROC" -eq 0 ]; then NPROC=1; fi
+fi
+# Several nodes: fixed endpoints (ip:6070+i) every node derives from the same list; plsc has the nodes meet
+# first and names any that does not come within train.node_wait_s. One node: the launcher picks free ports.
 case $TRAINER_IP_LIST in
-  *,*) set -- --ips "$TRAINER_IP_LIST" "$@" ;;
+  *,*) set -- --nodes "$TRAINER_IP_LIST" "$@" ;;
 esac
 
-exec "$PYTHON" -m paddle.distributed.launch "$@"
+exec "$PYTHON" -m plsc.cli train --config "$CONFIG" --nproc "$NPROC" "$@"

@@ -574,3 +574,22 @@ def test_a_published_config_trains_on_synthetic_data_without_plsc_data_root(monk
     assert cli.main([*command, "--set", "train.max_steps=1"]) == 0
     assert cli.main(["train", "--output", str(output), "--resume", "--set", "train.max_steps=2"]) == 0
     assert len((output / "train_log.jsonl").read_text().splitlines()) == 2  # one record a step
+
+
+def test_config_names_resolve_with_or_without_yaml_and_under_the_repository_configs(tmp_path, monkeypatch):
+    from plsc.config import REPOSITORY_CONFIGS, ConfigError, load_config
+
+    mini = REPOSITORY_CONFIGS / "cpu" / "mini.yaml"
+    expected = load_config(mini).to_dict()
+    monkeypatch.chdir(tmp_path)  # not the repository: only configs/ under it has cpu/mini
+    assert load_config("cpu/mini").to_dict() == expected
+    assert load_config("cpu/mini.yaml").to_dict() == expected
+    assert load_config(mini.with_suffix("")).to_dict() == expected  # an absolute name without .yaml
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "mini.yaml").write_text("train:\n  seed: 7\n")  # a file here wins over configs/
+    assert load_config("cpu/mini").train.seed == 7
+    with pytest.raises(ConfigError) as error:
+        load_config("cpu/nope")
+    names = ["cpu/nope", "cpu/nope.yaml"]
+    tried = [*names, *(REPOSITORY_CONFIGS / name for name in names)]
+    assert str(error.value) == f"config file not found: cpu/nope (tried {', '.join(map(str, tried))})"

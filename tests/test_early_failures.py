@@ -75,3 +75,16 @@ def test_missing_checkpoint_or_model_says_not_found(command, tmp_path, project_r
     err = capsys.readouterr().err.strip()
     assert err.startswith("plsc: error: ") and "not found" in err and missing in err
     assert not Path(tmp_path / "export").exists()
+
+
+@pytest.mark.parametrize("nproc", [[], ["--nproc", "2"]])
+def test_a_wrong_data_root_is_named_not_the_verification_file_under_it(nproc, tmp_path, capsys):
+    """mini.yaml's verification file sits under its root: moved along with a wrong root it is missing too,
+    but the root is what the user got wrong (one process and --nproc alike, before any rank starts)."""
+    wrong = tmp_path / "wrong" / "path"
+    argv = ["train", "--config", "cpu/mini", "--set", f"data.root={wrong}", "--output", str(tmp_path / "run"),
+            *nproc]
+    assert cli.main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"plsc: error: data.root: {wrong} is not a folder")
+    assert not (tmp_path / "run" / "log").exists()

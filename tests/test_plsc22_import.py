@@ -289,3 +289,40 @@ def test_plsc_checkpoint_is_not_mistaken_for_plsc22(tmp_path):
     (tmp_path / "x.pdparam").write_bytes(b"")
     assert not plsc22.is_plsc22_checkpoint(tmp_path)
     assert not plsc22.is_plsc22_checkpoint(tmp_path / "absent")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fine-tuning: a training run starts from a PLSC v2.2 checkpoint's backbone
+
+
+def test_training_starts_from_the_real_checkpoints_backbone(shared_dir, manifest, testvectors, tiny_dir,
+                                                             tmp_path):
+    """`plsc train --resume-weights-only <PLSC v2.2 checkpoint>` on other data (40 classes, not its 1000):
+    the run's model gives the manifest's fill-B reference output before its first step."""
+    from plsc.config import load_config
+    from plsc.engine.trainer import Trainer
+
+    config = load_config("ms1mv3_mfn_dynamic_fp32_nchw_r0.1", [
+        f"data.root={tiny_dir}", "data.val_bins=[]", "data.num_classes=0", "data.num_workers=0"])
+    trainer = Trainer(config, tmp_path / "run", resume=shared_dir / MFN_CHECKPOINT, weights_only=True)
+    trainer.model.eval()
+    reference = np.asarray(manifest["backbones"]["MobileFaceNet_128@emb128"]["reference"]["B"]["output"])
+    assert relative_error(embed(trainer.model, testvectors.make_input()), reference) <= REFERENCE_TOLERANCE
+    assert trainer.state.step == 0 and trainer.num_classes == 40
+
+
+def test_resume_from_a_plsc22_checkpoint_needs_weights_only(shared_dir, tiny_dir, tmp_path, capsys):
+    argv = ["train", "--config", "ms1mv3_mfn_dynamic_fp32_nchw_r0.1", "--set", f"data.root={tiny_dir}",
+            "--output", str(tmp_path / "run"), "--resume", str(shared_dir / MFN_CHECKPOINT)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "is a PLSC v2.2 checkpoint: --resume-weights-only starts from its backbone" in err
+
+
+def test_a_checkpoint_of_another_shape_is_refused_in_one_line(tiny_checkpoint, tiny_dir, tmp_path):
+    from plsc.config import load_config
+    from plsc.engine.trainer import Trainer
+
+    config = load_config("cpu/mini", [f"data.root={tiny_dir}", "data.val_bins=[]", "data.num_workers=0"])
+    with pytest.raises(PlscError, match="the checkpoint's embedding size is 16, not 128"):
+        Trainer(config, tmp_path / "run", resume=tiny_checkpoint, weights_only=True)

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -142,3 +143,35 @@ def test_readme_commands_including_training_run_as_written(tmp_path):
                 if why_not_here(command) in (None, "training: the cpu_slow test runs it")]
     for command in sorted(commands, key=lambda command: " train " not in command):  # training first
         run_quietly(command, tmp_path, env)
+
+
+def make_mini_command() -> str:
+    """The command `make mini` runs (make -n; the install step taken as done)."""
+    proc = subprocess.run(["make", "-s", "-n", "-o", ".venv/.plsc-installed", "mini", "VENV=.venv"], cwd=ROOT,
+                          capture_output=True, text=True, check=True)
+    (command,) = proc.stdout.splitlines()
+    return command
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_mini_runs_again_replacing_its_output_but_not_a_running_one(tmp_path):
+    from plsc import run_lock
+
+    env = repository_like(tmp_path)
+    tiny = " ".join(f"--set {item}" for item in [*TINY_RUN, "train.mode=dynamic", "train.max_steps=1",
+                                                 "data.val_bins=[]"])
+    command = f"{make_mini_command()} {tiny}"
+    mini = tmp_path / "output" / "mini"
+    run_quietly(command, tmp_path, env)
+    first = (mini / "train_log.jsonl").read_text()
+    again = run_quietly(command, tmp_path, env)
+    (aside,) = mini.glob("old-*")
+    moved = f"moved the previous run's checkpoints, train_log.jsonl to {aside.relative_to(tmp_path)}"
+    assert moved in again.stderr
+    assert (aside / "train_log.jsonl").read_text() == first
+    assert (aside / "checkpoints" / "1").is_dir() and (mini / "checkpoints" / "1").is_dir()
+    with run_lock.acquire(mini):  # a mini still running: the next one stops without touching it
+        refused = subprocess.run(["sh", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                 timeout=600)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert list(mini.glob("old-*")) == [aside]

@@ -288,6 +288,14 @@ def backbone_state(checkpoint: Plsc22Checkpoint, model: paddle.nn.Layer) -> dict
     return {key: _fit(read_tensor_file(path), expected[key].shape, path) for key, path in paths.items()}
 
 
+def load_backbone_into(model: paddle.nn.Layer, directory: str | Path, backbone: str,
+                       embedding_size: int) -> None:
+    """Fill a training model (``backbone``, ``embedding_size``: the run's) with a checkpoint's backbone;
+    PlscError when the checkpoint holds another architecture, width or embedding size."""
+    checkpoint = inspect_checkpoint(directory, backbone, embedding_size)
+    model.set_state_dict(backbone_state(checkpoint, model))
+
+
 def restore_backbone(
     directory: str | Path,
     backbone: str | None = None,

@@ -20,6 +20,7 @@ from pathlib import Path
 from plsc import checkpoint as ckpt
 from plsc import run_lock
 from plsc.atomic import write_atomic, writing
+from plsc.checkpoint import plsc22
 from plsc.config import Config
 from plsc.errors import PlscError
 from plsc.models import MODELS
@@ -101,6 +102,11 @@ def check_output(config: Config, output: Path, resume: bool | str | Path, weight
     if previous and not own and not overwrite:
         raise PlscError(f"{output} holds another run's {', '.join(previous)}: continue it with --resume, "
                         "choose another --output, or pass --overwrite to move them aside")
+    if directory is not None and plsc22.is_plsc22_checkpoint(directory):
+        if not weights_only:
+            raise PlscError(f"{directory} is a PLSC v2.2 checkpoint: --resume-weights-only starts from its "
+                            "backbone (--resume continues plsc checkpoints only)")
+        return directory  # its backbone must fit the model: checked when it is loaded
     if directory is not None:
         manifest = ckpt.read_manifest(directory)
         conflict = resume_conflict(manifest, config, world_size, None, weights_only)

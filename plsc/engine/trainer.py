@@ -22,6 +22,7 @@ import numpy as np
 import paddle
 
 from plsc import checkpoint as ckpt
+from plsc.checkpoint import plsc22
 from plsc.config import Config, save_config
 from plsc.console import format_duration
 from plsc.data import build_dataset, build_train_loader_from_config, normalize_batch
@@ -91,6 +92,14 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def require_data_root(data) -> None:
+    """PlscError naming data.root when it is not a folder: checked before the verification files, which
+    usually sit under it (a wrong root would otherwise be reported as a missing .bin)."""
+    if data.source != "synthetic" and not Path(data.root).is_dir():
+        raise PlscError(f"data.root: {data.root} is not a folder (--set data.root=... names the folder "
+                        f"holding the training data)")
+
+
 def require_files(paths: list[str], key: str) -> None:
     """PlscError naming the first of ``paths`` (the config's ``key``) that is not a file."""
     for path in paths:
@@ -126,6 +135,7 @@ class Trainer:
         self._restart = (resume, weights_only)  # checked again under the run folder's lock (run)
         self._resume_from = run_folder.check_output(config, self.output, resume, weights_only, overwrite,
                                                     self.comm.world_size)
+        require_data_root(config.data)
         require_files(config.data.val_bins, "data.val_bins")  # before minutes of loading and building
         verification_names(config.data.val_bins, "data.val_bins")  # results and best_model/<name> by name
         self.dataset = build_dataset(config.data, seed=config.train.seed)
@@ -217,6 +227,12 @@ class Trainer:
     # --- checkpoints ---------------------------------------------------------------------------------------
 
     def _resume(self, directory: Path, weights_only: bool) -> None:
+        if plsc22.is_plsc22_checkpoint(directory):  # with weights_only alone (run_folder.check_output)
+            plsc22.load_backbone_into(self.model, directory, self.config.model.name,
+                                      self.config.model.embedding_size)
+            log.warning("backbone from the PLSC v2.2 checkpoint %s; class centers and momentum start fresh "
+                        "at step 0", directory)
+            return
         manifest = ckpt.read_manifest(directory)
         world = self.comm.world_size  # check_output compared the settings; the class count is known only now
         conflict = run_folder.resume_conflict(manifest, self.config, world, self.num_classes, weights_only)

@@ -19,13 +19,13 @@ With ``--format rec`` the training crops go to ``OUTPUT/train.rec``, ``train.idx
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from plsc import strict_json
 from plsc.atomic import write_atomic
 from plsc.console import Progress
 from plsc.data.folder import IMAGE_SUFFIXES, read_image
@@ -112,7 +112,7 @@ def prepare(options: PrepareOptions, progress: bool = True) -> PrepareSummary:
         summary.holdout_identities, summary.holdout_faces = len(holdout), len(holdout_samples)
         summary.pairs = len(pairs)
     write_atomic(options.output / "prepare.json",
-                 json.dumps({"settings": _settings(options), **asdict(summary)}, indent=1) + "\n")
+                 strict_json.dumps({"settings": _settings(options), **asdict(summary)}, indent=1) + "\n")
     return summary
 
 
