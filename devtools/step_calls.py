@@ -1,11 +1,11 @@
 """How many of plsc's own functions, in how many modules, one training step calls (data loading included).
 
-Profiles ``Trainer.run`` (cProfile) for two run lengths of the same config, ``--short`` and ``--long`` steps:
-a function called per step is called more often in the longer run; start-up, the final checkpoint and the final
-verification are the same in both and cancel out. Counted: distinct functions defined in the ``plsc`` package
-whose call count grows, and their modules. The loader runs in this process (``data.num_workers=0``) so that
-data loading is counted. Functions are told apart by module, line and name (two ``forward`` methods of one
-module are two functions).
+Profiles ``Trainer.run`` (cProfile) for two run lengths of the same config, ``--short`` and ``--long``
+steps: a function called per step is called more often in the longer run; start-up, the final checkpoint
+and the final verification are the same in both and cancel out. Counted: distinct functions defined in the
+``plsc`` package whose call count grows, and their modules. The loader runs in this process
+(``data.num_workers=0``) so that data loading is counted. Functions are told apart by module, line and name
+(two ``forward`` methods of one module are two functions).
 
     .venv/bin/python -m devtools.step_calls [--config configs/cpu/mini.yaml] [--set key=value ...] [--list]
 """
@@ -27,7 +27,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "plsc"
 
 
 def plsc_call_counts(config_path: str, overrides: list[str], steps: int) -> Counter:
-    """``{(module, line, function): calls}`` of plsc's functions during one ``Trainer.run`` of ``steps`` steps."""
+    """``{(module, line, function): calls}`` of plsc's functions in one ``Trainer.run`` of ``steps`` steps."""
     from plsc.config import load_config
     from plsc.engine.trainer import Trainer
 
@@ -41,7 +41,7 @@ def plsc_call_counts(config_path: str, overrides: list[str], steps: int) -> Coun
         path = Path(filename).resolve()
         if path.is_relative_to(PACKAGE):
             module = ".".join(("plsc", *path.relative_to(PACKAGE).with_suffix("").parts))
-            counts[(module.removesuffix(".__init__"), line, name)] += row[1]  # row[1]: primitive + recursive calls
+            counts[(module.removesuffix(".__init__"), line, name)] += row[1]  # primitive + recursive calls
     return counts
 
 

@@ -143,9 +143,10 @@ def use_running_batchnorm_statistics(model: paddle.nn.Layer) -> None:
 def run_train(results_dir: str, output: str, batchnorm: str, *overrides: str) -> None:
     from plsc.config import load_config
     from plsc.engine import trainer as trainer_module
+    from plsc.engine import verification
 
     embedded = {"images": 0}
-    original_open_embedder = trainer_module.open_embedder
+    original_open_embedder = verification.open_embedder
 
     class CountingEmbedder:
         def __init__(self, embed):
@@ -158,7 +159,7 @@ def run_train(results_dir: str, output: str, batchnorm: str, *overrides: str) ->
     def counting_open_embedder(*args, **kwargs):
         return CountingEmbedder(original_open_embedder(*args, **kwargs))
 
-    trainer_module.open_embedder = counting_open_embedder
+    verification.open_embedder = counting_open_embedder
     trainer = trainer_module.Trainer(load_config(overrides=list(overrides)), Path(output))
     if batchnorm == "global":
         use_running_batchnorm_statistics(trainer.model)

@@ -46,7 +46,7 @@ def unchanged(before: list[np.ndarray], after: list[np.ndarray]) -> bool:
 def run_poison(results: str, output: str, poison_step: str, *overrides: str) -> None:
     trainer = Trainer(load_config(overrides=list(overrides)), Path(output))
     poison_step = int(poison_step)
-    reduce_grads, train_step = trainer._all_reduce_backbone_grads, trainer.train_step
+    reduce_grads, train_step = trainer.step.all_reduce_backbone_grads, trainer.train_step
     steps: list[dict] = []
 
     def poisoned_reduce():
@@ -72,7 +72,7 @@ def run_poison(results: str, output: str, poison_step: str, *overrides: str) -> 
         })
         return loss
 
-    trainer._all_reduce_backbone_grads = poisoned_reduce
+    trainer.step.all_reduce_backbone_grads = poisoned_reduce
     trainer.train_step = recording_step
     trainer.run()
     record = {"rank": trainer.rank, "steps": steps, "scaler": trainer.scaler.state_dict()}
