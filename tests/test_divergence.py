@@ -4,6 +4,7 @@ training log stays strict JSON."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -33,9 +34,9 @@ def poison_loss(trainer: Trainer, from_step: int, value: float = math.nan, steps
     """Make the loss (and so every gradient) non-finite at 0-based steps >= from_step (or in ``steps``)."""
     original = trainer.step.forward_loss
 
-    def forward_loss(images, labels, step):
-        loss = original(images, labels, step)
-        poisoned = step in steps if steps is not None else step >= from_step
+    def forward_loss(images, pending):
+        loss = original(images, pending)
+        poisoned = trainer.state.step in steps if steps is not None else trainer.state.step >= from_step
         return loss * value if poisoned else loss
 
     trainer.step.forward_loss = forward_loss
@@ -131,10 +132,11 @@ def test_skips_that_are_not_in_a_row_do_not_stop(tiny_dir, tmp_path):
 def test_divergence_is_one_cli_error_line_with_exit_2(tiny_dir, tmp_path, capsys, monkeypatch):
     config = write_tiny_yaml(tiny_dir, tmp_path / "tiny.yaml", "train.max_steps=4", *QUICK)
     original = TrainStep.forward_loss
+    steps = itertools.count()  # forward_loss runs once a step
 
-    def forward_loss(self, images, labels, step):
-        loss = original(self, images, labels, step)
-        return loss * math.nan if step >= 1 else loss
+    def forward_loss(self, images, pending):
+        loss = original(self, images, pending)
+        return loss * math.nan if next(steps) >= 1 else loss
 
     monkeypatch.setattr(TrainStep, "forward_loss", forward_loss)
     code = cli.main(["train", "--config", str(config), "--output", str(tmp_path / "run")])

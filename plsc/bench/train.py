@@ -9,7 +9,7 @@ trainer's instance (``trainer.py`` is not changed; its methods run unmodified in
 - backbone: the backbone's forward (``trainer.step.backbone``) and its share of ``loss.backward()``: from the
   moment the embeddings' gradient arrives (a gradient hook on them) to the gradient all-reduce;
 - head: ``PartialFC.prepare`` (labels, sampling, gathering centers), the margin-softmax loss
-  (``trainer.step.head_loss``), the backward from the loss down to the embeddings, and ``PartialFC.step``;
+  (``trainer.step.head_loss``), the backward from the loss down to the embeddings, and ``PartialFC.apply``;
 - optimizer: gradient all-reduce, inf/nan check, clipping, the backbone's momentum step, loss-scale update.
 
 The marks are consecutive, so the four phases add up to the step's wall time. The loader is rebuilt by the
@@ -40,7 +40,7 @@ PHASE_METHOD = {
     "backbone": "trainer.step.backbone forward + loss.backward() from the embeddings' gradient hook to "
                 "step.all_reduce_backbone_grads",
     "head": "PartialFC.prepare + trainer.step.head_loss + loss.backward() until the embeddings' gradient "
-            "arrives + PartialFC.step",
+            "arrives + PartialFC.apply",
     "optimizer": "gradient all-reduce, inf/nan check, clip factor, optimizer.step, clear_grad, loss-scale "
                  "update",
 }
@@ -104,10 +104,10 @@ class StepPhaseTimer:
 
     def _wrap_head(self, trainer) -> None:
         head, head_loss = trainer.head, trainer.step.head_loss
-        prepare, step = head.prepare, head.step
+        prepare, apply = head.prepare, head.apply
 
-        def timed_prepare(labels, step_index):
-            result = prepare(labels, step_index)
+        def timed_prepare(*args):
+            result = prepare(*args)
             self.clock.mark("head")
             return result
 
@@ -116,12 +116,12 @@ class StepPhaseTimer:
             self.clock.mark("head")
             return loss
 
-        def timed_step(*args, **kwargs):
+        def timed_apply(*args):
             self.clock.mark("optimizer")
-            step(*args, **kwargs)
+            apply(*args)
             self.clock.mark("head")
 
-        head.prepare, head.step, trainer.step.head_loss = timed_prepare, timed_step, timed_loss
+        head.prepare, head.apply, trainer.step.head_loss = timed_prepare, timed_apply, timed_loss
 
     def _wrap_grad_all_reduce(self, trainer) -> None:
         all_reduce = trainer.step.all_reduce_backbone_grads

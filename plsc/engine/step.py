@@ -20,6 +20,7 @@ from plsc.config import Config
 from plsc.data import normalize_batch
 from plsc.engine.loss_scaler import DynamicLossScaler, found_inf_anywhere
 from plsc.errors import PlscError
+from plsc.loss.partial_fc import CenterUpdate, HeadStep
 
 log = logging.getLogger("plsc.train")
 
@@ -56,18 +57,20 @@ class TrainStep:
 
     def __call__(self, images: paddle.Tensor, labels: paddle.Tensor, step: int, lr: float) -> float:
         """Train on one batch at 0-based ``step`` with learning rate ``lr``; the global batch's mean loss."""
-        optim = self.optim
+        optim, scaler = self.optim, self.scaler
         self.model.train()
-        loss = self.forward_loss(images, labels, step)
-        if self.update_in_backward:  # applied by the head's backward with the gradient it forms there
-            self.head.plan_update(lr, optim.momentum, optim.weight_decay, grad_scale=1.0 / optim.grad_divisor)
-        (loss * self.scaler.scale if self.scaler.enabled else loss).backward()
+        unscale = (1.0 / scaler.scale) / optim.grad_divisor  # a disabled scaler's scale is 1
+        # Center gradients were scaled with the loss too (train.unscale_center_grads: whether that is undone).
+        center_scale = unscale if self.train.unscale_center_grads else 1.0 / optim.grad_divisor
+        update = CenterUpdate(lr, optim.momentum, optim.weight_decay, center_scale)
+        pending = self.head.prepare(labels, step, update if self.update_in_backward else None)
+        loss = self.forward_loss(images, pending)
+        (loss * scaler.scale if scaler.enabled else loss).backward()
         grads = [p.grad for p in self.all_reduce_backbone_grads()]
-        if self.scaler.enabled and found_inf_anywhere(grads + self.head.center_grads_to_check(), self.comm):
-            self.skip(step + 1)
+        if scaler.enabled and found_inf_anywhere(grads + self.head.center_grads(pending), self.comm):
+            self.skip(step + 1)  # the head's step is dropped with ``pending``
             return float(loss)
         self.skipped_in_a_row = 0
-        unscale = (1.0 / self.scaler.scale) / optim.grad_divisor  # a disabled scaler's scale is 1
         backbone_scale = clip_factor(grads, unscale, optim.clip_norm, optim.clip_max_factor) * unscale
         if backbone_scale != 1.0:
             with paddle.no_grad():
@@ -79,11 +82,9 @@ class TrainStep:
         with paddle.utils.unique_name.guard():
             self.optimizer.step()
         self.optimizer.clear_grad()
-        # Center gradients were scaled with the loss too (train.unscale_center_grads: whether that is undone).
-        center_scale = unscale if self.train.unscale_center_grads else 1.0 / optim.grad_divisor
-        self.head.step(lr, optim.momentum, optim.weight_decay, grad_scale=center_scale)
-        if self.scaler.enabled:
-            self.scaler.update(found_inf=False)
+        self.head.apply(pending, update)
+        if scaler.enabled:
+            scaler.update(found_inf=False)
         loss_value = float(loss)
         if not math.isfinite(loss_value):
             # Without loss scaling nothing skips the step. The loss is the global batch's, the same on every
@@ -91,21 +92,20 @@ class TrainStep:
             raise diverged(step + 1, f"the loss is {loss_value}", self.checkpoints.latest())
         return loss_value
 
-    def forward_loss(self, images: paddle.Tensor, labels: paddle.Tensor, step: int) -> paddle.Tensor:
-        """The step's loss (the global batch's mean, the same on every rank), gradients still to take;
-        ``images`` is a loader batch (uint8 pixels), normalised here.
+    def forward_loss(self, images: paddle.Tensor, pending: HeadStep) -> paddle.Tensor:
+        """The step's loss (the global batch's mean, the same on every rank) over the head's sampled centers
+        (``pending``), gradients still to take; ``images`` is a loader batch (uint8 pixels), normalised here.
 
         Static mode runs two compiled programs here: the backbone, and the head's loss with its collectives.
         The all_gather of the embeddings between them stays eager: Paddle 3's static graph (PIR) has no
         all_gather (``dist.all_gather`` appends a legacy-program op), and Paddle 2.6's has no PyLayer with
         collectives in it.
         """
-        sampled, remapped = self.head.prepare(labels, step)
         with self.autocast():
             embeddings = self.backbone(normalize_batch(images))
         if embeddings.dtype != paddle.float32:
             embeddings = embeddings.astype("float32")  # the margin softmax computes in float32
-        return self.head_loss(self.comm.all_gather_with_grad(embeddings), sampled, remapped)
+        return self.head_loss(self.comm.all_gather_with_grad(embeddings), pending)
 
     def all_reduce_backbone_grads(self) -> list:
         """The backbone's parameters that have a gradient, their gradients summed over the ranks in place:
@@ -119,7 +119,6 @@ class TrainStep:
         class centers untouched; BatchNorm's running statistics have already seen the batch, as with Paddle's
         GradScaler)."""
         self.optimizer.clear_grad()
-        self.head.skip_step()
         log.warning("step %d: inf/nan gradient at loss scale %g, step skipped", step, self.scaler.scale)
         self.scaler.update(found_inf=True)
         self.skipped_steps += 1

@@ -29,9 +29,8 @@ from plsc.distributed import make_comm, require_classes_per_rank
 from plsc.engine import run_folder, verification
 from plsc.engine.loss_scaler import DynamicLossScaler, all_finite
 from plsc.engine.modes import (
-    BackboneStep,
     backbone_amp_level,
-    compile_for_mode,
+    compile_backbone,
     compile_head_loss,
     is_compiled,
     log_modes,
@@ -154,7 +153,7 @@ class Trainer:
                 **chosen.head_kwargs(),
             )
         # Compiled after the fast paths are chosen: the head's loss is traced with the kernel it will use.
-        backbone = compile_for_mode(BackboneStep(self.model), config.train.mode)
+        backbone = compile_backbone(self.model, config.train.mode)
         head_loss = compile_head_loss(self.head, config.train.mode, self.comm,
                                       config.train.batch_size * self.comm.world_size, self.num_classes)
         self.compiled = {"backbone": is_compiled(backbone), "loss": is_compiled(head_loss)}
