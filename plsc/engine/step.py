@@ -66,7 +66,7 @@ class TrainStep:
         pending = self.head.prepare(labels, step, update if self.update_in_backward else None)
         loss = self.forward_loss(images, pending)
         (loss * scaler.scale if scaler.enabled else loss).backward()
-        grads = [p.grad for p in self.all_reduce_backbone_grads()]
+        grads = self.all_reduce_backbone_grads()
         if scaler.enabled and found_inf_anywhere(grads + self.head.center_grads(pending), self.comm):
             self.skip(step + 1)  # the head's step is dropped with ``pending``
             return float(loss)
@@ -107,12 +107,12 @@ class TrainStep:
             embeddings = embeddings.astype("float32")  # the margin softmax computes in float32
         return self.head_loss(self.comm.all_gather_with_grad(embeddings), pending)
 
-    def all_reduce_backbone_grads(self) -> list:
-        """The backbone's parameters that have a gradient, their gradients summed over the ranks in place:
-        each rank's covers its own samples of the global-mean loss."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        self.comm.all_reduce_sum_coalesced_([p.grad for p in params], self.train.allreduce_bucket_mb * 2**20)
-        return params
+    def all_reduce_backbone_grads(self) -> list[paddle.Tensor]:
+        """The backbone's gradients (of the parameters that have one, in order), summed over the ranks in
+        place: each rank's covers its own samples of the global-mean loss."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        self.comm.all_reduce_sum_coalesced_(grads, self.train.allreduce_bucket_mb * 2**20)
+        return grads
 
     def skip(self, step: int) -> None:
         """An inf/nan gradient on some rank at (1-based) ``step``: every rank drops the step (backbone and
