@@ -63,6 +63,7 @@ class TrainStep:
         # Center gradients were scaled with the loss too (train.unscale_center_grads: whether that is undone).
         center_scale = unscale if self.train.unscale_center_grads else 1.0 / optim.grad_divisor
         update = CenterUpdate(lr, optim.momentum, optim.weight_decay, center_scale)
+        assert not (self.update_in_backward and scaler.enabled), "a skippable step updated in the backward"
         pending = self.head.prepare(labels, step, update if self.update_in_backward else None)
         loss = self.forward_loss(images, pending)
         (loss * scaler.scale if scaler.enabled else loss).backward()
