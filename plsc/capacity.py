@@ -481,13 +481,16 @@ def _probe_step(head, batch: int, classes: int, rng) -> tuple[float, float]:
     """(peak bytes of forward + backward, peak bytes of the center update), above the class centers."""
     import paddle
 
+    from plsc.loss.partial_fc import CenterUpdate
+
     embeddings = paddle.to_tensor(rng.standard_normal((batch, head.embedding_size), dtype=np.float32))
     embeddings.stop_gradient = False
     labels = paddle.to_tensor(rng.integers(0, classes, batch))
     with _PeakMeter() as forward_backward:
-        head(embeddings, labels, step=0).backward()
+        loss, pending = head(embeddings, labels, step=0)
+        loss.backward()
     with _PeakMeter() as update:
-        head.step(0.1, 0.9, 5e-4)
+        head.apply(pending, CenterUpdate(0.1, 0.9, 5e-4))
     return forward_backward.device, update.device + forward_backward.retained
 
 

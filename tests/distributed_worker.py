@@ -31,7 +31,7 @@ import paddle  # noqa: E402
 
 from plsc.distributed import make_comm  # noqa: E402
 from plsc.loss.margin import Margin  # noqa: E402
-from plsc.loss.partial_fc import PartialFC  # noqa: E402
+from plsc.loss.partial_fc import CenterUpdate, PartialFC  # noqa: E402
 from plsc.loss.streaming import build_head  # noqa: E402
 
 
@@ -57,7 +57,7 @@ def _head_case(case: dict, all_embeddings: np.ndarray, all_labels: np.ndarray, c
     rows = len(all_labels) // comm.world_size
     mine = slice(comm.rank * rows, (comm.rank + 1) * rows)
     embeddings = paddle.to_tensor(all_embeddings[mine], stop_gradient=False)
-    loss = head(embeddings, paddle.to_tensor(all_labels[mine]), case["step"])
+    loss, pending = head(embeddings, paddle.to_tensor(all_labels[mine]), case["step"])
     loss.backward()
     index, _ = head.sample(all_labels, case["step"])
     result = {
@@ -66,11 +66,11 @@ def _head_case(case: dict, all_embeddings: np.ndarray, all_labels: np.ndarray, c
         "shard": np.array([head.shard.start, head.shard.count]),
         "sampled_ids": index + head.shard.start,
     }
-    if head.sampled_grad is not None:  # the streaming head never holds it
-        result["sampled_grad"] = head.sampled_grad.numpy()
+    if pending.rows is not None:  # the streaming head never holds the gradient
+        result["sampled_grad"] = pending.rows.grad.numpy()
     else:  # what its found-inf check reads instead: the squared norm of its shard's gradient
-        result["center_grad_sq_norm"] = head.center_grads_to_check()[0].numpy()
-    head.step(lr=0.1, momentum=0.9, weight_decay=5e-4)
+        result["center_grad_sq_norm"] = head.center_grads(pending)[0].numpy()
+    head.apply(pending, CenterUpdate(lr=0.1, momentum=0.9, weight_decay=5e-4))
     return {**result, "weight": head.weight.numpy(), "velocity": head.velocity.numpy()}
 
 
@@ -143,9 +143,10 @@ def use_running_batchnorm_statistics(model: paddle.nn.Layer) -> None:
 def run_train(results_dir: str, output: str, batchnorm: str, *overrides: str) -> None:
     from plsc.config import load_config
     from plsc.engine import trainer as trainer_module
+    from plsc.engine import verification
 
     embedded = {"images": 0}
-    original_open_embedder = trainer_module.open_embedder
+    original_open_embedder = verification.open_embedder
 
     class CountingEmbedder:
         def __init__(self, embed):
@@ -158,7 +159,7 @@ def run_train(results_dir: str, output: str, batchnorm: str, *overrides: str) ->
     def counting_open_embedder(*args, **kwargs):
         return CountingEmbedder(original_open_embedder(*args, **kwargs))
 
-    trainer_module.open_embedder = counting_open_embedder
+    verification.open_embedder = counting_open_embedder
     trainer = trainer_module.Trainer(load_config(overrides=list(overrides)), Path(output))
     if batchnorm == "global":
         use_running_batchnorm_statistics(trainer.model)

@@ -46,17 +46,17 @@ def unchanged(before: list[np.ndarray], after: list[np.ndarray]) -> bool:
 def run_poison(results: str, output: str, poison_step: str, *overrides: str) -> None:
     trainer = Trainer(load_config(overrides=list(overrides)), Path(output))
     poison_step = int(poison_step)
-    reduce_grads, train_step = trainer._all_reduce_backbone_grads, trainer.train_step
+    center_grads, train_step = trainer.head.center_grads, trainer.train_step
     steps: list[dict] = []
 
-    def poisoned_reduce():
-        params = reduce_grads()
+    def poisoned_center_grads(pending):
+        grads = center_grads(pending)
         # Rank 1's own center gradient only: it never crosses ranks, so rank 0 learns of it from the
         # collective overflow decision alone.
         if trainer.rank == 1 and trainer.state.step + 1 == poison_step:
             with paddle.no_grad():
-                trainer.head.sampled_grad.scale_(float("nan"))
-        return params
+                grads[0].scale_(float("nan"))
+        return grads
 
     def recording_step(images, labels, lr):
         before = snapshot(trainer)
@@ -72,7 +72,7 @@ def run_poison(results: str, output: str, poison_step: str, *overrides: str) -> 
         })
         return loss
 
-    trainer._all_reduce_backbone_grads = poisoned_reduce
+    trainer.head.center_grads = poisoned_center_grads
     trainer.train_step = recording_step
     trainer.run()
     record = {"rank": trainer.rank, "steps": steps, "scaler": trainer.scaler.state_dict()}

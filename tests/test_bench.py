@@ -45,7 +45,7 @@ from plsc.loss.margin import (
     target_logit,
     target_logit_slope,
 )
-from plsc.loss.partial_fc import PartialFC, init_class_center_tensor, init_class_centers
+from plsc.loss.partial_fc import CenterUpdate, PartialFC, init_class_center_tensor, init_class_centers
 from plsc.loss.rows import cast
 from plsc.loss.sampling import distinct_uniform, sorted_unique
 from plsc.loss.sparse_momentum import lazy_update
@@ -200,8 +200,9 @@ def test_partial_fc_steps_the_same_with_its_gradient_scratch_and_without():
         embeddings = rng.standard_normal((8, 16))
         labels = paddle.to_tensor(rng.integers(0, 500, 8))
         for head in heads:
-            head(paddle.to_tensor(embeddings, dtype="float32"), labels, step).backward()
-            head.step(0.1, 0.9, 5e-4)
+            loss, pending = head(paddle.to_tensor(embeddings, dtype="float32"), labels, step)
+            loss.backward()
+            head.apply(pending, CenterUpdate(0.1, 0.9, 5e-4))
     np.testing.assert_array_equal(heads[0].weight.numpy(), heads[1].weight.numpy())
     np.testing.assert_array_equal(heads[0].velocity.numpy(), heads[1].velocity.numpy())
     assert heads[0].center_grad_scratch.tensor is not None
@@ -275,18 +276,18 @@ def test_cast_between_float16_and_float32_rounds_like_numpy():
 
 
 def test_static_mode_loss_equals_dynamic():
-    """The trainer's static mode compiles ``PartialFC.loss`` as one graph, PyLayers included."""
+    """The trainer's static mode compiles ``PartialFC.rows_loss`` as one graph, PyLayers included."""
     rng = np.random.default_rng(5)
     head = PartialFC(50, 8, ARCFACE, sample_ratio=0.5, seed=1)
     labels = paddle.to_tensor(rng.integers(0, 50, 6))
     embeddings_np = rng.standard_normal((6, 8)).astype(np.float32)
     results = []
     for loss_fn in (HeadLossStep(head), paddle.jit.to_static(HeadLossStep(head), full_graph=True)):
-        sampled, remapped = head.prepare(labels, step=3)
+        pending = head.prepare(labels, step=3)
         embeddings = paddle.to_tensor(embeddings_np, stop_gradient=False)
-        loss = loss_fn(embeddings, sampled, remapped)
+        loss = loss_fn(embeddings, pending.rows, pending.remapped)
         loss.backward()
-        results.append((float(loss), embeddings.grad.numpy(), head.sampled_grad.numpy()))
+        results.append((float(loss), embeddings.grad.numpy(), pending.rows.grad.numpy()))
     for static, dynamic in zip(results[1], results[0], strict=True):
         np.testing.assert_allclose(static, dynamic, rtol=1e-5, atol=1e-7)
 

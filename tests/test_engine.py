@@ -144,9 +144,12 @@ def unclipped_first_step(tiny_dir, tmp_path_factory):
     trainer = Trainer(tiny_config(tiny_dir, "optim.clip_norm=0"), output)
     images, labels = next(iter(trainer.loader))
     before = backbone_state(trainer)
-    trainer.forward_loss(images, labels).backward()
-    grads = {p.name: p.grad.numpy().astype(np.float64) for p in trainer._all_reduce_backbone_grads()}
-    center_grad = (trainer.head._index.numpy(), trainer.head.sampled_grad.numpy().astype(np.float64),
+    pending = trainer.head.prepare(labels, 0)
+    trainer.step.forward_loss(images, pending).backward()
+    trainer.step.all_reduce_backbone_grads()
+    grads = {p.name: p.grad.numpy().astype(np.float64)
+             for p in trainer.model.parameters() if p.grad is not None}
+    center_grad = (pending.index.numpy(), pending.rows.grad.numpy().astype(np.float64),
                    trainer.head.weight.numpy().astype(np.float64))
     stepped = Trainer(tiny_config(tiny_dir, "optim.clip_norm=0"), output)
     stepped.train_step(images, labels, 0.05)

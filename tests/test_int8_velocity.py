@@ -22,6 +22,7 @@ from plsc.engine.trainer import Trainer
 from plsc.loss import sparse_momentum
 from plsc.loss.int8_rows import Int8Rows, dequantize, quantize
 from plsc.loss.margin import ARCFACE, Margin
+from plsc.loss.partial_fc import CenterUpdate
 from plsc.loss.streaming import build_head
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
@@ -170,12 +171,11 @@ def test_streaming_head_with_int8_velocity_equals_the_whole_matrix_head(center_d
         labels = paddle.to_tensor(rng.integers(0, 60, 12))
         for head in (streaming, whole):
             x = paddle.to_tensor(embeddings, stop_gradient=False)
-            sampled, remapped = head.prepare(labels, step)
-            loss = head.loss(x, sampled, remapped)
-            if planned:
-                head.plan_update(LR, MOMENTUM, WEIGHT_DECAY)
+            update = CenterUpdate(LR, MOMENTUM, WEIGHT_DECAY)
+            pending = head.prepare(labels, step, update_in_backward=update if planned else None)
+            loss = head.loss(x, pending)
             loss.backward()
-            head.step(LR, MOMENTUM, WEIGHT_DECAY)
+            head.apply(pending, update)
         # Relative to the largest weight, as in tests/test_streaming_head.py; float16: one rounding at most.
         tolerance = 1e-5 if center_dtype == "float32" else 2.0**-10
         weights = [h.weight.astype("float32").numpy() for h in (streaming, whole)]

@@ -17,7 +17,7 @@ from plsc.loss.margin import (
     softmax_cross_entropy,
     target_logit,
 )
-from plsc.loss.partial_fc import PartialFC, center_init_std, init_class_centers
+from plsc.loss.partial_fc import CenterUpdate, PartialFC, center_init_std, init_class_centers
 from plsc.loss.sampling import num_sampled, sample_centers
 
 COMBINED = Margin(0.9, 0.4, 0.15, 32.0)
@@ -183,7 +183,7 @@ def test_full_ratio_equals_full_classifier_loss_and_gradients():
     labels = rng.integers(0, classes, size=batch)
 
     x = paddle.to_tensor(embeddings, stop_gradient=False)
-    loss = head(x, paddle.to_tensor(labels), step=0)
+    loss, pending = head(x, paddle.to_tensor(labels), step=0)
     loss.backward()
 
     # Independent reference: a plain full classifier with the weight as an ordinary parameter.
@@ -200,7 +200,7 @@ def test_full_ratio_equals_full_classifier_loss_and_gradients():
 
     np.testing.assert_allclose(float(loss), float(loss_ref), rtol=1e-5)
     np.testing.assert_allclose(x.grad.numpy(), x_ref.grad.numpy(), rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(head.sampled_grad.numpy(), w_ref.grad.numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(pending.rows.grad.numpy(), w_ref.grad.numpy(), rtol=1e-4, atol=1e-6)
 
 
 def test_sampled_loss_equals_full_classifier_restricted_to_sampled_columns():
@@ -209,7 +209,7 @@ def test_sampled_loss_equals_full_classifier_restricted_to_sampled_columns():
     head = PartialFC(classes, emb, COSFACE, sample_ratio=0.25, seed=1)
     embeddings = rng.standard_normal((batch, emb)).astype(np.float32)
     labels = rng.integers(0, classes, size=batch)
-    loss = head(paddle.to_tensor(embeddings), paddle.to_tensor(labels), step=7)
+    loss, _ = head(paddle.to_tensor(embeddings), paddle.to_tensor(labels), step=7)
     index, remapped = head.sample(labels, 7)
     assert len(index) == max(10, len(set(labels.tolist())))
 
@@ -244,14 +244,15 @@ def test_sparse_momentum_matches_numpy_over_several_steps(mode):
     for step in range(5):
         embeddings = paddle.to_tensor(rng.standard_normal((4, emb)).astype(np.float32))
         labels = rng.integers(0, classes, size=4)
-        head(embeddings, paddle.to_tensor(labels), step).backward()
-        index = head._index.numpy()
+        loss, pending = head(embeddings, paddle.to_tensor(labels), step)
+        loss.backward()
+        index = pending.index.numpy()
         full_grad = np.zeros_like(w_ref)
-        full_grad[index] = head.sampled_grad.numpy()
+        full_grad[index] = pending.rows.grad.numpy()
         w_ref, v_ref = numpy_momentum(
             w_ref, v_ref, full_grad, lr, mu, wd, rows=index if mode == "lazy" else None
         )
-        head.step(lr, mu, wd)
+        head.apply(pending, CenterUpdate(lr, mu, wd))
     np.testing.assert_allclose(head.weight.numpy(), w_ref, rtol=1e-5, atol=1e-8)
     np.testing.assert_allclose(head.velocity.numpy(), v_ref, rtol=1e-5, atol=1e-8)
     if mode == "lazy":
@@ -291,12 +292,13 @@ def test_dense_momentum_is_paddles_sparse_momentum_kernel(chunk_size):
         embeddings = rng.standard_normal((6, emb)).astype(np.float32)
         labels = paddle.to_tensor(rng.integers(0, classes, size=6))
         whole.set_state(weight_t.numpy().T, velocity_t.numpy().T)
-        whole(paddle.to_tensor(embeddings, stop_gradient=False), labels, step).backward()
-        index, grad = whole._index, whole.sampled_grad
+        loss, pending = whole(paddle.to_tensor(embeddings, stop_gradient=False), labels, step)
+        loss.backward()
+        index, grad = pending.index, pending.rows.grad
         paddle_sparse_momentum_(weight_t, velocity_t, index, grad.t(), lr, mu, wd)
-        head(paddle.to_tensor(embeddings, stop_gradient=False), labels, step).backward()
-        head.step(lr, mu, wd)
-        whole.skip_step()
+        loss, pending = head(paddle.to_tensor(embeddings, stop_gradient=False), labels, step)
+        loss.backward()
+        head.apply(pending, CenterUpdate(lr, mu, wd))
         assert len(index) < classes // 2  # most rows unsampled
         for mine, kernels in ((head.weight, weight_t), (head.velocity, velocity_t)):
             # 1e-5 of the largest element: the streaming head sums its gradient in another order.
@@ -319,11 +321,12 @@ def test_rows_gathered_into_kept_memory_train_exactly_like_fresh_ones(monkeypatc
         head = PartialFC(40, 8, ARCFACE, sample_ratio=0.25, seed=3)  # k = 10 every step: one buffer
         grads = []
         for step, (embeddings, labels) in enumerate(steps):
-            head(paddle.to_tensor(embeddings), paddle.to_tensor(labels), step).backward()
-            grads.append(head.sampled_grad.numpy().copy())
+            loss, pending = head(paddle.to_tensor(embeddings), paddle.to_tensor(labels), step)
+            loss.backward()
+            grads.append(pending.rows.grad.numpy().copy())
             if kept and head.gathered_rows_scratch.tensor is not None:  # the leaf is the buffer's memory
-                assert head._sampled.data_ptr() == head.gathered_rows_scratch.tensor.data_ptr()
-            head.step(0.1, 0.9, 5e-4)
+                assert pending.rows.data_ptr() == head.gathered_rows_scratch.tensor.data_ptr()
+            head.apply(pending, CenterUpdate(0.1, 0.9, 5e-4))
         return grads, head.weight.numpy(), head.velocity.numpy()
 
     fresh, kept = train(kept=False), train(kept=True)
@@ -348,9 +351,9 @@ def test_fp16_storage_halves_bytes_and_tracks_fp32():
         embeddings = rng.standard_normal((4, 8)).astype(np.float32)
         labels = rng.integers(0, 50, size=4)
         for dtype, head in heads.items():
-            loss = head(paddle.to_tensor(embeddings), paddle.to_tensor(labels), step)
+            loss, pending = head(paddle.to_tensor(embeddings), paddle.to_tensor(labels), step)
             loss.backward()
-            head.step(0.1, 0.9, 5e-4)
+            head.apply(pending, CenterUpdate(0.1, 0.9, 5e-4))
             losses[dtype].append(float(loss))
     # Relative: at scale 64 the loss is ~50; float16 rounding of the centers moves each logit by ~1e-3 * s.
     np.testing.assert_allclose(losses["float16"], losses["float32"], rtol=1e-2)

@@ -21,6 +21,7 @@ from plsc.config import load_config
 from plsc.engine.loss_scaler import all_finite
 from plsc.engine.trainer import Trainer
 from plsc.loss.margin import ARCFACE, COSFACE, Margin
+from plsc.loss.partial_fc import CenterUpdate
 from plsc.loss.streaming import StreamingPartialFC, build_head
 
 COMBINED = Margin(0.9, 0.4, 0.15, 64.0)  # m1 != 1: the acos path of the target logit
@@ -42,7 +43,7 @@ def lockstep(chunk_size: int, margin: Margin, ratio: float, dtype: str, *, loss_
     the streaming head takes the whole-matrix head's centers, so that each step starts from the same state
     (float16 storage rounds a few elements to neighbouring values, and those would otherwise carry into the
     next step). ``planned``: the streaming
-    head applies its update inside the backward (``plan_update``)."""
+    head applies its update inside the backward (``update_in_backward``)."""
     options = dict(num_classes=CLASSES, embedding_size=EMBEDDING, margin=margin, sample_ratio=ratio,
                    momentum_mode=momentum_mode, center_dtype=dtype, seed=3)
     heads = build_head(chunk_size, **options), build_head(0, **options)
@@ -56,30 +57,32 @@ def lockstep(chunk_size: int, margin: Margin, ratio: float, dtype: str, *, loss_
         heads[0].set_state(heads[1].weight.numpy(), heads[1].velocity.numpy())
 
 
-def center_grad_sq_norm(head) -> float:
+def center_grad_sq_norm(head, pending) -> float:
     """The squared norm of the centers' gradient: what the streaming head's found-inf check reads, the
     whole-matrix head's gradient squared and summed."""
-    (checked,) = head.center_grads_to_check()
-    return checked.item() if head.sampled_grad is None else float(paddle.square(checked).sum())
+    (checked,) = head.center_grads(pending)
+    return checked.item() if pending.rows is None else float(paddle.square(checked).sum())
 
 
 def one_step(head, embeddings: np.ndarray, labels, step: int, loss_scale: float, divisor: float,
              planned: bool = False) -> dict:
     embeddings = paddle.to_tensor(embeddings, stop_gradient=False)
-    sampled, remapped = head.prepare(labels, step)
-    loss = head.loss(embeddings, sampled, remapped)
     if planned:  # no loss scaling, nothing can skip: the streaming head may update in its backward
         assert loss_scale == 1.0
-        head.plan_update(LR, MOMENTUM, WEIGHT_DECAY, grad_scale=1.0 / divisor)
+        update = CenterUpdate(LR, MOMENTUM, WEIGHT_DECAY, grad_scale=1.0 / divisor)
+        pending = head.prepare(labels, step, update_in_backward=update)
+        loss = head.loss(embeddings, pending)
         loss.backward()
-        head.step(LR, MOMENTUM, WEIGHT_DECAY, grad_scale=1.0 / divisor)
+        head.apply(pending, update)
         return {"loss": float(loss), "embedding_grad": embeddings.grad.numpy(),
                 "weight": head.weight.astype("float32").numpy(),
                 "velocity": head.velocity.astype("float32").numpy()}
+    pending = head.prepare(labels, step)
+    loss = head.loss(embeddings, pending)
     (loss * loss_scale).backward()
-    assert all_finite(head.center_grads_to_check())
-    sq_norm = center_grad_sq_norm(head)
-    head.step(LR, MOMENTUM, WEIGHT_DECAY, grad_scale=1.0 / (loss_scale * divisor))
+    assert all_finite(head.center_grads(pending))
+    sq_norm = center_grad_sq_norm(head, pending)
+    head.apply(pending, CenterUpdate(LR, MOMENTUM, WEIGHT_DECAY, grad_scale=1.0 / (loss_scale * divisor)))
     return {"loss": float(loss), "embedding_grad": embeddings.grad.numpy(), "sq_norm": sq_norm,
             "weight": head.weight.astype("float32").numpy(),
             "velocity": head.velocity.astype("float32").numpy()}
@@ -130,13 +133,13 @@ def test_update_applied_inside_the_backward_equals_the_whole_matrix_head(margin,
 def test_a_planned_update_is_applied_once_and_leaves_nothing_to_check():
     head = StreamingPartialFC(CLASSES, EMBEDDING, ARCFACE, sample_ratio=0.3, chunk_size=5, seed=3)
     embeddings = paddle.to_tensor(np.ones((BATCH, EMBEDDING), np.float32), stop_gradient=False)
-    sampled, remapped = head.prepare(paddle.to_tensor(np.arange(BATCH)), 0)
-    head.plan_update(LR, MOMENTUM, WEIGHT_DECAY)
-    head.loss(embeddings, sampled, remapped).backward()
-    assert head.center_grads_to_check() == []
-    with pytest.raises(RuntimeError, match="differs from the update planned"):
-        head.step(LR / 2, MOMENTUM, WEIGHT_DECAY)
-    head.step(LR, MOMENTUM, WEIGHT_DECAY)
+    update = CenterUpdate(LR, MOMENTUM, WEIGHT_DECAY)
+    pending = head.prepare(paddle.to_tensor(np.arange(BATCH)), 0, update_in_backward=update)
+    head.loss(embeddings, pending).backward()
+    assert head.center_grads(pending) == []
+    with pytest.raises(RuntimeError, match="differs from the one committed to before the backward"):
+        head.apply(pending, CenterUpdate(LR / 2, MOMENTUM, WEIGHT_DECAY))
+    head.apply(pending, update)
 
 
 def test_one_chunk_larger_than_the_sampled_count():
@@ -147,14 +150,15 @@ def test_non_finite_gradient_is_seen_and_skipping_changes_no_center():
     head = StreamingPartialFC(CLASSES, EMBEDDING, ARCFACE, sample_ratio=0.3, chunk_size=5, seed=3)
     weight, velocity = head.weight.numpy(), head.velocity.numpy()
     embeddings = paddle.to_tensor(np.ones((BATCH, EMBEDDING), np.float32), stop_gradient=False)
-    sampled, remapped = head.prepare(paddle.to_tensor(np.arange(BATCH)), 0)
-    (head.loss(embeddings, sampled, remapped) * float("inf")).backward()
-    assert not all_finite(head.center_grads_to_check())
-    head.skip_step()
+    pending = head.prepare(paddle.to_tensor(np.arange(BATCH)), 0)
+    (head.loss(embeddings, pending) * float("inf")).backward()
+    assert not all_finite(head.center_grads(pending))
+    del pending  # a skipped step: dropped
     np.testing.assert_array_equal(head.weight.numpy(), weight)
     np.testing.assert_array_equal(head.velocity.numpy(), velocity)
+    unstarted = head.prepare(paddle.to_tensor(np.arange(BATCH)), 1)
     with pytest.raises(RuntimeError, match="before a backward pass"):
-        head.step(LR, MOMENTUM, WEIGHT_DECAY)
+        head.apply(unstarted, CenterUpdate(LR, MOMENTUM, WEIGHT_DECAY))
 
 
 def test_streaming_head_holds_no_sampled_sized_buffer():
@@ -162,11 +166,11 @@ def test_streaming_head_holds_no_sampled_sized_buffer():
     sampled center ([sampled] vectors), nothing [sampled, emb] or [batch, sampled]."""
     head = StreamingPartialFC(4000, EMBEDDING, ARCFACE, sample_ratio=0.5, chunk_size=64, seed=3)
     embeddings = paddle.to_tensor(np.ones((BATCH, EMBEDDING), np.float32), stop_gradient=False)
-    sampled, remapped = head.prepare(paddle.to_tensor(np.arange(BATCH)), 0)
-    head.loss(embeddings, sampled, remapped).backward()
-    kept = [value for value in vars(head._stats).values() if isinstance(value, paddle.Tensor)]
+    pending = head.prepare(paddle.to_tensor(np.arange(BATCH)), 0)
+    head.loss(embeddings, pending).backward()
+    kept = [value for value in vars(pending.stats).values() if isinstance(value, paddle.Tensor)]
     assert kept and all(2000 not in t.shape or t.shape == [2000] for t in kept)
-    assert head.sampled_grad is None
+    assert pending.rows is None
 
 
 # --- in the trainer ----------------------------------------------------------------------------------------
@@ -216,7 +220,7 @@ def test_twenty_training_steps_match_the_whole_matrix_head(tiny_dir, tmp_path):
 
 
 def test_training_without_loss_scaling_updates_inside_the_backward(tiny_dir, tmp_path):
-    """fp32, clipped (the backbone alone): the trainer plans the update and the streaming head applies it in
+    """fp32, clipped (the backbone alone): the step commits to the update and the streaming head applies it in
     its backward walk,
     with the numbers of its separate update walk. (Against the whole-matrix head, unclipped steps on this
     tiny backbone amplify summation-order ulps: 1e-6 at step 3, 1.4e-3 at step 6, measured; each step's
@@ -226,15 +230,15 @@ def test_training_without_loss_scaling_updates_inside_the_backward(tiny_dir, tmp
     applied = []
     head, backward_walk = planned.head, planned.head.backward_walk
 
-    def recording_walk(grad):
-        applied.append(head._planned)
-        return backward_walk(grad)
+    def recording_walk(pending, grad):
+        applied.append(pending.update_in_backward)
+        return backward_walk(pending, grad)
 
     head.backward_walk = recording_walk
     planned.run()
     assert len(applied) == 6 and all(plan is not None for plan in applied)
     separate = Trainer(tiny_config(tiny_dir, *common), tmp_path / "separate")
-    separate.head.plan_update = lambda *args, **kwargs: None  # the update walk of step() instead
+    separate.step.update_in_backward = False  # the update walk of apply() instead
     separate.run()
     np.testing.assert_allclose(logged_losses(tmp_path / "planned"), logged_losses(tmp_path / "separate"),
                                rtol=1e-6)

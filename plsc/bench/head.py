@@ -6,14 +6,14 @@ What one timed step is (all on this process, CPU):
 - gather: those rows of the class centers, as the float32 leaf that collects their gradient;
 - forward: normalisation, cosine logits, margin softmax cross entropy;
 - backward: ``loss.backward()`` down to the embeddings and the sampled rows;
-- update: the class-center momentum step (``PartialFC.step``).
+- update: the class-center momentum step (``PartialFC.apply``).
 
 With ``chunk_size`` > 0 the streaming head (plsc.loss.streaming) runs instead: it gathers each chunk's rows
 inside its walks (the gather phase is then empty), and the floor's [k, emb] rows are gathered outside the
-timed step. The step is announced before the backward (``plan_update``), as the trainer does without loss
-scaling: the streaming head then applies its update inside the backward walk (the update phase is then
-nearly empty); with loss scaling it walks the chunks once more in ``step()``, two matmuls per chunk more
-(``update_in_backward=False``).
+timed step. The update is committed to before the backward (``update_in_backward``), as the training step
+does without loss scaling: the streaming head then applies it inside the backward walk (the update phase is
+then nearly empty); with loss scaling it walks the chunks once more in ``apply()``, two matmuls per chunk
+more (``update_in_backward=False``).
 
 The floor is the three matmuls any such head must do, timed in the same process on the same shapes right after
 each step: ``logits = E Ws^T`` [B, k], ``dE = dL Ws`` [B, emb] and ``dWs = dL^T E`` [k, emb].
@@ -154,21 +154,22 @@ def timed_sampler(head, clock: PhaseClock):
 def head_step(head, embeddings, labels, step: int, clock: PhaseClock, update_in_backward: bool = True):
     """One whole step of the head, phase by phase; returns the sampled rows, or with the streaming head
     their index (for the floor's shapes)."""
+    from plsc.loss.partial_fc import CenterUpdate
+
     head.sample_tensors = timed_sampler(head, clock)
     try:
-        sampled, remapped = head.prepare(labels, step)
+        update = CenterUpdate(LR, MOMENTUM, WEIGHT_DECAY)
+        pending = head.prepare(labels, step, update if update_in_backward else None)
     finally:  # unwrapped again: wrappers piling up across steps would mark old clocks
         del head.sample_tensors
     clock.mark("gather")
-    loss = head.loss(head.comm.all_gather_with_grad(embeddings), sampled, remapped)
+    loss = head.loss(head.comm.all_gather_with_grad(embeddings), pending)
     clock.mark("forward")
-    if update_in_backward:
-        head.plan_update(LR, MOMENTUM, WEIGHT_DECAY)
     loss.backward()
     clock.mark("backward")
-    head.step(LR, MOMENTUM, WEIGHT_DECAY)
+    head.apply(pending, update)
     clock.mark("update")
-    return sampled
+    return pending.index if pending.rows is None else pending.rows
 
 
 def matmul_floor(embeddings, rows, grad_logits) -> tuple[float, float]:

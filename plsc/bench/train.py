@@ -6,10 +6,10 @@ is evaluated, nothing checkpointed) and calls its own ``train_step`` on batches 
 trainer's instance (``trainer.py`` is not changed; its methods run unmodified in between):
 
 - data: waiting for the loader's next batch (``next(loader)``), plus the learning-rate lookup;
-- backbone: the backbone's forward (``trainer._backbone``) and its share of ``loss.backward()``: from the
+- backbone: the backbone's forward (``trainer.step.backbone``) and its share of ``loss.backward()``: from the
   moment the embeddings' gradient arrives (a gradient hook on them) to the gradient all-reduce;
 - head: ``PartialFC.prepare`` (labels, sampling, gathering centers), the margin-softmax loss
-  (``trainer._head_loss``), the backward from the loss down to the embeddings, and ``PartialFC.step``;
+  (``trainer.step.head_loss``), the backward from the loss down to the embeddings, and ``PartialFC.apply``;
 - optimizer: gradient all-reduce, inf/nan check, clipping, the backbone's momentum step, loss-scale update.
 
 The marks are consecutive, so the four phases add up to the step's wall time. The loader is rebuilt by the
@@ -37,10 +37,10 @@ PHASES = ("data", "backbone", "head", "optimizer")
 OUTSIDE = ("data", "optimizer")  # the share of a step spent outside backbone and head
 PHASE_METHOD = {
     "data": "waiting on next(loader) (+ the learning-rate lookup)",
-    "backbone": "trainer._backbone forward + loss.backward() from the embeddings' gradient hook to "
-                "_all_reduce_backbone_grads",
-    "head": "PartialFC.prepare + trainer._head_loss + loss.backward() until the embeddings' gradient arrives "
-            "+ PartialFC.step",
+    "backbone": "trainer.step.backbone forward + loss.backward() from the embeddings' gradient hook to "
+                "step.all_reduce_backbone_grads",
+    "head": "PartialFC.prepare + trainer.step.head_loss + loss.backward() until the embeddings' gradient "
+            "arrives + PartialFC.apply",
     "optimizer": "gradient all-reduce, inf/nan check, clip factor, optimizer.step, clear_grad, loss-scale "
                  "update",
 }
@@ -86,7 +86,7 @@ class StepPhaseTimer:
         return self.clock
 
     def _wrap_backbone(self, trainer) -> None:
-        backbone = trainer._backbone
+        backbone = trainer.step.backbone
 
         def timed_backbone(images):
             embeddings = backbone(images)
@@ -95,7 +95,7 @@ class StepPhaseTimer:
                 embeddings.register_hook(self._embedding_grad_arrived)
             return embeddings
 
-        trainer._backbone = timed_backbone
+        trainer.step.backbone = timed_backbone
 
     def _embedding_grad_arrived(self, grad) -> None:
         # Backward has gone from the loss through the head down to the embeddings: the backbone's part begins.
@@ -103,11 +103,11 @@ class StepPhaseTimer:
         self.clock.mark("head")
 
     def _wrap_head(self, trainer) -> None:
-        head, head_loss = trainer.head, trainer._head_loss
-        prepare, step = head.prepare, head.step
+        head, head_loss = trainer.head, trainer.step.head_loss
+        prepare, apply = head.prepare, head.apply
 
-        def timed_prepare(labels, step_index):
-            result = prepare(labels, step_index)
+        def timed_prepare(*args):
+            result = prepare(*args)
             self.clock.mark("head")
             return result
 
@@ -116,21 +116,21 @@ class StepPhaseTimer:
             self.clock.mark("head")
             return loss
 
-        def timed_step(*args, **kwargs):
+        def timed_apply(*args):
             self.clock.mark("optimizer")
-            step(*args, **kwargs)
+            apply(*args)
             self.clock.mark("head")
 
-        head.prepare, head.step, trainer._head_loss = timed_prepare, timed_step, timed_loss
+        head.prepare, head.apply, trainer.step.head_loss = timed_prepare, timed_apply, timed_loss
 
     def _wrap_grad_all_reduce(self, trainer) -> None:
-        all_reduce = trainer._all_reduce_backbone_grads
+        all_reduce = trainer.step.all_reduce_backbone_grads
 
         def timed_all_reduce():
             self.clock.mark("backbone")  # loss.backward() has returned
             return all_reduce()
 
-        trainer._all_reduce_backbone_grads = timed_all_reduce
+        trainer.step.all_reduce_backbone_grads = timed_all_reduce
 
 
 def build_trainer(config, output: str):

@@ -37,14 +37,32 @@ class BackboneStep(paddle.nn.Layer):
 
 
 class HeadLossStep(paddle.nn.Layer):
-    """:meth:`PartialFC.loss` as a layer (to_static compiles layers and functions, not methods of others)."""
+    """:meth:`PartialFC.rows_loss` as a layer (to_static compiles layers and functions, not methods of
+    others)."""
 
     def __init__(self, head: PartialFC):
         super().__init__()
         self.head = head
 
     def forward(self, all_embeddings, sampled, remapped):
-        return self.head.loss(all_embeddings, sampled, remapped)
+        return self.head.rows_loss(all_embeddings, sampled, remapped)
+
+
+class CompiledHeadLoss:
+    """``(all_embeddings, HeadStep) -> loss`` through the compiled :class:`HeadLossStep` ``program``: the
+    step's tensors go in, the step itself stays eager."""
+
+    def __init__(self, program: paddle.nn.Layer):
+        self.program = program
+
+    def __call__(self, all_embeddings, pending):
+        return self.program(all_embeddings, pending.rows, pending.remapped)
+
+
+def compile_backbone(model: paddle.nn.Layer, mode: str):
+    """The backbone's training forward for ``mode``: the model itself in dynamic mode, else its compiled
+    :class:`BackboneStep`."""
+    return model if mode == "dynamic" else compile_for_mode(BackboneStep(model), mode)
 
 
 def compile_for_mode(step: paddle.nn.Layer, mode: str, has_collectives: bool = False) -> paddle.nn.Layer:
@@ -65,9 +83,11 @@ def _relative_error(actual: np.ndarray, desired: np.ndarray) -> float:
     return float(np.abs(actual - desired).max() / max(1.0, np.abs(desired).max()))
 
 
-def is_compiled(step: paddle.nn.Layer) -> bool:
+def is_compiled(step) -> bool:
     """Whether ``step`` runs a static program (to_static replaces a layer's forward in place)."""
-    return isinstance(step.forward, StaticFunction)
+    if isinstance(step, CompiledHeadLoss):
+        step = step.program
+    return isinstance(getattr(step, "forward", None), StaticFunction)
 
 
 def backbone_amp_level(precision: str) -> str | None:
@@ -82,26 +102,26 @@ def backbone_amp_level(precision: str) -> str | None:
     return {"fp16": "O2", "amp": "O1"}[precision]
 
 
-def compile_head_loss(head: PartialFC, mode: str, comm, rows: int, num_classes: int) -> paddle.nn.Layer:
-    """The head's loss for ``mode``; a compiled loss only once it reproduces the eager one on one batch.
+def compile_head_loss(head: PartialFC, mode: str, comm, rows: int, num_classes: int):
+    """The head's loss for ``mode``, ``(all_embeddings, HeadStep) -> loss``: :meth:`PartialFC.loss` itself, or
+    a compiled loss once it reproduces the eager one on one batch.
 
     Why the check: Paddle 3.3's static PyLayer silently drops in-place ops in a PyLayer's forward
     (measured: ``out.multiply_(2)`` there has no effect under to_static), so a loss made of such layers
     compiles without error into wrong numbers. Such a loss runs eagerly (logged); the rest stays static.
     """
-    eager = HeadLossStep(head)
     if not head.traceable:
-        return eager
+        return head.loss
     compiled = compile_for_mode(HeadLossStep(head), mode, has_collectives=True)
     if not is_compiled(compiled):
-        return eager
-    error = head_loss_error(head, eager, compiled, rows, num_classes)
+        return head.loss
+    error = head_loss_error(head, HeadLossStep(head), compiled, rows, num_classes)
     error = comm.all_reduce_max(paddle.to_tensor([error])).item()
     if not error <= 1e-5:  # nan included
         log.warning("static mode: the compiled loss differs from the eager loss by %.3g on a test batch; "
                     "the loss runs eagerly (in-place ops in a PyLayer do not survive to_static)", error)
-        return eager
-    return compiled
+        return head.loss
+    return CompiledHeadLoss(compiled)
 
 
 def head_loss_error(head: PartialFC, eager: paddle.nn.Layer, compiled: paddle.nn.Layer, rows: int,

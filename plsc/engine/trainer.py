@@ -1,4 +1,8 @@
-"""The training loop: data-parallel backbone, class-sharded PartialFC head, checkpoints, verification.
+"""The trainer wires a run together: it builds the parts (data, backbone, head, optimizer, the step), resumes
+from a checkpoint, and runs the loop (steps, log lines, verification, checkpoints, stop signals). Each part is
+a module of its own: the step in :mod:`plsc.engine.step`, its log in :mod:`plsc.engine.train_log`,
+verification in :mod:`plsc.engine.verification`, signals in :mod:`plsc.engine.signals`, the output folder's
+policy in :mod:`plsc.engine.run_folder`.
 
 One code path for one process and for N: with a single process the collectives in ``comm`` are identities.
 One code path for both graph modes (``train.mode``): static mode compiles the same backbone and loss code
@@ -8,42 +12,37 @@ everything else (sampling, optimizer steps, checkpoints) is shared eager code.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-import math
-import resource
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import paddle
 
 from plsc import checkpoint as ckpt
 from plsc.checkpoint import plsc22
 from plsc.config import Config, save_config
-from plsc.console import format_duration
-from plsc.data import build_dataset, build_train_loader_from_config, normalize_batch
+from plsc.data import build_dataset, build_train_loader_from_config
 from plsc.data.verification_bin import load_bin, verification_names
-from plsc.distributed import make_comm, require_classes_per_rank, share_statistics_from_rank0
-from plsc.engine import run_folder
+from plsc.distributed import make_comm, require_classes_per_rank
+from plsc.engine import run_folder, verification
 from plsc.engine.curves import CurveWriter
 from plsc.engine.loss_scaler import DynamicLossScaler, all_finite
 from plsc.engine.modes import (
-    BackboneStep,
     backbone_amp_level,
-    compile_for_mode,
+    compile_backbone,
     compile_head_loss,
     is_compiled,
     log_modes,
 )
 from plsc.engine.plan import log_plan
 from plsc.engine.schedule import Schedule, run_steps
+from plsc.engine.signals import StopSignals, TrainingInterrupted
+from plsc.engine.step import TrainingDiverged, TrainStep, diverged
+from plsc.engine.train_log import LogWindow, TrainLog
 from plsc.errors import PlscError, memory_hint
-from plsc.eval.embedders import open_embedder
-from plsc.eval.verification import verify_across_ranks
 from plsc.loss import fast_paths, int8_rows
 from plsc.loss.margin import Margin
 from plsc.loss.partial_fc import center_init_std
@@ -53,21 +52,9 @@ from plsc.models.layout_check import check_cudnn_nhwc
 from plsc.models.precision import restore_optimizer_state
 from plsc.parity import agreed
 
+__all__ = ["Trainer", "TrainResult", "TrainingDiverged", "TrainingInterrupted", "build_backbone"]
+
 log = logging.getLogger("plsc.train")
-
-
-class TrainingInterrupted(Exception):
-    """Raised after a SIGINT/SIGTERM checkpoint was written; carries the signal number."""
-
-    def __init__(self, signum: int, checkpoint_dir: Path):
-        super().__init__(f"interrupted by signal {signum}; checkpoint saved to {checkpoint_dir}")
-        self.signum = signum
-        self.checkpoint_dir = checkpoint_dir
-
-
-class TrainingDiverged(PlscError):
-    """The loss or the weights became non-finite, or too many steps in a row were skipped for inf/nan
-    gradients. Raised before anything is saved from the non-finite state, on every rank at the same step."""
 
 
 @dataclass
@@ -86,10 +73,6 @@ def build_backbone(config: Config, seed: int):
     # process) must name its parameters exactly as the run that saved them.
     with paddle.utils.unique_name.guard():
         return build_model(config.model, image_size=config.data.image_size)
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def require_data_root(data) -> None:
@@ -182,11 +165,13 @@ class Trainer:
                 **chosen.head_kwargs(),
             )
         # Compiled after the fast paths are chosen: the head's loss is traced with the kernel it will use.
-        self._backbone = compile_for_mode(BackboneStep(self.model), config.train.mode)
-        self._head_loss = compile_head_loss(self.head, config.train.mode, self.comm,
-                                            config.train.batch_size * self.comm.world_size, self.num_classes)
-        self.compiled = {"backbone": is_compiled(self._backbone), "loss": is_compiled(self._head_loss)}
+        backbone = compile_backbone(self.model, config.train.mode)
+        head_loss = compile_head_loss(self.head, config.train.mode, self.comm,
+                                      config.train.batch_size * self.comm.world_size, self.num_classes)
+        self.compiled = {"backbone": is_compiled(backbone), "loss": is_compiled(head_loss)}
         log_modes(config, self.compiled, self.amp_level, self.scaler)
+        self.step = TrainStep(config, self.model, backbone, self.head, head_loss, self.optimizer, self.scaler,
+                              self.comm, self.amp_level, self.checkpoints)
         world = self.comm.world_size
         self.loader, self.sampler = build_train_loader_from_config(config, self.dataset, self.rank, world)
         self.steps_per_epoch = self.sampler.batches_per_epoch
@@ -194,15 +179,15 @@ class Trainer:
         self.schedule = Schedule.from_config(config.optim, self.steps_per_epoch, self.total_steps,
                                              config.train.batch_size * world)
         log_plan(config, self.comm, len(self.dataset), self.num_classes)
+        self.train_log = TrainLog(self.curves, self.rank, config.train.batch_size * world,
+                                  self.total_steps)
         self.val_sets = [load_bin(path, config.data.image_size) for path in config.data.val_bins]
         self.state = ckpt.TrainingState()
         self.best: dict[str, dict] = {}
-        self._signal: int | None = None
+        self.signals = StopSignals()
         self._last_eval: dict[str, dict] = {}
         self._last_eval_step = -1
         self._last_checkpoint: Path | None = None
-        self.skipped_steps = 0  # steps dropped for an inf/nan gradient (loss scaling)
-        self.skipped_in_a_row = 0
         if self._resume_from is not None:
             self._resume(self._resume_from, weights_only)
 
@@ -286,90 +271,15 @@ class Trainer:
         self.comm.barrier()
         return path
 
-    # --- one step ------------------------------------------------------------------------------------------
-
-    def _autocast(self):
-        return paddle.amp.auto_cast(level=self.amp_level) if self.amp_level else contextlib.nullcontext()
-
-    def forward_loss(self, images: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:
-        """The step's loss (the global batch's mean, the same on every rank), gradients still to take;
-        ``images`` is a loader batch (uint8 pixels), normalised here.
-
-        Static mode runs two compiled programs here: the backbone, and the head's loss with its collectives.
-        The all_gather of the embeddings between them stays eager: Paddle 3's static graph (PIR) has no
-        all_gather (``dist.all_gather`` appends a legacy-program op), and Paddle 2.6's has no PyLayer with
-        collectives in it.
-        """
-        sampled, remapped = self.head.prepare(labels, self.state.step)
-        images = normalize_batch(images)
-        with self._autocast():
-            embeddings = self._backbone(images)
-        if embeddings.dtype != paddle.float32:
-            embeddings = embeddings.astype("float32")  # the margin softmax computes in float32
-        return self._head_loss(self.comm.all_gather_with_grad(embeddings), sampled, remapped)
+    # --- one step and verification ------------------------------------------------------------------------
 
     def train_step(self, images: paddle.Tensor, labels: paddle.Tensor, lr: float) -> float:
-        self.model.train()
-        loss = self.forward_loss(images, labels)
-        optim = self.config.optim
-        if not self.scaler.enabled:  # nothing can skip this step, and clipping never touches the centers
-            self.head.plan_update(lr, optim.momentum, optim.weight_decay, grad_scale=1.0 / optim.grad_divisor)
-        self.scaler.scale_loss(loss).backward()
-        params = self._all_reduce_backbone_grads()
-        if self.scaler.found_inf([p.grad for p in params] + self.head.center_grads_to_check(), self.comm):
-            self._skip_step()
-            return float(loss)
-        self.skipped_in_a_row = 0
-        unscale = self.scaler.inverse / optim.grad_divisor
-        backbone_scale = self._clip_factor(params, unscale) * unscale
-        if backbone_scale != 1.0:
-            with paddle.no_grad():
-                for p in params:
-                    p.grad.scale_(backbone_scale)
-        self.optimizer.set_lr(lr)
-        # The optimizer names its velocity tensors on its first step from the process-wide name counter, and
-        # restores saved state by those names: a fresh name scope makes them the same in every run.
-        with paddle.utils.unique_name.guard():
-            self.optimizer.step()
-        self.optimizer.clear_grad()
-        # Center gradients were scaled with the loss too (train.unscale_center_grads: whether that is undone).
-        center_scale = unscale if self.config.train.unscale_center_grads else 1.0 / optim.grad_divisor
-        self.head.step(lr, optim.momentum, optim.weight_decay, grad_scale=center_scale)
-        self.scaler.update(found_inf=False)
-        loss_value = float(loss)
-        if not math.isfinite(loss_value):
-            # Without loss scaling nothing skips the step. The loss is the global batch's, the same on every
-            # rank, so every rank stops here; the weights this step changed are never saved.
-            raise self._diverged(self.state.step + 1, f"the loss is {loss_value}")
-        return loss_value
+        """One step at the run's position (:class:`plsc.engine.step.TrainStep`); the loop's seam."""
+        return self.step(images, labels, self.state.step, lr)
 
-    def _all_reduce_backbone_grads(self) -> list:
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        # Each rank's backbone gradient covers its own samples of the global-mean loss: sum, not average.
-        bucket_bytes = self.config.train.allreduce_bucket_mb * 2**20
-        self.comm.all_reduce_sum_coalesced_([p.grad for p in params], bucket_bytes)
-        return params
-
-    def _skip_step(self) -> None:
-        """An inf/nan gradient on some rank: every rank drops the step (backbone and class centers untouched;
-        BatchNorm's running statistics have already seen the batch, as with Paddle's GradScaler)."""
-        self.optimizer.clear_grad()
-        self.head.skip_step()
-        log.warning("step %d: inf/nan gradient at loss scale %g, step skipped", self.state.step + 1,
-                    self.scaler.scale)
-        self.scaler.update(found_inf=True)
-        self.skipped_steps += 1
-        self.skipped_in_a_row += 1
-        limit = self.config.train.max_skipped_steps
-        if self.skipped_in_a_row >= limit:  # the skip decision is collective: every rank stops here
-            raise self._diverged(self.state.step + 1, f"{limit} steps in a row skipped for inf/nan gradients "
-                                 f"(train.max_skipped_steps), loss scale down to {self.scaler.scale:g}")
-
-    def _diverged(self, step: int, reason: str) -> TrainingDiverged:
-        latest = self.checkpoints.latest()
-        kept = f"the last checkpoint is {latest}" if latest else "no checkpoint was saved"
-        return TrainingDiverged(f"training diverged at step {step}: {reason}; nothing was saved from it "
-                                f"({kept}); try a lower optim.lr or optim.clip_norm > 0")
+    @property
+    def skipped_steps(self) -> int:
+        return self.step.skipped_steps
 
     def _require_finite_weights(self) -> None:
         """Before anything is saved or evaluated: the backbone's weights and BatchNorm statistics (which see
@@ -377,73 +287,21 @@ class Trainer:
         tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]
         finite = all_finite(tensors + self.head.float_tensors())
         if self.comm.any_true(not finite):
-            raise self._diverged(self.state.step, "the weights hold inf or nan")
-
-    def _clip_factor(self, params, unscale: float = 1.0) -> float:
-        """The backbone's clip factor, ``min(clip_norm / (norm + 1e-6), clip_max_factor)`` (1 without
-        clipping), as PLSC v2.2's dynamic mode clips after the all-reduce and the unscale
-        (parallel_grad_scaler.py:21-62, 159-197). The class centers are never clipped.
-
-        ``unscale``: the factor that turns the summed gradients into the ones the update takes (undoing loss
-        scaling, dividing by ``optim.grad_divisor``); the norm is theirs. Backbone gradients are identical on
-        every rank after their all-reduce, so every rank computes the same factor.
-        """
-        optim = self.config.optim
-        if optim.clip_norm <= 0:
-            return 1.0
-        squares = paddle.add_n([paddle.square(p.grad.astype("float32")).sum() for p in params])
-        norm = math.sqrt(squares.item()) * unscale
-        return min(optim.clip_norm / (norm + 1e-6), optim.clip_max_factor)
-
-    # --- verification --------------------------------------------------------------------------------------
+            raise diverged(self.state.step, "the weights hold inf or nan", self.checkpoints.latest())
 
     def evaluate(self) -> dict[str, dict]:
-        """Verification of rank 0's model (the one checkpoints hold), the work split across the ranks."""
-        share_statistics_from_rank0(self.model, self.comm)
-        self.model.eval()
-        results = {}
-        if self.val_sets:  # on the CPU a Paddle Inference snapshot of the current weights: see embedders
-            embed = open_embedder(self.model, self.config.model, self.config.data.image_size)
-        for vset in self.val_sets:
-            results[vset.name] = verify_across_ranks(
-                embed,
-                vset,
-                self.config.train.eval_batch_size,
-                embed.data_format,
-                self.config.model.embedding_size,
-                self.comm,
-                progress=self.rank == 0,
-            )
-        self.model.train()
-        return results
+        return verification.evaluate(self.model, self.val_sets, self.config, self.comm)
 
     def _evaluate_and_keep_best(self) -> dict[str, dict]:
         results = self.evaluate()
         self._last_eval, self._last_eval_step = results, self.state.step
-        for name, metrics in results.items():
-            line = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "pairs")
-            log.info("step %d verification %s: %s", self.state.step, name, line)
-            # Saving is collective: the ranks must agree, whatever rounding a rank's own comparison saw.
-            if self.comm.any_true(metrics["accuracy"] > self.best.get(name, {}).get("accuracy", -1.0)):
-                self.best[name] = {**metrics, "step": self.state.step}
-                self.save(self.output / "best_model" / name, extra={"best_metric": {name: metrics}})
+        for name in verification.improved(results, self.best, self.state.step, self.comm):
+            self.save(self.output / "best_model" / name, extra={"best_metric": {name: results[name]}})
         if self.rank == 0:
             self.curves.evaluation(self.state.step, results)
         return results
 
     # --- the loop ------------------------------------------------------------------------------------------
-
-    def _on_signal(self, signum, frame) -> None:
-        self._signal = signum
-
-    def _install_signal_handlers(self) -> dict:
-        previous = {}
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            try:
-                previous[signum] = signal.signal(signum, self._on_signal)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return previous
 
     def run(self) -> TrainResult:
         held = self._take_run_folder()
@@ -477,8 +335,7 @@ class Trainer:
     def _run(self) -> TrainResult:
         started = time.time()
         self._run_logged = False  # no step of this run logged yet
-        previous_handlers = self._install_signal_handlers()
-        try:
+        with self.signals.caught():
             while self.state.step < self.total_steps:
                 with memory_hint("training", "train.batch_size, data.image_size or loss.sample_ratio"):
                     self._train_epoch()
@@ -491,9 +348,6 @@ class Trainer:
                 self._evaluate_and_keep_best()
             if self._last_checkpoint is None or self._last_checkpoint.name != str(self.state.step):
                 self._last_checkpoint = self.save_step_checkpoint()
-        finally:
-            for signum, handler in previous_handlers.items():
-                signal.signal(signum, handler)
         elapsed = time.time() - started
         return TrainResult(self.state.step, self._last_checkpoint, self.best, self._last_eval, elapsed)
 
@@ -501,14 +355,14 @@ class Trainer:
         """Train from the current position to the end of the epoch or of training, whichever comes first."""
         train = self.config.train
         self.sampler.set_epoch(self.state.epoch, start_batch=self.state.step_in_epoch)
-        window = _LogWindow(time.time(), self.state.step)
+        window = LogWindow(time.time(), self.state.step)
         for batch_index, (images, labels) in enumerate(self.loader, start=self.state.step_in_epoch):
             lr = self.schedule.lr(self.state.step)
             window.add(self.train_step(images, labels, lr))
             self.state.step += 1
             self.state.step_in_epoch = batch_index + 1
             step = self.state.step
-            stopping = self.comm.any_true(self._signal is not None)
+            stopping = self.comm.any_true(self.signals.received is not None)
             evaluate = train.eval_interval > 0 and step % train.eval_interval == 0 and bool(self.val_sets)
             save = train.save_interval > 0 and step % train.save_interval == 0
             ends = step >= self.total_steps or self.state.step_in_epoch == self.steps_per_epoch  # run() saves
@@ -516,7 +370,7 @@ class Trainer:
                 self._require_finite_weights()
             if step % train.log_interval == 0 or step == self.total_steps:
                 self._log(window, lr)
-                window = _LogWindow(time.time(), step)
+                window = LogWindow(time.time(), step)
             elif not self._run_logged:  # a first line within seconds, not after a whole interval of silence
                 self._log(window, lr, to_file=False)
             self._run_logged = True
@@ -531,67 +385,15 @@ class Trainer:
                 return
 
     def _stop_on_signal(self) -> None:
-        signum = self._signal or signal.SIGTERM
+        signum = self.signals.received or signal.SIGTERM
         path = self._last_checkpoint
         if path is None or path.name != str(self.state.step):  # not already saved at this step
             path = self.save_step_checkpoint()
         log.warning("signal %d: saved %s; continue with --resume", signum, path)
         raise TrainingInterrupted(signum, path)
 
-    def _log(self, window: _LogWindow, lr: float, to_file: bool = True) -> None:
+    def _log(self, window: LogWindow, lr: float, to_file: bool = True) -> None:
         """The console line of the steps since ``window`` began, and (``to_file``) their train_log record."""
-        elapsed = max(window.elapsed(time.time()), 1e-9)
-        steps = self.state.step - window.first_step
-        global_batch = self.config.train.batch_size * self.comm.world_size
-        ips = steps * global_batch / elapsed
-        eta = (self.total_steps - self.state.step) * elapsed / max(steps, 1)
-        record = {
-            "step": self.state.step,
-            "epoch": self.state.epoch,
-            "loss": window.mean_loss(),
-            "lr": lr,
-            "ips": ips,
-            "eta_s": eta,
-            "mem_mb": peak_rss_mb(),
-        }
-        if self.scaler.enabled:
-            record.update(loss_scale=self.scaler.scale, skipped_steps=self.skipped_steps)
-        if self.rank == 0:
-            if to_file:
-                self.curves.training(record)
-            log.info(
-                "step %d/%d epoch %d loss %.4f lr %.5f %.1f img/s eta %s mem %.0f MB",
-                self.state.step,
-                self.total_steps,
-                self.state.epoch,
-                record["loss"],
-                lr,
-                ips,
-                format_duration(eta),
-                record["mem_mb"],
-            )
-
-
-class _LogWindow:
-    """Losses and time since the last log line, with evaluation time taken out of the throughput."""
-
-    def __init__(self, start: float, first_step: int):
-        self.start = start
-        self.first_step = first_step
-        self.losses: list[float] = []
-        self.excluded = 0.0
-        self._last_step_end = start
-
-    def add(self, loss: float) -> None:
-        self.losses.append(loss)
-        self._last_step_end = time.time()
-
-    def exclude_since(self, now: float) -> None:
-        self.excluded += now - self._last_step_end
-        self._last_step_end = now
-
-    def elapsed(self, now: float) -> float:
-        return now - self.start - self.excluded
-
-    def mean_loss(self) -> float:
-        return float(np.mean(self.losses)) if self.losses else float("nan")
+        record = self.train_log.record(window, self.state.step, self.state.epoch, lr, self.scaler,
+                                       self.skipped_steps)
+        self.train_log.write(record, to_file)

@@ -32,7 +32,7 @@ class ScratchRows:
     backward took 0.91 s with this instead of 1.21 s (0.69 against 0.92 s in a second pair of runs). Paddle
     hands the gradient a PyLayer returns to the leaf's ``.grad`` without a copy (2.6 and 3.x, tested), so the
     leaf's gradient *is* this tensor until the next backward overwrites it; PartialFC consumes it in
-    :meth:`PartialFC.step` before that.
+    :meth:`PartialFC.apply` before that.
     """
 
     def __init__(self):

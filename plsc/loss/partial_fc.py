@@ -14,6 +14,8 @@ gathered rows, and :mod:`plsc.loss.sparse_momentum` applies it, so nothing per s
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import paddle
@@ -88,8 +90,40 @@ def init_class_center_tensor(seed: int, start: int, count: int, embedding_size: 
     return centers
 
 
+@dataclass(frozen=True)
+class CenterUpdate:
+    """One step's update of the sampled centers: :mod:`plsc.loss.sparse_momentum`'s settings and the factor
+    its gradient is taken with (1/loss_scale, 1/optim.grad_divisor)."""
+
+    lr: float
+    momentum: float
+    weight_decay: float
+    grad_scale: float = 1.0
+
+
+@dataclass
+class HeadStep:
+    """One step of a head between its phases, held by the caller: the head keeps nothing of a step. Its
+    phases: :meth:`PartialFC.prepare` makes it, :meth:`PartialFC.loss` and the backward fill it, and
+    :meth:`PartialFC.apply` updates the centers from it; a skipped step is dropped."""
+
+    index: paddle.Tensor  # the sampled centers, as rows of this rank's shard
+    remapped: paddle.Tensor  # each label as a column of the sampled centers, -1 where another rank's
+    # The update the caller commits to before the backward (nothing can skip the step): a head that can apply
+    # it in the backward does, and then has no gradient left to check or apply.
+    update_in_backward: CenterUpdate | None = None
+    rows: paddle.Tensor | None = None  # whole-matrix head: the sampled rows, a leaf collecting their grad
+    stats: Any = None  # streaming head: the forward's softmax statistics
+    grad_sq_norm: paddle.Tensor | None = None  # streaming head: set by a backward that left the update
+    applied: bool = False  # the update is in the centers
+
+
 class PartialFC:
-    """The sharded, sampled classifier of one rank, with its class centers and their momentum."""
+    """The sharded, sampled classifier of one rank, with its class centers and their momentum: the
+    whole-matrix head, which gathers every sampled center into one float32 tensor.
+
+    A step in phases, each given the :class:`HeadStep` the first returned: :meth:`prepare`, :meth:`loss`
+    (then the caller's backward), :meth:`center_grads` (what an inf/nan check reads), :meth:`apply`."""
 
     traceable = True  # its loss compiles under paddle.jit.to_static (static mode)
 
@@ -126,8 +160,6 @@ class PartialFC:
                                                init_std)
         self.velocity = new_velocity(shard.count, embedding_size, center_dtype if velocity_dtype == "same"
                                      else velocity_dtype)
-        self._index: paddle.Tensor | None = None
-        self._sampled: paddle.Tensor | None = None
         self.margin_loss = margin_loss
         self.device_sampler = device_sampler
         self.center_grad_scratch = ScratchRows()
@@ -141,26 +173,27 @@ class PartialFC:
             labels - self.shard.start, self.shard.count, self.sample_ratio, self.seed, step, self.comm.rank
         )
 
-    def __call__(self, embeddings: paddle.Tensor, labels: paddle.Tensor, step: int) -> paddle.Tensor:
-        """Loss of this rank's local batch; identical on every rank (it is the global batch's mean)."""
-        sampled, remapped = self.prepare(labels, step)
-        return self.loss(self.comm.all_gather_with_grad(embeddings), sampled, remapped)
+    def __call__(self, embeddings: paddle.Tensor, labels: paddle.Tensor, step: int,
+                 update_in_backward: CenterUpdate | None = None) -> tuple[paddle.Tensor, HeadStep]:
+        """Loss of this rank's local batch (identical on every rank: it is the global batch's mean) and the
+        step it belongs to."""
+        pending = self.prepare(labels, step, update_in_backward)
+        return self.loss(self.comm.all_gather_with_grad(embeddings), pending), pending
 
-    def prepare(self, labels: paddle.Tensor, step: int) -> tuple[paddle.Tensor, paddle.Tensor]:
+    def prepare(self, labels: paddle.Tensor, step: int, update_in_backward: CenterUpdate | None = None
+                ) -> HeadStep:
         """The eager half of a step: gather the global batch's labels, sample this rank's centers and gather
-        them as a leaf that collects their gradient. Returns ``(sampled, remapped)`` for :meth:`loss`."""
+        them as a leaf that collects their gradient."""
         all_labels = self.comm.all_gather(labels.reshape([-1]))
-        self._index, remapped = self.sample_tensors(all_labels, step)
+        index, remapped = self.sample_tensors(all_labels, step)
         out = None
         if gathers_into(self.weight):
-            shape = [self._index.shape[0], self.embedding_size]
-            out = self.gathered_rows_scratch.shaped(shape, paddle.float32)
+            out = self.gathered_rows_scratch.shaped([index.shape[0], self.embedding_size], paddle.float32)
         # A new leaf on the rows' memory each step: its gradient starts empty, as a fresh gather's does
         # (Paddle adds each backward's gradient to what a leaf already holds).
-        sampled = gather_rows(self.weight, self._index, out).detach()
-        sampled.stop_gradient = False
-        self._sampled = sampled
-        return sampled, remapped
+        rows = gather_rows(self.weight, index, out).detach()
+        rows.stop_gradient = False
+        return HeadStep(index, remapped, update_in_backward, rows=rows)
 
     def sample_tensors(self, all_labels: paddle.Tensor, step: int) -> tuple[paddle.Tensor, paddle.Tensor]:
         """:meth:`sample` on tensors, or the constructor's ``device_sampler`` (no copy to the host)."""
@@ -170,38 +203,33 @@ class PartialFC:
         index, remapped = self.sample(all_labels.numpy(), step)
         return paddle.to_tensor(index), paddle.to_tensor(remapped)
 
-    def loss(self, all_embeddings: paddle.Tensor, sampled: paddle.Tensor, remapped: paddle.Tensor):
-        """The tensor-only half: margin softmax of the global batch over the sampled centers. Holds no Python
-        state changes, so static mode can compile it (``paddle.jit.to_static``)."""
-        cosine = cosine_to_centers(all_embeddings, sampled, self.center_grad_scratch)
+    def loss(self, all_embeddings: paddle.Tensor, pending: HeadStep) -> paddle.Tensor:
+        """Margin softmax of the global batch over the step's sampled centers."""
+        return self.rows_loss(all_embeddings, pending.rows, pending.remapped)
+
+    def rows_loss(self, all_embeddings: paddle.Tensor, rows: paddle.Tensor, remapped: paddle.Tensor):
+        """The tensor-only core of :meth:`loss`: holds no Python state changes, so static mode can compile it
+        (``paddle.jit.to_static``)."""
+        cosine = cosine_to_centers(all_embeddings, rows, self.center_grad_scratch)
         return self.margin_loss(cosine, remapped, self.margin, self.comm)
 
-    def skip_step(self) -> None:
-        """Forget the pending gradient without applying it (a step with an inf/nan gradient)."""
-        self._index = self._sampled = None
+    def center_grads(self, pending: HeadStep) -> list[paddle.Tensor]:
+        """What an inf/nan check of the step reads for the class centers, once backward has run: their
+        gradient."""
+        if pending.rows.grad is None:
+            raise RuntimeError("PartialFC: no center gradient before a backward pass")
+        return [pending.rows.grad]
 
-    @property
-    def sampled_grad(self) -> paddle.Tensor | None:
-        """Gradient of the last loss for the sampled centers, once backward has run."""
-        return None if self._sampled is None else self._sampled.grad
-
-    def plan_update(self, lr: float, momentum: float, weight_decay: float, grad_scale: float = 1.0) -> None:
-        """Announce a step that nothing will skip (the streaming head then updates during the backward); the
-        whole-matrix head applies its update in :meth:`step` either way."""
-
-    def center_grads_to_check(self) -> list[paddle.Tensor]:
-        """What the trainer's found-inf check reads for the class centers: their gradient."""
-        return [self.sampled_grad]
-
-    def step(self, lr: float, momentum: float, weight_decay: float, grad_scale: float = 1.0) -> None:
-        """Apply the sampled centers' gradient (times ``grad_scale``: 1/loss_scale, 1/optim.grad_divisor)."""
-        grad = self.sampled_grad
-        if grad is None:
-            raise RuntimeError("PartialFC.step() before a backward pass")
+    def apply(self, pending: HeadStep, update: CenterUpdate) -> None:
+        """Step the sampled centers with their gradient (times ``update.grad_scale``)."""
+        require_committed(pending, update)
+        if pending.applied:
+            raise RuntimeError("PartialFC: the step's update was applied already")
+        (grad,) = self.center_grads(pending)
         # The gathered rows are reused (and overwritten): the weight has not changed since they were gathered.
-        self.update(self.weight, self.velocity, self._index, grad, lr, momentum, weight_decay,
-                    grad_scale=grad_scale, rows=self._sampled)
-        self._index = self._sampled = None
+        self.update(self.weight, self.velocity, pending.index, grad, update.lr, update.momentum,
+                    update.weight_decay, grad_scale=update.grad_scale, rows=pending.rows)
+        pending.applied = True
 
     def release_scratch(self) -> None:
         """Free the kept [k, emb] buffers (before a checkpoint's host copies, which need the memory more)."""
@@ -270,6 +298,13 @@ class PartialFC:
                 self.velocity.write_block_(start, paddle.to_tensor(np.asarray(rows, dtype=np.float32)))
         else:
             copy_rows_into(self.velocity, source)
+
+
+def require_committed(pending: HeadStep, update: CenterUpdate) -> None:
+    """``update`` is the one committed to before the backward, if there was one."""
+    if pending.update_in_backward not in (None, update):
+        raise RuntimeError(f"the head's update {update} differs from the one committed to before the "
+                           f"backward, {pending.update_in_backward}")
 
 
 def new_velocity(rows: int, width: int, dtype: str):

@@ -13,7 +13,7 @@ the chunk's rows (float16 -> float32 per chunk) and recomputing its cosines and 
    center gradient, without forming that gradient (see :func:`center_grad_sq_norm`). The norm, a sum of
    squares, is finite exactly when the gradient is (barring float32 overflow of the square itself), so the
    trainer's found-inf check reads it instead of a [sampled, emb] gradient.
-3. update (:meth:`step`): once the trainer knows whether the step is skipped (found-inf), each chunk's
+3. update (:meth:`apply`): once the trainer knows whether the step is skipped (found-inf), each chunk's
    center gradient is formed again and applied to weight + velocity at once (lazy or dense momentum, weight
    decay, ``grad_scale`` as in :mod:`plsc.loss.sparse_momentum`).
 
@@ -21,8 +21,9 @@ Why the update waits for a third walk under loss scaling: the skip decision cove
 gradients, which exist only after the head's backward has returned d(embeddings); an update applied earlier
 could not be undone exactly (float16 storage rounds). The price is two more matmuls per chunk than the
 whole-matrix head's three; the memory saved is what the head is for. Without loss scaling nothing can skip
-the step (clipping touches the backbone only), and the trainer announces the update before the backward
-(:meth:`StreamingPartialFC.plan_update`): walk 2 applies it and walk 3 does not happen.
+the step (clipping touches the backbone only), and the training step commits to the update before the
+backward (:class:`~plsc.loss.partial_fc.HeadStep`'s ``update_in_backward``): walk 2 applies it, walk 3 does
+not happen.
 
 The loss is a Python loop over chunks with host-side control; it runs eagerly in static mode too
 (``traceable = False``: the trainer compiles the backbone only).
@@ -38,7 +39,7 @@ import paddle.nn.functional as F
 
 from plsc.loss.cosine import NORMALIZE_EPS, ScratchRows, radial_rows
 from plsc.loss.margin import at_columns, put_columns, target_logit, target_logit_slope
-from plsc.loss.partial_fc import PartialFC
+from plsc.loss.partial_fc import CenterUpdate, HeadStep, PartialFC, require_committed
 from plsc.loss.rows import gather_rows, gathers_into, read_block, scatter_rows_, write_block_
 from plsc.loss.sparse_momentum import DENSE_BLOCK_ROWS, dense_update, momentum_
 from plsc.loss.sums import column_sums, row_sums
@@ -151,18 +152,19 @@ class _StreamingMarginLoss(paddle.autograd.PyLayer):
     """Margin softmax cross entropy of the global batch over the head's sampled centers, walked by chunk."""
 
     @staticmethod
-    def forward(ctx, unit_embeddings, remapped, head: StreamingPartialFC):
-        stats = head.forward_statistics(unit_embeddings.detach(), remapped)
+    def forward(ctx, unit_embeddings, head: StreamingPartialFC, pending: HeadStep):
+        remapped = pending.remapped
+        stats = pending.stats = head.forward_statistics(unit_embeddings.detach(), pending)
         margin, comm = head.margin, head.comm
         has_target = (remapped >= 0).astype("float32")
         target = margin.scale * target_logit(stats.cos_target, margin)
         target_shifted = comm.all_reduce_sum_((target - stats.row_max.squeeze(1)) * has_target)
-        ctx.head = head
+        ctx.head, ctx.pending = head, pending
         return (paddle.log(stats.sum_exp) - target_shifted).mean()
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return ctx.head.backward_walk(grad_loss), None
+        return ctx.head.backward_walk(ctx.pending, grad_loss)
 
 
 class StreamingPartialFC(PartialFC):
@@ -176,25 +178,21 @@ class StreamingPartialFC(PartialFC):
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         self.chunk_size = chunk_size
         self.dense = self.update is dense_update
-        self._stats: SoftmaxStatistics | None = None
-        self._grad_sq_norm: paddle.Tensor | None = None
-        self._planned: tuple[float, float, float, float] | None = None  # see plan_update
-        self._applied = False
         # [chunk, emb] buffers kept across chunks and steps: a chunk's gathered rows (weight, velocity, where
         # Paddle can gather into a given tensor) and its center gradient. A fresh buffer per chunk costs its
         # page faults and first touch: the gathers took 2-3x longer.
         self._chunk_buffers: dict[tuple[str, int], ScratchRows] = {}
 
-    def chunks(self):
-        """``(start, index of the chunk's centers)`` over the sampled centers."""
-        for start in range(0, self._index.shape[0], self.chunk_size):
-            yield start, self._index[start : start + self.chunk_size]
+    def chunks(self, index: paddle.Tensor):
+        """``(start, index of the chunk's centers)`` over the sampled centers ``index``."""
+        for start in range(0, index.shape[0], self.chunk_size):
+            yield start, index[start : start + self.chunk_size]
 
-    def chunk_gradients(self):
+    def chunk_gradients(self, pending: HeadStep):
         """``(index, ChunkCosine, G)`` per chunk after the forward: rows gathered again, cosines recomputed
         with the forward's norms, and ``G`` = d loss / d cosine times the centers' inverse norms, [B, c]."""
-        stats = self._stats
-        for (start, index), columns in zip(self.chunks(), stats.columns, strict=True):
+        stats = pending.stats
+        for (start, index), columns in zip(self.chunks(pending.index), stats.columns, strict=True):
             stop = start + index.shape[0]
             chunk = chunk_cosine(stats.unit_embeddings, self.gather_chunk("weight", index),
                                  stats.inverse_norms[start:stop], stats.norm_is_live[start:stop])
@@ -215,29 +213,26 @@ class StreamingPartialFC(PartialFC):
         super().release_scratch()
         self._chunk_buffers.clear()
 
-    def prepare(self, labels: paddle.Tensor, step: int) -> tuple[paddle.Tensor, paddle.Tensor]:
-        """Sample this step's centers; returns ``(index, remapped)``: no rows are gathered here."""
+    def prepare(self, labels: paddle.Tensor, step: int, update_in_backward: CenterUpdate | None = None
+                ) -> HeadStep:
+        """Sample this step's centers; no rows are gathered here (each walk gathers its chunks)."""
         all_labels = self.comm.all_gather(labels.reshape([-1]))
-        self._index, remapped = self.sample_tensors(all_labels, step)
-        self._stats = self._grad_sq_norm = None
-        self._applied = False
-        return self._index, remapped
+        return HeadStep(*self.sample_tensors(all_labels, step), update_in_backward)
 
-    def loss(self, all_embeddings: paddle.Tensor, index: paddle.Tensor, remapped: paddle.Tensor):
-        self._index = index
-        return _StreamingMarginLoss.apply(F.normalize(all_embeddings, axis=1), remapped, self)
+    def loss(self, all_embeddings: paddle.Tensor, pending: HeadStep) -> paddle.Tensor:
+        return _StreamingMarginLoss.apply(F.normalize(all_embeddings, axis=1), self, pending)
 
     @paddle.no_grad()
-    def forward_statistics(self, unit_embeddings: paddle.Tensor, remapped: paddle.Tensor
-                           ) -> SoftmaxStatistics:
+    def forward_statistics(self, unit_embeddings: paddle.Tensor, pending: HeadStep) -> SoftmaxStatistics:
         """Walk 1: the softmax's row max and sum of exponentials over every rank, and the target cosines."""
+        remapped = pending.remapped
         batch = unit_embeddings.shape[0]
         row_max = paddle.full([batch, 1], -np.inf, dtype="float32")
         sum_exp = paddle.zeros([batch], dtype="float32")
         cos_target = paddle.zeros([batch], dtype="float32")
         inverse_norms, norm_is_live, columns = [], [], []
         scale = self.margin.scale
-        for start, index in self.chunks():
+        for start, index in self.chunks(pending.index):
             chunk = chunk_cosine(unit_embeddings, self.gather_chunk("weight", index))
             inverse_norms.append(chunk.inverse_norms)
             norm_is_live.append(chunk.norm_is_live)
@@ -253,89 +248,77 @@ class StreamingPartialFC(PartialFC):
             row_max = new_max
         global_max = self.comm.all_reduce_max(row_max)
         sum_exp = self.comm.all_reduce_sum_(sum_exp * paddle.exp(row_max - global_max).squeeze(1))
-        self._stats = SoftmaxStatistics(unit_embeddings, global_max, sum_exp, cos_target,
-                                        paddle.concat(inverse_norms), paddle.concat(norm_is_live), columns)
-        return self._stats
+        return SoftmaxStatistics(unit_embeddings, global_max, sum_exp, cos_target,
+                                 paddle.concat(inverse_norms), paddle.concat(norm_is_live), columns)
 
     @paddle.no_grad()
-    def backward_walk(self, grad_loss: paddle.Tensor) -> paddle.Tensor:
-        """Walk 2: d(unit embeddings), and the squared norm of the centers' gradient (kept for step); or,
-        after :meth:`plan_update`, d(unit embeddings) and each chunk's update applied at once."""
-        stats = self._stats
+    def backward_walk(self, pending: HeadStep, grad_loss: paddle.Tensor) -> paddle.Tensor:
+        """Walk 2: d(unit embeddings), and the squared norm of the centers' gradient (kept for :meth:`apply`);
+        or, with the step's ``update_in_backward``, d(unit embeddings) and each chunk's update applied at once
+        (one walk, two matmuls per chunk fewer than :meth:`apply`'s own walk)."""
+        stats = pending.stats
         unit = stats.unit_embeddings
         stats.terms = RowTerms.of(stats, float(grad_loss) / unit.shape[0], self.margin)
         grad_embeddings = paddle.zeros_like(unit)
-        if self._planned is not None:
-            for index, chunk, grad in self.chunk_gradients():
+        update = pending.update_in_backward
+        if update is not None:
+            for index, chunk, grad in self.chunk_gradients(pending):
                 grad_embeddings.addmm_(grad, chunk.rows)  # before the update overwrites the rows
-                self.apply_chunk(index, chunk, grad, *self._planned)
-            self._finish_update(*self._planned[:3])
-            self._applied = True
+                self.apply_chunk(index, chunk, grad, update, stats)
+            self._finish_update(pending.index, update)
+            pending.applied = True
             return grad_embeddings
         unit64 = unit.astype("float64")
         unit_gram = paddle.matmul(unit64, unit64, transpose_y=True)
         sq_norm = paddle.zeros([], dtype="float64")
-        for _, chunk, grad in self.chunk_gradients():
+        for _, chunk, grad in self.chunk_gradients(pending):
             grad_embeddings.addmm_(grad, chunk.rows)
             sq_norm += center_grad_sq_norm(unit_gram, grad, chunk)
-        self._grad_sq_norm = sq_norm.astype("float32").reshape([1])
+        pending.grad_sq_norm = sq_norm.astype("float32").reshape([1])
         return grad_embeddings
 
-    def plan_update(self, lr: float, momentum: float, weight_decay: float, grad_scale: float = 1.0) -> None:
-        """Apply this step's update inside the backward walk (one walk, two matmuls per chunk fewer than
-        with :meth:`step`'s own walk). Only for a step nothing will skip (no loss scaling, no other check of
-        the centers' gradient): it is applied before any check could run, with ``grad_scale`` fixed here.
-        :meth:`step` then only closes the step."""
-        self._planned = (lr, momentum, weight_decay, grad_scale)
-
-    @property
-    def sampled_grad(self) -> None:
-        """The streaming head never holds the sampled centers' gradient: see :meth:`center_grads_to_check`."""
-        return None
-
-    def center_grads_to_check(self) -> list[paddle.Tensor]:
+    def center_grads(self, pending: HeadStep) -> list[paddle.Tensor]:
         """The squared norm of the centers' gradient: finite exactly when every gradient element is (an
-        overflow of the squares aside), so the trainer's found-inf check reads it. Nothing once the update
-        was applied in the backward (:meth:`plan_update`: no check can undo it)."""
-        return [] if self._applied else [self._pending_norm()]
-
-    def _pending_norm(self) -> paddle.Tensor:
-        if self._applied:
-            raise RuntimeError("StreamingPartialFC: the update was applied in the backward (plan_update)")
-        if self._grad_sq_norm is None:
+        overflow of the squares aside), so an inf/nan check reads it. Nothing when the backward applied the
+        update (``update_in_backward``: no check can undo it)."""
+        if pending.applied:
+            return []
+        if pending.grad_sq_norm is None:
             raise RuntimeError("StreamingPartialFC: no gradient before a backward pass")
-        return self._grad_sq_norm
-
-    def skip_step(self) -> None:
-        self._index = self._stats = self._grad_sq_norm = self._planned = None
-        self._applied = False
+        return [pending.grad_sq_norm]
 
     @paddle.no_grad()
-    def step(self, lr: float, momentum: float, weight_decay: float, grad_scale: float = 1.0) -> None:
-        """Walk 3: each chunk's center gradient, formed again and applied at once (times ``grad_scale``)."""
-        if self._applied:
-            if (lr, momentum, weight_decay, grad_scale) != self._planned:
-                raise RuntimeError("StreamingPartialFC.step() differs from the update planned and applied")
-            self.skip_step()
+    def apply(self, pending: HeadStep, update: CenterUpdate) -> None:
+        """Walk 3: each chunk's center gradient, formed again and applied at once (times
+        ``update.grad_scale``); nothing when the backward applied the committed update."""
+        require_committed(pending, update)
+        if pending.update_in_backward is not None:
+            if not pending.applied:
+                raise RuntimeError("StreamingPartialFC: the committed update was not applied by a backward")
             return
-        self._pending_norm()
-        for index, chunk, grad in self.chunk_gradients():
-            self.apply_chunk(index, chunk, grad, lr, momentum, weight_decay, grad_scale)
-        self._finish_update(lr, momentum, weight_decay)
-        self.skip_step()
+        self.center_grads(pending)  # the backward has run
+        if pending.applied:
+            raise RuntimeError("StreamingPartialFC: the step's update was applied already")
+        for index, chunk, grad in self.chunk_gradients(pending):
+            self.apply_chunk(index, chunk, grad, update, pending.stats)
+        self._finish_update(pending.index, update)
+        pending.applied = True
 
-    def apply_chunk(self, index, chunk: ChunkCosine, grad, lr, momentum, weight_decay, grad_scale) -> None:
+    def apply_chunk(self, index, chunk: ChunkCosine, grad, update: CenterUpdate, stats: SoftmaxStatistics
+                    ) -> None:
         """The chunk's center gradient, stepped into its rows and velocities (lazy sparse momentum)."""
         scratch = self._chunk_buffers.setdefault(("center_grad", index.shape[0]), ScratchRows())
-        center_grad = center_grad_of_chunk(self._stats.unit_embeddings, grad, chunk, scratch)
+        center_grad = center_grad_of_chunk(stats.unit_embeddings, grad, chunk, scratch)
         rows, velocity = chunk.rows, self.gather_chunk("velocity", index)
-        momentum_(rows, velocity, center_grad, lr, momentum, weight_decay, grad_scale)
+        momentum_(rows, velocity, center_grad, update.lr, update.momentum, update.weight_decay,
+                  update.grad_scale)
         scatter_rows_(self.velocity, index, velocity)
         scatter_rows_(self.weight, index, rows)
 
-    def _finish_update(self, lr: float, momentum: float, weight_decay: float) -> None:
+    def _finish_update(self, index: paddle.Tensor, update: CenterUpdate) -> None:
         if self.dense:
-            decay_unsampled_rows(self.weight, self.velocity, self._index, lr, momentum, weight_decay)
+            decay_unsampled_rows(self.weight, self.velocity, index, update.lr, update.momentum,
+                                 update.weight_decay)
 
 
 @paddle.no_grad()

@@ -57,7 +57,7 @@ def _as_dtype(tensor, dtype):
 
 
 # Paddle names a float16 parameter's float32 master weight <parameter name>_fp32_master_0 (made in a fresh
-# name scope, as Trainer.train_step steps) and each optimizer accumulator <owner>_<kind>_0, whose owner is the
+# name scope, as TrainStep steps) and each optimizer accumulator <owner>_<kind>_0, whose owner is the
 # master weight where the optimizer keeps one (multi-precision, a float16 parameter), else the parameter.
 MASTER_SUFFIX = "_fp32_master_0"
 

@@ -1,0 +1,147 @@
+"""One training step, top to bottom: forward, loss, backward, the backbone gradients' all-reduce, the
+collective inf/nan check, the backbone's clip, the optimizer step, the class centers' update.
+
+The one decision of the step is made once, when it is built: whether the head may apply its update inside the
+backward. Only when nothing can skip the step: without loss scaling there is no inf/nan check, and clipping
+never touches the class centers (PLSC v2.2 clips the backbone alone, parallel_grad_scaler.py:21-62), so the
+centers' update is known before the backward and its gradient need not be kept. Under loss scaling the update
+waits for the check, which covers the backbone's gradients, known only after the whole backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+
+import paddle
+
+from plsc.config import Config
+from plsc.data import normalize_batch
+from plsc.engine.loss_scaler import DynamicLossScaler, found_inf_anywhere
+from plsc.errors import PlscError
+from plsc.loss.partial_fc import CenterUpdate, HeadStep
+
+log = logging.getLogger("plsc.train")
+
+
+class TrainingDiverged(PlscError):
+    """The loss or the weights became non-finite, or too many steps in a row were skipped for inf/nan
+    gradients. Raised before anything is saved from the non-finite state, on every rank at the same step."""
+
+
+def diverged(step: int, reason: str, latest_checkpoint) -> TrainingDiverged:
+    """The error that ends a diverged run at ``step`` (1-based), naming the checkpoint a restart takes."""
+    kept = f"the last checkpoint is {latest_checkpoint}" if latest_checkpoint else "no checkpoint was saved"
+    return TrainingDiverged(f"training diverged at step {step}: {reason}; nothing was saved from it "
+                            f"({kept}); try a lower optim.lr or optim.clip_norm > 0")
+
+
+class TrainStep:
+    """``step(images, labels, step, lr) -> loss``: one step of the data-parallel backbone and the
+    class-sharded head. ``backbone`` and ``head_loss`` are the model's forward and the head's loss as
+    :mod:`plsc.engine.modes` compiled them (or not); ``checkpoints`` names the last checkpoint when the run
+    diverges."""
+
+    def __init__(self, config: Config, model, backbone, head, head_loss, optimizer,
+                 scaler: DynamicLossScaler, comm, amp_level: str | None, checkpoints):
+        self.model, self.backbone, self.head, self.head_loss = model, backbone, head, head_loss
+        self.optimizer, self.scaler, self.comm, self.checkpoints = optimizer, scaler, comm, checkpoints
+        self.optim, self.train = config.optim, config.train
+        self.autocast = contextlib.nullcontext
+        if amp_level:
+            self.autocast = lambda: paddle.amp.auto_cast(level=amp_level)
+        self.update_in_backward = not scaler.enabled  # the step's one decision (module docstring)
+        self.skipped_steps = 0  # steps dropped for an inf/nan gradient (loss scaling)
+        self.skipped_in_a_row = 0
+
+    def __call__(self, images: paddle.Tensor, labels: paddle.Tensor, step: int, lr: float) -> float:
+        """Train on one batch at 0-based ``step`` with learning rate ``lr``; the global batch's mean loss."""
+        optim, scaler = self.optim, self.scaler
+        self.model.train()
+        unscale = (1.0 / scaler.scale) / optim.grad_divisor  # a disabled scaler's scale is 1
+        # Center gradients were scaled with the loss too (train.unscale_center_grads: whether that is undone).
+        center_scale = unscale if self.train.unscale_center_grads else 1.0 / optim.grad_divisor
+        update = CenterUpdate(lr, optim.momentum, optim.weight_decay, center_scale)
+        assert not (self.update_in_backward and scaler.enabled), "a skippable step updated in the backward"
+        pending = self.head.prepare(labels, step, update if self.update_in_backward else None)
+        loss = self.forward_loss(images, pending)
+        (loss * scaler.scale if scaler.enabled else loss).backward()
+        grads = self.all_reduce_backbone_grads()
+        if scaler.enabled and found_inf_anywhere(grads + self.head.center_grads(pending), self.comm):
+            self.skip(step + 1)  # the head's step is dropped with ``pending``
+            return float(loss)
+        self.skipped_in_a_row = 0
+        backbone_scale = clip_factor(grads, unscale, optim.clip_norm, optim.clip_max_factor) * unscale
+        if backbone_scale != 1.0:
+            with paddle.no_grad():
+                for grad in grads:
+                    grad.scale_(backbone_scale)
+        self.optimizer.set_lr(lr)
+        # The optimizer names its velocity tensors on its first step from the process-wide name counter, and
+        # restores saved state by those names: a fresh name scope makes them the same in every run.
+        with paddle.utils.unique_name.guard():
+            self.optimizer.step()
+        self.optimizer.clear_grad()
+        self.head.apply(pending, update)
+        if scaler.enabled:
+            scaler.update(found_inf=False)
+        loss_value = float(loss)
+        if not math.isfinite(loss_value):
+            # Without loss scaling nothing skips the step. The loss is the global batch's, the same on every
+            # rank, so every rank stops here; the weights this step changed are never saved.
+            raise diverged(step + 1, f"the loss is {loss_value}", self.checkpoints.latest())
+        return loss_value
+
+    def forward_loss(self, images: paddle.Tensor, pending: HeadStep) -> paddle.Tensor:
+        """The step's loss (the global batch's mean, the same on every rank) over the head's sampled centers
+        (``pending``), gradients still to take; ``images`` is a loader batch (uint8 pixels), normalised here.
+
+        Static mode runs two compiled programs here: the backbone, and the head's loss with its collectives.
+        The all_gather of the embeddings between them stays eager: Paddle 3's static graph (PIR) has no
+        all_gather (``dist.all_gather`` appends a legacy-program op), and Paddle 2.6's has no PyLayer with
+        collectives in it.
+        """
+        with self.autocast():
+            embeddings = self.backbone(normalize_batch(images))
+        if embeddings.dtype != paddle.float32:
+            embeddings = embeddings.astype("float32")  # the margin softmax computes in float32
+        return self.head_loss(self.comm.all_gather_with_grad(embeddings), pending)
+
+    def all_reduce_backbone_grads(self) -> list[paddle.Tensor]:
+        """The backbone's gradients (of the parameters that have one, in order), summed over the ranks in
+        place: each rank's covers its own samples of the global-mean loss."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        self.comm.all_reduce_sum_coalesced_(grads, self.train.allreduce_bucket_mb * 2**20)
+        return grads
+
+    def skip(self, step: int) -> None:
+        """An inf/nan gradient on some rank at (1-based) ``step``: every rank drops the step (backbone and
+        class centers untouched; BatchNorm's running statistics have already seen the batch, as with Paddle's
+        GradScaler)."""
+        self.optimizer.clear_grad()
+        log.warning("step %d: inf/nan gradient at loss scale %g, step skipped", step, self.scaler.scale)
+        self.scaler.update(found_inf=True)
+        self.skipped_steps += 1
+        self.skipped_in_a_row += 1
+        limit = self.train.max_skipped_steps
+        if self.skipped_in_a_row >= limit:  # the skip decision is collective: every rank stops here
+            raise diverged(step, f"{limit} steps in a row skipped for inf/nan gradients "
+                           f"(train.max_skipped_steps), loss scale down to {self.scaler.scale:g}",
+                           self.checkpoints.latest())
+
+
+def clip_factor(grads: list[paddle.Tensor], unscale: float, clip_norm: float, max_factor: float) -> float:
+    """The backbone's clip factor, ``min(clip_norm / (norm + 1e-6), max_factor)`` (1 without clipping), as
+    PLSC v2.2's dynamic mode clips after the all-reduce and the unscale (parallel_grad_scaler.py:21-62,
+    159-197). The class centers are never clipped.
+
+    ``unscale``: the factor that turns the summed gradients into the ones the update takes (undoing loss
+    scaling, dividing by ``optim.grad_divisor``); the norm is theirs. Backbone gradients are identical on
+    every rank after their all-reduce, so every rank computes the same factor.
+    """
+    if clip_norm <= 0:
+        return 1.0
+    squares = paddle.add_n([paddle.square(grad.astype("float32")).sum() for grad in grads])
+    norm = math.sqrt(squares.item()) * unscale
+    return min(clip_norm / (norm + 1e-6), max_factor)
