@@ -163,7 +163,8 @@ def _run_eval(args) -> int:
     else:
         if args.roc is not None:
             raise PlscError("--roc draws an IJB ROC: it needs --ijb")
-        evaluate, source = (evaluate_run, args.run_folder) if args.run_folder else (evaluate_model, args.model)
+        run = args.run_folder
+        evaluate, source = (evaluate_run, run) if run else (evaluate_model, args.model)
         results = evaluate(source, args.bins, args.batch_size, progress=True, engine=args.engine,
                            **_model_hints(args))
         _print_metrics(results, f"verification of {source}")
@@ -182,7 +183,8 @@ def _run_ijb(args) -> dict:
     from plsc.eval.sources import identify, open_model
 
     if args.run_folder or args.bins:
-        raise PlscError("--ijb evaluates one model on an IJB set: give --checkpoint/--model, not --run or --bin")
+        raise PlscError("--ijb evaluates one model on an IJB set: give --checkpoint/--model, "
+                        "not --run or --bin")
     embed, image_size = open_model(identify(args.model, args.engine), args.engine, **_model_hints(args))
     results = evaluate_ijb(embed, image_size, args.ijb, args.target, args.batch_size, progress=True,
                            roc_output=args.roc)

@@ -213,7 +213,8 @@ def test_features_and_scores_match_the_reference_closely(layout):
     np.testing.assert_array_equal(features, ref_features)
     pooled, ids = ijb.template_features(ijb.face_inputs(features, meta.scores), meta.templates, meta.medias)
     _, ref_cosines = reference_scores(layout, "IJBC", ref_features, ref_detector)
-    np.testing.assert_allclose(ijb.pair_scores(pooled, ids, meta.pair_templates), ref_cosines, rtol=0, atol=1e-12)
+    cosines = ijb.pair_scores(pooled, ids, meta.pair_templates)
+    np.testing.assert_allclose(cosines, ref_cosines, rtol=0, atol=1e-12)
 
 
 def test_cli_writes_json_and_roc(layout, tmp_path, capsys, monkeypatch):
@@ -233,7 +234,8 @@ def test_cli_writes_json_and_roc(layout, tmp_path, capsys, monkeypatch):
 def test_missing_meta_and_bad_flags_are_one_line_errors(layout, tmp_path, capsys):
     with pytest.raises(PlscError, match="ijbb_name_5pts_score.txt"):
         ijb.read_meta(layout, "IJBB")
-    assert cli.main(["eval", "--model", str(tmp_path), "--bin", "x.bin", "--roc", str(tmp_path / "r.png")]) == 2
+    roc = str(tmp_path / "r.png")
+    assert cli.main(["eval", "--model", str(tmp_path), "--bin", "x.bin", "--roc", roc]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "plsc: error: --roc draws an IJB ROC: it needs --ijb"
 

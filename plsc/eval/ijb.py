@@ -173,7 +173,8 @@ def pair_scores(features: np.ndarray, template_ids: np.ndarray, pair_templates: 
     scores = np.empty(len(pair_templates))
     for start in range(0, len(rows), PAIR_CHUNK):
         chunk = rows[start : start + PAIR_CHUNK]
-        scores[start : start + len(chunk)] = np.einsum("ij,ij->i", features[chunk[:, 0]], features[chunk[:, 1]])
+        first, second = features[chunk[:, 0]], features[chunk[:, 1]]
+        scores[start : start + len(chunk)] = np.einsum("ij,ij->i", first, second)
     return scores
 
 
