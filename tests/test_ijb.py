@@ -248,3 +248,27 @@ def test_pairs_naming_unknown_templates_are_refused(layout, tmp_path):
     ijb.meta_file(copy, "IJBC", "template_pair_label").write_text("1 999 1\n1 2 0\n")
     with pytest.raises(PlscError, match="1 templates have no face"):
         ijb.read_meta(copy, "IJBC")
+
+
+def test_cli_runs_a_plsc22_checkpoint_as_its_source_model(layout, tmp_path):
+    """A real model kind end to end (identify, restore, dygraph embedder, 112 px alignment, NCHW): the
+    command's numbers are those of the model the checkpoint was written from, run directly."""
+    import paddle
+    from model_weights import random_state
+    from test_plsc22_import import write_backbone, write_meta
+
+    from plsc.eval.embedders import DygraphEmbedder
+    from plsc.models import MODELS
+
+    source = MODELS["iresnet18"](embedding_size=16, width=0.125, data_format="NCHW", input_size=112)
+    state = random_state(source)
+    source.set_state_dict({key: paddle.to_tensor(value) for key, value in state.items()})
+    source.eval()
+    checkpoint = tmp_path / "plsc22"
+    write_backbone(checkpoint, source, state)
+    write_meta(checkpoint, 16, 10, 1)
+    out = tmp_path / "ijb.json"
+    assert cli.main(["eval", "--model", str(checkpoint), "--ijb", str(layout), "--engine", "dygraph",
+                     "--batch-size", "32", "--json", str(out)]) == 0
+    expected = ijb.evaluate_ijb(DygraphEmbedder(source, "NCHW"), 112, layout, "IJBC", batch_size=32)
+    assert json.loads(out.read_text()) == expected
