@@ -272,3 +272,12 @@ def test_cli_runs_a_plsc22_checkpoint_as_its_source_model(layout, tmp_path):
                      "--batch-size", "32", "--json", str(out)]) == 0
     expected = ijb.evaluate_ijb(DygraphEmbedder(source, "NCHW"), 112, layout, "IJBC", batch_size=32)
     assert json.loads(out.read_text()) == expected
+
+
+def test_roc_without_matplotlib_and_ijb_with_run_are_one_line_errors(layout, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib.figure", None)  # import fails as if missing
+    with pytest.raises(PlscError, match=r"^plsc eval --roc needs matplotlib: pip install 'plsc\[plot\]'$"):
+        ijb.draw_roc(np.array([0.0, 1.0]), np.array([0.0, 1.0]), "IJBC", tmp_path / "roc.png")
+    (tmp_path / "run").mkdir()
+    assert cli.main(["eval", "--run", str(tmp_path / "run"), "--ijb", str(layout)]) == 2
+    assert capsys.readouterr().err.strip().startswith("plsc: error: --ijb evaluates one model")

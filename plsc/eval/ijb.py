@@ -8,18 +8,18 @@ target ``IJBC`` (``IJBB`` likewise, in lower case):
 - ``ijbc_template_pair_label.txt``: ``template_id template_id label`` (1 same subject, 0 different).
 
 Protocol (the behaviour of insightface's recognition/arcface_torch/eval_ijbc.py with its defaults
-``use_norm_score``, ``use_detector_score`` and ``use_flip_test`` all true, lines 44-46):
+``use_norm_score``, ``use_detector_score`` and ``use_flip_test`` all true, lines 47-49):
 
 - each face is aligned on its five landmarks to the ArcFace template (:func:`plsc.faces.align.align_face`);
   the model embeds it and its mirror image (RGB, ``(x / 255 - 0.5) / 0.5``) and the two raw embeddings are
-  summed (eval_ijbc.py:89-100, 370-376);
+  summed (eval_ijbc.py:75-110, 387-394);
 - the sum keeps its norm (``use_norm_score``: no normalisation per face) and is multiplied by the face's
-  detector score (eval_ijbc.py:379-390);
+  detector score (eval_ijbc.py:396-407);
 - a template's feature is the sum over its media of the mean of the media's faces, L2-normalised
-  (eval_ijbc.py:209-240); a pair's score is the cosine of its two templates (eval_ijbc.py:246-275);
+  (eval_ijbc.py:212-246); a pair's score is the cosine of its two templates (eval_ijbc.py:252-278);
 - the ROC is sklearn's ``roc_curve(label, score)`` (default ``drop_intermediate=True``), and TAR at a FAR is
   the TPR of the ROC point whose FPR is nearest to the FAR, the largest TPR among equally near points
-  (eval_ijbc.py:443-460). :func:`roc_curve` computes the same points with numpy.
+  (eval_ijbc.py:451-470). :func:`roc_curve` computes the same points with numpy.
 
 Faces are read, aligned and embedded in batches (memory: one batch of images plus the [faces, d] features).
 """
@@ -39,8 +39,8 @@ from plsc.eval.verification import embed_batch
 from plsc.faces.align import align_face
 
 TARGETS = ("IJBC", "IJBB")
-FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # the columns of insightface's table (eval_ijbc.py:438)
-PAIR_CHUNK = 100_000  # pairs scored at once: [chunk, d] float64 twice
+FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # the columns of insightface's table (eval_ijbc.py:451)
+PAIR_CHUNK = 20_000  # pairs scored at once: two [chunk, d] float64 gathers (160 MB at d = 512)
 _trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy 2 renamed trapz (numpy < 2 with Paddle 2.6)
 
 
@@ -97,8 +97,11 @@ def _read_rows(path: Path, fields: int) -> list[list[str]]:
 
 
 def _numbers(rows: list[list[str]], dtype, path: Path) -> np.ndarray:
+    # Decimal text -> float64 -> float32 for landmarks and scores, as eval_ijbc.py:171 and 203 round them
+    # (Python floats first), rather than straight to float32.
+    parse = np.float64 if dtype == np.float32 else dtype
     try:
-        return np.array(rows, dtype=np.float64 if dtype == np.float32 else dtype).astype(dtype)
+        return np.array(rows, dtype=parse).astype(dtype)
     except ValueError:
         raise PlscError(f"{path}: a field that should be a number is not") from None
 
