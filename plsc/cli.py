@@ -137,6 +137,12 @@ def _add_eval(sub) -> None:
     p.add_argument("--bin", dest="bins", action="extend", nargs="+", default=None, metavar="FILE",
                    help="insightface .bin verification files (--bin a.bin b.bin, or repeated); default: the "
                         "data.val_bins of the run's config.yaml or of the plsc checkpoint's saved config")
+    p.add_argument("--ijb", default=None, metavar="ROOT",
+                   help="IJB-B/IJB-C 1:1 verification (TAR at FAR 1e-6..1e-1) on insightface's IJB layout: "
+                        "ROOT/loose_crop and ROOT/meta (instead of .bin files)")
+    p.add_argument("--target", choices=["IJBC", "IJBB"], default="IJBC", help="the IJB set (default IJBC)")
+    p.add_argument("--roc", default=None, metavar="IMAGE",
+                   help="with --ijb: draw the ROC to this file (needs matplotlib: pip install 'plsc[plot]')")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--engine", choices=["auto", "paddle", "dygraph", "onnx"], default="auto",
@@ -144,7 +150,7 @@ def _add_eval(sub) -> None:
                         "model's own forward), auto (Paddle Inference on the CPU, dygraph on a GPU; "
                         "default); for an export folder holding both formats: paddle or onnx (auto: paddle)")
     _add_model_flags(p)
-    p.set_defaults(run=_run_eval, outputs={"json": "file"})
+    p.set_defaults(run=_run_eval, outputs={"json": "file", "roc": "file"})
 
 
 def _add_model_flags(p) -> None:
@@ -162,16 +168,40 @@ def _model_hints(args) -> dict:
 def _run_eval(args) -> int:
     from plsc.eval.runner import evaluate_model, evaluate_run
 
-    evaluate, source = (evaluate_run, args.run_folder) if args.run_folder else (evaluate_model, args.model)
-    results = evaluate(source, args.bins, args.batch_size, progress=True, engine=args.engine,
-                       **_model_hints(args))
-    _print_metrics(results, f"verification of {source}")
+    if args.ijb is not None:
+        results = _run_ijb(args)
+    else:
+        if args.roc is not None:
+            raise PlscError("--roc draws an IJB ROC: it needs --ijb")
+        run = args.run_folder
+        evaluate, source = (evaluate_run, run) if run else (evaluate_model, args.model)
+        results = evaluate(source, args.bins, args.batch_size, progress=True, engine=args.engine,
+                           **_model_hints(args))
+        _print_metrics(results, f"verification of {source}")
     if args.json:
         from plsc import strict_json
         from plsc.atomic import write_atomic
 
         write_atomic(Path(args.json), strict_json.dumps(results, indent=1) + "\n")
     return 0
+
+
+def _run_ijb(args) -> dict:
+    from tabulate import tabulate
+
+    from plsc.eval.ijb import evaluate_ijb
+    from plsc.eval.sources import identify, open_model
+
+    if args.run_folder or args.bins:
+        raise PlscError("--ijb evaluates one model on an IJB set: give --checkpoint/--model, "
+                        "not --run or --bin")
+    embed, image_size = open_model(identify(args.model, args.engine), args.engine, **_model_hints(args))
+    results = evaluate_ijb(embed, image_size, args.ijb, args.target, args.batch_size, progress=True,
+                           roc_output=args.roc)
+    (tars,) = [metrics["tar_at_far"] for metrics in results.values()]
+    print(f"{args.target} 1:1 verification of {args.model} (TAR at FAR)")
+    print(tabulate([[args.target, *tars.values()]], headers=["set", *tars], floatfmt=".4f"))
+    return results
 
 
 def _print_metrics(results: dict, title: str) -> None:

@@ -184,9 +184,9 @@ def embed_verification_set(
     with Progress(vset.pairs, f"verify {vset.name}", "pairs", enabled=progress) as bar:
         for start in range(0, len(vset.images), batch_size):
             batch = vset.images[start : start + batch_size]
-            plain.append(_embed_batch(model_fn, batch, data_format))
+            plain.append(embed_batch(model_fn, batch, data_format))
             mirrored = batch[:, :, ::-1, :]  # along the width
-            flipped.append(_embed_batch(model_fn, mirrored, data_format))
+            flipped.append(embed_batch(model_fn, mirrored, data_format))
             bar.update(_pairs_completed(start, len(batch)))
     return np.concatenate(plain), np.concatenate(flipped)
 
@@ -196,7 +196,7 @@ def _pairs_completed(start: int, count: int) -> int:
     return (start + count) // 2 - start // 2
 
 
-def _embed_batch(model_fn: ModelFn, images_uint8: np.ndarray, data_format: str) -> np.ndarray:
+def embed_batch(model_fn: ModelFn, images_uint8: np.ndarray, data_format: str) -> np.ndarray:
     # x / 127.5 - 1 is (x / 255 - 0.5) / 0.5 in one pass over the batch.
     batch = images_uint8.astype(np.float32) * np.float32(1 / 127.5) - np.float32(1.0)
     if data_format == "NCHW":
