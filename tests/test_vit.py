@@ -45,7 +45,8 @@ def closed_form_parameters(dim: int, depth: int, image: int = 112, embedding: in
     attention = dim * 3 * dim + dim * dim + dim  # qkv (no bias) + proj (bias)
     mlp = dim * MLP_RATIO * dim + MLP_RATIO * dim + MLP_RATIO * dim * dim + dim
     block = 2 * 2 * dim + attention + mlp  # two LayerNorms
-    head = patches * dim * dim + 2 * dim + dim * embedding + 2 * embedding  # two bias-free Linears + BN affine
+    # two bias-free Linears, each followed by a BN's affine pair
+    head = patches * dim * dim + 2 * dim + dim * embedding + 2 * embedding
     return patch_embed + tokens + depth * block + 2 * dim + head  # + final LayerNorm
 
 
@@ -87,7 +88,7 @@ def test_multiply_adds_of_tiny_widths_follow_the_closed_form(name, image):
     assert multiply_adds(model, image) == closed_form_multiply_adds(dim // 16, depth, image, 16)
 
 
-# --- patch masking and drop path -----------------------------------------------------------------------------
+# --- patch masking and drop path ----------------------------------------------------------------------------
 
 
 def tiny_vit(mask_ratio=None, drop=0.0, name="vit_t", **options):
@@ -212,8 +213,8 @@ def train_losses(tiny_dir, output, *extra):
     sets = [f"data.root={tiny_dir}", "data.val_bins=[]", "data.num_workers=0", *TINY_VIT, "loss.scale=16",
             "loss.sample_ratio=0.5", "optim.lr=0.01", "train.batch_size=48", "train.max_steps=3",
             "train.log_interval=1", "train.eval_interval=0", *extra]
-    config = ["--config", str(mini_config(tiny_dir))]
-    assert cli.main(["train", *config, "--output", str(output), *[a for s in sets for a in ("--set", s)]]) == 0
+    config = ["--config", str(mini_config(tiny_dir)), "--output", str(output)]
+    assert cli.main(["train", *config, *[a for s in sets for a in ("--set", s)]]) == 0
     lines = (output / "train_log.jsonl").read_text().splitlines()
     return [record["loss"] for record in map(json.loads, lines) if "loss" in record]
 

@@ -56,11 +56,9 @@ def build_model(cfg, image_size: int = 112) -> nn.Layer:
 
 def _vit_options(cfg) -> dict:
     """The ViT-only settings, refused for a backbone without patches rather than silently ignored."""
-    options = {"mask_ratio": cfg.patch_mask_ratio, "drop_path": cfg.drop_path}
     if cfg.name in vit.ARCHS:
-        return options
-    given = [f"model.{key}" for key, value in zip(("patch_mask_ratio", "drop_path"), options.values())
-             if value is not None]
+        return {"mask_ratio": cfg.patch_mask_ratio, "drop_path": cfg.drop_path}
+    given = [f"model.{key}" for key in ("patch_mask_ratio", "drop_path") if getattr(cfg, key) is not None]
     if given:
         raise PlscError(f"{' and '.join(given)} apply to ViT models only ({', '.join(vit.ARCHS)}), "
                         f"not {cfg.name}")

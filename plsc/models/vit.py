@@ -111,7 +111,7 @@ class SelfAttention(nn.Layer):
 
     @staticmethod
     def matmul_multiply_adds(output: paddle.Tensor) -> int:
-        """Output [N, T, D]: each product is T x T x D multiply-adds per image (per head T x T x D / heads)."""
+        """Output [N, T, D]: each of the two products is T x T x D multiply-adds per image (all heads)."""
         batch, tokens, dim = output.shape
         return 2 * batch * tokens * tokens * dim
 
@@ -180,7 +180,8 @@ class VisionTransformer(nn.Layer):
         tokens = x.flatten(2).transpose([0, 2, 1]) + self.pos_embed  # [N, patches, dim], row-major grid
         masking = self.training and self.kept_patches() < self.num_patches
         if masking:
-            order = paddle.argsort(paddle.rand(paddle.shape(tokens)[:2]), axis=1)  # a random permutation per image
+            # a random permutation of the patches per image
+            order = paddle.argsort(paddle.rand(paddle.shape(tokens)[:2]), axis=1)
             x = _gather_tokens(tokens, order[:, : self.kept_patches()])
         else:
             x = tokens
