@@ -138,6 +138,13 @@ class ModelConfig:
     width: float = 1.0  # multiplier on every stage's channel count; tests use tiny models
     data_format: typing.Literal["NCHW", "NHWC"] = "NCHW"
     dropout: float = 0.0
+    # ViT models only. Fraction of each image's patches a training step hides from the transformer blocks
+    # (a learned mask token takes their place before the feature head); none in evaluation. None: the
+    # model's arcface_torch value (0.1 for every size).
+    patch_mask_ratio: float | None = None
+    # ViT models only. Stochastic-depth rate of the last block (rising linearly from 0 at the first), in
+    # training. None: the model's arcface_torch value (0.1; vit_l 0.05).
+    drop_path: float | None = None
 
 
 @dataclass
@@ -248,12 +255,17 @@ def _coerce(value, annotation, where: str):
         return [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         errors = []
-        for option in typing.get_args(annotation):
+        # None first, so a wrong value is reported against the real type ("expected a number").
+        for option in sorted(typing.get_args(annotation), key=lambda option: option is not type(None)):
             try:
                 return _coerce(value, option, where)
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[-1])
+    if annotation is type(None):  # the None of an optional setting: YAML null
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null, got {_shown.repr(value)}")
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -443,6 +455,8 @@ _RULES: list[tuple[str, typing.Callable[[typing.Any], bool], str]] = [
     # Parameters grow with width squared: width 8 is an IResNet-50 of ~2 G parameters (8 GiB float32).
     ("model.width", lambda v: v <= 8, "<= 8"),
     ("model.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("model.patch_mask_ratio", lambda v: v is None or 0 <= v < 1, "in [0, 1) or null (the model's own)"),
+    ("model.drop_path", lambda v: v is None or 0 <= v < 1, "in [0, 1) or null (the model's own)"),
     ("loss.scale", lambda v: v > 0, "> 0"),
     ("loss.sample_ratio", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("loss.chunk_size", lambda v: v >= 0, ">= 0 (0: the whole-matrix head)"),

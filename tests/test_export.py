@@ -1,7 +1,8 @@
 """Export (Paddle Inference, ONNX) and inference: parity with dygraph, layouts, batch sizes, files, errors.
 
-Tiny IResNet-18 checkpoints (width 0.125, embedding 16, 32 px), trained NCHW and NHWC, are written with plsc's
-own checkpoint code; each is exported once in both formats. ONNX tests skip without a usable paddle2onnx and
+Tiny IResNet-18 checkpoints (width 0.125, embedding 16, 32 px), trained NCHW and NHWC, and a tiny ViT-T (width
+1/16: 16 channels, 3 x 3 patches at 32 px) are written with plsc's own checkpoint code; each is exported once
+in both formats. ONNX tests skip without a usable paddle2onnx and
 onnxruntime (pip install 'plsc[export]'; paddle2onnx 1.3.1 with Paddle 2.6).
 """
 
@@ -39,6 +40,8 @@ TINY_MODEL = [
     "model.embedding_size=16",
     f"data.image_size={IMAGE_SIZE}",
 ]
+# (name, width, data_format) of the exported checkpoints
+EXPORTED_MODELS = [("iresnet18", 0.125, "NCHW"), ("iresnet18", 0.125, "NHWC"), ("vit_t", 0.0625, "NCHW")]
 
 
 def onnx_usable() -> bool:
@@ -57,9 +60,11 @@ needs_onnx = pytest.mark.skipif(not onnx_usable(), reason="needs paddle2onnx and
 # Fixtures
 
 
-def write_checkpoint(directory: Path, data_format: str, seed: int) -> Path:
+def write_checkpoint(directory: Path, data_format: str, seed: int, name: str = "iresnet18",
+                     width: float = 0.125) -> Path:
     """A plsc checkpoint of a tiny backbone with random weights, saved by plsc's own checkpoint code."""
-    config = load_config(overrides=[*TINY_MODEL, f"model.data_format={data_format}"])
+    config = load_config(overrides=[*TINY_MODEL, f"model.data_format={data_format}", f"model.name={name}",
+                                    f"model.width={width}"])
     paddle.seed(seed)
     from plsc.models import build_model
 
@@ -88,11 +93,12 @@ def images(tmp_path_factory) -> Path:
     return write_images(tmp_path_factory.mktemp("images"))
 
 
-@pytest.fixture(scope="module", params=["NCHW", "NHWC"])
+@pytest.fixture(scope="module", params=EXPORTED_MODELS, ids=lambda model: f"{model[0]}-{model[2]}")
 def exported(request, tmp_path_factory):
     """(checkpoint, export folder) for a tiny model trained in the given layout; both formats exported."""
-    root = tmp_path_factory.mktemp(f"export_{request.param}")
-    checkpoint = write_checkpoint(root / "run" / "best_model" / "lfw", request.param, seed=3)
+    name, width, data_format = request.param
+    root = tmp_path_factory.mktemp(f"export_{name}_{data_format}")
+    checkpoint = write_checkpoint(root / "run" / "best_model" / "lfw", data_format, 3, name, width)
     output = root / "exported_model"
     export_checkpoint(checkpoint, output, "paddle")
     if onnx_usable():
@@ -136,19 +142,20 @@ def test_export_description(exported):
         "layout": "NCHW",
         "normalization": "RGB, (x / 255 - 0.5) / 0.5",
     }
-    trained = json.loads((checkpoint / "manifest.json").read_text())["config"]["model"]["data_format"]
+    trained = json.loads((checkpoint / "manifest.json").read_text())["config"]["model"]
     assert description["model"] == {
-        "name": "iresnet18",
+        "name": trained["name"],
         "embedding_size": 16,
-        "width": 0.125,
-        "trained_data_format": trained,
+        "width": trained["width"],
+        "trained_data_format": trained["data_format"],
     }
+    assert (trained["name"], trained["width"], trained["data_format"]) in EXPORTED_MODELS
     assert description["source"] == {"checkpoint": str(checkpoint.resolve()), "format": "plsc"}
     paddle_files = description["artifacts"]["paddle"]["files"]
     assert {Path(name).suffix for name in paddle_files} >= {".pdiparams"}
     assert all((output / name).is_file() for name in paddle_files)
     if onnx_usable():  # exporting the second format kept the first in export.json
-        assert description["artifacts"]["onnx"]["files"] == ["iresnet18.onnx"]
+        assert description["artifacts"]["onnx"]["files"] == [f"{trained['name']}.onnx"]
     assert not [p for p in output.iterdir() if p.name.startswith(".")]  # no staging left behind
     assert not [p for p in output.parent.iterdir() if p.name.startswith(".")]
 
@@ -157,8 +164,9 @@ def test_export_description(exported):
 def test_onnx_batch_axis_is_dynamic(exported):
     import onnxruntime
 
-    _, output = exported
-    session = onnxruntime.InferenceSession(str(output / "iresnet18.onnx"), providers=["CPUExecutionProvider"])
+    checkpoint, output = exported
+    name = json.loads((checkpoint / "manifest.json").read_text())["config"]["model"]["name"]
+    session = onnxruntime.InferenceSession(str(output / f"{name}.onnx"), providers=["CPUExecutionProvider"])
     batch_dim = session.get_inputs()[0].shape[0]
     assert not isinstance(batch_dim, int)  # a symbolic name, not a fixed size
     assert session.get_inputs()[0].shape[1:] == [3, IMAGE_SIZE, IMAGE_SIZE]

@@ -12,7 +12,7 @@ from typing import Callable
 from paddle import nn
 
 from plsc.errors import PlscError
-from plsc.models import iresnet, mobilefacenet
+from plsc.models import iresnet, mobilefacenet, vit
 from plsc.models.iresnet import (
     IResNet,
     iresnet18,
@@ -35,6 +35,8 @@ MODELS: dict[str, Callable[..., nn.Layer]] = {
     "FresResNet50": iresnet50,
     "FresResNet100": iresnet100,
     "MobileFaceNet_128": mobilefacenet.mobilefacenet,
+    # insightface arcface_torch's face ViTs (they also take model.patch_mask_ratio and model.drop_path).
+    **{name: getattr(vit, name) for name in vit.ARCHS},
 }
 
 
@@ -48,7 +50,19 @@ def build_model(cfg, image_size: int = 112) -> nn.Layer:
         data_format=cfg.data_format,
         dropout=cfg.dropout,
         input_size=image_size,
+        **_vit_options(cfg),
     )
+
+
+def _vit_options(cfg) -> dict:
+    """The ViT-only settings, refused for a backbone without patches rather than silently ignored."""
+    if cfg.name in vit.ARCHS:
+        return {"mask_ratio": cfg.patch_mask_ratio, "drop_path": cfg.drop_path}
+    given = [f"model.{key}" for key in ("patch_mask_ratio", "drop_path") if getattr(cfg, key) is not None]
+    if given:
+        raise PlscError(f"{' and '.join(given)} apply to ViT models only ({', '.join(vit.ARCHS)}), "
+                        f"not {cfg.name}")
+    return {}
 
 
 def plsc22_names(model: nn.Layer) -> dict[str, Plsc22Name]:

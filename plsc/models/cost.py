@@ -3,7 +3,10 @@
 Multiply-adds count the convolutions and fully connected layers, the convention of insightface's published
 figures (IResNet-50 at 112 x 112: 6.3 G, IResNet-100: 12.1 G); BatchNorm, PReLU and the additions of the
 residual sums are left out. A convolution costs ``(in_channels / groups) * kernel_h * kernel_w`` per output
-element and a Linear ``in_features`` per output element, whatever the layout.
+element and a Linear ``in_features`` per output element, whatever the layout. Layers whose products are
+not sublayers (a ViT's attention: queries x keys and weights x values) report them through a
+``matmul_multiply_adds(output)`` method, counted as arcface_torch counts them for its ViT figures (ViT-B
+11.4 G: backbones/vit.py ``extra_gflops``).
 """
 
 from __future__ import annotations
@@ -44,8 +47,13 @@ def multiply_adds(model: nn.Layer, image_size: int, data_format: str = "NCHW") -
     def count(layer, inputs, output):
         counted[0] += _layer_multiply_adds(layer, output)
 
+    def count_matmuls(layer, inputs, output):
+        counted[0] += layer.matmul_multiply_adds(output)
+
     hooks = [layer.register_forward_post_hook(count) for layer in model.sublayers()
              if isinstance(layer, (nn.Conv2D, nn.Linear))]
+    hooks += [layer.register_forward_post_hook(count_matmuls) for layer in model.sublayers()
+              if hasattr(layer, "matmul_multiply_adds")]
     shape = [1, 3, image_size, image_size] if data_format == "NCHW" else [1, image_size, image_size, 3]
     training = model.training
     model.eval()
