@@ -138,10 +138,12 @@ def center_bytes_per_class(head: PartialFC) -> float:
 
 def test_fp16_stores_centers_in_half_the_bytes_and_follows_fp32(tiny_trainer, tmp_path):
     """Float16 storage rounds every center update by up to 2^-11 relative. The trajectories are compared on a
-    well-conditioned run (see :func:`well_conditioned`): measured at most 1.4e-3 relative on Paddle 3.3.1 and
-    2.3e-3 on 2.6.2 (with batch statistics and lr 0.05 the tiny network amplifies it to 2.7e-2)."""
-    fp32 = well_conditioned(tiny_trainer(tmp_path / "fp32", "train.max_steps=20", "optim.lr=0.02"))
-    fp16 = well_conditioned(tiny_trainer(tmp_path / "fp16", "train.max_steps=20", "optim.lr=0.02",
+    well-conditioned run (see :func:`well_conditioned`) at lr 0.01: measured at most 2.3e-3 relative on Paddle
+    3.3.1 and 2.3e-3 on 2.6.2. The class centers are never clipped (only the backbone is), so at lr 0.02 their
+    larger steps take it to 7.6e-3 (3.3.1) and 2.4e-2 (2.6.2); with batch statistics and lr 0.05 the tiny
+    network amplifies it further."""
+    fp32 = well_conditioned(tiny_trainer(tmp_path / "fp32", "train.max_steps=20", "optim.lr=0.01"))
+    fp16 = well_conditioned(tiny_trainer(tmp_path / "fp16", "train.max_steps=20", "optim.lr=0.01",
                                          "train.precision=fp16", "loss.center_dtype=float16"))
     # Measured, not computed from the dtype: float32 16 + 16 values x 4 bytes, float16 the half of that.
     assert center_bytes_per_class(fp32.head) == 128.0
