@@ -55,10 +55,6 @@ class LocalComm:
     def all_reduce_max(self, tensor: paddle.Tensor) -> paddle.Tensor:
         return tensor
 
-    def sum_across_ranks(self, tensor: paddle.Tensor) -> paddle.Tensor:
-        """Sum over ranks; the gradient flows to this rank's own term only."""
-        return tensor
-
     def all_reduce_sum_(self, tensor: paddle.Tensor) -> paddle.Tensor:
         return tensor
 
@@ -120,13 +116,6 @@ class CollectiveComm:
         result = tensor.detach().clone()
         dist.all_reduce(result, op=dist.ReduceOp.MAX)
         return result
-
-    def sum_across_ranks(self, tensor: paddle.Tensor) -> paddle.Tensor:
-        # The others' terms enter as a constant: each rank differentiates only its own contribution, and
-        # the all-gather backward sums those contributions where they meet (the embeddings).
-        total = tensor.detach().clone()
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        return tensor + (total - tensor.detach())
 
     def all_reduce_sum_(self, tensor: paddle.Tensor) -> paddle.Tensor:
         if tensor.dtype == paddle.float16 and tensor.place.is_cpu_place():

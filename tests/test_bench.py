@@ -14,6 +14,7 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 import pytest
+from reference_loss import margin_logits, softmax_cross_entropy
 
 from plsc.bench import rss_classes_of, spec_from_args
 from plsc.bench.head import (
@@ -39,14 +40,12 @@ from plsc.loss.margin import (
     ARCFACE,
     COSFACE,
     Margin,
-    margin_logits,
     margin_softmax_cross_entropy,
-    softmax_cross_entropy,
     target_logit,
     target_logit_slope,
 )
 from plsc.loss.partial_fc import CenterUpdate, PartialFC, init_class_center_tensor, init_class_centers
-from plsc.loss.rows import cast
+from plsc.loss.row_backend import cast
 from plsc.loss.sampling import distinct_uniform, sorted_unique
 from plsc.loss.sparse_momentum import lazy_update
 

@@ -97,17 +97,28 @@ class _CosineToCenters(paddle.autograd.PyLayer):
         # exponentials; a tensor passed to backward() is copied first, tested on 2.6 and 3.x): scaled in
         # place.
         grad = scale_columns(grad_cosine, inverse_norms)
-        radial = column_sums(products(cosine, grad)) * inverse_norms * norm_is_live
         grad_embeddings = grad_centers = None
         if ctx.wants_grad[0]:
             grad_embeddings = paddle.matmul(grad, centers)
         if ctx.wants_grad[1]:
-            grad_centers = radial_rows(centers, radial, ctx.scratch)
-            if in_place_allowed():
-                grad_centers.addmm_(grad.t(), unit_embeddings)
-            else:
-                grad_centers = paddle.addmm(grad_centers, grad.t(), unit_embeddings)
+            grad_centers = center_grad(unit_embeddings, grad, centers, cosine, inverse_norms, norm_is_live,
+                                       ctx.scratch)
         return grad_embeddings, grad_centers
+
+
+def center_grad(unit_embeddings, grad, centers, cosine, inverse_norms, norm_is_live,
+                scratch: ScratchRows | None = None) -> paddle.Tensor:
+    """d loss / d centers [k, emb] of ``cosine = unit_embeddings @ (centers / |centers|)^T``:
+    ``G^T unit_embeddings - radial * centers``, with ``G`` [batch, k] = d loss / d cosine already scaled by
+    the inverse norms and ``radial_j = sum_b G_bj cosine_bj / |w_j|`` (0 where the norm is floored).
+
+    Written into ``scratch`` when given; overwrites ``cosine`` when in-place ops are allowed (its last use).
+    """
+    radial = column_sums(products(cosine, grad)) * inverse_norms * norm_is_live
+    grad_centers = radial_rows(centers, radial, scratch)
+    if in_place_allowed():
+        return grad_centers.addmm_(grad.t(), unit_embeddings)
+    return paddle.addmm(grad_centers, grad.t(), unit_embeddings)
 
 
 def cosine_to_centers(

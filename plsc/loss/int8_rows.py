@@ -8,7 +8,8 @@ back requantised, a block of rows at a time (:mod:`plsc.loss.sparse_momentum`, :
 
 Why a float16 container: the codes' bytes live in a float16 tensor of half the width, viewed as int8 for
 the arithmetic. Gathers and scatters then move float16 rows, which every Paddle and device can
-(:func:`plsc.loss.rows.take_rows`); Paddle has no int8 scatter on CPU or GPU, 2.6 no int8 gather on CPU, and
+(:func:`plsc.loss.row_backend.take_rows`);
+Paddle has no int8 scatter on CPU or GPU, 2.6 no int8 gather on CPU, and
 2.6 crashes viewing a 1-byte tensor as a wider dtype (the other direction works).
 """
 
@@ -17,56 +18,31 @@ from __future__ import annotations
 import numpy as np
 import paddle
 
-from plsc.loss.rows import (
+from plsc.loss.row_backend import (
+    CODE_MAX,
     copy_rows_into,
+    dequantize_on_host,
     host_blocks,
-    host_view,
     is_cpu_and_contiguous,
     put_rows_,
+    quantize_on_host,
+    reference_dequantize,
+    reference_quantize,
     source_blocks,
     take_rows,
 )
 
-CODE_MAX = 127  # symmetric: -128 is never used, so a row's largest element maps to +-127 exactly
-
 
 def quantize(rows: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
     """float32 ``rows`` [n, w] -> (codes as a float16 container [n, w / 2], scales float32 [n, 1])."""
-    if is_cpu_and_contiguous(rows):
-        return quantize_on_host(rows)
-    absmax = rows.abs().max(axis=1, keepdim=True)
-    # A tensor divisor: Paddle 2.6 multiplies by the reciprocal of a Python number (one ulp off numpy).
-    scale = absmax / paddle.full_like(absmax, CODE_MAX)
-    # An all-zero row keeps scale 0 and codes 0 (dividing by 1 instead of 0).
-    divisor = paddle.where(absmax > 0, scale, paddle.ones_like(scale))
-    codes = paddle.floor(rows / divisor + 0.5)
-    container = paddle.empty([rows.shape[0], rows.shape[1] // 2], dtype="float16")
-    paddle.assign(codes.astype("int8"), output=paddle.view(container, "int8"))
-    return container, scale
-
-
-def quantize_on_host(rows: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
-    """:func:`quantize` by numpy on a CPU tensor's own memory: the same float32 operations (IEEE division,
-    add, floor), so the same codes, in 2.8 ms against 7.3 ms for Paddle's CPU ops at 4096 x 512 (3.3.1; the
-    row maximum and the division by a [n, 1] column are slow paths of Paddle's CPU kernels)."""
-    values = host_view(rows)
-    absmax = np.abs(values).max(axis=1, keepdims=True)
-    scale = absmax / np.float32(CODE_MAX)
-    codes = values / np.where(absmax > 0, scale, np.float32(1))
-    codes += np.float32(0.5)
-    container = paddle.empty([rows.shape[0], rows.shape[1] // 2], dtype="float16")
-    host_view(container).view(np.int8)[...] = np.floor(codes, out=codes)  # whole numbers in [-127, 127]
-    return container, paddle.to_tensor(scale, place=rows.place)
+    return quantize_on_host(rows) if is_cpu_and_contiguous(rows) else reference_quantize(rows)
 
 
 def dequantize(container: paddle.Tensor, scale: paddle.Tensor) -> paddle.Tensor:
     """A float16 container of codes [n, w / 2] and its scales [n, 1] -> float32 rows [n, w]."""
     if is_cpu_and_contiguous(container) and is_cpu_and_contiguous(scale):
-        # numpy on the tensors' memory: the same products, without Paddle's slow [n, 1] broadcast.
-        rows = paddle.empty([container.shape[0], container.shape[1] * 2], dtype="float32")
-        np.multiply(host_view(container).view(np.int8), host_view(scale), out=host_view(rows))
-        return rows
-    return paddle.view(container, "int8").astype("float32").multiply_(scale)
+        return dequantize_on_host(container, scale)
+    return reference_dequantize(container, scale)
 
 
 class Int8Rows:
@@ -83,11 +59,17 @@ class Int8Rows:
     def dtype(self) -> str:
         return "int8"
 
+    gathers_into = False  # every gather dequantises into a new tensor
+
     def tensors(self) -> list[paddle.Tensor]:
         return [self.codes, self.scale]
 
-    def gather(self, index: paddle.Tensor) -> paddle.Tensor:
-        """``matrix[index]`` dequantised, float32."""
+    def float_tensors(self) -> list[paddle.Tensor]:
+        """The scales: the codes are integers in a float16 container, whose bits are no float16 numbers."""
+        return [self.scale]
+
+    def gather(self, index: paddle.Tensor, out: paddle.Tensor | None = None) -> paddle.Tensor:
+        """``matrix[index]`` dequantised, float32 (a new tensor: ``out`` is not used)."""
         return dequantize(take_rows(self.codes, index), paddle.gather(self.scale, index))
 
     def scatter_(self, index: paddle.Tensor, rows: paddle.Tensor) -> None:

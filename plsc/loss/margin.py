@@ -12,7 +12,6 @@ import math
 from dataclasses import dataclass
 
 import paddle
-import paddle.nn.functional as F
 
 # acos is evaluated on cos(theta) clipped this far inside [-1, 1]: the exact derivative -1/sin(theta) is
 # infinite at the ends, and rounding can push a normalised dot product past 1.
@@ -48,37 +47,6 @@ def target_logit(cos_theta: paddle.Tensor, margin: Margin) -> paddle.Tensor:
         return cos_theta * math.cos(margin.m2) - sin_theta * math.sin(margin.m2) - margin.m3
     theta = paddle.acos(paddle.clip(cos_theta, -1.0 + _COS_EPS, 1.0 - _COS_EPS))
     return paddle.cos(margin.m1 * theta + margin.m2) - margin.m3
-
-
-def margin_logits(cosine: paddle.Tensor, labels: paddle.Tensor, margin: Margin) -> paddle.Tensor:
-    """Scaled logits with the margin applied at each row's label column.
-
-    ``cosine``: [batch, classes]; ``labels``: [batch] int64 column index, or -1 where the row's class is not
-    among these columns (it lives on another rank).
-    """
-    num_columns = cosine.shape[1]
-    has_target = labels >= 0
-    column = paddle.where(has_target, labels, paddle.zeros_like(labels))
-    cos_target = at_columns(cosine, column.unsqueeze(1)).unsqueeze(1)
-    shift = (target_logit(cos_target, margin) - cos_target) * has_target.astype(cosine.dtype).unsqueeze(1)
-    one_hot = F.one_hot(column, num_columns).astype(cosine.dtype)
-    return margin.scale * (cosine + one_hot * shift)
-
-
-def softmax_cross_entropy(logits: paddle.Tensor, labels: paddle.Tensor, comm) -> paddle.Tensor:
-    """Mean cross entropy over the batch, with the softmax taken over the columns of every rank.
-
-    Same label convention as :func:`margin_logits`. On one process ``comm`` is a LocalComm and this is the
-    ordinary stable log-softmax cross entropy.
-    """
-    row_max = comm.all_reduce_max(logits.max(axis=1, keepdim=True).detach())
-    shifted = logits - row_max
-    sum_exp = comm.sum_across_ranks(paddle.exp(shifted).sum(axis=1))
-    has_target = labels >= 0
-    column = paddle.where(has_target, labels, paddle.zeros_like(labels))
-    own_target = at_columns(shifted, column.unsqueeze(1))
-    target = comm.sum_across_ranks(own_target * has_target.astype(logits.dtype))
-    return (paddle.log(sum_exp) - target).mean()
 
 
 def in_place_allowed() -> bool:
@@ -127,9 +95,9 @@ def target_logit_slope(cos_theta: paddle.Tensor, margin: Margin) -> paddle.Tenso
 
 
 class _MarginSoftmaxCrossEntropy(paddle.autograd.PyLayer):
-    """``softmax_cross_entropy(margin_logits(cosine, labels, margin), labels, comm)``, backward written out.
+    """Margin logits, softmax and mean cross entropy in one layer, backward written out.
 
-    Same value and gradient as the composition, which stays the reference; the composition's autograd keeps
+    Same value and gradient as the plain composition of Paddle ops (the tests' reference); its autograd keeps
     about a dozen [batch, classes] tensors alive (one-hot, shifted, exp, and their gradients), this keeps one:
     the exponentials (overwriting the logits), which the backward turns into the gradient. On CPU each
     [batch, classes] tensor costs a fresh allocation, the dominant cost of the loss once the matmuls are
@@ -173,6 +141,7 @@ class _MarginSoftmaxCrossEntropy(paddle.autograd.PyLayer):
 
 
 def margin_softmax_cross_entropy(cosine: paddle.Tensor, labels: paddle.Tensor, margin: Margin, comm):
-    """Mean margin-softmax cross entropy; equal to ``softmax_cross_entropy(margin_logits(...), ...)`` with far
-    fewer [batch, classes] temporaries (see :class:`_MarginSoftmaxCrossEntropy`). Same label convention."""
+    """Mean margin-softmax cross entropy of ``cosine`` [batch, columns], with far fewer [batch, columns]
+    temporaries than the composed ops (see :class:`_MarginSoftmaxCrossEntropy`). ``labels``: [batch] int64
+    column index, or -1 where the row's class is not among these columns (it lives on another rank)."""
     return _MarginSoftmaxCrossEntropy.apply(cosine, labels, margin, comm)

@@ -22,16 +22,10 @@ import paddle
 
 from plsc.distributed import LocalComm, shard_classes
 from plsc.loss.cosine import ScratchRows, cosine_to_centers
-from plsc.loss.int8_rows import Dequantized, Int8Rows
+from plsc.loss.int8_rows import Dequantized
 from plsc.loss.margin import Margin, margin_softmax_cross_entropy
-from plsc.loss.rows import (
-    STATE_BLOCK_ROWS,
-    copy_rows_into,
-    gather_rows,
-    gathers_into,
-    host_blocks,
-    source_blocks,
-)
+from plsc.loss.row_backend import STATE_BLOCK_ROWS, copy_rows_into, host_blocks, source_blocks
+from plsc.loss.rows import new_rows, row_store
 from plsc.loss.sampling import num_sampled, sample_centers
 from plsc.loss.sparse_momentum import UPDATES
 
@@ -158,7 +152,7 @@ class PartialFC:
         shard = self.shard
         self.weight = init_class_center_tensor(seed, shard.start, shard.count, embedding_size, center_dtype,
                                                init_std)
-        self.velocity = new_velocity(shard.count, embedding_size, center_dtype if velocity_dtype == "same"
+        self.velocity = new_rows(shard.count, embedding_size, center_dtype if velocity_dtype == "same"
                                      else velocity_dtype)
         self.margin_loss = margin_loss
         self.device_sampler = device_sampler
@@ -186,12 +180,12 @@ class PartialFC:
         them as a leaf that collects their gradient."""
         all_labels = self.comm.all_gather(labels.reshape([-1]))
         index, remapped = self.sample_tensors(all_labels, step)
-        out = None
-        if gathers_into(self.weight):
+        weight, out = row_store(self.weight), None
+        if weight.gathers_into:
             out = self.gathered_rows_scratch.shaped([index.shape[0], self.embedding_size], paddle.float32)
         # A new leaf on the rows' memory each step: its gradient starts empty, as a fresh gather's does
         # (Paddle adds each backward's gradient to what a leaf already holds).
-        rows = gather_rows(self.weight, index, out).detach()
+        rows = weight.gather(index, out).detach()
         rows.stop_gradient = False
         return HeadStep(index, remapped, update_in_backward, rows=rows)
 
@@ -238,14 +232,12 @@ class PartialFC:
 
     def state_tensors(self) -> list[paddle.Tensor]:
         """Every tensor of the head's state (weight, velocity and, for int8 velocity, its scales)."""
-        velocity = self.velocity.tensors() if isinstance(self.velocity, Int8Rows) else [self.velocity]
-        return [self.weight, *velocity]
+        return [self.weight, *row_store(self.velocity).tensors()]
 
     def float_tensors(self) -> list[paddle.Tensor]:
         """The state tensors that hold floating-point numbers (what an inf/nan check reads): int8 velocity's
         codes are integers, kept in a float16 container whose bits are no float16 numbers."""
-        velocity = [self.velocity.scale] if isinstance(self.velocity, Int8Rows) else [self.velocity]
-        return [self.weight, *velocity]
+        return [self.weight, *row_store(self.velocity).float_tensors()]
 
     @property
     def storage_dtype(self) -> str:
@@ -255,22 +247,21 @@ class PartialFC:
     @property
     def velocity_dtype(self) -> str:
         """The velocity's storage: ``float32``, ``float16`` or ``int8`` (codes and per-row scales)."""
-        return self.velocity.dtype if isinstance(self.velocity, Int8Rows) else \
-            str(self.velocity.dtype).split(".")[-1]
+        return row_store(self.velocity).dtype
 
     def state_kinds(self) -> dict[str, tuple[int, str]]:
         """``{kind: (columns, numpy dtype)}`` of the matrices :meth:`row_blocks` yields, as checkpoints store
         them: ``weight`` and ``velocity``, and ``velocity_scale`` [rows, 1] for int8 velocity."""
         kinds = {"weight": (self.embedding_size, self.storage_dtype),
                  "velocity": (self.embedding_size, self.velocity_dtype)}
-        if isinstance(self.velocity, Int8Rows):
+        if self.velocity_dtype == "int8":
             kinds["velocity_scale"] = (1, "float32")
         return kinds
 
     def row_blocks(self, kind: str, block_rows: int = STATE_BLOCK_ROWS):
         """The rows of one of :meth:`state_kinds` as numpy blocks: views of the tensor's own memory on the
         CPU, one block's host copy at a time from another device. Valid until the next update."""
-        if isinstance(self.velocity, Int8Rows) and kind != "weight":
+        if self.velocity_dtype == "int8" and kind != "weight":
             return self.velocity.code_blocks(block_rows) if kind == "velocity" else \
                 self.velocity.scale_blocks(block_rows)
         return host_blocks(getattr(self, kind), block_rows)
@@ -289,11 +280,11 @@ class PartialFC:
         if velocity is None:
             return
         saved_int8 = velocity_scale is not None
-        if isinstance(self.velocity, Int8Rows) and saved_int8:
+        if self.velocity_dtype == "int8" and saved_int8:
             self.velocity.set_codes(velocity, velocity_scale)
             return
         source = Dequantized(velocity, velocity_scale) if saved_int8 else velocity
-        if isinstance(self.velocity, Int8Rows):
+        if self.velocity_dtype == "int8":
             for start, rows in source_blocks(source):
                 self.velocity.write_block_(start, paddle.to_tensor(np.asarray(rows, dtype=np.float32)))
         else:
@@ -306,7 +297,3 @@ def require_committed(pending: HeadStep, update: CenterUpdate) -> None:
         raise RuntimeError(f"the head's update {update} differs from the one committed to before the "
                            f"backward, {pending.update_in_backward}")
 
-
-def new_velocity(rows: int, width: int, dtype: str):
-    """Zero velocity of ``dtype`` (float32, float16, or int8: :class:`Int8Rows`)."""
-    return Int8Rows(rows, width) if dtype == "int8" else paddle.zeros([rows, width], dtype=dtype)

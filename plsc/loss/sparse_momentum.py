@@ -17,10 +17,12 @@ size costs more in page faults than the arithmetic itself.
 
 from __future__ import annotations
 
+import numpy as np
 import paddle
 from paddle import _C_ops
 
-from plsc.loss.rows import as_float32, gather_rows, read_block, scatter_rows_, write_block_
+from plsc.loss.row_backend import as_float32
+from plsc.loss.rows import row_store
 
 # Rows per block when the dense update walks the whole matrix: bounds its float32 scratch to a few MB.
 DENSE_BLOCK_ROWS = 16384
@@ -55,17 +57,7 @@ def lazy_update(
     ``rows``: ``gather_rows(weight, index)`` if the caller already has it (the forward pass gathered them);
     it may be overwritten.
     """
-    rows = None if rows is None else rows.detach()
-    # Block by block: the velocity rows (and float16 casts) exist for one block at a time, so the update
-    # adds a few MB to the step's peak memory instead of another [sampled, emb] float32 tensor.
-    for start in range(0, index.shape[0], UPDATE_BLOCK_ROWS):
-        block = slice(start, start + UPDATE_BLOCK_ROWS)
-        block_index = index[block]
-        block_rows = gather_rows(weight, block_index) if rows is None else rows[block]
-        block_velocity = gather_rows(velocity, block_index)
-        momentum_(block_rows, block_velocity, as_float32(grad[block]), lr, momentum, weight_decay, grad_scale)
-        scatter_rows_(velocity, block_index, block_velocity)
-        scatter_rows_(weight, block_index, block_rows)
+    step_rows_(weight, velocity, index, grad, lr, momentum, weight_decay, grad_scale, rows)
 
 
 @paddle.no_grad()
@@ -73,26 +65,58 @@ def dense_update(
     weight, velocity, index, grad, lr: float, momentum: float, weight_decay: float,
     grad_scale: float = 1.0, rows: paddle.Tensor | None = None,
 ) -> None:
-    """The whole matrix steps, with ``grad`` on the sampled rows and zero elsewhere.
+    """The whole matrix steps, with ``grad`` on the sampled rows and zero elsewhere: the sampled rows as
+    :func:`lazy_update` steps them, then every other row with a zero gradient."""
+    lazy_update(weight, velocity, index, grad, lr, momentum, weight_decay, grad_scale, rows)
+    decay_unsampled_rows(weight, velocity, index, lr, momentum, weight_decay)
 
-    The sampled rows' new values are computed first, from their old values; then every row takes the
-    zero-gradient step block by block (float32 scratch of one block, whatever the class count); then the
-    sampled rows are overwritten with their values from the first part.
+
+@paddle.no_grad()
+def decay_unsampled_rows(weight, velocity, index: paddle.Tensor, lr: float, momentum: float,
+                         weight_decay: float) -> None:
+    """The dense mode's zero-gradient step of every row not in ``index`` (those were stepped already), a
+    block of rows at a time: float32 scratch of one block, whatever the class count."""
+    sampled = np.zeros(weight.shape[0], dtype=bool)
+    sampled[index.numpy()] = True
+    unsampled = paddle.to_tensor(np.flatnonzero(~sampled))
+    step_rows_(weight, velocity, unsampled, None, lr, momentum, weight_decay, block_rows=DENSE_BLOCK_ROWS)
+
+
+def step_rows_(weight, velocity, index, grad, lr: float, momentum: float, weight_decay: float,
+               grad_scale: float = 1.0, rows: paddle.Tensor | None = None,
+               velocity_rows: paddle.Tensor | None = None, block_rows: int = UPDATE_BLOCK_ROWS) -> None:
+    """The one walk of every update: ``weight[index]`` and ``velocity[index]`` stepped in place, a block of
+    ``block_rows`` rows at a time, with ``grad`` (the rows' gradient; None: zero). ``rows``,
+    ``velocity_rows``: the rows already gathered as float32 (they are overwritten), or None.
+
+    Block by block: the velocity rows (and float16 casts) exist for one block at a time, so the update adds
+    a few MB to the step's peak memory instead of another [rows, emb] float32 tensor.
     """
-    rows = gather_rows(weight, index) if rows is None else rows.detach()
-    rows_velocity = gather_rows(velocity, index)
-    momentum_(rows, rows_velocity, as_float32(grad), lr, momentum, weight_decay, grad_scale)
+    weight, velocity = row_store(weight), row_store(velocity)
+    rows = None if rows is None else rows.detach()
     zero_grad = None
-    for start in range(0, weight.shape[0], DENSE_BLOCK_ROWS):
-        stop = min(start + DENSE_BLOCK_ROWS, weight.shape[0])
-        block_weight, block_velocity = read_block(weight, start, stop), read_block(velocity, start, stop)
-        if zero_grad is None or zero_grad.shape != block_weight.shape:
-            zero_grad = paddle.zeros_like(block_weight)
-        momentum_(block_weight, block_velocity, zero_grad, lr, momentum, weight_decay, 1.0)
-        write_block_(weight, start, block_weight)
-        write_block_(velocity, start, block_velocity)
-    scatter_rows_(velocity, index, rows_velocity)
-    scatter_rows_(weight, index, rows)
+    for start in range(0, index.shape[0], block_rows):
+        block = part(slice(start, start + block_rows), index.shape[0])
+        block_index = block(index)
+        block_weight = weight.gather(block_index) if rows is None else block(rows)
+        block_velocity = velocity.gather(block_index) if velocity_rows is None else block(velocity_rows)
+        if grad is not None:
+            block_grad = as_float32(block(grad))
+        elif zero_grad is None or zero_grad.shape != block_weight.shape:
+            block_grad = zero_grad = paddle.zeros_like(block_weight)
+        else:
+            block_grad = zero_grad
+        momentum_(block_weight, block_velocity, block_grad, lr, momentum, weight_decay, grad_scale)
+        velocity.scatter_(block_index, block_velocity)
+        weight.scatter_(block_index, block_weight)
+
+
+def part(rows: slice, count: int):
+    """A function taking ``rows`` of a tensor of ``count`` rows: the tensor itself when they are all of it
+    (Paddle 2.6's slices are copies)."""
+    if rows.start == 0 and rows.stop >= count:
+        return lambda tensor: tensor
+    return lambda tensor: tensor[rows]
 
 
 UPDATES = {"lazy": lazy_update, "dense": dense_update}

@@ -37,11 +37,11 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-from plsc.loss.cosine import NORMALIZE_EPS, ScratchRows, radial_rows
+from plsc.loss.cosine import NORMALIZE_EPS, ScratchRows, center_grad
 from plsc.loss.margin import at_columns, put_columns, target_logit, target_logit_slope
 from plsc.loss.partial_fc import CenterUpdate, HeadStep, PartialFC, require_committed
-from plsc.loss.rows import gather_rows, gathers_into, read_block, scatter_rows_, write_block_
-from plsc.loss.sparse_momentum import DENSE_BLOCK_ROWS, dense_update, momentum_
+from plsc.loss.rows import row_store
+from plsc.loss.sparse_momentum import decay_unsampled_rows, dense_update, step_rows_
 from plsc.loss.sums import column_sums, row_sums
 
 
@@ -140,14 +140,6 @@ def center_grad_sq_norm(unit_gram: paddle.Tensor, grad: paddle.Tensor, chunk: Ch
     return (gram * unit_gram).sum() - (projection * projection).sum()
 
 
-def center_grad_of_chunk(unit_embeddings, grad: paddle.Tensor, chunk: ChunkCosine,
-                         scratch: ScratchRows | None = None) -> paddle.Tensor:
-    """The chunk's center gradient [c, emb], as the whole-matrix head's cosine layer forms it (written into
-    ``scratch`` when given)."""
-    radial = column_sums(grad * chunk.cosine) * chunk.inverse_norms * chunk.norm_is_live
-    return radial_rows(chunk.rows, radial, scratch).addmm_(grad.t(), unit_embeddings)
-
-
 class _StreamingMarginLoss(paddle.autograd.PyLayer):
     """Margin softmax cross entropy of the global batch over the head's sampled centers, walked by chunk."""
 
@@ -202,12 +194,11 @@ class StreamingPartialFC(PartialFC):
     def gather_chunk(self, kind: str, index: paddle.Tensor) -> paddle.Tensor:
         """``weight`` or ``velocity`` rows of a chunk as float32, in the kind's kept buffer where possible
         (valid until the next chunk's gather of that kind)."""
-        matrix = getattr(self, kind)
-        if not gathers_into(matrix):
-            return gather_rows(matrix, index)
+        store = row_store(getattr(self, kind))
+        if not store.gathers_into:
+            return store.gather(index)
         buffer = self._chunk_buffers.setdefault((kind, index.shape[0]), ScratchRows())
-        out = buffer.shaped([index.shape[0], self.embedding_size], paddle.float32)
-        return gather_rows(matrix, index, out)
+        return store.gather(index, buffer.shaped([index.shape[0], self.embedding_size], paddle.float32))
 
     def release_scratch(self) -> None:
         super().release_scratch()
@@ -308,38 +299,16 @@ class StreamingPartialFC(PartialFC):
                     ) -> None:
         """The chunk's center gradient, stepped into its rows and velocities (lazy sparse momentum)."""
         scratch = self._chunk_buffers.setdefault(("center_grad", index.shape[0]), ScratchRows())
-        center_grad = center_grad_of_chunk(stats.unit_embeddings, grad, chunk, scratch)
-        rows, velocity = chunk.rows, self.gather_chunk("velocity", index)
-        momentum_(rows, velocity, center_grad, update.lr, update.momentum, update.weight_decay,
-                  update.grad_scale)
-        scatter_rows_(self.velocity, index, velocity)
-        scatter_rows_(self.weight, index, rows)
+        grad_rows = center_grad(stats.unit_embeddings, grad, chunk.rows, chunk.cosine, chunk.inverse_norms,
+                                chunk.norm_is_live, scratch)
+        step_rows_(self.weight, self.velocity, index, grad_rows, update.lr, update.momentum,
+                   update.weight_decay, update.grad_scale, rows=chunk.rows,
+                   velocity_rows=self.gather_chunk("velocity", index), block_rows=index.shape[0])
 
     def _finish_update(self, index: paddle.Tensor, update: CenterUpdate) -> None:
         if self.dense:
             decay_unsampled_rows(self.weight, self.velocity, index, update.lr, update.momentum,
                                  update.weight_decay)
-
-
-@paddle.no_grad()
-def decay_unsampled_rows(weight, velocity, index: paddle.Tensor, lr: float, momentum: float,
-                         weight_decay: float) -> None:
-    """The dense mode's zero-gradient step for every row not in ``index`` (whose rows were already stepped),
-    block by block as :func:`~plsc.loss.sparse_momentum.dense_update` walks the matrix."""
-    sampled = np.zeros(weight.shape[0], dtype=bool)
-    sampled[index.numpy()] = True
-    for start in range(0, weight.shape[0], DENSE_BLOCK_ROWS):
-        stop = min(start + DENSE_BLOCK_ROWS, weight.shape[0])
-        block_weight, block_velocity = read_block(weight, start, stop), read_block(velocity, start, stop)
-        keep = paddle.to_tensor(np.flatnonzero(sampled[start:stop]))
-        blocks = (block_weight, block_velocity)
-        kept = [paddle.gather(block, keep) for block in blocks] if keep.shape[0] else None
-        zero_grad = paddle.zeros_like(block_weight)
-        momentum_(block_weight, block_velocity, zero_grad, lr, momentum, weight_decay, 1.0)
-        for block, rows in zip(blocks, kept or (), strict=False):  # the sampled rows: already stepped
-            paddle.scatter_(block, keep, rows, overwrite=True)
-        write_block_(weight, start, block_weight)
-        write_block_(velocity, start, block_velocity)
 
 
 def build_head(chunk_size: int = 0, **kwargs) -> PartialFC:

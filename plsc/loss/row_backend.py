@@ -1,0 +1,182 @@
+"""Every CPU speed trick for moving class-center rows, each beside its plain reference in Paddle ops that
+the tests compare it against (``reference_*``).
+
+The tricks: numpy views of a CPU tensor's own memory (``host_view`` over ``data_ptr()``), float16 <-> float32
+casts by OpenCV (F16C instructions), float16 gathers through a bfloat16 view, float16 scatters by numpy, int8
+quantisation by numpy, and Paddle 3.x's gather into a given tensor (2.6 has none). The row stores
+(:mod:`plsc.loss.rows`, :mod:`plsc.loss.int8_rows`) call these; the math modules call the stores.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import inspect
+
+import cv2
+import numpy as np
+import paddle
+
+# Paddle 3.x's index_select can write into a given tensor; 2.6's has no ``out`` parameter.
+GATHER_WRITES_INTO = "out" in inspect.signature(paddle.index_select).parameters
+# int8 codes are symmetric: -128 is never used, so a row's largest element maps to +-127 exactly.
+CODE_MAX = 127
+# Rows per block when a matrix is copied to or from the host (checkpoints): a few MB whatever its size.
+STATE_BLOCK_ROWS = 4096
+
+
+def gather_into(matrix: paddle.Tensor, index: paddle.Tensor, out: paddle.Tensor) -> paddle.Tensor:
+    """``matrix[index]`` written into ``out`` (same dtype; Paddle 3.x only: :data:`GATHER_WRITES_INTO`):
+    the same memory every step instead of fresh pages."""
+    paddle.index_select(matrix, index, out=out)
+    return out
+
+
+def take_rows(matrix: paddle.Tensor, index: paddle.Tensor) -> paddle.Tensor:
+    """``matrix[index]`` in the matrix's own dtype."""
+    if matrix.dtype == paddle.float16:
+        # Paddle's CPU gather has no float16 kernel; bfloat16 has one in 2.6 and 3.x and the same width, so
+        # the bits move through a free view and are never interpreted as bfloat16 numbers.
+        return paddle.view(paddle.gather(paddle.view(matrix, "bfloat16"), index), "float16")
+    return paddle.gather(matrix, index)
+
+
+def reference_take_rows(matrix: paddle.Tensor, index: paddle.Tensor) -> paddle.Tensor:
+    """:func:`take_rows` by a float32 gather (no float16 gather kernel on the CPU): the whole matrix cast."""
+    return paddle.gather(matrix.astype("float32"), index).astype(matrix.dtype)
+
+
+def as_float32(tensor: paddle.Tensor) -> paddle.Tensor:
+    """``tensor`` itself when already float32: ``astype`` to the same dtype would still copy every element."""
+    return cast(tensor, paddle.float32)
+
+
+def cast(tensor: paddle.Tensor, dtype) -> paddle.Tensor:
+    """``tensor.astype(dtype)`` (``tensor`` itself when it has that dtype already).
+
+    On CPU, float16 <-> float32 goes through OpenCV's conversion (F16C instructions), written straight into
+    the new tensor's memory: IEEE round to nearest even, the same bits as numpy's and Paddle 3.x's casts
+    (tested; Paddle 2.6's CPU cast is sometimes one ulp off), and 20x faster than Paddle's CPU kernel for
+    float32 -> float16 (7 ms against 140 ms for 98 x 1024 x 512 elements, measured), which had made the
+    float16 center update cost 0.4 s per step at 100,000 sampled rows (0.13 s with this).
+    """
+    if tensor.dtype == dtype:
+        return tensor
+    if is_cpu_and_contiguous(tensor) and {tensor.dtype, dtype} == {paddle.float16, paddle.float32}:
+        out = paddle.empty(tensor.shape, dtype=dtype)
+        source, target = host_view(tensor), host_view(out)
+        # OpenCV spells float16 as int16 (CV_16S): the same bits, viewed.
+        if dtype == paddle.float32:
+            source = source.view(np.int16)
+        else:
+            target = target.view(np.int16)
+        if cv2.convertFp16(source, target) is not target:
+            raise RuntimeError("cv2.convertFp16 did not write into the given buffer")
+        return out
+    return tensor.astype(dtype)
+
+
+def reference_cast(tensor: paddle.Tensor, dtype) -> paddle.Tensor:
+    """:func:`cast` by Paddle's own kernel."""
+    return tensor.astype(dtype)
+
+
+def put_rows_(matrix: paddle.Tensor, index: paddle.Tensor, rows: paddle.Tensor) -> None:
+    """``matrix[index] = rows`` in place (``index`` unique), ``rows`` already in the matrix's dtype."""
+    if matrix.dtype == paddle.float16 and matrix.place.is_cpu_place():
+        # Paddle's CPU scatter has no float16 kernel (nor same-width bfloat16/int16 ones); index_put_ has one
+        # but expands the row ids to one index per element: 0.5 s and +690 MB per 100,000 x 512 rows. A
+        # numpy view of the tensors' own memory copies the rows directly (0.02 s).
+        host_view(matrix)[index.numpy()] = host_view(rows)
+    else:
+        paddle.scatter_(matrix, index, rows, overwrite=True)  # ~20x faster than index_put_ on CPU
+
+
+def reference_put_rows_(matrix: paddle.Tensor, index: paddle.Tensor, rows: paddle.Tensor) -> None:
+    """:func:`put_rows_` by Paddle's index_put_ (a float16 kernel on every device)."""
+    paddle.index_put_(matrix, (index,), rows)
+
+
+def is_cpu_and_contiguous(tensor: paddle.Tensor) -> bool:
+    """Whether :func:`host_view` may view ``tensor`` (Paddle 2.6 slices are copies, 3.x ones may be views)."""
+    return tensor.place.is_cpu_place() and tensor.is_contiguous()
+
+
+def host_view(tensor: paddle.Tensor) -> np.ndarray:
+    """A writable numpy array over a contiguous CPU tensor's own memory (no copy); valid while it lives."""
+    dtype = np.dtype(str(tensor.dtype).split(".")[-1])
+    count = int(np.prod(tensor.shape))
+    memory = (ctypes.c_byte * (count * dtype.itemsize)).from_address(tensor.data_ptr())
+    return np.ctypeslib.as_array(memory).view(dtype).reshape(tensor.shape)
+
+
+def host_blocks(tensor: paddle.Tensor, block_rows: int = STATE_BLOCK_ROWS):
+    """The tensor's rows as numpy blocks: views of its own memory on the CPU, one block's host copy at a time
+    from another device. Valid until the tensor changes."""
+    whole = host_view(tensor) if is_cpu_and_contiguous(tensor) else None
+    for start in range(0, tensor.shape[0], block_rows):
+        yield whole[start : start + block_rows] if whole is not None else \
+            tensor[start : start + block_rows].numpy()
+
+
+def copy_rows_into(tensor: paddle.Tensor, source, block_rows: int = STATE_BLOCK_ROWS) -> None:
+    """``tensor[:] = source`` a block of rows at a time, cast to the tensor's dtype (numpy's rounding):
+    ``source`` an array, or an object whose ``blocks(n)`` yields ``(first row, rows)``
+    (:class:`plsc.checkpoint.shards.RowPieces`)."""
+    target = host_view(tensor) if is_cpu_and_contiguous(tensor) else None
+    for start, rows in source_blocks(source, block_rows):
+        if target is not None:
+            target[start : start + len(rows)] = rows
+        else:
+            tensor[start : start + len(rows)] = paddle.to_tensor(np.asarray(rows)).astype(tensor.dtype)
+
+
+def source_blocks(source, block_rows: int = STATE_BLOCK_ROWS):
+    """``(first row, rows)`` of an array, or of an object with its own ``blocks(n)``."""
+    if hasattr(source, "blocks"):
+        yield from source.blocks(block_rows)
+    else:
+        for start in range(0, len(source), block_rows):
+            yield start, source[start : start + block_rows]
+
+
+def quantize_on_host(rows: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """float32 ``rows`` [n, w] (on the CPU, contiguous) -> int8 codes in a float16 container [n, w / 2] and
+    scales [n, 1] (:mod:`plsc.loss.int8_rows`), by numpy on the tensor's own memory: the same float32
+    operations as :func:`reference_quantize` (IEEE division, add, floor), so the same codes, in 2.8 ms against
+    7.3 ms at 4096 x 512 (3.3.1; the row maximum and the division by a [n, 1] column are slow paths of
+    Paddle's CPU kernels)."""
+    values = host_view(rows)
+    absmax = np.abs(values).max(axis=1, keepdims=True)
+    scale = absmax / np.float32(CODE_MAX)
+    codes = values / np.where(absmax > 0, scale, np.float32(1))
+    codes += np.float32(0.5)
+    container = paddle.empty([rows.shape[0], rows.shape[1] // 2], dtype="float16")
+    host_view(container).view(np.int8)[...] = np.floor(codes, out=codes)  # whole numbers in [-127, 127]
+    return container, paddle.to_tensor(scale, place=rows.place)
+
+
+def reference_quantize(rows: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """:func:`quantize_on_host` by Paddle's ops (any device): ``scale = max |row| / 127``, codes
+    ``floor(row / scale + 0.5)``."""
+    absmax = rows.abs().max(axis=1, keepdim=True)
+    # A tensor divisor: Paddle 2.6 multiplies by the reciprocal of a Python number (one ulp off numpy).
+    scale = absmax / paddle.full_like(absmax, CODE_MAX)
+    # An all-zero row keeps scale 0 and codes 0 (dividing by 1 instead of 0).
+    divisor = paddle.where(absmax > 0, scale, paddle.ones_like(scale))
+    codes = paddle.floor(rows / divisor + 0.5)
+    container = paddle.empty([rows.shape[0], rows.shape[1] // 2], dtype="float16")
+    paddle.assign(codes.astype("int8"), output=paddle.view(container, "int8"))
+    return container, scale
+
+
+def dequantize_on_host(container: paddle.Tensor, scale: paddle.Tensor) -> paddle.Tensor:
+    """Codes in a float16 container [n, w / 2] times their scales [n, 1] -> float32 rows [n, w], by numpy on
+    the tensors' memory (CPU, contiguous): the same products without Paddle's slow [n, 1] broadcast."""
+    rows = paddle.empty([container.shape[0], container.shape[1] * 2], dtype="float32")
+    np.multiply(host_view(container).view(np.int8), host_view(scale), out=host_view(rows))
+    return rows
+
+
+def reference_dequantize(container: paddle.Tensor, scale: paddle.Tensor) -> paddle.Tensor:
+    """:func:`dequantize_on_host` by Paddle's ops (any device)."""
+    return paddle.view(container, "int8").astype("float32").multiply_(scale)
