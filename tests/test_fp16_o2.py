@@ -159,7 +159,11 @@ def test_fp16_checkpoint_resume_verify_export_through_the_trainer(trained_fp32, 
     graph = next(tmp_path / "export" / f for f in exported["artifacts"]["paddle"]["files"]
                  if f.endswith((".json", ".pdmodel")))
     engine = PaddleEngine(graph, graph.with_suffix(".pdiparams"))
-    np.testing.assert_allclose(engine(images), embed(reference, images), rtol=1e-4, atol=1e-5)
+    expected = embed(reference, images)
+    # Paddle Inference folds BatchNorm into the convolutions: float32 rounding relative to the embedding's
+    # scale, not each element's (one element of ~5e-4 in an embedding of ~17 parted by 2.5e-5 on Paddle 2.6.2).
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(engine(images), expected, rtol=1e-4, atol=1e-5 * scale)
 
 
 def saved_optimizer_state(directory: Path) -> dict[str, np.ndarray]:
