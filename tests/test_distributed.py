@@ -663,7 +663,8 @@ def test_train_dynamic_script_runs_two_cpu_processes(cli_arguments, tmp_path):
     from plsc import checkpoint as ckpt
 
     assert ckpt.read_manifest(output / "checkpoints" / "2")["world_size"] == 2
-    assert sorted(p.name for p in (tmp_path / "log").glob("workerlog.*")) == ["workerlog.0", "workerlog.1"]
+    assert sorted(p.name for p in (output / "log").glob("workerlog.*")) == ["workerlog.0", "workerlog.1"]
+    assert not (tmp_path / "log").exists()  # nothing written into the folder the script was run from
 
 
 def test_train_static_script_trains_in_static_mode_on_two_cpu_processes(cli_arguments, tmp_path):
