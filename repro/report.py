@@ -43,7 +43,7 @@ README = ROOT / "README.md"
 DOCUMENT = ROOT / "docs" / "reproduction.md"
 FIGURE = ROOT / "repro" / "figures" / "capacity_throughput.png"
 BLOCKS = ("accuracy", "capacity", "nhwc", "throughput", "figure")
-README_BLOCKS = ("glance", "capacity-summary")
+README_BLOCKS = ("glance", "capacity-summary", "own-accuracy")
 NOT_RUN = "not run"
 NONE = "—"
 FIGURE_SIZE_IN, FIGURE_DPI = (11.0, 4.2), 100
@@ -185,15 +185,46 @@ def cpu_throughput_block(group: CpuThroughputGroup, results: Results) -> str:
 
 
 def own_accuracy_block(group: OwnAccuracyGroup, results: Results) -> str:
-    header = ["Claim", "Config", "Verification file", "Claimed", "Measured", "Verdict", "Hardware"]
-    rows = []
+    header = ["Claim", "Config", "Verification file", "Claimed", "Measured", "Demo (group1.jpg)", "Verdict",
+              "Hardware"]
+    rows, curves = [], []
     for claim in group.rows:
         result = results.get(claim.id)
         claimed = f">= {claim.published['accuracy']:.4f}"
         measured = _measured(result, "accuracy", "{:.4f}")
-        rows.append([claim.id, claim.config, claim.bin, claimed, measured] + _outcome(result))
+        rows.append([claim.id, claim.config, claim.bin, claimed, measured, _demo(result)] + _outcome(result))
+        if result is not None and result.details.get("curve"):
+            points = tabulate(result.details["curve"], ["step", "accuracy"], tablefmt="github",
+                              floatfmt=".4f")
+            curves.append(f"{claim.id}: {claim.bin} during the run (its log's verification records):\n\n"
+                          f"{points}")
     lead = f"{group.section}; {group.hardware}"
-    return _block(group, results, header, rows, lead=lead)
+    demo = ("Demo: faces of ../shared/data/demo/query/group1.jpg that `sh scripts/demo.sh` (Haar detector) "
+            "names as query/expected.json does, with the run's best model.")
+    return "\n\n".join([_block(group, results, header, rows, lead=lead), demo, *curves])
+
+
+def _demo(result: CaseResult | None) -> str:
+    demo = None if result is None else result.details.get("demo")
+    return NONE if demo is None else f"{demo['right']} of {demo['faces']}"
+
+
+def own_accuracy_summary(claims: Claims, results: Results) -> str:
+    """README's sentence on the faces-mini run and the demo with its model, every number from a result."""
+    claim = claims.own_accuracy.rows[0]
+    result = results.get(claim.id)
+    if result is None:
+        return f"`{claim.config}` has not been run by the reproduction harness yet."
+    details = result.details
+    sentence = (f"`{claim.config}` reached {result.measured['accuracy']:.4f} on {claim.bin} (600 pairs of "
+                f"people not in its training data) after {details['checkpoint_step']} steps "
+                f"({result.hardware.get('summary', NONE)}, {result.duration_s / 60:.0f} min)")
+    demo = details.get("demo")
+    if demo is None:
+        return sentence + "; the demo was not scored (no demo photos)."
+    return (sentence + f"; with its best model `sh scripts/demo.sh` named {demo['right']} of the "
+            f"{demo['faces']} faces of `group1.jpg` as expected "
+            "([docs/reproduction.md](docs/reproduction.md)).")
 
 
 def _detail(result: CaseResult | None, key: str, spec: str) -> str:
@@ -401,6 +432,7 @@ def build(documents: dict[str, Path], results_dir: Path, figure: Path) -> docblo
         document: replace_blocks(docblocks.read_document(document), blocks),
         readme: replace_blocks(docblocks.read_document(readme), {
             "glance": glance_block(claims, results), "capacity-summary": capacity_summary(claims, results),
+            "own-accuracy": own_accuracy_summary(claims, results),
         }),
     }
     return texts, render_figure(claims, results)

@@ -52,6 +52,7 @@ DETECTOR=${DETECTOR:-haar}
 DET_MODEL=${DET_MODEL:-}
 DET_PARAMS=${DET_PARAMS:-}
 EXPECTED=${EXPECTED:-}
+SCORE=${SCORE:-}          # with EXPECTED: also write the score as JSON to this file
 
 # with_detector COMMAND...: runs the plsc command with the detector flags, when set, appended.
 with_detector() {
@@ -70,5 +71,7 @@ with_detector "$@"
 if [ -n "$EXPECTED" ]; then
   stem=$(basename "$INPUT")
   result="$OUTPUT/${stem%.*}.json"
-  "$PYTHON" "$(dirname "$0")/demo_score.py" --result "$result" --expected "$EXPECTED"
+  set -- --result "$result" --expected "$EXPECTED"
+  if [ -n "$SCORE" ]; then set -- "$@" --json "$SCORE"; fi
+  "$PYTHON" "$(dirname "$0")/demo_score.py" "$@"
 fi

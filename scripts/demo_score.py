@@ -3,7 +3,9 @@
 The expected file (as ../shared/data/demo/query/expected.json) maps an image path to its cells, each a box and
 the name of the one person in it (or "unknown"). A detected face belongs to the cell holding its box centre.
 
-    python scripts/demo_score.py --result output/demo/result/group1.json --expected EXPECTED.json
+    python scripts/demo_score.py --result output/demo/result/group1.json --expected EXPECTED.json [--json OUT]
+
+With ``--json OUT`` the score is also written as ``{"right": n, "faces": cells, "threshold": t}``.
 """
 
 import argparse
@@ -33,6 +35,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--result", required=True, help="the .json written by plsc demo recognize")
     parser.add_argument("--expected", required=True, help="expected cells and names")
+    parser.add_argument("--json", help="also write the score to this file")
     args = parser.parse_args()
     result = json.loads(Path(args.result).read_text())
     cells = cells_for(json.loads(Path(args.expected).read_text()), result["input"])
@@ -50,6 +53,9 @@ def main() -> int:
     stray = len(answers.get(None, []))
     print(f"{right} of {len(cells)} faces as expected (threshold {result['threshold']:.3f}"
           f"{f', {stray} faces outside every cell' if stray else ''})")
+    if args.json:
+        score = {"right": right, "faces": len(cells), "threshold": result["threshold"]}
+        Path(args.json).write_text(json.dumps(score) + "\n", encoding="utf-8")
     return 0
 
 

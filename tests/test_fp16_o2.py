@@ -161,7 +161,7 @@ def test_fp16_checkpoint_resume_verify_export_through_the_trainer(trained_fp32, 
     engine = PaddleEngine(graph, graph.with_suffix(".pdiparams"))
     expected = embed(reference, images)
     # Paddle Inference folds BatchNorm into the convolutions: float32 rounding relative to the embedding's
-    # scale, not each element's (one element of ~5e-4 in an embedding of ~17 parted by 2.5e-5 on Paddle 2.6.2).
+    # scale, not each element's (one element of ~5e-4 in an embedding of ~17 parted by 2.5e-5 on 2.6.2).
     scale = np.abs(expected).max()
     np.testing.assert_allclose(engine(images), expected, rtol=1e-4, atol=1e-5 * scale)
 

@@ -184,3 +184,22 @@ def test_the_project_readme_and_figure_are_current(pytestconfig):
     if results_recorded(pytestconfig):
         pytest.skip("cases of this session recorded new results: run `make report`, then check again")
     assert report.main(["--check"]) == 0, "a document or the figure is stale: run `make report`"
+
+
+def test_the_own_accuracy_run_its_curve_and_demo_score_come_from_the_result(
+    run_report, workspace, claims, cpu_machine
+):
+    claim = claims.own_accuracy.rows[0]
+    details = {"checkpoint_step": 760, "curve": [[250, 0.8217], [500, 0.87]],
+               "demo": {"right": 4, "faces": 6}}
+    write_result(workspace[2], new_result(claims, claim, tier="cpu_slow", config=claim.config,
+                                          measured={"accuracy": 0.8765}, machine=cpu_machine,
+                                          command="python -m pytest", duration_s=600.0, details=details))
+    run_report()
+    rows = table_rows(workspace[0].read_text(encoding="utf-8"), "accuracy")
+    expected = [claim.id, claim.config, claim.bin, ">= 0.8500", "0.8765", "4 of 6", "pass"]
+    assert expected in [row[:7] for row in rows]
+    assert rows[-2:] == [["250", "0.8217"], ["500", "0.8700"]]  # the curve, after the claims table
+    readme = workspace[3].read_text(encoding="utf-8")
+    assert "reached 0.8765 on lfw_disjoint.bin" in readme and "after 760 steps" in readme
+    assert "named 4 of the 6 faces" in readme and "10 min" in readme
