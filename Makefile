@@ -25,8 +25,10 @@ $(STAMP): pyproject.toml
 mini: venv
 	$(BIN)/plsc train --config configs/cpu/mini.yaml --output output/mini --overwrite
 
+# worksteal: a worker that runs out of tests takes some of the other's, so a few long tests at the end of one
+# worker's share do not leave the other core idle. Tests that take minutes are in the cpu_slow tier (--run-slow).
 test: venv
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal -q
 
 lint: venv
 	$(BIN)/python -m pip install --quiet ruff

@@ -7,14 +7,15 @@ test is collected; none is deselected. A test carries at most one tier marker pe
 marker      needs                                           otherwise
 ==========  ==============================================  =============================
 cpu         nothing (also the tier of unmarked tests)       runs
-cpu_slow    ``--run-slow``                                  skipped: "run with --run-slow"
+cpu_slow    ``--run-slow``                                  skipped: "run with --run-slow (<reason>)"
 gpu         1 GPU that Paddle can use                       skipped: what was found
 gpu8        8 such GPUs                                     skipped: what was found
 multinode   2+ nodes (``paddle.distributed.launch --ips``)  skipped: how many nodes
 ==========  ==============================================  =============================
 
 ``--gpus N`` caps how many GPUs the gpu tiers may use (default: every GPU Paddle sees). GPUs are detected
-only when a collected test needs them, so the CPU tiers never import Paddle for this.
+only when a collected test needs them, so the CPU tiers never import Paddle for this. A slow test says what
+makes it slow with ``@pytest.mark.cpu_slow(reason=...)``; its skip repeats it.
 """
 
 from __future__ import annotations
@@ -58,7 +59,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         reason = gate.missing(tiers_of(item))
         if reason:
-            item.add_marker(pytest.mark.skip(reason=reason))
+            item.add_marker(pytest.mark.skip(reason=reason + why_slow(item)))
+
+
+def why_slow(item: pytest.Item) -> str:
+    """`` (<reason>)`` from ``@pytest.mark.cpu_slow(reason=...)``: what makes the test take minutes."""
+    marker = item.get_closest_marker("cpu_slow")
+    reason = marker.kwargs.get("reason") if marker else None
+    return f" ({reason})" if reason else ""
 
 
 def tiers_of(item: pytest.Item) -> list[str]:

@@ -55,6 +55,7 @@ def test_help_states_the_overhead_the_model_uses_by_default(tmp_path, capsys, de
     assert setting["fixed_overhead_bytes"] == stated * 2**20
 
 
+@pytest.mark.cpu_slow(reason="a capacity prediction for every published config (~30 s)")
 def test_every_published_config_predicts_without_plsc_data_root(tmp_path, monkeypatch):
     """The published configs name their data under ${PLSC_DATA_ROOT}; a prediction opens none of it, so it
     needs no variable and predicts what it predicts with the variable set."""

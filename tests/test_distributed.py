@@ -588,6 +588,7 @@ def random_center_checkpoint(path: Path, num_classes: int, dtype: str) -> tuple[
     return weight, velocity
 
 
+@pytest.mark.cpu_slow(reason="four launched trainings on 1, 2, 3 and 1 ranks (~40 s)")
 def test_checkpoint_round_trip_over_1_2_3_1_ranks_is_bit_identical(tmp_path):
     from plsc import checkpoint as ckpt
 
@@ -637,6 +638,7 @@ def run_quietly(command: list[str], **kwargs) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.cpu_slow(reason="a one-process run then a launched two-rank resume (~35 s)")
 def test_plsc_train_nproc_continues_a_one_process_run_on_two(cli_arguments, tmp_path):
     """``plsc train --nproc 2`` launches 2 ranks of ``python -m plsc.cli train``; resuming a 1-process
     checkpoint on them continues at its step (global batch kept: 2 x 24 after 1 x 48)."""
@@ -654,6 +656,8 @@ def test_plsc_train_nproc_continues_a_one_process_run_on_two(cli_arguments, tmp_
     assert sorted(p.name for p in (output / "log").glob("workerlog.*")) == ["workerlog.0", "workerlog.1"]
 
 
+@pytest.mark.cpu_slow(reason="the dynamic script on two launched processes (~30 s); its "
+                              "quiet-output test stays fast")
 def test_train_dynamic_script_runs_two_cpu_processes(cli_arguments, tmp_path):
     script = Path(__file__).resolve().parent.parent / "scripts" / "train_dynamic.sh"
     output = tmp_path / "run"
@@ -667,6 +671,7 @@ def test_train_dynamic_script_runs_two_cpu_processes(cli_arguments, tmp_path):
     assert not (tmp_path / "log").exists()  # nothing written into the folder the script was run from
 
 
+@pytest.mark.cpu_slow(reason="the static script on two launched processes (~40 s)")
 def test_train_static_script_trains_in_static_mode_on_two_cpu_processes(cli_arguments, tmp_path):
     script = Path(__file__).resolve().parent.parent / "scripts" / "train_static.sh"
     output = tmp_path / "run"
@@ -685,6 +690,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.cpu_slow(reason="two launchers as two nodes (~30 s)")
 def test_two_nodes_on_one_machine_train_like_one_process(tiny_overrides, tmp_path):
     """Two launchers (--nnodes 2, one process each) meeting at a loopback master: the multi-node path of
     paddle.distributed.launch. They train like one process with the double batch (comparison 1 above)."""
@@ -709,6 +715,8 @@ def test_two_nodes_on_one_machine_train_like_one_process(tiny_overrides, tmp_pat
     assert sorted(json.loads(p.read_text())["rank"] for p in ranks_dir.glob("rank*.json")) == [0, 1]
 
 
+@pytest.mark.cpu_slow(reason="a launched two-rank run stopped by a signal (~20 s); the one-process "
+                              "signal test stays fast")
 def test_sigterm_to_plsc_train_nproc_saves_one_checkpoint_on_all_ranks(cli_arguments, tmp_path):
     """The signal travels plsc -> launcher -> ranks; the ranks agree to stop after the same step (any_true)
     and save one checkpoint together, as a single process does."""

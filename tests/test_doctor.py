@@ -25,6 +25,8 @@ def rows_of(output: str) -> dict[str, str]:
     return rows
 
 
+@pytest.mark.cpu_slow(reason="every CPU check of plsc doctor end to end (~40 s); each check has its "
+                              "own fast test")
 def test_doctor_on_cpu_passes_the_cpu_subset_and_names_the_gpu_checks(tmp_path, capsys):
     assert cli.main(["doctor", "--output", str(tmp_path)]) == 0
     output = capsys.readouterr().out
@@ -93,6 +95,7 @@ def test_train_command_flags(tmp_path):
         "dynamic", "fp32", 1)))
 
 
+@pytest.mark.cpu_slow(reason="runs the doctor row's train and resume commands (~40 s)")
 def test_the_fp16_resume_row_runs_its_commands_and_reads_their_results(tmp_path):
     """The GPU-only row's own code, run on the CPU (where train.precision fp16 computes in float32: the
     float16 backbone's checkpoint, verification and resume paths are tests/test_fp16_o2.py's, under an

@@ -250,6 +250,8 @@ def test_pairs_naming_unknown_templates_are_refused(layout, tmp_path):
         ijb.read_meta(copy, "IJBC")
 
 
+@pytest.mark.cpu_slow(reason="builds and reads a PLSC v2.2 ResNet checkpoint (~35 s); the IJB "
+                              "pipeline's equality tests stay fast")
 def test_cli_runs_a_plsc22_checkpoint_as_its_source_model(layout, tmp_path):
     """A real model kind end to end (identify, restore, dygraph embedder, 112 px alignment, NCHW): the
     command's numbers are those of the model the checkpoint was written from, run directly."""

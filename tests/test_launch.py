@@ -151,6 +151,7 @@ def test_a_killed_rank_ends_the_job_with_one_line_and_no_process_left(job):
     assert "LAUNCH INFO" in (job.output / "log" / "launcher.log").read_text()
 
 
+@pytest.mark.cpu_slow(reason="waits out a hanging launcher's grace period (~45 s)")
 def test_a_rank_failing_while_the_launcher_hangs_is_still_ended_by_plsc(job):
     """The launcher stopped (it can neither report nor stop the ranks): plsc sees the dead rank itself and
     kills every process of the job, the stopped launcher included."""

@@ -117,6 +117,8 @@ def test_static_mode_matches_dynamic_and_checkpoints_cross_modes(tiny_trainer, t
         np.testing.assert_allclose(losses(output), dynamic[10:14], rtol=0, atol=1e-5)
 
 
+@pytest.mark.cpu_slow(reason="two static-graph ranks (~45 s); one-rank static and two-rank dynamic "
+                              "equality stay in the fast tier")
 def test_static_mode_matches_dynamic_on_two_ranks(tiny_overrides, tmp_path):
     """2 ranks x 12 samples, every collective of the head in play (ratio 0.5 samples per shard)."""
     launch_worker(tmp_path, 2, "modes", tmp_path, *tiny_overrides("train.max_steps=20", batch=12))

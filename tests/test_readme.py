@@ -107,6 +107,8 @@ def test_readme_commands_after_the_quick_start_use_bundled_data():
     assert all("output/faces_mini" not in command for command in readme_commands())
 
 
+@pytest.mark.cpu_slow(reason="every README command in fresh processes (~80 s); the slow tier's run "
+                              "of them with training covers it too")
 def test_readme_commands_run_as_written_after_make_mini(after_make_mini):
     folder, env = after_make_mini
     for command in readme_commands():
@@ -125,6 +127,7 @@ def test_readme_commands_run_as_written_after_make_mini(after_make_mini):
     assert (folder / "unpacked" / "label.txt").read_bytes().count(b"\n") == 240
 
 
+@pytest.mark.cpu_slow(reason="needs make mini's trained run in a fresh copy of the repository (~35 s)")
 def test_onnx_export_is_quiet(after_make_mini):
     """The README's ``# or --format onnx``: paddle2onnx's own prints stay off the console."""
     folder, env = after_make_mini
@@ -153,6 +156,7 @@ def make_mini_command() -> str:
     return command
 
 
+@pytest.mark.cpu_slow(reason="make mini twice in fresh processes (~30 s)")
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_make_mini_runs_again_replacing_its_output_but_not_a_running_one(tmp_path):
     from plsc import run_lock

@@ -169,6 +169,7 @@ def test_find_maximum_classes_static_runs_the_bisection_in_static_mode(tmp_path)
     assert pythonpath == f"PYTHONPATH={ROOT}:/elsewhere"
 
 
+@pytest.mark.cpu_slow(reason="a bracketing search of real trainings under a memory cap (~50 s)")
 def test_find_maximum_classes_on_the_cpu_brackets_under_a_memory_cap(tmp_path):
     """Two real trials of repro/capacity/cpu_capacity.yaml (16 px, 1 step) under a 1.25 GiB peak-RSS cap: 1000
     classes fit, 4 million (2 x 4M x 128 float16 centers and velocities = 2 GiB) cannot; the bracket and every

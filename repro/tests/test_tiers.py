@@ -66,6 +66,23 @@ def test_run_slow_runs_the_cpu_slow_tier(tier_run, cpu_machine):
     tier_run(cpu_machine, "--run-slow").assert_outcomes(passed=3, skipped=3)
 
 
+def test_a_slow_tests_skip_says_what_makes_it_slow(pytester, cpu_machine, monkeypatch):
+    pytester.makepyfile(
+        test_slow_reason="""
+import pytest
+
+@pytest.mark.cpu_slow(reason="trains four models (~40 s)")
+def test_slow():
+    pass
+"""
+    )
+    monkeypatch.setattr(hardware, "detect", lambda: cpu_machine)
+    result = pytester.runpytest("-p", "repro.tiers", "-rs")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["SKIPPED*cpu_slow tier: takes minutes on CPU; run with --run-slow "
+                                 "(trains four models (~40 s))"])
+
+
 def test_two_gpus_run_the_gpu_tier_but_not_gpu8(tier_run, v100_machine):
     result = tier_run(v100_machine(2))
     result.assert_outcomes(passed=3, skipped=3)
