@@ -361,7 +361,7 @@ def probe_head(
     import paddle
 
     from plsc.loss.margin import Margin
-    from plsc.loss.streaming import build_head
+    from plsc.loss.partial_fc import build_head
 
     margin = Margin.from_list(margins, scale)
     emb = PROBE_EMBEDDING

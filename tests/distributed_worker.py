@@ -31,8 +31,7 @@ import paddle  # noqa: E402
 
 from plsc.distributed import make_comm  # noqa: E402
 from plsc.loss.margin import Margin  # noqa: E402
-from plsc.loss.partial_fc import CenterUpdate, PartialFC  # noqa: E402
-from plsc.loss.streaming import build_head  # noqa: E402
+from plsc.loss.partial_fc import CenterUpdate, PartialFC, build_head  # noqa: E402
 
 
 def run_head(spec_path: str, out_dir: str) -> None:

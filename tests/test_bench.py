@@ -35,11 +35,12 @@ from plsc.distributed import LocalComm
 from plsc.engine.modes import HeadLossStep
 from plsc.errors import PlscError
 from plsc.loss import sparse_momentum
-from plsc.loss.cosine import ScratchRows, cosine_to_centers
 from plsc.loss.margin import (
     ARCFACE,
     COSFACE,
     Margin,
+    ScratchRows,
+    cosine_to_centers,
     margin_softmax_cross_entropy,
     target_logit,
     target_logit_slope,
@@ -192,7 +193,7 @@ def test_partial_fc_steps_the_same_with_its_gradient_scratch_and_without():
     for scratched in (True, False):
         head = PartialFC(500, 16, ARCFACE, sample_ratio=0.2, seed=3)
         if not scratched:
-            head.center_grad_scratch = None
+            head.strategy.center_grad_scratch = None
         heads.append(head)
     rng = np.random.default_rng(6)
     for step in range(3):
@@ -204,9 +205,9 @@ def test_partial_fc_steps_the_same_with_its_gradient_scratch_and_without():
             head.apply(pending, CenterUpdate(0.1, 0.9, 5e-4))
     np.testing.assert_array_equal(heads[0].weight.numpy(), heads[1].weight.numpy())
     np.testing.assert_array_equal(heads[0].velocity.numpy(), heads[1].velocity.numpy())
-    assert heads[0].center_grad_scratch.tensor is not None
+    assert heads[0].strategy.center_grad_scratch.tensor is not None
     heads[0].release_scratch()
-    assert heads[0].center_grad_scratch.tensor is None
+    assert heads[0].strategy.center_grad_scratch.tensor is None
 
 
 # --- initialisation and the update -----------------------------------------------------------------------
@@ -403,10 +404,10 @@ def count_calls(monkeypatch, owner, names: tuple[str, ...]) -> dict[str, int]:
 def test_streaming_head_bench_gathers_rows_inside_the_walks_and_updates_in_the_planned_walk(
     monkeypatch, update_in_backward
 ):
-    from plsc.loss.streaming import StreamingPartialFC
+    from plsc.loss.streaming import Streaming
 
     spec = HeadBenchSpec(**{**TINY.__dict__, "chunk_size": 64, "update_in_backward": update_in_backward})
-    calls = count_calls(monkeypatch, StreamingPartialFC, ("gather_chunk", "chunk_gradients"))
+    calls = count_calls(monkeypatch, Streaming, ("gather_chunk", "chunk_gradients"))
     head = build_head(spec)
     clock = WalkCountingClock(calls)
     index = head_step(head, *make_batch(spec, np.random.default_rng(0)), 0, clock, update_in_backward)

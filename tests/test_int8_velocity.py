@@ -22,8 +22,7 @@ from plsc.engine.trainer import Trainer
 from plsc.loss import sparse_momentum
 from plsc.loss.int8_rows import Int8Rows, dequantize, quantize
 from plsc.loss.margin import ARCFACE, Margin
-from plsc.loss.partial_fc import CenterUpdate
-from plsc.loss.streaming import build_head
+from plsc.loss.partial_fc import CenterUpdate, build_head
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
 COMBINED = Margin(0.9, 0.4, 0.15, 64.0)

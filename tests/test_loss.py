@@ -278,7 +278,7 @@ def paddle_sparse_momentum_(weight_t, velocity_t, index, grad_t, lr: float, mu: 
 def test_dense_momentum_is_paddles_sparse_momentum_kernel(chunk_size):
     """Every row's velocity decays and takes weight decay, sampled or not: plsc's dense mode against the
     kernel PLSC v2.2 ran, fed the whole-matrix head's sampled gradient, over several steps."""
-    from plsc.loss.streaming import build_head
+    from plsc.loss.partial_fc import build_head
 
     rng = np.random.default_rng(9)
     classes, emb, lr, mu, wd = 40, 6, 0.1, 0.9, 5e-2  # a decay whose effect (lr * wd = 5e-3 a step) shows
@@ -323,8 +323,9 @@ def test_rows_gathered_into_kept_memory_train_exactly_like_fresh_ones(monkeypatc
             loss, pending = head(paddle.to_tensor(embeddings), paddle.to_tensor(labels), step)
             loss.backward()
             grads.append(pending.rows.grad.numpy().copy())
-            if kept and head.gathered_rows_scratch.tensor is not None:  # the leaf is the buffer's memory
-                assert pending.rows.data_ptr() == head.gathered_rows_scratch.tensor.data_ptr()
+            scratch = head.strategy.gathered_rows_scratch
+            if kept and scratch.tensor is not None:  # the leaf is the buffer's memory
+                assert pending.rows.data_ptr() == scratch.tensor.data_ptr()
             head.apply(pending, CenterUpdate(0.1, 0.9, 5e-4))
         return grads, head.weight.numpy(), head.velocity.numpy()
 
@@ -360,7 +361,7 @@ def test_fp16_storage_halves_bytes_and_tracks_fp32():
 
 @pytest.mark.parametrize("shape", [(1, 5), (7, 1), (128, 300)])
 def test_row_and_column_sums_as_products_equal_numpy_sums(shape):
-    from plsc.loss.sums import column_sums, row_sums
+    from plsc.loss.margin import column_sums, row_sums
 
     matrix = np.random.default_rng(sum(shape)).standard_normal(shape).astype(np.float32)
     tensor = paddle.to_tensor(matrix)

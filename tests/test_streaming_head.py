@@ -21,8 +21,7 @@ from plsc.config import load_config
 from plsc.engine.loss_scaler import all_finite
 from plsc.engine.trainer import Trainer
 from plsc.loss.margin import ARCFACE, COSFACE, Margin
-from plsc.loss.partial_fc import CenterUpdate
-from plsc.loss.streaming import StreamingPartialFC, build_head
+from plsc.loss.partial_fc import CenterUpdate, build_head
 
 COMBINED = Margin(0.9, 0.4, 0.15, 64.0)  # m1 != 1: the acos path of the target logit
 CLASSES, EMBEDDING, BATCH, STEPS = 60, 16, 12, 3
@@ -131,7 +130,8 @@ def test_update_applied_inside_the_backward_equals_the_whole_matrix_head(margin,
 
 
 def test_a_planned_update_is_applied_once_and_leaves_nothing_to_check():
-    head = StreamingPartialFC(CLASSES, EMBEDDING, ARCFACE, sample_ratio=0.3, chunk_size=5, seed=3)
+    head = build_head(5, num_classes=CLASSES, embedding_size=EMBEDDING, margin=ARCFACE, sample_ratio=0.3,
+                      seed=3)
     embeddings = paddle.to_tensor(np.ones((BATCH, EMBEDDING), np.float32), stop_gradient=False)
     update = CenterUpdate(LR, MOMENTUM, WEIGHT_DECAY)
     pending = head.prepare(paddle.to_tensor(np.arange(BATCH)), 0, update_in_backward=update)
@@ -147,7 +147,8 @@ def test_one_chunk_larger_than_the_sampled_count():
 
 
 def test_non_finite_gradient_is_seen_and_skipping_changes_no_center():
-    head = StreamingPartialFC(CLASSES, EMBEDDING, ARCFACE, sample_ratio=0.3, chunk_size=5, seed=3)
+    head = build_head(5, num_classes=CLASSES, embedding_size=EMBEDDING, margin=ARCFACE, sample_ratio=0.3,
+                      seed=3)
     weight, velocity = head.weight.numpy(), head.velocity.numpy()
     embeddings = paddle.to_tensor(np.ones((BATCH, EMBEDDING), np.float32), stop_gradient=False)
     pending = head.prepare(paddle.to_tensor(np.arange(BATCH)), 0)
@@ -164,7 +165,8 @@ def test_non_finite_gradient_is_seen_and_skipping_changes_no_center():
 def test_streaming_head_holds_no_sampled_sized_buffer():
     """After the backward the head keeps [batch]- and [batch, emb]-sized statistics and a few numbers per
     sampled center ([sampled] vectors), nothing [sampled, emb] or [batch, sampled]."""
-    head = StreamingPartialFC(4000, EMBEDDING, ARCFACE, sample_ratio=0.5, chunk_size=64, seed=3)
+    head = build_head(64, num_classes=4000, embedding_size=EMBEDDING, margin=ARCFACE, sample_ratio=0.5,
+                      seed=3)
     embeddings = paddle.to_tensor(np.ones((BATCH, EMBEDDING), np.float32), stop_gradient=False)
     pending = head.prepare(paddle.to_tensor(np.arange(BATCH)), 0)
     head.loss(embeddings, pending).backward()
@@ -228,13 +230,13 @@ def test_training_without_loss_scaling_updates_inside_the_backward(tiny_dir, tmp
     common = ["train.max_steps=6", "optim.clip_norm=0.5", "optim.lr=0.01", "loss.chunk_size=7"]
     planned = Trainer(tiny_config(tiny_dir, *common), tmp_path / "planned")
     applied = []
-    head, backward_walk = planned.head, planned.head.backward_walk
+    strategy, backward_walk = planned.head.strategy, planned.head.strategy.backward_walk
 
-    def recording_walk(pending, grad):
+    def recording_walk(head, pending, grad):
         applied.append(pending.update_in_backward)
-        return backward_walk(pending, grad)
+        return backward_walk(head, pending, grad)
 
-    head.backward_walk = recording_walk
+    strategy.backward_walk = recording_walk
     planned.run()
     assert len(applied) == 6 and all(plan is not None for plan in applied)
     separate = Trainer(tiny_config(tiny_dir, *common), tmp_path / "separate")

@@ -8,12 +8,12 @@ What one timed step is (all on this process, CPU):
 - backward: ``loss.backward()`` down to the embeddings and the sampled rows;
 - update: the class-center momentum step (``PartialFC.apply``).
 
-With ``chunk_size`` > 0 the streaming head (plsc.loss.streaming) runs instead: it gathers each chunk's rows
-inside its walks (the gather phase is then empty), and the floor's [k, emb] rows are gathered outside the
-timed step. The update is committed to before the backward (``update_in_backward``), as the training step
-does without loss scaling: the streaming head then applies it inside the backward walk (the update phase is
-then nearly empty); with loss scaling it walks the chunks once more in ``apply()``, two matmuls per chunk
-more (``update_in_backward=False``).
+With ``chunk_size`` > 0 the head's streaming strategy (plsc.loss.streaming) runs instead: it gathers each
+chunk's rows inside its walks (the gather phase is then empty), and the floor's [k, emb] rows are gathered
+outside the timed step. The update is committed to before the backward (``update_in_backward``), as the
+training step does without loss scaling: the streaming head then applies it inside the backward walk (the
+update phase is then nearly empty); with loss scaling it walks the chunks once more in ``apply()``, two
+matmuls per chunk more (``update_in_backward=False``).
 
 The floor is the three matmuls any such head must do, timed in the same process on the same shapes right after
 each step: ``logits = E Ws^T`` [B, k], ``dE = dL Ws`` [B, emb] and ``dWs = dL^T E`` [k, emb].
@@ -99,7 +99,7 @@ def simulated_rank(world_size: int):
 
 def build_head(spec: HeadBenchSpec):
     from plsc.loss.margin import ARCFACE
-    from plsc.loss.streaming import build_head as build_partial_fc
+    from plsc.loss.partial_fc import build_head as build_partial_fc
 
     return build_partial_fc(
         spec.chunk_size, num_classes=spec.classes, embedding_size=spec.emb, margin=ARCFACE,

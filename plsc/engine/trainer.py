@@ -45,8 +45,7 @@ from plsc.engine.train_log import LogWindow, TrainLog
 from plsc.errors import PlscError, memory_hint
 from plsc.loss import fast_paths, int8_rows
 from plsc.loss.margin import Margin
-from plsc.loss.partial_fc import center_init_std
-from plsc.loss.streaming import build_head
+from plsc.loss.partial_fc import build_head, center_init_std
 from plsc.models import build_model
 from plsc.models.layout_check import check_cudnn_nhwc
 from plsc.models.precision import restore_optimizer_state

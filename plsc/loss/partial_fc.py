@@ -2,13 +2,19 @@
 
 Each rank owns a contiguous shard of class centers ([num_local, emb]) and sees the embeddings and labels of
 the whole global batch. Per step it keeps every positive class of the batch that it owns plus uniformly random
-negatives (without replacement) up to ``floor(ratio * num_local)`` (:mod:`plsc.loss.sampling`), gathers those
-rows (:mod:`plsc.loss.rows`), and computes its
-columns of the margin softmax; the softmax itself spans all ranks (see :mod:`plsc.loss.margin`). With ratio
-1.0 every center is used and the result is exactly the full classifier.
+negatives (without replacement) up to ``floor(ratio * num_local)`` (:mod:`plsc.loss.sampling`), and computes
+its columns of the margin softmax; the softmax itself spans all ranks (see :mod:`plsc.loss.margin`). With
+ratio 1.0 every center is used and the result is exactly the full classifier.
+
+One head, :class:`PartialFC`: it owns the state (the shard, the centers, their velocity, the sampling, what
+checkpoints read and write) and runs a step in explicit phases on a :class:`HeadStep` the caller holds. How
+the sampled centers' loss and update are computed is its strategy, chosen once when the head is built
+(:func:`build_head`): :class:`WholeMatrix` gathers every sampled center into one float32 tensor;
+:class:`plsc.loss.streaming.Streaming` walks them a chunk at a time (``loss.chunk_size``). Both give the same
+numbers.
 
 The class centers are not a Paddle parameter managed by an optimizer: the step's gradient exists only for the
-gathered rows, and :mod:`plsc.loss.sparse_momentum` applies it, so nothing per step is O(num_classes).
+sampled rows, and :mod:`plsc.loss.sparse_momentum` applies it, so nothing per step is O(num_classes).
 """
 
 from __future__ import annotations
@@ -21,13 +27,13 @@ import numpy as np
 import paddle
 
 from plsc.distributed import LocalComm, shard_classes
-from plsc.loss.cosine import ScratchRows, cosine_to_centers
 from plsc.loss.int8_rows import Dequantized
-from plsc.loss.margin import Margin, margin_softmax_cross_entropy
+from plsc.loss.margin import Margin, ScratchRows, cosine_to_centers, margin_softmax_cross_entropy
 from plsc.loss.row_backend import STATE_BLOCK_ROWS, copy_rows_into, host_blocks, source_blocks
 from plsc.loss.rows import new_rows, row_store
 from plsc.loss.sampling import num_sampled, sample_centers
 from plsc.loss.sparse_momentum import UPDATES
+from plsc.loss.streaming import Streaming
 
 # Initial centers: N(0, std^2), generated per block of classes so that a class's row depends only on
 # (seed, class id), never on how classes are sharded, and no float64 copy of the matrix ever exists.
@@ -97,29 +103,78 @@ class CenterUpdate:
 
 @dataclass
 class HeadStep:
-    """One step of a head between its phases, held by the caller: the head keeps nothing of a step. Its
-    phases: :meth:`PartialFC.prepare` makes it, :meth:`PartialFC.loss` and the backward fill it, and
-    :meth:`PartialFC.apply` updates the centers from it; a skipped step is dropped."""
+    """One step of the head between its phases, held by the caller: the head keeps nothing of a step.
+    :meth:`PartialFC.prepare` makes it, :meth:`PartialFC.loss` and the backward fill it, and
+    :meth:`PartialFC.apply` updates the centers from it; a skipped step is dropped with it."""
 
     index: paddle.Tensor  # the sampled centers, as rows of this rank's shard
     remapped: paddle.Tensor  # each label as a column of the sampled centers, -1 where another rank's
-    # The update the caller commits to before the backward (nothing can skip the step): a head that can apply
-    # it in the backward does, and then has no gradient left to check or apply.
+    # The update the caller commits to before the backward (nothing can skip the step): a strategy that can
+    # apply it in the backward does, and then has no gradient left to check or apply.
     update_in_backward: CenterUpdate | None = None
-    rows: paddle.Tensor | None = None  # whole-matrix head: the sampled rows, a leaf collecting their grad
-    stats: Any = None  # streaming head: the forward's softmax statistics
-    grad_sq_norm: paddle.Tensor | None = None  # streaming head: set by a backward that left the update
-    applied: bool = False  # the update is in the centers
+    rows: paddle.Tensor | None = None  # WholeMatrix: the sampled rows, a leaf collecting their grad
+    stats: Any = None  # Streaming: the forward's softmax statistics
+    grad_sq_norm: paddle.Tensor | None = None  # Streaming: set by a backward that left the update
+    applied_in_backward: bool = False  # the backward applied ``update_in_backward``
+    applied: bool = False  # apply() ran: the update is in the centers
+
+
+class WholeMatrix:
+    """The strategy that gathers every sampled center into one float32 [sampled, emb] tensor, a leaf that
+    collects its gradient: cosines and margin softmax over it (:mod:`plsc.loss.margin`), then the update from
+    that gradient. Its loss is tensors only, so static mode may compile it (:meth:`rows_loss`)."""
+
+    traceable = True
+
+    def __init__(self):
+        self.center_grad_scratch = ScratchRows()
+        # The sampled rows, gathered into the same memory every step where Paddle can (gathers_into):
+        # a fresh [k, emb] tensor is fresh pages, and the forward over them took 0.44 s instead of 0.36 on
+        # some days at k = 100,000 (the whole forward phase measured; 0.36 in every run with the kept buffer).
+        self.gathered_rows_scratch = ScratchRows()
+
+    def prepare(self, head: PartialFC, pending: HeadStep) -> None:
+        """Gather the sampled centers into ``pending.rows``, a new leaf on the rows' memory each step: its
+        gradient starts empty, as a fresh gather's does (Paddle adds each backward's gradient to what a leaf
+        already holds)."""
+        out = None
+        if head.weight_rows.gathers_into:
+            out = self.gathered_rows_scratch.shaped([pending.index.shape[0], head.embedding_size],
+                                                    paddle.float32)
+        pending.rows = head.weight_rows.gather(pending.index, out).detach()
+        pending.rows.stop_gradient = False
+
+    def loss(self, head: PartialFC, all_embeddings: paddle.Tensor, pending: HeadStep) -> paddle.Tensor:
+        return self.rows_loss(head, all_embeddings, pending.rows, pending.remapped)
+
+    def rows_loss(self, head: PartialFC, all_embeddings: paddle.Tensor, rows: paddle.Tensor,
+                  remapped: paddle.Tensor) -> paddle.Tensor:
+        cosine = cosine_to_centers(all_embeddings, rows, self.center_grad_scratch)
+        return head.margin_loss(cosine, remapped, head.margin, head.comm)
+
+    def center_grads(self, head: PartialFC, pending: HeadStep) -> list[paddle.Tensor]:
+        if pending.rows.grad is None:
+            raise RuntimeError("PartialFC: no center gradient before a backward pass")
+        return [pending.rows.grad]
+
+    def apply(self, head: PartialFC, pending: HeadStep, update: CenterUpdate) -> None:
+        (grad,) = self.center_grads(head, pending)
+        # The gathered rows are reused (and overwritten): the weight has not changed since they were gathered.
+        head.update(head.weight_rows, head.velocity_rows, pending.index, grad, update.lr, update.momentum,
+                    update.weight_decay, grad_scale=update.grad_scale, rows=pending.rows)
+
+    def release_scratch(self) -> None:
+        self.center_grad_scratch.release()
+        self.gathered_rows_scratch.release()
 
 
 class PartialFC:
-    """The sharded, sampled classifier of one rank, with its class centers and their momentum: the
-    whole-matrix head, which gathers every sampled center into one float32 tensor.
+    """The sharded, sampled classifier of one rank, with its class centers and their momentum.
 
     A step in phases, each given the :class:`HeadStep` the first returned: :meth:`prepare`, :meth:`loss`
-    (then the caller's backward), :meth:`center_grads` (what an inf/nan check reads), :meth:`apply`."""
-
-    traceable = True  # its loss compiles under paddle.jit.to_static (static mode)
+    (then the caller's backward), :meth:`center_grads` (what an inf/nan check reads), :meth:`apply`. The
+    strategy (``strategy``: :class:`WholeMatrix` by default) computes the loss, the gradient and the update;
+    the head samples, checks the phases' order and owns the state."""
 
     def __init__(
         self,
@@ -135,6 +190,7 @@ class PartialFC:
         margin_loss=margin_softmax_cross_entropy,
         device_sampler=None,
         init_std: float = INIT_STD,
+        strategy=None,
     ):
         """``margin_loss(cosine, remapped, margin, comm)`` and ``device_sampler(all_labels, num_local, wanted)
         -> (index, remapped)``: a fused kernel and an on-device sampler in place of the portable code, each
@@ -154,13 +210,16 @@ class PartialFC:
                                                init_std)
         self.velocity = new_rows(shard.count, embedding_size, center_dtype if velocity_dtype == "same"
                                      else velocity_dtype)
+        # The same matrices as row stores, made once: read as float32, written back in the storage dtype.
+        self.weight_rows, self.velocity_rows = row_store(self.weight), row_store(self.velocity)
         self.margin_loss = margin_loss
         self.device_sampler = device_sampler
-        self.center_grad_scratch = ScratchRows()
-        # The sampled rows, gathered into the same memory every step where Paddle can (gathers_into):
-        # a fresh [k, emb] tensor is fresh pages, and the forward over them took 0.44 s instead of 0.36 on
-        # some days at k = 100,000 (the whole forward phase measured; 0.36 in every run with the kept buffer).
-        self.gathered_rows_scratch = ScratchRows()
+        self.strategy = WholeMatrix() if strategy is None else strategy
+
+    @property
+    def traceable(self) -> bool:
+        """Whether the loss compiles under paddle.jit.to_static (static mode): :meth:`rows_loss`."""
+        return self.strategy.traceable
 
     def sample(self, labels: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
         return sample_centers(
@@ -176,18 +235,12 @@ class PartialFC:
 
     def prepare(self, labels: paddle.Tensor, step: int, update_in_backward: CenterUpdate | None = None
                 ) -> HeadStep:
-        """The eager half of a step: gather the global batch's labels, sample this rank's centers and gather
-        them as a leaf that collects their gradient."""
+        """The eager half of a step: gather the global batch's labels, sample this rank's centers, and let
+        the strategy gather what its loss reads. ``update_in_backward``: see :class:`HeadStep`."""
         all_labels = self.comm.all_gather(labels.reshape([-1]))
-        index, remapped = self.sample_tensors(all_labels, step)
-        weight, out = row_store(self.weight), None
-        if weight.gathers_into:
-            out = self.gathered_rows_scratch.shaped([index.shape[0], self.embedding_size], paddle.float32)
-        # A new leaf on the rows' memory each step: its gradient starts empty, as a fresh gather's does
-        # (Paddle adds each backward's gradient to what a leaf already holds).
-        rows = weight.gather(index, out).detach()
-        rows.stop_gradient = False
-        return HeadStep(index, remapped, update_in_backward, rows=rows)
+        pending = HeadStep(*self.sample_tensors(all_labels, step), update_in_backward)
+        self.strategy.prepare(self, pending)
+        return pending
 
     def sample_tensors(self, all_labels: paddle.Tensor, step: int) -> tuple[paddle.Tensor, paddle.Tensor]:
         """:meth:`sample` on tensors, or the constructor's ``device_sampler`` (no copy to the host)."""
@@ -199,45 +252,44 @@ class PartialFC:
 
     def loss(self, all_embeddings: paddle.Tensor, pending: HeadStep) -> paddle.Tensor:
         """Margin softmax of the global batch over the step's sampled centers."""
-        return self.rows_loss(all_embeddings, pending.rows, pending.remapped)
+        return self.strategy.loss(self, all_embeddings, pending)
 
     def rows_loss(self, all_embeddings: paddle.Tensor, rows: paddle.Tensor, remapped: paddle.Tensor):
-        """The tensor-only core of :meth:`loss`: holds no Python state changes, so static mode can compile it
-        (``paddle.jit.to_static``)."""
-        cosine = cosine_to_centers(all_embeddings, rows, self.center_grad_scratch)
-        return self.margin_loss(cosine, remapped, self.margin, self.comm)
+        """The tensor-only core of :meth:`loss` of a :attr:`traceable` strategy, on gathered ``rows``: holds
+        no Python state changes, so static mode can compile it (``paddle.jit.to_static``)."""
+        return self.strategy.rows_loss(self, all_embeddings, rows, remapped)
 
     def center_grads(self, pending: HeadStep) -> list[paddle.Tensor]:
         """What an inf/nan check of the step reads for the class centers, once backward has run: their
-        gradient."""
-        if pending.rows.grad is None:
-            raise RuntimeError("PartialFC: no center gradient before a backward pass")
-        return [pending.rows.grad]
+        gradient, or a number finite exactly when it is; nothing when the backward applied the update."""
+        return self.strategy.center_grads(self, pending)
 
     def apply(self, pending: HeadStep, update: CenterUpdate) -> None:
-        """Step the sampled centers with their gradient (times ``update.grad_scale``)."""
-        require_committed(pending, update)
+        """Step the sampled centers with their gradient (times ``update.grad_scale``), once; nothing more when
+        the backward applied the committed update."""
+        committed = pending.update_in_backward
+        if committed not in (None, update):
+            raise RuntimeError(f"the head's update {update} differs from the one committed to before the "
+                               f"backward, {committed}")
         if pending.applied:
             raise RuntimeError("PartialFC: the step's update was applied already")
-        (grad,) = self.center_grads(pending)
-        # The gathered rows are reused (and overwritten): the weight has not changed since they were gathered.
-        self.update(self.weight, self.velocity, pending.index, grad, update.lr, update.momentum,
-                    update.weight_decay, grad_scale=update.grad_scale, rows=pending.rows)
+        if not pending.applied_in_backward:
+            self.strategy.apply(self, pending, update)
         pending.applied = True
 
     def release_scratch(self) -> None:
-        """Free the kept [k, emb] buffers (before a checkpoint's host copies, which need the memory more)."""
-        self.center_grad_scratch.release()
-        self.gathered_rows_scratch.release()
+        """Free the strategy's kept buffers (before a checkpoint's host copies, which need the memory
+        more)."""
+        self.strategy.release_scratch()
 
     def state_tensors(self) -> list[paddle.Tensor]:
         """Every tensor of the head's state (weight, velocity and, for int8 velocity, its scales)."""
-        return [self.weight, *row_store(self.velocity).tensors()]
+        return [self.weight, *self.velocity_rows.tensors()]
 
     def float_tensors(self) -> list[paddle.Tensor]:
         """The state tensors that hold floating-point numbers (what an inf/nan check reads): int8 velocity's
         codes are integers, kept in a float16 container whose bits are no float16 numbers."""
-        return [self.weight, *row_store(self.velocity).float_tensors()]
+        return [self.weight, *self.velocity_rows.float_tensors()]
 
     @property
     def storage_dtype(self) -> str:
@@ -247,7 +299,7 @@ class PartialFC:
     @property
     def velocity_dtype(self) -> str:
         """The velocity's storage: ``float32``, ``float16`` or ``int8`` (codes and per-row scales)."""
-        return row_store(self.velocity).dtype
+        return self.velocity_rows.dtype
 
     def state_kinds(self) -> dict[str, tuple[int, str]]:
         """``{kind: (columns, numpy dtype)}`` of the matrices :meth:`row_blocks` yields, as checkpoints store
@@ -291,9 +343,8 @@ class PartialFC:
             copy_rows_into(self.velocity, source)
 
 
-def require_committed(pending: HeadStep, update: CenterUpdate) -> None:
-    """``update`` is the one committed to before the backward, if there was one."""
-    if pending.update_in_backward not in (None, update):
-        raise RuntimeError(f"the head's update {update} differs from the one committed to before the "
-                           f"backward, {pending.update_in_backward}")
-
+def build_head(chunk_size: int = 0, **kwargs) -> PartialFC:
+    """The head with its strategy: :class:`WholeMatrix` when ``chunk_size`` is 0, else
+    :class:`~plsc.loss.streaming.Streaming` with chunks of ``chunk_size`` sampled centers
+    (``loss.chunk_size``)."""
+    return PartialFC(**kwargs, strategy=Streaming(chunk_size) if chunk_size else WholeMatrix())

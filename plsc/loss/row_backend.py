@@ -45,11 +45,6 @@ def reference_take_rows(matrix: paddle.Tensor, index: paddle.Tensor) -> paddle.T
     return paddle.gather(matrix.astype("float32"), index).astype(matrix.dtype)
 
 
-def as_float32(tensor: paddle.Tensor) -> paddle.Tensor:
-    """``tensor`` itself when already float32: ``astype`` to the same dtype would still copy every element."""
-    return cast(tensor, paddle.float32)
-
-
 def cast(tensor: paddle.Tensor, dtype) -> paddle.Tensor:
     """``tensor.astype(dtype)`` (``tensor`` itself when it has that dtype already).
 

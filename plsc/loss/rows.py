@@ -12,7 +12,7 @@ from typing import Protocol
 import paddle
 
 from plsc.loss.int8_rows import Int8Rows
-from plsc.loss.row_backend import GATHER_WRITES_INTO, as_float32, cast, gather_into, put_rows_, take_rows
+from plsc.loss.row_backend import GATHER_WRITES_INTO, cast, gather_into, put_rows_, take_rows
 
 
 class RowStore(Protocol):
@@ -43,24 +43,32 @@ class RowStore(Protocol):
 
 
 class FloatRows:
-    """A float32 or float16 tensor as a row store."""
+    """A float32 or float16 tensor as a row store. float32 rows move by Paddle's own gather and scatter;
+    other dtypes through :mod:`plsc.loss.row_backend`, cast on the way (Paddle's CPU kernels have no float16
+    gather or scatter, and its float16 casts are slow)."""
 
     def __init__(self, tensor: paddle.Tensor):
         self.tensor = tensor
         self.shape = tensor.shape
-        self.gathers_into = GATHER_WRITES_INTO and tensor.dtype == paddle.float32
+        self.is_float32 = tensor.dtype == paddle.float32
+        self.gathers_into = GATHER_WRITES_INTO and self.is_float32
 
     @property
     def dtype(self) -> str:
         return str(self.tensor.dtype).split(".")[-1]
 
     def gather(self, index: paddle.Tensor, out: paddle.Tensor | None = None) -> paddle.Tensor:
+        if not self.is_float32:
+            return cast(take_rows(self.tensor, index), paddle.float32)
         if out is not None and self.gathers_into:
             return gather_into(self.tensor, index, out)
-        return as_float32(take_rows(self.tensor, index))
+        return paddle.gather(self.tensor, index)
 
     def scatter_(self, index: paddle.Tensor, rows: paddle.Tensor) -> None:
-        put_rows_(self.tensor, index, cast(rows, self.tensor.dtype))
+        if self.is_float32:
+            paddle.scatter_(self.tensor, index, rows, overwrite=True)
+        else:
+            put_rows_(self.tensor, index, cast(rows, self.tensor.dtype))
 
     def read_block(self, start: int, stop: int) -> paddle.Tensor:
         return self.tensor[start:stop].astype("float32")

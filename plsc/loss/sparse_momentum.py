@@ -21,7 +21,6 @@ import numpy as np
 import paddle
 from paddle import _C_ops
 
-from plsc.loss.row_backend import as_float32
 from plsc.loss.rows import row_store
 
 # Rows per block when the dense update walks the whole matrix: bounds its float32 scratch to a few MB.
@@ -50,14 +49,43 @@ def momentum_(weight, velocity, grad, lr: float, momentum: float, weight_decay: 
 @paddle.no_grad()
 def lazy_update(
     weight, velocity, index, grad, lr: float, momentum: float, weight_decay: float,
-    grad_scale: float = 1.0, rows: paddle.Tensor | None = None,
+    grad_scale: float = 1.0, rows: paddle.Tensor | None = None, velocity_rows: paddle.Tensor | None = None,
+    block_rows: int | None = None,
 ) -> None:
-    """Update ``weight[index]`` and ``velocity[index]`` in place from ``grad`` (the sampled rows' gradient).
+    """The one walk of every update: ``weight[index]`` and ``velocity[index]`` stepped in place from
+    ``grad`` (the rows' float32 gradient; None: zero), a block of ``block_rows`` rows at a time
+    (UPDATE_BLOCK_ROWS by default). ``weight``, ``velocity``: anything :func:`plsc.loss.rows.row_store` takes.
+    ``rows``, ``velocity_rows``: the rows already gathered as float32 (the forward pass gathered the weight's
+    rows; they are overwritten), or None.
 
-    ``rows``: ``gather_rows(weight, index)`` if the caller already has it (the forward pass gathered them);
-    it may be overwritten.
+    Block by block: the velocity rows (and float16 casts) exist for one block at a time, so the update adds
+    a few MB to the step's peak memory instead of another [rows, emb] float32 tensor.
     """
-    step_rows_(weight, velocity, index, grad, lr, momentum, weight_decay, grad_scale, rows)
+    weight, velocity = row_store(weight), row_store(velocity)
+    rows = None if rows is None else rows.detach()
+    count, block_rows = index.shape[0], block_rows or UPDATE_BLOCK_ROWS
+    zero_grad = None
+    for start in range(0, count, block_rows):
+        stop = min(start + block_rows, count)
+        block_index = rows_of(index, start, stop)
+        block_weight = weight.gather(block_index) if rows is None else rows_of(rows, start, stop)
+        block_velocity = velocity.gather(block_index) if velocity_rows is None else \
+            rows_of(velocity_rows, start, stop)
+        if grad is not None:
+            block_grad = rows_of(grad, start, stop)
+        elif zero_grad is None or zero_grad.shape != block_weight.shape:
+            block_grad = zero_grad = paddle.zeros_like(block_weight)
+        else:
+            block_grad = zero_grad
+        momentum_(block_weight, block_velocity, block_grad, lr, momentum, weight_decay, grad_scale)
+        velocity.scatter_(block_index, block_velocity)
+        weight.scatter_(block_index, block_weight)
+
+
+def rows_of(tensor: paddle.Tensor, start: int, stop: int) -> paddle.Tensor:
+    """Rows ``[start, stop)`` of ``tensor``: the tensor itself when they are all of it (Paddle 2.6's slices
+    are copies)."""
+    return tensor if start == 0 and stop == tensor.shape[0] else tensor[start:stop]
 
 
 @paddle.no_grad()
@@ -79,44 +107,7 @@ def decay_unsampled_rows(weight, velocity, index: paddle.Tensor, lr: float, mome
     sampled = np.zeros(weight.shape[0], dtype=bool)
     sampled[index.numpy()] = True
     unsampled = paddle.to_tensor(np.flatnonzero(~sampled))
-    step_rows_(weight, velocity, unsampled, None, lr, momentum, weight_decay, block_rows=DENSE_BLOCK_ROWS)
-
-
-def step_rows_(weight, velocity, index, grad, lr: float, momentum: float, weight_decay: float,
-               grad_scale: float = 1.0, rows: paddle.Tensor | None = None,
-               velocity_rows: paddle.Tensor | None = None, block_rows: int = UPDATE_BLOCK_ROWS) -> None:
-    """The one walk of every update: ``weight[index]`` and ``velocity[index]`` stepped in place, a block of
-    ``block_rows`` rows at a time, with ``grad`` (the rows' gradient; None: zero). ``rows``,
-    ``velocity_rows``: the rows already gathered as float32 (they are overwritten), or None.
-
-    Block by block: the velocity rows (and float16 casts) exist for one block at a time, so the update adds
-    a few MB to the step's peak memory instead of another [rows, emb] float32 tensor.
-    """
-    weight, velocity = row_store(weight), row_store(velocity)
-    rows = None if rows is None else rows.detach()
-    zero_grad = None
-    for start in range(0, index.shape[0], block_rows):
-        block = part(slice(start, start + block_rows), index.shape[0])
-        block_index = block(index)
-        block_weight = weight.gather(block_index) if rows is None else block(rows)
-        block_velocity = velocity.gather(block_index) if velocity_rows is None else block(velocity_rows)
-        if grad is not None:
-            block_grad = as_float32(block(grad))
-        elif zero_grad is None or zero_grad.shape != block_weight.shape:
-            block_grad = zero_grad = paddle.zeros_like(block_weight)
-        else:
-            block_grad = zero_grad
-        momentum_(block_weight, block_velocity, block_grad, lr, momentum, weight_decay, grad_scale)
-        velocity.scatter_(block_index, block_velocity)
-        weight.scatter_(block_index, block_weight)
-
-
-def part(rows: slice, count: int):
-    """A function taking ``rows`` of a tensor of ``count`` rows: the tensor itself when they are all of it
-    (Paddle 2.6's slices are copies)."""
-    if rows.start == 0 and rows.stop >= count:
-        return lambda tensor: tensor
-    return lambda tensor: tensor[rows]
+    lazy_update(weight, velocity, unsampled, None, lr, momentum, weight_decay, block_rows=DENSE_BLOCK_ROWS)
 
 
 UPDATES = {"lazy": lazy_update, "dense": dense_update}

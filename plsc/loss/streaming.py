@@ -1,21 +1,22 @@
-"""The streaming PartialFC head: the margin softmax over the sampled centers, one chunk of centers at a time.
+"""The streaming strategy of the PartialFC head: the margin softmax over the sampled centers, one chunk of
+centers at a time.
 
-The whole-matrix head (:class:`~plsc.loss.partial_fc.PartialFC`) gathers every sampled center into a float32
-[sampled, emb] tensor and forms [global batch, sampled] logits, softmax and gradients. Here nothing of either
-size exists beyond one chunk of ``chunk_size`` sampled centers (``loss.chunk_size``), so a rank's memory is
-its class centers, their velocity and a few chunk-sized buffers. Three walks over the chunks, each gathering
-the chunk's rows (float16 -> float32 per chunk) and recomputing its cosines and margin logits:
+The whole-matrix strategy (:class:`~plsc.loss.partial_fc.WholeMatrix`) gathers every sampled center into a
+float32 [sampled, emb] tensor and forms [global batch, sampled] logits, softmax and gradients. Here nothing of
+either size exists beyond one chunk of ``chunk_size`` sampled centers (``loss.chunk_size``), so a rank's
+memory is its class centers, their velocity and a few chunk-sized buffers. Three walks over the chunks, each
+gathering the chunk's rows (float16 -> float32 per chunk) and recomputing its cosines and margin logits:
 
-1. forward (:meth:`loss`): per-row running max and sum of exponentials (rescaled when the max grows), and
-   the target logit; the ranks combine them as the whole-matrix head does (one all-reduce of the max, one
-   of the sum, one of the target logit). Saves only [batch]-sized statistics and the unit embeddings.
+1. forward (:meth:`Streaming.loss`): per-row running max and sum of exponentials (rescaled when the max
+   grows), and the target logit; the ranks combine them as the whole-matrix head does (one all-reduce of the
+   max, one of the sum, one of the target logit). Saves only [batch]-sized statistics and the unit embeddings.
 2. backward: each chunk's softmax gradient; accumulates d(embeddings) and the squared norm of the chunk's
    center gradient, without forming that gradient (see :func:`center_grad_sq_norm`). The norm, a sum of
    squares, is finite exactly when the gradient is (barring float32 overflow of the square itself), so the
    trainer's found-inf check reads it instead of a [sampled, emb] gradient.
-3. update (:meth:`apply`): once the trainer knows whether the step is skipped (found-inf), each chunk's
-   center gradient is formed again and applied to weight + velocity at once (lazy or dense momentum, weight
-   decay, ``grad_scale`` as in :mod:`plsc.loss.sparse_momentum`).
+3. update (:meth:`Streaming.apply`): once the trainer knows whether the step is skipped (found-inf), each
+   chunk's center gradient is formed again and applied to weight + velocity at once (lazy or dense momentum,
+   weight decay, ``grad_scale`` as in :mod:`plsc.loss.sparse_momentum`).
 
 Why the update waits for a third walk under loss scaling: the skip decision covers the backbone's
 gradients, which exist only after the head's backward has returned d(embeddings); an update applied earlier
@@ -32,17 +33,27 @@ The loss is a Python loop over chunks with host-side control; it runs eagerly in
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-from plsc.loss.cosine import NORMALIZE_EPS, ScratchRows, center_grad
-from plsc.loss.margin import at_columns, put_columns, target_logit, target_logit_slope
-from plsc.loss.partial_fc import CenterUpdate, HeadStep, PartialFC, require_committed
-from plsc.loss.rows import row_store
-from plsc.loss.sparse_momentum import decay_unsampled_rows, dense_update, step_rows_
-from plsc.loss.sums import column_sums, row_sums
+from plsc.loss.margin import (
+    NORMALIZE_EPS,
+    ScratchRows,
+    at_columns,
+    center_grad,
+    column_sums,
+    put_columns,
+    row_sums,
+    target_logit,
+    target_logit_slope,
+)
+from plsc.loss.sparse_momentum import decay_unsampled_rows, dense_update, lazy_update
+
+if TYPE_CHECKING:  # the head imports this module to offer the strategy
+    from plsc.loss.partial_fc import CenterUpdate, HeadStep, PartialFC
 
 
 @dataclass
@@ -144,32 +155,30 @@ class _StreamingMarginLoss(paddle.autograd.PyLayer):
     """Margin softmax cross entropy of the global batch over the head's sampled centers, walked by chunk."""
 
     @staticmethod
-    def forward(ctx, unit_embeddings, head: StreamingPartialFC, pending: HeadStep):
+    def forward(ctx, unit_embeddings, strategy: Streaming, head: PartialFC, pending: HeadStep):
         remapped = pending.remapped
-        stats = pending.stats = head.forward_statistics(unit_embeddings.detach(), pending)
+        stats = pending.stats = strategy.forward_statistics(head, unit_embeddings.detach(), pending)
         margin, comm = head.margin, head.comm
         has_target = (remapped >= 0).astype("float32")
         target = margin.scale * target_logit(stats.cos_target, margin)
         target_shifted = comm.all_reduce_sum_((target - stats.row_max.squeeze(1)) * has_target)
-        ctx.head, ctx.pending = head, pending
+        ctx.strategy, ctx.head, ctx.pending = strategy, head, pending
         return (paddle.log(stats.sum_exp) - target_shifted).mean()
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return ctx.head.backward_walk(ctx.pending, grad_loss)
+        return ctx.strategy.backward_walk(ctx.head, ctx.pending, grad_loss)
 
 
-class StreamingPartialFC(PartialFC):
-    """:class:`PartialFC` whose step holds at most ``chunk_size`` sampled centers' buffers at a time."""
+class Streaming:
+    """The strategy that holds at most ``chunk_size`` sampled centers' buffers at a time (module doc)."""
 
     traceable = False  # a loop with host-side control: the loss stays eager in static mode
 
-    def __init__(self, *args, chunk_size: int, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, chunk_size: int):
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         self.chunk_size = chunk_size
-        self.dense = self.update is dense_update
         # [chunk, emb] buffers kept across chunks and steps: a chunk's gathered rows (weight, velocity, where
         # Paddle can gather into a given tensor) and its center gradient. A fresh buffer per chunk costs its
         # page faults and first touch: the gathers took 2-3x longer.
@@ -180,41 +189,38 @@ class StreamingPartialFC(PartialFC):
         for start in range(0, index.shape[0], self.chunk_size):
             yield start, index[start : start + self.chunk_size]
 
-    def chunk_gradients(self, pending: HeadStep):
+    def chunk_gradients(self, head: PartialFC, pending: HeadStep):
         """``(index, ChunkCosine, G)`` per chunk after the forward: rows gathered again, cosines recomputed
         with the forward's norms, and ``G`` = d loss / d cosine times the centers' inverse norms, [B, c]."""
         stats = pending.stats
         for (start, index), columns in zip(self.chunks(pending.index), stats.columns, strict=True):
             stop = start + index.shape[0]
-            chunk = chunk_cosine(stats.unit_embeddings, self.gather_chunk("weight", index),
+            chunk = chunk_cosine(stats.unit_embeddings, self.gather_chunk(head, "weight", index),
                                  stats.inverse_norms[start:stop], stats.norm_is_live[start:stop])
-            grad = softmax_grad_of_chunk(chunk, columns, stats, self.margin)
+            grad = softmax_grad_of_chunk(chunk, columns, stats, head.margin)
             yield index, chunk, grad.multiply_(chunk.inverse_norms)
 
-    def gather_chunk(self, kind: str, index: paddle.Tensor) -> paddle.Tensor:
+    def gather_chunk(self, head: PartialFC, kind: str, index: paddle.Tensor) -> paddle.Tensor:
         """``weight`` or ``velocity`` rows of a chunk as float32, in the kind's kept buffer where possible
         (valid until the next chunk's gather of that kind)."""
-        store = row_store(getattr(self, kind))
+        store = getattr(head, f"{kind}_rows")
         if not store.gathers_into:
             return store.gather(index)
         buffer = self._chunk_buffers.setdefault((kind, index.shape[0]), ScratchRows())
-        return store.gather(index, buffer.shaped([index.shape[0], self.embedding_size], paddle.float32))
+        return store.gather(index, buffer.shaped([index.shape[0], head.embedding_size], paddle.float32))
 
     def release_scratch(self) -> None:
-        super().release_scratch()
         self._chunk_buffers.clear()
 
-    def prepare(self, labels: paddle.Tensor, step: int, update_in_backward: CenterUpdate | None = None
-                ) -> HeadStep:
-        """Sample this step's centers; no rows are gathered here (each walk gathers its chunks)."""
-        all_labels = self.comm.all_gather(labels.reshape([-1]))
-        return HeadStep(*self.sample_tensors(all_labels, step), update_in_backward)
+    def prepare(self, head: PartialFC, pending: HeadStep) -> None:
+        """Nothing: each walk gathers its own chunks."""
 
-    def loss(self, all_embeddings: paddle.Tensor, pending: HeadStep) -> paddle.Tensor:
-        return _StreamingMarginLoss.apply(F.normalize(all_embeddings, axis=1), self, pending)
+    def loss(self, head: PartialFC, all_embeddings: paddle.Tensor, pending: HeadStep) -> paddle.Tensor:
+        return _StreamingMarginLoss.apply(F.normalize(all_embeddings, axis=1), self, head, pending)
 
     @paddle.no_grad()
-    def forward_statistics(self, unit_embeddings: paddle.Tensor, pending: HeadStep) -> SoftmaxStatistics:
+    def forward_statistics(self, head: PartialFC, unit_embeddings: paddle.Tensor, pending: HeadStep
+                           ) -> SoftmaxStatistics:
         """Walk 1: the softmax's row max and sum of exponentials over every rank, and the target cosines."""
         remapped = pending.remapped
         batch = unit_embeddings.shape[0]
@@ -222,9 +228,9 @@ class StreamingPartialFC(PartialFC):
         sum_exp = paddle.zeros([batch], dtype="float32")
         cos_target = paddle.zeros([batch], dtype="float32")
         inverse_norms, norm_is_live, columns = [], [], []
-        scale = self.margin.scale
+        scale = head.margin.scale
         for start, index in self.chunks(pending.index):
-            chunk = chunk_cosine(unit_embeddings, self.gather_chunk("weight", index))
+            chunk = chunk_cosine(unit_embeddings, self.gather_chunk(head, "weight", index))
             inverse_norms.append(chunk.inverse_norms)
             norm_is_live.append(chunk.norm_is_live)
             column, inside = chunk_columns(remapped, start, index.shape[0])
@@ -232,87 +238,76 @@ class StreamingPartialFC(PartialFC):
             cos_at_column = at_columns(chunk.cosine, column)
             cos_target = paddle.where(inside, cos_at_column, cos_target)
             logits = put_targets(chunk.cosine.scale_(scale), column, inside,
-                                 scale * target_logit(cos_at_column, self.margin))
+                                 scale * target_logit(cos_at_column, head.margin))
             new_max = paddle.maximum(row_max, logits.max(axis=1, keepdim=True))
             sum_exp = sum_exp * paddle.exp(row_max - new_max).squeeze(1) + \
                 row_sums(logits.subtract_(new_max).exp_())
             row_max = new_max
-        global_max = self.comm.all_reduce_max(row_max)
-        sum_exp = self.comm.all_reduce_sum_(sum_exp * paddle.exp(row_max - global_max).squeeze(1))
+        global_max = head.comm.all_reduce_max(row_max)
+        sum_exp = head.comm.all_reduce_sum_(sum_exp * paddle.exp(row_max - global_max).squeeze(1))
         return SoftmaxStatistics(unit_embeddings, global_max, sum_exp, cos_target,
                                  paddle.concat(inverse_norms), paddle.concat(norm_is_live), columns)
 
     @paddle.no_grad()
-    def backward_walk(self, pending: HeadStep, grad_loss: paddle.Tensor) -> paddle.Tensor:
+    def backward_walk(self, head: PartialFC, pending: HeadStep, grad_loss: paddle.Tensor) -> paddle.Tensor:
         """Walk 2: d(unit embeddings), and the squared norm of the centers' gradient (kept for :meth:`apply`);
         or, with the step's ``update_in_backward``, d(unit embeddings) and each chunk's update applied at once
         (one walk, two matmuls per chunk fewer than :meth:`apply`'s own walk)."""
         stats = pending.stats
         unit = stats.unit_embeddings
-        stats.terms = RowTerms.of(stats, float(grad_loss) / unit.shape[0], self.margin)
+        stats.terms = RowTerms.of(stats, float(grad_loss) / unit.shape[0], head.margin)
         grad_embeddings = paddle.zeros_like(unit)
         update = pending.update_in_backward
         if update is not None:
-            for index, chunk, grad in self.chunk_gradients(pending):
+            for index, chunk, grad in self.chunk_gradients(head, pending):
                 grad_embeddings.addmm_(grad, chunk.rows)  # before the update overwrites the rows
-                self.apply_chunk(index, chunk, grad, update, stats)
-            self._finish_update(pending.index, update)
-            pending.applied = True
+                self.apply_chunk(head, index, chunk, grad, update, stats)
+            finish_update(head, pending.index, update)
+            pending.applied_in_backward = True
             return grad_embeddings
         unit64 = unit.astype("float64")
         unit_gram = paddle.matmul(unit64, unit64, transpose_y=True)
         sq_norm = paddle.zeros([], dtype="float64")
-        for _, chunk, grad in self.chunk_gradients(pending):
+        for _, chunk, grad in self.chunk_gradients(head, pending):
             grad_embeddings.addmm_(grad, chunk.rows)
             sq_norm += center_grad_sq_norm(unit_gram, grad, chunk)
         pending.grad_sq_norm = sq_norm.astype("float32").reshape([1])
         return grad_embeddings
 
-    def center_grads(self, pending: HeadStep) -> list[paddle.Tensor]:
+    def center_grads(self, head: PartialFC, pending: HeadStep) -> list[paddle.Tensor]:
         """The squared norm of the centers' gradient: finite exactly when every gradient element is (an
         overflow of the squares aside), so an inf/nan check reads it. Nothing when the backward applied the
         update (``update_in_backward``: no check can undo it)."""
-        if pending.applied:
+        if pending.applied_in_backward:
             return []
         if pending.grad_sq_norm is None:
-            raise RuntimeError("StreamingPartialFC: no gradient before a backward pass")
+            raise RuntimeError("Streaming: no gradient before a backward pass")
         return [pending.grad_sq_norm]
 
     @paddle.no_grad()
-    def apply(self, pending: HeadStep, update: CenterUpdate) -> None:
+    def apply(self, head: PartialFC, pending: HeadStep, update: CenterUpdate) -> None:
         """Walk 3: each chunk's center gradient, formed again and applied at once (times
-        ``update.grad_scale``); nothing when the backward applied the committed update."""
-        require_committed(pending, update)
+        ``update.grad_scale``)."""
         if pending.update_in_backward is not None:
-            if not pending.applied:
-                raise RuntimeError("StreamingPartialFC: the committed update was not applied by a backward")
-            return
-        self.center_grads(pending)  # the backward has run
-        if pending.applied:
-            raise RuntimeError("StreamingPartialFC: the step's update was applied already")
-        for index, chunk, grad in self.chunk_gradients(pending):
-            self.apply_chunk(index, chunk, grad, update, pending.stats)
-        self._finish_update(pending.index, update)
-        pending.applied = True
+            raise RuntimeError("Streaming: the committed update was not applied by a backward")
+        self.center_grads(head, pending)  # the backward has run
+        for index, chunk, grad in self.chunk_gradients(head, pending):
+            self.apply_chunk(head, index, chunk, grad, update, pending.stats)
+        finish_update(head, pending.index, update)
 
-    def apply_chunk(self, index, chunk: ChunkCosine, grad, update: CenterUpdate, stats: SoftmaxStatistics
-                    ) -> None:
+    def apply_chunk(self, head: PartialFC, index, chunk: ChunkCosine, grad, update: CenterUpdate,
+                    stats: SoftmaxStatistics) -> None:
         """The chunk's center gradient, stepped into its rows and velocities (lazy sparse momentum)."""
         scratch = self._chunk_buffers.setdefault(("center_grad", index.shape[0]), ScratchRows())
         grad_rows = center_grad(stats.unit_embeddings, grad, chunk.rows, chunk.cosine, chunk.inverse_norms,
                                 chunk.norm_is_live, scratch)
-        step_rows_(self.weight, self.velocity, index, grad_rows, update.lr, update.momentum,
-                   update.weight_decay, update.grad_scale, rows=chunk.rows,
-                   velocity_rows=self.gather_chunk("velocity", index), block_rows=index.shape[0])
-
-    def _finish_update(self, index: paddle.Tensor, update: CenterUpdate) -> None:
-        if self.dense:
-            decay_unsampled_rows(self.weight, self.velocity, index, update.lr, update.momentum,
-                                 update.weight_decay)
+        lazy_update(head.weight_rows, head.velocity_rows, index, grad_rows, update.lr, update.momentum,
+                    update.weight_decay, update.grad_scale, rows=chunk.rows,
+                    velocity_rows=self.gather_chunk(head, "velocity", index), block_rows=index.shape[0])
 
 
-def build_head(chunk_size: int = 0, **kwargs) -> PartialFC:
-    """The whole-matrix head when ``chunk_size`` is 0, else the streaming head (``loss.chunk_size``)."""
-    if chunk_size:
-        return StreamingPartialFC(chunk_size=chunk_size, **kwargs)
-    return PartialFC(**kwargs)
+def finish_update(head: PartialFC, index: paddle.Tensor, update: CenterUpdate) -> None:
+    """After every chunk's sampled rows stepped: the dense mode's zero-gradient step of all the others."""
+    if head.update is dense_update:
+        decay_unsampled_rows(head.weight_rows, head.velocity_rows, index, update.lr, update.momentum,
+                             update.weight_decay)
