@@ -109,14 +109,17 @@ class HeadStep:
 
     index: paddle.Tensor  # the sampled centers, as rows of this rank's shard
     remapped: paddle.Tensor  # each label as a column of the sampled centers, -1 where another rank's
-    # The update the caller commits to before the backward (nothing can skip the step): a strategy that can
-    # apply it in the backward does, and then has no gradient left to check or apply.
+    # The update the caller commits to before the backward, when nothing can skip the step (the training
+    # step's one decision): the streaming strategy then applies it inside its backward walk and has no
+    # gradient left to check or apply; the whole-matrix one applies it in apply() as always.
     update_in_backward: CenterUpdate | None = None
     rows: paddle.Tensor | None = None  # WholeMatrix: the sampled rows, a leaf collecting their grad
     stats: Any = None  # Streaming: the forward's softmax statistics
     grad_sq_norm: paddle.Tensor | None = None  # Streaming: set by a backward that left the update
-    applied_in_backward: bool = False  # the backward applied ``update_in_backward``
-    applied: bool = False  # apply() ran: the update is in the centers
+    # Records, checked by apply(), never consulted to choose a path: the backward applied
+    # ``update_in_backward``; apply() ran.
+    applied_in_backward: bool = False
+    applied: bool = False
 
 
 class WholeMatrix:
@@ -273,8 +276,7 @@ class PartialFC:
                                f"backward, {committed}")
         if pending.applied:
             raise RuntimeError("PartialFC: the step's update was applied already")
-        if not pending.applied_in_backward:
-            self.strategy.apply(self, pending, update)
+        self.strategy.apply(self, pending, update)
         pending.applied = True
 
     def release_scratch(self) -> None:

@@ -276,9 +276,9 @@ class Streaming:
 
     def center_grads(self, head: PartialFC, pending: HeadStep) -> list[paddle.Tensor]:
         """The squared norm of the centers' gradient: finite exactly when every gradient element is (an
-        overflow of the squares aside), so an inf/nan check reads it. Nothing when the backward applied the
-        update (``update_in_backward``: no check can undo it)."""
-        if pending.applied_in_backward:
+        overflow of the squares aside), so an inf/nan check reads it. Nothing when the step committed to the
+        update before the backward (``update_in_backward``: the backward applies it, no check can undo it)."""
+        if pending.update_in_backward is not None:
             return []
         if pending.grad_sq_norm is None:
             raise RuntimeError("Streaming: no gradient before a backward pass")
@@ -287,9 +287,12 @@ class Streaming:
     @paddle.no_grad()
     def apply(self, head: PartialFC, pending: HeadStep, update: CenterUpdate) -> None:
         """Walk 3: each chunk's center gradient, formed again and applied at once (times
-        ``update.grad_scale``)."""
+        ``update.grad_scale``); nothing when the step committed to the update before the backward, whose
+        walk applied it."""
         if pending.update_in_backward is not None:
-            raise RuntimeError("Streaming: the committed update was not applied by a backward")
+            if not pending.applied_in_backward:
+                raise RuntimeError("Streaming: the committed update was not applied by a backward")
+            return
         self.center_grads(head, pending)  # the backward has run
         for index, chunk, grad in self.chunk_gradients(head, pending):
             self.apply_chunk(head, index, chunk, grad, update, pending.stats)
