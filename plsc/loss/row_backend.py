@@ -3,8 +3,10 @@ the tests compare it against (``reference_*``).
 
 The tricks: numpy views of a CPU tensor's own memory (``host_view`` over ``data_ptr()``), float16 <-> float32
 casts by OpenCV (F16C instructions), float16 gathers through a bfloat16 view, float16 scatters by numpy, int8
-quantisation by numpy, and Paddle 3.x's gather into a given tensor (2.6 has none). The row stores
-(:mod:`plsc.loss.rows`, :mod:`plsc.loss.int8_rows`) call these; the math modules call the stores.
+quantisation by numpy; and the one version test, whether Paddle's gather can write into a given tensor
+(:data:`GATHER_WRITES_INTO`: 3.x can, 2.6 cannot). The row stores (:mod:`plsc.loss.rows`,
+:mod:`plsc.loss.int8_rows`) call these; the math modules call the stores. A float32 store moves its rows by
+Paddle's own gather and scatter and needs none of them.
 """
 
 from __future__ import annotations
@@ -22,13 +24,6 @@ GATHER_WRITES_INTO = "out" in inspect.signature(paddle.index_select).parameters
 CODE_MAX = 127
 # Rows per block when a matrix is copied to or from the host (checkpoints): a few MB whatever its size.
 STATE_BLOCK_ROWS = 4096
-
-
-def gather_into(matrix: paddle.Tensor, index: paddle.Tensor, out: paddle.Tensor) -> paddle.Tensor:
-    """``matrix[index]`` written into ``out`` (same dtype; Paddle 3.x only: :data:`GATHER_WRITES_INTO`):
-    the same memory every step instead of fresh pages."""
-    paddle.index_select(matrix, index, out=out)
-    return out
 
 
 def take_rows(matrix: paddle.Tensor, index: paddle.Tensor) -> paddle.Tensor:

@@ -12,7 +12,7 @@ from typing import Protocol
 import paddle
 
 from plsc.loss.int8_rows import Int8Rows
-from plsc.loss.row_backend import GATHER_WRITES_INTO, cast, gather_into, put_rows_, take_rows
+from plsc.loss.row_backend import GATHER_WRITES_INTO, cast, put_rows_, take_rows
 
 
 class RowStore(Protocol):
@@ -60,9 +60,11 @@ class FloatRows:
     def gather(self, index: paddle.Tensor, out: paddle.Tensor | None = None) -> paddle.Tensor:
         if not self.is_float32:
             return cast(take_rows(self.tensor, index), paddle.float32)
-        if out is not None and self.gathers_into:
-            return gather_into(self.tensor, index, out)
-        return paddle.gather(self.tensor, index)
+        if out is None or not self.gathers_into:
+            return paddle.gather(self.tensor, index)
+        # The same memory every step instead of fresh pages (Paddle 3.x: GATHER_WRITES_INTO).
+        paddle.index_select(self.tensor, index, out=out)
+        return out
 
     def scatter_(self, index: paddle.Tensor, rows: paddle.Tensor) -> None:
         if self.is_float32:
