@@ -32,6 +32,7 @@ The loss is a Python loop over chunks with host-side control; it runs eagerly in
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -182,7 +183,7 @@ class Streaming:
         # [chunk, emb] buffers kept across chunks and steps: a chunk's gathered rows (weight, velocity, where
         # Paddle can gather into a given tensor) and its center gradient. A fresh buffer per chunk costs its
         # page faults and first touch: the gathers took 2-3x longer.
-        self._chunk_buffers: dict[tuple[str, int], ScratchRows] = {}
+        self._chunk_buffers: defaultdict[tuple[str, int], ScratchRows] = defaultdict(ScratchRows)
 
     def chunks(self, index: paddle.Tensor):
         """``(start, index of the chunk's centers)`` over the sampled centers ``index``."""
@@ -206,7 +207,7 @@ class Streaming:
         store = getattr(head, f"{kind}_rows")
         if not store.gathers_into:
             return store.gather(index)
-        buffer = self._chunk_buffers.setdefault((kind, index.shape[0]), ScratchRows())
+        buffer = self._chunk_buffers[kind, index.shape[0]]
         return store.gather(index, buffer.shaped([index.shape[0], head.embedding_size], paddle.float32))
 
     def release_scratch(self) -> None:
@@ -301,7 +302,7 @@ class Streaming:
     def apply_chunk(self, head: PartialFC, index, chunk: ChunkCosine, grad, update: CenterUpdate,
                     stats: SoftmaxStatistics) -> None:
         """The chunk's center gradient, stepped into its rows and velocities (lazy sparse momentum)."""
-        scratch = self._chunk_buffers.setdefault(("center_grad", index.shape[0]), ScratchRows())
+        scratch = self._chunk_buffers["center_grad", index.shape[0]]
         grad_rows = center_grad(stats.unit_embeddings, grad, chunk.rows, chunk.cosine, chunk.inverse_norms,
                                 chunk.norm_is_live, scratch)
         lazy_update(head.weight_rows, head.velocity_rows, index, grad_rows, update.lr, update.momentum,
