@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import paddle
@@ -122,6 +122,29 @@ class HeadStep:
     applied: bool = False
 
 
+class HeadStrategy(Protocol):
+    """How the head computes a step's loss, gradient and update over its sampled centers; every method is
+    given the head (its state) and the step's :class:`HeadStep`, and keeps nothing of the step itself."""
+
+    traceable: bool  # the loss is tensors only: static mode may compile it (``rows_loss``)
+
+    def prepare(self, head: PartialFC, pending: HeadStep) -> None:
+        """After sampling: gather what the loss reads into ``pending``."""
+
+    def loss(self, head: PartialFC, all_embeddings: paddle.Tensor, pending: HeadStep) -> paddle.Tensor:
+        """The global batch's mean margin-softmax loss; its backward fills ``pending`` (and applies
+        ``pending.update_in_backward`` where the strategy can)."""
+
+    def center_grads(self, head: PartialFC, pending: HeadStep) -> list[paddle.Tensor]:
+        """After the backward: what an inf/nan check reads for the centers."""
+
+    def apply(self, head: PartialFC, pending: HeadStep, update: CenterUpdate) -> None:
+        """After the backward: the centers' update, unless the backward applied it."""
+
+    def release_scratch(self) -> None:
+        """Free the buffers kept from step to step."""
+
+
 class WholeMatrix:
     """The strategy that gathers every sampled center into one float32 [sampled, emb] tensor, a leaf that
     collects its gradient: cosines and margin softmax over it (:mod:`plsc.loss.margin`), then the update from
@@ -193,7 +216,7 @@ class PartialFC:
         margin_loss=margin_softmax_cross_entropy,
         device_sampler=None,
         init_std: float = INIT_STD,
-        strategy=None,
+        strategy: HeadStrategy | None = None,
     ):
         """``margin_loss(cosine, remapped, margin, comm)`` and ``device_sampler(all_labels, num_local, wanted)
         -> (index, remapped)``: a fused kernel and an on-device sampler in place of the portable code, each
