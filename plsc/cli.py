@@ -234,6 +234,10 @@ def _add_convert(sub) -> None:
     images.add_argument("--label-file", default=None, help="label file inside --root (default: label.txt)")
     images.add_argument("--output", required=True,
                         help="output prefix: writes PREFIX.rec, PREFIX.idx, property")
+    images.add_argument("--layout", choices=["auto", "insightface", "im2rec"], default="auto",
+                        help="insightface: header and identity records, at most 2**24 records (float32 "
+                             "keys); im2rec: images only, keyed in the .idx, any count (arcface_torch's "
+                             "WebFace42M layout); auto (default): insightface when it fits")
     images.set_defaults(run=_run_images2rec, outputs={"output": "file"})
     pairs = kinds.add_parser("pairs2bin", help="pairs file ('IMAGE1 IMAGE2 1|0' lines) -> insightface .bin")
     pairs.add_argument("--pairs", required=True, metavar="FILE",
@@ -260,8 +264,9 @@ def _run_rec2images(args) -> int:
 def _run_images2rec(args) -> int:
     from plsc.data.convert import images_to_rec
 
-    summary = images_to_rec(args.root, args.label_file, args.output, progress=True)
-    print(f"{summary.images} images of {summary.num_classes} classes written to {summary.output}")
+    summary = images_to_rec(args.root, args.label_file, args.output, progress=True, layout=args.layout)
+    print(f"{summary.images} images of {summary.num_classes} classes written to {summary.output} "
+          f"({summary.layout} layout)")
     return 0
 
 

@@ -306,7 +306,7 @@ def test_record_dataset_layouts(recordio_dir, tiny_samples, name, layout, count)
     dataset = RecordDataset(recordio_dir / f"{name}.rec")  # the .idx beside it is found
     expected_labels = [label for _, label in tiny_samples[:count]]
     assert (dataset.layout, len(dataset), dataset.num_classes) == (layout, count, max(expected_labels) + 1)
-    assert dataset.labels.dtype == np.int64 and list(dataset.labels) == expected_labels
+    assert dataset.labels.dtype == np.int32 and list(dataset.labels) == expected_labels  # 4 bytes per image
     for index in (0, count // 2, count - 1):
         image, label = dataset[index]
         assert image.dtype == np.uint8 and image.shape == (112, 112, 3)

@@ -26,7 +26,7 @@ from plsc.atomic import atomic_file, remove_stale_temps, write_atomic
 from plsc.console import Progress
 from plsc.console import progress as console_progress
 from plsc.data.folder import FolderDataset
-from plsc.data.recordio import RecordDataset, decode_image, unpack, write_insightface
+from plsc.data.recordio import RecordDataset, decode_image, write_insightface
 from plsc.errors import PlscError
 
 # Leading bytes -> file extension. Anything else in a record is not an image we can hand to cv2.imread.
@@ -49,6 +49,7 @@ class ConversionSummary:
     skipped: int
     copied: list[str] = field(default_factory=list)  # names of the .bin files copied alongside
     output: Path | None = None
+    layout: str | None = None  # of a written .rec: "insightface" or "im2rec"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -68,15 +69,15 @@ def rec_to_images(
     with its key (the images already written stay, complete, for the rerun).
     """
     rec_path, output_dir = Path(rec_path), Path(output_dir)
-    dataset = RecordDataset(rec_path, idx_path)
+    dataset = RecordDataset(rec_path, idx_path, index_cache="read")  # a one-off pass: adds no file beside it
     images_dir = output_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     for directory in (output_dir, images_dir):  # what an interrupted run left: incomplete
         remove_stale_temps(directory)
     names, written = [], 0
     with Progress(len(dataset), f"{rec_path.name} -> images", "images", enabled=progress) as bar:
-        for position, key in enumerate(dataset.image_keys):
-            name, was_written = _extract_image(dataset, int(key), position, images_dir)
+        for position in range(len(dataset)):
+            name, was_written = _extract_image(dataset, position, images_dir)
             names.append(name)
             written += was_written
             bar.update(1)
@@ -92,11 +93,10 @@ def rec_to_images(
     )
 
 
-def _extract_image(dataset: RecordDataset, key: int, position: int, images_dir: Path) -> tuple[str, bool]:
+def _extract_image(dataset: RecordDataset, position: int, images_dir: Path) -> tuple[str, bool]:
     """Write image ``position`` unless already complete; returns (relative name, whether it was written)."""
-    where = f"{dataset.rec_path}: key {key}"
-    _, payload = unpack(dataset.reader.read(key), where)
-    name = f"{position + 1:08d}{image_extension(payload, where)}"
+    payload = dataset.encoded(position)
+    name = f"{position + 1:08d}{_extension(dataset, position, payload)}"
     path = images_dir / name
     # A file under its final name was renamed there whole; a size mismatch means it came from elsewhere.
     if path.is_file() and path.stat().st_size == len(payload):
@@ -104,6 +104,13 @@ def _extract_image(dataset: RecordDataset, key: int, position: int, images_dir: 
     # No fsync: this guards against interruption (Ctrl-C, kill), not power loss, and 5M fsyncs would dominate.
     write_atomic(path, payload, durable=False)
     return f"images/{name}", True
+
+
+def _extension(dataset: RecordDataset, position: int, payload: bytes) -> str:
+    for signature, extension in _SIGNATURES:  # the common case, without building the message
+        if payload.startswith(signature):
+            return extension
+    return image_extension(payload, f"{dataset.rec_path}: key {dataset.index.key(position)}")
 
 
 def image_extension(payload: bytes, where: str) -> str:
@@ -130,13 +137,15 @@ def images_to_rec(
     label_file: str | os.PathLike | None,
     output_prefix: str | os.PathLike,
     progress: bool = True,
+    layout: str = "auto",
 ) -> ConversionSummary:
-    """PLSC's layout -> ``<prefix>.rec``, ``<prefix>.idx`` and ``property`` in InsightFace's layout.
+    """PLSC's layout -> ``<prefix>.rec``, ``<prefix>.idx`` and ``property`` for InsightFace's trainers.
 
     ``label_file`` None means ``root/label.txt``; a relative ``label_file`` is taken inside ``root``, as
-    everywhere in plsc, and the image paths it lists are relative to ``root``. Images are stored verbatim
-    (ordered by label, stably); ``property`` takes its size from the first image. The ``.bin`` files in
-    ``root`` are copied beside the ``.rec``. Nothing is left behind on failure.
+    everywhere in plsc, and the image paths it lists are relative to ``root``. Images are stored verbatim;
+    ``layout`` is that of :func:`plsc.data.recordio.write_insightface` (auto: InsightFace's, ordered by label,
+    up to 2**24 records; im2rec's, in label file order, past that). ``property`` takes its size from the first
+    image. The ``.bin`` files in ``root`` are copied beside the ``.rec``. Nothing is left behind on failure.
     """
     # FolderDataset is the project's one reader of label.txt: same parsing, and every image is checked to
     # exist (with the label file's line number) before anything is written.
@@ -145,7 +154,8 @@ def images_to_rec(
     height, width = decode_image(_read_bytes(samples[0][0]), str(samples[0][0])).shape[:2]
     wrap = partial(console_progress, total=len(samples), desc=f"images -> {Path(output_prefix).name}.rec",
                    unit="images", enabled=progress)
-    result = write_insightface(output_prefix, samples, image_size=(height, width), progress=wrap)
+    result = write_insightface(output_prefix, samples, image_size=(height, width), progress=wrap,
+                               layout=layout)
     copied = _copy_bin_files(folder.root, Path(output_prefix).parent)
     return ConversionSummary(
         images=result["images"],
@@ -154,6 +164,7 @@ def images_to_rec(
         skipped=0,
         copied=copied,
         output=result["rec"],
+        layout=result["layout"],
     )
 
 

@@ -23,10 +23,12 @@ Nothing here imports paddle, so the module also works where only mxnet is instal
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 import os
 import struct
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
@@ -35,6 +37,7 @@ import numpy as np
 from plsc.atomic import PendingFile, write_atomic
 from plsc.config import MAX_CLASSES
 from plsc.data.folder import decode_image_bytes
+from plsc.data.recordio_index import ImageIndex, load_current_index, open_image_index
 from plsc.errors import PlscError
 
 MAGIC = 0xCED7230A
@@ -43,6 +46,11 @@ _PART_HEADER = struct.Struct("<II")  # magic, lrecord
 _LENGTH_BITS = 29
 _LENGTH_MASK = (1 << _LENGTH_BITS) - 1
 MAX_RECORD_BYTES = 1 << _LENGTH_BITS  # a record (before splitting) must be shorter than this
+
+_ROWS = 1 << 20  # index entries per slice of a whole-index check: temporaries of a few MB at any size
+HEADER_ROWS = 1 << 14  # records per vectorised header pass (their pages are then unmapped)
+_HEADER_SPAN = 64  # bytes from a record's start that reading its header touches (8 + 24 + a first label)
+_IDX_BLOCK_BYTES = 1 << 24  # .idx text parsed per block
 
 WHOLE, FIRST, MIDDLE, LAST = 0, 1, 2, 3
 
@@ -139,7 +147,10 @@ class RecordReader:
     ``os.pread`` calls).
     """
 
-    def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None):
+    def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None,
+                 index_on_demand: bool = False):
+        """``index_on_demand``: read the ``.idx`` on the first lookup by key rather than now (a reader that
+        only reads at known offsets, as RecordDataset's, never reads it)."""
         self.rec_path = Path(rec_path)
         self.idx_path = Path(idx_path) if idx_path is not None else None
         self._map: mmap.mmap | None = None
@@ -150,10 +161,8 @@ class RecordReader:
         self._dense = False  # keys are exactly 0..n-1, so a key is its own position in _offsets
         self._sorted_order: np.ndarray | None = None  # otherwise keys are found by binary search
         self._sorted_keys: np.ndarray | None = None
-        if self.idx_path is not None:
-            self._keys, self._offsets = _read_idx(self.idx_path, self.rec_path, self._size)
-            self._index_ready()
-        self._check_last_record()
+        if self.idx_path is not None and not index_on_demand:
+            self._ensure_index()
 
     # -- opening and validation ------------------------------------------------------------------
 
@@ -172,19 +181,31 @@ class RecordReader:
         if self._offsets is not None and len(self._offsets):
             self._record_end(int(self._offsets.max()))
 
-    def _index_ready(self) -> None:
-        keys = self._keys
-        keys.flags.writeable = False  # handed out by .keys
-        self._dense = bool(len(keys) == 0 or (keys[0] == 0 and np.array_equal(keys, np.arange(len(keys)))))
+    def _ensure_index(self) -> None:
+        """Keys and offsets from the ``.idx``, or without one from a scan of the part headers."""
+        if self._offsets is not None:
+            return
+        if self.idx_path is None:
+            offsets = np.fromiter(self._scan_offsets(), dtype=np.int64)
+            keys = np.arange(len(offsets), dtype=np.int64)
+        else:
+            keys, offsets = _read_idx(self.idx_path, self.rec_path, self._size)
+        self._dense = is_key_range(keys, 0)
         if not self._dense:
             self._sorted_order = np.argsort(keys, kind="stable")
             self._sorted_keys = keys[self._sorted_order]
+            self._check_unique_keys()
+        keys.flags.writeable = offsets.flags.writeable = False  # handed out by .keys and .offsets
+        self._keys, self._offsets = keys, offsets
+        self._check_last_record()
 
-    def _ensure_index(self) -> None:
-        if self._offsets is None:
-            self._offsets = np.fromiter(self._scan_offsets(), dtype=np.int64)
-            self._keys = np.arange(len(self._offsets), dtype=np.int64)
-            self._index_ready()
+    def _check_unique_keys(self) -> None:
+        ordered = self._sorted_keys
+        for start in range(0, len(ordered) - 1, _ROWS):
+            part = ordered[start : start + _ROWS + 1]
+            repeated = np.flatnonzero(part[1:] == part[:-1])
+            if len(repeated):
+                raise PlscError(f"{self._index_name()}: key {part[repeated[0]]} appears more than once")
 
     # -- low-level reads -------------------------------------------------------------------------
 
@@ -270,8 +291,23 @@ class RecordReader:
         self._ensure_index()
         return self._keys
 
+    @property
+    def offsets(self) -> np.ndarray:
+        """The record offsets (int64), in the order of :attr:`keys`."""
+        self._ensure_index()
+        return self._offsets
+
     def __len__(self) -> int:
         return len(self.keys)
+
+    def first_missing(self, keys: np.ndarray) -> int | None:
+        """The first of ``keys`` that has no record, or None (looked up a slice at a time)."""
+        for start in range(0, len(keys), _ROWS):
+            part = np.asarray(keys[start : start + _ROWS], dtype=np.int64)
+            found = self._lookup(part)[1]
+            if not found.all():
+                return int(part[~found][0])
+        return None
 
     def __contains__(self, key: int) -> bool:
         return self._position(key) is not None
@@ -300,9 +336,10 @@ class RecordReader:
 
     def read_header(self, key: int) -> IRHeader:
         """The IRHeader of record ``key``, reading only its first bytes when the record is not split."""
-        offset = self.offset_of(key)
+        return self._header_at(self.offset_of(key), f"{self.rec_path}: key {key}")
+
+    def _header_at(self, offset: int, where: str) -> IRHeader:
         cflag, length = self._read_part_header(offset)
-        where = f"{self.rec_path}: key {key}"
         if cflag != WHOLE:
             return unpack_header(self.read_at(offset), where)
         # One read covers the header and up to 8 labels; a longer label list costs a second read.
@@ -313,52 +350,68 @@ class RecordReader:
         return unpack_header(prefix, where)
 
     def first_labels(self, keys: Sequence[int] | np.ndarray) -> np.ndarray:
-        """The class label (scalar, or first of several) of each record in ``keys``, as float32.
-
-        Reading 5M headers one ``pread`` at a time takes minutes in Python; here the headers are gathered from
-        a read-only memory map in one vectorised pass. Records that are split or look wrong go through
-        :meth:`read_header`, which either copes or raises the precise error.
-        """
-        keys = np.asarray(keys).ravel()
-        labels = np.zeros(len(keys), dtype=np.float32)
-        if not len(labels):
-            return labels
-        words, first_word, length, flag, whole = self._headers(self.offsets_of(keys))
-        label_word = np.where(flag == 0, first_word + 3, first_word + 8)
-        simple = whole & (length >= IR_HEADER_SIZE + 4 * np.minimum(flag, 1)) & (label_word < len(words))
-        labels[simple] = words[label_word[simple]].view("<f4")
-        for position in np.flatnonzero(~simple):
-            labels[position] = first_label(self.read_header(int(keys[position])))
-        return labels
+        """The class label (scalar, or first of several) of each record in ``keys``, as float32."""
+        keys = np.asarray(keys, dtype=np.int64).ravel()
+        return self.image_headers(self.offsets_of(keys), keys)[2]
 
     def payload_spans(self, keys: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(file offset, length) of the payload of each record in ``keys``, found in one vectorised pass over
-        their headers, for :meth:`read_span`; offset -1 where the record is split by the writer or looks
-        wrong (read it with :meth:`read`, which either copes or raises the precise error)."""
-        words, first_word, length, flag, whole = self._headers(self.offsets_of(keys))
-        prefix = IR_HEADER_SIZE + 4 * flag.astype(np.int64)
-        plain = whole & (length >= prefix)
-        starts = np.where(plain, first_word * 4 + _PART_HEADER.size + prefix, -1)
-        return starts, np.where(plain, length - prefix, 0)
+        """(file offset, length) of the payload of each record in ``keys``, for :meth:`read_span`; where the
+        record is split by the writer or looks wrong, -(record offset) - 1 and 0 (read it with
+        :meth:`read_at`, which either copes or raises the precise error)."""
+        keys = np.asarray(keys, dtype=np.int64).ravel()
+        starts, lengths, _ = self.image_headers(self.offsets_of(keys), keys)
+        return starts, lengths
 
-    def _headers(self, offsets: np.ndarray):
-        """Part and IRHeader fields of the records at ``offsets`` from a memory map, vectorised: (words,
-        first word, part length, IRHeader flag, whether the record is one whole part under the magic)."""
-        # An empty file cannot be mapped; it has no records, so ``offsets`` is empty then.
-        words = np.memmap(self.rec_path, dtype="<u4", mode="r") if self._size else np.zeros(0, "<u4")
+    def image_headers(self, offsets: np.ndarray, keys: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Payload start (see :meth:`payload_spans`), payload length (uint32) and class label (float32) of
+        the records at ``offsets`` (named by ``keys`` in errors).
+
+        Reading 5M headers one ``pread`` at a time takes minutes in Python; here they are gathered from a
+        read-only memory map in vectorised passes of HEADER_ROWS records, each pass's pages unmapped after it
+        (they stay in the page cache), so the memory used does not grow with the file. A record whose label
+        is not where a whole record has it is read whole, which either copes or raises the precise error.
+        """
+        count = len(offsets)
+        starts, lengths = np.empty(count, np.int64), np.empty(count, np.uint32)
+        labels = np.empty(count, np.float32)
+        if count:  # an empty file cannot be mapped; it has no records, so ``offsets`` is empty then
+            with open(self.rec_path, "rb") as file:
+                pages = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+            words = np.frombuffer(pages, dtype="<u4")
+            for first in range(0, count, HEADER_ROWS):
+                rows = slice(first, first + HEADER_ROWS)
+                part = np.asarray(offsets[rows], dtype=np.int64)
+                starts[rows], lengths[rows], labels[rows] = self._header_fields(words, part)
+                _unmap_pages(pages, part)
+            del words
+            pages.close()
+        for position in np.flatnonzero(np.isnan(labels)):
+            header = self._header_at(int(offsets[position]), f"{self.rec_path}: key {keys[position]}")
+            labels[position] = first_label(header)
+        return starts, lengths, labels
+
+    def _header_fields(self, words: np.ndarray, offsets: np.ndarray):
+        """(payload starts, payload lengths, labels; NaN where the record must be read whole) of the records
+        at ``offsets`` (4-byte aligned, checked with the index), from the words of the mapped file."""
         last = len(words) - 1
 
         def word(index: np.ndarray) -> np.ndarray:  # clipped: out-of-file reads are excluded by `whole`
             return words[np.minimum(index, last)]
 
-        first_word = np.asarray(offsets, dtype=np.int64) // 4  # 4-byte aligned, checked with the index
+        first_word = offsets // 4
         lrecord = word(first_word + 1)
         length, cflag = (lrecord & _LENGTH_MASK).astype(np.int64), lrecord >> _LENGTH_BITS
-        flag = word(first_word + 2)
-        end = first_word * 4 + _PART_HEADER.size + length
-        in_file = (first_word + 2 <= last) & (end <= self._size)
+        flag = word(first_word + 2).astype(np.int64)
+        in_file = (first_word + 2 <= last) & (offsets + _PART_HEADER.size + length <= self._size)
         whole = (word(first_word) == MAGIC) & (cflag == WHOLE) & in_file
-        return words, first_word, length, flag, whole
+        label_word = np.where(flag == 0, first_word + 3, first_word + 8)
+        has_label = whole & (length >= IR_HEADER_SIZE + 4 * np.minimum(flag, 1)) & (label_word <= last)
+        labels = np.where(has_label, word(label_word).view("<f4"), np.float32(np.nan))
+        prefix = IR_HEADER_SIZE + 4 * flag
+        plain = whole & (length >= prefix)
+        starts = np.where(plain, offsets + _PART_HEADER.size + prefix, -offsets - 1)
+        return starts, np.where(plain, length - prefix, 0), labels
 
     def read_span(self, offset: int, length: int) -> bytes:
         """``length`` bytes of the file from ``offset`` (a span from :meth:`payload_spans`, which lies in the
@@ -427,28 +480,61 @@ def _read_idx(idx_path: Path, rec_path: Path, rec_size: int) -> tuple[np.ndarray
     """``key<TAB>offset`` lines -> (keys, offsets), checking that every offset is inside the ``.rec``."""
     if not idx_path.is_file():
         raise PlscError(f"{idx_path}: no such RecordIO index file")
-    try:
-        text = idx_path.read_text(encoding="ascii")
-    except UnicodeDecodeError:
-        raise PlscError(f"{idx_path}: not a RecordIO index (not ASCII text)") from None
-    table = _parse_idx_fast(text)
+    table = _parse_idx_blocks(idx_path)
     if table is None:
-        table = _parse_idx_lines(idx_path, text)
-    keys, offsets = table[:, 0].copy(), table[:, 1].copy()
-    _check_idx_table(idx_path, rec_path, rec_size, keys, offsets)
-    return keys, offsets
+        try:
+            text = idx_path.read_text(encoding="ascii")
+        except UnicodeDecodeError:
+            raise PlscError(f"{idx_path}: not a RecordIO index (not ASCII text)") from None
+        rows = _parse_idx_lines(idx_path, text)
+        table = rows[:, 0].copy(), rows[:, 1].copy()
+    _check_idx_offsets(idx_path, rec_path, rec_size, *table)
+    return table
 
 
-def _parse_idx_fast(text: str) -> np.ndarray | None:
-    """numpy parse of a well-formed index (MS1M's has 5M lines); None when anything looks off."""
-    fields = text.split()
-    lines = sum(1 for line in text.splitlines() if line.strip())
-    if len(fields) != 2 * lines or text.count("\t") != lines:
+def _parse_idx_blocks(idx_path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """numpy parse of a well-formed index, a block of lines at a time into arrays sized by a first count of
+    the lines: 16 bytes per record and one block of text (a 42M-line index is ~0.9 GB of text, and ~5 GB as
+    Python strings). None when anything looks off (the line-by-line parse then names the line)."""
+    with open(idx_path, "rb") as file:
+        lines = _count_lines(file)
+        keys, offsets = np.empty(lines, np.int64), np.empty(lines, np.int64)
+        file.seek(0)
+        row, carry = 0, b""
+        while block := file.read(_IDX_BLOCK_BYTES):
+            text = carry + block
+            cut = text.rfind(b"\n") + 1
+            carry = text[cut:]
+            if cut and (row := _parse_idx_block(text[:cut], keys, offsets, row)) is None:
+                return None
+        if carry.strip() and (row := _parse_idx_block(carry + b"\n", keys, offsets, row)) is None:
+            return None
+    return (keys, offsets) if row == lines else None
+
+
+def _count_lines(file) -> int:
+    count, last = 0, b"\n"
+    while block := file.read(_IDX_BLOCK_BYTES):
+        count += block.count(b"\n")
+        last = block[-1:]
+    return count + (last != b"\n")
+
+
+def _parse_idx_block(text: bytes, keys: np.ndarray, offsets: np.ndarray, row: int) -> int | None:
+    """Fill rows from ``row`` with the lines of ``text`` (whole lines); the next row, or None if malformed."""
+    lines = text.count(b"\n")
+    if text.count(b"\t") != lines or row + lines > len(keys):
         return None
     try:
-        return np.array(fields, dtype=np.int64).reshape(-1, 2)
+        with warnings.catch_warnings():  # numpy warns, then stops, at the first field that is not a number
+            warnings.simplefilter("ignore")
+            values = np.fromstring(text, dtype=np.int64, sep=" ")
     except ValueError:
         return None
+    if len(values) != 2 * lines:
+        return None
+    keys[row : row + lines], offsets[row : row + lines] = values[0::2], values[1::2]
+    return row + lines
 
 
 def _parse_idx_lines(idx_path: Path, text: str) -> np.ndarray:
@@ -469,21 +555,36 @@ def _parse_idx_lines(idx_path: Path, text: str) -> np.ndarray:
     return np.array(rows, dtype=np.int64).reshape(-1, 2)
 
 
-def _check_idx_table(
-    idx_path: Path, rec_path: Path, rec_size: int, keys: np.ndarray, offsets: np.ndarray
-) -> None:
-    if len(keys) == 0:
+def _check_idx_offsets(idx_path: Path, rec_path: Path, rec_size: int, keys: np.ndarray, offsets: np.ndarray
+                       ) -> None:
+    for start in range(0, len(offsets), _ROWS):
+        part = offsets[start : start + _ROWS]
+        bad = np.flatnonzero((part < 0) | (part >= rec_size) | (part % 4 != 0))
+        if len(bad):
+            at = start + int(bad[0])
+            raise PlscError(
+                f"{idx_path}: key {keys[at]} points at offset {offsets[at]}, which is not a record position "
+                f"in {rec_path} ({rec_size} bytes)"
+            )
+
+
+def is_key_range(keys: np.ndarray, first: int) -> bool:
+    """Whether ``keys`` are exactly first, first + 1, ... (compared a slice at a time: no N-sized copy)."""
+    for start in range(0, len(keys), _ROWS):
+        part = keys[start : start + _ROWS]
+        if not np.array_equal(part, np.arange(first + start, first + start + len(part))):
+            return False
+    return True
+
+
+def _unmap_pages(pages: mmap.mmap, offsets: np.ndarray) -> None:
+    """Drop this process's mapping of the pages around the headers at ``offsets`` (they stay in the page
+    cache): without it a pass over a 200 GB file would end with the file in its resident set."""
+    if not hasattr(mmap, "MADV_DONTNEED"):
         return
-    bad = np.flatnonzero((offsets < 0) | (offsets >= rec_size) | (offsets % 4 != 0))
-    if len(bad):
-        at = int(bad[0])
-        raise PlscError(
-            f"{idx_path}: key {keys[at]} points at offset {offsets[at]}, which is not a record position "
-            f"in {rec_path} ({rec_size} bytes)"
-        )
-    unique, counts = np.unique(keys, return_counts=True)
-    if len(unique) != len(keys):
-        raise PlscError(f"{idx_path}: key {unique[counts > 1][0]} appears more than once")
+    low = int(offsets.min()) // mmap.PAGESIZE * mmap.PAGESIZE
+    high = min(len(pages), int(offsets.max()) + _HEADER_SPAN)
+    pages.madvise(mmap.MADV_DONTNEED, low, high - low)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -543,7 +644,9 @@ class RecordWriter:
                 raise
         self._offset = 0
         self._count = 0
-        self._keys: set[int] = set()
+        # Keys written so far: while they are 0, 1, 2, ... (every plsc layout) no set is kept, which for 42M
+        # records would take gigabytes; the first other key turns the set on.
+        self._keys: set[int] | None = None
         self._closed = False
 
     @property
@@ -553,14 +656,17 @@ class RecordWriter:
     def write(self, record: bytes, key: int | None = None) -> int:
         """Append one record (key defaults to the number written so far); returns its offset."""
         key = self._count if key is None else int(key)
-        if key in self._keys:
+        if self._keys is None and key != self._count:
+            self._keys = set(range(self._count))
+        if self._keys is not None and key in self._keys:
             raise PlscError(f"{self.rec_path}: key {key} written twice")
         encoded = encode_record(record)
         offset = self._offset
         self._rec.file.write(encoded)
         if self._idx is not None:
             self._idx.file.write(f"{key}\t{offset}\n")
-        self._keys.add(key)
+        if self._keys is not None:
+            self._keys.add(key)
         self._offset += len(encoded)
         self._count += 1
         return offset
@@ -612,49 +718,82 @@ def read_property(path: str | os.PathLike) -> tuple[int, int, int]:
     return num_classes, height, width
 
 
+WRITE_LAYOUTS = ("auto", "insightface", "im2rec")
+
+
 def write_insightface(
     output_prefix: str | os.PathLike,
     samples: Sequence[tuple[bytes | os.PathLike | str, int]],
     image_size: tuple[int, int] = (112, 112),
     progress: Callable[[Iterable], Iterable] | None = None,
+    layout: str = "auto",
 ) -> dict:
-    """Write ``<prefix>.rec``, ``<prefix>.idx`` and ``property`` (beside them) in InsightFace's layout.
+    """Write ``<prefix>.rec``, ``<prefix>.idx`` and ``property`` (beside them) for InsightFace's trainers.
 
-    ``samples`` are (encoded image bytes or a path to read them from, label). Images are stored verbatim and
-    ordered by label (stable), because identity records describe each class as one contiguous key range.
-    ``image_size`` is (height, width) for ``property``. ``progress``: optional callable wrapping an iterable
-    (e.g. ``functools.partial(plsc.console.progress, total=..., desc=..., unit=...)``).
-    Returns ``{"images", "num_classes", "rec", "idx", "property"}``.
+    ``samples`` are (encoded image bytes or a path to read them from, label); images are stored verbatim.
+    ``layout``:
+
+    - ``insightface``: the header record, the images ordered by label (stable) as keys 1..N, one record per
+      class (each class one contiguous key range). Keys are held in float32 labels: at most 2**24 records.
+    - ``im2rec``: what mxnet's im2rec writes, the layout arcface_torch documents for WebFace42M: image ``i``
+      of ``samples`` is key ``i`` with IRHeader (0, label, i, 0), no header or identity records. Keys live
+      only in the ``.idx``, as integers: any count fits.
+    - ``auto``: insightface when the records fit in 2**24, else im2rec.
+
+    Labels are float32 in both: classes below 2**24. ``image_size`` is (height, width) for ``property``.
+    ``progress``: optional callable wrapping an iterable (e.g. ``functools.partial(plsc.console.progress,
+    total=..., desc=..., unit=...)``). Returns ``{"images", "num_classes", "layout", "rec", "idx",
+    "property"}``.
     """
+    if layout not in WRITE_LAYOUTS:
+        raise PlscError(f"layout must be one of {', '.join(WRITE_LAYOUTS)}, got {layout!r}")
     labels = _check_labels(output_prefix, [label for _, label in samples])
-    order = np.argsort(labels, kind="stable")
     num_images, num_classes = len(labels), int(labels.max()) + 1
-    first_identity_key = num_images + 1
-    end_key = first_identity_key + num_classes
-    if end_key > _FLOAT32_EXACT_LIMIT:
+    records = num_images + num_classes + 1  # the header label [first identity key, end key] holds this
+    if layout == "auto":
+        layout = "insightface" if records <= _FLOAT32_EXACT_LIMIT else "im2rec"
+    if layout == "insightface" and records > _FLOAT32_EXACT_LIMIT:
         raise PlscError(
-            f"{output_prefix}: {end_key} records exceed what float32 header labels can address exactly"
+            f"{output_prefix}: {num_images} images of {num_classes} classes make {records} records, more "
+            f"than the {_FLOAT32_EXACT_LIMIT} the insightface layout's float32 keys address exactly; use "
+            "the im2rec layout"
         )
     prefix = Path(output_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     rec_path, idx_path = prefix.with_name(prefix.name + ".rec"), prefix.with_name(prefix.name + ".idx")
-    items = order if progress is None else progress(order)
     with RecordWriter(rec_path, idx_path) as writer:
-        writer.write(pack(IRHeader(2, (first_identity_key, end_key), 0, 0), b""), key=0)
-        for key, index in enumerate(items, start=1):
-            source, label = samples[index]
-            header = IRHeader(0, float(label), key, 0)
-            writer.write(pack(header, _payload_bytes(source)), key=key)
-        _write_identity_records(writer, labels[order], first_identity_key)
+        if layout == "insightface":
+            _write_insightface_records(writer, samples, labels, progress)
+        else:
+            _write_im2rec_records(writer, samples, progress)
     property_path = prefix.parent / "property"
     write_property(property_path, num_classes, *image_size)
     return {
         "images": num_images,
         "num_classes": num_classes,
+        "layout": layout,
         "rec": rec_path,
         "idx": idx_path,
         "property": property_path,
     }
+
+
+def _write_insightface_records(writer: RecordWriter, samples, labels: np.ndarray, progress) -> None:
+    order = np.argsort(labels, kind="stable")
+    first_identity_key = len(labels) + 1
+    end_key = first_identity_key + int(labels.max()) + 1
+    writer.write(pack(IRHeader(2, (first_identity_key, end_key), 0, 0), b""), key=0)
+    for key, index in enumerate(order if progress is None else progress(order), start=1):
+        source, label = samples[index]
+        writer.write(pack(IRHeader(0, float(label), key, 0), _payload_bytes(source)), key=key)
+    _write_identity_records(writer, labels[order], first_identity_key)
+
+
+def _write_im2rec_records(writer: RecordWriter, samples, progress) -> None:
+    positions = range(len(samples))
+    for key in positions if progress is None else progress(positions):
+        source, label = samples[key]
+        writer.write(pack(IRHeader(0, float(label), key, 0), _payload_bytes(source)), key=key)
 
 
 def _check_labels(where, labels: Sequence[int]) -> np.ndarray:
@@ -663,6 +802,9 @@ def _check_labels(where, labels: Sequence[int]) -> np.ndarray:
     array = np.asarray(labels)
     if not np.issubdtype(array.dtype, np.integer) or array.min() < 0:
         raise PlscError(f"{where}: labels must be non-negative integers")
+    if array.max() >= LABEL_LIMIT:
+        raise PlscError(f"{where}: label {array.max()} is not below {LABEL_LIMIT}: RecordIO labels are "
+                        "float32, exact for integers up to 2**24")
     return array.astype(np.int64)
 
 
@@ -691,7 +833,8 @@ def _payload_bytes(source: bytes | os.PathLike | str) -> bytes:
 
 
 def find_image_keys(reader: RecordReader, rec_path: Path) -> tuple[str, np.ndarray]:
-    """The layout of a ``.rec`` ("insightface" or "flat") and the keys of its image records."""
+    """The layout of a ``.rec`` ("insightface" or "flat") and the keys of its image records (flat: the
+    ``.idx``'s keys in its order, as arcface_torch takes them)."""
     if len(reader) == 0:
         raise PlscError(f"{rec_path}: contains no records")
     if 0 in reader:
@@ -700,37 +843,96 @@ def find_image_keys(reader: RecordReader, rec_path: Path) -> tuple[str, np.ndarr
         # have flag > 0, so the flag alone cannot tell the two apart).
         if header.flag > 0 and not payload:
             return "insightface", _insightface_image_keys(reader, rec_path, header)
-    return "flat", np.array(reader.keys, dtype=np.int64)
+    return "flat", reader.keys
 
 
 def _insightface_image_keys(reader: RecordReader, rec_path: Path, header: IRHeader) -> np.ndarray:
     end = header.label[0]
-    if not (math.isfinite(end) and end == int(end) and 1 < end <= len(reader)):
+    radius = float32_rounding_radius(end)
+    if not (math.isfinite(end) and end == int(end) and 1 < end <= len(reader) + radius):
         # Checked before anything is sized by it: a damaged header must not allocate 10^15 keys.
         raise PlscError(f"{rec_path}: header record says images are keys 1..{end:g}-1, but the file "
                         f"has {len(reader)} records (label {header.label})")
-    end = int(end)
+    end = _first_identity_key(reader, rec_path, int(end), radius) if radius else int(end)
     keys = np.arange(1, end, dtype=np.int64)
-    missing = keys[~np.isin(keys, reader.keys)]
-    if len(missing):
+    missing = reader.first_missing(keys)
+    if missing is not None:
         raise PlscError(
-            f"{rec_path}: header record says images are keys 1..{end - 1}, but key {missing[0]} is missing"
+            f"{rec_path}: header record says images are keys 1..{end - 1}, but key {missing} is missing"
         )
     return keys
 
 
-def _index_beside(rec_path: Path, idx_path: str | os.PathLike | None) -> str | os.PathLike | None:
+def float32_rounding_radius(value: float) -> int:
+    """How far the integer a float32 ``value`` was rounded from can lie from it: 0 below 2**24, half a
+    float32 step above (1 up to 2**25, 2 up to 2**26: a 42M-image set)."""
+    if not math.isfinite(value) or abs(value) < _FLOAT32_EXACT_LIMIT:
+        return 0
+    return int(np.spacing(np.float32(abs(value)))) // 2
+
+
+def _first_identity_key(reader: RecordReader, rec_path: Path, stored: int, radius: int) -> int:
+    """The header's first identity key past 2**24, where float32 stored it rounded: the one key within
+    ``radius`` of ``stored`` whose record is an identity record (flag > 0, no payload) after an image."""
+    found = [key for key in range(max(stored - radius, 2), stored + radius + 1)
+             if _identity_follows_image(reader, rec_path, key)]
+    if len(found) != 1:
+        raise PlscError(f"{rec_path}: header record says images end at key {stored}, which float32 holds "
+                        f"only to +-{radius}, and {len(found)} keys near it start the identity records")
+    return found[0]
+
+
+def _identity_follows_image(reader: RecordReader, rec_path: Path, key: int) -> bool:
+    if key not in reader or key - 1 not in reader:
+        return False
+    header, payload = unpack(reader.read(key), f"{rec_path}: key {key}")
+    before = unpack(reader.read(key - 1), f"{rec_path}: key {key - 1}")[1]
+    return header.flag > 0 and not payload and len(before) > 0
+
+
+def build_image_index(rec_path: Path, idx_path: Path | None) -> ImageIndex:
+    """What opening a RecordDataset needs, from the ``.idx`` and every image record's header (reads them
+    all: the slow part that the cached index file saves)."""
+    with RecordReader(rec_path, idx_path) as reader:
+        layout, keys = find_image_keys(reader, rec_path)
+        offsets = reader.offsets if layout == "flat" else reader.offsets_of(keys)
+        starts, lengths, values = reader.image_headers(offsets, keys)
+    del offsets
+    labels = _class_labels(rec_path, keys, values)
+    del values
+    first_key = int(keys[0])
+    stored_keys = None if is_key_range(keys, first_key) else keys
+    return ImageIndex(layout, first_key, starts, lengths, labels, stored_keys, int(labels.max()) + 1)
+
+
+def _class_labels(rec_path: Path, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The float32 header labels as int32 classes, refusing the first that is not one."""
+    for start in range(0, len(values), _ROWS):
+        bad = np.flatnonzero(~is_class_label(values[start : start + _ROWS]))
+        if len(bad):
+            at = start + int(bad[0])
+            raise PlscError(f"{rec_path}: key {keys[at]}: label {values[at]:g} is not a non-negative integer "
+                            f"below {LABEL_LIMIT} (float32 labels hold larger integers inexactly)")
+    return values.astype(np.int32)
+
+
+def _index_beside(rec_path: Path, idx_path: str | os.PathLike | None) -> Path | None:
     """``idx_path``, or when it is None the ``.idx`` beside the ``.rec`` if there is one."""
     if idx_path is None and rec_path.with_suffix(".idx").is_file():
         return rec_path.with_suffix(".idx")
-    return idx_path
+    return Path(idx_path) if idx_path is not None else None
 
 
 def count_record_images(rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None) -> int:
-    """How many images a :class:`RecordDataset` of ``rec_path`` holds, from its index (the ``.idx`` beside
-    it when there is one) and its header record, without reading the images' labels."""
+    """How many images a :class:`RecordDataset` of ``rec_path`` holds, from its cached label index when that
+    is current, else from its ``.idx`` (the one beside it when there is one) and its header record, without
+    reading the images' labels."""
     rec_path = Path(rec_path)
-    with RecordReader(rec_path, _index_beside(rec_path, idx_path)) as reader:
+    idx_path = _index_beside(rec_path, idx_path)
+    index = load_current_index(rec_path, idx_path, LABEL_LIMIT)
+    if index is not None:
+        return len(index)
+    with RecordReader(rec_path, idx_path) as reader:
         return len(find_image_keys(reader, rec_path)[1])
 
 
@@ -738,52 +940,56 @@ class RecordDataset:
     """Face training samples straight from a ``.rec``: ``dataset[i] -> (BGR uint8 HxWx3, label)``.
 
     Layouts: InsightFace (record 0 is a header with flag > 0 and an empty payload; images are keys
-    ``1..label[0]-1``) and im2rec's flat layout (every key is an image). Multi-label image headers use their
-    first label as the class. When ``idx_path`` is None the ``.idx`` beside the ``.rec`` is used if it exists.
+    ``1..label[0]-1``) and im2rec's flat layout (every key is an image, in ``.idx`` order). Multi-label image
+    headers use their first label as the class. When ``idx_path`` is None the ``.idx`` beside the ``.rec`` is
+    used if it exists.
 
-    Opening reads only the image headers (labels), not the images.
+    Opening maps the label index file of the ``.rec`` (plsc.data.recordio_index): where each image's bytes
+    lie and its label, 16 bytes per image shared by the processes of a node. The first open builds it from
+    the image headers (reading them through the file) and writes it. ``index_cache``: "write" (that),
+    "read" (use an index file that is there, else build in memory and write none) or "off" (always build
+    in memory: every open reads every header). ``labels`` are int32.
     """
 
-    def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None):
+    def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None,
+                 index_cache: str = "write"):
         rec_path = Path(rec_path)
-        self.reader = RecordReader(rec_path, _index_beside(rec_path, idx_path))
+        self.reader = RecordReader(rec_path, _index_beside(rec_path, idx_path), index_on_demand=True)
         self.rec_path = rec_path
         self._rec_text = str(rec_path)
-        self.layout, self.image_keys = find_image_keys(self.reader, rec_path)  # "insightface" or "flat"
-        self.image_offsets = self.reader.offsets_of(self.image_keys)  # no key lookup per sample
-        # Where each image's encoded bytes lie: one slice of the map per sample, no header parsing.
-        self._payload_starts, self._payload_lengths = self.reader.payload_spans(self.image_keys)
-        self.labels = self._read_labels()
-        self.num_classes = int(self.labels.max()) + 1
+        build = functools.partial(build_image_index, rec_path, self.reader.idx_path)
+        self.index = open_image_index(rec_path, self.reader.idx_path, build, LABEL_LIMIT, cache=index_cache)
+        self.layout = self.index.layout  # "insightface" or "flat"
+        self.num_classes = self.index.num_classes
 
-    def _read_labels(self) -> np.ndarray:
-        values = self.reader.first_labels(self.image_keys)
-        bad = np.flatnonzero(~is_class_label(values))
-        if len(bad):
-            key, value = int(self.image_keys[bad[0]]), values[bad[0]]
-            raise PlscError(f"{self.rec_path}: key {key}: label {value:g} is not a non-negative integer "
-                            f"below {LABEL_LIMIT} (float32 labels hold larger integers inexactly)")
-        return values.astype(np.int64)
+    @property
+    def labels(self) -> np.ndarray:
+        return self.index.labels
+
+    @property
+    def image_keys(self) -> np.ndarray:
+        """The record key of each image (int64)."""
+        return self.index.image_keys()
 
     def __len__(self) -> int:
-        return len(self.image_keys)
+        return len(self.index)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         payload = self.encoded(index)
         image = decode_image_bytes(payload)
         if image is None:  # the message is only built when needed (it costs as much as the read)
             raise _undecodable(self._where(index), payload)
-        return image, int(self.labels[index])
+        return image, int(self.index.labels[index])
 
     def encoded(self, index: int) -> bytes:
         """Image ``index``'s encoded bytes (the record's payload)."""
-        start = int(self._payload_starts[index])  # numpy's IndexError when out of range
+        start = int(self.index.payload_starts[index])  # numpy's IndexError when out of range
         if start >= 0:
-            return self.reader.read_span(start, int(self._payload_lengths[index]))
-        return unpack(self.reader.read_at(int(self.image_offsets[index])), self._where(index))[1]
+            return self.reader.read_span(start, int(self.index.payload_lengths[index]))
+        return unpack(self.reader.read_at(-start - 1), self._where(index))[1]
 
     def _where(self, index: int) -> str:
-        return f"{self._rec_text}: key {self.image_keys[index]}"
+        return f"{self._rec_text}: key {self.index.key(index)}"
 
 
 def decode_image(payload: bytes, where: str) -> np.ndarray:
