@@ -3,7 +3,15 @@
 import hashlib
 import json
 
+import pytest
+
 from plsc import cli
+
+
+@pytest.fixture(autouse=True)
+def index_cache_dir(tmp_path, monkeypatch):
+    """Label indexes of the read-only ../shared files go to a temporary folder, not ~/.cache."""
+    monkeypatch.setenv("PLSC_CACHE_DIR", str(tmp_path / "index-cache"))
 
 
 def test_rec2images_cli_reproduces_payload_bytes(shared_dir, tmp_path, capsys):

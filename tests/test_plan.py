@@ -213,8 +213,9 @@ def test_label_line_count_is_the_strict_data_sets_size(tiny_dir, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["faces_tiny", "faces_tiny_multilabel", "flat"])
-def test_record_image_count_is_the_record_data_sets_size(shared_dir, tmp_path, name):
+def test_record_image_count_is_the_record_data_sets_size(shared_dir, tmp_path, monkeypatch, name):
     """Files written by MXNet: its manifest lists every record; images are the ones with a payload."""
+    monkeypatch.setenv("PLSC_CACHE_DIR", str(tmp_path / "index-cache"))  # ../shared is read-only
     folder = shared_dir / "data" / "recordio"
     manifest = json.loads((folder / "manifest.json").read_text())[name]
     images = sum(record["payload_len"] > 0 for record in manifest.values())

@@ -39,6 +39,12 @@ from plsc.errors import PlscError
 NAMES = ["faces_tiny", "faces_tiny_multilabel", "flat", "split"]
 
 
+@pytest.fixture(autouse=True)
+def index_cache_dir(tmp_path, monkeypatch):
+    """Label indexes of the read-only ../shared files go to a temporary folder, not ~/.cache."""
+    monkeypatch.setenv("PLSC_CACHE_DIR", str(tmp_path / "index-cache"))
+
+
 def md5(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
 

@@ -18,6 +18,16 @@ key, end]``; images are keys ``1..label[0]-1`` with scalar labels; then one reco
 ``[first image key, end key)``. A ``property`` file beside the ``.rec`` holds ``num_classes,height,width``.
 im2rec's layout has no header records: every key is an image.
 
+Past float32's exact range (2**24 = 16,777,216 records): MXNet's ``pack`` stores every label as float32, so
+the insightface layout's header and identity records, which hold record keys, hold them rounded (to even
+keys up to 2**25, multiples of 4 up to 2**26). For WebFace42M arcface_torch's docs
+(``docs/prepare_webface42m.md``) make the ``.rec`` with mxnet's im2rec: image records only, IRHeader
+``(0, label, id = key, 0)``, the key (the image's position in the ``.lst``, shuffled by default) stored only
+in the ``.idx`` as an integer; ``MXFaceDataset`` then takes every ``.idx`` key as an image (record 0's flag
+is 0). Class labels stay float32 in every layout: exact below 2**24 classes. plsc writes the im2rec layout
+past 2**24 records, reads both, and reads an insightface header past 2**24 by finding the identity record
+nearest the rounded key.
+
 Nothing here imports paddle, so the module also works where only mxnet is installed (the compat tests).
 """
 
