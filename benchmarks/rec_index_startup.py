@@ -35,7 +35,7 @@ import numpy as np
 MAGIC = 0xCED7230A
 PART_HEADER_BYTES = 8  # magic, lrecord
 IR_HEADER_BYTES = 24  # flag, label, id, id2
-CHUNK = 1 << 20  # records written per block
+BLOCK_BYTES = 64 << 20  # records written per block: at most this many bytes of them
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -89,8 +89,9 @@ def write_synthetic(prefix: Path, images: int, per_class: int, payload_bytes: in
             rec_file.write(record.tobytes())
             write_idx_lines(idx_file, np.array([0]), np.array([0]))
             offset = record.nbytes
-        for start in range(0, images, CHUNK):
-            count = min(CHUNK, images - start)
+        block = max(1, BLOCK_BYTES // image_dtype.itemsize)
+        for start in range(0, images, block):
+            count = min(block, images - start)
             records = np.zeros(count, image_dtype)
             records["magic"], records["lrecord"] = MAGIC, IR_HEADER_BYTES + payload_bytes
             records["label"] = np.arange(start, start + count) // per_class

@@ -129,3 +129,39 @@ def test_insightface_layout_both_ways(tiny_dir, tmp_path):
     assert (dataset.layout, len(dataset), dataset.num_classes) == ("insightface", 240, 40)
     assert list(dataset.labels) == [label for _, label in samples]
     assert (tmp_path / "mx" / "train.rec").read_bytes() == (tmp_path / "plsc" / "train.rec").read_bytes()
+
+
+def test_im2rec_layout_past_float32_keys_both_ways(tiny_dir, tmp_path):
+    """The layout arcface_torch documents for WebFace42M (mxnet's im2rec: images only, IRHeader (0, label,
+    key, 0), keys in the .idx): plsc's read as MXFaceDataset reads it, and mxnet's with keys float32 cannot
+    hold read by plsc, index built and then mapped."""
+    from plsc.data.folder import FolderDataset
+
+    folder = FolderDataset(tiny_dir)
+    samples = [(folder.image_path(i), int(label)) for i, label in enumerate(folder.labels)][::7]
+    write_insightface(tmp_path / "plsc" / "train", samples, layout="im2rec")
+    mx_reader = mx_recordio.MXIndexedRecordIO(
+        str(tmp_path / "plsc" / "train.idx"), str(tmp_path / "plsc" / "train.rec"), "r"
+    )
+    assert mx_recordio.unpack(mx_reader.read_idx(0))[0].flag == 0  # so MXFaceDataset takes every key
+    assert list(mx_reader.keys) == list(range(len(samples)))
+    for key in mx_reader.keys:
+        header, payload = mx_recordio.unpack(mx_reader.read_idx(key))
+        assert (header.flag, header.label, header.id, header.id2) == (0, samples[key][1], key, 0)
+        assert payload == samples[key][0].read_bytes()
+    mx_reader.close()
+
+    (tmp_path / "mx").mkdir()
+    keys = [2**26 + 7 - 2 * position for position in range(len(samples))]  # descending, none float32-exact
+    writer = mx_recordio.MXIndexedRecordIO(
+        str(tmp_path / "mx" / "train.idx"), str(tmp_path / "mx" / "train.rec"), "w"
+    )
+    for key, (path, label) in zip(keys, samples, strict=True):
+        writer.write_idx(key, mx_recordio.pack(mx_recordio.IRHeader(0, label, key, 0), path.read_bytes()))
+    writer.close()
+    for _ in range(2):  # builds the label index, then maps it
+        dataset = RecordDataset(tmp_path / "mx" / "train.rec")
+        assert dataset.layout == "flat" and dataset.image_keys.tolist() == keys
+        assert dataset.labels.tolist() == [label for _, label in samples]
+        assert [dataset.encoded(i) for i in range(len(samples))] == [path.read_bytes() for path, _ in samples]
+    assert dataset.index.path == tmp_path / "mx" / "train.plsc-index"
