@@ -112,8 +112,8 @@ def test_opening_with_a_current_index_reads_no_record_header(tiny_samples, tmp_p
     def forbidden(*args, **kwargs):
         raise AssertionError("opening read the .idx or record headers")
 
-    monkeypatch.setattr(RecordReader, "image_headers", forbidden)
-    monkeypatch.setattr(RecordReader, "_ensure_index", forbidden)
+    for method in ("image_headers", "_header_at", "read_at", "_ensure_index"):
+        monkeypatch.setattr(RecordReader, method, forbidden)
     monkeypatch.setattr(recordio, "build_image_index", forbidden)
     second = RecordDataset(rec)
     assert np.array_equal(second.labels, first.labels) and len(second) == 240
@@ -210,6 +210,9 @@ def damages(path: Path):
         ("label too large", lambda: patched(path, columns["labels"], struct.pack("<i", 2**30))),
         ("payload past the .rec", lambda: patched(path, columns["payload_starts"], struct.pack("<q", 2**40))),
         ("payload inside a header", lambda: patched(path, columns["payload_starts"], struct.pack("<q", 4))),
+        # start + length wraps past 2**63 to a negative end, which a bare "end <= size" check would pass
+        ("payload end wraps around", lambda: patched(path, columns["payload_starts"],
+                                                      struct.pack("<q", 2**63 - 8))),
         ("record offset unaligned", lambda: patched(path, columns["payload_starts"], struct.pack("<q", -4))),
         ("fewer classes", metadata_field("num_classes", 1)),
     ]

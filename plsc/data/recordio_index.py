@@ -356,8 +356,12 @@ def _check_content(index: ImageIndex, rec_size: int, label_limit: int, where: st
 
 
 def _bad_spans(starts: np.ndarray, lengths: np.ndarray, rec_size: int) -> np.ndarray:
+    # Starts are bounded before their ends are summed (int64 + uint32 is int64): near 2**63 the sum wraps.
+    direct_in_file = starts.min() >= MIN_PAYLOAD_START and starts.max() <= rec_size
+    if direct_in_file and (starts + lengths).max() <= rec_size:
+        return np.empty(0, np.intp)  # no record read whole: a few reductions check the slice (every open)
+    ends = np.minimum(starts, rec_size + 1) + lengths
     direct = starts >= 0
-    ends = starts + lengths.astype(np.int64)
     record_offsets = -(starts + 1)  # meaningful where starts < 0; -(INT64_MIN + 1) is INT64_MAX, refused
     bad = np.where(direct, (starts < MIN_PAYLOAD_START) | (ends > rec_size),
                    (record_offsets >= rec_size) | (record_offsets % 4 != 0))
