@@ -258,6 +258,19 @@ def test_build_dataset_checks_configured_num_classes(tiny_copy):
         build_dataset(DataConfig(source="folder", root=str(tiny_copy), num_classes=1))
 
 
+@pytest.mark.parametrize("count, classes, dtype",
+                         [(2_500_000, 1000, np.int32), (3_000_000, 200_000, np.int64), (5, 10**9, np.int64),
+                          (1, 0, np.int32)])
+def test_count_distinct_labels_equals_a_set(count, classes, dtype):
+    """Both ways (marks per class over several slices; a sort where classes outnumber the labels) against
+    Python's set; some classes are left out so that the count is not simply the largest label + 1."""
+    from plsc.data.loader import count_distinct
+
+    labels = np.random.default_rng(count).integers(0, classes + 1, count).astype(dtype)
+    labels[labels % 7 == 3] = 0
+    assert count_distinct(labels, int(labels.max())) == len(set(labels.tolist()))
+
+
 def test_build_dataset_synthetic_and_rec(monkeypatch, tmp_path):
     config = DataConfig(source="synthetic", num_classes=1000, synthetic_samples=50, image_size=32)
     dataset = build_dataset(config, seed=5)
@@ -425,6 +438,20 @@ def test_sampler_order_depends_on_seed_and_epoch_only():
     full = _epoch(first, 4)
     first.set_epoch(4, start_batch=3)
     assert list(first) == full[3:] and len(first) == len(full) - 3
+
+
+@pytest.mark.parametrize("num_samples, drop_last", [(103, True), (96, True), (103, False)])
+def test_sampler_order_is_the_documented_slice_of_the_permutation(num_samples, drop_last):
+    """The order a resumed run relies on, from a direct loop: step g, rank r takes the permutation's
+    entries g*W*B + r*B ... + B - 1, wrapping around past its end when padding."""
+    batch, world, seed, epoch = 4, 3, 11, 2
+    permutation = np.random.default_rng((seed, epoch)).permutation(num_samples).tolist()
+    steps = num_samples // (world * batch) if drop_last else -(-num_samples // (world * batch))
+    for rank in range(world):
+        sampler = DistributedShuffleSampler(num_samples, batch, rank, world, seed=seed, drop_last=drop_last)
+        first = [step * world * batch + rank * batch for step in range(steps)]
+        expected = [[permutation[(start + i) % num_samples] for i in range(batch)] for start in first]
+        assert _epoch(sampler, epoch) == expected
 
 
 def test_sampler_without_drop_last_pads_and_validates():

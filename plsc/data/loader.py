@@ -93,8 +93,10 @@ class DistributedShuffleSampler:
         """This rank's indices for the whole current epoch, shape [batches_per_epoch, batch_size], int64."""
         permutation = np.random.default_rng((self.seed, self.epoch)).permutation(self.num_samples)
         used = self.batches_per_epoch * self.global_batch_size
-        # np.resize truncates (drop_last) or repeats from the start (padding), in permutation order
-        steps = np.resize(permutation, used).reshape(self.batches_per_epoch, self.world_size, self.batch_size)
+        # drop_last takes the first ``used`` (a view: no second N-sized array at start-up); padding repeats
+        # from the start, in permutation order
+        used_order = permutation[:used] if used <= self.num_samples else np.resize(permutation, used)
+        steps = used_order.reshape(self.batches_per_epoch, self.world_size, self.batch_size)
         return steps[:, self.rank, :].astype(np.int64)
 
     def __iter__(self):
@@ -227,6 +229,21 @@ def count_samples(data_cfg) -> tuple[int, str]:
     raise PlscError(f"data.source must be folder, rec or synthetic, got {data_cfg.source!r}")
 
 
+_LABEL_SLICE = 1 << 20
+
+
+def count_distinct(labels: np.ndarray, largest: int) -> int:
+    """How many distinct values the non-negative ``labels`` (largest ``largest``) hold: marks in one byte per
+    class, a slice of labels at a time (42M labels: a fraction of a second and no copy, against seconds and
+    a sorted copy for np.unique); sorted where classes outnumber the labels."""
+    if largest >= len(labels):
+        return len(np.unique(labels))
+    seen = np.zeros(largest + 1, dtype=bool)
+    for start in range(0, len(labels), _LABEL_SLICE):
+        seen[labels[start : start + _LABEL_SLICE]] = True
+    return int(np.count_nonzero(seen))
+
+
 def _apply_num_classes(dataset, num_classes: int, source: str):
     """A configured class count may exceed the labels (it sizes the classifier) but never fall short."""
     if num_classes <= 0:
@@ -237,7 +254,7 @@ def _apply_num_classes(dataset, num_classes: int, source: str):
             f"data.num_classes is {num_classes} but the {source} data has label {largest}; "
             f"set data.num_classes >= {largest + 1} or 0 to read it from the labels"
         )
-    present = len(np.unique(dataset.labels))
+    present = count_distinct(dataset.labels, largest)
     # Allowed (training on part of a larger set), but usually a config written for other data. Synthetic
     # data (capacity trials) draws few labels from many classes on purpose.
     if num_classes > present and source != "synthetic":
