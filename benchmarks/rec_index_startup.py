@@ -8,15 +8,20 @@ one record per identity; or im2rec's flat layout with shuffled keys), then opens
   (``posix_fadvise(DONTNEED)``, no root needed), as on a node's first start;
 - ``cached_warm``: the cache exists and its pages are in memory, as on the other ranks of the node.
 
-For each: wall seconds, the process's RSS before opening, its peak RSS (``VmHWM``, reset just before) and
-its RSS after, and (peak - before) / samples. ``--rank-start`` also times ``plsc.data.build_dataset`` (what
-a rank runs at start: the open plus the class-count checks), which imports Paddle.
+- ``uncached_cold``: ``index_cache="off"``, files evicted: every record header read, as before the cache.
 
-    .venv/bin/python benchmarks/rec_index_startup.py --records 3000000 --work /tmp/recbench \
+For each: wall seconds, the process's RSS before opening, its peak RSS (``VmHWM``, reset just before) and
+its RSS after, and (peak - before) / samples. ``--rank-start`` also times what a rank runs at start with the
+cache current: ``plsc.data.build_dataset`` with ``data.num_classes`` set (the open plus the class-count
+checks) and the sampler's first epoch of 8 ranks (imports Paddle). ``--ranks N`` starts N processes at once
+with no cache, as the ranks of a node on its first start: one builds the index, the others wait and map it.
+
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/rec_index_startup.py --records 3000000 --work /tmp/recbench \
         --json benchmarks/results/rec_index_startup.json --label after
 
-Run it once with ``PYTHONPATH`` on an older tree and ``--label before`` to compare: results of several labels
-are merged into the one JSON file.
+Run it once with ``PYTHONPATH`` on a tree without the cache and ``--label before`` to compare (that tree's
+opens all read every header: ``again_cold``, ``again_warm``); results of several labels are merged into the
+one JSON file.
 """
 
 from __future__ import annotations
@@ -149,11 +154,15 @@ def evict(paths) -> None:
                 os.close(fd)
 
 
-def child(rec: Path, what: str) -> dict:
+RANKS_PER_NODE, RANK_BATCH = 8, 128  # the sampler of --rank-start: one node of 8 ranks, PLSC's batch
+
+
+def child(rec: Path, what: str, num_classes: int) -> dict:
     """Runs in a fresh interpreter: open ``rec`` and report time and memory."""
     if what == "rank_start":
         from plsc.config import DataConfig
         from plsc.data import build_dataset
+        from plsc.data.loader import DistributedShuffleSampler
     from plsc.data.recordio import RecordDataset
 
     peak_before = peak_rss_bytes()
@@ -161,7 +170,12 @@ def child(rec: Path, what: str) -> dict:
     before = rss_bytes()
     start = time.perf_counter()
     if what == "rank_start":
-        dataset = build_dataset(DataConfig(source="rec", root=str(rec.parent), rec_file=rec.name))
+        config = DataConfig(source="rec", root=str(rec.parent), rec_file=rec.name, num_classes=num_classes)
+        dataset = build_dataset(config)
+        sampler = DistributedShuffleSampler(len(dataset), RANK_BATCH, 0, RANKS_PER_NODE)
+        sampler.rank_batches()  # the first epoch's permutation, drawn when the loader starts
+    elif what == "open_uncached":
+        dataset = RecordDataset(rec, index_cache="off")
     else:
         dataset = RecordDataset(rec)
     seconds = time.perf_counter() - start
@@ -173,19 +187,63 @@ def child(rec: Path, what: str) -> dict:
             "kept_bytes_per_sample": (after - before) / samples}
 
 
-def measure(rec: Path, what: str, cold: bool) -> dict:
+def child_command(rec: Path, what: str, num_classes: int = 0) -> list[str]:
+    return [sys.executable, __file__, "--child", what, str(rec), str(num_classes)]
+
+
+def child_result(output: str) -> dict:
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def index_file(rec: Path) -> Path:
+    """Where plsc keeps the label index of ``rec`` (its folder is writable here)."""
+    return rec.with_name(rec.stem + ".plsc-index")
+
+
+def evict_all(rec: Path) -> None:
+    evict([rec, rec.with_suffix(".idx"), index_file(rec)])
+
+
+def measure(rec: Path, what: str, cold: bool, num_classes: int = 0) -> dict:
     if cold:
-        evict([rec, rec.with_suffix(".idx"), *rec.parent.glob("*plsc-index*")])
-    command = [sys.executable, __file__, "--child", what, str(rec)]
-    output = subprocess.run(command, check=True, capture_output=True, text=True, env=os.environ).stdout
-    result = json.loads(output.strip().splitlines()[-1])
+        evict_all(rec)
+    load_before = os.getloadavg()  # other work on the machine slows the timings, not the memory figures
+    command = child_command(rec, what, num_classes)
+    result = child_result(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
     result["cold"] = cold
+    result["load_average_before"] = load_before
     return result
 
 
+def measure_together(rec: Path, ranks: int) -> dict:
+    """``ranks`` processes opening ``rec`` at once, no index yet, files evicted: a node's first start."""
+    remove_caches(rec)
+    evict_all(rec)
+    load_before = os.getloadavg()
+    start = time.perf_counter()
+    processes = [subprocess.Popen(child_command(rec, "open"), stdout=subprocess.PIPE, text=True)
+                 for _ in range(ranks)]
+    outputs = [process.communicate()[0] for process in processes]
+    if any(process.returncode for process in processes):
+        raise SystemExit("a rank of --ranks failed")
+    results = [child_result(output) for output in outputs]
+    return {"ranks": ranks, "wall_seconds": time.perf_counter() - start, "load_average_before": load_before,
+            "seconds": [result["seconds"] for result in results],
+            "peak_delta_bytes_per_sample": [result["peak_delta_bytes_per_sample"] for result in results],
+            "index_written": index_file(rec).exists()}
+
+
+METHOD = {
+    "seconds": "wall time of RecordDataset(rec) (rank_start: build_dataset and the first epoch's sampler) in "
+               "a fresh process, Python already started and modules imported",
+    "peak_delta_bytes_per_sample": "(VmHWM after - RSS before) / images, VmHWM reset just before the open; "
+                                   "RSS counts the mapped pages of the index file",
+    "cold": "the .rec, .idx and index files' pages evicted with posix_fadvise(DONTNEED) just before",
+}
+
+
 def remove_caches(rec: Path) -> None:
-    for path in rec.parent.glob("*plsc-index*"):
-        path.unlink()
+    index_file(rec).unlink(missing_ok=True)
 
 
 def run(args) -> dict:
@@ -202,14 +260,19 @@ def run(args) -> dict:
                                          "write_seconds": time.perf_counter() - start}))
     files = json.loads(spec_file.read_text())["written"]
     remove_caches(rec)
-    results = {"files": files, "first": measure(rec, "open", cold=True)}
-    cached = any(rec.parent.glob("*plsc-index*"))
+    results = {"files": files, "cpu_count": os.cpu_count(), "method": METHOD,
+               "first": measure(rec, "open", cold=True)}
+    cached = index_file(rec).exists()
     results["cache_written"] = cached
-    results["cache_bytes"] = sum(path.stat().st_size for path in rec.parent.glob("*plsc-index"))
+    results["cache_bytes"] = index_file(rec).stat().st_size if cached else 0
     results["cached_cold" if cached else "again_cold"] = measure(rec, "open", cold=True)
     results["cached_warm" if cached else "again_warm"] = measure(rec, "open", cold=False)
+    if cached:
+        results["uncached_cold"] = measure(rec, "open_uncached", cold=True)
     if args.rank_start:
-        results["rank_start_warm"] = measure(rec, "rank_start", cold=False)
+        results["rank_start_warm"] = measure(rec, "rank_start", cold=False, num_classes=files["classes"])
+    if args.ranks:
+        results["ranks_together"] = measure_together(rec, args.ranks)
     if args.clean:
         shutil.rmtree(args.work)
     return results
@@ -225,12 +288,15 @@ def main() -> int:
                         help="folder of the synthetic files (kept between runs unless --clean)")
     parser.add_argument("--json", type=Path, help="results file; this run goes under --label")
     parser.add_argument("--label", default="current", help="name of this run in the results file")
-    parser.add_argument("--rank-start", action="store_true", help="also time build_dataset (imports Paddle)")
+    parser.add_argument("--rank-start", action="store_true",
+                        help="also time build_dataset and the first epoch's sampler (imports Paddle)")
+    parser.add_argument("--ranks", type=int, default=0,
+                        help="also start this many processes at once with no index yet")
     parser.add_argument("--clean", action="store_true", help="remove --work afterwards")
-    parser.add_argument("--child", nargs=2, metavar=("WHAT", "REC"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, metavar=("WHAT", "REC", "CLASSES"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(Path(args.child[1]), args.child[0])))
+        print(json.dumps(child(Path(args.child[1]), args.child[0], int(args.child[2]))))
         return 0
     results = run(args)
     print(json.dumps(results, indent=1))
