@@ -160,6 +160,25 @@ def test_table_in_this_test_matches_the_seed_readme(shared_dir):
     assert rows == PUBLISHED
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optim.name=adamw"], "optim.name adamw steps the backbone only; the class centers keep sparse "
+                               "momentum SGD: set optim.center_lr and optim.center_weight_decay"),
+        (["optim.name=adamw", "optim.center_lr=0.1"], "set optim.center_lr and optim.center_weight_decay"),
+        (["optim.name=adamw", "optim.center_weight_decay=5e-4"], "set optim.center_lr and"),
+        (["optim.warmup_steps=10", "optim.warmup_epochs=1"],
+         "optim.warmup_steps (10) and optim.warmup_epochs (1) both set: give the warmup in one unit"),
+    ],
+)
+def test_settings_that_only_make_sense_together(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=overrides)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    adamw = load_config(overrides=["optim.name=adamw", "optim.center_lr=0.1", "optim.center_weight_decay=0"])
+    assert (adamw.optim.betas, adamw.optim.eps) == ([0.9, 0.999], 1e-8)  # torch.optim.AdamW's defaults
+
+
 # --- the generator
 
 
@@ -348,6 +367,7 @@ def test_type_errors_in_a_file_name_the_file(tmp_path):
         ("loss.center_dtype=float64", "float32, float16"),
         ("loss.momentum_mode=sparse", "lazy, dense"),
         ("optim.schedule=cosine", "step, poly"),
+        ("optim.name=adam", "sgd, adamw"),
         ("optim.decay_unit=epochs", "epoch, step"),
         ("data.source=lmdb", "folder, rec, synthetic"),
     ],
@@ -385,6 +405,14 @@ def test_validation(override, match):
         ("optim.momentum=-0.5", "optim.momentum must be in [0, 1), got -0.5"),
         ("optim.weight_decay=-1e-4", "optim.weight_decay must be >= 0, got -0.0001"),
         ("optim.warmup_steps=-1", "optim.warmup_steps must be >= 0, got -1"),
+        ("optim.warmup_epochs=-1", "optim.warmup_epochs must be >= 0, got -1"),
+        ("optim.betas=[0.9]", "optim.betas must be [beta1, beta2], each in [0, 1), got [0.9]"),
+        ("optim.betas=[0.9, 1.0]", "optim.betas must be [beta1, beta2], each in [0, 1), got [0.9, 1.0]"),
+        ("optim.eps=0", "optim.eps must be > 0, got 0.0"),
+        ("optim.center_lr=-0.1", "optim.center_lr must be >= 0 (0: the backbone's rate), got -0.1"),
+        ("optim.center_weight_decay=-1",
+         "optim.center_weight_decay must be >= 0 or null (optim.weight_decay), got -1.0"),
+        ("data.num_images=-1", "data.num_images must be >= 0 (0: counted from the data), got -1"),
         ("optim.decay_factor=0", "optim.decay_factor must be in (0, 1], got 0.0"),
         ("optim.decay_boundaries=[10, -2]",
          "optim.decay_boundaries must be a list of numbers >= 0, got [10, -2]"),

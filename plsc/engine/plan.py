@@ -339,12 +339,16 @@ def log_plan(config: Config, comm, images: int, num_classes: int) -> None:
 
 def planned_data(config: Config, images: int | None) -> tuple[int, str, int]:
     """(images, where the count comes from, classes) of ``config``'s run: ``images`` when given, else
-    counted from the data (label file, .rec index); classes from data.num_classes, else the labels."""
+    data.num_images when set, else counted from the data (label file, .rec index); classes from
+    data.num_classes, else the labels."""
     data = config.data
+    given = "--images"
+    if images is None and data.num_images > 0 and data.source != "synthetic":
+        images, given = data.num_images, "data.num_images"
     if images is not None and data.num_classes > 0:
         if images < 1:
             raise PlscError(f"--images must be >= 1, got {images}")
-        return images, "--images", data.num_classes
+        return images, given, data.num_classes
     if DATA_ROOT_REFERENCE in data.root and data.source != "synthetic":
         need = "the images" if images is None else "the classes (data.num_classes is 0)"
         flag = "--images N" if images is None else "--set data.num_classes=N"
@@ -355,5 +359,5 @@ def planned_data(config: Config, images: int | None) -> tuple[int, str, int]:
         return counted, source, data.num_classes
     dataset = build_dataset(data, seed=config.train.seed)  # the labels decide the class count
     if images is not None:
-        return images, "--images", dataset.num_classes
+        return images, given, dataset.num_classes
     return len(dataset), "data set, labels read", dataset.num_classes
