@@ -40,6 +40,7 @@ PUBLISHED = ROOT / "configs" / "ms1mv3_r50_dynamic_fp16_nhwc_r0.1.yaml"
 TINY_MODEL = ["model.name=iresnet18", "model.width=0.125", "model.embedding_size=16", "data.image_size=32"]
 REQUIRED_KEYS = {
     "world_size", "global_batch", "steps_per_epoch", "total_steps", "warmup_steps", "decay_steps", "base_lr",
+    "optimizer", "center_update",
     "lr_phases", "momentum_mode", "precision", "data_format", "mode", "num_classes", "memory_per_gpu_mib",
     "backbone_params", "backbone_flops", "departures",
 }
@@ -101,6 +102,7 @@ def test_the_plan_is_the_trainers_own_numbers(tmp_path, tiny_run, caplog):
     assert len(logged) == 4  # three lines of numbers, one of departures
     assert f"; steps per epoch {trainer.steps_per_epoch} (images // global batch)" in logged[0]
     assert f"images {len(trainer.dataset)} (the training data)" in logged[0]
+    assert "optimizer sgd, momentum 0.9" in logged[2] and "class-center update sparse momentum" in logged[2]
     assert "optim.lr_reference_batch 0 (PLSC 512)" in logged[3]
 
 
@@ -271,6 +273,9 @@ def test_plan_command_prints_the_table_and_writes_strict_json(tmp_path, capsys, 
     assert plan["steps_per_epoch"] == images // 64 and plan["total_steps"] == 15 * (images // 64)
     assert plan["images_source"] == "data set, labels read" and plan["num_classes"] == 40  # num_classes 0
     assert plan["memory_per_gpu_mib"] > 0 and plan["memory_device"] == "cpu"
+    # mini.yaml sets no optimizer: OptimConfig's and LossConfig's defaults
+    assert plan["optimizer"] == "sgd, momentum 0.9, L2 weight decay 0.0005, every parameter"
+    assert plan["center_update"] == "sparse momentum 0.9 (lazy), the backbone's rate, L2 weight decay 0.0005"
     assert "steps per epoch" in printed and "departs from PLSC v2.2" in printed
     assert f"{plan['steps_per_epoch']:,} (images // global batch)" in printed
 
