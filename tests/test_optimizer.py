@@ -5,6 +5,7 @@ training runs on the bundled faces (whole-matrix and streaming heads), resume, a
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -184,20 +185,22 @@ def test_plsc_train_runs_adamw_and_steps_the_backbone_by_it(tiny_dir, tiny_run, 
 def test_adamw_resume_continues_the_same_trajectory(tiny_dir, tiny_run, tmp_path):
     """3 steps, stop, resume to 8 (crossing an epoch end) == 8 steps in one go, bit for bit (measured: equal
     losses, AdamW state, backbone and class centers, Paddle 3.3 on the CPU): AdamW's moments and beta powers
-    come back from the checkpoint (a restart from zero moments parts at step 4)."""
-    whole, split = tmp_path / "whole", tmp_path / "split"
+    come back from the checkpoint (a restart from zero moments updates otherwise at step 4)."""
+    whole, split, restarted = tmp_path / "whole", tmp_path / "split", tmp_path / "restarted"
     Trainer(tiny(tiny_dir, tiny_run, *ADAMW, "train.max_steps=8"), whole).run()
     Trainer(tiny(tiny_dir, tiny_run, *ADAMW, "train.max_steps=3"), split).run()
+    shutil.copytree(split, restarted)
     resumed = Trainer(tiny(tiny_dir, tiny_run, *ADAMW, "train.max_steps=8"), split, resume=True)
     assert resumed.state.step == 3
     resumed.run()
     assert len(read_losses(whole)) == 8
     np.testing.assert_array_equal(read_losses(split), read_losses(whole))
-    restarted = tmp_path / "restarted"
-    Trainer(tiny(tiny_dir, tiny_run, *ADAMW, "train.max_steps=3"), restarted).run()
-    Trainer(tiny(tiny_dir, tiny_run, *ADAMW, "train.max_steps=8"), restarted, resume=True,
+    # The same weights with fresh moments (--resume-weights-only): step 4's loss is still that of the same
+    # weights, step 5's follows an update from zero moments (measured: 0.52 apart on a loss of ~14).
+    Trainer(tiny(tiny_dir, tiny_run, *ADAMW, "train.max_steps=5"), restarted, resume=True,
             weights_only=True).run()
-    assert not np.allclose(read_losses(restarted)[3:], read_losses(whole)[3:], rtol=1e-6)
+    assert read_losses(restarted)[:4] == read_losses(whole)[:4]
+    assert abs(read_losses(restarted)[4] - read_losses(whole)[4]) > 0.05
     ends = [paddle.load(str(run / "checkpoints" / "8" / ckpt.OPTIMIZER)) for run in (whole, split)]
     assert ends[0].keys() == ends[1].keys() and any(name.endswith("_moment2_0") for name in ends[0])
     for name in ends[0]:
