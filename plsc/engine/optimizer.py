@@ -32,19 +32,13 @@ def build_optimizer(optim: OptimConfig, parameters) -> paddle.optimizer.Optimize
                                      weight_decay=optim.weight_decay or None)
 
 
-def center_lr(optim: OptimConfig, lr: float) -> float:
-    """The class centers' rate at a step whose backbone rate is ``lr``: ``lr`` itself, or with
-    ``optim.center_lr`` as their base rate, the same point of the same schedule."""
-    return lr * optim.center_lr / optim.lr if optim.center_lr > 0 else lr
-
-
-def center_weight_decay(optim: OptimConfig) -> float:
-    return optim.weight_decay if optim.center_weight_decay is None else optim.center_weight_decay
-
-
 def center_update(optim: OptimConfig, lr: float, grad_scale: float) -> CenterUpdate:
-    """The class centers' sparse momentum step at backbone rate ``lr``, gradient times ``grad_scale``."""
-    return CenterUpdate(center_lr(optim, lr), optim.momentum, center_weight_decay(optim), grad_scale)
+    """The class centers' sparse momentum step at backbone rate ``lr``, gradient times ``grad_scale``. Their
+    rate: ``lr`` itself, or with ``optim.center_lr`` as their base rate, the same point of the same schedule;
+    their decay: ``optim.center_weight_decay``, null meaning ``optim.weight_decay``."""
+    rate = lr * optim.center_lr / optim.lr if optim.center_lr > 0 else lr
+    decay = optim.weight_decay if optim.center_weight_decay is None else optim.center_weight_decay
+    return CenterUpdate(rate, optim.momentum, decay, grad_scale)
 
 
 def describe_optimizer(optim: OptimConfig) -> str:
@@ -59,5 +53,5 @@ def describe_optimizer(optim: OptimConfig) -> str:
 def describe_center_update(optim: OptimConfig, momentum_mode: str) -> str:
     """The class centers' update in words, for the plan."""
     rate = "the backbone's rate" if optim.center_lr <= 0 else f"base rate {optim.center_lr:g} on the schedule"
-    return (f"sparse momentum {optim.momentum:g} ({momentum_mode}), {rate}, L2 weight decay "
-            f"{center_weight_decay(optim):g}")
+    decay = center_update(optim, optim.lr, 1.0).weight_decay
+    return f"sparse momentum {optim.momentum:g} ({momentum_mode}), {rate}, L2 weight decay {decay:g}"
