@@ -37,7 +37,8 @@ Where the counts come from (nothing is fitted to a capacity run):
   its share of the [G, S] buffers, measured by the probe, is swapped for :data:`FUSED_MARGIN_LOSS_BUFFERS`
   (its softmax, kept for backward, and the gradient it returns);
 - backbone: ``P`` counted from the built model; 12 bytes per parameter (float32 weight, gradient and
-  momentum; FP16 O2 has float16 weight and gradient plus float32 master weight and momentum, also 12);
+  momentum; FP16 O2 has float16 weight and gradient plus float32 master weight and momentum, also 12), 16
+  with ``optim.name: adamw`` (two float32 moments instead of one velocity);
   activations per sample measured once on the CPU (Paddle's allocator after a training-mode forward of one
   sample, float32, NCHW: the layout changes no tensor's size) and scaled linearly with the batch; times
   :data:`FP16_ACTIVATION_FACTOR` for FP16/AMP on a GPU (an estimate: float16 activations, the CPU has no
@@ -66,6 +67,8 @@ MIB, GIB = 2**20, 2**30
 FLOAT32 = 4
 CENTER_ITEMSIZE = {"float32": 4, "float16": 2}
 BACKBONE_BYTES_PER_PARAMETER = 12  # weight + gradient + momentum (FP16 O2: 2 + 2 + 4 master + 4 momentum)
+# optim.name adamw keeps two float32 moments where Momentum keeps one velocity (plsc.engine.optimizer).
+ADAMW_EXTRA_BYTES_PER_PARAMETER = FLOAT32
 FUSED_MARGIN_LOSS_BUFFERS = 2.0  # Paddle's margin_cross_entropy: softmax kept for backward + its gradient
 FP16_ACTIVATION_FACTOR = 0.5  # estimate: FP16/AMP activations on a GPU, relative to the float32 measurement
 FIXED_OVERHEAD_MIB = {
@@ -147,6 +150,7 @@ class Setting:
     fixed_overhead_bytes: int
     chunk_size: int = 0  # loss.chunk_size: 0, the whole-matrix head
     velocity_dtype: str = "same"  # loss.velocity_dtype
+    optimizer: str = "sgd"  # optim.name: the backbone's optimizer state
 
     @property
     def global_batch(self) -> int:
@@ -188,9 +192,10 @@ class MemoryModel:
         elements, rows, logits = self.sizes(num_classes)
         fixed = {"fixed overhead": float(s.fixed_overhead_bytes)}
         parameters = self.backbone.parameters
-        backbone_state = {
-            "backbone params + grads + momentum": float(BACKBONE_BYTES_PER_PARAMETER * parameters)
-        }
+        per_parameter = BACKBONE_BYTES_PER_PARAMETER
+        if s.optimizer == "adamw":
+            per_parameter += ADAMW_EXTRA_BYTES_PER_PARAMETER
+        backbone_state = {"backbone params + grads + optimizer state": float(per_parameter * parameters)}
         centers = {"class centers + velocity": head.storage_per_element * elements}
         init_centers = head.init_device_per_element * elements
         if s.device == "cpu":
@@ -551,6 +556,7 @@ def setting_from_config(
         fixed_overhead_bytes=int(overhead),
         chunk_size=config.loss.chunk_size,
         velocity_dtype=config.loss.velocity_dtype,
+        optimizer=config.optim.name,
     )
 
 

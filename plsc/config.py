@@ -125,6 +125,10 @@ class DataConfig:
     rec_file: str = "train.rec"  # for source=rec, relative to root; the .idx sits beside it
     val_bins: list[str] = field(default_factory=lambda: ["data/tiny/lfw_disjoint_100.bin"])
     num_classes: int = 0  # 0: read from the labels
+    # > 0: the training set's image count, as arcface_torch's configs state it (cfg.num_image): `plsc plan`
+    # uses it when the data is not at hand, and training stops in one line when the data holds another
+    # count (a wrong data.root). 0: counted from the data.
+    num_images: int = 0
     image_size: int = 112  # images are resized to this square size when it differs from the files
     num_workers: int = 2
     skip_bad_samples: bool = False  # True: skip and count unreadable samples instead of stopping
@@ -168,13 +172,31 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
+    # The backbone's optimizer (plsc.engine.optimizer builds it). sgd: Paddle's Momentum, weight_decay as L2
+    # added to the gradient; adamw: Paddle's AdamW with `betas` and `eps`, weight_decay decoupled (each step
+    # multiplies the weights by 1 - lr * weight_decay), as torch.optim.AdamW that arcface_torch's ViT
+    # configs use (train_v2.py:130-132). Either applies weight decay to every backbone parameter
+    # (arcface_torch: train_v2.py:121-123,130-132 pass one group, norms and biases included).
+    name: typing.Literal["sgd", "adamw"] = "sgd"
     lr: float = 0.1
     # > 0: optim.lr is the rate for a global batch of this size, and a run trains at
     # lr * global_batch / lr_reference_batch (PLSC v2.2's linear scaling rule, with 512); 0: lr as it is.
     lr_reference_batch: int = 0
-    momentum: float = 0.9
+    momentum: float = 0.9  # sgd's, and the class centers' under either optimizer
     weight_decay: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw only (torch's defaults)
+    eps: float = 1e-8  # adamw only (torch's default)
+    # The class centers are always stepped by sparse momentum SGD (plsc.loss.sparse_momentum), at
+    # optim.momentum, also under adamw (arcface_torch's AdamW steps them too: docs/design.md, "Training
+    # semantics"). center_lr > 0: their base rate, following the schedule's warmup and decay like the
+    # backbone's (scaled by lr_reference_batch alike); 0: the backbone's rate itself. center_weight_decay:
+    # their L2 decay; null: optim.weight_decay. Under adamw both must be given.
+    center_lr: float = 0.0
+    center_weight_decay: float | None = None
+    # Linear warmup from 0, in optimizer steps, or in epochs of this run (arcface_torch's warmup_epoch:
+    # train_v2.py:137 makes it steps per epoch times the epochs); at most one of the two.
     warmup_steps: int = 0
+    warmup_epochs: int = 0
     schedule: typing.Literal["step", "poly"] = "step"
     decay_unit: typing.Literal["epoch", "step"] = "epoch"
     decay_boundaries: list[int] = field(default_factory=lambda: [10, 16, 22])
@@ -443,6 +465,7 @@ _NEUTRAL_MARGINS = [1.0, 0.0, 0.0]
 _RULES: list[tuple[str, typing.Callable[[typing.Any], bool], str]] = [
     ("data.num_classes", lambda v: v >= 0, ">= 0 (0: read from the labels)"),
     ("data.num_classes", lambda v: v <= MAX_CLASSES, f"<= {MAX_CLASSES}"),
+    ("data.num_images", lambda v: v >= 0, ">= 0 (0: counted from the data)"),
     ("data.image_size", lambda v: v >= 1, ">= 1"),
     ("data.image_size", lambda v: v <= MAX_IMAGE_SIZE, f"<= {MAX_IMAGE_SIZE}"),
     ("data.num_workers", lambda v: v >= 0, ">= 0 (0: load in the training process)"),
@@ -466,6 +489,11 @@ _RULES: list[tuple[str, typing.Callable[[typing.Any], bool], str]] = [
     ("optim.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
     ("optim.warmup_steps", lambda v: v >= 0, ">= 0"),
+    ("optim.warmup_epochs", lambda v: v >= 0, ">= 0"),
+    ("optim.betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "[beta1, beta2], each in [0, 1)"),
+    ("optim.eps", lambda v: v > 0, "> 0"),
+    ("optim.center_lr", lambda v: v >= 0, ">= 0 (0: the backbone's rate)"),
+    ("optim.center_weight_decay", lambda v: v is None or v >= 0, ">= 0 or null (optim.weight_decay)"),
     ("optim.decay_boundaries", lambda v: all(b >= 0 for b in v), "a list of numbers >= 0"),
     ("optim.decay_factor", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("optim.poly_power", lambda v: v >= 0, ">= 0"),
@@ -506,9 +534,22 @@ def validate(config: Config) -> None:
         if not allowed(value):
             raise ConfigError(f"{key} must be {text}, got {_shown.repr(value)}")
     _check_margins(config.loss)
+    _check_optimizer(config.optim)
     if config.loss.velocity_dtype == "int8" and config.model.embedding_size % 2:
         raise ConfigError("loss.velocity_dtype int8 needs an even model.embedding_size (two codes per "
                           f"float16 of storage), got {config.model.embedding_size}")
+
+
+def _check_optimizer(optim: OptimConfig) -> None:
+    if optim.warmup_steps and optim.warmup_epochs:
+        raise ConfigError(f"optim.warmup_steps ({optim.warmup_steps}) and optim.warmup_epochs "
+                          f"({optim.warmup_epochs}) both set: give the warmup in one unit")
+    if optim.name == "adamw" and (optim.center_lr <= 0 or optim.center_weight_decay is None):
+        # An AdamW rate (1e-3) or decay (0.1) taken over by the centers' SGD would barely move them or
+        # shrink them fast: their settings are asked for rather than inherited.
+        raise ConfigError("optim.name adamw steps the backbone only; the class centers keep sparse momentum "
+                          "SGD: set optim.center_lr and optim.center_weight_decay (e.g. 0.1 and 5e-4, "
+                          "arcface_torch's SGD values)")
 
 
 def _check_finite(config: Config) -> None:

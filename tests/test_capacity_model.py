@@ -71,6 +71,14 @@ def test_the_largest_fitting_class_count_fits_and_one_rank_more_does_not(cpu_mod
     assert cpu_model.peak(classes) <= cpu_model.setting.device_memory_bytes < cpu_model.peak(classes + 1)
 
 
+def test_adamw_keeps_two_float32_moments_per_backbone_parameter(cpu_model):
+    """optim.name adamw: a second float32 moment where Momentum keeps one velocity, 16 B per backbone
+    parameter instead of 12. By hand for a_setting(): C <= (240 x 1_048_576 - 16_000) / 1024 = 245_744.4."""
+    adamw = MemoryModel(a_setting(optimizer="adamw"), HEAD, BACKBONE)
+    assert adamw.peak(1000) - cpu_model.peak(1000) == 4 * BACKBONE.parameters
+    assert adamw.max_classes() == 245_744
+
+
 def test_on_the_cpu_the_checkpoint_copies_bind_at_storage_plus_copies_per_element(cpu_model):
     classes = cpu_model.max_classes()
     assert cpu_model.binding_phase(classes) == "checkpoint"

@@ -160,6 +160,25 @@ def test_table_in_this_test_matches_the_seed_readme(shared_dir):
     assert rows == PUBLISHED
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optim.name=adamw"], "optim.name adamw steps the backbone only; the class centers keep sparse "
+                               "momentum SGD: set optim.center_lr and optim.center_weight_decay"),
+        (["optim.name=adamw", "optim.center_lr=0.1"], "set optim.center_lr and optim.center_weight_decay"),
+        (["optim.name=adamw", "optim.center_weight_decay=5e-4"], "set optim.center_lr and"),
+        (["optim.warmup_steps=10", "optim.warmup_epochs=1"],
+         "optim.warmup_steps (10) and optim.warmup_epochs (1) both set: give the warmup in one unit"),
+    ],
+)
+def test_settings_that_only_make_sense_together(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=overrides)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    adamw = load_config(overrides=["optim.name=adamw", "optim.center_lr=0.1", "optim.center_weight_decay=0"])
+    assert (adamw.optim.betas, adamw.optim.eps) == ([0.9, 0.999], 1e-8)  # torch.optim.AdamW's defaults
+
+
 # --- the generator
 
 
@@ -206,6 +225,57 @@ def test_generator_reads_nothing_outside_itself():
     assert (
         "open(" not in source and "read_text" in source
     )  # reads only its own output files (for idempotence)
+
+
+# --- the arcface_torch generator (scripts/gen_arcface_torch_configs.py; its values: tests/test_plan.py)
+
+ARCFACE_GENERATOR = ROOT / "scripts" / "gen_arcface_torch_configs.py"
+
+
+def load_arcface_generator():
+    spec = importlib.util.spec_from_file_location("gen_arcface_torch_configs", ARCFACE_GENERATOR)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the script executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_arcface_torch_generator_output_equals_the_committed_files_and_reports_drift(tmp_path, capsys):
+    gen = load_arcface_generator()
+    assert gen.check(CONFIGS / "arcface_torch") == [], "run scripts/gen_arcface_torch_configs.py"
+    assert len(gen.write(tmp_path)) == len(gen.TABLE) and gen.write(tmp_path) == []  # idempotent
+    victim = tmp_path / "ms1mv3_r50.yaml"
+    victim.write_text(victim.read_text().replace("epochs: 20", "epochs: 25"))
+    (tmp_path / "ms1mv3_r18.yaml").write_text("{}\n")
+    assert gen.main(["--check", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "differs" in err and "ms1mv3_r50.yaml" in err and "not produced" in err and "ms1mv3_r18" in err
+    source = ARCFACE_GENERATOR.read_text()
+    assert "open(" not in source and "shared" not in source  # reads only its own output files
+
+
+# Settings each arcface_torch config takes from its own configs/<name>.py, with the line cited beside them.
+ARCFACE_CITED = ("data.root", "data.num_classes", "data.num_images", "model.name", "loss.margins",
+                 "loss.sample_ratio", "optim.lr", "optim.weight_decay", "optim.warmup_epochs",
+                 "train.batch_size", "train.epochs", "train.precision")
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "arcface_torch").glob("*.yaml")), ids=lambda p: p.stem)
+def test_arcface_torch_config_validates_without_the_data_and_cites_its_source(path, monkeypatch):
+    monkeypatch.delenv("PLSC_DATA_ROOT", raising=False)
+    config = load_config(path, reads_data=False)  # load_config validates
+    assert config.data.root.startswith("${PLSC_DATA_ROOT}/") and config.data.num_images > 0
+    text = path.read_text()
+    assert text.splitlines()[0] == f"# arcface_torch's configs/{path.stem}.py over its configs/base.py"
+    raw = yaml.safe_load(text)
+    for key in ARCFACE_CITED:
+        section, name = key.split(".")
+        assert name in raw[section], f"{path.name}: {key} not written out"
+        line = next(line for line in text.splitlines() if line.startswith(f"  {name}:"))
+        assert re.search(rf"# .*configs/{path.stem}\.py:\d+", line), f"{path.name}: {key} cites no source"
+    if config.optim.name == "adamw":  # the class centers' own rule, stated in the file
+        assert config.optim.center_lr > 0 and config.optim.center_weight_decay is not None
+        assert raw["optim"]["center_lr"] == config.optim.center_lr
 
 
 # --- plsc/config.py
@@ -348,6 +418,7 @@ def test_type_errors_in_a_file_name_the_file(tmp_path):
         ("loss.center_dtype=float64", "float32, float16"),
         ("loss.momentum_mode=sparse", "lazy, dense"),
         ("optim.schedule=cosine", "step, poly"),
+        ("optim.name=adam", "sgd, adamw"),
         ("optim.decay_unit=epochs", "epoch, step"),
         ("data.source=lmdb", "folder, rec, synthetic"),
     ],
@@ -385,6 +456,14 @@ def test_validation(override, match):
         ("optim.momentum=-0.5", "optim.momentum must be in [0, 1), got -0.5"),
         ("optim.weight_decay=-1e-4", "optim.weight_decay must be >= 0, got -0.0001"),
         ("optim.warmup_steps=-1", "optim.warmup_steps must be >= 0, got -1"),
+        ("optim.warmup_epochs=-1", "optim.warmup_epochs must be >= 0, got -1"),
+        ("optim.betas=[0.9]", "optim.betas must be [beta1, beta2], each in [0, 1), got [0.9]"),
+        ("optim.betas=[0.9, 1.0]", "optim.betas must be [beta1, beta2], each in [0, 1), got [0.9, 1.0]"),
+        ("optim.eps=0", "optim.eps must be > 0, got 0.0"),
+        ("optim.center_lr=-0.1", "optim.center_lr must be >= 0 (0: the backbone's rate), got -0.1"),
+        ("optim.center_weight_decay=-1",
+         "optim.center_weight_decay must be >= 0 or null (optim.weight_decay), got -1.0"),
+        ("data.num_images=-1", "data.num_images must be >= 0 (0: counted from the data), got -1"),
         ("optim.decay_factor=0", "optim.decay_factor must be in (0, 1], got 0.0"),
         ("optim.decay_boundaries=[10, -2]",
          "optim.decay_boundaries must be a list of numbers >= 0, got [10, -2]"),

@@ -40,6 +40,7 @@ PUBLISHED = ROOT / "configs" / "ms1mv3_r50_dynamic_fp16_nhwc_r0.1.yaml"
 TINY_MODEL = ["model.name=iresnet18", "model.width=0.125", "model.embedding_size=16", "data.image_size=32"]
 REQUIRED_KEYS = {
     "world_size", "global_batch", "steps_per_epoch", "total_steps", "warmup_steps", "decay_steps", "base_lr",
+    "optimizer", "center_update",
     "lr_phases", "momentum_mode", "precision", "data_format", "mode", "num_classes", "memory_per_gpu_mib",
     "backbone_params", "backbone_flops", "departures",
 }
@@ -101,6 +102,7 @@ def test_the_plan_is_the_trainers_own_numbers(tmp_path, tiny_run, caplog):
     assert len(logged) == 4  # three lines of numbers, one of departures
     assert f"; steps per epoch {trainer.steps_per_epoch} (images // global batch)" in logged[0]
     assert f"images {len(trainer.dataset)} (the training data)" in logged[0]
+    assert "optimizer sgd, momentum 0.9" in logged[2] and "class-center update sparse momentum" in logged[2]
     assert "optim.lr_reference_batch 0 (PLSC 512)" in logged[3]
 
 
@@ -272,6 +274,9 @@ def test_plan_command_prints_the_table_and_writes_strict_json(tmp_path, capsys, 
     assert plan["steps_per_epoch"] == images // 64 and plan["total_steps"] == 15 * (images // 64)
     assert plan["images_source"] == "data set, labels read" and plan["num_classes"] == 40  # num_classes 0
     assert plan["memory_per_gpu_mib"] > 0 and plan["memory_device"] == "cpu"
+    # mini.yaml sets no optimizer: OptimConfig's and LossConfig's defaults
+    assert plan["optimizer"] == "sgd, momentum 0.9, L2 weight decay 0.0005, every parameter"
+    assert plan["center_update"] == "sparse momentum 0.9 (lazy), the backbone's rate, L2 weight decay 0.0005"
     assert "steps per epoch" in printed and "departs from PLSC v2.2" in printed
     assert f"{plan['steps_per_epoch']:,} (images // global batch)" in printed
 
@@ -304,3 +309,71 @@ def test_readme_names_every_json_key():
     text = (ROOT / "README.md").read_text()
     assert all(f"`{key}`" in text for key in REQUIRED_KEYS)
 
+
+# --- arcface_torch's settings (configs/arcface_torch/) ------------------------------------------------------
+
+# Typed in from arcface_torch (recognition/arcface_torch of deepinsight/insightface): each configs/<name>.py
+# over configs/base.py, and the GPU count its README trains it on. (gpus, batch_size, lr, num_epoch,
+# warmup_epoch, sample_rate, embedding_size, margin_list, weight_decay, optimizer, num_classes, num_image,
+# plsc's name for the network)
+MS1MV3, GLINT, WF42M = (93431, 5179510), (360232, 17091657), (2059906, 42474557)
+ARC, COS = [1.0, 0.5, 0.0], [1.0, 0.0, 0.4]
+ARCFACE_TORCH = {
+    "ms1mv3_r50": (8, 128, 0.1, 20, 0, 1.0, 512, ARC, 5e-4, "sgd", *MS1MV3, "iresnet50"),
+    "ms1mv3_r100": (8, 128, 0.1, 20, 0, 1.0, 512, ARC, 5e-4, "sgd", *MS1MV3, "iresnet100"),
+    "glint360k_r100": (8, 128, 0.1, 20, 0, 1.0, 512, COS, 1e-4, "sgd", *GLINT, "iresnet100"),
+    "wf42m_pfc02_r100": (8, 128, 0.1, 20, 0, 0.2, 512, COS, 5e-4, "sgd", *WF42M, "iresnet100"),
+    "wf42m_pfc02_8gpus_r50_bs4k": (8, 512, 0.4, 20, 2, 0.2, 512, COS, 5e-4, "sgd", *WF42M, "iresnet50"),
+    "wf42m_pfc03_32gpu_r50": (32, 128, 0.4, 20, 2, 0.3, 512, COS, 5e-4, "sgd", *WF42M, "iresnet50"),
+    "wf42m_pfc03_32gpu_r100": (32, 128, 0.4, 20, 2, 0.3, 512, COS, 5e-4, "sgd", *WF42M, "iresnet100"),
+    "wf42m_pfc03_40epoch_8gpu_vit_b": (8, 256, 0.001, 40, 4, 0.3, 512, COS, 0.1, "adamw", *WF42M, "vit_b"),
+    "wf42m_pfc03_40epoch_64gpu_vit_b": (64, 384, 0.001, 40, 4, 0.3, 512, COS, 0.1, "adamw", *WF42M, "vit_b"),
+}
+ARCFACE_TORCH_DIR = ROOT / "configs" / "arcface_torch"
+
+
+def test_the_arcface_torch_folder_holds_exactly_these_configs():
+    assert sorted(p.stem for p in ARCFACE_TORCH_DIR.glob("*.yaml")) == sorted(ARCFACE_TORCH)
+
+
+@pytest.mark.parametrize("name", sorted(ARCFACE_TORCH))
+def test_arcface_torch_config_loads_and_plans_as_arcface_torch_trains_it(name, monkeypatch):
+    """The plan on the README's GPU count, without the data: steps as train_v2.py:136-138 counts them
+    (``num_image // total_batch_size * num_epoch``, the warmup likewise), rates as lr_scheduler.py:14-42."""
+    gpus, batch, lr, epochs, warmup, ratio, embedding, margins, decay, optimizer, classes, images, model = (
+        ARCFACE_TORCH[name])
+    monkeypatch.delenv("PLSC_DATA_ROOT", raising=False)
+    config = load_config(f"arcface_torch/{name}", reads_data=False)  # found under the repository's configs/
+    assert planned_data(config, None) == (images, "data.num_images", classes)
+    plan = make_plan(config, gpus, images, "data.num_images", classes)
+    steps_per_epoch = images // (batch * gpus)
+    assert (plan.batch_per_rank, plan.steps_per_epoch) == (batch, steps_per_epoch)
+    assert (plan.schedule.total_steps, plan.schedule.warmup_steps) == (steps_per_epoch * epochs,
+                                                                       steps_per_epoch * warmup)
+    assert plan.schedule.base_lr == lr and config.optim.lr_reference_batch == 0
+    assert (config.loss.sample_ratio, config.model.embedding_size, config.loss.margins) == (ratio, embedding,
+                                                                                            margins)
+    assert (config.loss.scale, config.optim.clip_norm, config.optim.clip_max_factor) == (64.0, 5.0, 1.0)
+    assert (config.optim.name, config.optim.weight_decay, config.model.name) == (optimizer, decay, model)
+    assert (config.train.seed, config.train.precision, config.optim.grad_divisor) == (2048, "amp", 1.0)
+    t, w = plan.schedule.total_steps, plan.schedule.warmup_steps
+    for k in (w + 1, (w + t) // 2, t - 1):  # PolynomialLRWarmup's closed form (lr_scheduler.py:38-40)
+        assert plan.schedule.lr(k) == pytest.approx(lr * (1 - (k - w) / (t - w)), rel=1e-12)
+    if warmup:
+        assert plan.schedule.lr(w // 2) == pytest.approx(lr * (w // 2) / w, rel=1e-12)
+    assert plan.optimizer.startswith(optimizer + ",")
+
+
+def test_plan_command_reports_the_optimizer_of_an_arcface_torch_vit_config(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("PLSC_DATA_ROOT", raising=False)
+    out = tmp_path / "plan.json"
+    name = "arcface_torch/wf42m_pfc03_40epoch_8gpu_vit_b"
+    assert cli.main(["plan", "--config", name, "--gpus", "8", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    plan = json.loads(out.read_text(), parse_constant=_reject_constant)
+    assert plan["optimizer"].startswith("adamw, betas 0.9 0.999, eps 1e-08, decoupled weight decay 0.1")
+    assert plan["center_update"] == ("sparse momentum 0.9 (dense), base rate 0.2 on the schedule, "
+                                     "L2 weight decay 0.0005")
+    assert (plan["images_source"], plan["global_batch"], plan["backbone_params"] > 0) == (
+        "data.num_images", 2048, True)
+    assert plan["memory_per_gpu_mib"] > 0 and "optimizer" in printed and "optim.name" in printed

@@ -23,6 +23,7 @@ from plsc.config import DATA_ROOT_REFERENCE, DATA_ROOT_VARIABLE, Config
 from plsc.data import build_dataset, count_samples
 from plsc.data.loader import DistributedShuffleSampler
 from plsc.distributed import require_classes_per_rank
+from plsc.engine.optimizer import describe_center_update, describe_optimizer
 from plsc.engine.schedule import Schedule, run_steps
 from plsc.errors import PlscError
 from plsc.models.cost import BackboneCost, backbone_cost
@@ -62,6 +63,8 @@ def _scaled(value):
 
 
 PLSC_V22: tuple[PlscValue, ...] = (
+    PlscValue("optim.name", lambda config, world: "sgd",
+              "dynamic/train.py:138-146, static/static_model.py:105-109: Momentum"),
     PlscValue("optim.lr_reference_batch", lambda config, world: 512,
               "dynamic/train.py:104, static/train.py:101: base_lr = total_batch_size * lr / 512"),
     PlscValue("optim.clip_norm", lambda config, world: 2.0 if config.train.mode == "dynamic" else 0.0,
@@ -154,6 +157,8 @@ class RunPlan:
     images_source: str
     steps_per_epoch: int
     schedule: Schedule
+    optimizer: str  # the backbone's, in words
+    center_update: str  # the class centers', in words
     momentum_mode: str
     precision: str
     data_format: str
@@ -200,6 +205,8 @@ class RunPlan:
             "decay_steps": self.decay_steps(),
             "base_lr": self.schedule.base_lr,
             "lr_phases": self.lr_phases(),
+            "optimizer": self.optimizer,
+            "center_update": self.center_update,
             "momentum_mode": self.momentum_mode,
             "precision": self.precision,
             "data_format": self.data_format,
@@ -238,6 +245,8 @@ def make_plan(config: Config, world_size: int, images: int, images_source: str, 
         images_source=images_source,
         steps_per_epoch=steps_per_epoch,
         schedule=schedule,
+        optimizer=describe_optimizer(config.optim),
+        center_update=describe_center_update(config.optim, config.loss.momentum_mode),
         momentum_mode=config.loss.momentum_mode,
         precision=config.train.precision,
         data_format=config.model.data_format,
@@ -282,7 +291,8 @@ def plan_rows(plan: RunPlan) -> list[tuple[str, str]]:
         ("decay steps", ", ".join(f"{step:,}" for step in plan.decay_steps()) or "-"),
         ("base lr", f"{s.base_lr:g}"),
         ("lr phases", _lr_text(plan)),
-        ("momentum mode", plan.momentum_mode),
+        ("optimizer", plan.optimizer),
+        ("class-center update", plan.center_update),
         ("precision / layout / mode", f"{plan.precision} / {plan.data_format} / {plan.mode}"),
         ("classes", f"{plan.num_classes:,}"),
         ("memory per device", _memory_text(plan.memory)),
@@ -314,7 +324,7 @@ def describe_plan(plan: RunPlan) -> str:
 LOG_LINES = (
     ("world size", "global batch", "images", "steps per epoch"),
     ("total steps", "warmup steps", "decay steps", "base lr", "lr phases"),
-    ("momentum mode", "precision / layout / mode", "classes", "backbone"),
+    ("optimizer", "class-center update", "precision / layout / mode", "classes", "backbone"),
 )
 
 
@@ -339,12 +349,16 @@ def log_plan(config: Config, comm, images: int, num_classes: int) -> None:
 
 def planned_data(config: Config, images: int | None) -> tuple[int, str, int]:
     """(images, where the count comes from, classes) of ``config``'s run: ``images`` when given, else
-    counted from the data (label file, .rec index); classes from data.num_classes, else the labels."""
+    data.num_images when set, else counted from the data (label file, .rec index); classes from
+    data.num_classes, else the labels."""
     data = config.data
+    given = "--images"
+    if images is None and data.num_images > 0 and data.source != "synthetic":
+        images, given = data.num_images, "data.num_images"
     if images is not None and data.num_classes > 0:
         if images < 1:
             raise PlscError(f"--images must be >= 1, got {images}")
-        return images, "--images", data.num_classes
+        return images, given, data.num_classes
     if DATA_ROOT_REFERENCE in data.root and data.source != "synthetic":
         need = "the images" if images is None else "the classes (data.num_classes is 0)"
         flag = "--images N" if images is None else "--set data.num_classes=N"
@@ -355,5 +369,5 @@ def planned_data(config: Config, images: int | None) -> tuple[int, str, int]:
         return counted, source, data.num_classes
     dataset = build_dataset(data, seed=config.train.seed)  # the labels decide the class count
     if images is not None:
-        return images, "--images", dataset.num_classes
+        return images, given, dataset.num_classes
     return len(dataset), "data set, labels read", dataset.num_classes

@@ -28,10 +28,12 @@ from plsc.models import MODELS
 log = logging.getLogger("plsc.train")
 
 # Settings a resumed run keeps. SHAPE_KEYS decide the tensors' shapes (the saved ones would not fit);
-# TRAJECTORY_KEYS the data order, the sampled classes or the layout the numbers were computed in (a changed
-# value silently makes another run). Everything else (intervals, max_steps, epochs, lr, ...) may change.
+# TRAJECTORY_KEYS the data order, the sampled classes, the layout the numbers were computed in or the
+# optimizer whose state the checkpoint holds (a changed value silently makes another run). Everything else
+# (intervals, max_steps, epochs, lr, ...) may change. A key a checkpoint's config lacks (saved before the
+# setting existed) had its default's behaviour.
 SHAPE_KEYS = ("model.name", "model.width", "model.embedding_size", "data.image_size")
-TRAJECTORY_KEYS = ("model.data_format", "train.seed", "loss.sample_ratio")
+TRAJECTORY_KEYS = ("model.data_format", "train.seed", "loss.sample_ratio", "optim.name")
 # visualdl: the VisualDL scalars plsc.engine.curves writes beside the log when VisualDL is installed
 PREVIOUS_RUN_FILES = ("checkpoints", "best_model", "train_log.jsonl", "visualdl")
 
@@ -51,9 +53,10 @@ def resume_conflict(manifest: dict, config: Config, world_size: int, num_classes
     """
     saved = manifest["config"]
     wanted = config.to_dict()
+    defaults = Config().to_dict()
     for key in SHAPE_KEYS + ((), TRAJECTORY_KEYS)[not weights_only]:
         section, name = key.split(".")
-        before, now = saved.get(section, {}).get(name), wanted[section][name]
+        before, now = saved.get(section, {}).get(name, defaults[section][name]), wanted[section][name]
         if not _same_setting(key, before, now):
             why = "the saved tensors would not fit" if key in SHAPE_KEYS else (
                 "it changes the run's trajectory; --resume-weights-only takes the weights anyway")

@@ -7,6 +7,13 @@ in global steps (epochs times ``steps_per_epoch``); and wraps Paddle's ``Piecewi
 ``LinearWarmup(start_lr=0, end_lr=base_lr)``. Paddle's LinearWarmup gives step ``k`` (0-based) the rate
 ``base_lr * k / warmup`` (step 0 trains at 0) and afterwards asks the wrapped schedule for step
 ``k - warmup``: the decay boundaries count from the end of the warmup.
+
+arcface_torch (train_v2.py:137-143, lr_scheduler.py:14-42) warms up linearly over ``warmup_epoch`` epochs and
+then decays polynomially to 0 at the last step: step ``k`` trains at ``base * k / w``, then at
+``base * (1 - (k - w) / (t - w)) ** power``, as :meth:`Schedule.lr` with ``schedule: poly``. Its
+PolynomialLRWarmup has power 1 (lr_scheduler.py:7; train_v2.py:140-143 passes none) and trains step 0 at the
+full rate (lr_scheduler.py:19-20 keeps the initial rate at ``last_epoch == 0``); the PolyScheduler it replaced
+(lr_scheduler.py:4-30 at insightface commit dfa209de) had power 2 and reads its rate one step late.
 """
 
 from __future__ import annotations
@@ -21,6 +28,12 @@ def run_steps(train: TrainConfig, steps_per_epoch: int) -> int:
     """Optimizer steps of a whole run: ``train.max_steps`` when set, else ``train.epochs`` epochs (PLSC
     v2.2's ``total_steps = steps_per_epoch * train_num`` for epoch units, dynamic/train.py:87)."""
     return train.max_steps if train.max_steps > 0 else train.epochs * steps_per_epoch
+
+
+def warmup_steps(optim: OptimConfig, steps_per_epoch: int) -> int:
+    """The warmup in optimizer steps: ``optim.warmup_steps``, or ``optim.warmup_epochs`` epochs of this run
+    (arcface_torch's ``warmup_step = num_image // total_batch_size * warmup_epoch``, train_v2.py:137)."""
+    return optim.warmup_steps or optim.warmup_epochs * steps_per_epoch
 
 
 def base_learning_rate(optim: OptimConfig, global_batch: int) -> float:
@@ -53,7 +66,7 @@ class Schedule:
         per_unit = steps_per_epoch if optim.decay_unit == "epoch" else 1
         return cls(
             base_lr=base_learning_rate(optim, global_batch),
-            warmup_steps=optim.warmup_steps,
+            warmup_steps=warmup_steps(optim, steps_per_epoch),
             total_steps=total_steps,
             kind=optim.schedule,
             decay_steps=tuple(sorted(b * per_unit for b in optim.decay_boundaries)),

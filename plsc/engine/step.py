@@ -19,8 +19,9 @@ import paddle
 from plsc.config import Config
 from plsc.data import normalize_batch
 from plsc.engine.loss_scaler import DynamicLossScaler, found_inf_anywhere
+from plsc.engine.optimizer import center_update
 from plsc.errors import PlscError
-from plsc.loss.partial_fc import CenterUpdate, HeadStep
+from plsc.loss.partial_fc import HeadStep
 
 log = logging.getLogger("plsc.train")
 
@@ -62,7 +63,7 @@ class TrainStep:
         unscale = (1.0 / scaler.scale) / optim.grad_divisor  # a disabled scaler's scale is 1
         # Center gradients were scaled with the loss too (train.unscale_center_grads: whether that is undone).
         center_scale = unscale if self.train.unscale_center_grads else 1.0 / optim.grad_divisor
-        update = CenterUpdate(lr, optim.momentum, optim.weight_decay, center_scale)
+        update = center_update(optim, lr, center_scale)
         assert not (self.update_in_backward and scaler.enabled), "a skippable step updated in the backward"
         pending = self.head.prepare(labels, step, update if self.update_in_backward else None)
         loss = self.forward_loss(images, pending)

@@ -37,6 +37,7 @@ from plsc.engine.modes import (
     is_compiled,
     log_modes,
 )
+from plsc.engine.optimizer import build_optimizer
 from plsc.engine.plan import log_plan
 from plsc.engine.schedule import Schedule, run_steps
 from plsc.engine.signals import StopSignals, TrainingInterrupted
@@ -89,6 +90,14 @@ def require_files(paths: list[str], key: str) -> None:
             raise PlscError(f"{key}: {path} not found (--set '{key}=[...]' names others, [] none)")
 
 
+def require_image_count(data, images: int) -> None:
+    """PlscError when ``data.num_images`` names another count than the data set holds (a config written for
+    one data set, run on another)."""
+    if data.source != "synthetic" and data.num_images and data.num_images != images:
+        raise PlscError(f"data.num_images is {data.num_images:,} but {data.root} holds {images:,} images "
+                        "(--set data.num_images=0 trains on what it holds)")
+
+
 def require_int8_velocity(comm) -> None:
     """int8 velocity has no other path to fall back on: its start-up check failing on any rank ends the run
     before anything is built, in one line."""
@@ -121,17 +130,12 @@ class Trainer:
         require_files(config.data.val_bins, "data.val_bins")  # before minutes of loading and building
         verification_names(config.data.val_bins, "data.val_bins")  # results and best_model/<name> by name
         self.dataset = build_dataset(config.data, seed=config.train.seed)
+        require_image_count(config.data, len(self.dataset))
         self.num_classes = config.data.num_classes or self.dataset.num_classes
         require_classes_per_rank(self.num_classes, self.comm.world_size)
         with memory_hint("building the backbone", "model.width, model.embedding_size or data.image_size"):
             self.model = build_backbone(config, config.train.seed)
-        optim = config.optim
-        self.optimizer = paddle.optimizer.Momentum(
-            learning_rate=optim.lr,
-            momentum=optim.momentum,
-            parameters=self.model.parameters(),
-            weight_decay=optim.weight_decay or None,
-        )
+        self.optimizer = build_optimizer(config.optim, self.model.parameters())
         self._check_layout()
         self.amp_level = backbone_amp_level(config.train.precision)
         if self.amp_level == "O2":

@@ -83,7 +83,7 @@ def restore_optimizer_state(optimizer, model: paddle.nn.Layer, state: dict, weig
             for name in _accumulators_of(state, other):
                 state[owner + name[len(other):]] = state.pop(name)
             for name in _accumulators_of(state, owner):
-                state[name] = _as_dtype(state[name], paddle.float32 if mastered else param.dtype)
+                state[name] = _as_dtype(state[name], _accumulator_dtype(optimizer, param, mastered))
             if mastered:
                 masters[param.name] = _master_weight(saved_masters.get(param.name), weights[key], master_name)
             elif param.name in saved_masters:
@@ -91,6 +91,15 @@ def restore_optimizer_state(optimizer, model: paddle.nn.Layer, state: dict, weig
     if masters:
         state["master_weights"] = masters
     optimizer.set_state_dict(state)
+
+
+def _accumulator_dtype(optimizer, param, mastered: bool):
+    """The dtype ``optimizer`` keeps ``param``'s accumulators in: float32 with a master weight; else the
+    parameter's for Momentum's velocity, but float32 for AdamW's moments and beta powers whatever the
+    parameter (Paddle's AdamW._add_moments_pows makes float16 parameters' accumulators float32)."""
+    if mastered or isinstance(optimizer, paddle.optimizer.AdamW):
+        return paddle.float32
+    return param.dtype
 
 
 def _master_weight(saved, weight, name: str):
