@@ -157,6 +157,10 @@ class LossConfig:
     # Margins [1, 0, 0] leave the logits unchanged: a plain softmax, refused unless asked for here.
     plain_softmax: bool = False
     scale: float = 64.0
+    # > 0: inter-class filtering (arcface_torch's interclass_filtering_threshold, the PartialFC paper): a
+    # non-target cosine above this counts as 0 before the margin and gets no gradient, so that an identity
+    # present under two labels does not push its own centers apart. 0: off (arcface_torch's default).
+    interclass_filtering_threshold: float = 0.0
     sample_ratio: float = 1.0  # PartialFC: fraction of each rank's class centers used per step
     momentum_mode: typing.Literal["lazy", "dense"] = "lazy"
     center_dtype: typing.Literal["float32", "float16"] = "float32"  # storage dtype of class centers
@@ -482,6 +486,7 @@ _RULES: list[tuple[str, typing.Callable[[typing.Any], bool], str]] = [
     ("model.drop_path", lambda v: v is None or 0 <= v < 1, "in [0, 1) or null (the model's own)"),
     ("loss.scale", lambda v: v > 0, "> 0"),
     ("loss.sample_ratio", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("loss.interclass_filtering_threshold", lambda v: 0 <= v < 1, "in [0, 1) (0: no filtering)"),
     ("loss.chunk_size", lambda v: v >= 0, ">= 0 (0: the whole-matrix head)"),
     ("loss.center_init_ranks", lambda v: v >= 0, ">= 0 (0: std 0.01; N: PLSC v2.2's std on N ranks)"),
     ("optim.lr", lambda v: v > 0, "> 0"),

@@ -18,10 +18,20 @@ def margin_logits(cosine: paddle.Tensor, labels: paddle.Tensor, margin: Margin) 
     num_columns = cosine.shape[1]
     has_target = labels >= 0
     column = paddle.where(has_target, labels, paddle.zeros_like(labels))
+    has_target_column = has_target.astype(cosine.dtype).unsqueeze(1)
+    is_target = F.one_hot(column, num_columns).astype(cosine.dtype) * has_target_column
     cos_target = at_columns(cosine, column.unsqueeze(1)).unsqueeze(1)
-    shift = (target_logit(cos_target, margin) - cos_target) * has_target.astype(cosine.dtype).unsqueeze(1)
-    one_hot = F.one_hot(column, num_columns).astype(cosine.dtype)
-    return margin.scale * (cosine + one_hot * shift)
+    if margin.interclass_filtering_threshold > 0:
+        cosine = cosine * filtering_keep(cosine, is_target, margin.interclass_filtering_threshold)
+    shift = (target_logit(cos_target, margin) - cos_target) * has_target_column
+    return margin.scale * (cosine + is_target * shift)
+
+
+def filtering_keep(cosine: paddle.Tensor, is_target: paddle.Tensor, threshold: float) -> paddle.Tensor:
+    """Inter-class filtering as arcface_torch's CombinedMarginLoss states it: a constant factor, 0 where a
+    cosine other than the row's target is above ``threshold``, else 1 (no gradient flows through it)."""
+    above = (cosine.detach() > threshold).astype(cosine.dtype)
+    return 1.0 - above * (1.0 - is_target)
 
 
 def softmax_cross_entropy(logits: paddle.Tensor, labels: paddle.Tensor, comm) -> paddle.Tensor:

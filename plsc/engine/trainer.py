@@ -144,7 +144,8 @@ class Trainer:
                 save_dtype="float32",
             )
         self.scaler = DynamicLossScaler.from_config(config.train, enabled=config.train.precision != "fp32")
-        margin = Margin.from_list(config.loss.margins, config.loss.scale)
+        margin = Margin.from_list(config.loss.margins, config.loss.scale,
+                                  config.loss.interclass_filtering_threshold)
         chosen = fast_paths.select_fast_paths(margin, self.num_classes, config.loss.sample_ratio, self.comm,
                                               config.train.seed)
         self.fast_paths = chosen.results

@@ -3,6 +3,7 @@
 - ``margin_cross_entropy``: Paddle's fused margin softmax (margin, softmax and cross entropy in one kernel).
   It has no CPU kernel. Used in one process only: with several ranks it expects global column ids and its
   own model-parallel group, while the portable sharded softmax (plsc.loss.margin) serves any rank count.
+  Never with inter-class filtering, which it does not do.
 - ``class_center_sample``: Paddle's on-device sampler, saving the per-step copy of the labels to the host.
   One process only (with several ranks it ignores the rank's shard), GPU only (on CPU the host sampler costs
   no copy and stays reproducible from (seed, step, rank); Paddle's draws from Paddle's global generator).
@@ -45,6 +46,10 @@ def device_sampler(all_labels: paddle.Tensor, num_local: int, wanted: int
 
 
 def check_margin_cross_entropy(margin, comm) -> FastPath:
+    if margin.interclass_filtering_threshold > 0:
+        return FastPath("margin_cross_entropy", "unavailable (loss.interclass_filtering_threshold: the fused "
+                        "kernel does not filter; the portable margin softmax is used)")
+
     def parity() -> str:
         rng = np.random.default_rng(0)
         cosine_np = rng.uniform(-0.6, 0.9, (16, 40)).astype(np.float32)

@@ -8,12 +8,14 @@ memory is its class centers, their velocity and a few chunk-sized buffers. Three
 gathering the chunk's rows (float16 -> float32 per chunk) and recomputing its cosines and margin logits:
 
 1. forward (:meth:`Streaming.loss`): per-row running max and sum of exponentials (rescaled when the max
-   grows), and the target logit; the ranks combine them as the whole-matrix head does (one all-reduce of the
-   max, one of the sum, one of the target logit). Saves only [batch]-sized statistics and the unit embeddings.
-2. backward: each chunk's softmax gradient; accumulates d(embeddings) and the squared norm of the chunk's
-   center gradient, without forming that gradient (see :func:`center_grad_sq_norm`). The norm, a sum of
-   squares, is finite exactly when the gradient is (barring float32 overflow of the square itself), so the
-   trainer's found-inf check reads it instead of a [sampled, emb] gradient.
+   grows; inter-class filtering, when on, first sets the chunk's filtered logits to 0), and the target logit;
+   the ranks combine them as the whole-matrix head does (one all-reduce of the max, one of the sum, one of the
+   target logit). Saves only [batch]-sized statistics and the unit embeddings.
+2. backward: each chunk's softmax gradient (0 at the filtered entries, their mask recomputed from the same
+   cosines); accumulates d(embeddings) and the squared norm of the chunk's center gradient, without forming
+   that gradient (see :func:`center_grad_sq_norm`). The norm, a sum of squares, is finite exactly when the
+   gradient is (barring float32 overflow of the square itself), so the trainer's found-inf check reads it
+   instead of a [sampled, emb] gradient.
 3. update (:meth:`Streaming.apply`): once the trainer knows whether the step is skipped (found-inf), each
    chunk's center gradient is formed again and applied to weight + velocity at once (lazy or dense momentum,
    weight decay, ``grad_scale`` as in :mod:`plsc.loss.sparse_momentum`).
@@ -46,10 +48,12 @@ from plsc.loss.margin import (
     at_columns,
     center_grad,
     column_sums,
+    filtered_entries,
     put_columns,
     row_sums,
     target_logit,
     target_logit_slope,
+    zero_where,
 )
 from plsc.loss.sparse_momentum import decay_unsampled_rows, dense_update, lazy_update
 
@@ -133,9 +137,16 @@ def softmax_grad_of_chunk(chunk: ChunkCosine, columns, stats: SoftmaxStatistics,
     column, inside = columns
     terms = stats.terms
     logits = chunk.cosine * margin.scale  # a new tensor: the plain cosines are needed for the center gradient
+    filtered = None
+    if margin.interclass_filtering_threshold > 0:  # the forward's mask: the same cosines, recomputed
+        filtered = filtered_entries(chunk.cosine, margin)
+        zero_where(logits, filtered)
     exp = put_targets(logits, column, inside, terms.target_logits).subtract_(stats.row_max).exp_()
+    grad = exp.multiply_(terms.factors)
+    if filtered is not None:  # a filtered logit is the constant 0: no gradient
+        zero_where(grad, filtered)
     # At the target column: per_row * (softmax - 1) * the target logit's slope (as the whole-matrix loss).
-    return put_targets(exp.multiply_(terms.factors), column, inside, terms.at_target)
+    return put_targets(grad, column, inside, terms.at_target)
 
 
 def center_grad_sq_norm(unit_gram: paddle.Tensor, grad: paddle.Tensor, chunk: ChunkCosine) -> paddle.Tensor:
@@ -238,6 +249,8 @@ class Streaming:
             columns.append((column, inside))
             cos_at_column = at_columns(chunk.cosine, column)
             cos_target = paddle.where(inside, cos_at_column, cos_target)
+            if head.margin.interclass_filtering_threshold > 0:  # 0 stays 0 when scaled into a logit below
+                zero_where(chunk.cosine, filtered_entries(chunk.cosine, head.margin))
             logits = put_targets(chunk.cosine.scale_(scale), column, inside,
                                  scale * target_logit(cos_at_column, head.margin))
             new_max = paddle.maximum(row_max, logits.max(axis=1, keepdim=True))
