@@ -478,6 +478,12 @@ def test_validation(override, match):
         ("loss.scale=.inf", "loss.scale must be a finite number, got inf"),
         ("loss.sample_ratio=-0.1", "loss.sample_ratio must be in (0, 1], got -0.1"),
         ("loss.sample_ratio=.nan", "loss.sample_ratio must be a finite number, got nan"),
+        ("loss.interclass_filtering_threshold=-0.1",
+         "loss.interclass_filtering_threshold must be in [0, 1) (0: no filtering), got -0.1"),
+        ("loss.interclass_filtering_threshold=1",
+         "loss.interclass_filtering_threshold must be in [0, 1) (0: no filtering), got 1.0"),
+        ("loss.interclass_filtering_threshold=.nan",
+         "loss.interclass_filtering_threshold must be a finite number, got nan"),
         ("loss.margins=[0.0, 0.5, 0.0]", "loss.margins: m1 must be > 0, got 0.0"),
         ("loss.margins=[1.0, -0.1, 0.0]", "loss.margins: m2 must be in [0, pi/2), got -0.1"),
         ("loss.margins=[1.0, 1.6, 0.0]", "loss.margins: m2 must be in [0, pi/2), got 1.6"),
@@ -535,6 +541,8 @@ def test_range_errors_reach_the_command_line_as_one_line(tmp_path, capsys):
         ["loss.margins=[1.0, 0.0, 0.35]"],  # CosFace
         ["train.epochs=0", "train.eval_interval=0", "train.save_interval=0", "optim.momentum=0"],
         ["optim.weight_decay=0", "data.num_workers=0", "loss.sample_ratio=1.0", "optim.decay_factor=1"],
+        ["loss.interclass_filtering_threshold=0"],  # off, the default
+        ["loss.interclass_filtering_threshold=0.999"],
     ],
 )
 def test_boundary_values_that_are_allowed_load(overrides):

@@ -59,6 +59,9 @@ def launch_worker(tmp_path: Path, nproc: int, *arguments: str) -> subprocess.Com
 EMBEDDING_SIZE = 8
 ARCFACE = Margin(1.0, 0.5, 0.0, 64.0)
 COMBINED = Margin(0.9, 0.4, 0.15, 64.0)  # m1 != 1: the acos path of the target logit
+# Inter-class filtering at 0.2: about a fifth of these cosines (8-dim random embeddings and centers) are
+# filtered, on the rank of the row's target and, every column above it, on the other.
+FILTERED = Margin(1.0, 0.5, 0.0, 64.0, 0.2)
 
 
 def head_case(tmp_path: Path, name: str, *, world: int, rows_per_rank: int, num_classes: int, ratio: float,
@@ -78,7 +81,7 @@ def head_case(tmp_path: Path, name: str, *, world: int, rows_per_rank: int, num_
         labels = rng.integers(0, num_classes, rows).astype(np.int64)
     data = tmp_path / f"{name}.npz"
     np.savez(data, embeddings=embeddings, labels=labels)
-    margin_list = [margin.m1, margin.m2, margin.m3, margin.scale]
+    margin_list = [margin.m1, margin.m2, margin.m3, margin.scale, margin.interclass_filtering_threshold]
     return {"name": name, "data": str(data), "num_classes": num_classes, "ratio": ratio,
             "margin": margin_list, "seed": seed, "step": step, "world": world, "chunk_size": chunk_size}
 
@@ -181,7 +184,7 @@ def check_head_cases(cases: list[dict], results: dict[str, list[dict]]) -> None:
 
 def test_full_classifier_on_two_ranks_equals_one_process_with_the_double_batch(tmp_path):
     """(a) ratio 1.0, 2 x batch b == 1 x batch 2b; (b) ratio < 1 == one process over the union of the
-    ranks' sampled centers."""
+    ranks' sampled centers; both heads, and with inter-class filtering."""
     cases = [
         head_case(tmp_path, "full", world=2, rows_per_rank=4, num_classes=10, ratio=1.0),
         head_case(tmp_path, "sampled", world=2, rows_per_rank=4, num_classes=40, ratio=0.3, margin=COMBINED),
@@ -189,6 +192,9 @@ def test_full_classifier_on_two_ranks_equals_one_process_with_the_double_batch(t
                   chunk_size=2),
         head_case(tmp_path, "sampled-streaming", world=2, rows_per_rank=4, num_classes=40, ratio=0.3,
                   margin=COMBINED, chunk_size=4),
+        head_case(tmp_path, "filtered", world=2, rows_per_rank=4, num_classes=40, ratio=0.3, margin=FILTERED),
+        head_case(tmp_path, "filtered-streaming", world=2, rows_per_rank=4, num_classes=40, ratio=0.3,
+                  margin=FILTERED, chunk_size=4),
     ]
     results = run_head_cases(tmp_path, 2, cases)
     check_head_cases(cases, results)
