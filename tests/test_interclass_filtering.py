@@ -19,7 +19,7 @@ import pytest
 
 from plsc.config import load_config
 from plsc.distributed import LocalComm
-from plsc.engine.modes import compile_head_loss, is_compiled
+from plsc.engine.modes import PADDLE_MAJOR, compile_head_loss, is_compiled
 from plsc.engine.trainer import Trainer
 from plsc.loss import fast_paths
 from plsc.loss.margin import Margin, margin_softmax_cross_entropy
@@ -122,14 +122,17 @@ def test_filtered_margin_loss_and_gradient_equal_numpy_and_finite_differences(ma
     assert 10 <= filtered.sum() and not filtered[0, labels[0]]
     x = paddle.to_tensor(cosine, stop_gradient=False)  # float64: the layer's own arithmetic, not float32's
     loss = margin_softmax_cross_entropy(x, paddle.to_tensor(labels), margin, LocalComm())
-    # Measured: 0 to 3e-16 relative (float64 both). Unfiltered, the loss is 2.6-4.5x larger here.
-    assert float(loss) == pytest.approx(numpy_loss(cosine, labels, margin), rel=1e-12)
+    # Measured: 0 to 3e-16 relative (float64 both) on Paddle 3.3.1; 1.9e-8 on 2.6.2, whose kernels take Python
+    # scalars (m3, cos m2) as float32 attributes. Unfiltered, the loss is 2.6-4.5x larger here.
+    assert float(loss) == pytest.approx(numpy_loss(cosine, labels, margin), rel=1e-12 if PADDLE_MAJOR >= 3
+                                        else 1e-7)
     assert float(loss) < 0.5 * numpy_loss(cosine, labels, unfiltered(margin))
     loss.backward()
     grad = x.grad.numpy()
     numeric = finite_differences(lambda c: numpy_loss(c, labels, margin), cosine)
-    # Measured: at most 2.3e-10 relative to the largest entry (central differences, h = 1e-6).
-    assert relative_error(grad, numeric) <= 2e-9
+    # Measured relative to the largest entry (central differences, h = 1e-6): at most 2.3e-10 on Paddle 3.3.1,
+    # 1.1e-8 on 2.6.2, whose kernels take Python scalars (cos m2, sin m2) as float32 attributes.
+    assert relative_error(grad, numeric) <= 5e-8
     assert np.all(grad[filtered] == 0.0)
     zero_cosine = (1, (labels[1] + 1) % 9)
     assert grad[zero_cosine] != 0.0 and not filtered[zero_cosine]
@@ -223,7 +226,8 @@ def test_static_mode_compiles_the_filtered_loss():
     head = build_head(0, num_classes=CLASSES, embedding_size=EMBEDDING, margin=ARCFACE, sample_ratio=RATIO,
                       seed=SEED)
     compiled = compile_head_loss(head, "static", LocalComm(), BATCH, CLASSES)
-    assert is_compiled(compiled)
+    # Paddle 2.6 keeps a loss with collectives eager in static mode (plsc.engine.modes.compile_for_mode).
+    assert is_compiled(compiled) == (PADDLE_MAJOR >= 3)
     embeddings, labels = head_inputs(9)
     outputs = []
     for loss_fn in (compiled, head.loss):

@@ -177,8 +177,10 @@ def test_departures_name_each_differing_setting_with_both_values():
     assert departures(config, 8) == []
     config.loss.momentum_mode = "lazy"
     config.optim.lr_reference_batch = 0
+    config.loss.interclass_filtering_threshold = 0.2  # PLSC v2.2 filters nothing
     differs = {d.setting: (d.plsc, d.ours) for d in departures(config, 8) if d.status == "differs"}
-    assert differs == {"loss.momentum_mode": ("dense", "lazy"), "optim.lr_reference_batch": (512, 0)}
+    assert differs == {"loss.momentum_mode": ("dense", "lazy"), "optim.lr_reference_batch": (512, 0),
+                       "loss.interclass_filtering_threshold": (0.0, 0.2)}
 
 
 def test_settings_that_change_nothing_in_the_run_are_not_departures():

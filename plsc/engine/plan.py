@@ -75,6 +75,8 @@ PLSC_V22: tuple[PlscValue, ...] = (
               "dynamic/utils/parallel_grad_scaler.py:86-88: the loss times 1 / world_size"),
     PlscValue("loss.momentum_mode", _sampled("dense"),
               "dynamic/utils/hybrid_optimizer.py:85-99: sparse_momentum over the whole shard"),
+    PlscValue("loss.interclass_filtering_threshold", lambda config, world: 0.0,
+              "dynamic/classifiers/lsc.py, forward: margin_cross_entropy over every sampled column"),
     PlscValue("loss.center_init_ranks", lambda config, world: world,
               "configs/config.py:29, dynamic/classifiers/lsc.py:65-71: normal, std sqrt(2 / (emb + local)) "
               "with local = ceil(classes / world_size)"),
