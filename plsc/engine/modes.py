@@ -15,7 +15,7 @@ import paddle
 from paddle.jit.dy2static.program_translator import StaticFunction
 
 from plsc.config import Config
-from plsc.loss.partial_fc import PartialFC
+from plsc.loss.partial_fc import PartialFC, micro_batch_of
 from plsc.loss.rows import gather_rows
 from plsc.parity import on_gpu
 
@@ -49,14 +49,15 @@ class HeadLossStep(paddle.nn.Layer):
 
 
 class CompiledHeadLoss:
-    """``(all_embeddings, HeadStep) -> loss`` through the compiled :class:`HeadLossStep` ``program``: the
-    step's tensors go in, the step itself stays eager."""
+    """``(all_embeddings, HeadStep or MicroBatch) -> loss`` through the compiled :class:`HeadLossStep`
+    ``program``: the micro-batch's tensors go in, the step itself stays eager."""
 
     def __init__(self, program: paddle.nn.Layer):
         self.program = program
 
     def __call__(self, all_embeddings, pending):
-        return self.program(all_embeddings, pending.rows, pending.remapped)
+        micro = micro_batch_of(pending)
+        return self.program(all_embeddings, micro.step.rows, micro.remapped)
 
 
 def compile_backbone(model: paddle.nn.Layer, mode: str):
@@ -103,8 +104,8 @@ def backbone_amp_level(precision: str) -> str | None:
 
 
 def compile_head_loss(head: PartialFC, mode: str, comm, rows: int, num_classes: int):
-    """The head's loss for ``mode``, ``(all_embeddings, HeadStep) -> loss``: :meth:`PartialFC.loss` itself, or
-    a compiled loss once it reproduces the eager one on one batch.
+    """The head's loss for ``mode``, ``(all_embeddings, HeadStep or MicroBatch) -> loss``:
+    :meth:`PartialFC.loss` itself, or a compiled loss once it reproduces the eager one on one batch.
 
     Why the check: Paddle 3.3's static PyLayer silently drops in-place ops in a PyLayer's forward
     (measured: ``out.multiply_(2)`` there has no effect under to_static), so a loss made of such layers

@@ -15,12 +15,18 @@ numbers.
 
 The class centers are not a Paddle parameter managed by an optimizer: the step's gradient exists only for the
 sampled rows, and :mod:`plsc.loss.sparse_momentum` applies it, so nothing per step is O(num_classes).
+
+Gradient accumulation (``train.grad_accum``): one optimizer step may take several micro-batches. The head
+samples once, from the labels of all of them (:meth:`PartialFC.prepare`), each micro-batch's loss reads those
+centers with its own labels (:meth:`HeadStep.micro_batch`), the center gradients of the micro-batches'
+backward passes add up, and :meth:`PartialFC.apply` steps the centers once: the step of one batch holding
+them all.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -103,23 +109,61 @@ class CenterUpdate:
 
 @dataclass
 class HeadStep:
-    """One step of the head between its phases, held by the caller: the head keeps nothing of a step.
-    :meth:`PartialFC.prepare` makes it, :meth:`PartialFC.loss` and the backward fill it, and
-    :meth:`PartialFC.apply` updates the centers from it; a skipped step is dropped with it."""
+    """One optimizer step of the head between its phases, held by the caller: the head keeps nothing of a
+    step. :meth:`PartialFC.prepare` makes it, the losses of its micro-batches (:meth:`micro_batch`,
+    :meth:`PartialFC.loss`) and their backward passes fill it, and :meth:`PartialFC.apply` updates the
+    centers from it once; a skipped step is dropped with it."""
 
     index: paddle.Tensor  # the sampled centers, as rows of this rank's shard
-    remapped: paddle.Tensor  # each label as a column of the sampled centers, -1 where another rank's
+    # Each label of the step as a column of the sampled centers, -1 where another rank's: micro-batch by
+    # micro-batch, each one's global batch in rank order (as the all_gather of its embeddings).
+    remapped: paddle.Tensor
     # The update the caller commits to before the backward, when nothing can skip the step (the training
     # step's one decision): the streaming strategy then applies it inside its backward walk and has no
-    # gradient left to check or apply; the whole-matrix one applies it in apply() as always.
+    # gradient left to check or apply; the whole-matrix one applies it in apply() as always. Only for a step
+    # of one micro-batch: with more, the update waits for the last one's gradient.
     update_in_backward: CenterUpdate | None = None
+    micro_batches: int = 1
     rows: paddle.Tensor | None = None  # WholeMatrix: the sampled rows, a leaf collecting their grad
-    stats: Any = None  # Streaming: the forward's softmax statistics
-    grad_sq_norm: paddle.Tensor | None = None  # Streaming: set by a backward that left the update
+    # Streaming: each micro-batch's softmax statistics, in the order their forwards ran.
+    stats: list[Any] = field(default_factory=list)
+    grad_sq_norm: paddle.Tensor | None = None  # Streaming: summed by the backward passes that left the update
     # Records, checked by apply(), never consulted to choose a path: the backward applied
     # ``update_in_backward``; apply() ran.
     applied_in_backward: bool = False
     applied: bool = False
+
+    def __post_init__(self):
+        if self.update_in_backward is not None and self.micro_batches != 1:
+            raise ValueError(f"an update inside the backward needs a step of one micro-batch, this one has "
+                             f"{self.micro_batches}")
+
+    def micro_batch(self, number: int) -> MicroBatch:
+        """Micro-batch ``number`` (0-based) of the step: the step's centers, its own labels' columns."""
+        if not 0 <= number < self.micro_batches:
+            raise ValueError(f"micro-batch {number} of a step of {self.micro_batches}")
+        rows = self.remapped.shape[0] // self.micro_batches
+        return MicroBatch(self, number, self.remapped[number * rows : (number + 1) * rows])
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """What one micro-batch's loss reads: the :class:`HeadStep` it belongs to (its sampled centers, where its
+    backward leaves the gradient) and the columns of its own global batch's labels."""
+
+    step: HeadStep
+    number: int
+    remapped: paddle.Tensor
+
+
+def micro_batch_of(pending: HeadStep | MicroBatch) -> MicroBatch:
+    """``pending`` as a micro-batch: a step of one micro-batch is its own."""
+    if isinstance(pending, MicroBatch):
+        return pending
+    if pending.micro_batches != 1:
+        raise ValueError(f"a step of {pending.micro_batches} micro-batches takes its losses one micro-batch "
+                         "at a time (HeadStep.micro_batch)")
+    return pending.micro_batch(0)
 
 
 class HeadStrategy(Protocol):
@@ -131,15 +175,16 @@ class HeadStrategy(Protocol):
     def prepare(self, head: PartialFC, pending: HeadStep) -> None:
         """After sampling: gather what the loss reads into ``pending``."""
 
-    def loss(self, head: PartialFC, all_embeddings: paddle.Tensor, pending: HeadStep) -> paddle.Tensor:
-        """The global batch's mean margin-softmax loss; its backward fills ``pending`` (and applies
-        ``pending.update_in_backward`` where the strategy can)."""
+    def loss(self, head: PartialFC, all_embeddings: paddle.Tensor, micro: MicroBatch) -> paddle.Tensor:
+        """The micro-batch's global mean margin-softmax loss; its backward adds to ``micro.step``'s gradient
+        (and applies ``update_in_backward`` where the strategy can)."""
 
     def center_grads(self, head: PartialFC, pending: HeadStep) -> list[paddle.Tensor]:
-        """After the backward: what an inf/nan check reads for the centers."""
+        """After the backward passes: what an inf/nan check reads for the centers."""
 
     def apply(self, head: PartialFC, pending: HeadStep, update: CenterUpdate) -> None:
-        """After the backward: the centers' update, unless the backward applied it."""
+        """After the backward passes: the centers' update from their summed gradient, unless the backward
+        applied it."""
 
     def release_scratch(self) -> None:
         """Free the buffers kept from step to step."""
@@ -170,12 +215,16 @@ class WholeMatrix:
         pending.rows = head.weight_rows.gather(pending.index, out).detach()
         pending.rows.stop_gradient = False
 
-    def loss(self, head: PartialFC, all_embeddings: paddle.Tensor, pending: HeadStep) -> paddle.Tensor:
-        return self.rows_loss(head, all_embeddings, pending.rows, pending.remapped)
+    def loss(self, head: PartialFC, all_embeddings: paddle.Tensor, micro: MicroBatch) -> paddle.Tensor:
+        return self.rows_loss(head, all_embeddings, micro.step.rows, micro.remapped, micro.number == 0)
 
     def rows_loss(self, head: PartialFC, all_embeddings: paddle.Tensor, rows: paddle.Tensor,
-                  remapped: paddle.Tensor) -> paddle.Tensor:
-        cosine = cosine_to_centers(all_embeddings, rows, self.center_grad_scratch)
+                  remapped: paddle.Tensor, first_micro_batch: bool = True) -> paddle.Tensor:
+        # The first micro-batch's center gradient may become the leaf's .grad in the kept scratch
+        # (ScratchRows); the later ones' backward passes add theirs into that .grad, so they must not write
+        # into the scratch.
+        scratch = self.center_grad_scratch if first_micro_batch else None
+        cosine = cosine_to_centers(all_embeddings, rows, scratch)
         return head.margin_loss(cosine, remapped, head.margin, head.comm)
 
     def center_grads(self, head: PartialFC, pending: HeadStep) -> list[paddle.Tensor]:
@@ -259,12 +308,19 @@ class PartialFC:
         pending = self.prepare(labels, step, update_in_backward)
         return self.loss(self.comm.all_gather_with_grad(embeddings), pending), pending
 
-    def prepare(self, labels: paddle.Tensor, step: int, update_in_backward: CenterUpdate | None = None
-                ) -> HeadStep:
-        """The eager half of a step: gather the global batch's labels, sample this rank's centers, and let
-        the strategy gather what its loss reads. ``update_in_backward``: see :class:`HeadStep`."""
+    def prepare(self, labels: paddle.Tensor, step: int, update_in_backward: CenterUpdate | None = None,
+                micro_batches: int = 1) -> HeadStep:
+        """The eager half of an optimizer step: gather the global batch's labels, sample this rank's centers
+        once from all of them, and let the strategy gather what its losses read. ``labels``: this rank's,
+        ``micro_batches`` equal micro-batches one after the other. ``update_in_backward``: see
+        :class:`HeadStep`."""
+        if labels.shape[0] % micro_batches:
+            raise ValueError(f"{labels.shape[0]} labels do not split into {micro_batches} micro-batches")
         all_labels = self.comm.all_gather(labels.reshape([-1]))
-        pending = HeadStep(*self.sample_tensors(all_labels, step), update_in_backward)
+        if micro_batches > 1:  # [ranks, micro, batch] -> [micro, ranks, batch]: micro-batch by micro-batch
+            all_labels = all_labels.reshape([self.comm.world_size, micro_batches, -1]).transpose([1, 0, 2])
+            all_labels = all_labels.reshape([-1])
+        pending = HeadStep(*self.sample_tensors(all_labels, step), update_in_backward, micro_batches)
         self.strategy.prepare(self, pending)
         return pending
 
@@ -276,9 +332,10 @@ class PartialFC:
         index, remapped = self.sample(all_labels.numpy(), step)
         return paddle.to_tensor(index), paddle.to_tensor(remapped)
 
-    def loss(self, all_embeddings: paddle.Tensor, pending: HeadStep) -> paddle.Tensor:
-        """Margin softmax of the global batch over the step's sampled centers."""
-        return self.strategy.loss(self, all_embeddings, pending)
+    def loss(self, all_embeddings: paddle.Tensor, pending: HeadStep | MicroBatch) -> paddle.Tensor:
+        """Margin softmax of a micro-batch's global batch over the step's sampled centers (``pending``: the
+        micro-batch, or a step of one)."""
+        return self.strategy.loss(self, all_embeddings, micro_batch_of(pending))
 
     def rows_loss(self, all_embeddings: paddle.Tensor, rows: paddle.Tensor, remapped: paddle.Tensor):
         """The tensor-only core of :meth:`loss` of a :attr:`traceable` strategy, on gathered ``rows``: holds
@@ -286,13 +343,14 @@ class PartialFC:
         return self.strategy.rows_loss(self, all_embeddings, rows, remapped)
 
     def center_grads(self, pending: HeadStep) -> list[paddle.Tensor]:
-        """What an inf/nan check of the step reads for the class centers, once backward has run: their
-        gradient, or a number finite exactly when it is; nothing when the backward applied the update."""
+        """What an inf/nan check of the step reads for the class centers, once the backward passes have run:
+        their gradient, or a number finite exactly when it is; nothing when the backward applied the
+        update."""
         return self.strategy.center_grads(self, pending)
 
     def apply(self, pending: HeadStep, update: CenterUpdate) -> None:
-        """Step the sampled centers with their gradient (times ``update.grad_scale``), once; nothing more when
-        the backward applied the committed update."""
+        """Step the sampled centers with their gradient, summed over the micro-batches (times
+        ``update.grad_scale``), once; nothing more when the backward applied the committed update."""
         committed = pending.update_in_backward
         if committed not in (None, update):
             raise RuntimeError(f"the head's update {update} differs from the one committed to before the "

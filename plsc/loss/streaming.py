@@ -28,6 +28,10 @@ the step (clipping touches the backbone only), and the training step commits to 
 backward (:class:`~plsc.loss.partial_fc.HeadStep`'s ``update_in_backward``): walk 2 applies it, walk 3 does
 not happen.
 
+An optimizer step of several micro-batches (``train.grad_accum``) runs walks 1 and 2 per micro-batch, over
+the same sampled centers, and keeps each one's statistics; walk 3 then forms each chunk's center gradient of
+every micro-batch, sums them and applies the sum once.
+
 The loss is a Python loop over chunks with host-side control; it runs eagerly in static mode too
 (``traceable = False``: the trainer compiles the backbone only).
 """
@@ -58,7 +62,7 @@ from plsc.loss.margin import (
 from plsc.loss.sparse_momentum import decay_unsampled_rows, dense_update, lazy_update
 
 if TYPE_CHECKING:  # the head imports this module to offer the strategy
-    from plsc.loss.partial_fc import CenterUpdate, HeadStep, PartialFC
+    from plsc.loss.partial_fc import CenterUpdate, HeadStep, MicroBatch, PartialFC
 
 
 @dataclass
@@ -167,19 +171,20 @@ class _StreamingMarginLoss(paddle.autograd.PyLayer):
     """Margin softmax cross entropy of the global batch over the head's sampled centers, walked by chunk."""
 
     @staticmethod
-    def forward(ctx, unit_embeddings, strategy: Streaming, head: PartialFC, pending: HeadStep):
-        remapped = pending.remapped
-        stats = pending.stats = strategy.forward_statistics(head, unit_embeddings.detach(), pending)
+    def forward(ctx, unit_embeddings, strategy: Streaming, head: PartialFC, micro: MicroBatch):
+        remapped = micro.remapped
+        stats = strategy.forward_statistics(head, unit_embeddings.detach(), micro.step.index, remapped)
+        micro.step.stats.append(stats)
         margin, comm = head.margin, head.comm
         has_target = (remapped >= 0).astype("float32")
         target = margin.scale * target_logit(stats.cos_target, margin)
         target_shifted = comm.all_reduce_sum_((target - stats.row_max.squeeze(1)) * has_target)
-        ctx.strategy, ctx.head, ctx.pending = strategy, head, pending
+        ctx.strategy, ctx.head, ctx.pending, ctx.stats = strategy, head, micro.step, stats
         return (paddle.log(stats.sum_exp) - target_shifted).mean()
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return ctx.strategy.backward_walk(ctx.head, ctx.pending, grad_loss)
+        return ctx.strategy.backward_walk(ctx.head, ctx.pending, ctx.stats, grad_loss)
 
 
 class Streaming:
@@ -201,16 +206,24 @@ class Streaming:
         for start in range(0, index.shape[0], self.chunk_size):
             yield start, index[start : start + self.chunk_size]
 
-    def chunk_gradients(self, head: PartialFC, pending: HeadStep):
-        """``(index, ChunkCosine, G)`` per chunk after the forward: rows gathered again, cosines recomputed
-        with the forward's norms, and ``G`` = d loss / d cosine times the centers' inverse norms, [B, c]."""
-        stats = pending.stats
-        for (start, index), columns in zip(self.chunks(pending.index), stats.columns, strict=True):
-            stop = start + index.shape[0]
-            chunk = chunk_cosine(stats.unit_embeddings, self.gather_chunk(head, "weight", index),
-                                 stats.inverse_norms[start:stop], stats.norm_is_live[start:stop])
-            grad = softmax_grad_of_chunk(chunk, columns, stats, head.margin)
-            yield index, chunk, grad.multiply_(chunk.inverse_norms)
+    def chunk_gradients(self, head: PartialFC, index: paddle.Tensor, stats: SoftmaxStatistics):
+        """``(index, ChunkCosine, G)`` per chunk of the sampled centers ``index`` after a micro-batch's
+        forward (``stats``): rows gathered again, and :meth:`chunk_gradient`."""
+        for (start, chunk_index), columns in zip(self.chunks(index), stats.columns, strict=True):
+            rows = self.gather_chunk(head, "weight", chunk_index)
+            yield chunk_index, *self.chunk_gradient(head, rows, start, columns, stats)
+
+    @staticmethod
+    def chunk_gradient(head: PartialFC, rows: paddle.Tensor, start: int, columns, stats: SoftmaxStatistics
+                       ) -> tuple[ChunkCosine, paddle.Tensor]:
+        """The chunk's cosines with a micro-batch, recomputed with the forward's norms (``rows``: the chunk's
+        centers, from sampled center ``start`` on), and ``G`` = d loss / d cosine times the centers' inverse
+        norms, [B, c]."""
+        stop = start + rows.shape[0]
+        chunk = chunk_cosine(stats.unit_embeddings, rows, stats.inverse_norms[start:stop],
+                             stats.norm_is_live[start:stop])
+        grad = softmax_grad_of_chunk(chunk, columns, stats, head.margin)
+        return chunk, grad.multiply_(chunk.inverse_norms)
 
     def gather_chunk(self, head: PartialFC, kind: str, index: paddle.Tensor) -> paddle.Tensor:
         """``weight`` or ``velocity`` rows of a chunk as float32, in the kind's kept buffer where possible
@@ -227,25 +240,25 @@ class Streaming:
     def prepare(self, head: PartialFC, pending: HeadStep) -> None:
         """Nothing: each walk gathers its own chunks."""
 
-    def loss(self, head: PartialFC, all_embeddings: paddle.Tensor, pending: HeadStep) -> paddle.Tensor:
-        return _StreamingMarginLoss.apply(F.normalize(all_embeddings, axis=1), self, head, pending)
+    def loss(self, head: PartialFC, all_embeddings: paddle.Tensor, micro: MicroBatch) -> paddle.Tensor:
+        return _StreamingMarginLoss.apply(F.normalize(all_embeddings, axis=1), self, head, micro)
 
     @paddle.no_grad()
-    def forward_statistics(self, head: PartialFC, unit_embeddings: paddle.Tensor, pending: HeadStep
-                           ) -> SoftmaxStatistics:
-        """Walk 1: the softmax's row max and sum of exponentials over every rank, and the target cosines."""
-        remapped = pending.remapped
+    def forward_statistics(self, head: PartialFC, unit_embeddings: paddle.Tensor, index: paddle.Tensor,
+                           remapped: paddle.Tensor) -> SoftmaxStatistics:
+        """Walk 1: the softmax's row max and sum of exponentials over every rank, and the target cosines, of a
+        micro-batch (labels ``remapped``) over the sampled centers ``index``."""
         batch = unit_embeddings.shape[0]
         row_max = paddle.full([batch, 1], -np.inf, dtype="float32")
         sum_exp = paddle.zeros([batch], dtype="float32")
         cos_target = paddle.zeros([batch], dtype="float32")
         inverse_norms, norm_is_live, columns = [], [], []
         scale = head.margin.scale
-        for start, index in self.chunks(pending.index):
-            chunk = chunk_cosine(unit_embeddings, self.gather_chunk(head, "weight", index))
+        for start, chunk_index in self.chunks(index):
+            chunk = chunk_cosine(unit_embeddings, self.gather_chunk(head, "weight", chunk_index))
             inverse_norms.append(chunk.inverse_norms)
             norm_is_live.append(chunk.norm_is_live)
-            column, inside = chunk_columns(remapped, start, index.shape[0])
+            column, inside = chunk_columns(remapped, start, chunk_index.shape[0])
             columns.append((column, inside))
             cos_at_column = at_columns(chunk.cosine, column)
             cos_target = paddle.where(inside, cos_at_column, cos_target)
@@ -263,63 +276,85 @@ class Streaming:
                                  paddle.concat(inverse_norms), paddle.concat(norm_is_live), columns)
 
     @paddle.no_grad()
-    def backward_walk(self, head: PartialFC, pending: HeadStep, grad_loss: paddle.Tensor) -> paddle.Tensor:
-        """Walk 2: d(unit embeddings), and the squared norm of the centers' gradient (kept for :meth:`apply`);
-        or, with the step's ``update_in_backward``, d(unit embeddings) and each chunk's update applied at once
-        (one walk, two matmuls per chunk fewer than :meth:`apply`'s own walk)."""
-        stats = pending.stats
+    def backward_walk(self, head: PartialFC, pending: HeadStep, stats: SoftmaxStatistics,
+                      grad_loss: paddle.Tensor) -> paddle.Tensor:
+        """Walk 2 of a micro-batch (its forward's ``stats``): d(unit embeddings), and the squared norm of its
+        centers' gradient, added to the step's (for the inf/nan check); or, with the step's
+        ``update_in_backward``, d(unit embeddings) and each chunk's update applied at once (one walk, two
+        matmuls per chunk fewer than :meth:`apply`'s own walk)."""
         unit = stats.unit_embeddings
         stats.terms = RowTerms.of(stats, float(grad_loss) / unit.shape[0], head.margin)
         grad_embeddings = paddle.zeros_like(unit)
         update = pending.update_in_backward
         if update is not None:
-            for index, chunk, grad in self.chunk_gradients(head, pending):
+            for index, chunk, grad in self.chunk_gradients(head, pending.index, stats):
                 grad_embeddings.addmm_(grad, chunk.rows)  # before the update overwrites the rows
-                self.apply_chunk(head, index, chunk, grad, update, stats)
+                self.update_chunk(head, index, chunk.rows, self.center_grad_of(chunk, grad, stats), update)
             finish_update(head, pending.index, update)
             pending.applied_in_backward = True
             return grad_embeddings
         unit64 = unit.astype("float64")
         unit_gram = paddle.matmul(unit64, unit64, transpose_y=True)
         sq_norm = paddle.zeros([], dtype="float64")
-        for _, chunk, grad in self.chunk_gradients(head, pending):
+        for _, chunk, grad in self.chunk_gradients(head, pending.index, stats):
             grad_embeddings.addmm_(grad, chunk.rows)
             sq_norm += center_grad_sq_norm(unit_gram, grad, chunk)
-        pending.grad_sq_norm = sq_norm.astype("float32").reshape([1])
+        # Summed over the micro-batches: finite exactly when each one's is.
+        sq_norm = sq_norm.astype("float32").reshape([1])
+        pending.grad_sq_norm = sq_norm if pending.grad_sq_norm is None else pending.grad_sq_norm + sq_norm
         return grad_embeddings
 
     def center_grads(self, head: PartialFC, pending: HeadStep) -> list[paddle.Tensor]:
-        """The squared norm of the centers' gradient: finite exactly when every gradient element is (an
-        overflow of the squares aside), so an inf/nan check reads it. Nothing when the step committed to the
-        update before the backward (``update_in_backward``: the backward applies it, no check can undo it)."""
+        """The squared norm of the centers' gradient (summed over the micro-batches): finite exactly when
+        every gradient element is (an overflow of the squares aside), so an inf/nan check reads it. Nothing
+        when the step committed to the update before the backward (``update_in_backward``: the backward
+        applies it, no check can undo it)."""
         if pending.update_in_backward is not None:
             return []
         if pending.grad_sq_norm is None:
             raise RuntimeError("Streaming: no gradient before a backward pass")
+        backward_passes = sum(stats.terms is not None for stats in pending.stats)
+        if backward_passes != pending.micro_batches:
+            raise RuntimeError(f"Streaming: the backward pass of {backward_passes} of the step's "
+                               f"{pending.micro_batches} micro-batches has run")
         return [pending.grad_sq_norm]
 
     @paddle.no_grad()
     def apply(self, head: PartialFC, pending: HeadStep, update: CenterUpdate) -> None:
-        """Walk 3: each chunk's center gradient, formed again and applied at once (times
-        ``update.grad_scale``); nothing when the step committed to the update before the backward, whose
-        walk applied it."""
+        """Walk 3: each chunk's center gradient, formed again from every micro-batch's statistics, summed and
+        applied at once (times ``update.grad_scale``); nothing when the step committed to the update before
+        the backward, whose walk applied it."""
         if pending.update_in_backward is not None:
             if not pending.applied_in_backward:
                 raise RuntimeError("Streaming: the committed update was not applied by a backward")
             return
-        self.center_grads(head, pending)  # the backward has run
-        for index, chunk, grad in self.chunk_gradients(head, pending):
-            self.apply_chunk(head, index, chunk, grad, update, pending.stats)
+        self.center_grads(head, pending)  # every backward has run
+        for number, (start, index) in enumerate(self.chunks(pending.index)):
+            rows = self.gather_chunk(head, "weight", index)
+            grad_rows = None
+            for stats in pending.stats:
+                chunk, grad = self.chunk_gradient(head, rows, start, stats.columns[number], stats)
+                if grad_rows is None:
+                    grad_rows = self.center_grad_of(chunk, grad, stats)
+                else:  # a second buffer: the first holds the sum
+                    grad_rows.add_(self.center_grad_of(chunk, grad, stats, "center_grad_part"))
+            self.update_chunk(head, index, rows, grad_rows, update)
         finish_update(head, pending.index, update)
 
-    def apply_chunk(self, head: PartialFC, index, chunk: ChunkCosine, grad, update: CenterUpdate,
-                    stats: SoftmaxStatistics) -> None:
-        """The chunk's center gradient, stepped into its rows and velocities (lazy sparse momentum)."""
-        scratch = self._chunk_buffers["center_grad", index.shape[0]]
-        grad_rows = center_grad(stats.unit_embeddings, grad, chunk.rows, chunk.cosine, chunk.inverse_norms,
-                                chunk.norm_is_live, scratch)
+    def center_grad_of(self, chunk: ChunkCosine, grad: paddle.Tensor, stats: SoftmaxStatistics,
+                       buffer: str = "center_grad") -> paddle.Tensor:
+        """The chunk's center gradient of one micro-batch, [c, emb], in the kept ``buffer`` (overwrites
+        ``chunk.cosine``)."""
+        scratch = self._chunk_buffers[buffer, chunk.rows.shape[0]]
+        return center_grad(stats.unit_embeddings, grad, chunk.rows, chunk.cosine, chunk.inverse_norms,
+                           chunk.norm_is_live, scratch)
+
+    def update_chunk(self, head: PartialFC, index, rows: paddle.Tensor, grad_rows: paddle.Tensor,
+                     update: CenterUpdate) -> None:
+        """The chunk's center gradient ``grad_rows``, stepped into its ``rows`` (as gathered) and velocities
+        (lazy sparse momentum)."""
         lazy_update(head.weight_rows, head.velocity_rows, index, grad_rows, update.lr, update.momentum,
-                    update.weight_decay, update.grad_scale, rows=chunk.rows,
+                    update.weight_decay, update.grad_scale, rows=rows,
                     velocity_rows=self.gather_chunk(head, "velocity", index), block_rows=index.shape[0])
 
 
