@@ -224,6 +224,10 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = 128  # per rank, as in PLSC
+    # Gradient accumulation (arcface_torch's gradient_acc): the optimizer steps once per this many batches
+    # of batch_size, as one step of a batch this many times larger (with batch statistics frozen: BatchNorm
+    # normalises each micro-batch by its own). Steps, epochs, the schedule and logs count optimizer steps.
+    grad_accum: int = 1
     epochs: int = 25
     max_steps: int = 0  # > 0 stops after this many steps, whatever epochs says
     seed: int = 42
@@ -508,6 +512,7 @@ _RULES: list[tuple[str, typing.Callable[[typing.Any], bool], str]] = [
     ("train.batch_size", lambda v: v >= 1, ">= 1"),
     # Per rank: PLSC v2.2's configs use 64-512; 65536 images of 112 px are 2.3 GiB of uint8 input alone.
     ("train.batch_size", lambda v: v <= 65536, "<= 65536"),
+    ("train.grad_accum", lambda v: v >= 1, ">= 1 (1: no accumulation)"),
     ("train.epochs", lambda v: v >= 0, ">= 0"),
     ("train.max_steps", lambda v: v >= 0, ">= 0 (0: train.epochs decides)"),
     ("train.seed", lambda v: v >= 0, ">= 0"),

@@ -141,13 +141,14 @@ def build_trainer(config, output: str):
 
 
 def repeat_loader(trainer, steps: int) -> None:
-    """Replace the trainer's loader by the same loader over the data set repeated to hold ``steps`` batches
-    in one epoch (no worker start-up between epochs inside the measurement)."""
+    """Replace the trainer's loader by the same loader over the data set repeated to hold ``steps``
+    optimizer steps' batches in one epoch (no worker start-up between epochs inside the measurement)."""
     from plsc.bench.data import RepeatedDataset, repeats_needed
     from plsc.data.loader import build_train_loader_from_config
 
     global_batch = trainer.config.train.batch_size * trainer.comm.world_size
-    repeated = RepeatedDataset(trainer.dataset, repeats_needed(len(trainer.dataset), steps, global_batch))
+    batches = steps * trainer.config.train.grad_accum
+    repeated = RepeatedDataset(trainer.dataset, repeats_needed(len(trainer.dataset), batches, global_batch))
     trainer.loader, trainer.sampler = build_train_loader_from_config(
         trainer.config, repeated, trainer.rank, trainer.comm.world_size
     )
@@ -156,8 +157,10 @@ def repeat_loader(trainer, steps: int) -> None:
 def run_steps(trainer, steps: int, timer: StepPhaseTimer | None = None) -> tuple[list[float], list]:
     """``steps`` calls of ``trainer.train_step`` as ``Trainer._train_epoch`` makes them, from the current
     epoch's start; returns (losses, one PhaseClock per step, or [] without a timer)."""
+    from plsc.engine.trainer import step_batches
+
     trainer.sampler.set_epoch(trainer.state.epoch)
-    batches = iter(trainer.loader)
+    batches = step_batches(iter(trainer.loader), trainer.config.train.grad_accum)
     losses, clocks = [], []
     for _ in range(steps):
         clock = timer.start_step() if timer else PhaseClock()
@@ -188,13 +191,15 @@ def summarise(clocks: list, batch: int) -> dict:
 def measure(spec: TrainBenchSpec) -> dict:
     import paddle
 
+    from plsc.engine.schedule import step_batch
+
     config = load_bench_config(spec)
     with tempfile.TemporaryDirectory(prefix="plsc-bench-train-") as output:
         trainer = build_trainer(config, output)
         repeat_loader(trainer, spec.warmup + spec.steps)
         timer = StepPhaseTimer(trainer)
         losses, clocks = run_steps(trainer, spec.warmup + spec.steps, timer)
-    result = summarise(clocks[spec.warmup:], config.train.batch_size * trainer.comm.world_size)
+    result = summarise(clocks[spec.warmup:], step_batch(config.train, trainer.comm.world_size))
     result.update(
         losses=losses,
         gradient_hook_fired_steps=timer.hooks_fired,

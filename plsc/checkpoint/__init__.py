@@ -71,7 +71,7 @@ class TrainingState:
 
     step: int = 0  # optimizer steps taken
     epoch: int = 0  # epoch the next step belongs to
-    step_in_epoch: int = 0  # batches of that epoch already consumed
+    step_in_epoch: int = 0  # loader batches of that epoch already consumed (train.grad_accum per step)
 
 
 def versions() -> dict[str, str]:

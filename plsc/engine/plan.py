@@ -2,7 +2,8 @@
 lines of ``plsc train``'s log.
 
 Every number comes from the code the run uses: steps per epoch from the sampler
-(:class:`plsc.data.loader.DistributedShuffleSampler`, ``images // global batch``), the learning rates from
+(:class:`plsc.data.loader.DistributedShuffleSampler`, ``images // global batch``, the global batch of an
+optimizer step: ranks x ``train.batch_size`` x ``train.grad_accum``), the learning rates from
 :class:`plsc.engine.schedule.Schedule`, the backbone's trainable parameters and multiply-adds from the built
 model (:mod:`plsc.models.cost`). The memory prediction is plsc.capacity's model; it sits a layer above the
 trainer, so ``plsc plan`` passes it in and the training log leaves it out.
@@ -24,7 +25,7 @@ from plsc.data import build_dataset, count_samples
 from plsc.data.loader import DistributedShuffleSampler
 from plsc.distributed import require_classes_per_rank
 from plsc.engine.optimizer import describe_center_update, describe_optimizer
-from plsc.engine.schedule import Schedule, run_steps
+from plsc.engine.schedule import Schedule, run_steps, step_batch, steps_per_epoch
 from plsc.errors import PlscError
 from plsc.models.cost import BackboneCost, backbone_cost
 
@@ -154,7 +155,8 @@ class MemoryPrediction:
 @dataclass(frozen=True)
 class RunPlan:
     world_size: int
-    batch_per_rank: int
+    batch_per_rank: int  # of one micro-batch (train.batch_size)
+    grad_accum: int  # micro-batches per optimizer step
     images: int
     images_source: str
     steps_per_epoch: int
@@ -175,7 +177,8 @@ class RunPlan:
 
     @property
     def global_batch(self) -> int:
-        return self.batch_per_rank * self.world_size
+        """Images of one optimizer step over every rank."""
+        return self.batch_per_rank * self.world_size * self.grad_accum
 
     def lr_phases(self) -> list[dict]:
         """The constant-rate phases after the warmup, or for a polynomial decay its start."""
@@ -197,6 +200,7 @@ class RunPlan:
         return {
             "world_size": self.world_size,
             "batch_per_rank": self.batch_per_rank,
+            "grad_accum": self.grad_accum,
             "global_batch": self.global_batch,
             "images": self.images,
             "images_source": self.images_source,
@@ -233,19 +237,21 @@ def make_plan(config: Config, world_size: int, images: int, images_source: str, 
     """The plan of ``config`` on ``world_size`` ranks over ``images`` training images (the same numbers the
     trainer computes: its sampler, :func:`run_steps`, :meth:`Schedule.from_config`)."""
     require_classes_per_rank(num_classes, world_size)
-    batch = config.train.batch_size
-    steps_per_epoch = DistributedShuffleSampler(images, batch, 0, world_size).batches_per_epoch
-    total = run_steps(config.train, steps_per_epoch)
-    schedule = Schedule.from_config(config.optim, steps_per_epoch, total, batch * world_size)
+    batch, grad_accum = config.train.batch_size, config.train.grad_accum
+    batches = DistributedShuffleSampler(images, batch, 0, world_size).batches_per_epoch
+    epoch_steps = steps_per_epoch(batches, grad_accum)
+    total = run_steps(config.train, epoch_steps)
+    schedule = Schedule.from_config(config.optim, epoch_steps, total, step_batch(config.train, world_size))
     notes = []
     if config.train.max_steps > 0:
         notes.append(f"train.max_steps {config.train.max_steps} ends the run, not train.epochs")
     return RunPlan(
         world_size=world_size,
         batch_per_rank=batch,
+        grad_accum=grad_accum,
         images=images,
         images_source=images_source,
-        steps_per_epoch=steps_per_epoch,
+        steps_per_epoch=epoch_steps,
         schedule=schedule,
         optimizer=describe_optimizer(config.optim),
         center_update=describe_center_update(config.optim, config.loss.momentum_mode),
@@ -261,6 +267,14 @@ def make_plan(config: Config, world_size: int, images: int, images_source: str, 
         memory=memory,
         notes=notes,
     )
+
+
+def _global_batch_text(plan: RunPlan) -> str:
+    """The optimizer step's global batch and its factors: ranks x batch per rank (x micro-batches)."""
+    factors = f"{plan.world_size} x {plan.batch_per_rank}"
+    if plan.grad_accum > 1:
+        factors += f" x {plan.grad_accum} micro-batches, train.grad_accum"
+    return f"{plan.global_batch:,} ({factors})"
 
 
 def _lr_text(plan: RunPlan) -> str:
@@ -285,7 +299,7 @@ def plan_rows(plan: RunPlan) -> list[tuple[str, str]]:
     flops = f"{plan.backbone.multiply_adds / 1e9:.3g} G multiply-adds per {plan.image_size} px image"
     rows = [
         ("world size", f"{plan.world_size}"),
-        ("global batch", f"{plan.global_batch:,} ({plan.world_size} x {plan.batch_per_rank})"),
+        ("global batch", _global_batch_text(plan)),
         ("images", f"{plan.images:,} ({plan.images_source})"),
         ("steps per epoch", f"{plan.steps_per_epoch:,} (images // global batch)"),
         ("total steps", f"{s.total_steps:,}"),

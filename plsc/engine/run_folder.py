@@ -33,7 +33,8 @@ log = logging.getLogger("plsc.train")
 # (intervals, max_steps, epochs, lr, ...) may change. A key a checkpoint's config lacks (saved before the
 # setting existed) had its default's behaviour.
 SHAPE_KEYS = ("model.name", "model.width", "model.embedding_size", "data.image_size")
-TRAJECTORY_KEYS = ("model.data_format", "train.seed", "loss.sample_ratio", "optim.name")
+TRAJECTORY_KEYS = ("model.data_format", "train.seed", "loss.sample_ratio", "optim.name",
+                   "train.grad_accum")
 # visualdl: the VisualDL scalars plsc.engine.curves writes beside the log when VisualDL is installed
 PREVIOUS_RUN_FILES = ("checkpoints", "best_model", "train_log.jsonl", "visualdl")
 

@@ -22,6 +22,23 @@ import bisect
 from dataclasses import dataclass
 
 from plsc.config import OptimConfig, TrainConfig
+from plsc.errors import PlscError
+
+
+def steps_per_epoch(batches_per_epoch: int, grad_accum: int) -> int:
+    """Optimizer steps of an epoch of ``batches_per_epoch`` loader batches, ``grad_accum``
+    (``train.grad_accum``) of them each: the batches past the last whole step are left out, as the images
+    past the last whole batch are."""
+    steps = batches_per_epoch // grad_accum
+    if steps == 0:
+        raise PlscError(f"an epoch has {batches_per_epoch} batches of train.batch_size, fewer than the "
+                        f"{grad_accum} of one optimizer step (train.grad_accum): lower either")
+    return steps
+
+
+def step_batch(train: TrainConfig, world_size: int) -> int:
+    """Images of one optimizer step over every rank: the global batch the schedule and the log count."""
+    return train.batch_size * world_size * train.grad_accum
 
 
 def run_steps(train: TrainConfig, steps_per_epoch: int) -> int:

@@ -1,11 +1,20 @@
-"""One training step, top to bottom: forward, loss, backward, the backbone gradients' all-reduce, the
-collective inf/nan check, the backbone's clip, the optimizer step, the class centers' update.
+"""One training step, top to bottom: the head's sampling, forward, loss and backward of each micro-batch,
+the backbone gradients' all-reduce, the collective inf/nan check, the backbone's clip, the optimizer step, the
+class centers' update.
+
+Gradient accumulation (``train.grad_accum`` = N): the step takes N micro-batches at once, so that it
+equals one step of a batch N times larger (with batch statistics frozen). The head samples its centers once,
+from every micro-batch's labels; each micro-batch's loss is divided by N (the mean over the whole step) and
+its backward adds to the backbone's ``.grad`` and to the centers' gradient. Everything after the backward
+passes happens once: the all-reduce, the inf/nan check (an inf in any micro-batch skips them all), the clip,
+the updates.
 
 The one decision of the step is made once, when it is built: whether the head may apply its update inside the
-backward. Only when nothing can skip the step: without loss scaling there is no inf/nan check, and clipping
-never touches the class centers (PLSC v2.2 clips the backbone alone, parallel_grad_scaler.py:21-62), so the
-centers' update is known before the backward and its gradient need not be kept. Under loss scaling the update
-waits for the check, which covers the backbone's gradients, known only after the whole backward.
+backward. Only when nothing can skip the step and the step has one micro-batch: without loss scaling there is
+no inf/nan check, and clipping never touches the class centers (PLSC v2.2 clips the backbone alone,
+parallel_grad_scaler.py:21-62), so the centers' update is known before the backward and its gradient need not
+be kept. Under loss scaling the update waits for the check, which covers the backbone's gradients, known only
+after the whole backward; with several micro-batches it waits for the last one's gradient.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ from plsc.data import normalize_batch
 from plsc.engine.loss_scaler import DynamicLossScaler, found_inf_anywhere
 from plsc.engine.optimizer import center_update
 from plsc.errors import PlscError
-from plsc.loss.partial_fc import HeadStep
+from plsc.loss.partial_fc import HeadStep, MicroBatch
 
 log = logging.getLogger("plsc.train")
 
@@ -39,10 +48,10 @@ def diverged(step: int, reason: str, latest_checkpoint) -> TrainingDiverged:
 
 
 class TrainStep:
-    """``step(images, labels, step, lr) -> loss``: one step of the data-parallel backbone and the
-    class-sharded head. ``backbone`` and ``head_loss`` are the model's forward and the head's loss as
-    :mod:`plsc.engine.modes` compiled them (or not); ``checkpoints`` names the last checkpoint when the run
-    diverges."""
+    """``step(images, labels, step, lr) -> loss``: one optimizer step of the data-parallel backbone and the
+    class-sharded head, over ``train.grad_accum`` micro-batches. ``backbone`` and ``head_loss`` are the
+    model's forward and the head's loss as :mod:`plsc.engine.modes` compiled them (or not); ``checkpoints``
+    names the last checkpoint when the run diverges."""
 
     def __init__(self, config: Config, model, backbone, head, head_loss, optimizer,
                  scaler: DynamicLossScaler, comm, amp_level: str | None, checkpoints):
@@ -52,22 +61,25 @@ class TrainStep:
         self.autocast = contextlib.nullcontext
         if amp_level:
             self.autocast = lambda: paddle.amp.auto_cast(level=amp_level)
-        self.update_in_backward = not scaler.enabled  # the step's one decision (module docstring)
+        self.micro_batches = config.train.grad_accum
+        # The step's one decision (module docstring).
+        self.update_in_backward = not scaler.enabled and self.micro_batches == 1
         self.skipped_steps = 0  # steps dropped for an inf/nan gradient (loss scaling)
         self.skipped_in_a_row = 0
 
     def __call__(self, images: paddle.Tensor, labels: paddle.Tensor, step: int, lr: float) -> float:
-        """Train on one batch at 0-based ``step`` with learning rate ``lr``; the global batch's mean loss."""
-        optim, scaler = self.optim, self.scaler
+        """Train on the optimizer step's rank batch, ``train.grad_accum`` equal micro-batches one after the
+        other, at 0-based ``step`` with learning rate ``lr``; the global batch's mean loss."""
+        optim, scaler, micro_batches = self.optim, self.scaler, self.micro_batches
         self.model.train()
         unscale = (1.0 / scaler.scale) / optim.grad_divisor  # a disabled scaler's scale is 1
         # Center gradients were scaled with the loss too (train.unscale_center_grads: whether that is undone).
         center_scale = unscale if self.train.unscale_center_grads else 1.0 / optim.grad_divisor
         update = center_update(optim, lr, center_scale)
-        assert not (self.update_in_backward and scaler.enabled), "a skippable step updated in the backward"
-        pending = self.head.prepare(labels, step, update if self.update_in_backward else None)
-        loss = self.forward_loss(images, pending)
-        (loss * scaler.scale if scaler.enabled else loss).backward()
+        assert not (self.update_in_backward and (scaler.enabled or micro_batches > 1)), \
+            "a skippable or accumulating step updated in the backward"
+        pending = self.head.prepare(labels, step, update if self.update_in_backward else None, micro_batches)
+        loss = self.accumulate(split_micro_batches(images, micro_batches), pending)
         grads = self.all_reduce_backbone_grads()
         if scaler.enabled and found_inf_anywhere(grads + self.head.center_grads(pending), self.comm):
             self.skip(step + 1)  # the head's step is dropped with ``pending``
@@ -94,9 +106,23 @@ class TrainStep:
             raise diverged(step + 1, f"the loss is {loss_value}", self.checkpoints.latest())
         return loss_value
 
-    def forward_loss(self, images: paddle.Tensor, pending: HeadStep) -> paddle.Tensor:
-        """The step's loss (the global batch's mean, the same on every rank) over the head's sampled centers
-        (``pending``), gradients still to take; ``images`` is a loader batch (uint8 pixels), normalised here.
+    def accumulate(self, micro_images: list[paddle.Tensor], pending: HeadStep) -> paddle.Tensor:
+        """Forward and backward of each micro-batch, its loss divided by their number: the backbone's
+        ``.grad`` and the head's ``pending`` sum the step's gradient. The step's mean loss (detached)."""
+        count, scaler = len(micro_images), self.scaler
+        total = None
+        for number, images in enumerate(micro_images):
+            loss = self.forward_loss(images, pending.micro_batch(number))
+            if count > 1:
+                loss = loss / count
+            (loss * scaler.scale if scaler.enabled else loss).backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        return total
+
+    def forward_loss(self, images: paddle.Tensor, pending: HeadStep | MicroBatch) -> paddle.Tensor:
+        """A micro-batch's loss (its global batch's mean, the same on every rank) over the head's sampled
+        centers (``pending``: the micro-batch, or a step of one), gradients still to take; ``images`` is a
+        loader batch (uint8 pixels), normalised here.
 
         Static mode runs two compiled programs here: the backbone, and the head's loss with its collectives.
         The all_gather of the embeddings between them stays eager: Paddle 3's static graph (PIR) has no
@@ -130,6 +156,13 @@ class TrainStep:
             raise diverged(step, f"{limit} steps in a row skipped for inf/nan gradients "
                            f"(train.max_skipped_steps), loss scale down to {self.scaler.scale:g}",
                            self.checkpoints.latest())
+
+
+def split_micro_batches(images: paddle.Tensor, count: int) -> list[paddle.Tensor]:
+    """A rank batch as ``count`` equal micro-batches, in order."""
+    if images.shape[0] % count:
+        raise ValueError(f"a batch of {images.shape[0]} does not split into {count} equal micro-batches")
+    return paddle.chunk(images, count) if count > 1 else [images]
 
 
 def clip_factor(grads: list[paddle.Tensor], unscale: float, clip_norm: float, max_factor: float) -> float:

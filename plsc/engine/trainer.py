@@ -13,6 +13,7 @@ everything else (sampling, optimizer steps, checkpoints) is shared eager code.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import signal
 import time
@@ -39,7 +40,7 @@ from plsc.engine.modes import (
 )
 from plsc.engine.optimizer import build_optimizer
 from plsc.engine.plan import log_plan
-from plsc.engine.schedule import Schedule, run_steps
+from plsc.engine.schedule import Schedule, run_steps, step_batch, steps_per_epoch
 from plsc.engine.signals import StopSignals, TrainingInterrupted
 from plsc.engine.step import TrainingDiverged, TrainStep, diverged
 from plsc.engine.train_log import LogWindow, TrainLog
@@ -106,6 +107,22 @@ def require_int8_velocity(comm) -> None:
         reason = problem or "it failed on another rank"
         raise PlscError(f"loss.velocity_dtype int8 does not work on {paddle.get_device()}: {reason}; "
                         "use loss.velocity_dtype same")
+
+
+def step_batches(batches, count: int):
+    """Loader batches ``(images, labels)`` ``count`` at a time (``train.grad_accum``), each group one
+    optimizer step's rank batch: the micro-batches one after the other (:class:`plsc.engine.step.TrainStep`
+    splits them again). A last incomplete group is left out."""
+    if count == 1:
+        yield from batches
+        return
+    group = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == count:
+            images, labels = zip(*group, strict=True)
+            yield paddle.concat(images), paddle.concat(labels)
+            group = []
 
 
 class Trainer:
@@ -178,13 +195,15 @@ class Trainer:
                               self.comm, self.amp_level, self.checkpoints)
         world = self.comm.world_size
         self.loader, self.sampler = build_train_loader_from_config(config, self.dataset, self.rank, world)
-        self.steps_per_epoch = self.sampler.batches_per_epoch
+        self.steps_per_epoch = steps_per_epoch(self.sampler.batches_per_epoch, config.train.grad_accum)
+        # The loader batches an epoch trains on; the data position (state.step_in_epoch) counts them.
+        self.batches_per_epoch = self.steps_per_epoch * config.train.grad_accum
         self.total_steps = run_steps(config.train, self.steps_per_epoch)
+        global_batch = step_batch(config.train, world)
         self.schedule = Schedule.from_config(config.optim, self.steps_per_epoch, self.total_steps,
-                                             config.train.batch_size * world)
+                                             global_batch)
         log_plan(config, self.comm, len(self.dataset), self.num_classes)
-        self.train_log = TrainLog(self.curves, self.rank, config.train.batch_size * world,
-                                  self.total_steps)
+        self.train_log = TrainLog(self.curves, self.rank, global_batch, self.total_steps)
         self.val_sets = [load_bin(path, config.data.image_size) for path in config.data.val_bins]
         self.state = ckpt.TrainingState()
         self.best: dict[str, dict] = {}
@@ -278,7 +297,8 @@ class Trainer:
     # --- one step and verification ------------------------------------------------------------------------
 
     def train_step(self, images: paddle.Tensor, labels: paddle.Tensor, lr: float) -> float:
-        """One step at the run's position (:class:`plsc.engine.step.TrainStep`); the loop's seam."""
+        """One optimizer step at the run's position (:class:`plsc.engine.step.TrainStep`) on this rank's
+        batch of the step (``train.grad_accum`` loader batches, :func:`step_batches`); the loop's seam."""
         return self.step(images, labels, self.state.step, lr)
 
     @property
@@ -343,7 +363,7 @@ class Trainer:
             while self.state.step < self.total_steps:
                 with memory_hint("training", "train.batch_size, data.image_size or loss.sample_ratio"):
                     self._train_epoch()
-                if self.state.step_in_epoch == self.steps_per_epoch:
+                if self.state.step_in_epoch == self.batches_per_epoch:
                     self.state.epoch += 1
                     self.state.step_in_epoch = 0
                     if self.config.train.save_interval == 0:
@@ -360,16 +380,18 @@ class Trainer:
         train = self.config.train
         self.sampler.set_epoch(self.state.epoch, start_batch=self.state.step_in_epoch)
         window = LogWindow(time.time(), self.state.step)
-        for batch_index, (images, labels) in enumerate(self.loader, start=self.state.step_in_epoch):
+        remaining = itertools.islice(self.loader, self.batches_per_epoch - self.state.step_in_epoch)
+        for images, labels in step_batches(remaining, train.grad_accum):
             lr = self.schedule.lr(self.state.step)
             window.add(self.train_step(images, labels, lr))
             self.state.step += 1
-            self.state.step_in_epoch = batch_index + 1
+            self.state.step_in_epoch += train.grad_accum
             step = self.state.step
             stopping = self.comm.any_true(self.signals.received is not None)
             evaluate = train.eval_interval > 0 and step % train.eval_interval == 0 and bool(self.val_sets)
             save = train.save_interval > 0 and step % train.save_interval == 0
-            ends = step >= self.total_steps or self.state.step_in_epoch == self.steps_per_epoch  # run() saves
+            # run() saves at the end
+            ends = step >= self.total_steps or self.state.step_in_epoch == self.batches_per_epoch
             if stopping or evaluate or save or ends:  # nothing is saved or verified from non-finite weights
                 self._require_finite_weights()
             if step % train.log_interval == 0 or step == self.total_steps:
