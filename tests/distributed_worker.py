@@ -7,6 +7,9 @@
 ``python distributed_worker.py allreduce SPEC.json OUT_DIR``: sums of this rank's random tensors (the spec's
   shapes and dtypes) over ranks, per tensor and coalesced in each of the spec's bucket sizes, with the
   number of all-reduces each issued, in ``allreduce.rank<r>.npz``.
+``python distributed_worker.py grad_accum SPEC.json OUT_DIR``: two Trainers on this world size, BatchNorm on
+  its running statistics, one with ``train.grad_accum`` N and batch B, one with batch N x B, take the same
+  optimizer steps on the same data (:func:`lockstep_grad_accum`; each one's state in ``<name>.rank<r>.npz``).
 ``python distributed_worker.py train RESULTS OUTPUT BATCHNORM OVERRIDE...``: a Trainer run writing OUTPUT, its
   BatchNorm layers on batch statistics (BATCHNORM=per-rank, the default of training) or on their running
   statistics (global, see :func:`use_running_batchnorm_statistics`);
@@ -139,6 +142,49 @@ def use_running_batchnorm_statistics(model: paddle.nn.Layer) -> None:
             layer._use_global_stats = True
 
 
+def trained_state(trainer) -> dict[str, np.ndarray]:
+    """What a step changes on this rank: the backbone's tensors (BatchNorm's running statistics included),
+    the backbone optimizer's velocities (named alike in every run), this rank's class centers and their
+    velocities."""
+    state = {f"backbone/{name}": value.numpy() for name, value in trainer.model.state_dict().items()}
+    state.update({f"optimizer/{name}": value.numpy() for name, value in trainer.optimizer.state_dict().items()
+                  if isinstance(value, paddle.Tensor)})
+    state.update(centers=trainer.head.weight.numpy(), center_velocity=trainer.head.velocity.numpy())
+    return state
+
+
+def lockstep_grad_accum(spec: dict, output: Path, comm) -> dict[str, dict[str, np.ndarray]]:
+    """Two Trainers, BatchNorm on its running statistics: ``accumulated`` with ``train.grad_accum`` N
+    (``micro_batches``) and batch B (``batch``), ``whole`` with batch N x B, each taking the same ``steps``
+    optimizer steps at rate ``lr`` on the same images (this rank's of each step). Their
+    :func:`trained_state` and per-step ``losses``. ``spec["overrides"]``: the run's other settings."""
+    from plsc.config import load_config
+    from plsc.engine.trainer import Trainer
+
+    count, batch = spec["micro_batches"], spec["batch"]
+    settings = {"whole": [f"train.batch_size={count * batch}"],
+                "accumulated": [f"train.batch_size={batch}", f"train.grad_accum={count}"]}
+    trainers = {}
+    for name, extra in settings.items():
+        config = load_config(overrides=[*spec["overrides"], *extra])
+        trainers[name] = Trainer(config, output / name, comm=comm)
+        use_running_batchnorm_statistics(trainers[name].model)
+    losses = {name: [] for name in trainers}
+    trainers["whole"].sampler.set_epoch(0)
+    for step, (images, labels) in zip(range(spec["steps"]), trainers["whole"].loader, strict=False):
+        for name, trainer in trainers.items():
+            losses[name].append(trainer.step(images, labels, step, spec["lr"]))
+    return {name: {**trained_state(trainer), "losses": np.array(losses[name])}
+            for name, trainer in trainers.items()}
+
+
+def run_grad_accum(spec_path: str, out_dir: str) -> None:
+    comm = make_comm()
+    states = lockstep_grad_accum(json.loads(Path(spec_path).read_text()), Path(out_dir), comm)
+    for name, state in states.items():
+        np.savez(Path(out_dir) / f"{name}.rank{comm.rank}.npz", **state)
+
+
 def run_train(results_dir: str, output: str, batchnorm: str, *overrides: str) -> None:
     from plsc.config import load_config
     from plsc.engine import trainer as trainer_module
@@ -175,5 +221,6 @@ def run_train(results_dir: str, output: str, batchnorm: str, *overrides: str) ->
 
 if __name__ == "__main__":
     mode, *arguments = sys.argv[1:]
-    modes = {"head": run_head, "allreduce": run_allreduce, "reshard": run_reshard, "train": run_train}
+    modes = {"head": run_head, "allreduce": run_allreduce, "reshard": run_reshard, "train": run_train,
+             "grad_accum": run_grad_accum}
     modes[mode](*arguments)
