@@ -23,10 +23,12 @@ from plsc import checkpoint as ckpt
 from plsc import cli
 from plsc.config import load_config
 from plsc.distributed import LocalComm, shard_classes
+from plsc.engine.plan import make_plan, plan_rows
 from plsc.engine.trainer import Trainer
 from plsc.errors import PlscError
 from plsc.loss.sampling import num_sampled
 
+ROOT = Path(__file__).resolve().parent.parent
 CLASSES = 40  # the bundled faces' identities
 RATIO = 0.5  # the head samples: the centers of a step depend on every one of its labels
 # Measured largest relative difference (max |a - b| / max(1, max |b|)) over the backbone, its velocities, the
@@ -234,3 +236,20 @@ def test_an_epoch_shorter_than_one_optimizer_step_is_one_line(tiny_dir, tmp_path
     with pytest.raises(PlscError, match=expected) as info:
         Trainer(config, tmp_path)
     assert "\n" not in str(info.value)
+
+
+def test_plan_of_two_gpus_accumulating_four_batches_is_plscs_eight_gpu_plan():
+    """PLSC v2.2's r50 config on 8 GPUs x 128 and on 2 GPUs x 128 x 4 micro-batches: the same global batch
+    of 1024, steps per epoch (images // 1024, PLSC's dynamic/train.py:84), total steps, decay steps and
+    rates (base lr = 1024 x lr / 512)."""
+    config = ROOT / "configs" / "ms1mv3_r50_dynamic_fp16_nhwc_r0.1.yaml"
+    images = 5_179_510
+    eight = make_plan(load_config(config, reads_data=False), 8, images, "--images", 93431)
+    two = make_plan(load_config(config, ["train.grad_accum=4"], reads_data=False), 2, images, "--images",
+                    93431)
+    assert two.global_batch == eight.global_batch == 1024
+    assert two.steps_per_epoch == eight.steps_per_epoch == images // 1024
+    assert two.schedule == eight.schedule
+    assert two.schedule.base_lr == pytest.approx(1024 * load_config(config, reads_data=False).optim.lr / 512)
+    assert "1,024 (2 x 128 x 4 micro-batches, train.grad_accum)" in dict(plan_rows(two))["global batch"]
+    assert two.to_dict()["grad_accum"] == 4
