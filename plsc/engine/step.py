@@ -79,7 +79,7 @@ class TrainStep:
         assert not (self.update_in_backward and (scaler.enabled or micro_batches > 1)), \
             "a skippable or accumulating step updated in the backward"
         pending = self.head.prepare(labels, step, update if self.update_in_backward else None, micro_batches)
-        loss = self.accumulate(split_micro_batches(images, micro_batches), pending)
+        loss = self.accumulate(images, pending)
         grads = self.all_reduce_backbone_grads()
         if scaler.enabled and found_inf_anywhere(grads + self.head.center_grads(pending), self.comm):
             self.skip(step + 1)  # the head's step is dropped with ``pending``
@@ -106,13 +106,15 @@ class TrainStep:
             raise diverged(step + 1, f"the loss is {loss_value}", self.checkpoints.latest())
         return loss_value
 
-    def accumulate(self, micro_images: list[paddle.Tensor], pending: HeadStep) -> paddle.Tensor:
-        """Forward and backward of each micro-batch, its loss divided by their number: the backbone's
-        ``.grad`` and the head's ``pending`` sum the step's gradient. The step's mean loss (detached)."""
-        count, scaler = len(micro_images), self.scaler
+    def accumulate(self, images: paddle.Tensor, pending: HeadStep) -> paddle.Tensor:
+        """Forward and backward of each of the step's micro-batches (``images``: theirs one after the
+        other, as many as ``pending`` has, whose labels split alike), its loss divided by their number: the
+        backbone's ``.grad`` and the head's ``pending`` sum the step's gradient. The step's mean loss
+        (detached)."""
+        count, scaler = pending.micro_batches, self.scaler
         total = None
-        for number, images in enumerate(micro_images):
-            loss = self.forward_loss(images, pending.micro_batch(number))
+        for number, micro_images in enumerate(paddle.chunk(images, count) if count > 1 else [images]):
+            loss = self.forward_loss(micro_images, pending.micro_batch(number))
             if count > 1:
                 loss = loss / count
             (loss * scaler.scale if scaler.enabled else loss).backward()
@@ -156,13 +158,6 @@ class TrainStep:
             raise diverged(step, f"{limit} steps in a row skipped for inf/nan gradients "
                            f"(train.max_skipped_steps), loss scale down to {self.scaler.scale:g}",
                            self.checkpoints.latest())
-
-
-def split_micro_batches(images: paddle.Tensor, count: int) -> list[paddle.Tensor]:
-    """A rank batch as ``count`` equal micro-batches, in order."""
-    if images.shape[0] % count:
-        raise ValueError(f"a batch of {images.shape[0]} does not split into {count} equal micro-batches")
-    return paddle.chunk(images, count) if count > 1 else [images]
 
 
 def clip_factor(grads: list[paddle.Tensor], unscale: float, clip_norm: float, max_factor: float) -> float:

@@ -133,11 +133,6 @@ class HeadStep:
     applied_in_backward: bool = False
     applied: bool = False
 
-    def __post_init__(self):
-        if self.update_in_backward is not None and self.micro_batches != 1:
-            raise ValueError(f"an update inside the backward needs a step of one micro-batch, this one has "
-                             f"{self.micro_batches}")
-
     def micro_batch(self, number: int) -> MicroBatch:
         """Micro-batch ``number`` (0-based) of the step: the step's centers, its own labels' columns."""
         if not 0 <= number < self.micro_batches:
@@ -316,6 +311,9 @@ class PartialFC:
         :class:`HeadStep`."""
         if labels.shape[0] % micro_batches:
             raise ValueError(f"{labels.shape[0]} labels do not split into {micro_batches} micro-batches")
+        if update_in_backward is not None and micro_batches != 1:
+            raise ValueError(f"an update inside the backward needs a step of one micro-batch, not "
+                             f"{micro_batches}")
         all_labels = self.comm.all_gather(labels.reshape([-1]))
         if micro_batches > 1:  # [ranks, micro, batch] -> [micro, ranks, batch]: micro-batch by micro-batch
             all_labels = all_labels.reshape([self.comm.world_size, micro_batches, -1]).transpose([1, 0, 2])
