@@ -331,6 +331,7 @@ ARCFACE_TORCH = {
     "wf42m_pfc03_40epoch_8gpu_vit_b": (8, 256, 0.001, 40, 4, 0.3, 512, COS, 0.1, "adamw", *WF42M, "vit_b"),
     "wf42m_pfc03_40epoch_64gpu_vit_b": (64, 384, 0.001, 40, 4, 0.3, 512, COS, 0.1, "adamw", *WF42M, "vit_b"),
 }
+ARCFACE_TORCH_GRADIENT_ACC = {"wf42m_pfc03_40epoch_8gpu_vit_b": 12}  # configs/<name>.py:17; base.py:44: 1
 ARCFACE_TORCH_DIR = ROOT / "configs" / "arcface_torch"
 
 
@@ -348,7 +349,9 @@ def test_arcface_torch_config_loads_and_plans_as_arcface_torch_trains_it(name, m
     config = load_config(f"arcface_torch/{name}", reads_data=False)  # found under the repository's configs/
     assert planned_data(config, None) == (images, "data.num_images", classes)
     plan = make_plan(config, gpus, images, "data.num_images", classes)
-    steps_per_epoch = images // (batch * gpus)
+    accumulated = ARCFACE_TORCH_GRADIENT_ACC.get(name, 1)  # an optimizer step takes this many batches
+    assert config.train.grad_accum == accumulated
+    steps_per_epoch = images // (batch * gpus * accumulated)
     assert (plan.batch_per_rank, plan.steps_per_epoch) == (batch, steps_per_epoch)
     assert (plan.schedule.total_steps, plan.schedule.warmup_steps) == (steps_per_epoch * epochs,
                                                                        steps_per_epoch * warmup)
@@ -377,5 +380,5 @@ def test_plan_command_reports_the_optimizer_of_an_arcface_torch_vit_config(tmp_p
     assert plan["center_update"] == ("sparse momentum 0.9 (dense), base rate 0.2 on the schedule, "
                                      "L2 weight decay 0.0005")
     assert (plan["images_source"], plan["global_batch"], plan["backbone_params"] > 0) == (
-        "data.num_images", 2048, True)
+        "data.num_images", 8 * 256 * 12, True)  # 12 batches of 8 x 256 per optimizer step
     assert plan["memory_per_gpu_mib"] > 0 and "optimizer" in printed and "optim.name" in printed
