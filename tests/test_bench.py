@@ -407,17 +407,18 @@ def test_streaming_head_bench_gathers_rows_inside_the_walks_and_updates_in_the_p
     from plsc.loss.streaming import Streaming
 
     spec = HeadBenchSpec(**{**TINY.__dict__, "chunk_size": 64, "update_in_backward": update_in_backward})
-    calls = count_calls(monkeypatch, Streaming, ("gather_chunk", "chunk_gradients"))
+    calls = count_calls(monkeypatch, Streaming, ("gather_chunk", "chunk_gradients", "update_chunk"))
     head = build_head(spec)
     clock = WalkCountingClock(calls)
     index = head_step(head, *make_batch(spec, np.random.default_rng(0)), 0, clock, update_in_backward)
     assert index.ndim == 1 and index.shape[0] == 300  # the sampled ids, not gathered rows
     chunks = -(-300 // 64)
-    assert clock.seen["gather"] == {"gather_chunk": 0, "chunk_gradients": 0}  # no rows before the forward
+    assert set(clock.seen["gather"].values()) == {0}  # no rows before the forward
     assert clock.seen["forward"]["gather_chunk"] == chunks  # walk 1: the weight rows of every chunk
     assert clock.seen["backward"]["chunk_gradients"] == 1  # walk 2
-    # With the update planned, walk 2 applies it and step() walks no more; else step() is walk 3.
-    assert clock.seen["update"]["chunk_gradients"] == (1 if update_in_backward else 2)
+    # With the update planned, walk 2 steps every chunk and step() walks no more; else step() is walk 3.
+    assert clock.seen["backward"]["update_chunk"] == (chunks if update_in_backward else 0)
+    assert (clock.seen["update"]["update_chunk"], clock.seen["update"]["chunk_gradients"]) == (chunks, 1)
 
 
 def test_streaming_head_bench_times_the_same_floor_and_reads_its_options():

@@ -586,6 +586,30 @@ def test_batches_kept_by_the_caller_stay_intact(tiny_dir):
         loader.close()
 
 
+def test_workers_are_forked_with_opencvs_pool_at_one_thread_and_the_parents_count_comes_back(tiny_dir,
+                                                                                          monkeypatch):
+    """A worker forked while OpenCV's pool threads wait can hang in its first pool reconfiguration
+    (plsc.data.workers._opencv_pool_stopped); each fork happens with the pool at one thread instead."""
+    import multiprocessing.context
+
+    at_fork = []
+    start = multiprocessing.context.ForkProcess.start
+    monkeypatch.setattr(multiprocessing.context.ForkProcess, "start",
+                        lambda process: (at_fork.append(cv2.getNumThreads()), start(process))[1])
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(3)
+    try:
+        loader, _ = build_train_loader(FolderDataset(tiny_dir), batch_size=24, image_size=32, num_workers=2)
+        try:
+            images, _ = next(iter(loader))
+            assert images.shape[0] == 24 and at_fork == [1, 1]
+            assert cv2.getNumThreads() == 3
+        finally:
+            loader.close()
+    finally:
+        cv2.setNumThreads(threads)
+
+
 def test_a_lent_batch_is_the_slots_memory_and_its_slot_returns_when_dropped(tiny_dir):
     loader, sampler = build_train_loader(FolderDataset(tiny_dir), batch_size=24, image_size=32, num_workers=2)
     try:

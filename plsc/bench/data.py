@@ -151,7 +151,7 @@ def raw_decode_rate(encoded: list[np.ndarray], decodes: int) -> float:
     import cv2
 
     threads = cv2.getNumThreads()
-    cv2.setNumThreads(1)  # as in a loader worker (plsc.data.loader._init_worker)
+    cv2.setNumThreads(1)  # as in a loader worker (plsc.data.workers)
     try:
         started = time.perf_counter()
         for index in range(decodes):

