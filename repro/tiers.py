@@ -104,7 +104,7 @@ class TierGate:
 
     def _missing_one(self, tier: str) -> str | None:
         if tier == "cpu_slow" and not self.run_slow:
-            return "cpu_slow tier: takes minutes on CPU; run with --run-slow"
+            return "cpu_slow tier: too slow for the unit tier; run with --run-slow"
         if tier in GPUS_NEEDED and self.usable_gpus() < GPUS_NEEDED[tier]:
             return f"{tier} tier: needs {GPUS_NEEDED[tier]} GPU(s) usable by paddle; {self._gpu_shortfall()}"
         if tier == "multinode" and self.hardware.nodes < 2:

@@ -369,6 +369,8 @@ def onnx_usable() -> bool:
     return True
 
 
+@pytest.mark.cpu_slow(reason="exports the model to Paddle and ONNX before indexing with each (~8 "
+                              "s)")
 def test_exports_and_checkpoint_share_an_index(demo, tiny_model, tmp_path):
     """The index check accepts the same weights through any engine, and they name faces alike."""
     from plsc.export import export_checkpoint

@@ -536,6 +536,8 @@ def test_two_ranks_train_exactly_like_one_process_with_the_double_batch(tiny_ove
     assert_follows_reference([two, two / "resumed"], one, twins)
 
 
+@pytest.mark.cpu_slow(reason="a two-rank run with verification and three one-process references "
+                              "(~25 s); the two-rank equality tests stay fast")
 def test_per_rank_batchnorm_and_shared_verification(tiny_overrides, tiny_dir, tmp_path):
     """Comparison 2 (see above), with verification at steps 2, 4 and 5 on both ranks: each rank embeds half
     of the pairs, both get identical results and take the same best-model decisions, and rank 0 alone

@@ -160,6 +160,8 @@ def test_a_rank_failing_while_the_launcher_hangs_is_still_ended_by_plsc(job):
     kill_rank_1(job)
 
 
+@pytest.mark.cpu_slow(reason="a launched two-rank job failing (~15 s); test_scripts' one-line rank "
+                              "error stays fast")
 def test_an_error_on_the_ranks_is_one_line_naming_the_rank_and_the_error(tiny_dir, tmp_path):
     output = tmp_path / "run"
     missing = tmp_path / "missing.bin"  # read by each rank (plsc train checks only the labels before them)

@@ -182,6 +182,8 @@ def test_plsc_train_runs_adamw_and_steps_the_backbone_by_it(tiny_dir, tiny_run, 
     np.testing.assert_allclose(np.concatenate(beta1), 0.9**4, rtol=1e-6)  # Paddle starts them at beta
 
 
+@pytest.mark.cpu_slow(reason="three AdamW runs of 3 to 8 steps (~15 s); the SGD resume test stays "
+                              "fast")
 def test_adamw_resume_continues_the_same_trajectory(tiny_dir, tiny_run, tmp_path):
     """3 steps, stop, resume to 8 (crossing an epoch end) == 8 steps in one go, bit for bit (measured: equal
     losses, AdamW state, backbone and class centers, Paddle 3.3 on the CPU): AdamW's moments and beta powers

@@ -339,7 +339,14 @@ def test_the_arcface_torch_folder_holds_exactly_these_configs():
     assert sorted(p.stem for p in ARCFACE_TORCH_DIR.glob("*.yaml")) == sorted(ARCFACE_TORCH)
 
 
-@pytest.mark.parametrize("name", sorted(ARCFACE_TORCH))
+def arcface_torch_param(name: str):
+    # A ViT-B plan probes the backbone's activations with a forward pass (~7 s each); the plan command's ViT-B
+    # test keeps one in the fast tier.
+    slow = pytest.mark.cpu_slow(reason="a ViT-B forward to measure its activations (~7 s)")
+    return pytest.param(name, marks=[slow] if name.endswith("vit_b") else [])
+
+
+@pytest.mark.parametrize("name", [arcface_torch_param(name) for name in sorted(ARCFACE_TORCH)])
 def test_arcface_torch_config_loads_and_plans_as_arcface_torch_trains_it(name, monkeypatch):
     """The plan on the README's GPU count, without the data: steps as train_v2.py:136-138 counts them
     (``num_image // total_batch_size * num_epoch``, the warmup likewise), rates as lr_scheduler.py:14-42."""

@@ -101,6 +101,8 @@ def harness_run(project_root, verification_dir, checkpoint_dir, tmp_path_factory
     return run, results_dir
 
 
+@pytest.mark.cpu_slow(reason="trains the checkpoint the harness then scores (~12 "
+                              "s)")
 def test_the_row_with_a_checkpoint_runs_and_the_others_skip(harness_run):
     run, _ = harness_run
     assert "1 failed, 3 skipped" in run.stdout, run.stdout + run.stderr

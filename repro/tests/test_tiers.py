@@ -54,7 +54,7 @@ def test_without_gpus_only_the_cpu_tier_runs_and_the_rest_say_what_they_need(tie
     result.assert_outcomes(passed=2, skipped=4)
     result.stdout.fnmatch_lines_random(
         [
-            "SKIPPED*cpu_slow tier: takes minutes on CPU; run with --run-slow",
+            "SKIPPED*cpu_slow tier: too slow for the unit tier; run with --run-slow",
             "SKIPPED*gpu tier: needs 1 GPU(s) usable by paddle; found none (paddle 3.3.1 is not compiled*",
             "SKIPPED*gpu8 tier: needs 8 GPU(s) usable by paddle; found none*",
             "SKIPPED*multinode tier: needs 2+ nodes*found 1 node",
@@ -79,7 +79,7 @@ def test_slow():
     monkeypatch.setattr(hardware, "detect", lambda: cpu_machine)
     result = pytester.runpytest("-p", "repro.tiers", "-rs")
     result.assert_outcomes(skipped=1)
-    result.stdout.fnmatch_lines(["SKIPPED*cpu_slow tier: takes minutes on CPU; run with --run-slow "
+    result.stdout.fnmatch_lines(["SKIPPED*cpu_slow tier: too slow for the unit tier; run with --run-slow "
                                  "(trains four models (~40 s))"])
 
 
