@@ -16,10 +16,12 @@ Idempotent: the output depends only on this file, and files whose content is alr
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling generated_configs, run from anywhere
+import generated_configs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "configs"
@@ -224,47 +226,16 @@ def generate() -> dict[str, str]:
 
 def write(out_dir: Path) -> list[str]:
     """Write the files into out_dir; returns the names whose content changed (empty on a re-run)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    changed = []
-    for name, text in generate().items():
-        path = out_dir / name
-        if path.is_file() and path.read_text() == text:
-            continue
-        path.write_text(text)
-        changed.append(name)
-    return changed
+    return generated_configs.write(generate(), out_dir)
 
 
 def check(out_dir: Path) -> list[str]:
-    """Problems found in out_dir: missing or differing published files, and stale ms1mv3_*.yaml files."""
-    expected = generate()
-    problems = []
-    for name, text in expected.items():
-        path = out_dir / name
-        if not path.is_file():
-            problems.append(f"missing: {path}")
-        elif path.read_text() != text:
-            problems.append(f"differs from the generator: {path}")
-    for path in sorted(out_dir.glob("ms1mv3_*.yaml")):
-        if path.name not in expected:
-            problems.append(f"not produced by the generator: {path}")
-    return problems
+    """Problems found in out_dir: missing or differing files, and ms1mv3_*.yaml files not generated."""
+    return generated_configs.check(generate(), out_dir, "ms1mv3_*.yaml")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: configs/)")
-    parser.add_argument("--check", action="store_true", help="only compare; exit 1 when anything differs")
-    args = parser.parse_args(argv)
-    if args.check:
-        problems = check(args.out)
-        for problem in problems:
-            print(problem, file=sys.stderr)
-        return 1 if problems else 0
-    changed = write(args.out)
-    unchanged = len(TABLE) - len(changed)
-    print(f"{len(TABLE)} configurations in {args.out}: {len(changed)} written, {unchanged} unchanged")
-    return 0
+    return generated_configs.main(argv, __doc__.splitlines()[0], generate(), DEFAULT_OUT, "ms1mv3_*.yaml")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ RecordDataset over each layout, and the .rec <-> folder conversions with their f
 from __future__ import annotations
 
 import hashlib
-import json
 import multiprocessing
 import os
 import pickle
@@ -19,7 +18,6 @@ import pytest
 
 from plsc.data import convert
 from plsc.data.convert import images_to_rec, rec_to_images
-from plsc.data.folder import FolderDataset
 from plsc.data.recordio import (
     MAGIC,
     MAGIC_BYTES,
@@ -47,22 +45,6 @@ def index_cache_dir(tmp_path, monkeypatch):
 
 def md5(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def recordio_dir(shared_dir) -> Path:
-    return shared_dir / "data" / "recordio"
-
-
-@pytest.fixture(scope="module")
-def manifest(recordio_dir) -> dict:
-    return json.loads((recordio_dir / "manifest.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def tiny_samples(tiny_dir) -> list[tuple[Path, int]]:
-    folder = FolderDataset(tiny_dir)
-    return [(folder.image_path(index), int(label)) for index, label in enumerate(folder.labels)]
 
 
 def paths(directory: Path, name: str) -> tuple[Path, Path]:
@@ -107,8 +89,8 @@ def raw_parts(data: bytes) -> list[tuple[int, int, int]]:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_every_record_matches_the_manifest(recordio_dir, manifest, name):
-    expected = manifest[name]
+def test_every_record_matches_the_manifest(recordio_dir, recordio_manifest, name):
+    expected = recordio_manifest[name]
     with RecordReader(*paths(recordio_dir, name)) as reader:
         assert sorted(int(key) for key in reader.keys) == sorted(int(key) for key in expected)
         for key in reader.keys:
@@ -126,9 +108,9 @@ def test_every_record_matches_the_manifest(recordio_dir, manifest, name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_payload_spans_hold_the_manifest_payloads(recordio_dir, manifest, name):
+def test_payload_spans_hold_the_manifest_payloads(recordio_dir, recordio_manifest, name):
     # the vectorised header pass against MXNet's own record checksums; split records are left to read()
-    expected = manifest[name]
+    expected = recordio_manifest[name]
     with RecordReader(*paths(recordio_dir, name)) as reader:
         keys = np.asarray(reader.keys)
         starts, lengths = reader.payload_spans(keys)
@@ -156,7 +138,7 @@ def test_sequential_reading_without_idx_sees_the_same_records(recordio_dir, name
     assert [unindexed.read(position) for position in unindexed.keys] == in_file_order
 
 
-def test_format_facts_in_mxnet_files(recordio_dir, manifest):
+def test_format_facts_in_mxnet_files(recordio_dir, recordio_manifest):
     tiny = (recordio_dir / "faces_tiny.rec").read_bytes()
     tiny_parts = raw_parts(tiny)
     assert {flag for _, flag, _ in tiny_parts} == {0}  # no JPEG here contains an aligned magic word
@@ -174,8 +156,8 @@ def test_format_facts_in_mxnet_files(recordio_dir, manifest):
     for index in range(3):
         payload = split_payload(index)
         assert (len(payload), md5(payload)) == (
-            manifest["split"][str(index)]["payload_len"],
-            manifest["split"][str(index)]["payload_md5"],
+            recordio_manifest["split"][str(index)]["payload_len"],
+            recordio_manifest["split"][str(index)]["payload_md5"],
         )
 
 
@@ -451,8 +433,8 @@ def test_missing_files(tmp_path):
 # rec_to_images / images_to_rec
 
 
-def assert_extracted_like_manifest(output: Path, manifest: dict, tiny_dir: Path) -> None:
-    expected = manifest["faces_tiny"]
+def assert_extracted_like_manifest(output: Path, recordio_manifest: dict, tiny_dir: Path) -> None:
+    expected = recordio_manifest["faces_tiny"]
     for key in range(1, 241):
         data = (output / "images" / f"{key:08d}.jpg").read_bytes()
         assert (len(data), md5(data)) == (
@@ -463,13 +445,13 @@ def assert_extracted_like_manifest(output: Path, manifest: dict, tiny_dir: Path)
     assert not list(output.rglob("*.tmp"))
 
 
-def test_rec_to_images_writes_payloads_verbatim(recordio_dir, manifest, tiny_dir, tmp_path):
+def test_rec_to_images_writes_payloads_verbatim(recordio_dir, recordio_manifest, tiny_dir, tmp_path):
     rec, idx = copy_rec(recordio_dir, "faces_tiny", tmp_path / "rec")
     shutil.copyfile(tiny_dir / "lfw_disjoint_100.bin", tmp_path / "rec" / "lfw.bin")
     summary = rec_to_images(rec, idx, tmp_path / "out", progress=False)
     assert (summary.images, summary.num_classes, summary.written, summary.skipped) == (240, 40, 240, 0)
     assert summary.copied == ["lfw.bin"]
-    assert_extracted_like_manifest(tmp_path / "out", manifest, tiny_dir)
+    assert_extracted_like_manifest(tmp_path / "out", recordio_manifest, tiny_dir)
     assert (tmp_path / "out" / "lfw.bin").read_bytes() == (tiny_dir / "lfw_disjoint_100.bin").read_bytes()
 
 
@@ -480,7 +462,8 @@ def test_rec_to_images_flat_layout_numbers_from_one(recordio_dir, tiny_samples, 
     assert (tmp_path / "images" / "00000060.jpg").read_bytes() == tiny_samples[59][0].read_bytes()
 
 
-def test_rec_to_images_rerun_completes_an_interrupted_run(recordio_dir, manifest, tiny_dir, tmp_path):
+def test_rec_to_images_rerun_completes_an_interrupted_run(recordio_dir, recordio_manifest, tiny_dir,
+                                                          tmp_path):
     out = tmp_path / "out"
     rec_to_images(recordio_dir / "faces_tiny.rec", None, out, progress=False)
     images = out / "images"
@@ -491,11 +474,11 @@ def test_rec_to_images_rerun_completes_an_interrupted_run(recordio_dir, manifest
     (out / "label.txt").unlink()
     summary = rec_to_images(recordio_dir / "faces_tiny.rec", None, out, progress=False)
     assert (summary.written, summary.skipped) == (4, 236)
-    assert_extracted_like_manifest(out, manifest, tiny_dir)
+    assert_extracted_like_manifest(out, recordio_manifest, tiny_dir)
 
 
 def test_rec_to_images_interrupted_leaves_no_partial_file(
-    recordio_dir, manifest, tiny_dir, tmp_path, monkeypatch
+    recordio_dir, recordio_manifest, tiny_dir, tmp_path, monkeypatch
 ):
     out = tmp_path / "out"
     real_replace, calls = os.replace, []
@@ -514,7 +497,7 @@ def test_rec_to_images_interrupted_leaves_no_partial_file(
     assert not (out / "label.txt").exists()
     summary = rec_to_images(recordio_dir / "faces_tiny.rec", None, out, progress=False)
     assert (summary.written, summary.skipped) == (121, 119)
-    assert_extracted_like_manifest(out, manifest, tiny_dir)
+    assert_extracted_like_manifest(out, recordio_manifest, tiny_dir)
 
 
 def test_rec_to_images_bad_input_creates_no_output(recordio_dir, tmp_path):

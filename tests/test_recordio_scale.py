@@ -18,7 +18,6 @@ import pytest
 from plsc import cli
 from plsc.data import recordio
 from plsc.data.convert import images_to_rec, rec_to_images
-from plsc.data.folder import FolderDataset
 from plsc.data.recordio import (
     IRHeader,
     RecordDataset,
@@ -43,23 +42,6 @@ def cache_dir(tmp_path, monkeypatch) -> Path:
     return directory
 
 
-@pytest.fixture(scope="module")
-def recordio_dir(shared_dir) -> Path:
-    return shared_dir / "data" / "recordio"
-
-
-@pytest.fixture(scope="module")
-def manifest(recordio_dir) -> dict:
-    """What MXNet 1.9.1 wrote into each file, record by record (written by the tool that made the files)."""
-    return json.loads((recordio_dir / "manifest.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def tiny_samples(tiny_dir) -> list[tuple[Path, int]]:
-    folder = FolderDataset(tiny_dir)
-    return [(folder.image_path(index), int(label)) for index, label in enumerate(folder.labels)]
-
-
 def md5(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
 
@@ -82,14 +64,14 @@ def warnings_of(caplog) -> list[str]:
 
 
 @pytest.mark.parametrize("name", MXNET_FILES)
-def test_cached_open_equals_the_header_scan_and_mxnet(recordio_dir, manifest, cache_dir, name):
+def test_cached_open_equals_the_header_scan_and_mxnet(recordio_dir, recordio_manifest, cache_dir, name):
     rec = recordio_dir / f"{name}.rec"
     built = RecordDataset(rec)  # ../shared is read-only: the index goes to PLSC_CACHE_DIR
     cached = RecordDataset(rec)
     scanned = RecordDataset(rec, index_cache="off")
     assert built.index.path is not None and built.index.path.parent == cache_dir
     assert cached.index.path == built.index.path and scanned.index.path is None
-    expected = manifest[name]
+    expected = recordio_manifest[name]
     image_keys = [int(key) for key, record in expected.items() if record["payload_len"] > 0]
     for dataset in (cached, scanned):
         assert sorted(dataset.image_keys.tolist()) == sorted(image_keys)
