@@ -66,8 +66,10 @@ def published_files() -> list[Path]:
     return sorted(CONFIGS.glob("ms1mv3_*.yaml"))
 
 
-def load_generator():
-    spec = importlib.util.spec_from_file_location("gen_published_configs", GENERATOR)
+def load_generator(path: Path | None = None):
+    """A generator script (default: the published configs') loaded as a module."""
+    path = path or GENERATOR
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the script executes
     spec.loader.exec_module(module)
@@ -232,16 +234,8 @@ def test_generator_reads_nothing_outside_itself():
 ARCFACE_GENERATOR = ROOT / "scripts" / "gen_arcface_torch_configs.py"
 
 
-def load_arcface_generator():
-    spec = importlib.util.spec_from_file_location("gen_arcface_torch_configs", ARCFACE_GENERATOR)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the script executes
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_arcface_torch_generator_output_equals_the_committed_files_and_reports_drift(tmp_path, capsys):
-    gen = load_arcface_generator()
+    gen = load_generator(ARCFACE_GENERATOR)
     assert gen.check(CONFIGS / "arcface_torch") == [], "run scripts/gen_arcface_torch_configs.py"
     assert len(gen.write(tmp_path)) == len(gen.TABLE) and gen.write(tmp_path) == []  # idempotent
     victim = tmp_path / "ms1mv3_r50.yaml"
