@@ -108,6 +108,40 @@ def test_auto_takes_the_engine_on_cpu_and_falls_back_to_dygraph_with_a_warning(m
         open_embedder(model, config.model, IMAGE_SIZE, "onnx")
 
 
+def test_auto_embeds_a_job_too_small_for_the_engine_in_dygraph():
+    """The tiny backbone's multiply-adds, counted here from its convolutions and Linear layers by hand (not
+    by plsc.models.cost), decide: below DYGRAPH_BELOW_MULTIPLY_ADDS of work dygraph, at or above it the
+    engine; an unknown count (0) is never small."""
+    model, config = tiny_model("NCHW")
+    per_image = hand_counted_multiply_adds(model)
+    below = int(embedders.DYGRAPH_BELOW_MULTIPLY_ADDS // per_image)  # the largest job under the bound
+    assert isinstance(open_embedder(model, config.model, IMAGE_SIZE, images=below), DygraphEmbedder)
+    assert isinstance(open_embedder(model, config.model, IMAGE_SIZE, images=below + 1), InferenceEmbedder)
+    assert isinstance(open_embedder(model, config.model, IMAGE_SIZE, images=0), InferenceEmbedder)
+    assert isinstance(open_embedder(model, config.model, IMAGE_SIZE, "paddle", images=1), InferenceEmbedder)
+
+
+def hand_counted_multiply_adds(model: paddle.nn.Layer) -> int:
+    """Per image: each Conv2D's output elements x (in_channels / groups) x kernel area, each Linear's
+    in x out, from output shapes recorded by forward hooks of one image."""
+    shapes = {}
+    layers = [layer for layer in model.sublayers() if isinstance(layer, (paddle.nn.Conv2D, paddle.nn.Linear))]
+    hooks = [layer.register_forward_post_hook(lambda layer, _, out: shapes.__setitem__(id(layer), out.shape))
+             for layer in layers]
+    with paddle.no_grad():
+        model(paddle.zeros([1, 3, IMAGE_SIZE, IMAGE_SIZE]))
+    for hook in hooks:
+        hook.remove()
+    total = 0
+    for layer in layers:
+        weight = layer.weight.shape
+        if isinstance(layer, paddle.nn.Linear):
+            total += weight[0] * weight[1]
+        else:  # Paddle's conv weight: [out, in / groups, kh, kw]
+            total += int(np.prod(shapes[id(layer)])) * weight[1] * weight[2] * weight[3]
+    return total
+
+
 def test_eval_cli_engines_agree(tmp_path, monkeypatch):
     """plsc eval --engine paddle and --engine dygraph: the same metrics for the same checkpoint."""
     from plsc import cli

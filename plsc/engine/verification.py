@@ -18,8 +18,9 @@ def evaluate(model, val_sets: list, config: Config, comm) -> dict[str, dict]:
     share_statistics_from_rank0(model, comm)
     model.eval()
     results = {}
-    if val_sets:  # on the CPU a Paddle Inference snapshot of the current weights: see embedders
-        embed = open_embedder(model, config.model, config.data.image_size)
+    if val_sets:  # on the CPU a Paddle Inference snapshot of the current weights, unless too few images
+        images = 2 * sum(len(vset.images) for vset in val_sets)  # each image and its mirror (verification)
+        embed = open_embedder(model, config.model, config.data.image_size, images=images)
     for vset in val_sets:
         results[vset.name] = verify_across_ranks(embed, vset, config.train.eval_batch_size, embed.data_format,
                                                  config.model.embedding_size, comm, progress=comm.rank == 0)

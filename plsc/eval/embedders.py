@@ -10,8 +10,9 @@ model restored from a checkpoint:
 - ``dygraph``: the model's own forward under ``paddle.no_grad``, in its own layout, always current.
 
 ``auto`` takes Paddle Inference on the CPU and dygraph on a GPU (where the forward runs on the device and the
-engine's gain is small); if the engine cannot be built it falls back to dygraph with a warning. Both compute
-the same function: embeddings agree to ~1e-5 relative (tests/test_embedders.py).
+engine's gain is small); if the engine cannot be built it falls back to dygraph with a warning. On the CPU a
+job too small to pay for building the engine (see DYGRAPH_BELOW_MULTIPLY_ADDS) runs in dygraph too. Both
+compute the same function: embeddings agree to ~1e-5 relative (tests/test_embedders.py).
 
 A backbone trained in fp16 holds float16 weights (see :mod:`plsc.models.precision`), which compute only under
 ``paddle.amp.auto_cast`` and only on a GPU. Either engine embeds with a float32 copy of such a model: the same
@@ -36,11 +37,22 @@ from plsc.errors import PlscError
 from plsc.export.exporter import save_inference_model
 from plsc.export.infer import ExportedModel, PaddleEngine, open_engine
 from plsc.models import precision
+from plsc.models.cost import backbone_cost
 from plsc.runtime import first_line
 
 log = logging.getLogger("plsc.eval")
 
 ENGINES = ("auto", "paddle", "dygraph")
+
+# ``auto`` on the CPU embeds in dygraph a job whose work (images to embed x the backbone's multiply-adds per
+# image) is below this: building the engine (tracing and saving the model, then the predictor's passes) costs
+# more than it saves. Break-even work measured on 2 cores (Paddle 3.3.1, batches of 50; engine build, then
+# per image dygraph against the engine): IResNet-18 width 1/8 at 32 px (0.0035 G) 1.5 s, 1.5 against 0.55 ms:
+# 5.5 G; width 1/4 at 112 px (0.17 G) 1.6 s, 39 against 12 ms: 10 G; MobileFaceNet (0.22 G) 3.3 s, 73
+# against 21 ms: 14 G; IResNet-50 (6.3 G) 8.2 s, 936 against 227 ms: 73 G. Below the smallest of these
+# with room to spare: a small verification set in training (data/tiny's 100 pairs, flipped too, with the
+# bundled tiny model: 1.4 G) runs in 0.6 s instead of 1.7-2.0 s.
+DYGRAPH_BELOW_MULTIPLY_ADDS = 2e9
 
 
 class DygraphEmbedder:
@@ -117,16 +129,19 @@ def _rng_kept():
 
 
 def open_embedder(
-    model: paddle.nn.Layer, model_config, image_size: int, engine: str = "auto", threads: int | None = None
+    model: paddle.nn.Layer, model_config, image_size: int, engine: str = "auto", threads: int | None = None,
+    images: int = 0,
 ):
     """An embedder over ``model`` (in eval mode), built from ``model_config`` (plsc.config.ModelConfig).
 
-    ``engine``: ``auto`` (Paddle Inference on the CPU, dygraph on a GPU or when the engine fails), ``paddle``
-    or ``dygraph``. The embedder's ``data_format`` is the layout it must be fed.
+    ``engine``: ``auto`` (Paddle Inference on the CPU, dygraph on a GPU, for a small job or when the engine
+    fails), ``paddle`` or ``dygraph``. ``images``: how many images the embedder will embed, when known (0:
+    not known, never a small job). The embedder's ``data_format`` is the layout it must be fed.
     """
     if engine not in ENGINES:
         raise PlscError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    if engine == "dygraph" or (engine == "auto" and _on_gpu()):
+    if engine == "dygraph" or (engine == "auto" and (_on_gpu() or
+                                                     _small_job(model_config, image_size, images))):
         return dygraph_embedder(model, model_config, image_size)
     if engine == "paddle":
         return InferenceEmbedder(model, model_config, image_size, threads)
@@ -143,6 +158,14 @@ def dygraph_embedder(model: paddle.nn.Layer, model_config, image_size: int) -> D
     if precision.holds_float16(model):
         model = snapshot_twin(model, model_config, image_size, model_config.data_format)
     return DygraphEmbedder(model, model_config.data_format)
+
+
+def _small_job(model_config, image_size: int, images: int) -> bool:
+    """Whether embedding ``images`` images costs less in dygraph than building the engine would."""
+    if images <= 0:
+        return False
+    # backbone_cost is cached per backbone (a training run's plan has computed it already)
+    return images * backbone_cost(model_config, image_size).multiply_adds < DYGRAPH_BELOW_MULTIPLY_ADDS
 
 
 def _on_gpu() -> bool:
