@@ -515,11 +515,11 @@ def _probe_backbone(model_fields: tuple, image_size: int) -> BackboneProfile:
     import paddle
 
     from plsc.config import ModelConfig
-    from plsc.models import build_model
+    from plsc.models.cost import scratch_backbone, scratch_on_cpu
 
     nchw = ModelConfig(**dict(model_fields))
-    with on_cpu(), paddle.utils.unique_name.guard():
-        model = build_model(nchw, image_size=image_size)
+    model = scratch_backbone(nchw, image_size)
+    with scratch_on_cpu():
         model.train()
         images = paddle.to_tensor(np.zeros((1, 3, image_size, image_size), dtype=np.float32))
         with _PeakMeter() as meter:

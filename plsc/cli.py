@@ -563,6 +563,7 @@ def _run_plan(args) -> int:
     from plsc.config import load_config
     from plsc.distributed import launched_world_size
     from plsc.engine.plan import MemoryPrediction, describe_plan, make_plan, planned_data
+    from plsc.models.cost import shared_scratch_builds
 
     config = load_config(args.config, args.overrides, reads_data=False)  # only the data it counts is read
     world = launched_world_size() if args.gpus is None else args.gpus
@@ -570,10 +571,11 @@ def _run_plan(args) -> int:
         raise PlscError(f"--gpus must be >= 1, got {world}")
     images, source, num_classes = planned_data(config, args.images)
     setting = setting_from_config(config, int(args.device_memory_gib * GIB), world, args.device)
-    model = memory_model(config, setting)
-    memory = MemoryPrediction(model.peak(num_classes), model.binding_phase(num_classes), args.device,
-                              setting.device_memory_bytes)
-    plan = make_plan(config, world, images, source, num_classes, memory)
+    with shared_scratch_builds():  # the memory model and the plan's cost read one build of the backbone
+        model = memory_model(config, setting)
+        memory = MemoryPrediction(model.peak(num_classes), model.binding_phase(num_classes), args.device,
+                                  setting.device_memory_bytes)
+        plan = make_plan(config, world, images, source, num_classes, memory)
     print(describe_plan(plan))
     if args.json:
         from plsc import strict_json

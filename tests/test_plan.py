@@ -376,6 +376,25 @@ def test_arcface_torch_config_loads_and_plans_as_arcface_torch_trains_it(name, m
     assert plan.optimizer.startswith(optimizer + ",")
 
 
+def test_plan_command_builds_the_backbone_once(tmp_path, monkeypatch):
+    """The memory model's probe and the plan's cost read one build of the backbone; outside the command a
+    scratch build is made anew each time (nothing kept)."""
+    from plsc import capacity
+    from plsc.models import cost
+
+    builds = []
+    monkeypatch.setattr(cost, "build_model", lambda *a, **k: builds.append(a) or build_model(*a, **k))
+    capacity._probe_backbone.cache_clear()
+    _backbone_cost.cache_clear()
+    monkeypatch.delenv("PLSC_DATA_ROOT", raising=False)
+    overrides = ["--set", "model.width=0.125", "--set", "data.image_size=32"]
+    assert cli.main(["plan", "--config", "cpu/mini", *overrides, "--json", str(tmp_path / "p.json")]) == 0
+    assert len(builds) == 1
+    config = load_config("configs/cpu/mini.yaml", ["model.width=0.125", "data.image_size=32"])
+    first = cost.scratch_backbone(config.model, 32)
+    assert cost.scratch_backbone(config.model, 32) is not first and len(builds) == 3
+
+
 def test_plan_command_reports_the_optimizer_of_an_arcface_torch_vit_config(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("PLSC_DATA_ROOT", raising=False)
     out = tmp_path / "plan.json"
