@@ -359,16 +359,17 @@ class _PeakMeter:
 @functools.cache
 def probe_head(
     center_dtype: str, momentum_mode: str, margins: tuple[float, ...], scale: float, chunked: bool = False,
-    velocity_dtype: str = "same",
+    velocity_dtype: str = "same", interclass_filtering_threshold: float = 0.0,
 ) -> HeadProfile:
     """Measure :class:`HeadProfile` from plsc's PartialFC (``chunked``: the streaming head) on the CPU
-    (a few seconds)."""
+    (a few seconds). With inter-class filtering on, the margin softmax keeps its [G, S] mask (one byte per
+    entry) for the backward: measured with the rest."""
     import paddle
 
     from plsc.loss.margin import Margin
     from plsc.loss.partial_fc import build_head
 
-    margin = Margin.from_list(margins, scale)
+    margin = Margin.from_list(margins, scale, interclass_filtering_threshold)
     emb = PROBE_EMBEDDING
 
     def build(rows: int):
@@ -565,6 +566,7 @@ def memory_model(config: Config, setting: Setting) -> MemoryModel:
     head = probe_head(
         config.loss.center_dtype, config.loss.momentum_mode, tuple(config.loss.margins), config.loss.scale,
         chunked=config.loss.chunk_size > 0, velocity_dtype=config.loss.velocity_dtype,
+        interclass_filtering_threshold=config.loss.interclass_filtering_threshold,
     )
     backbone = probe_backbone(config.model, config.data.image_size)
     return MemoryModel(setting, head, backbone)

@@ -207,6 +207,17 @@ def test_the_streaming_head_probe_counts_one_chunk_and_an_id_per_sampled_center(
     assert profile.step_logits >= 1.0 and profile.update_rows >= 1.0
 
 
+@needs_allocator_counters
+def test_the_streaming_head_probe_measures_the_filtering_mask():
+    """Inter-class filtering keeps a bool per [G, chunk] entry for the backward, alive at the streaming
+    head's peak: at least a quarter of a float32 buffer more. (The whole-matrix head's peak is the cosine
+    layer's backward, after the margin layer's has freed its mask: the probe measures what is alive.)"""
+    plain = probe_head("float32", "lazy", (1.0, 0.5, 0.0), 64.0, chunked=True)
+    filtered = probe_head("float32", "lazy", (1.0, 0.5, 0.0), 64.0, chunked=True,
+                          interclass_filtering_threshold=0.2)
+    assert filtered.step_logits - plain.step_logits >= np.dtype(bool).itemsize / 4 - 0.01
+
+
 def test_the_streaming_head_model_counts_the_chunk_not_the_sampled_rows():
     chunked_head = dataclasses.replace(HEAD, chunked=True, sampled_bytes=8.0, update_logits=2.0)
     model = MemoryModel(a_setting(device="gpu", chunk_size=256), chunked_head, BACKBONE)
