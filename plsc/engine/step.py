@@ -25,12 +25,11 @@ import math
 
 import paddle
 
-from plsc.config import Config
+from plsc.config import Config, OptimConfig
 from plsc.data import normalize_batch
 from plsc.engine.loss_scaler import DynamicLossScaler, found_inf_anywhere
-from plsc.engine.optimizer import center_update
 from plsc.errors import PlscError
-from plsc.loss.partial_fc import HeadStep, MicroBatch
+from plsc.loss.partial_fc import CenterUpdate, HeadStep, MicroBatch
 
 log = logging.getLogger("plsc.train")
 
@@ -140,7 +139,10 @@ class TrainStep:
     def all_reduce_backbone_grads(self) -> list[paddle.Tensor]:
         """The backbone's gradients (of the parameters that have one, in order), summed over the ranks in
         place: each rank's covers its own samples of the global-mean loss."""
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grads = []
+        for parameter in self.model.parameters():
+            if parameter.grad is not None:
+                grads.append(parameter.grad)
         self.comm.all_reduce_sum_coalesced_(grads, self.train.allreduce_bucket_mb * 2**20)
         return grads
 
@@ -171,6 +173,17 @@ def clip_factor(grads: list[paddle.Tensor], unscale: float, clip_norm: float, ma
     """
     if clip_norm <= 0:
         return 1.0
-    squares = paddle.add_n([paddle.square(grad.astype("float32")).sum() for grad in grads])
-    norm = math.sqrt(squares.item()) * unscale
+    squares = []
+    for grad in grads:
+        squares.append(paddle.square(grad.astype("float32")).sum())
+    norm = math.sqrt(paddle.add_n(squares).item()) * unscale
     return min(clip_norm / (norm + 1e-6), max_factor)
+
+
+def center_update(optim: OptimConfig, lr: float, grad_scale: float) -> CenterUpdate:
+    """The class centers' sparse momentum step at backbone rate ``lr``, gradient times ``grad_scale``. Their
+    rate: ``lr`` itself, or with ``optim.center_lr`` as their base rate, the same point of the same schedule;
+    their decay: ``optim.center_weight_decay``, null meaning ``optim.weight_decay``."""
+    rate = lr * optim.center_lr / optim.lr if optim.center_lr > 0 else lr
+    decay = optim.weight_decay if optim.center_weight_decay is None else optim.center_weight_decay
+    return CenterUpdate(rate, optim.momentum, decay, grad_scale)
