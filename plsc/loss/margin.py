@@ -238,8 +238,7 @@ def cosine_to_centers(
 
 
 class _MarginSoftmaxCrossEntropy(paddle.autograd.PyLayer):
-    """Margin logits, softmax and mean cross entropy in one layer, backward written out:
-    :func:`margin_softmax_cross_entropy`.
+    """Margin logits, softmax and mean cross entropy in one layer, backward written out.
 
     Same value and gradient as the plain composition of Paddle ops (the tests' reference); its autograd keeps
     about a dozen [batch, classes] tensors alive (one-hot, shifted, exp, and their gradients), this keeps one:
@@ -293,8 +292,8 @@ class _MarginSoftmaxCrossEntropy(paddle.autograd.PyLayer):
         return put_columns(grad, column, at_target), None
 
 
-# ``margin_softmax_cross_entropy(cosine, labels, margin, comm)``: the mean margin-softmax cross entropy of
-# ``cosine`` [batch, columns], with far fewer [batch, columns] temporaries than the composed ops (see
-# _MarginSoftmaxCrossEntropy). ``labels``: [batch] int64 column index, or -1 where the row's class is not
-# among these columns (it lives on another rank). The layer's apply itself, no wrapper around it.
-margin_softmax_cross_entropy = _MarginSoftmaxCrossEntropy.apply
+def margin_softmax_cross_entropy(cosine: paddle.Tensor, labels: paddle.Tensor, margin: Margin, comm):
+    """Mean margin-softmax cross entropy of ``cosine`` [batch, columns], with far fewer [batch, columns]
+    temporaries than the composed ops (see :class:`_MarginSoftmaxCrossEntropy`). ``labels``: [batch] int64
+    column index, or -1 where the row's class is not among these columns (it lives on another rank)."""
+    return _MarginSoftmaxCrossEntropy.apply(cosine, labels, margin, comm)
