@@ -288,11 +288,10 @@ class PartialFC:
         return self.strategy.traceable
 
     def sample(self, labels: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """This rank's centers for the global batch's ``labels`` at ``step``: ``(index, remapped)`` of
-        :func:`plsc.loss.sampling.sample_centers`, as :meth:`sample_tensors` draws them."""
-        return sample_centers(
-            labels - self.shard.start, self.shard.count, self.sample_ratio, self.seed, step, self.comm.rank
-        )
+        """:meth:`sample_tensors` on numpy arrays: this rank's ``(index, remapped)`` for the global batch's
+        ``labels`` at ``step``."""
+        index, remapped = self.sample_tensors(paddle.to_tensor(np.asarray(labels)), step)
+        return index.numpy(), remapped.numpy()
 
     def __call__(self, embeddings: paddle.Tensor, labels: paddle.Tensor, step: int,
                  update_in_backward: CenterUpdate | None = None) -> tuple[paddle.Tensor, HeadStep]:
@@ -321,8 +320,9 @@ class PartialFC:
         return pending
 
     def sample_tensors(self, all_labels: paddle.Tensor, step: int) -> tuple[paddle.Tensor, paddle.Tensor]:
-        """:meth:`sample` on tensors (a host copy of the labels), or the constructor's ``device_sampler`` (no
-        copy to the host)."""
+        """This rank's centers for the global batch's ``all_labels`` at ``step``, ``(index, remapped)``:
+        :func:`plsc.loss.sampling.sample_centers` on a host copy of the labels, or the constructor's
+        ``device_sampler`` (no copy to the host)."""
         count = self.shard.count
         if self.device_sampler is not None:
             return self.device_sampler(all_labels, count, num_sampled(count, self.sample_ratio))
