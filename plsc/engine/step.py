@@ -139,10 +139,7 @@ class TrainStep:
     def all_reduce_backbone_grads(self) -> list[paddle.Tensor]:
         """The backbone's gradients (of the parameters that have one, in order), summed over the ranks in
         place: each rank's covers its own samples of the global-mean loss."""
-        grads = []
-        for parameter in self.model.parameters():
-            if parameter.grad is not None:
-                grads.append(parameter.grad)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         self.comm.all_reduce_sum_coalesced_(grads, self.train.allreduce_bucket_mb * 2**20)
         return grads
 
@@ -173,10 +170,8 @@ def clip_factor(grads: list[paddle.Tensor], unscale: float, clip_norm: float, ma
     """
     if clip_norm <= 0:
         return 1.0
-    squares = []
-    for grad in grads:
-        squares.append(paddle.square(grad.astype("float32")).sum())
-    norm = math.sqrt(paddle.add_n(squares).item()) * unscale
+    squares = paddle.add_n([paddle.square(grad.astype("float32")).sum() for grad in grads])
+    norm = math.sqrt(squares.item()) * unscale
     return min(clip_norm / (norm + 1e-6), max_factor)
 
 

@@ -156,6 +156,10 @@ class MicroBatch:
     number: int
     remapped: paddle.Tensor
 
+    def micro_batch(self) -> MicroBatch:
+        """Itself: a loss takes a micro-batch or a step of one alike (:meth:`HeadStep.micro_batch`)."""
+        return self
+
 
 class HeadStrategy(Protocol):
     """How the head computes a step's loss, gradient and update over its sampled centers; every method is
@@ -288,10 +292,10 @@ class PartialFC:
         return self.strategy.traceable
 
     def sample(self, labels: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`sample_tensors` on numpy arrays: this rank's ``(index, remapped)`` for the global batch's
-        ``labels`` at ``step``."""
-        index, remapped = self.sample_tensors(paddle.to_tensor(np.asarray(labels)), step)
-        return index.numpy(), remapped.numpy()
+        """This rank's ``(index, remapped)`` for the global batch's ``labels`` at ``step``
+        (:func:`plsc.loss.sampling.sample_centers` on this rank's shard)."""
+        return sample_centers(labels - self.shard.start, self.shard.count, self.sample_ratio, self.seed, step,
+                              self.comm.rank)
 
     def __call__(self, embeddings: paddle.Tensor, labels: paddle.Tensor, step: int,
                  update_in_backward: CenterUpdate | None = None) -> tuple[paddle.Tensor, HeadStep]:
@@ -333,8 +337,7 @@ class PartialFC:
     def loss(self, all_embeddings: paddle.Tensor, pending: HeadStep | MicroBatch) -> paddle.Tensor:
         """Margin softmax of a micro-batch's global batch over the step's sampled centers (``pending``: the
         micro-batch, or a step of one)."""
-        micro = pending if isinstance(pending, MicroBatch) else pending.micro_batch()
-        return self.strategy.loss(self, all_embeddings, micro)
+        return self.strategy.loss(self, all_embeddings, pending.micro_batch())
 
     def rows_loss(self, all_embeddings: paddle.Tensor, rows: paddle.Tensor, remapped: paddle.Tensor):
         """The tensor-only core of :meth:`loss` of a :attr:`traceable` strategy, on gathered ``rows``: holds
