@@ -6,7 +6,7 @@ buckets (``train.allreduce_bucket_mb``), side by side in the same two processes.
 1. The all-reduce alone, on gradients shaped like IResNet-50's (width 1, 512-d embedding, 112 px: 238
    parameters with gradients, 43.6M values, 174 MB in float32): per parameter (bucket 0), 128 MiB buckets
    (PLSC v2.2's size, the default), one bucket for all.
-2. Whole training steps (``Trainer.train_step`` on its own loader, timed by ``plsc.bench.train``'s phases)
+2. Whole training steps (the Trainer's step on its own loader, timed by ``plsc.bench.train``'s phases)
    of a small IResNet-50 on the bundled faces, bucket 0 against 128 MiB.
 
 The ranks run with the malloc settings of the ``plsc`` command (plsc.malloc). Configurations alternate

@@ -190,7 +190,7 @@ class OptimConfig:
     weight_decay: float = 5e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw only (torch's defaults)
     eps: float = 1e-8  # adamw only (torch's default)
-    # The class centers are always stepped by sparse momentum SGD (plsc.loss.sparse_momentum), at
+    # The class centers are always stepped by sparse momentum SGD (plsc.loss.rows), at
     # optim.momentum, also under adamw (arcface_torch's AdamW steps them too: docs/design.md, "Training
     # semantics"). center_lr > 0: their base rate, following the schedule's warmup and decay like the
     # backbone's (scaled by lr_reference_batch alike); 0: the backbone's rate itself. center_weight_decay:

@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
 from plsc.config import load_config  # noqa: E402
+from plsc.engine.step import TrainStep  # noqa: E402
 from plsc.engine.trainer import Trainer  # noqa: E402
 
 
@@ -46,7 +47,7 @@ def unchanged(before: list[np.ndarray], after: list[np.ndarray]) -> bool:
 def run_poison(results: str, output: str, poison_step: str, *overrides: str) -> None:
     trainer = Trainer(load_config(overrides=list(overrides)), Path(output))
     poison_step = int(poison_step)
-    center_grads, train_step = trainer.head.center_grads, trainer.train_step
+    center_grads, train_step = trainer.head.center_grads, TrainStep.__call__
     steps: list[dict] = []
 
     def poisoned_center_grads(pending):
@@ -58,9 +59,9 @@ def run_poison(results: str, output: str, poison_step: str, *overrides: str) -> 
                 grads[0].scale_(float("nan"))
         return grads
 
-    def recording_step(images, labels, lr):
+    def recording_step(step_self, images, labels, step, lr):
         before = snapshot(trainer)
-        loss = train_step(images, labels, lr)
+        loss = train_step(step_self, images, labels, step, lr)
         after = snapshot(trainer)
         steps.append({
             "step": trainer.state.step + 1,
@@ -73,7 +74,7 @@ def run_poison(results: str, output: str, poison_step: str, *overrides: str) -> 
         return loss
 
     trainer.head.center_grads = poisoned_center_grads
-    trainer.train_step = recording_step
+    TrainStep.__call__ = recording_step  # this worker process runs the one trainer
     trainer.run()
     record = {"rank": trainer.rank, "steps": steps, "scaler": trainer.scaler.state_dict()}
     (Path(results) / f"rank{trainer.rank}.json").write_text(json.dumps(record))

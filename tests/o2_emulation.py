@@ -61,8 +61,9 @@ def decorate_as_on_gpu(monkeypatch):
 
 def create_step_state(optimizer) -> None:
     """The optimizer state a GPU step creates before its kernel runs (float32 master weights of the float16
-    parameters, velocities), by Paddle's own code and in a fresh name scope as Trainer.train_step steps. After
-    a resume this binds the restored state by name, as the first step after resuming does."""
+    parameters, velocities), by Paddle's own code and in a fresh name scope as the training step
+    (plsc.engine.step.TrainStep) steps. After a resume this binds the restored state by name, as the first
+    step after resuming does."""
     from paddle.base.layer_helper import LayerHelper
 
     with paddle.utils.unique_name.guard():

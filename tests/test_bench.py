@@ -34,7 +34,6 @@ from plsc.cli import build_parser
 from plsc.distributed import LocalComm
 from plsc.engine.modes import HeadLossStep
 from plsc.errors import PlscError
-from plsc.loss import sparse_momentum
 from plsc.loss.margin import (
     ARCFACE,
     COSFACE,
@@ -47,8 +46,8 @@ from plsc.loss.margin import (
 )
 from plsc.loss.partial_fc import CenterUpdate, PartialFC, init_class_center_tensor, init_class_centers
 from plsc.loss.row_backend import cast
+from plsc.loss.rows import lazy_update, row_store
 from plsc.loss.sampling import distinct_uniform, sorted_unique
-from plsc.loss.sparse_momentum import lazy_update
 
 COMBINED = Margin(0.9, 0.4, 0.15, 32.0)
 MARGINS = pytest.mark.parametrize(
@@ -228,7 +227,7 @@ def test_center_tensor_is_written_block_by_block_with_the_same_rows(dtype):
 def test_lazy_update_with_gathered_rows_and_grad_scale_matches_numpy(
     block_rows, dtype, pass_rows, monkeypatch
 ):
-    monkeypatch.setattr(sparse_momentum, "UPDATE_BLOCK_ROWS", block_rows)
+    monkeypatch.setattr("plsc.loss.rows.UPDATE_BLOCK_ROWS", block_rows)
     rng = np.random.default_rng(4)
     weight_np, velocity_np = (rng.standard_normal((10, 3)).astype(dtype).astype(np.float64) for _ in range(2))
     index_np, grad_np = np.array([1, 4, 5, 8, 9]), rng.standard_normal((5, 3))
@@ -240,8 +239,8 @@ def test_lazy_update_with_gathered_rows_and_grad_scale_matches_numpy(
     velocity = paddle.to_tensor(velocity_np.astype(dtype))
     index = paddle.to_tensor(index_np)
     rows = paddle.gather(weight.astype("float32"), index) if pass_rows else None
-    lazy_update(weight, velocity, index, paddle.to_tensor(grad_np.astype(np.float32)), lr, mu, wd,
-                grad_scale=scale, rows=rows)
+    lazy_update(row_store(weight), row_store(velocity), index, paddle.to_tensor(grad_np.astype(np.float32)),
+                lr, mu, wd, grad_scale=scale, rows=rows)
     assert weight.dtype == velocity.dtype == getattr(paddle, dtype)
     # float16 storage: the float32 result rounded once, within one float16 ulp (2^-10 relative): Paddle
     # 2.6's float32 -> float16 cast is not always round-to-nearest (measured: 0.86 ulp).

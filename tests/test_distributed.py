@@ -29,8 +29,8 @@ from plsc.distributed import LocalComm, shard_classes
 from plsc.launch import child_environment, launch_command
 from plsc.loss.margin import Margin
 from plsc.loss.partial_fc import PartialFC, init_class_centers
+from plsc.loss.rows import lazy_update, row_store
 from plsc.loss.sampling import num_sampled
-from plsc.loss.sparse_momentum import lazy_update
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 LAUNCH_TIMEOUT_S = 240
@@ -121,7 +121,8 @@ def reference_from_sampled(case: dict, sampled_ids: np.ndarray) -> dict:
     loss.backward()
     result = {"loss": float(loss), "embedding_grad": embeddings.grad.numpy(),
               "sampled_grad": sampled.grad.numpy()}
-    lazy_update(centers, velocity, index, sampled.grad, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    lazy_update(row_store(centers), row_store(velocity), index, sampled.grad, lr=0.1, momentum=0.9,
+                weight_decay=5e-4)
     return {**result, "weight": centers.numpy(), "velocity": velocity.numpy()}
 
 

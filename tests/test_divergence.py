@@ -66,19 +66,19 @@ def test_nan_loss_in_fp32_stops_and_keeps_the_last_finite_checkpoint(tiny_dir, t
     assert [r["step"] for r in strict_log(tmp_path / "run")] == [1, 2]
 
 
-def test_non_finite_weights_are_never_saved(tiny_dir, tmp_path):
+def test_non_finite_weights_are_never_saved(tiny_dir, tmp_path, monkeypatch):
     """A finite loss whose update overflows the weights: the save after that step is refused."""
     trainer = Trainer(tiny_config(tiny_dir, "train.max_steps=4", *QUICK), tmp_path)
-    original = trainer.train_step
+    original = TrainStep.__call__
 
-    def train_step(images, labels, lr):
-        loss = original(images, labels, lr)
+    def train_step(step_self, images, labels, step, lr):
+        loss = original(step_self, images, labels, step, lr)
         if trainer.state.step == 1:  # the second step's update: one weight overflows
             weight = trainer.model.parameters()[0]
             weight.set_value(np.full(weight.shape, np.inf, dtype="float32"))
         return loss
 
-    trainer.train_step = train_step
+    monkeypatch.setattr(TrainStep, "__call__", train_step)
     with pytest.raises(TrainingDiverged, match=r"^training diverged at step 2: the weights hold inf or nan;"):
         trainer.run()
     assert trainer.checkpoints.latest() == tmp_path / "checkpoints" / "1"
@@ -87,17 +87,17 @@ def test_non_finite_weights_are_never_saved(tiny_dir, tmp_path):
     assert not (tmp_path / "checkpoints" / "2").exists()
 
 
-def test_non_finite_class_centers_are_never_saved(tiny_dir, tmp_path):
+def test_non_finite_class_centers_are_never_saved(tiny_dir, tmp_path, monkeypatch):
     trainer = Trainer(tiny_config(tiny_dir, "train.max_steps=3", *QUICK), tmp_path)
-    original = trainer.train_step
+    original = TrainStep.__call__
 
-    def train_step(images, labels, lr):
-        loss = original(images, labels, lr)
+    def train_step(step_self, images, labels, step, lr):
+        loss = original(step_self, images, labels, step, lr)
         if trainer.state.step == 2:
             trainer.head.weight[5, 3] = float("nan")
         return loss
 
-    trainer.train_step = train_step
+    monkeypatch.setattr(TrainStep, "__call__", train_step)
     with pytest.raises(TrainingDiverged, match="at step 3: the weights hold inf or nan"):
         trainer.run()
     assert trainer.checkpoints.latest() == tmp_path / "checkpoints" / "2"

@@ -152,7 +152,7 @@ def unclipped_first_step(tiny_dir, tmp_path_factory):
     center_grad = (pending.index.numpy(), pending.rows.grad.numpy().astype(np.float64),
                    trainer.head.weight.numpy().astype(np.float64))
     stepped = Trainer(tiny_config(tiny_dir, "optim.clip_norm=0"), output)
-    stepped.train_step(images, labels, 0.05)
+    stepped.step(images, labels, stepped.state.step, 0.05)
     centers = (stepped.head.weight.numpy(), stepped.head.velocity.numpy())
     return images, labels, before, grads, centers, center_grad
 
@@ -177,7 +177,7 @@ def test_clipping_scales_the_backbone_alone(unclipped_first_step, tiny_dir, tmp_
                                   f"optim.clip_max_factor={max_factor}", f"optim.grad_divisor={divisor}"),
                       tmp_path)
     lr, decay = 0.05, trainer.config.optim.weight_decay
-    trainer.train_step(images, labels, lr)
+    trainer.step(images, labels, trainer.state.step, lr)
     factor = min(clip / (norm + 1e-6), max_factor)
     after = backbone_state(trainer)
     off_clipped, off_unclipped = 0.0, 0.0
@@ -207,7 +207,7 @@ def test_center_gradients_keep_the_loss_scale_only_if_asked(unclipped_first_step
                 f"train.unscale_center_grads={str(unscaled).lower()}"]
     trainer = Trainer(tiny_config(tiny_dir, *settings), tmp_path)
     lr, decay = 0.05, trainer.config.optim.weight_decay
-    trainer.train_step(images, labels, lr)
+    trainer.step(images, labels, trainer.state.step, lr)
     scale = (1.0 if unscaled else 1024.0) / 8.0
     expected = momentum_first_step(weight[index], scale * grad, lr, decay)
     tolerance = 1e-6 * max(1.0, np.abs(expected).max())

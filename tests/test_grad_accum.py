@@ -24,6 +24,7 @@ from plsc import cli
 from plsc.config import load_config
 from plsc.distributed import LocalComm, shard_classes
 from plsc.engine.plan import make_plan, plan_rows
+from plsc.engine.step import TrainStep
 from plsc.engine.trainer import Trainer
 from plsc.errors import PlscError
 from plsc.loss.sampling import num_sampled
@@ -176,19 +177,19 @@ def test_plsc_train_with_grad_accum_logs_optimizer_steps(project_root, tmp_path,
     assert (manifest["step"], manifest["epoch"], manifest["step_in_epoch"]) == (3, 1, 0)
 
 
-def step_labels(trainer: Trainer) -> list[np.ndarray]:
-    """The labels of every step the trainer's loop takes (recorded at its seam, ``train_step``)."""
-    seen, train_step = [], trainer.train_step
+def step_labels(monkeypatch) -> list[np.ndarray]:
+    """The labels of every step the trainer's loop takes (recorded at the step it calls, ``TrainStep``)."""
+    seen, train_step = [], TrainStep.__call__
 
-    def recording(images, labels, lr):
+    def recording(step_self, images, labels, step, lr):
         seen.append(labels.numpy())
-        return train_step(images, labels, lr)
+        return train_step(step_self, images, labels, step, lr)
 
-    trainer.train_step = recording
+    monkeypatch.setattr(TrainStep, "__call__", recording)
     return seen
 
 
-def test_resume_with_grad_accum_continues_the_same_trajectory(tiny_dir, tmp_path):
+def test_resume_with_grad_accum_continues_the_same_trajectory(tiny_dir, tmp_path, monkeypatch):
     """Batches of 16 on 240 images: 15 loader batches an epoch, 7 optimizer steps of 2, one batch left out.
     3 steps, then a resume to 9 (across the epoch's end) == 9 steps in one go; each step takes the sampler's
     next two batches of its epoch (the reference: the sampler's own permutation and the data set's labels)."""
@@ -196,7 +197,7 @@ def test_resume_with_grad_accum_continues_the_same_trajectory(tiny_dir, tmp_path
     whole, split = tmp_path / "whole", tmp_path / "split"
     trainer = Trainer(load_config(overrides=tiny_overrides(tiny_dir, *settings, "train.max_steps=9")), whole)
     assert (trainer.sampler.batches_per_epoch, trainer.steps_per_epoch) == (15, 7)
-    seen = step_labels(trainer)
+    seen = step_labels(monkeypatch)
     trainer.run()
     expected = []
     for epoch, steps in ((0, 7), (1, 2)):

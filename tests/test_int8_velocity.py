@@ -19,10 +19,10 @@ from plsc import checkpoint as ckpt
 from plsc.config import Config, ConfigError, load_config
 from plsc.distributed import LocalComm, shard_classes
 from plsc.engine.trainer import Trainer
-from plsc.loss import sparse_momentum
 from plsc.loss.int8_rows import Int8Rows, dequantize, quantize
 from plsc.loss.margin import ARCFACE, Margin
 from plsc.loss.partial_fc import CenterUpdate, build_head
+from plsc.loss.rows import dense_update, lazy_update, row_store
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
 COMBINED = Margin(0.9, 0.4, 0.15, 64.0)
@@ -130,20 +130,20 @@ def assert_state(weight_tensor, store: Int8Rows, expected) -> None:
 
 
 def test_lazy_update_matches_the_numpy_reference(monkeypatch):
-    monkeypatch.setattr(sparse_momentum, "UPDATE_BLOCK_ROWS", 7)  # several blocks, the last one short
+    monkeypatch.setattr("plsc.loss.rows.UPDATE_BLOCK_ROWS", 7)  # several blocks, the last one short
     rng = np.random.default_rng(2)
     weight, store, codes, scales = int8_state(rng, 120, 32)
     index = np.sort(rng.permutation(120)[:40])
     grad = rng.standard_normal((40, 32)).astype(np.float32) * np.float32(1e-3)
     weight_tensor = paddle.to_tensor(weight)
-    sparse_momentum.lazy_update(weight_tensor, store, paddle.to_tensor(index), paddle.to_tensor(grad), LR,
-                                MOMENTUM, WEIGHT_DECAY)
+    lazy_update(row_store(weight_tensor), store, paddle.to_tensor(index), paddle.to_tensor(grad), LR,
+                MOMENTUM, WEIGHT_DECAY)
     assert_state(weight_tensor, store, reference_step(weight, codes, scales, grad, index))
 
 
 def test_dense_update_matches_the_numpy_reference(monkeypatch):
     """Every row steps: the sampled ones with their gradient, the others with zero (PLSC v2.2's semantics)."""
-    monkeypatch.setattr(sparse_momentum, "DENSE_BLOCK_ROWS", 50)
+    monkeypatch.setattr("plsc.loss.rows.DENSE_BLOCK_ROWS", 50)
     rng = np.random.default_rng(3)
     weight, store, codes, scales = int8_state(rng, 120, 32)
     index = np.sort(rng.permutation(120)[:40])
@@ -151,8 +151,8 @@ def test_dense_update_matches_the_numpy_reference(monkeypatch):
     full_grad = np.zeros((120, 32), np.float32)
     full_grad[index] = grad
     weight_tensor = paddle.to_tensor(weight)
-    sparse_momentum.dense_update(weight_tensor, store, paddle.to_tensor(index), paddle.to_tensor(grad), LR,
-                                 MOMENTUM, WEIGHT_DECAY)
+    dense_update(row_store(weight_tensor), store, paddle.to_tensor(index), paddle.to_tensor(grad), LR,
+                 MOMENTUM, WEIGHT_DECAY)
     assert_state(weight_tensor, store, reference_step(weight, codes, scales, full_grad, np.arange(120)))
 
 

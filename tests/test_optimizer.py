@@ -16,8 +16,9 @@ from o2_emulation import create_step_state, decorate_as_on_gpu, master_weights, 
 from plsc import checkpoint as ckpt
 from plsc import cli
 from plsc.config import OptimConfig, load_config
-from plsc.engine.optimizer import build_optimizer, center_update
+from plsc.engine.optimizer import build_optimizer
 from plsc.engine.schedule import Schedule
+from plsc.engine.step import center_update
 from plsc.engine.trainer import Trainer
 from plsc.errors import PlscError
 from plsc.models import precision

@@ -89,7 +89,7 @@ def _add_data(kinds) -> None:
 def _add_train(kinds) -> None:
     train = kinds.add_parser(
         "train", help="steady-state images/s of the Trainer and its step time per phase",
-        description="Runs Trainer.train_step on the config's data and model (no evaluation, no checkpoints) "
+        description="Runs the Trainer's step on the config's data and model (no evaluation, no checkpoints) "
                     "and splits each step into data wait, backbone, head and optimizer time.",
     )
     train.add_argument("--config", required=True, help="YAML config file (see configs/)")

@@ -1,7 +1,7 @@
 """``plsc bench train``: steady-state images/s of the real Trainer, and where each step's time goes.
 
 The measuring process builds ``plsc.engine.trainer.Trainer`` from the config (validation sets dropped: nothing
-is evaluated, nothing checkpointed) and calls its own ``train_step`` on batches from its own loader, as
+is evaluated, nothing checkpointed) and calls its step (``trainer.step``) on batches from its own loader, as
 ``Trainer._train_epoch`` does. Each step is cut into four phases by marks placed from outside, on the
 trainer's instance (``trainer.py`` is not changed; its methods run unmodified in between):
 
@@ -71,7 +71,7 @@ def load_bench_config(spec: TrainBenchSpec):
 
 
 class StepPhaseTimer:
-    """Marks ``clock`` at the phase boundaries of ``trainer.train_step`` (see the module doc) through wrappers
+    """Marks ``clock`` at the phase boundaries of ``trainer.step`` (see the module doc) through wrappers
     set on the trainer's instance; the wrapped callables run unchanged."""
 
     def __init__(self, trainer):
@@ -155,7 +155,7 @@ def repeat_loader(trainer, steps: int) -> None:
 
 
 def run_steps(trainer, steps: int, timer: StepPhaseTimer | None = None) -> tuple[list[float], list]:
-    """``steps`` calls of ``trainer.train_step`` as ``Trainer._train_epoch`` makes them, from the current
+    """``steps`` calls of ``trainer.step`` as ``Trainer._train_epoch`` makes them, from the current
     epoch's start; returns (losses, one PhaseClock per step, or [] without a timer)."""
     from plsc.engine.trainer import step_batches
 
@@ -167,7 +167,7 @@ def run_steps(trainer, steps: int, timer: StepPhaseTimer | None = None) -> tuple
         lr = trainer.schedule.lr(trainer.state.step)
         images, labels = next(batches)
         clock.mark("data")
-        losses.append(trainer.train_step(images, labels, lr))
+        losses.append(trainer.step(images, labels, trainer.state.step, lr))
         trainer.state.step += 1
         clock.mark("optimizer")
         clocks.append(clock)
@@ -236,7 +236,7 @@ def bench_train(spec: TrainBenchSpec) -> dict:
               "load_average_before": os.getloadavg()}
     result.update(measure_in_fresh_process("plsc.bench.train", asdict(spec), spec.threads))
     result["load_average_after"] = os.getloadavg()
-    result["method"] = (f"Trainer.train_step x {spec.steps} after {spec.warmup} untimed, on the trainer's "
+    result["method"] = (f"Trainer.step x {spec.steps} after {spec.warmup} untimed, on the trainer's "
                         "own loader over its data set repeated within one epoch; images_per_s = batch x "
                         "steps / summed step wall time; phases marked from wrappers on the trainer instance")
     result["phase_method"] = PHASE_METHOD

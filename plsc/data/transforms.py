@@ -65,16 +65,6 @@ def check_image_size(image_size: int) -> int:
     return int(image_size)
 
 
-def resize_square(image: np.ndarray, image_size: int) -> np.ndarray:
-    """Resize to image_size squared: INTER_AREA when shrinking (no aliasing), INTER_LINEAR when enlarging."""
-    height, width = image.shape[:2]
-    if height == image_size and width == image_size:
-        return image
-    shrinking = height * width > image_size * image_size
-    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-    return cv2.resize(image, (image_size, image_size), interpolation=interpolation)
-
-
 # (x / 255 - 0.5) / 0.5 == x * PIXEL_SCALE - 1
 PIXEL_SCALE = np.float32(1.0 / 127.5)
 
@@ -92,31 +82,6 @@ def _opencv_writes_into_given_arrays() -> bool:
 _WRITES_IN_PLACE = _opencv_writes_into_given_arrays()
 
 
-def write_pixels_in_layout(out: np.ndarray, image_bgr: np.ndarray, data_format: str, flip: bool = False):
-    """BGR uint8 HWC -> RGB uint8 written into ``out``, optionally mirrored: [3, H, W] (NCHW) or [H, W, 3].
-
-    OpenCV's SIMD loops: 7 us per 112 x 112 image into a batch slot, against 20 us for numpy's strided copy.
-    """
-    if flip:
-        image_bgr = cv2.flip(image_bgr, 1)
-    if data_format == "NHWC":
-        rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB, dst=out)
-        if not _WRITES_IN_PLACE:
-            out[...] = rgb
-        return
-    planes = cv2.split(image_bgr, [out[2], out[1], out[0]])  # B, G, R straight into the R, G, B slots
-    if not _WRITES_IN_PLACE:
-        out[2], out[1], out[0] = planes
-
-
-def pixels_in_layout(image_bgr: np.ndarray, data_format: str, flip: bool = False) -> np.ndarray:
-    """:func:`write_pixels_in_layout` into a new contiguous array."""
-    height, width = image_bgr.shape[:2]
-    out = np.empty((3, height, width) if data_format == "NCHW" else (height, width, 3), dtype=np.uint8)
-    write_pixels_in_layout(out, image_bgr, data_format, flip)
-    return out
-
-
 def normalize_pixels(pixels: np.ndarray) -> np.ndarray:
     """uint8 pixels (any shape) -> float32 ``x * PIXEL_SCALE - 1`` in [-1, 1]."""
     values = pixels.astype(np.float32)
@@ -125,36 +90,14 @@ def normalize_pixels(pixels: np.ndarray) -> np.ndarray:
     return values
 
 
-def normalize_to_layout(image_bgr: np.ndarray, data_format: str) -> np.ndarray:
-    """BGR uint8 HWC -> RGB float32 in [-1, 1], contiguous CHW (NCHW) or HWC (NHWC)."""
-    return normalize_pixels(pixels_in_layout(image_bgr, data_format))
-
-
-def _check_image(image: np.ndarray) -> None:
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        shape = getattr(image, "shape", None)
-        dtype = getattr(image, "dtype", type(image).__name__)
-        raise PlscError(f"expected a uint8 HxWx3 BGR image, got shape {shape} dtype {dtype}")
-
-
 class EvalTransform:
     """Deterministic preprocessing (no augmentation): resize, BGR->RGB, normalise, layout."""
+
+    flip = False  # TrainTransform's: whether a sample's flip draw mirrors it
 
     def __init__(self, image_size: int, data_format: str = "NCHW"):
         self.image_size = check_image_size(image_size)
         self.data_format = check_data_format(data_format)
-
-    def __call__(self, image: np.ndarray) -> np.ndarray:
-        _check_image(image)
-        return normalize_to_layout(resize_square(image, self.image_size), self.data_format)
-
-
-class TrainTransform(EvalTransform):
-    """EvalTransform plus a horizontal flip where the caller's draw says so (see :func:`flip_draws`)."""
-
-    def __init__(self, image_size: int, data_format: str = "NCHW", flip: bool = True):
-        super().__init__(image_size, data_format)
-        self.flip = bool(flip)
 
     @property
     def pixel_shape(self) -> tuple[int, int, int]:
@@ -171,8 +114,36 @@ class TrainTransform(EvalTransform):
         return out
 
     def write_pixels(self, out: np.ndarray, image: np.ndarray, flip: bool = False) -> None:
-        """:meth:`pixels` written into ``out`` (a slot of the batch); ``flip`` is ignored when flipping is
-        off."""
-        _check_image(image)
-        image = resize_square(image, self.image_size)
-        write_pixels_in_layout(out, image, self.data_format, self.flip and flip)
+        """:meth:`pixels` written into ``out`` (a slot of the batch): BGR uint8 HxWx3 resized to the square
+        size, mirrored when ``flip`` and the transform flips, RGB into ``out`` as [3, H, W] (NCHW) or
+        [H, W, 3]."""
+        is_bgr = isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3
+        if not is_bgr or image.shape[2] != 3:
+            shape = getattr(image, "shape", None)
+            dtype = getattr(image, "dtype", type(image).__name__)
+            raise PlscError(f"expected a uint8 HxWx3 BGR image, got shape {shape} dtype {dtype}")
+        size = self.image_size
+        height, width = image.shape[:2]
+        if height != size or width != size:  # INTER_AREA when shrinking (no aliasing), INTER_LINEAR enlarging
+            interpolation = cv2.INTER_AREA if height * width > size * size else cv2.INTER_LINEAR
+            image = cv2.resize(image, (size, size), interpolation=interpolation)
+        if self.flip and flip:
+            image = cv2.flip(image, 1)
+        # OpenCV's SIMD loops: 7 us per 112 x 112 image into a batch slot, against 20 us for numpy's strided
+        # copy.
+        if self.data_format == "NHWC":
+            rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB, dst=out)
+            if not _WRITES_IN_PLACE:
+                out[...] = rgb
+            return
+        planes = cv2.split(image, [out[2], out[1], out[0]])  # B, G, R straight into the R, G, B slots
+        if not _WRITES_IN_PLACE:
+            out[2], out[1], out[0] = planes
+
+
+class TrainTransform(EvalTransform):
+    """EvalTransform plus a horizontal flip where the caller's draw says so (see :func:`flip_draws`)."""
+
+    def __init__(self, image_size: int, data_format: str = "NCHW", flip: bool = True):
+        super().__init__(image_size, data_format)
+        self.flip = bool(flip)

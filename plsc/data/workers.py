@@ -152,18 +152,12 @@ class TrainLoader:
         epoch = self.sampler.epoch
         keys = [(epoch, batch) for batch in self.sampler]
         if self.num_workers == 0:
-            return self._in_process(keys)
+            return self.batches.in_process(keys, self.sampler.batch_size)
         if self._epoch is not None:
             self._epoch.close()  # an earlier iteration still held somewhere: it lets go of the slots first
         self._start_workers()
         self._epoch = self._from_workers(keys)
         return self._epoch
-
-    def _in_process(self, keys) -> Iterator[tuple[paddle.Tensor, paddle.Tensor]]:
-        images = np.empty((self.sampler.batch_size, *self.batches.transform.pixel_shape), dtype=np.uint8)
-        for key in keys:
-            labels = self.batches.fill(key, images)
-            yield paddle.to_tensor(images), paddle.to_tensor(labels)
 
     # --- workers ---
 

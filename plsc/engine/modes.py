@@ -15,7 +15,7 @@ import paddle
 from paddle.jit.dy2static.program_translator import StaticFunction
 
 from plsc.config import Config
-from plsc.loss.partial_fc import PartialFC, micro_batch_of
+from plsc.loss.partial_fc import PartialFC
 from plsc.loss.rows import gather_rows
 from plsc.parity import on_gpu
 
@@ -56,7 +56,7 @@ class CompiledHeadLoss:
         self.program = program
 
     def __call__(self, all_embeddings, pending):
-        micro = micro_batch_of(pending)
+        micro = pending.micro_batch()  # a step of one micro-batch, or the micro-batch itself
         return self.program(all_embeddings, micro.step.rows, micro.remapped)
 
 

@@ -1,4 +1,4 @@
-"""The one place that builds the backbone's optimizer and decides the class centers' update (``optim``).
+"""The one place that builds the backbone's optimizer (``optim``); it describes the class centers' update too.
 
 - ``optim.name: sgd``: Paddle's ``Momentum``, ``optim.weight_decay`` as L2 added to the gradient, as PLSC v2.2
   (dynamic/train.py:138-146) and arcface_torch's SGD (train_v2.py:121-123, torch's SGD adds it alike).
@@ -9,9 +9,10 @@
   parameter (one group, norms and biases included), which are plsc's defaults.
 
 The class centers are not a Paddle parameter (plsc.loss.partial_fc): they are stepped by sparse momentum SGD
-under either optimizer, with :func:`center_update`'s settings. arcface_torch's AdamW steps its PartialFC
-weight too (train_v2.py:130-132 hands it ``module_partial_fc.parameters()``), every row of the shard each
-step; plsc does not (docs/design.md, "Training semantics").
+under either optimizer, with the settings the training step gives them
+(:func:`plsc.engine.step.center_update`). arcface_torch's AdamW steps its PartialFC weight too
+(train_v2.py:130-132 hands it ``module_partial_fc.parameters()``), every row of the shard each step; plsc
+does not (docs/design.md, "Training semantics").
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import paddle
 
 from plsc.config import OptimConfig
-from plsc.loss.partial_fc import CenterUpdate
+from plsc.engine.step import center_update
 
 
 def build_optimizer(optim: OptimConfig, parameters) -> paddle.optimizer.Optimizer:
@@ -30,15 +31,6 @@ def build_optimizer(optim: OptimConfig, parameters) -> paddle.optimizer.Optimize
                                       parameters=parameters, weight_decay=optim.weight_decay)
     return paddle.optimizer.Momentum(learning_rate=optim.lr, momentum=optim.momentum, parameters=parameters,
                                      weight_decay=optim.weight_decay or None)
-
-
-def center_update(optim: OptimConfig, lr: float, grad_scale: float) -> CenterUpdate:
-    """The class centers' sparse momentum step at backbone rate ``lr``, gradient times ``grad_scale``. Their
-    rate: ``lr`` itself, or with ``optim.center_lr`` as their base rate, the same point of the same schedule;
-    their decay: ``optim.center_weight_decay``, null meaning ``optim.weight_decay``."""
-    rate = lr * optim.center_lr / optim.lr if optim.center_lr > 0 else lr
-    decay = optim.weight_decay if optim.center_weight_decay is None else optim.center_weight_decay
-    return CenterUpdate(rate, optim.momentum, decay, grad_scale)
 
 
 def describe_optimizer(optim: OptimConfig) -> str:

@@ -25,12 +25,11 @@ import math
 
 import paddle
 
-from plsc.config import Config
+from plsc.config import Config, OptimConfig
 from plsc.data import normalize_batch
 from plsc.engine.loss_scaler import DynamicLossScaler, found_inf_anywhere
-from plsc.engine.optimizer import center_update
 from plsc.errors import PlscError
-from plsc.loss.partial_fc import HeadStep, MicroBatch
+from plsc.loss.partial_fc import CenterUpdate, HeadStep, MicroBatch
 
 log = logging.getLogger("plsc.train")
 
@@ -174,3 +173,12 @@ def clip_factor(grads: list[paddle.Tensor], unscale: float, clip_norm: float, ma
     squares = paddle.add_n([paddle.square(grad.astype("float32")).sum() for grad in grads])
     norm = math.sqrt(squares.item()) * unscale
     return min(clip_norm / (norm + 1e-6), max_factor)
+
+
+def center_update(optim: OptimConfig, lr: float, grad_scale: float) -> CenterUpdate:
+    """The class centers' sparse momentum step at backbone rate ``lr``, gradient times ``grad_scale``. Their
+    rate: ``lr`` itself, or with ``optim.center_lr`` as their base rate, the same point of the same schedule;
+    their decay: ``optim.center_weight_decay``, null meaning ``optim.weight_decay``."""
+    rate = lr * optim.center_lr / optim.lr if optim.center_lr > 0 else lr
+    decay = optim.weight_decay if optim.center_weight_decay is None else optim.center_weight_decay
+    return CenterUpdate(rate, optim.momentum, decay, grad_scale)

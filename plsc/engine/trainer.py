@@ -112,10 +112,11 @@ def require_int8_velocity(comm) -> None:
 def step_batches(batches, count: int):
     """Loader batches ``(images, labels)`` ``count`` at a time (``train.grad_accum``), each group one
     optimizer step's rank batch: the micro-batches one after the other (:class:`plsc.engine.step.TrainStep`
-    splits them again). A last incomplete group is left out."""
-    if count == 1:
-        yield from batches
-        return
+    splits them again). A last incomplete group is left out. ``count`` 1: the batches themselves."""
+    return batches if count == 1 else _concatenated_groups(batches, count)
+
+
+def _concatenated_groups(batches, count: int):
     group = []
     for batch in batches:
         group.append(batch)
@@ -296,11 +297,6 @@ class Trainer:
 
     # --- one step and verification ------------------------------------------------------------------------
 
-    def train_step(self, images: paddle.Tensor, labels: paddle.Tensor, lr: float) -> float:
-        """One optimizer step at the run's position (:class:`plsc.engine.step.TrainStep`) on this rank's
-        batch of the step (``train.grad_accum`` loader batches, :func:`step_batches`); the loop's seam."""
-        return self.step(images, labels, self.state.step, lr)
-
     @property
     def skipped_steps(self) -> int:
         return self.step.skipped_steps
@@ -383,7 +379,7 @@ class Trainer:
         remaining = itertools.islice(self.loader, self.batches_per_epoch - self.state.step_in_epoch)
         for images, labels in step_batches(remaining, train.grad_accum):
             lr = self.schedule.lr(self.state.step)
-            window.add(self.train_step(images, labels, lr))
+            window.add(self.step(images, labels, self.state.step, lr))
             self.state.step += 1
             self.state.step_in_epoch += train.grad_accum
             step = self.state.step

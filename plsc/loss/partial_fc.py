@@ -14,7 +14,8 @@ the sampled centers' loss and update are computed is its strategy, chosen once w
 numbers.
 
 The class centers are not a Paddle parameter managed by an optimizer: the step's gradient exists only for the
-sampled rows, and :mod:`plsc.loss.sparse_momentum` applies it, so nothing per step is O(num_classes).
+sampled rows, and the sparse momentum of :mod:`plsc.loss.rows` applies it, so nothing per step is
+O(num_classes).
 
 Gradient accumulation (``train.grad_accum``): one optimizer step may take several micro-batches. The head
 samples once, from the labels of all of them (:meth:`PartialFC.prepare`), each micro-batch's loss reads those
@@ -36,9 +37,8 @@ from plsc.distributed import LocalComm, shard_classes
 from plsc.loss.int8_rows import Dequantized
 from plsc.loss.margin import Margin, ScratchRows, cosine_to_centers, margin_softmax_cross_entropy
 from plsc.loss.row_backend import STATE_BLOCK_ROWS, copy_rows_into, host_blocks, source_blocks
-from plsc.loss.rows import new_rows, row_store
+from plsc.loss.rows import UPDATES, new_rows, row_store
 from plsc.loss.sampling import num_sampled, sample_centers
-from plsc.loss.sparse_momentum import UPDATES
 from plsc.loss.streaming import Streaming
 
 # Initial centers: N(0, std^2), generated per block of classes so that a class's row depends only on
@@ -98,8 +98,8 @@ def init_class_center_tensor(seed: int, start: int, count: int, embedding_size: 
 
 @dataclass(frozen=True)
 class CenterUpdate:
-    """One step's update of the sampled centers: :mod:`plsc.loss.sparse_momentum`'s settings and the factor
-    its gradient is taken with (1/loss_scale, 1/optim.grad_divisor)."""
+    """One step's update of the sampled centers: the sparse momentum's settings (:mod:`plsc.loss.rows`) and
+    the factor its gradient is taken with (1/loss_scale, 1/optim.grad_divisor)."""
 
     lr: float
     momentum: float
@@ -133,8 +133,14 @@ class HeadStep:
     applied_in_backward: bool = False
     applied: bool = False
 
-    def micro_batch(self, number: int) -> MicroBatch:
-        """Micro-batch ``number`` (0-based) of the step: the step's centers, its own labels' columns."""
+    def micro_batch(self, number: int | None = None) -> MicroBatch:
+        """Micro-batch ``number`` (0-based) of the step: the step's centers, its own labels' columns. None:
+        the step's only micro-batch (a step of one is its own micro-batch)."""
+        if number is None:
+            if self.micro_batches != 1:
+                raise ValueError(f"a step of {self.micro_batches} micro-batches takes its losses one "
+                                 "micro-batch at a time (HeadStep.micro_batch)")
+            number = 0
         if not 0 <= number < self.micro_batches:
             raise ValueError(f"micro-batch {number} of a step of {self.micro_batches}")
         rows = self.remapped.shape[0] // self.micro_batches
@@ -150,15 +156,9 @@ class MicroBatch:
     number: int
     remapped: paddle.Tensor
 
-
-def micro_batch_of(pending: HeadStep | MicroBatch) -> MicroBatch:
-    """``pending`` as a micro-batch: a step of one micro-batch is its own."""
-    if isinstance(pending, MicroBatch):
-        return pending
-    if pending.micro_batches != 1:
-        raise ValueError(f"a step of {pending.micro_batches} micro-batches takes its losses one micro-batch "
-                         "at a time (HeadStep.micro_batch)")
-    return pending.micro_batch(0)
+    def micro_batch(self) -> MicroBatch:
+        """Itself: a loss takes a micro-batch or a step of one alike (:meth:`HeadStep.micro_batch`)."""
+        return self
 
 
 class HeadStrategy(Protocol):
@@ -292,9 +292,10 @@ class PartialFC:
         return self.strategy.traceable
 
     def sample(self, labels: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
-        return sample_centers(
-            labels - self.shard.start, self.shard.count, self.sample_ratio, self.seed, step, self.comm.rank
-        )
+        """This rank's ``(index, remapped)`` for the global batch's ``labels`` at ``step``
+        (:func:`plsc.loss.sampling.sample_centers` on this rank's shard)."""
+        return sample_centers(labels - self.shard.start, self.shard.count, self.sample_ratio, self.seed, step,
+                              self.comm.rank)
 
     def __call__(self, embeddings: paddle.Tensor, labels: paddle.Tensor, step: int,
                  update_in_backward: CenterUpdate | None = None) -> tuple[paddle.Tensor, HeadStep]:
@@ -323,17 +324,20 @@ class PartialFC:
         return pending
 
     def sample_tensors(self, all_labels: paddle.Tensor, step: int) -> tuple[paddle.Tensor, paddle.Tensor]:
-        """:meth:`sample` on tensors, or the constructor's ``device_sampler`` (no copy to the host)."""
+        """This rank's centers for the global batch's ``all_labels`` at ``step``, ``(index, remapped)``:
+        :func:`plsc.loss.sampling.sample_centers` on a host copy of the labels, or the constructor's
+        ``device_sampler`` (no copy to the host)."""
+        count = self.shard.count
         if self.device_sampler is not None:
-            count = self.shard.count
             return self.device_sampler(all_labels, count, num_sampled(count, self.sample_ratio))
-        index, remapped = self.sample(all_labels.numpy(), step)
+        index, remapped = sample_centers(all_labels.numpy() - self.shard.start, count, self.sample_ratio,
+                                         self.seed, step, self.comm.rank)
         return paddle.to_tensor(index), paddle.to_tensor(remapped)
 
     def loss(self, all_embeddings: paddle.Tensor, pending: HeadStep | MicroBatch) -> paddle.Tensor:
         """Margin softmax of a micro-batch's global batch over the step's sampled centers (``pending``: the
         micro-batch, or a step of one)."""
-        return self.strategy.loss(self, all_embeddings, micro_batch_of(pending))
+        return self.strategy.loss(self, all_embeddings, pending.micro_batch())
 
     def rows_loss(self, all_embeddings: paddle.Tensor, rows: paddle.Tensor, remapped: paddle.Tensor):
         """The tensor-only core of :meth:`loss` of a :attr:`traceable` strategy, on gathered ``rows``: holds

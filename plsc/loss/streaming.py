@@ -18,7 +18,7 @@ gathering the chunk's rows (float16 -> float32 per chunk) and recomputing its co
    instead of a [sampled, emb] gradient.
 3. update (:meth:`Streaming.apply`): once the trainer knows whether the step is skipped (found-inf), each
    chunk's center gradient is formed again and applied to weight + velocity at once (lazy or dense momentum,
-   weight decay, ``grad_scale`` as in :mod:`plsc.loss.sparse_momentum`).
+   weight decay, ``grad_scale`` as in :func:`plsc.loss.rows.lazy_update`).
 
 Why the update waits for a third walk under loss scaling: the skip decision covers the backbone's
 gradients, which exist only after the head's backward has returned d(embeddings); an update applied earlier
@@ -59,7 +59,7 @@ from plsc.loss.margin import (
     target_logit_slope,
     zero_where,
 )
-from plsc.loss.sparse_momentum import decay_unsampled_rows, dense_update, lazy_update
+from plsc.loss.rows import decay_unsampled_rows, dense_update, lazy_update
 
 if TYPE_CHECKING:  # the head imports this module to offer the strategy
     from plsc.loss.partial_fc import CenterUpdate, HeadStep, MicroBatch, PartialFC
