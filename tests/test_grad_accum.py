@@ -168,7 +168,8 @@ def test_plsc_train_with_grad_accum_logs_optimizer_steps(project_root, tmp_path,
     checkpoint stands at the start of epoch 1."""
     monkeypatch.chdir(project_root)
     output = tmp_path / "run"
-    code = cli.main(["train", "--config", "configs/cpu/mini.yaml", "--set", "train.grad_accum=2",
+    smaller = ["--set", "model.width=0.0625", "--set", "data.image_size=32"]  # the counts are the config's
+    code = cli.main(["train", "--config", "configs/cpu/mini.yaml", "--set", "train.grad_accum=2", *smaller,
                      "--set", "train.max_steps=3", "--set", "train.log_interval=1", "--output", str(output)])
     assert code == 0
     assert [record["step"] for record in read_log(output)] == [1, 2, 3]
