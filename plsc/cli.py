@@ -7,6 +7,7 @@ Bad input ends in one ``plsc: error: ...`` line and a non-zero exit code, never 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import shlex
@@ -571,11 +572,12 @@ def _run_plan(args) -> int:
         raise PlscError(f"--gpus must be >= 1, got {world}")
     images, source, num_classes = planned_data(config, args.images)
     setting = setting_from_config(config, int(args.device_memory_gib * GIB), world, args.device)
-    with shared_scratch_builds():  # the memory model and the plan's cost read one build of the backbone
+    with shared_scratch_builds():  # the plan's cost and the memory model read one build of the backbone
+        plan = make_plan(config, world, images, source, num_classes)  # refuses bad counts before any probe
         model = memory_model(config, setting)
-        memory = MemoryPrediction(model.peak(num_classes), model.binding_phase(num_classes), args.device,
-                                  setting.device_memory_bytes)
-        plan = make_plan(config, world, images, source, num_classes, memory)
+    memory = MemoryPrediction(model.peak(num_classes), model.binding_phase(num_classes), args.device,
+                              setting.device_memory_bytes)
+    plan = dataclasses.replace(plan, memory=memory)
     print(describe_plan(plan))
     if args.json:
         from plsc import strict_json
