@@ -152,11 +152,9 @@ def test_fp16_checkpoint_resume_verify_export_through_the_trainer(trained_fp32, 
         for name, value in saved.items():
             np.testing.assert_array_equal(restored[name], value)
 
-    # plsc eval of the saved best model gives the trainer's numbers, on the engine training verified with (a
-    # set this small runs in dygraph: embedders.DYGRAPH_BELOW_MULTIPLY_ADDS); the export computes the float32
-    # model.
+    # plsc eval of the saved best model gives the trainer's numbers; the export computes the float32 model.
     best = output / "best_model" / vset.name
-    assert evaluate_model(best, [str(tiny_dir / BIN)], 50, engine="dygraph")[vset.name] == results[vset.name]
+    assert evaluate_model(best, [str(tiny_dir / BIN)], 50)[vset.name] == results[vset.name]
     exported = export_checkpoint(best, tmp_path / "export")
     graph = next(tmp_path / "export" / f for f in exported["artifacts"]["paddle"]["files"]
                  if f.endswith((".json", ".pdmodel")))

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from plsc.data.verification_bin import VerificationSet, load_bin, save_bin
+from plsc.data.verification_bin import VerificationSet, image_count, load_bin, save_bin
 from plsc.errors import PlscError
 from plsc.eval.verification import (
     THRESHOLDS,
@@ -266,6 +266,13 @@ def check_loaded(vset, path, pairs):
 def test_load_bundled_bin(tiny_dir):
     path = tiny_dir / "lfw_disjoint_100.bin"
     check_loaded(load_bin(path), path, 100)
+
+
+def test_image_count_reads_the_pairs_without_decoding(tiny_dir):
+    path = tiny_dir / "lfw_disjoint_100.bin"
+    with open(path, "rb") as f:
+        encoded, issame = pickle.load(f, encoding="bytes")  # insightface's own reading of the file
+    assert image_count(path) == len(encoded) == 2 * len(issame) == 200
 
 
 def test_load_shared_bin(shared_dir):

@@ -54,6 +54,12 @@ def load_bin(path: str | os.PathLike, image_size: int | tuple[int, int] = 112) -
     return VerificationSet(images=images, issame=issame, name=bin_name(path))
 
 
+def image_count(path: str | os.PathLike) -> int:
+    """How many images a ``.bin`` holds (two per pair), read and checked as :func:`load_bin` reads it,
+    without decoding them."""
+    return 2 * len(_read_pickle(Path(path))[1])
+
+
 def bin_name(path: str | os.PathLike) -> str:
     """A verification set's name, its file stem (``lfw`` for ``lfw.bin``): its results and its best model
     (``best_model/<name>``) are filed under it, so it must be one ordinary path component."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from plsc import checkpoint as ckpt
 from plsc.config import load_config
-from plsc.data.verification_bin import load_bin, verification_names
+from plsc.data.verification_bin import image_count, load_bin, verification_names
 from plsc.errors import PlscError
 from plsc.eval.sources import identify, open_model, saved_val_bins
 from plsc.eval.verification import verify
@@ -36,8 +36,14 @@ def evaluate_model(
     model = identify(path, engine)
     bins = list(bins or saved_val_bins(model))
     verification_names(bins, "--bin")  # results are keyed by name: before minutes of loading
-    embed, image_size = open_model(model, engine, **model_hints)
+    embed, image_size = open_model(model, engine, images=embedded_images(bins), **model_hints)
     return evaluate_sets(embed, image_size, bins, batch_size, progress)
+
+
+def embedded_images(bins: list[str]) -> int:
+    """How many images verifying ``bins`` embeds: each image and its mirror (a small job runs in dygraph,
+    as training's verification does: plsc.eval.embedders)."""
+    return 2 * sum(image_count(path) for path in bins)
 
 
 def evaluate_sets(embed, image_size: int, bins: list[str], batch_size: int, progress: bool
@@ -66,7 +72,8 @@ def evaluate_run(
         by_model.setdefault(model_dir, []).append(path)
     results = {}
     for model_dir, its_bins in by_model.items():
-        embed, image_size = open_model(identify(model_dir, engine), engine, **model_hints)
+        embed, image_size = open_model(identify(model_dir, engine), engine, images=embedded_images(its_bins),
+                                       **model_hints)
         for name, metrics in evaluate_sets(embed, image_size, its_bins, batch_size, progress).items():
             results[name] = {**metrics, "model": str(model_dir)}
     return {name: results[name] for name in verification_names(list(picks), "--bin")}

@@ -76,9 +76,11 @@ def saved_val_bins(model: ModelPath) -> list[str]:
     return [str(path) for path in bins]
 
 
-def open_model(model: ModelPath, engine: str = "auto", threads: int | None = None, **hints):
-    """(embedder, input size) for ``model``; ``hints`` (``backbone``, ``embedding_size``, ``data_format``)
-    as for :func:`plsc.checkpoint.restore.restore_backbone`, for checkpoints only."""
+def open_model(model: ModelPath, engine: str = "auto", threads: int | None = None, images: int = 0,
+               **hints):
+    """(embedder, input size) for ``model``; ``images``: how many it will embed, when known
+    (:func:`plsc.eval.embedders.open_embedder`); ``hints`` (``backbone``, ``embedding_size``,
+    ``data_format``) as for :func:`plsc.checkpoint.restore.restore_backbone`, for checkpoints only."""
     if model.exported is not None:
         given = [HINT_FLAGS.get(name, name) for name, value in hints.items() if value is not None]
         if given:
@@ -86,4 +88,4 @@ def open_model(model: ModelPath, engine: str = "auto", threads: int | None = Non
         return ExportEmbedder(model.exported, threads), model.exported.image_size
     backbone, config = restore_kind(model.kind, model.path, **hints)
     image_size = config.data.image_size
-    return open_embedder(backbone, config.model, image_size, engine, threads), image_size
+    return open_embedder(backbone, config.model, image_size, engine, threads, images), image_size
