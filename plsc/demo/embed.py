@@ -63,8 +63,10 @@ def probe_image(size: int) -> np.ndarray:
     return np.random.default_rng(PROBE_SEED).integers(0, 256, (size, size, 3), dtype=np.uint8)
 
 
-def open_embedder(path: str | Path, engine: str | None = None) -> FaceEmbedder:
-    """An export folder / model file (.json, .pdmodel, .onnx), or a plsc / PLSC v2.2 checkpoint folder."""
+def open_embedder(path: str | Path, engine: str | None = None, images: int = 0) -> FaceEmbedder:
+    """An export folder / model file (.json, .pdmodel, .onnx), or a plsc / PLSC v2.2 checkpoint folder;
+    ``images``: how many crops it will embed, when known (a checkpoint's small job runs in dygraph:
+    :func:`plsc.eval.embedders.open_embedder`)."""
     path = Path(path)
     if not path.exists():
         raise PlscError(f"model not found: {path}")
@@ -74,7 +76,7 @@ def open_embedder(path: str | Path, engine: str | None = None) -> FaceEmbedder:
         return _exported(path, engine)
     if engine is not None:
         raise PlscError(f"--engine applies to exported models; {path} is a checkpoint folder")
-    return _checkpoint(path)
+    return _checkpoint(path, images)
 
 
 def _exported(path: Path, engine: str | None) -> FaceEmbedder:
@@ -93,7 +95,7 @@ def _exported(path: Path, engine: str | None) -> FaceEmbedder:
     return FaceEmbedder(open_engine(model), model.image_size, description, threshold)
 
 
-def _checkpoint(path: Path) -> FaceEmbedder:
+def _checkpoint(path: Path, images: int) -> FaceEmbedder:
     from plsc.checkpoint.restore import restore_backbone
     from plsc.eval.embedders import open_embedder
 
@@ -104,7 +106,7 @@ def _checkpoint(path: Path) -> FaceEmbedder:
         "image_size": config.data.image_size,
         "path": str(path.resolve()),
     }
-    run = open_embedder(model, config.model, config.data.image_size)  # NCHW either way
+    run = open_embedder(model, config.model, config.data.image_size, images=images)  # NCHW either way
     return FaceEmbedder(run, config.data.image_size, description, verification_threshold(path))
 
 

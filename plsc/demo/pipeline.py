@@ -93,7 +93,7 @@ def build_index(
     margin = DEFAULT_MARGIN if margin is None else margin
     check_margin(margin)
     files = gallery_files(gallery, label_file)
-    embedder = open_embedder(model, engine)
+    embedder = open_embedder(model, engine, images=2 * len(files))  # a crop per image, and its mirror
     find_faces = open_detector(**(detector or {}))
     crops, boxes, detected = [], [], []
     for path, _ in files:
