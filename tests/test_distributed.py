@@ -212,6 +212,8 @@ def test_full_classifier_on_two_ranks_equals_one_process_with_the_double_batch(t
     assert_close(concatenated(ranks, "sampled_grad"), pending.rows.grad.numpy(), 1e-5)
 
 
+@pytest.mark.cpu_slow(reason="a three-rank launch (~11 s); two-rank parity of both heads, and the in-process "
+                              "tests of uneven shards and of sampling's positives and budget stay fast")
 def test_three_ranks_uneven_shards_and_more_positives_than_budget(tmp_path):
     """(c) 7 classes on 3 ranks (3, 2, 2) and a global batch of 12 holding all of them: every rank has more
     positives than ratio 0.5 allows and keeps exactly its positives; (d) 3-rank parity, ratios 1.0 and 0.3."""
