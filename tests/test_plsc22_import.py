@@ -252,9 +252,10 @@ def tiny_checkpoint(tmp_path):
     return tmp_path
 
 
-def test_missing_parameter_is_one_line_cli_error(tiny_checkpoint, tmp_path, capsys):
+def test_missing_parameter_is_one_line_cli_error(tiny_checkpoint, tiny_dir, capsys):
     (tiny_checkpoint / "res3a_branch2b_weights.pdparam").unlink()
-    code = cli.main(["eval", "--checkpoint", str(tiny_checkpoint), "--bin", str(tmp_path / "none.bin")])
+    bins = ["--bin", str(tiny_dir / "lfw_disjoint_100.bin")]  # read (counted) before the model
+    code = cli.main(["eval", "--checkpoint", str(tiny_checkpoint), *bins])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err
     assert err.startswith("plsc: error: ") and "missing (first: res3a_branch2b_weights.pdparam)" in err
