@@ -255,6 +255,8 @@ def logged_losses(output: Path) -> np.ndarray:
     return np.array([r["loss"] for r in records if "loss" in r])
 
 
+@pytest.mark.cpu_slow(reason="four short trainings, one compiled (~8 s); the filtered loss against numpy and "
+                              "finite differences in both heads, and its static compile, stay fast")
 def test_training_with_filtering_in_both_heads_and_static_mode(tiny_dir, tiny_run, tmp_path):
     """Three steps of the tiny run with loss.interclass_filtering_threshold: the streaming head and static
     mode log the whole-matrix head's losses, which differ from those without filtering. Measured: streaming
