@@ -219,8 +219,15 @@ def run_train(results_dir: str, output: str, batchnorm: str, *overrides: str) ->
     (Path(results_dir) / f"rank{trainer.rank}.json").write_text(json.dumps(record))
 
 
+def run_head_and_allreduce(head_spec: str, allreduce_spec: str, out_dir: str) -> None:
+    """Both jobs on the same ranks, one launch: the head's cases, then the all-reduces (whose counting
+    wrapper of dist.all_reduce stays in place after them)."""
+    run_head(head_spec, out_dir)
+    run_allreduce(allreduce_spec, out_dir)
+
+
 if __name__ == "__main__":
     mode, *arguments = sys.argv[1:]
     modes = {"head": run_head, "allreduce": run_allreduce, "reshard": run_reshard, "train": run_train,
-             "grad_accum": run_grad_accum}
+             "grad_accum": run_grad_accum, "head_and_allreduce": run_head_and_allreduce}
     modes[mode](*arguments)

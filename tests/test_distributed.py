@@ -183,21 +183,39 @@ def check_head_cases(cases: list[dict], results: dict[str, list[dict]]) -> None:
         assert_matches_reference(ranks, reference_from_sampled(case, concatenated(ranks, "sampled_ids")))
 
 
-def test_full_classifier_on_two_ranks_equals_one_process_with_the_double_batch(tmp_path):
-    """(a) ratio 1.0, 2 x batch b == 1 x batch 2b; (b) ratio < 1 == one process over the union of the
-    ranks' sampled centers; both heads, and with inter-class filtering."""
-    cases = [
-        head_case(tmp_path, "full", world=2, rows_per_rank=4, num_classes=10, ratio=1.0),
-        head_case(tmp_path, "sampled", world=2, rows_per_rank=4, num_classes=40, ratio=0.3, margin=COMBINED),
-        head_case(tmp_path, "full-streaming", world=2, rows_per_rank=4, num_classes=10, ratio=1.0,
+def two_rank_head_cases(folder: Path) -> list[dict]:
+    return [
+        head_case(folder, "full", world=2, rows_per_rank=4, num_classes=10, ratio=1.0),
+        head_case(folder, "sampled", world=2, rows_per_rank=4, num_classes=40, ratio=0.3, margin=COMBINED),
+        head_case(folder, "full-streaming", world=2, rows_per_rank=4, num_classes=10, ratio=1.0,
                   chunk_size=2),
-        head_case(tmp_path, "sampled-streaming", world=2, rows_per_rank=4, num_classes=40, ratio=0.3,
+        head_case(folder, "sampled-streaming", world=2, rows_per_rank=4, num_classes=40, ratio=0.3,
                   margin=COMBINED, chunk_size=4),
-        head_case(tmp_path, "filtered", world=2, rows_per_rank=4, num_classes=40, ratio=0.3, margin=FILTERED),
-        head_case(tmp_path, "filtered-streaming", world=2, rows_per_rank=4, num_classes=40, ratio=0.3,
+        head_case(folder, "filtered", world=2, rows_per_rank=4, num_classes=40, ratio=0.3, margin=FILTERED),
+        head_case(folder, "filtered-streaming", world=2, rows_per_rank=4, num_classes=40, ratio=0.3,
                   margin=FILTERED, chunk_size=4),
     ]
-    results = run_head_cases(tmp_path, 2, cases)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> tuple[list[dict], dict[str, list[dict]], Path]:
+    """One two-rank launch for the head's cases and the coalesced all-reduces (each launch costs seconds of
+    start-up): (the head cases, their results per rank, the folder of the all-reduce results)."""
+    folder = tmp_path_factory.mktemp("two-ranks")
+    cases = two_rank_head_cases(folder)
+    head_spec, allreduce_spec = folder / "head-spec.json", folder / "allreduce.json"
+    head_spec.write_text(json.dumps({"cases": cases}))
+    allreduce_spec.write_text(json.dumps({"tensors": GRADIENTS, "bucket_bytes": list(ALL_REDUCES)}))
+    launch_worker(folder, 2, "head_and_allreduce", head_spec, allreduce_spec, folder)
+    results = {case["name"]: [dict(np.load(folder / f"{case['name']}.rank{rank}.npz")) for rank in range(2)]
+               for case in cases}
+    return cases, results, folder
+
+
+def test_full_classifier_on_two_ranks_equals_one_process_with_the_double_batch(two_ranks):
+    """(a) ratio 1.0, 2 x batch b == 1 x batch 2b; (b) ratio < 1 == one process over the union of the
+    ranks' sampled centers; both heads, and with inter-class filtering."""
+    cases, results, _ = two_ranks
     check_head_cases(cases, results)
     # The full case also against PartialFC itself in one process: the code path single-process training runs.
     full = cases[0]
@@ -244,14 +262,12 @@ GRADIENTS = [((8, 3, 3, 3), "float32"), ((8,), "float32"), ((8,), "float16"), ((
 ALL_REDUCES = {0: 8, 1024: 6, 2**30: 2}
 
 
-def test_coalesced_all_reduce_on_two_ranks_equals_per_tensor_and_numpy_sums(tmp_path):
+def test_coalesced_all_reduce_on_two_ranks_equals_per_tensor_and_numpy_sums(two_ranks):
     """Mixed float32/float16 tensors summed over 2 gloo ranks: bit for bit the per-tensor all-reduce and
     numpy's sum of the two ranks' inputs (a + b rounded once, in the tensor's dtype), in every bucket size,
     with one all-reduce per bucket."""
-    spec = tmp_path / "allreduce.json"
-    spec.write_text(json.dumps({"tensors": GRADIENTS, "bucket_bytes": list(ALL_REDUCES)}))
-    launch_worker(tmp_path, 2, "allreduce", spec, tmp_path)
-    ranks = [dict(np.load(tmp_path / f"allreduce.rank{rank}.npz")) for rank in (0, 1)]
+    folder = two_ranks[2]
+    ranks = [dict(np.load(folder / f"allreduce.rank{rank}.npz")) for rank in (0, 1)]
     for i, (shape, dtype) in enumerate(GRADIENTS):
         expected = ranks[0][f"input{i}"] + ranks[1][f"input{i}"]
         assert expected.dtype == dtype and expected.shape == shape
