@@ -206,8 +206,9 @@ def centers(checkpoint: Path) -> list[np.ndarray]:
     return [np.load(checkpoint / ckpt.shard_file(0, kind)) for kind in ("weight", "velocity")]
 
 
-@pytest.mark.cpu_slow(reason="four trainings, 60 steps in all (~18 s); both heads' step-by-step equality (the "
-                              "lockstep tests) and the streaming head's training and resume tests stay fast")
+@pytest.mark.cpu_slow(reason="four trainings, 60 steps in all (~18 s); both heads' step-by-step "
+                              "equality (the lockstep tests) and the streaming head's training and resume "
+                              "tests stay fast")
 def test_twenty_training_steps_match_the_whole_matrix_head(tiny_dir, tmp_path):
     """Loss scaling (precision fp16: dynamic scaling runs on the CPU too), clipping, four epochs; and a resume
     of the streaming run from step 7 gives the 20 steps of the run in one go.
