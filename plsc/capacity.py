@@ -357,7 +357,6 @@ class _PeakMeter:
 
 
 @functools.cache
-@functools.cache  # measured once per process and setting, as the backbone's profile
 def probe_head(
     center_dtype: str, momentum_mode: str, margins: tuple[float, ...], scale: float, chunked: bool = False,
     velocity_dtype: str = "same", interclass_filtering_threshold: float = 0.0,
