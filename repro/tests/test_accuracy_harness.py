@@ -78,7 +78,7 @@ def checkpoint_dir(tmp_path_factory, plsc22_importer) -> Path:
     """A folder holding ``<STEM>.tgz`` as published: ``<STEM>/FresResNet50/best_model/{cfp_fp,lfw}/``."""
     from plsc.models import iresnet18
 
-    model = iresnet18(embedding_size=32, width=0.25, data_format="NCHW", dropout=0.0, input_size=112)
+    model = iresnet18(embedding_size=32, width=0.0625, data_format="NCHW", dropout=0.0, input_size=112)
     staging = tmp_path_factory.mktemp("staging")
     for dataset in ("cfp_fp", "lfw"):
         write_plsc22_tensors(staging / STEM / "FresResNet50" / "best_model" / dataset, model)
