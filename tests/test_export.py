@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -285,13 +286,21 @@ def test_unreadable_export_json_is_refused_before_anything_is_written(small_chec
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]  # no staging folder beside it
 
 
+@pytest.fixture(scope="module")
+def small_export(small_checkpoint, tmp_path_factory) -> Path:
+    """small_checkpoint exported (Paddle format), for tests that start from an existing export (a copy)."""
+    output = tmp_path_factory.mktemp("small-export") / "exported"
+    export_checkpoint(small_checkpoint, output, "paddle")
+    return output
+
+
 @pytest.mark.parametrize("failure", [KeyboardInterrupt, OSError(28, "No space left on device")])
-def test_an_interrupted_export_leaves_the_previous_one_intact(small_checkpoint, tmp_path, monkeypatch,
-                                                               failure):
+def test_an_interrupted_export_leaves_the_previous_one_intact(small_checkpoint, small_export, tmp_path,
+                                                               monkeypatch, failure):
     from plsc.export import exporter
 
     output = tmp_path / "exported"
-    export_checkpoint(small_checkpoint, output, "paddle")
+    shutil.copytree(small_export, output)  # the previous export
     (output / "notes.txt").write_text("the user's own file")
     before = folder_bytes(output)
     original = exporter.save_inference_model
