@@ -307,8 +307,8 @@ def _stop_with_world_size(config, world_size, *args, **kwargs):
     raise PlscError(f"world size {world_size}")
 
 
-def test_readme_names_every_json_key():
-    text = (ROOT / "README.md").read_text()
+def test_the_docs_name_every_json_key():
+    text = (ROOT / "docs" / "training.md").read_text()
     assert all(f"`{key}`" in text for key in REQUIRED_KEYS)
 
 
