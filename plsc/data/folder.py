@@ -56,6 +56,8 @@ def _is_truncated_jpeg(raw) -> bool:
     """
     if bytes(raw[:2]) != _JPEG_SOI:
         return False
+    if bytes(raw[-2:]) == _JPEG_EOI:  # the usual case, decided without searching the scan data (~2 us)
+        return False
     raw = bytes(raw)
     return raw.rfind(_JPEG_EOI) < raw.rfind(_JPEG_SOS)
 
@@ -63,10 +65,7 @@ def _is_truncated_jpeg(raw) -> bool:
 def decode_image_bytes(data) -> np.ndarray | None:
     """Encoded bytes (any bytes-like object) -> BGR uint8 HxWx3, or None when they are not a complete
     image."""
-    if not len(data):
-        return None
-    # Ending with the end-of-image marker is the usual case, complete without searching the scan data (~2 us).
-    if bytes(data[-2:]) != _JPEG_EOI and _is_truncated_jpeg(data):
+    if not len(data) or _is_truncated_jpeg(data):
         return None
     try:
         return cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
@@ -361,6 +360,10 @@ class FolderDataset:
     def image_path(self, index: int) -> Path:
         return self.root / self.relative_path(index)
 
+    def _image_file(self, index: int) -> str:
+        """:meth:`image_path` as a string, without building a Path (a few us per sample)."""
+        return os.path.join(self._root_text, self._paths[index])
+
     def _check_index(self, index: int) -> int:
         index = int(index)
         size = len(self.labels)
@@ -372,8 +375,7 @@ class FolderDataset:
         index = self._check_index(index)
         if self.skip_bad:
             return self._read_or_substitute(index)
-        # The path joined as a string, not image_path's Path: a few us per sample.
-        return read_image(os.path.join(self._root_text, self._paths[index])), int(self.labels[index])
+        return read_image(self._image_file(index)), int(self.labels[index])
 
     def _read_or_substitute(self, index: int) -> tuple[np.ndarray, int]:
         """The sample itself, or the next readable one in index order (deterministic, see the module doc)."""
@@ -383,8 +385,7 @@ class FolderDataset:
             if candidate in self.unreadable_indices:
                 continue
             try:
-                path = os.path.join(self._root_text, self._paths[candidate])  # as __getitem__ joins it
-                return read_image(path), int(self.labels[candidate])
+                return read_image(self._image_file(candidate)), int(self.labels[candidate])
             except PlscError as exc:
                 self.unreadable_indices.add(candidate)
                 log.warning("skip_bad_samples: %s; using the next sample instead", exc)
