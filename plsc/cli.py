@@ -52,6 +52,7 @@ def _add_train(sub) -> None:
 def _train_config(args):
     """The config to train with and the output folder: --config, or with --resume the run's own config.yaml
     (the settings it was started with, --set overrides included), then this command's --set overrides."""
+    from plsc import run_lock
     from plsc.config import load_config
 
     config_file = args.config
@@ -60,6 +61,9 @@ def _train_config(args):
             raise PlscError("train needs --config (or --output RUN_FOLDER --resume to continue that run)")
         config_file = Path(args.output) / "config.yaml"
         if not config_file.is_file():
+            # A run writes its config.yaml just after taking the folder's lock: a folder held without one is
+            # a run starting, not a folder that is no run.
+            run_lock.require_free(args.output, "resume it")
             raise PlscError(f"{config_file} not found: {args.output} is not a run folder; pass --config")
     output = Path(args.output or Path("output") / Path(config_file).stem)
     return load_config(config_file, args.overrides), output

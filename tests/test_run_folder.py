@@ -125,6 +125,23 @@ def test_the_lock_is_taken_only_while_free_and_shared_with_the_launchers_ranks(t
         holder.wait()
 
 
+def test_resuming_a_folder_held_before_its_config_is_written_names_the_holder(tmp_path, capsys):
+    """A run takes the folder's lock, then writes config.yaml: in between, --resume without --config is
+    refused for the run holding the folder, not for a folder that is no run."""
+    program = (f"import time; from plsc import run_lock; run_lock.acquire({str(tmp_path)!r}); "
+               "print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", program], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert cli.main(["train", "--output", str(tmp_path), "--resume"]) == 2
+        assert f"cannot resume it: {tmp_path} is in use by process {holder.pid} " in one_error_line(capsys)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert cli.main(["train", "--output", str(tmp_path), "--resume"]) == 2  # free now: no run folder
+    assert "config.yaml not found" in one_error_line(capsys)
+
+
 # --- names from input ---------------------------------------------------------------------------------------
 
 
