@@ -284,7 +284,7 @@ def test_static_mode_loss_equals_dynamic():
     for loss_fn in (HeadLossStep(head), paddle.jit.to_static(HeadLossStep(head), full_graph=True)):
         pending = head.prepare(labels, step=3)
         embeddings = paddle.to_tensor(embeddings_np, stop_gradient=False)
-        loss = loss_fn(embeddings, pending.rows, pending.remapped)
+        loss = loss_fn(embeddings, pending.rows, pending.squared_norms, pending.remapped)
         loss.backward()
         results.append((float(loss), embeddings.grad.numpy(), pending.rows.grad.numpy()))
     for static, dynamic in zip(results[1], results[0], strict=True):

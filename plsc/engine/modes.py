@@ -16,6 +16,7 @@ from paddle.jit.dy2static.program_translator import StaticFunction
 
 from plsc.config import Config
 from plsc.loss.partial_fc import PartialFC
+from plsc.loss.row_backend import squared_row_norms
 from plsc.loss.rows import gather_rows
 from plsc.parity import on_gpu
 
@@ -44,8 +45,8 @@ class HeadLossStep(paddle.nn.Layer):
         super().__init__()
         self.head = head
 
-    def forward(self, all_embeddings, sampled, remapped):
-        return self.head.rows_loss(all_embeddings, sampled, remapped)
+    def forward(self, all_embeddings, sampled, squared_norms, remapped):
+        return self.head.rows_loss(all_embeddings, sampled, squared_norms, remapped)
 
 
 class CompiledHeadLoss:
@@ -57,7 +58,8 @@ class CompiledHeadLoss:
 
     def __call__(self, all_embeddings, pending):
         micro = pending.micro_batch()  # a step of one micro-batch, or the micro-batch itself
-        return self.program(all_embeddings, micro.step.rows, micro.remapped)
+        step = micro.step
+        return self.program(all_embeddings, step.rows, step.squared_norms, micro.remapped)
 
 
 def compile_backbone(model: paddle.nn.Layer, mode: str):
@@ -137,8 +139,9 @@ def head_loss_error(head: PartialFC, eager: paddle.nn.Layer, compiled: paddle.nn
     for step in (eager, compiled):
         inputs = [paddle.to_tensor(embeddings, stop_gradient=False),
                   gather_rows(head.weight, paddle.to_tensor(index))]
+        squared_norms = squared_row_norms(inputs[1])
         inputs[1].stop_gradient = False
-        loss = step(*inputs, paddle.to_tensor(remapped))
+        loss = step(*inputs, squared_norms, paddle.to_tensor(remapped))
         loss.backward()
         outputs.append([loss.numpy()] + [x.grad.numpy() for x in inputs])
     return max(_relative_error(a, b) for a, b in zip(*outputs, strict=True))

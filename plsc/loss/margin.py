@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import paddle
 import paddle.nn.functional as F
 
+from plsc.loss.row_backend import scale_rows_into, squared_row_norms
+
 # acos is evaluated on cos(theta) clipped this far inside [-1, 1]: the exact derivative -1/sin(theta) is
 # infinite at the ends, and rounding can push a normalised dot product past 1.
 _COS_EPS = 1e-6
@@ -168,12 +170,14 @@ class _CosineToCenters(paddle.autograd.PyLayer):
     takes its generic index path (3-7x slower at [128, 100000]), an expand() materialises a [batch, k] copy,
     and the 1-D operand does neither (measured on 2.6.2 and 3.3.1: multiply_ 10 ms against 14-16 ms expanded,
     57 ms [1, k]).
+
+    The centers' squared norms come in as an input, computed by the caller (:func:`cosine_to_centers`):
+    eagerly, a static program reads the same numbers as eager mode, however they were computed.
     """
 
     @staticmethod
-    def forward(ctx, unit_embeddings, centers, scratch: ScratchRows | None):
-        # Squared row norms as k dot products (bmm): no [k, emb] temporary, unlike square().sum() or p_norm.
-        norms = paddle.sqrt(paddle.bmm(centers.unsqueeze(1), centers.unsqueeze(2)).reshape([-1]))
+    def forward(ctx, unit_embeddings, centers, squared_norms, scratch: ScratchRows | None):
+        norms = paddle.sqrt(squared_norms)
         inverse_norms = 1.0 / paddle.clip(norms, min=NORMALIZE_EPS)  # F.normalize's floor on the norm
         cosine = paddle.matmul(unit_embeddings, centers, transpose_y=True)
         cosine = cosine.multiply_(inverse_norms) if paddle.in_dynamic_mode() else cosine * inverse_norms
@@ -199,7 +203,7 @@ class _CosineToCenters(paddle.autograd.PyLayer):
         if ctx.wants_grad[1]:
             grad_centers = center_grad(unit_embeddings, grad, centers, cosine, inverse_norms, norm_is_live,
                                        ctx.scratch)
-        return grad_embeddings, grad_centers
+        return grad_embeddings, grad_centers, None  # no gradient through the given norms (see forward)
 
 
 def center_grad(unit_embeddings, grad, centers, cosine, inverse_norms, norm_is_live,
@@ -219,22 +223,25 @@ def center_grad(unit_embeddings, grad, centers, cosine, inverse_norms, norm_is_l
     if scratch is None:
         grad_centers = centers * factors
     else:
-        grad_centers = scratch.shaped(centers.shape, centers.dtype)
-        grad_centers.copy_(centers, False)
-        grad_centers.multiply_(factors)
+        grad_centers = scale_rows_into(scratch.shaped(centers.shape, centers.dtype), centers, factors)
     return grad_centers.addmm_(grad.t(), unit_embeddings)
 
 
 def cosine_to_centers(
-    embeddings: paddle.Tensor, centers: paddle.Tensor, scratch: ScratchRows | None = None
+    embeddings: paddle.Tensor, centers: paddle.Tensor, scratch: ScratchRows | None = None,
+    squared_norms: paddle.Tensor | None = None,
 ) -> paddle.Tensor:
     """[batch, k] cosine similarity of each embedding with each center row, differentiable in both.
 
     ``scratch``: where the centers' gradient is written (see ScratchRows); it then lives there, overwritten by
     the next backward through the same scratch. In eager mode the backward overwrites the returned cosine
     (it is saved for the backward, whose last use of it is a product with the gradient): read it before.
+    ``squared_norms``: the centers' squared row norms (:func:`~plsc.loss.row_backend.squared_row_norms`,
+    taken without gradient), when the caller has them; else computed here.
     """
-    return _CosineToCenters.apply(F.normalize(embeddings, axis=1), centers, scratch)
+    if squared_norms is None:
+        squared_norms = squared_row_norms(centers.detach())
+    return _CosineToCenters.apply(F.normalize(embeddings, axis=1), centers, squared_norms, scratch)
 
 
 class _MarginSoftmaxCrossEntropy(paddle.autograd.PyLayer):

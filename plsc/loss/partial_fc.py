@@ -36,7 +36,13 @@ import paddle
 from plsc.distributed import LocalComm, shard_classes
 from plsc.loss.int8_rows import Dequantized
 from plsc.loss.margin import Margin, ScratchRows, cosine_to_centers, margin_softmax_cross_entropy
-from plsc.loss.row_backend import STATE_BLOCK_ROWS, copy_rows_into, host_blocks, source_blocks
+from plsc.loss.row_backend import (
+    STATE_BLOCK_ROWS,
+    copy_rows_into,
+    host_blocks,
+    source_blocks,
+    squared_row_norms,
+)
 from plsc.loss.rows import UPDATES, new_rows, row_store
 from plsc.loss.sampling import num_sampled, sample_centers
 from plsc.loss.streaming import Streaming
@@ -125,6 +131,7 @@ class HeadStep:
     update_in_backward: CenterUpdate | None = None
     micro_batches: int = 1
     rows: paddle.Tensor | None = None  # WholeMatrix: the sampled rows, a leaf collecting their grad
+    squared_norms: paddle.Tensor | None = None  # WholeMatrix: their squared norms, without gradient
     # Streaming: each micro-batch's softmax statistics, in the order their forwards ran.
     stats: list[Any] = field(default_factory=list)
     grad_sq_norm: paddle.Tensor | None = None  # Streaming: summed by the backward passes that left the update
@@ -202,24 +209,29 @@ class WholeMatrix:
     def prepare(self, head: PartialFC, pending: HeadStep) -> None:
         """Gather the sampled centers into ``pending.rows``, a new leaf on the rows' memory each step: its
         gradient starts empty, as a fresh gather's does (Paddle adds each backward's gradient to what a leaf
-        already holds)."""
+        already holds). Their squared norms are taken here, eagerly, so that a compiled loss reads the same
+        numbers as an eager one."""
         out = None
         if head.weight_rows.gathers_into:
             out = self.gathered_rows_scratch.shaped([pending.index.shape[0], head.embedding_size],
                                                     paddle.float32)
         pending.rows = head.weight_rows.gather(pending.index, out).detach()
+        pending.squared_norms = squared_row_norms(pending.rows)
         pending.rows.stop_gradient = False
 
     def loss(self, head: PartialFC, all_embeddings: paddle.Tensor, micro: MicroBatch) -> paddle.Tensor:
-        return self.rows_loss(head, all_embeddings, micro.step.rows, micro.remapped, micro.number == 0)
+        step = micro.step
+        return self.rows_loss(head, all_embeddings, step.rows, step.squared_norms, micro.remapped,
+                              micro.number == 0)
 
     def rows_loss(self, head: PartialFC, all_embeddings: paddle.Tensor, rows: paddle.Tensor,
-                  remapped: paddle.Tensor, first_micro_batch: bool = True) -> paddle.Tensor:
+                  squared_norms: paddle.Tensor, remapped: paddle.Tensor, first_micro_batch: bool = True
+                  ) -> paddle.Tensor:
         # The first micro-batch's center gradient may become the leaf's .grad in the kept scratch
         # (ScratchRows); the later ones' backward passes add theirs into that .grad, so they must not write
         # into the scratch.
         scratch = self.center_grad_scratch if first_micro_batch else None
-        cosine = cosine_to_centers(all_embeddings, rows, scratch)
+        cosine = cosine_to_centers(all_embeddings, rows, scratch, squared_norms)
         return head.margin_loss(cosine, remapped, head.margin, head.comm)
 
     def center_grads(self, head: PartialFC, pending: HeadStep) -> list[paddle.Tensor]:
@@ -339,10 +351,12 @@ class PartialFC:
         micro-batch, or a step of one)."""
         return self.strategy.loss(self, all_embeddings, pending.micro_batch())
 
-    def rows_loss(self, all_embeddings: paddle.Tensor, rows: paddle.Tensor, remapped: paddle.Tensor):
-        """The tensor-only core of :meth:`loss` of a :attr:`traceable` strategy, on gathered ``rows``: holds
-        no Python state changes, so static mode can compile it (``paddle.jit.to_static``)."""
-        return self.strategy.rows_loss(self, all_embeddings, rows, remapped)
+    def rows_loss(self, all_embeddings: paddle.Tensor, rows: paddle.Tensor, squared_norms: paddle.Tensor,
+                  remapped: paddle.Tensor):
+        """The tensor-only core of :meth:`loss` of a :attr:`traceable` strategy, on gathered ``rows`` and
+        their ``squared_norms``: holds no Python state changes, so static mode can compile it
+        (``paddle.jit.to_static``)."""
+        return self.strategy.rows_loss(self, all_embeddings, rows, squared_norms, remapped)
 
     def center_grads(self, pending: HeadStep) -> list[paddle.Tensor]:
         """What an inf/nan check of the step reads for the class centers, once the backward passes have run:

@@ -126,8 +126,10 @@ DENSE_BLOCK_ROWS = 16384
 UPDATE_BLOCK_ROWS = 1024
 
 
-def momentum_(weight, velocity, grad, lr: float, momentum: float, weight_decay: float, grad_scale: float):
-    """float32 ``weight`` and ``velocity`` stepped in place: the kernel ``paddle.optimizer.Momentum`` runs.
+def momentum_(weight, velocity, grad, lr: paddle.Tensor, momentum: float, weight_decay: float,
+              grad_scale: float):
+    """float32 ``weight`` and ``velocity`` stepped in place: the kernel ``paddle.optimizer.Momentum`` runs,
+    with the learning rate as a float32 [1] tensor (made once per update, not once per block).
 
     ``_C_ops.momentum_`` is private, but its signature is the same in Paddle 2.6 and 3.x, and using it means
     the update is Paddle's Momentum by construction. Its ``rescale_grad`` is ignored by the CPU kernel (2.6
@@ -135,9 +137,8 @@ def momentum_(weight, velocity, grad, lr: float, momentum: float, weight_decay: 
     """
     if grad_scale != 1.0:
         grad = grad * grad_scale
-    lr_tensor = paddle.full([1], lr, dtype="float32")
     nesterov, multi_precision, rescale_grad = False, False, 1.0
-    _C_ops.momentum_(weight, grad, velocity, lr_tensor, None, momentum, nesterov, "l2_decay", weight_decay,
+    _C_ops.momentum_(weight, grad, velocity, lr, None, momentum, nesterov, "l2_decay", weight_decay,
                      multi_precision, rescale_grad)
 
 
@@ -160,6 +161,7 @@ def lazy_update(
     rows = None if rows is None else rows.detach()
     count, block_rows = index.shape[0], block_rows or UPDATE_BLOCK_ROWS
     zero_grad = None
+    lr_tensor = paddle.full([1], lr, dtype="float32")
     for start in range(0, count, block_rows):
         stop = min(start + block_rows, count)
         block_index = rows_of(index, start, stop)
@@ -172,7 +174,7 @@ def lazy_update(
             block_grad = zero_grad = paddle.zeros_like(block_weight)
         else:
             block_grad = zero_grad
-        momentum_(block_weight, block_velocity, block_grad, lr, momentum, weight_decay, grad_scale)
+        momentum_(block_weight, block_velocity, block_grad, lr_tensor, momentum, weight_decay, grad_scale)
         velocity.scatter_(block_index, block_velocity)
         weight.scatter_(block_index, block_weight)
 
