@@ -158,6 +158,13 @@ class ScratchRows:
         self.tensor = None
 
 
+def inverse_row_norms(squared_norms: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """F.normalize's inverse norms of rows with these squared norms, and where each norm is live: 1 above
+    F.normalize's floor, 0 where the floor replaces it (a constant there: no gradient through it)."""
+    norms = paddle.sqrt(squared_norms)
+    return 1.0 / paddle.clip(norms, min=NORMALIZE_EPS), (norms > NORMALIZE_EPS).astype(norms.dtype)
+
+
 class _CosineToCenters(paddle.autograd.PyLayer):
     """``matmul(unit_embeddings, F.normalize(centers, axis=1), transpose_y=True)`` without normalised centers.
 
@@ -177,12 +184,9 @@ class _CosineToCenters(paddle.autograd.PyLayer):
 
     @staticmethod
     def forward(ctx, unit_embeddings, centers, squared_norms, scratch: ScratchRows | None):
-        norms = paddle.sqrt(squared_norms)
-        inverse_norms = 1.0 / paddle.clip(norms, min=NORMALIZE_EPS)  # F.normalize's floor on the norm
+        inverse_norms, norm_is_live = inverse_row_norms(squared_norms)
         cosine = paddle.matmul(unit_embeddings, centers, transpose_y=True)
         cosine = cosine.multiply_(inverse_norms) if paddle.in_dynamic_mode() else cosine * inverse_norms
-        # Where the floor is active the norm is a constant: no gradient through it (as F.normalize).
-        norm_is_live = (norms > NORMALIZE_EPS).astype(norms.dtype)
         ctx.save_for_backward(unit_embeddings, centers, inverse_norms, norm_is_live, cosine)
         # Paddle wants None, not a gradient, for an input that stops gradient; it also saves a matmul.
         ctx.wants_grad = (not unit_embeddings.stop_gradient, not centers.stop_gradient)
