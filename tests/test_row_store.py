@@ -64,10 +64,12 @@ def test_writes_into_a_given_tensor_exactly_on_paddle_3():
     assert row_backend.GATHER_WRITES_INTO == row_backend.MULTIPLY_WRITES_INTO == (major >= 3)
 
 
-def test_row_norms_match_float64_sums_and_the_reference():
+def test_row_norms_match_float64_sums_and_the_reference(monkeypatch):
     rows = (RNG.standard_normal((300, 64)) * RNG.uniform(1e-3, 10, (300, 1))).astype(np.float32)
     tensor = paddle.to_tensor(rows)
-    fast = row_backend.squared_row_norms(tensor).numpy()
+    with monkeypatch.context() as patch:  # a CPU tensor in eager mode takes the numpy path
+        patch.setattr(row_backend, "reference_squared_row_norms", None)
+        fast = row_backend.squared_row_norms(tensor).numpy()
     exact = (rows.astype(np.float64) ** 2).sum(axis=1)
     # float32 sums of 64 squares: within 64 roundings (the bound; measured over 20 draws: 1.8e-7 numpy,
     # 4.4e-7 the reference).
@@ -77,11 +79,14 @@ def test_row_norms_match_float64_sums_and_the_reference():
     assert fast.shape == (300,) and fast.dtype == np.float32
 
 
-def test_scaling_rows_into_a_given_tensor_matches_copy_and_multiply():
+def test_scaling_rows_into_a_given_tensor_matches_copy_and_multiply(monkeypatch):
     rows = paddle.to_tensor(RNG.standard_normal((50, 16)).astype(np.float32))
     factors = paddle.to_tensor(RNG.standard_normal((50, 1)).astype(np.float32))
     out = paddle.empty([50, 16], dtype="float32")
-    got = row_backend.scale_rows_into(out, rows, factors)
+    with monkeypatch.context() as patch:  # Paddle 3 multiplies into ``out``; 2.6 takes the reference
+        if row_backend.MULTIPLY_WRITES_INTO:
+            patch.setattr(row_backend, "reference_scale_rows_into", None)
+        got = row_backend.scale_rows_into(out, rows, factors)
     assert got.data_ptr() == out.data_ptr()
     reference = row_backend.reference_scale_rows_into(paddle.empty([50, 16], dtype="float32"), rows, factors)
     np.testing.assert_array_equal(bits(got), bits(reference))

@@ -98,7 +98,7 @@ def squared_row_norms(rows: paddle.Tensor) -> paddle.Tensor:
     reference."""
     if paddle.in_dynamic_mode() and is_cpu_and_contiguous(rows):
         values = host_view(rows)
-        return paddle.to_tensor(np.einsum("ij,ij->i", values, values))
+        return paddle.to_tensor(np.einsum("ij,ij->i", values, values), place=rows.place)
     return reference_squared_row_norms(rows)
 
 
