@@ -1,13 +1,14 @@
-"""Every CPU speed trick for moving class-center rows, each beside its plain reference in Paddle ops that
-the tests compare it against (``reference_*``).
+"""Every CPU speed trick for class-center rows, each beside its plain reference in Paddle ops that the tests
+compare it against (``reference_*``).
 
 The tricks: numpy views of a CPU tensor's own memory (``host_view`` over ``data_ptr()``), float16 <-> float32
 casts by OpenCV (F16C instructions), float16 gathers through a bfloat16 view, float16 scatters by numpy, int8
-quantisation and the centers' row norms by numpy; and the one version test, whether Paddle's gather and
+quantisation and the rows' squared norms by numpy; and the two version tests, whether Paddle's gather and
 multiply can write into a given tensor (:data:`GATHER_WRITES_INTO`, :data:`MULTIPLY_WRITES_INTO`: 3.x can,
-2.6 cannot). The row stores (:mod:`plsc.loss.rows`, :mod:`plsc.loss.int8_rows`) and the cosine layer
-(:mod:`plsc.loss.margin`) call these; the math modules call the stores. A float32 store moves its rows by
-Paddle's own gather and scatter and needs none of them.
+2.6 cannot). The row stores (:mod:`plsc.loss.rows`, :mod:`plsc.loss.int8_rows`) call the row moves, the
+heads (:mod:`plsc.loss.partial_fc`, :mod:`plsc.loss.streaming`) the norms, the cosine layer
+(:mod:`plsc.loss.margin`) the row scaling; the math modules call the stores. A float32 store moves its rows
+by Paddle's own gather and scatter and needs none of them.
 """
 
 from __future__ import annotations
