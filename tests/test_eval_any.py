@@ -21,6 +21,7 @@ from plsc import checkpoint as ckpt
 from plsc import cli
 from plsc.checkpoint.restore import restore_backbone
 from plsc.config import load_config
+from plsc.data import verification_bin
 from plsc.engine.trainer import Trainer
 from plsc.errors import PlscError
 from plsc.eval.runner import evaluate_model, evaluate_run, run_models
@@ -103,12 +104,20 @@ def test_an_export_folder_with_both_formats_runs_the_one_engine_asks_for(models,
     assert onnx["accuracy"] == pytest.approx(paddle["accuracy"], abs=ACCURACY_TOLERANCE)
 
 
-def test_bin_takes_several_files_and_repeats(models, tiny_dir, tmp_path, capsys):
+def test_bin_takes_several_files_and_repeats(models, tiny_dir, tmp_path, capsys, monkeypatch):
     copies = [str(shutil.copy(tiny_dir / BIN, tmp_path / f"{name}.bin")) for name in ("a", "b", "c")]
     out = tmp_path / "eval.json"
     argv = ["eval", "--model", str(models["plsc"]), "--bin", copies[0], copies[1], "--bin", copies[2],
             "--json", str(out)]
+    reads, read_pickle = [], verification_bin._read_pickle
+
+    def counted_read(path):
+        reads.append(str(path))
+        return read_pickle(path)
+
+    monkeypatch.setattr(verification_bin, "_read_pickle", counted_read)
     assert cli.main(argv) == 0
+    assert reads == copies  # each file read once: counted for the engine's choice, decoded later
     results = json.loads(out.read_text())
     assert list(results) == ["a", "b", "c"]
     assert len({metrics["accuracy"] for metrics in results.values()}) == 1  # one file's content, thrice

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from plsc.data.verification_bin import VerificationSet, image_count, load_bin, save_bin
+from plsc.data.verification_bin import VerificationSet, load_bin, read_bin, save_bin
 from plsc.errors import PlscError
 from plsc.eval.verification import (
     THRESHOLDS,
@@ -268,11 +268,16 @@ def test_load_bundled_bin(tiny_dir):
     check_loaded(load_bin(path), path, 100)
 
 
-def test_image_count_reads_the_pairs_without_decoding(tiny_dir):
+def test_read_bin_counts_the_pairs_and_decodes_later_like_load_bin(tiny_dir):
     path = tiny_dir / "lfw_disjoint_100.bin"
     with open(path, "rb") as f:
         encoded, issame = pickle.load(f, encoding="bytes")  # insightface's own reading of the file
-    assert image_count(path) == len(encoded) == 2 * len(issame) == 200
+    read = read_bin(path)
+    assert read.images == len(encoded) == 2 * len(issame) == 200
+    decoded, loaded = read.decode(32), load_bin(path, 32)
+    np.testing.assert_array_equal(decoded.images, loaded.images)
+    np.testing.assert_array_equal(decoded.issame, np.asarray(issame, dtype=bool))
+    assert decoded.name == loaded.name == "lfw_disjoint_100"
 
 
 def test_load_shared_bin(shared_dir):

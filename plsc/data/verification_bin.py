@@ -43,21 +43,40 @@ class VerificationSet:
         return int(self.issame.shape[0])
 
 
-def load_bin(path: str | os.PathLike, image_size: int | tuple[int, int] = 112) -> VerificationSet:
-    """Read and decode an insightface ``.bin``; images not of ``image_size`` (int or (h, w)) are resized."""
+@dataclass(eq=False)
+class EncodedSet:
+    """A ``.bin`` read and checked, its images still encoded (what :func:`read_bin` returns): a caller can
+    count the images before it decides how to embed them, and decode them afterwards, reading the file
+    once."""
+
+    path: Path
+    encoded: list
+    issame: np.ndarray
+
+    @property
+    def images(self) -> int:
+        """How many images the set holds (two per pair)."""
+        return len(self.encoded)
+
+    def decode(self, image_size: int | tuple[int, int] = 112) -> VerificationSet:
+        """The decoded set; images not of ``image_size`` (int or (h, w)) are resized."""
+        height, width = _size_pair(image_size)
+        images = np.empty((len(self.encoded), height, width, 3), dtype=np.uint8)
+        for index, item in enumerate(self.encoded):
+            images[index] = _decode_rgb(self.path, index, item, height, width)
+        return VerificationSet(images=images, issame=self.issame, name=bin_name(self.path))
+
+
+def read_bin(path: str | os.PathLike) -> EncodedSet:
+    """Read and check an insightface ``.bin`` without decoding its images."""
     path = Path(path)
     encoded, issame = _read_pickle(path)
-    height, width = _size_pair(image_size)
-    images = np.empty((len(encoded), height, width, 3), dtype=np.uint8)
-    for index, item in enumerate(encoded):
-        images[index] = _decode_rgb(path, index, item, height, width)
-    return VerificationSet(images=images, issame=issame, name=bin_name(path))
+    return EncodedSet(path, encoded, issame)
 
 
-def image_count(path: str | os.PathLike) -> int:
-    """How many images a ``.bin`` holds (two per pair), read and checked as :func:`load_bin` reads it,
-    without decoding them."""
-    return 2 * len(_read_pickle(Path(path))[1])
+def load_bin(path: str | os.PathLike, image_size: int | tuple[int, int] = 112) -> VerificationSet:
+    """Read and decode an insightface ``.bin``; images not of ``image_size`` (int or (h, w)) are resized."""
+    return read_bin(path).decode(image_size)
 
 
 def bin_name(path: str | os.PathLike) -> str:

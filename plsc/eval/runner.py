@@ -13,7 +13,7 @@ from pathlib import Path
 
 from plsc import checkpoint as ckpt
 from plsc.config import load_config
-from plsc.data.verification_bin import image_count, load_bin, verification_names
+from plsc.data.verification_bin import EncodedSet, read_bin, verification_names
 from plsc.errors import PlscError
 from plsc.eval.sources import identify, open_model, saved_val_bins
 from plsc.eval.verification import verify
@@ -36,22 +36,24 @@ def evaluate_model(
     model = identify(path, engine)
     bins = list(bins or saved_val_bins(model))
     verification_names(bins, "--bin")  # results are keyed by name: before minutes of loading
-    embed, image_size = open_model(model, engine, images=embedded_images(bins), **model_hints)
-    return evaluate_sets(embed, image_size, bins, batch_size, progress)
+    sets = [read_bin(path) for path in bins]
+    embed, image_size = open_model(model, engine, images=embedded_images(sets), **model_hints)
+    return evaluate_sets(embed, image_size, sets, batch_size, progress)
 
 
-def embedded_images(bins: list[str]) -> int:
-    """How many images verifying ``bins`` embeds: each image and its mirror (a small job runs in dygraph,
+def embedded_images(sets: list[EncodedSet]) -> int:
+    """How many images verifying ``sets`` embeds: each image and its mirror (a small job runs in dygraph,
     as training's verification does: plsc.eval.embedders)."""
-    return 2 * sum(image_count(path) for path in bins)
+    return 2 * sum(encoded.images for encoded in sets)
 
 
-def evaluate_sets(embed, image_size: int, bins: list[str], batch_size: int, progress: bool
+def evaluate_sets(embed, image_size: int, sets: list[EncodedSet], batch_size: int, progress: bool
                   ) -> dict[str, dict]:
-    """``{set name: metrics}`` of ``embed`` (an embedder for input size ``image_size``) on each file."""
+    """``{set name: metrics}`` of ``embed`` (an embedder for input size ``image_size``) on each set, decoded
+    one at a time."""
     results = {}
-    for path in bins:
-        vset = load_bin(path, image_size)
+    for encoded in sets:
+        vset = encoded.decode(image_size)
         results[vset.name] = verify(embed, vset, batch_size, embed.data_format, progress=progress)
     return results
 
@@ -72,9 +74,10 @@ def evaluate_run(
         by_model.setdefault(model_dir, []).append(path)
     results = {}
     for model_dir, its_bins in by_model.items():
-        embed, image_size = open_model(identify(model_dir, engine), engine, images=embedded_images(its_bins),
+        sets = [read_bin(path) for path in its_bins]
+        embed, image_size = open_model(identify(model_dir, engine), engine, images=embedded_images(sets),
                                        **model_hints)
-        for name, metrics in evaluate_sets(embed, image_size, its_bins, batch_size, progress).items():
+        for name, metrics in evaluate_sets(embed, image_size, sets, batch_size, progress).items():
             results[name] = {**metrics, "model": str(model_dir)}
     return {name: results[name] for name in verification_names(list(picks), "--bin")}
 
