@@ -251,8 +251,8 @@ def test_nhwc_trainer_matches_nchw(tiny_trainer, tmp_path):
     well-conditioned 4-step run within 1e-4. With batch statistics the layouts' 1e-6 output differences become
     1e-3 relative in the stem's gradient and 1e-2 in the loss within 5 steps. Even on running statistics
     they jump later: over 10 steps at lr 0.01, 6 of 24 runs (train.seed 1-12, two versions of the head's
-    rounding) parted by 2.7e-4 to 5.3e-3, never before step 5 (lr 0.001-0.005 alike); over their first 4
-    steps all 24 agreed within 4e-6."""
+    rounding) parted by 2.7e-4 to 5.3e-3, never before step 5 (at lr 0.001 to 0.005 some runs part too);
+    over their first 4 steps all 24 agreed within 4e-6."""
 
     def trainers(tag: str) -> dict[str, Trainer]:
         return {fmt: tiny_trainer(tmp_path / tag / fmt, f"model.data_format={fmt}",
