@@ -8,7 +8,7 @@ import logging
 from plsc.config import Config
 from plsc.distributed import share_statistics_from_rank0
 from plsc.eval.embedders import open_embedder
-from plsc.eval.verification import verify_across_ranks
+from plsc.eval.verification import embedded_images, verify_across_ranks
 
 log = logging.getLogger("plsc.train")
 
@@ -19,7 +19,7 @@ def evaluate(model, val_sets: list, config: Config, comm) -> dict[str, dict]:
     model.eval()
     results = {}
     if val_sets:  # on the CPU a Paddle Inference snapshot of the current weights, unless too few images
-        images = 2 * sum(len(vset.images) for vset in val_sets)  # each image and its mirror (verification)
+        images = embedded_images(sum(len(vset.images) for vset in val_sets))
         embed = open_embedder(model, config.model, config.data.image_size, images=images)
     for vset in val_sets:
         results[vset.name] = verify_across_ranks(embed, vset, config.train.eval_batch_size, embed.data_format,

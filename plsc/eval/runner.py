@@ -16,7 +16,7 @@ from plsc.config import load_config
 from plsc.data.verification_bin import EncodedSet, read_bin, verification_names
 from plsc.errors import PlscError
 from plsc.eval.sources import identify, open_model, saved_val_bins
-from plsc.eval.verification import verify
+from plsc.eval.verification import embedded_images, verify
 
 
 def evaluate_model(
@@ -37,14 +37,14 @@ def evaluate_model(
     bins = list(bins or saved_val_bins(model))
     verification_names(bins, "--bin")  # results are keyed by name: before minutes of loading
     sets = [read_bin(path) for path in bins]
-    embed, image_size = open_model(model, engine, images=embedded_images(sets), **model_hints)
+    embed, image_size = open_model(model, engine, images=embedded_images(images_in(sets)), **model_hints)
     return evaluate_sets(embed, image_size, sets, batch_size, progress)
 
 
-def embedded_images(sets: list[EncodedSet]) -> int:
-    """How many images verifying ``sets`` embeds: each image and its mirror (a small job runs in dygraph,
-    as training's verification does: plsc.eval.embedders)."""
-    return 2 * sum(encoded.images for encoded in sets)
+def images_in(sets: list[EncodedSet]) -> int:
+    """How many images ``sets`` hold: what decides, with their mirrors, whether the job is small enough for
+    dygraph (as training's verification does: plsc.eval.embedders)."""
+    return sum(encoded.images for encoded in sets)
 
 
 def evaluate_sets(embed, image_size: int, sets: list[EncodedSet], batch_size: int, progress: bool
@@ -75,8 +75,8 @@ def evaluate_run(
     results = {}
     for model_dir, its_bins in by_model.items():
         sets = [read_bin(path) for path in its_bins]
-        embed, image_size = open_model(identify(model_dir, engine), engine, images=embedded_images(sets),
-                                       **model_hints)
+        embed, image_size = open_model(identify(model_dir, engine), engine,
+                                       images=embedded_images(images_in(sets)), **model_hints)
         for name, metrics in evaluate_sets(embed, image_size, sets, batch_size, progress).items():
             results[name] = {**metrics, "model": str(model_dir)}
     return {name: results[name] for name in verification_names(list(picks), "--bin")}

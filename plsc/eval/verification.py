@@ -167,6 +167,11 @@ def _largest_threshold_within_far(different_dist: np.ndarray, far_target: float)
     return float(np.partition(different_dist, allowed)[allowed])
 
 
+def embedded_images(images: int) -> int:
+    """How many images :func:`embed_verification_set` embeds for a set of ``images``: each, and its mirror."""
+    return 2 * images
+
+
 def embed_verification_set(
     model_fn: ModelFn, vset: VerificationSet, batch_size: int, data_format: str, progress: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
