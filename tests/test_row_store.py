@@ -6,6 +6,7 @@ import paddle
 import pytest
 
 from plsc.loss import row_backend
+from plsc.loss import rows as rows_module
 from plsc.loss.rows import FloatRows, new_rows, row_store
 
 RNG = np.random.default_rng(5)
@@ -91,6 +92,39 @@ def test_scaling_rows_into_a_given_tensor_matches_copy_and_multiply(monkeypatch)
     reference = row_backend.reference_scale_rows_into(paddle.empty([50, 16], dtype="float32"), rows, factors)
     np.testing.assert_array_equal(bits(got), bits(reference))
     np.testing.assert_array_equal(got.numpy(), rows.numpy() * factors.numpy())
+
+
+@pytest.mark.parametrize("grad_scale, with_grad", [(1.0, True), (0.125, True), (1.0, False)])
+def test_momentum_in_place_is_the_gather_kernel_scatter_walk_to_the_bit(monkeypatch, grad_scale, with_grad):
+    """The compiled in-place step against the walk through Paddle's own momentum kernel (the reference),
+    on a matrix whose sampled rows are scattered and unsorted, with a gradient scale and without gradient
+    (the dense mode's decay of unsampled rows)."""
+    assert row_backend.NUMBA_AVAILABLE, "numba is a dependency: the CPU update takes its compiled step"
+    weight = RNG.standard_normal((500, 48)).astype(np.float32)
+    velocity = (RNG.standard_normal((500, 48)) * 0.1).astype(np.float32)
+    index = paddle.to_tensor(RNG.permutation(500)[:130])
+    grad = paddle.to_tensor(RNG.standard_normal((130, 48)).astype(np.float32)) if with_grad else None
+    settings = dict(lr=0.3, momentum=0.9, weight_decay=5e-4, grad_scale=grad_scale)
+    stepped = {}
+    for in_place in (True, False):
+        stores = FloatRows(paddle.to_tensor(weight)), FloatRows(paddle.to_tensor(velocity))
+        with monkeypatch.context() as patch:
+            if in_place:  # the walk must not run
+                patch.setattr(rows_module, "momentum_", None)
+            else:
+                patch.setattr(row_backend, "NUMBA_AVAILABLE", False)
+            rows_module.lazy_update(*stores, index, grad, **settings)
+        stepped[in_place] = [bits(store.tensor) for store in stores]
+    for fast, reference in zip(stepped[True], stepped[False]):
+        np.testing.assert_array_equal(fast, reference)
+    untouched = np.setdiff1d(np.arange(500), index.numpy())
+    np.testing.assert_array_equal(stepped[True][0].view(np.float32)[untouched], weight[untouched])
+    # And against numpy's float32 arithmetic, the formula of Paddle's Momentum with L2 decay.
+    rows = index.numpy()
+    g = grad.numpy() * np.float32(grad_scale) if with_grad else np.zeros((130, 48), np.float32)
+    v = velocity[rows] * np.float32(0.9) + (g + np.float32(5e-4) * weight[rows])
+    np.testing.assert_array_equal(stepped[True][1].view(np.float32)[rows], v)
+    np.testing.assert_array_equal(stepped[True][0].view(np.float32)[rows], weight[rows] - np.float32(0.3) * v)
 
 
 def test_int8_quantisation_on_the_host_matches_paddles_ops():

@@ -3,7 +3,8 @@ compare it against (``reference_*``).
 
 The tricks: numpy views of a CPU tensor's own memory (``host_view`` over ``data_ptr()``), float16 <-> float32
 casts by OpenCV (F16C instructions), float16 gathers through a bfloat16 view, float16 scatters by numpy, int8
-quantisation and the rows' squared norms by numpy; and the two version tests, whether Paddle's gather and
+quantisation and the rows' squared norms by numpy, the sparse momentum step compiled by numba over the
+matrices in place; and the two version tests, whether Paddle's gather and
 multiply can write into a given tensor (:data:`GATHER_WRITES_INTO`, :data:`MULTIPLY_WRITES_INTO`: 3.x can,
 2.6 cannot). The row stores (:mod:`plsc.loss.rows`, :mod:`plsc.loss.int8_rows`) call the row moves, the
 heads (:mod:`plsc.loss.partial_fc`, :mod:`plsc.loss.streaming`) the norms, the cosine layer
@@ -14,7 +15,10 @@ by Paddle's own gather and scatter and needs none of them.
 from __future__ import annotations
 
 import ctypes
+import functools
+import importlib.util
 import inspect
+import os
 
 import cv2
 import numpy as np
@@ -24,6 +28,8 @@ import paddle
 GATHER_WRITES_INTO = "out" in inspect.signature(paddle.index_select).parameters
 # Likewise its multiply.
 MULTIPLY_WRITES_INTO = "out" in inspect.signature(paddle.multiply).parameters
+# Whether the sparse momentum step can run compiled, in place (:func:`momentum_rows_in_place_`).
+NUMBA_AVAILABLE = importlib.util.find_spec("numba") is not None
 # int8 codes are symmetric: -128 is never used, so a row's largest element maps to +-127 exactly.
 CODE_MAX = 127
 # Rows per block when a matrix is copied to or from the host (checkpoints): a few MB whatever its size.
@@ -123,6 +129,55 @@ def reference_scale_rows_into(out: paddle.Tensor, rows: paddle.Tensor, factors: 
     """:func:`scale_rows_into` by Paddle's copy and in-place multiply."""
     out.copy_(rows, False)
     return out.multiply_(factors)
+
+
+def steps_in_place(weight: paddle.Tensor, velocity: paddle.Tensor, grad: paddle.Tensor | None) -> bool:
+    """Whether :func:`momentum_rows_in_place_` may step these: float32 CPU tensors, contiguous, eager."""
+    tensors = [weight, velocity] if grad is None else [weight, velocity, grad]
+    return (NUMBA_AVAILABLE and paddle.in_dynamic_mode()
+            and all(t.dtype == paddle.float32 and is_cpu_and_contiguous(t) for t in tensors))
+
+
+def momentum_rows_in_place_(weight: paddle.Tensor, velocity: paddle.Tensor, index: paddle.Tensor,
+                            grad: paddle.Tensor | None, lr: float, momentum: float, weight_decay: float,
+                            grad_scale: float) -> None:
+    """Paddle's Momentum with L2 decay on rows ``index`` (unique) of ``weight`` and ``velocity``, in place:
+    ``g = grad * grad_scale + weight_decay * w; v = momentum * v + g; w = w - lr * v`` (``grad``: [len(index),
+    width], None for zero), the same float32 operations in the same order as Paddle's CPU kernel, so the same
+    bits (tested). One pass over the rows where they lie, compiled by numba, in the threads plsc runs Paddle
+    with (OMP_NUM_THREADS): 30 ms against 330 ms for a gather, Paddle's momentum kernel and two scatters at
+    100,000 x 512 rows of a 1M-class matrix (3.3.1, 2 threads, AVX-512).
+    """
+    kernel = _momentum_kernel()
+    threads = int(os.environ.get("OMP_NUM_THREADS") or 0)
+    if threads:
+        import numba
+
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    no_grad = np.zeros((0, weight.shape[1]), dtype=np.float32)
+    kernel(host_view(weight), host_view(velocity), index.numpy(), no_grad if grad is None else host_view(grad),
+           grad is not None, np.float32(lr), np.float32(momentum), np.float32(weight_decay), np.float32(grad_scale))
+
+
+@functools.cache
+def _momentum_kernel():
+    """The compiled loop of :func:`momentum_rows_in_place_` (numba imported and compiled on first use; its
+    machine code cached beside this module)."""
+    import numba
+
+    @numba.njit(parallel=True, cache=True, boundscheck=False)
+    def step_rows(weight, velocity, index, grad, has_grad, lr, momentum, weight_decay, grad_scale):
+        zero = np.float32(0.0)
+        for i in numba.prange(index.shape[0]):
+            row = index[i]
+            for j in range(weight.shape[1]):
+                w = weight[row, j]
+                g = grad[i, j] * grad_scale if has_grad else zero
+                v = velocity[row, j] * momentum + (g + weight_decay * w)
+                velocity[row, j] = v
+                weight[row, j] = w - lr * v
+
+    return step_rows
 
 
 def is_cpu_and_contiguous(tensor: paddle.Tensor) -> bool:

@@ -16,9 +16,11 @@ Momentum with L2 weight decay, ``v = mu * v + (g + wd * w); w = w - lr * v``:
 - ``dense``: PLSC v2.2's semantics, the optimizer seeing the whole matrix: unsampled rows get a zero gradient,
   but their velocity still decays and weight decay still applies to them. Cost follows all classes.
 
-Speed (see ``plsc bench head``): the arithmetic is Paddle's own fused momentum kernel, one pass over the rows
-instead of five elementwise ops each allocating a fresh [rows, emb] tensor; on CPU a fresh tensor of that
-size costs more in page faults than the arithmetic itself.
+Speed (see ``plsc bench head``): float32 matrices on the CPU step in place, in one compiled pass over the
+sampled rows (no gather, no scatter); other stores walk blocks of rows through Paddle's own fused momentum
+kernel, one pass over a block instead of five elementwise ops each allocating a fresh [rows, emb] tensor (on
+CPU a fresh tensor of that size costs more in page faults than the arithmetic itself). Both are Paddle's
+Momentum to the bit.
 """
 
 from __future__ import annotations
@@ -30,7 +32,14 @@ import paddle
 from paddle import _C_ops
 
 from plsc.loss.int8_rows import Int8Rows
-from plsc.loss.row_backend import GATHER_WRITES_INTO, cast, put_rows_, take_rows
+from plsc.loss.row_backend import (
+    GATHER_WRITES_INTO,
+    cast,
+    momentum_rows_in_place_,
+    put_rows_,
+    steps_in_place,
+    take_rows,
+)
 
 
 class RowStore(Protocol):
@@ -145,19 +154,24 @@ def momentum_(weight, velocity, grad, lr: paddle.Tensor, momentum: float, weight
 @paddle.no_grad()
 def lazy_update(
     weight, velocity, index, grad, lr: float, momentum: float, weight_decay: float,
-    grad_scale: float = 1.0, rows: paddle.Tensor | None = None, velocity_rows: paddle.Tensor | None = None,
-    block_rows: int | None = None,
+    grad_scale: float = 1.0, rows: paddle.Tensor | None = None, block_rows: int | None = None,
 ) -> None:
     """The one walk of every update: ``weight[index]`` and ``velocity[index]`` stepped in place from
-    ``grad`` (the rows' float32 gradient; None: zero), a block of ``block_rows`` rows at a time
-    (UPDATE_BLOCK_ROWS by default). ``weight``, ``velocity``: row stores, made once by their owner
-    (:func:`row_store` of a tensor).
-    ``rows``, ``velocity_rows``: the rows already gathered as float32 (the forward pass gathered the weight's
-    rows; they are overwritten), or None.
+    ``grad`` (the rows' float32 gradient; None: zero). ``weight``, ``velocity``: row stores, made once by
+    their owner (:func:`row_store` of a tensor). ``rows``: the weight's rows already gathered as float32 (the
+    forward pass gathered them; they are overwritten), or None.
 
-    Block by block: the velocity rows (and float16 casts) exist for one block at a time, so the update adds
-    a few MB to the step's peak memory instead of another [rows, emb] float32 tensor.
+    float32 matrices on the CPU step where they lie, in one compiled pass
+    (:func:`~plsc.loss.row_backend.momentum_rows_in_place_`). Other stores walk the rows a block of
+    ``block_rows`` at a time (UPDATE_BLOCK_ROWS by default): gathered as float32, stepped by Paddle's kernel,
+    scattered back; the velocity rows (and float16 casts) exist for one block at a time, so the update adds a
+    few MB to the step's peak memory instead of another [rows, emb] float32 tensor. Both give the same bits.
     """
+    if isinstance(weight, FloatRows) and isinstance(velocity, FloatRows) and \
+            steps_in_place(weight.tensor, velocity.tensor, grad):
+        momentum_rows_in_place_(weight.tensor, velocity.tensor, index, grad, lr, momentum, weight_decay,
+                                grad_scale)
+        return
     rows = None if rows is None else rows.detach()
     count, block_rows = index.shape[0], block_rows or UPDATE_BLOCK_ROWS
     zero_grad = None
@@ -166,8 +180,7 @@ def lazy_update(
         stop = min(start + block_rows, count)
         block_index = rows_of(index, start, stop)
         block_weight = weight.gather(block_index) if rows is None else rows_of(rows, start, stop)
-        block_velocity = velocity.gather(block_index) if velocity_rows is None else \
-            rows_of(velocity_rows, start, stop)
+        block_velocity = velocity.gather(block_index)
         if grad is not None:
             block_grad = rows_of(grad, start, stop)
         elif zero_grad is None or zero_grad.shape != block_weight.shape:

@@ -207,7 +207,7 @@ class Streaming:
         """``(index, ChunkCosine, G)`` per chunk of the sampled centers ``index`` after a micro-batch's
         forward (``stats``): rows gathered again, and :meth:`chunk_gradient`."""
         for (start, chunk_index), columns in zip(self.chunks(index), stats.columns, strict=True):
-            rows = self.gather_chunk(head, "weight", chunk_index)
+            rows = self.gather_chunk(head, chunk_index)
             yield chunk_index, *self.chunk_gradient(head, rows, start, columns, stats)
 
     @staticmethod
@@ -222,13 +222,13 @@ class Streaming:
         grad = softmax_grad_of_chunk(chunk, columns, stats, head.margin)
         return chunk, grad.multiply_(chunk.inverse_norms)
 
-    def gather_chunk(self, head: PartialFC, kind: str, index: paddle.Tensor) -> paddle.Tensor:
-        """``weight`` or ``velocity`` rows of a chunk as float32, in the kind's kept buffer where possible
-        (valid until the next chunk's gather of that kind)."""
-        store = getattr(head, f"{kind}_rows")
+    def gather_chunk(self, head: PartialFC, index: paddle.Tensor) -> paddle.Tensor:
+        """A chunk's class centers as float32, in a kept buffer where possible (valid until the next chunk's
+        gather)."""
+        store = head.weight_rows
         if not store.gathers_into:
             return store.gather(index)
-        buffer = self._chunk_buffers[kind, index.shape[0]]
+        buffer = self._chunk_buffers["weight", index.shape[0]]
         return store.gather(index, buffer.shaped([index.shape[0], head.embedding_size], paddle.float32))
 
     def release_scratch(self) -> None:
@@ -252,7 +252,7 @@ class Streaming:
         inverse_norms, norm_is_live, columns = [], [], []
         scale = head.margin.scale
         for start, chunk_index in self.chunks(index):
-            chunk = chunk_cosine(unit_embeddings, self.gather_chunk(head, "weight", chunk_index))
+            chunk = chunk_cosine(unit_embeddings, self.gather_chunk(head, chunk_index))
             inverse_norms.append(chunk.inverse_norms)
             norm_is_live.append(chunk.norm_is_live)
             column, inside = chunk_columns(remapped, start, chunk_index.shape[0])
@@ -327,7 +327,7 @@ class Streaming:
             return
         self.center_grads(head, pending)  # every backward has run
         for number, (start, index) in enumerate(self.chunks(pending.index)):
-            rows = self.gather_chunk(head, "weight", index)
+            rows = self.gather_chunk(head, index)
             grad_rows = None
             for stats in pending.stats:
                 chunk, grad = self.chunk_gradient(head, rows, start, stats.columns[number], stats)
@@ -351,8 +351,7 @@ class Streaming:
         """The chunk's center gradient ``grad_rows``, stepped into its ``rows`` (as gathered) and velocities
         (lazy sparse momentum)."""
         lazy_update(head.weight_rows, head.velocity_rows, index, grad_rows, update.lr, update.momentum,
-                    update.weight_decay, update.grad_scale, rows=rows,
-                    velocity_rows=self.gather_chunk(head, "velocity", index), block_rows=index.shape[0])
+                    update.weight_decay, update.grad_scale, rows=rows, block_rows=index.shape[0])
 
 
 def finish_update(head: PartialFC, index: paddle.Tensor, update: CenterUpdate) -> None:
