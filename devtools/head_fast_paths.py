@@ -1,12 +1,14 @@
-"""The whole-matrix head's step with the cosine layer's CPU fast paths against their references, side by side.
+"""The whole-matrix head's step with the CPU fast paths of :mod:`plsc.loss.row_backend` against their
+references, side by side.
 
-Alternates, step by step in one process, the step as plsc runs it (row norms by numpy, the radial term
-multiplied into the kept buffer: :mod:`plsc.loss.row_backend`) and the same step with their ``reference_*``
-(Paddle's batched dot products, a copy and an in-place multiply); each step is followed by its matmul floor,
-as ``plsc bench head`` times it, with plsc's malloc settings (:mod:`plsc.malloc`). Prints one JSON line: per
-variant the median step, floor, step / floor and the median of the paired ratios, and the phases. A
-measurement aid, never part of the product. Run it through ``devtools/mkl_avx512.py`` to measure MKL's
-AVX-512 kernels on a non-Intel CPU.
+Alternates, step by step in one process, the step as plsc runs it (row norms and the margin softmax's
+[batch, k] passes by numpy, the centers' gradient by a matmul into a kept buffer and a compiled pass, the
+sparse momentum compiled in place) and the same step on the references (Paddle's ops; the update's walk of
+gathers, Paddle's momentum kernel and scatters); each step is followed by its matmul floor, as ``plsc bench
+head`` times it, with plsc's malloc settings (:mod:`plsc.malloc`). Prints one JSON line: per variant the
+median step, floor, step / floor and the median of the paired ratios, and the phases. A measurement aid,
+never part of the product. Run it through ``devtools/mkl_avx512.py`` to measure MKL's AVX-512 kernels on a
+non-Intel CPU.
 
     OMP_NUM_THREADS=2 python -m devtools.head_fast_paths [--pairs 30] [--classes 1000000] [--ratio 0.1]
 """
@@ -35,8 +37,12 @@ def main(argv: list[str]) -> int:
     from plsc.bench.head import HeadBenchSpec, PhaseClock, build_head, head_step, make_batch, matmul_floor
     from plsc.loss import margin, partial_fc, row_backend
 
-    variants = {"fast": (row_backend.squared_row_norms, row_backend.scale_rows_into),
-                "reference": (row_backend.reference_squared_row_norms, row_backend.reference_scale_rows_into)}
+    def plain_matmul(out, x, y, transpose_x=False):
+        return paddle.matmul(x, y, transpose_x=transpose_x)
+
+    # (row norms, whether numpy and numba may work on tensors, the matmul of the centers' gradient)
+    variants = {"fast": (row_backend.squared_row_norms, row_backend.on_host, row_backend.matmul_into),
+                "reference": (row_backend.reference_squared_row_norms, lambda *tensors: False, plain_matmul)}
     spec = HeadBenchSpec(classes=args.classes, ratio=args.ratio, batch=128, emb=512)
     head = build_head(spec)
     rng = np.random.default_rng(spec.seed)
@@ -44,7 +50,7 @@ def main(argv: list[str]) -> int:
     warmup = 2
     for step in range(warmup + 2 * args.pairs):
         name = list(variants)[step % 2]
-        partial_fc.squared_row_norms, margin.scale_rows_into = variants[name]
+        partial_fc.squared_row_norms, row_backend.on_host, margin.matmul_into = variants[name]
         embeddings, labels = make_batch(spec, rng)
         clock = PhaseClock()
         rows = head_step(head, embeddings, labels, step, clock)

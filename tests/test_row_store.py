@@ -47,22 +47,32 @@ def test_float16_gather_and_scatter_match_their_references():
     np.testing.assert_array_equal(bits(fast), expected.view(np.uint16))
 
 
-def test_gather_into_a_given_tensor_matches_a_plain_gather():
-    if not row_backend.GATHER_WRITES_INTO:
-        pytest.skip("Paddle 2.6's index_select has no out parameter: the stores gather into new tensors")
+@pytest.mark.parametrize("compiled", [True, False])
+def test_gather_into_a_given_tensor_matches_a_plain_gather(monkeypatch, compiled):
+    """The compiled copy of the rows (on the CPU) and Paddle 3.x's index_select into ``out``; Paddle 2.6
+    without numba gathers into a new tensor."""
+    if not compiled:
+        monkeypatch.setattr(row_backend, "NUMBA_AVAILABLE", False)
+        if not row_backend.GATHER_WRITES_INTO:
+            pytest.skip("Paddle 2.6's index_select has no out parameter: the stores gather into new tensors")
     matrix = paddle.to_tensor(RNG.standard_normal((40, 8)).astype(np.float32))
     index = paddle.to_tensor(np.array([3, 39, 0, 7]))
     out = paddle.empty([4, 8], dtype="float32")
-    got = FloatRows(matrix).gather(index, out)
+    store = FloatRows(matrix)
+    assert store.gathers_into
+    with monkeypatch.context() as patch:
+        if compiled:  # Paddle's gather must not run
+            patch.setattr(paddle, "index_select", None)
+        got = store.gather(index, out)
     assert got.data_ptr() == out.data_ptr()
-    np.testing.assert_array_equal(got.numpy(), paddle.gather(matrix, index).numpy())
+    np.testing.assert_array_equal(got.numpy(), matrix.numpy()[[3, 39, 0, 7]])
 
 
 def test_writes_into_a_given_tensor_exactly_on_paddle_3():
-    """The version test behind the stores' kept buffers: Paddle 3.x's index_select and multiply take ``out``,
-    2.6's do not (which then gather and scale into new tensors)."""
+    """The version test behind the kept buffers: Paddle 3.x's index_select and matmul take ``out``, 2.6's do
+    not (which then gather and multiply into new tensors)."""
     major = int(paddle.__version__.split(".")[0])
-    assert row_backend.GATHER_WRITES_INTO == row_backend.MULTIPLY_WRITES_INTO == (major >= 3)
+    assert row_backend.GATHER_WRITES_INTO == row_backend.MATMUL_WRITES_INTO == (major >= 3)
 
 
 def test_row_norms_match_float64_sums_and_the_reference(monkeypatch):
@@ -80,18 +90,59 @@ def test_row_norms_match_float64_sums_and_the_reference(monkeypatch):
     assert fast.shape == (300,) and fast.dtype == np.float32
 
 
-def test_scaling_rows_into_a_given_tensor_matches_copy_and_multiply(monkeypatch):
-    rows = paddle.to_tensor(RNG.standard_normal((50, 16)).astype(np.float32))
-    factors = paddle.to_tensor(RNG.standard_normal((50, 1)).astype(np.float32))
-    out = paddle.empty([50, 16], dtype="float32")
-    with monkeypatch.context() as patch:  # Paddle 3 multiplies into ``out``; 2.6 takes the reference
-        if row_backend.MULTIPLY_WRITES_INTO:
-            patch.setattr(row_backend, "reference_scale_rows_into", None)
-        got = row_backend.scale_rows_into(out, rows, factors)
-    assert got.data_ptr() == out.data_ptr()
-    reference = row_backend.reference_scale_rows_into(paddle.empty([50, 16], dtype="float32"), rows, factors)
-    np.testing.assert_array_equal(bits(got), bits(reference))
-    np.testing.assert_array_equal(got.numpy(), rows.numpy() * factors.numpy())
+@pytest.mark.parametrize("operand", ["columns", "rows"])
+def test_the_margin_softmax_passes_on_the_host_are_paddles_ops_to_the_bit(monkeypatch, operand):
+    """numpy's products, differences and maxima over a tensor's memory against Paddle's own kernels (what
+    a static program runs), with a [cols] and a [rows, 1] operand, zeros and subnormals included."""
+    matrix = (RNG.standard_normal((64, 300)) * 30).astype(np.float32)
+    matrix[3, :5] = [0.0, -0.0, 1e-40, -1e-39, 3e-45]
+    other = RNG.standard_normal(300 if operand == "columns" else (64, 1)).astype(np.float32)
+    results = {}
+    for on_host in (True, False):
+        with monkeypatch.context() as patch:
+            if not on_host:
+                patch.setattr(row_backend, "on_host", lambda *tensors: False)
+            a, b = paddle.to_tensor(matrix), paddle.to_tensor(other)
+            product = row_backend.multiply_(a, b)
+            assert product.data_ptr() == a.data_ptr()  # in place when eager, either way
+            results[on_host] = [bits(product), bits(row_backend.subtract_(paddle.to_tensor(matrix), b)),
+                                bits(row_backend.scaled(paddle.to_tensor(matrix), 64.0)),
+                                bits(row_backend.row_max(paddle.to_tensor(matrix)))]
+    for fast, reference in zip(results[True], results[False], strict=True):
+        np.testing.assert_array_equal(fast, reference)
+    np.testing.assert_array_equal(results[True][0].view(np.float32), matrix * other)
+    np.testing.assert_array_equal(results[True][3].view(np.float32), matrix.max(axis=1, keepdims=True))
+
+
+@pytest.mark.parametrize("transpose_x", [False, True])
+def test_a_matmul_into_a_given_tensor_is_a_matmul(transpose_x):
+    x = paddle.to_tensor(RNG.standard_normal((20, 30)).astype(np.float32))
+    y = paddle.to_tensor(RNG.standard_normal((20 if transpose_x else 30, 8)).astype(np.float32))
+    out = paddle.empty([30 if transpose_x else 20, 8], dtype="float32")
+    got = row_backend.matmul_into(out, x, y, transpose_x)
+    assert (got.data_ptr() == out.data_ptr()) == row_backend.MATMUL_WRITES_INTO
+    expected = (x.numpy().T if transpose_x else x.numpy()).astype(np.float64) @ y.numpy()
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_subtracting_scaled_rows_is_paddles_ops_to_the_bit(monkeypatch):
+    """The compiled pass of the centers' gradient against Paddle's ops (what a static program runs) and
+    numpy's float32 arithmetic, with a zero factor (a floored norm) keeping its row."""
+    assert row_backend.NUMBA_AVAILABLE, "numba is a dependency: the center gradient takes its compiled pass"
+    matrix = RNG.standard_normal((300, 64)).astype(np.float32)
+    rows = (RNG.standard_normal((300, 64)) * RNG.uniform(1e-2, 10, (300, 1))).astype(np.float32)
+    factors = RNG.standard_normal(300).astype(np.float32)
+    factors[7] = 0.0
+    tensors = [paddle.to_tensor(a) for a in (matrix, rows, factors)]
+    with monkeypatch.context() as patch:  # a CPU tensor in eager mode takes the compiled pass
+        patch.setattr(row_backend, "reference_subtract_scaled_rows_", None)
+        fast = row_backend.subtract_scaled_rows_(*tensors)
+    assert fast.data_ptr() == tensors[0].data_ptr()  # in place
+    copies = [paddle.to_tensor(a) for a in (matrix, rows, factors)]
+    reference = row_backend.reference_subtract_scaled_rows_(*copies)
+    np.testing.assert_array_equal(bits(fast), bits(reference))
+    np.testing.assert_array_equal(fast.numpy(), matrix - factors[:, None] * rows)
+    np.testing.assert_array_equal(fast.numpy()[7], matrix[7])
 
 
 @pytest.mark.parametrize("grad_scale, with_grad", [(1.0, True), (0.125, True), (1.0, False)])
@@ -115,7 +166,7 @@ def test_momentum_in_place_is_the_gather_kernel_scatter_walk_to_the_bit(monkeypa
                 patch.setattr(row_backend, "NUMBA_AVAILABLE", False)
             rows_module.lazy_update(*stores, index, grad, **settings)
         stepped[in_place] = [bits(store.tensor) for store in stores]
-    for fast, reference in zip(stepped[True], stepped[False]):
+    for fast, reference in zip(stepped[True], stepped[False], strict=True):
         np.testing.assert_array_equal(fast, reference)
     untouched = np.setdiff1d(np.arange(500), index.numpy())
     np.testing.assert_array_equal(stepped[True][0].view(np.float32)[untouched], weight[untouched])

@@ -24,7 +24,14 @@ from dataclasses import dataclass
 import paddle
 import paddle.nn.functional as F
 
-from plsc.loss.row_backend import scale_rows_into, squared_row_norms
+from plsc.loss import row_backend
+from plsc.loss.row_backend import (
+    matmul_into,
+    multiply_,
+    squared_row_norms,
+    subtract_,
+    subtract_scaled_rows_,
+)
 
 # acos is evaluated on cos(theta) clipped this far inside [-1, 1]: the exact derivative -1/sin(theta) is
 # infinite at the ends, and rounding can push a normalised dot product past 1.
@@ -169,9 +176,9 @@ class _CosineToCenters(paddle.autograd.PyLayer):
     """``matmul(unit_embeddings, F.normalize(centers, axis=1), transpose_y=True)`` without normalised centers.
 
     The centers' norms scale the columns of the [batch, k] product instead of the [k, emb] rows, and the
-    backward is written out: ``d centers = G^T unit_embeddings - (sum_b G * cosine) / |w| * centers`` with
-    ``G = d cosine / |w|``, one addmm into one [k, emb] buffer. F.normalize's autograd makes about five
-    [k, emb] temporaries instead, each a fresh allocation costing more than its arithmetic.
+    backward is written out (:func:`center_grad`): a matmul into one [k, emb] buffer and one pass over it.
+    F.normalize's autograd makes about five [k, emb] temporaries instead, each a fresh allocation costing more
+    than its arithmetic.
 
     The columns are scaled by the 1-D inverse norms themselves: Paddle's CPU broadcast of a [1, k] operand
     takes its generic index path (3-7x slower at [128, 100000]), an expand() materialises a [batch, k] copy,
@@ -185,8 +192,7 @@ class _CosineToCenters(paddle.autograd.PyLayer):
     @staticmethod
     def forward(ctx, unit_embeddings, centers, squared_norms, scratch: ScratchRows | None):
         inverse_norms, norm_is_live = inverse_row_norms(squared_norms)
-        cosine = paddle.matmul(unit_embeddings, centers, transpose_y=True)
-        cosine = cosine.multiply_(inverse_norms) if paddle.in_dynamic_mode() else cosine * inverse_norms
+        cosine = multiply_(paddle.matmul(unit_embeddings, centers, transpose_y=True), inverse_norms)
         ctx.save_for_backward(unit_embeddings, centers, inverse_norms, norm_is_live, cosine)
         # Paddle wants None, not a gradient, for an input that stops gradient; it also saves a matmul.
         ctx.wants_grad = (not unit_embeddings.stop_gradient, not centers.stop_gradient)
@@ -199,8 +205,7 @@ class _CosineToCenters(paddle.autograd.PyLayer):
         # The incoming gradient is the autograd engine's own buffer (in PartialFC: the margin softmax's
         # exponentials; a tensor passed to backward() is copied first, tested on 2.6 and 3.x): scaled in
         # place.
-        in_place = paddle.in_dynamic_mode()
-        grad = grad_cosine.multiply_(inverse_norms) if in_place else grad_cosine * inverse_norms
+        grad = multiply_(grad_cosine, inverse_norms)
         grad_embeddings = grad_centers = None
         if ctx.wants_grad[0]:
             grad_embeddings = paddle.matmul(grad, centers)
@@ -216,19 +221,14 @@ def center_grad(unit_embeddings, grad, centers, cosine, inverse_norms, norm_is_l
     ``G^T unit_embeddings - radial * centers``, with ``G`` [batch, k] = d loss / d cosine already scaled by
     the inverse norms and ``radial_j = sum_b G_bj cosine_bj / |w_j|`` (0 where the norm is floored).
 
-    Written into ``scratch`` when given; in eager mode overwrites ``cosine`` (its last use: one [batch, k]
-    allocation less at the step's memory peak, 51 MB at k=100,000, batch 128).
+    Written into ``scratch`` when given (and Paddle can: :func:`~plsc.loss.row_backend.matmul_into`); in
+    eager mode overwrites ``cosine`` (its last use: one [batch, k] allocation less at the step's memory peak,
+    51 MB at k=100,000, batch 128).
     """
-    in_place = paddle.in_dynamic_mode()
-    radial = column_sums(cosine.multiply_(grad) if in_place else cosine * grad) * inverse_norms * norm_is_live
-    factors = (-radial).unsqueeze(1)  # a [k, 1] operand: Paddle's fast broadcast along rows
-    if not in_place:
-        return paddle.addmm(centers * factors, grad.t(), unit_embeddings)
-    if scratch is None:
-        grad_centers = centers * factors
-    else:
-        grad_centers = scale_rows_into(scratch.shaped(centers.shape, centers.dtype), centers, factors)
-    return grad_centers.addmm_(grad.t(), unit_embeddings)
+    radial = column_sums(multiply_(cosine, grad)) * inverse_norms * norm_is_live
+    out = None if scratch is None else scratch.shaped(centers.shape, centers.dtype)
+    projected = matmul_into(out, grad, unit_embeddings, transpose_x=True)
+    return subtract_scaled_rows_(projected, centers, radial)
 
 
 def cosine_to_centers(
@@ -263,7 +263,7 @@ class _MarginSoftmaxCrossEntropy(paddle.autograd.PyLayer):
         has_target = labels >= 0
         column = paddle.where(has_target, labels, paddle.zeros_like(labels)).unsqueeze(1)
         cos_target = at_columns(cosine, column)
-        logits = cosine * margin.scale
+        logits = row_backend.scaled(cosine, margin.scale)
         filtered = []  # the mask the backward needs, when filtering is on
         if margin.interclass_filtering_threshold > 0:
             filtered.append(filtered_entries(cosine, margin))
@@ -273,9 +273,10 @@ class _MarginSoftmaxCrossEntropy(paddle.autograd.PyLayer):
         target = paddle.where(has_target, margin.scale * target_logit(cos_target, margin),
                               at_columns(logits, column))
         logits = put_columns(logits, column, target)
-        row_max = comm.all_reduce_max(logits.max(axis=1, keepdim=True))
-        exp = logits.subtract_(row_max).exp_() if paddle.in_dynamic_mode() else paddle.exp(logits - row_max)
-        sum_exp = comm.all_reduce_sum_(exp.sum(axis=1))
+        row_max = comm.all_reduce_max(row_backend.row_max(logits))
+        shifted = subtract_(logits, row_max)
+        exp = shifted.exp_() if paddle.in_dynamic_mode() else paddle.exp(shifted)
+        sum_exp = comm.all_reduce_sum_(row_sums(exp))
         has_target_float = has_target.astype(cosine.dtype)
         target_shifted = comm.all_reduce_sum_((target - row_max.squeeze(1)) * has_target_float)
         slope = margin.scale * target_logit_slope(cos_target, margin) * has_target_float
@@ -292,7 +293,7 @@ class _MarginSoftmaxCrossEntropy(paddle.autograd.PyLayer):
         # column, where the target logit's own slope applies. The exponentials are not needed again: the
         # gradient overwrites them in eager mode (one [batch, classes] allocation less).
         row_factors = (per_row * ctx.scale / sum_exp).unsqueeze(1)
-        grad = exp.multiply_(row_factors) if paddle.in_dynamic_mode() else exp * row_factors
+        grad = multiply_(exp, row_factors)
         if filtered:  # a filtered logit is the constant 0: no gradient (the target column is written below)
             grad = zero_where(grad, filtered[0])
         at_target = paddle.where(

@@ -5,7 +5,7 @@ The tricks: numpy views of a CPU tensor's own memory (``host_view`` over ``data_
 casts by OpenCV (F16C instructions), float16 gathers through a bfloat16 view, float16 scatters by numpy, int8
 quantisation and the rows' squared norms by numpy, the sparse momentum step compiled by numba over the
 matrices in place; and the two version tests, whether Paddle's gather and
-multiply can write into a given tensor (:data:`GATHER_WRITES_INTO`, :data:`MULTIPLY_WRITES_INTO`: 3.x can,
+multiply can write into a given tensor (:data:`GATHER_WRITES_INTO`, :data:`MATMUL_WRITES_INTO`: 3.x can,
 2.6 cannot). The row stores (:mod:`plsc.loss.rows`, :mod:`plsc.loss.int8_rows`) call the row moves, the
 heads (:mod:`plsc.loss.partial_fc`, :mod:`plsc.loss.streaming`) the norms, the cosine layer
 (:mod:`plsc.loss.margin`) the row scaling; the math modules call the stores. A float32 store moves its rows
@@ -19,6 +19,7 @@ import functools
 import importlib.util
 import inspect
 import os
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -26,8 +27,8 @@ import paddle
 
 # Paddle 3.x's index_select can write into a given tensor; 2.6's has no ``out`` parameter.
 GATHER_WRITES_INTO = "out" in inspect.signature(paddle.index_select).parameters
-# Likewise its multiply.
-MULTIPLY_WRITES_INTO = "out" in inspect.signature(paddle.multiply).parameters
+# Likewise its matmul.
+MATMUL_WRITES_INTO = "out" in inspect.signature(paddle.matmul).parameters
 # Whether the sparse momentum step can run compiled, in place (:func:`momentum_rows_in_place_`).
 NUMBA_AVAILABLE = importlib.util.find_spec("numba") is not None
 # int8 codes are symmetric: -128 is never used, so a row's largest element maps to +-127 exactly.
@@ -114,28 +115,99 @@ def reference_squared_row_norms(rows: paddle.Tensor) -> paddle.Tensor:
     return paddle.bmm(rows.unsqueeze(1), rows.unsqueeze(2)).reshape([-1])
 
 
-def scale_rows_into(out: paddle.Tensor, rows: paddle.Tensor, factors: paddle.Tensor) -> paddle.Tensor:
-    """``out[:] = rows * factors`` (``factors``: [n, 1], one per row), every tensor float32 and ``out`` of the
-    rows' shape; returns ``out``. Paddle 3.x's multiply writes into ``out`` (:data:`MULTIPLY_WRITES_INTO`):
-    one pass, 18 ms against 34-51 ms for a copy and an in-place multiply at 100,000 x 512 (3.3.1)."""
-    if MULTIPLY_WRITES_INTO:
-        paddle.multiply(rows, factors, out=out)
+def gather_into(out: paddle.Tensor, matrix: paddle.Tensor, index: paddle.Tensor) -> paddle.Tensor:
+    """``out[:] = matrix[index]`` (float32; ``out`` [len(index), width]); returns ``out``. On the CPU a
+    compiled copy of the rows (numba): 25 ms against 41 ms for Paddle's index_select at 100,000 x 512 rows of
+    a 1M-row matrix (3.3.1, 2 threads, AVX-512); elsewhere Paddle 3.x's index_select into ``out``
+    (:data:`GATHER_WRITES_INTO`)."""
+    if compiles(out, matrix):
+        _compiled("take_rows")(host_view(matrix), index.numpy(), host_view(out))
         return out
-    return reference_scale_rows_into(out, rows, factors)
+    paddle.index_select(matrix, index, out=out)
+    return out
 
 
-def reference_scale_rows_into(out: paddle.Tensor, rows: paddle.Tensor, factors: paddle.Tensor
-                              ) -> paddle.Tensor:
-    """:func:`scale_rows_into` by Paddle's copy and in-place multiply."""
-    out.copy_(rows, False)
-    return out.multiply_(factors)
+def matmul_into(out: paddle.Tensor | None, x: paddle.Tensor, y: paddle.Tensor, transpose_x: bool = False
+                ) -> paddle.Tensor:
+    """``matmul(x, y, transpose_x)``, written into ``out`` (of the product's shape) where Paddle can
+    (:data:`MATMUL_WRITES_INTO`, eager mode) and ``out`` is given: the same memory every step instead of fresh
+    pages. With ``transpose_x`` it also skips the transposed copy of ``x`` that addmm makes (62 ms against 97
+    ms for the centers' gradient at [128, 100000] x [128, 512], 3.3.1, AVX-512)."""
+    if out is not None and MATMUL_WRITES_INTO and paddle.in_dynamic_mode():
+        paddle.matmul(x, y, transpose_x=transpose_x, out=out)
+        return out
+    return paddle.matmul(x, y, transpose_x=transpose_x)
 
 
-def steps_in_place(weight: paddle.Tensor, velocity: paddle.Tensor, grad: paddle.Tensor | None) -> bool:
-    """Whether :func:`momentum_rows_in_place_` may step these: float32 CPU tensors, contiguous, eager."""
-    tensors = [weight, velocity] if grad is None else [weight, velocity, grad]
-    return (NUMBA_AVAILABLE and paddle.in_dynamic_mode()
-            and all(t.dtype == paddle.float32 and is_cpu_and_contiguous(t) for t in tensors))
+def subtract_scaled_rows_(matrix: paddle.Tensor, rows: paddle.Tensor, factors: paddle.Tensor
+                          ) -> paddle.Tensor:
+    """``matrix[j] -= factors[j] * rows[j]`` for each row j (float32 [n, width], ``factors`` [n]), in place
+    when eager; returns the result. Products and differences are exact IEEE operations, so the compiled pass
+    (numba, on the CPU: each row read once, no [n, width] temporary) gives Paddle's bits: 16 ms against 60 ms
+    for the reference at 100,000 x 512 (3.3.1, 2 threads, AVX-512)."""
+    if compiles(matrix, rows, factors):
+        _compiled("subtract_scaled_rows")(host_view(matrix), host_view(rows), host_view(factors))
+        return matrix
+    return reference_subtract_scaled_rows_(matrix, rows, factors)
+
+
+def reference_subtract_scaled_rows_(matrix: paddle.Tensor, rows: paddle.Tensor, factors: paddle.Tensor
+                                    ) -> paddle.Tensor:
+    """:func:`subtract_scaled_rows_` by Paddle's ops (any device, static programs)."""
+    scaled_rows = rows * factors.unsqueeze(1)  # a [n, 1] operand: Paddle's fast broadcast along rows
+    return matrix.subtract_(scaled_rows) if paddle.in_dynamic_mode() else matrix - scaled_rows
+
+
+def on_host(*tensors: paddle.Tensor | None) -> bool:
+    """Whether numpy may work on these in place of Paddle: float32 CPU tensors, contiguous, eager (None: no
+    tensor)."""
+    return paddle.in_dynamic_mode() and all(
+        t.dtype == paddle.float32 and is_cpu_and_contiguous(t) for t in tensors if t is not None)
+
+
+def compiles(*tensors: paddle.Tensor | None) -> bool:
+    """Whether a compiled pass (numba) may work on these (:func:`on_host`)."""
+    return NUMBA_AVAILABLE and on_host(*tensors)
+
+
+# The [batch, k] passes of the margin softmax. Products, differences and maxima are exact IEEE operations,
+# the same bits whoever computes them, and numpy computes them over a CPU tensor's memory several times
+# faster than Paddle's CPU kernels broadcast ([128, 100000] float32, 3.3.1, 2 threads, AVX-512: 3 ms against
+# 18 ms for a product with a [k] or [batch, 1] operand, 2 ms against 28 ms for the row maxima). So eager and
+# static programs (which take Paddle's ops) compute the same numbers.
+
+
+def multiply_(matrix: paddle.Tensor, factors: paddle.Tensor) -> paddle.Tensor:
+    """``matrix * factors`` (``factors`` [cols] or [rows, 1]), into ``matrix`` when eager."""
+    if on_host(matrix, factors):
+        np.multiply(host_view(matrix), host_view(factors), out=host_view(matrix))
+        return matrix
+    return matrix.multiply_(factors) if paddle.in_dynamic_mode() else matrix * factors
+
+
+def subtract_(matrix: paddle.Tensor, values: paddle.Tensor) -> paddle.Tensor:
+    """``matrix - values`` (``values`` [cols] or [rows, 1]), into ``matrix`` when eager."""
+    if on_host(matrix, values):
+        np.subtract(host_view(matrix), host_view(values), out=host_view(matrix))
+        return matrix
+    return matrix.subtract_(values) if paddle.in_dynamic_mode() else matrix - values
+
+
+def scaled(matrix: paddle.Tensor, factor: float) -> paddle.Tensor:
+    """``matrix * factor``, a new tensor."""
+    if on_host(matrix):
+        out = paddle.empty(matrix.shape, dtype=matrix.dtype)
+        np.multiply(host_view(matrix), np.float32(factor), out=host_view(out))
+        return out
+    # Not ``matrix * factor``: Paddle's scale op adds a 0 bias, which turns -0 into +0.
+    return matrix * paddle.full([1], factor, dtype=matrix.dtype)
+
+
+def row_max(matrix: paddle.Tensor) -> paddle.Tensor:
+    """``matrix.max(axis=1, keepdim=True)``, [rows, 1]."""
+    if on_host(matrix):
+        return paddle.to_tensor(host_view(matrix).max(axis=1, keepdims=True))
+    return matrix.max(axis=1, keepdim=True)
 
 
 def momentum_rows_in_place_(weight: paddle.Tensor, velocity: paddle.Tensor, index: paddle.Tensor,
@@ -148,21 +220,24 @@ def momentum_rows_in_place_(weight: paddle.Tensor, velocity: paddle.Tensor, inde
     with (OMP_NUM_THREADS): 30 ms against 330 ms for a gather, Paddle's momentum kernel and two scatters at
     100,000 x 512 rows of a 1M-class matrix (3.3.1, 2 threads, AVX-512).
     """
-    kernel = _momentum_kernel()
+    grad_rows = np.zeros((0, weight.shape[1]), dtype=np.float32) if grad is None else host_view(grad)
+    _compiled("step_rows")(host_view(weight), host_view(velocity), index.numpy(), grad_rows, grad is not None,
+                           *np.float32([lr, momentum, weight_decay, grad_scale]))
+
+
+def _compiled(name: str):
+    """The compiled loop ``name``, to run in the threads plsc runs Paddle with (OMP_NUM_THREADS)."""
+    kernels = _compile()
     threads = int(os.environ.get("OMP_NUM_THREADS") or 0)
     if threads:
-        import numba
-
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    no_grad = np.zeros((0, weight.shape[1]), dtype=np.float32)
-    kernel(host_view(weight), host_view(velocity), index.numpy(), no_grad if grad is None else host_view(grad),
-           grad is not None, np.float32(lr), np.float32(momentum), np.float32(weight_decay), np.float32(grad_scale))
+        kernels.numba.set_num_threads(min(threads, kernels.numba.config.NUMBA_NUM_THREADS))
+    return getattr(kernels, name)
 
 
 @functools.cache
-def _momentum_kernel():
-    """The compiled loop of :func:`momentum_rows_in_place_` (numba imported and compiled on first use; its
-    machine code cached beside this module)."""
+def _compile() -> SimpleNamespace:
+    """The loops of :func:`momentum_rows_in_place_`, :func:`gather_into` and :func:`subtract_scaled_rows_`:
+    numba imported and each loop compiled on first use (its machine code cached beside this module)."""
     import numba
 
     @numba.njit(parallel=True, cache=True, boundscheck=False)
@@ -177,7 +252,22 @@ def _momentum_kernel():
                 velocity[row, j] = v
                 weight[row, j] = w - lr * v
 
-    return step_rows
+    @numba.njit(parallel=True, cache=True, boundscheck=False)
+    def take_rows(matrix, index, out):
+        for i in numba.prange(index.shape[0]):
+            row = index[i]
+            for j in range(matrix.shape[1]):
+                out[i, j] = matrix[row, j]
+
+    @numba.njit(parallel=True, cache=True, boundscheck=False)
+    def subtract_scaled_rows(matrix, rows, factors):
+        for i in numba.prange(matrix.shape[0]):
+            factor = factors[i]
+            for j in range(matrix.shape[1]):
+                matrix[i, j] -= factor * rows[i, j]
+
+    return SimpleNamespace(numba=numba, step_rows=step_rows, take_rows=take_rows,
+                           subtract_scaled_rows=subtract_scaled_rows)
 
 
 def is_cpu_and_contiguous(tensor: paddle.Tensor) -> bool:

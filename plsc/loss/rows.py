@@ -35,9 +35,10 @@ from plsc.loss.int8_rows import Int8Rows
 from plsc.loss.row_backend import (
     GATHER_WRITES_INTO,
     cast,
+    compiles,
+    gather_into,
     momentum_rows_in_place_,
     put_rows_,
-    steps_in_place,
     take_rows,
 )
 
@@ -78,7 +79,7 @@ class FloatRows:
         self.tensor = tensor
         self.shape = tensor.shape
         self.is_float32 = tensor.dtype == paddle.float32
-        self.gathers_into = GATHER_WRITES_INTO and self.is_float32
+        self.gathers_into = self.is_float32 and (GATHER_WRITES_INTO or compiles(tensor))
 
     @property
     def dtype(self) -> str:
@@ -89,9 +90,7 @@ class FloatRows:
             return cast(take_rows(self.tensor, index), paddle.float32)
         if out is None or not self.gathers_into:
             return paddle.gather(self.tensor, index)
-        # The same memory every step instead of fresh pages (Paddle 3.x: GATHER_WRITES_INTO).
-        paddle.index_select(self.tensor, index, out=out)
-        return out
+        return gather_into(out, self.tensor, index)  # the same memory every step instead of fresh pages
 
     def scatter_(self, index: paddle.Tensor, rows: paddle.Tensor) -> None:
         if self.is_float32:
@@ -168,7 +167,7 @@ def lazy_update(
     few MB to the step's peak memory instead of another [rows, emb] float32 tensor. Both give the same bits.
     """
     if isinstance(weight, FloatRows) and isinstance(velocity, FloatRows) and \
-            steps_in_place(weight.tensor, velocity.tensor, grad):
+            compiles(weight.tensor, velocity.tensor, grad):
         momentum_rows_in_place_(weight.tensor, velocity.tensor, index, grad, lr, momentum, weight_decay,
                                 grad_scale)
         return
