@@ -129,14 +129,17 @@ def gather_into(out: paddle.Tensor, matrix: paddle.Tensor, index: paddle.Tensor)
 
 def matmul_into(out: paddle.Tensor | None, x: paddle.Tensor, y: paddle.Tensor, transpose_x: bool = False
                 ) -> paddle.Tensor:
-    """``matmul(x, y, transpose_x)``, written into ``out`` (of the product's shape) where Paddle can
-    (:data:`MATMUL_WRITES_INTO`, eager mode) and ``out`` is given: the same memory every step instead of fresh
-    pages. With ``transpose_x`` it also skips the transposed copy of ``x`` that addmm makes (62 ms against 97
-    ms for the centers' gradient at [128, 100000] x [128, 512], 3.3.1, AVX-512)."""
-    if out is not None and MATMUL_WRITES_INTO and paddle.in_dynamic_mode():
-        paddle.matmul(x, y, transpose_x=transpose_x, out=out)
-        return out
-    return paddle.matmul(x, y, transpose_x=transpose_x)
+    """``matmul(x, y, transpose_x)``, in eager mode written into ``out`` (of the product's shape) when given:
+    the same memory every step instead of fresh pages. Paddle 3.x's matmul writes into it
+    (:data:`MATMUL_WRITES_INTO`), and with ``transpose_x`` also skips the transposed copy of ``x`` that addmm
+    makes (62 ms against 97 ms for the centers' gradient at [128, 100000] x [128, 512], 3.3.1, AVX-512);
+    Paddle 2.6's product is copied into it."""
+    if out is None or not paddle.in_dynamic_mode():
+        return paddle.matmul(x, y, transpose_x=transpose_x)
+    if MATMUL_WRITES_INTO:
+        return paddle.matmul(x, y, transpose_x=transpose_x, out=out)
+    paddle.assign(paddle.matmul(x, y, transpose_x=transpose_x), output=out)
+    return out
 
 
 def subtract_scaled_rows_(matrix: paddle.Tensor, rows: paddle.Tensor, factors: paddle.Tensor
