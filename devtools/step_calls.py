@@ -5,7 +5,9 @@ steps: a function called per step is called more often in the longer run; start-
 and the final verification are the same in both and cancel out. Counted: distinct functions defined in the
 ``plsc`` package whose call count grows, and their modules. The loader runs in this process
 (``data.num_workers=0``) so that data loading is counted. Functions are told apart by module, line and name
-(two ``forward`` methods of one module are two functions).
+(two ``forward`` methods of one module are two functions). Comprehensions and generator expressions are not
+counted: they are expressions read where they stand, and whether the profiler sees them as functions depends
+on the Python version (3.12 inlines comprehensions, PEP 709).
 
     .venv/bin/python -m devtools.step_calls [--config configs/cpu/mini.yaml] [--set key=value ...] [--list]
 """
@@ -45,9 +47,13 @@ def plsc_call_counts(config_path: str, overrides: list[str], steps: int) -> Coun
     return counts
 
 
+EXPRESSIONS = {"<listcomp>", "<dictcomp>", "<setcomp>", "<genexpr>"}
+
+
 def per_step_functions(short: Counter, long: Counter) -> list[tuple[str, int, str]]:
     """The functions called more often in the longer run: those a training step calls."""
-    return sorted(key for key, calls in long.items() if calls > short.get(key, 0))
+    return sorted(key for key, calls in long.items()
+                  if calls > short.get(key, 0) and key[2] not in EXPRESSIONS)
 
 
 def main(argv: list[str] | None = None) -> int:
