@@ -351,8 +351,8 @@ def test_coalesce_keeps_dtypes_apart_order_and_the_bucket_size():
 # the ranks' two chunks by the streaming head; floors of a few ulps. Measured at 0.01 on AVX2 and AMD's
 # AVX-512, the 2-rank run's distance to the reference never exceeded the twins' spread (above the floors):
 # comparison 1 up to 3e-6 (AVX2) and 1.0e-5 (AVX-512, steps 12-13) against spreads of 1.2e-5 and 1.0e-5;
-# comparison 2 up to 2.2e-6 against 2.9e-6 and 2.7e-6. The spread must itself stay small (WELL_CONDITIONED): on a chaotic
-# trajectory the bound would mean nothing, and the test says so instead.
+# comparison 2 up to 2.2e-6 against 2.9e-6 and 2.7e-6. The spread must itself stay small
+# (WELL_CONDITIONED): on a chaotic trajectory the bound would mean nothing, and the test says so instead.
 
 STEP_ONE_TOLERANCE = 1e-6  # relative to max(1, |largest entry|); measured 1e-7 to 2.3e-7 (1-2 ulps)
 SPREAD_FACTOR = 4
