@@ -263,7 +263,7 @@ class _MarginSoftmaxCrossEntropy(paddle.autograd.PyLayer):
         has_target = labels >= 0
         column = paddle.where(has_target, labels, paddle.zeros_like(labels)).unsqueeze(1)
         cos_target = at_columns(cosine, column)
-        logits = row_backend.scaled(cosine, margin.scale)
+        logits = cosine * margin.scale
         filtered = []  # the mask the backward needs, when filtering is on
         if margin.interclass_filtering_threshold > 0:
             filtered.append(filtered_entries(cosine, margin))
