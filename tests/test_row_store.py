@@ -106,7 +106,7 @@ def test_the_margin_softmax_passes_on_the_host_are_paddles_ops_to_the_bit(monkey
             product = row_backend.multiply_(a, b)
             assert product.data_ptr() == a.data_ptr()  # in place when eager, either way
             results[on_host] = [bits(product), bits(row_backend.subtract_(paddle.to_tensor(matrix), b)),
-                                bits(row_backend.row_max(paddle.to_tensor(matrix)))]
+                                bits(row_backend.max_per_row(paddle.to_tensor(matrix)))]
     for fast, reference in zip(results[True], results[False], strict=True):
         np.testing.assert_array_equal(fast, reference)
     np.testing.assert_array_equal(results[True][0].view(np.float32), matrix * other)

@@ -10,10 +10,12 @@ rank holds some columns of the logits of the whole global batch, and the softmax
 logit are summed across ranks.
 
 Both layers write their backward out, and in eager mode overwrite their own [batch, k] and [k, emb] buffers
-once they are done with them (``paddle.in_dynamic_mode()`` at each such op): each in-place op saves a fresh
-tensor of that size, and on CPU a fresh tensor's page faults cost more than its arithmetic. Never in a static
-program (``paddle.jit.to_static``), which plans its own buffers and where in-place ops on these variables
-miscompute (3.3: NaN) or are refused (2.6: "viewed Tensor").
+once they are done with them (``paddle.in_dynamic_mode()`` at each such op, or inside the
+:mod:`plsc.loss.row_backend` function that runs it): each in-place op saves a fresh tensor of that size, and
+on CPU a fresh tensor's page faults cost more than its arithmetic. Never in a static program
+(``paddle.jit.to_static``), which plans its own buffers and where in-place ops on these variables miscompute
+(3.3: NaN) or are refused (2.6: "viewed Tensor"). How each pass runs fast on the CPU is the backend's
+business; this module reads as the math.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ from dataclasses import dataclass
 import paddle
 import paddle.nn.functional as F
 
-from plsc.loss import row_backend
 from plsc.loss.row_backend import (
     matmul_into,
+    max_per_row,
     multiply_,
     squared_row_norms,
     subtract_,
@@ -221,8 +223,8 @@ def center_grad(unit_embeddings, grad, centers, cosine, inverse_norms, norm_is_l
     ``G^T unit_embeddings - radial * centers``, with ``G`` [batch, k] = d loss / d cosine already scaled by
     the inverse norms and ``radial_j = sum_b G_bj cosine_bj / |w_j|`` (0 where the norm is floored).
 
-    Written into ``scratch`` when given (and Paddle can: :func:`~plsc.loss.row_backend.matmul_into`); in
-    eager mode overwrites ``cosine`` (its last use: one [batch, k] allocation less at the step's memory peak,
+    Written into ``scratch`` when given (:func:`~plsc.loss.row_backend.matmul_into`); in eager mode
+    overwrites ``cosine`` (its last use: one [batch, k] allocation less at the step's memory peak,
     51 MB at k=100,000, batch 128).
     """
     radial = column_sums(multiply_(cosine, grad)) * inverse_norms * norm_is_live
@@ -273,7 +275,7 @@ class _MarginSoftmaxCrossEntropy(paddle.autograd.PyLayer):
         target = paddle.where(has_target, margin.scale * target_logit(cos_target, margin),
                               at_columns(logits, column))
         logits = put_columns(logits, column, target)
-        row_max = comm.all_reduce_max(row_backend.row_max(logits))
+        row_max = comm.all_reduce_max(max_per_row(logits))
         shifted = subtract_(logits, row_max)
         exp = shifted.exp_() if paddle.in_dynamic_mode() else paddle.exp(shifted)
         sum_exp = comm.all_reduce_sum_(row_sums(exp))

@@ -200,7 +200,7 @@ def subtract_(matrix: paddle.Tensor, values: paddle.Tensor) -> paddle.Tensor:
     return matrix.subtract_(values) if paddle.in_dynamic_mode() else matrix - values
 
 
-def row_max(matrix: paddle.Tensor) -> paddle.Tensor:
+def max_per_row(matrix: paddle.Tensor) -> paddle.Tensor:
     """``matrix.max(axis=1, keepdim=True)``, [rows, 1]."""
     if on_host(matrix):
         return paddle.to_tensor(host_view(matrix).max(axis=1, keepdims=True))
