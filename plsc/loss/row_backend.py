@@ -32,7 +32,7 @@ import paddle
 GATHER_WRITES_INTO = "out" in inspect.signature(paddle.index_select).parameters
 # Likewise its matmul.
 MATMUL_WRITES_INTO = "out" in inspect.signature(paddle.matmul).parameters
-# Whether the sparse momentum step can run compiled, in place (:func:`momentum_rows_in_place_`).
+# Whether the loops compiled by numba can run (else every caller takes the reference or the block walk).
 NUMBA_AVAILABLE = importlib.util.find_spec("numba") is not None
 # int8 codes are symmetric: -128 is never used, so a row's largest element maps to +-127 exactly.
 CODE_MAX = 127
