@@ -59,7 +59,7 @@ from plsc.loss.margin import (
     target_logit_slope,
     zero_where,
 )
-from plsc.loss.row_backend import squared_row_norms
+from plsc.loss.row_backend import max_per_row, multiply_, squared_row_norms, subtract_
 from plsc.loss.rows import decay_unsampled_rows, dense_update, lazy_update
 
 if TYPE_CHECKING:  # the head imports this module to offer the strategy
@@ -114,7 +114,7 @@ def chunk_cosine(unit_embeddings: paddle.Tensor, rows: paddle.Tensor, inverse_no
     """The chunk's cosines; its rows' inverse norms and liveness computed here unless given."""
     if inverse_norms is None:
         inverse_norms, norm_is_live = inverse_row_norms(squared_row_norms(rows))
-    cosine = paddle.matmul(unit_embeddings, rows, transpose_y=True).multiply_(inverse_norms)
+    cosine = multiply_(paddle.matmul(unit_embeddings, rows, transpose_y=True), inverse_norms)
     return ChunkCosine(rows, cosine, inverse_norms, norm_is_live)
 
 
@@ -142,8 +142,8 @@ def softmax_grad_of_chunk(chunk: ChunkCosine, columns, stats: SoftmaxStatistics,
     if margin.interclass_filtering_threshold > 0:  # the forward's mask: the same cosines, recomputed
         filtered = filtered_entries(chunk.cosine, margin)
         zero_where(logits, filtered)
-    exp = put_targets(logits, column, inside, terms.target_logits).subtract_(stats.row_max).exp_()
-    grad = exp.multiply_(terms.factors)
+    exp = subtract_(put_targets(logits, column, inside, terms.target_logits), stats.row_max).exp_()
+    grad = multiply_(exp, terms.factors)
     if filtered is not None:  # a filtered logit is the constant 0: no gradient
         zero_where(grad, filtered)
     # At the target column: per_row * (softmax - 1) * the target logit's slope (as the whole-matrix loss).
@@ -220,7 +220,7 @@ class Streaming:
         chunk = chunk_cosine(stats.unit_embeddings, rows, stats.inverse_norms[start:stop],
                              stats.norm_is_live[start:stop])
         grad = softmax_grad_of_chunk(chunk, columns, stats, head.margin)
-        return chunk, grad.multiply_(chunk.inverse_norms)
+        return chunk, multiply_(grad, chunk.inverse_norms)
 
     def gather_chunk(self, head: PartialFC, index: paddle.Tensor) -> paddle.Tensor:
         """A chunk's class centers as float32, in a kept buffer where possible (valid until the next chunk's
@@ -263,9 +263,9 @@ class Streaming:
                 zero_where(chunk.cosine, filtered_entries(chunk.cosine, head.margin))
             logits = put_targets(chunk.cosine.scale_(scale), column, inside,
                                  scale * target_logit(cos_at_column, head.margin))
-            new_max = paddle.maximum(row_max, logits.max(axis=1, keepdim=True))
+            new_max = paddle.maximum(row_max, max_per_row(logits))
             sum_exp = sum_exp * paddle.exp(row_max - new_max).squeeze(1) + \
-                row_sums(logits.subtract_(new_max).exp_())
+                row_sums(subtract_(logits, new_max).exp_())
             row_max = new_max
         global_max = head.comm.all_reduce_max(row_max)
         sum_exp = head.comm.all_reduce_sum_(sum_exp * paddle.exp(row_max - global_max).squeeze(1))
