@@ -23,7 +23,7 @@ def margin_logits(cosine: paddle.Tensor, labels: paddle.Tensor, margin: Margin) 
     cos_target = at_columns(cosine, column.unsqueeze(1)).unsqueeze(1)
     if margin.interclass_filtering_threshold > 0:
         cosine = cosine * filtering_keep(cosine, is_target, margin.interclass_filtering_threshold)
-    shift = (target_logit(cos_target, margin) - cos_target) * has_target_column
+    shift = (target_logit(cos_target, margin)[0] - cos_target) * has_target_column
     return margin.scale * (cosine + is_target * shift)
 
 

@@ -16,6 +16,7 @@ from plsc import checkpoint as ckpt
 from plsc import cli
 from plsc.engine.step import TrainStep
 from plsc.engine.trainer import Trainer, TrainingDiverged
+from plsc.loss.partial_fc import PartialFC
 
 QUICK = ("train.eval_interval=0", "train.save_interval=1", "train.keep_checkpoints=1")
 
@@ -33,14 +34,14 @@ def strict_log(output) -> list[dict]:
 
 def poison_loss(trainer: Trainer, from_step: int, value: float = math.nan, steps=None) -> None:
     """Make the loss (and so every gradient) non-finite at 0-based steps >= from_step (or in ``steps``)."""
-    original = trainer.step.forward_loss
+    original = trainer.step.head_loss
 
-    def forward_loss(images, pending):
-        loss = original(images, pending)
+    def head_loss(all_embeddings, micro):
+        loss = original(all_embeddings, micro)
         poisoned = trainer.state.step in steps if steps is not None else trainer.state.step >= from_step
         return loss * value if poisoned else loss
 
-    trainer.step.forward_loss = forward_loss
+    trainer.step.head_loss = head_loss
 
 
 def assert_same_backbone(directory, model) -> None:
@@ -132,14 +133,14 @@ def test_skips_that_are_not_in_a_row_do_not_stop(tiny_dir, tmp_path):
 
 def test_divergence_is_one_cli_error_line_with_exit_2(tiny_dir, tmp_path, capsys, monkeypatch):
     config = write_tiny_yaml(tiny_dir, tmp_path / "tiny.yaml", "train.max_steps=4", *QUICK)
-    original = TrainStep.forward_loss
-    steps = itertools.count()  # forward_loss runs once a step
+    original = PartialFC.loss  # the trainer's head_loss in dynamic mode
+    steps = itertools.count()  # the head's loss runs once a step
 
-    def forward_loss(self, images, pending):
-        loss = original(self, images, pending)
-        return loss * math.nan if next(steps) >= 1 else loss
+    def loss(self, all_embeddings, pending):
+        value = original(self, all_embeddings, pending)
+        return value * math.nan if next(steps) >= 1 else value
 
-    monkeypatch.setattr(TrainStep, "forward_loss", forward_loss)
+    monkeypatch.setattr(PartialFC, "loss", loss)
     code = cli.main(["train", "--config", str(config), "--output", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 2

@@ -21,6 +21,7 @@ from tiny_run import TINY_RUN
 from plsc import checkpoint as ckpt
 from plsc import cli
 from plsc.config import OptimConfig, load_config
+from plsc.data import normalize_batch
 from plsc.engine.schedule import Schedule
 from plsc.engine.trainer import Trainer
 from plsc.errors import PlscError
@@ -145,8 +146,9 @@ def unclipped_first_step(tiny_dir, tmp_path_factory):
     images, labels = next(iter(trainer.loader))
     before = backbone_state(trainer)
     pending = trainer.head.prepare(labels, 0)
-    trainer.step.forward_loss(images, pending).backward()
-    trainer.step.all_reduce_backbone_grads()
+    # The step's forward and backward, one process (no all-reduce to make)
+    embeddings = trainer.model(normalize_batch(images))
+    trainer.head.loss(trainer.comm.all_gather_with_grad(embeddings), pending).backward()
     grads = {p.name: p.grad.numpy().astype(np.float64)
              for p in trainer.model.parameters() if p.grad is not None}
     center_grad = (pending.index.numpy(), pending.rows.grad.numpy().astype(np.float64),

@@ -124,13 +124,13 @@ def test_an_inf_in_one_micro_batch_skips_the_whole_step(tiny_dir, tmp_path, chun
     first = [next(batches) for _ in range(2)]
     second = [next(batches) for _ in range(2)]
     calls = itertools.count()
-    original = trainer.step.forward_loss
+    original = trainer.step.head_loss
 
-    def forward_loss(images, micro):
-        loss = original(images, micro)
+    def head_loss(all_embeddings, micro):
+        loss = original(all_embeddings, micro)
         return loss * math.inf if next(calls) == 1 else loss
 
-    trainer.step.forward_loss = forward_loss
+    trainer.step.head_loss = head_loss
     before = trained_state(trainer)
     images, labels = (concatenated(first, part) for part in (0, 1))
     assert not math.isfinite(trainer.step(images, labels, 0, 0.05))

@@ -49,10 +49,10 @@ def test_float16_gather_and_scatter_match_their_references():
 
 @pytest.mark.parametrize("compiled", [True, False])
 def test_gather_into_a_given_tensor_matches_a_plain_gather(monkeypatch, compiled):
-    """The compiled copy of the rows (on the CPU) and Paddle 3.x's index_select into ``out``; Paddle 2.6
-    without numba gathers into a new tensor."""
+    """The compiled copy of the rows (on the CPU) and, off the host, Paddle 3.x's index_select into ``out``
+    (Paddle 2.6 gathers into a new tensor there)."""
     if not compiled:
-        monkeypatch.setattr(row_backend, "NUMBA_AVAILABLE", False)
+        monkeypatch.setattr(row_backend, "on_host", lambda *tensors: False)
         if not row_backend.GATHER_WRITES_INTO:
             pytest.skip("Paddle 2.6's index_select has no out parameter: the stores gather into new tensors")
     matrix = paddle.to_tensor(RNG.standard_normal((40, 8)).astype(np.float32))
@@ -127,7 +127,6 @@ def test_a_matmul_into_a_given_tensor_is_a_matmul(transpose_x):
 def test_subtracting_scaled_rows_is_paddles_ops_to_the_bit(monkeypatch):
     """The compiled pass of the centers' gradient against Paddle's ops (what a static program runs) and
     numpy's float32 arithmetic, with a zero factor (a floored norm) keeping its row."""
-    assert row_backend.NUMBA_AVAILABLE, "numba is a dependency: the center gradient takes its compiled pass"
     matrix = RNG.standard_normal((300, 64)).astype(np.float32)
     rows = (RNG.standard_normal((300, 64)) * RNG.uniform(1e-2, 10, (300, 1))).astype(np.float32)
     factors = RNG.standard_normal(300).astype(np.float32)
@@ -149,7 +148,6 @@ def test_momentum_in_place_is_the_gather_kernel_scatter_walk_to_the_bit(monkeypa
     """The compiled in-place step against the walk through Paddle's own momentum kernel (the reference),
     on a matrix whose sampled rows are scattered and unsorted, with a gradient scale and without gradient
     (the dense mode's decay of unsampled rows)."""
-    assert row_backend.NUMBA_AVAILABLE, "numba is a dependency: the CPU update takes its compiled step"
     weight = RNG.standard_normal((500, 48)).astype(np.float32)
     velocity = (RNG.standard_normal((500, 48)) * 0.1).astype(np.float32)
     index = paddle.to_tensor(RNG.permutation(500)[:130])
@@ -162,7 +160,7 @@ def test_momentum_in_place_is_the_gather_kernel_scatter_walk_to_the_bit(monkeypa
             if in_place:  # the walk must not run
                 patch.setattr(rows_module, "momentum_", None)
             else:
-                patch.setattr(row_backend, "NUMBA_AVAILABLE", False)
+                patch.setattr(rows_module, "on_host", lambda *tensors: False)
             rows_module.lazy_update(*stores, index, grad, **settings)
         stepped[in_place] = [bits(store.tensor) for store in stores]
     for fast, reference in zip(stepped[True], stepped[False], strict=True):

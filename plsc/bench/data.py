@@ -11,7 +11,8 @@ one worker cannot avoid. Their ratio
 splits one process's work per image into read, decode, augment (flip draw and TrainTransform.write_pixels:
 resize, flip, layout, straight into the batch), the workers' share, hand_over (the batch array as a tensor,
 as the loader lends a slot, and the labels), the main process's, and normalize
-(plsc.data.loader.normalize_batch), which the trainer does on the batch tensor, to show where the time goes.
+(plsc.data.transforms.normalize_batch), which the training step does on the batch tensor, to show where the
+time goes.
 
 Small data sets (the bundled data/tiny has 240 images) are repeated, in order, as many times as it takes to
 fill ``warmup + batches`` batches in one epoch of the loader, so the timed batches are steady state: no
@@ -169,8 +170,7 @@ def stage_costs(dataset, spec: DataBenchSpec, count: int) -> dict[str, float]:
     import paddle
     from paddle.utils.dlpack import from_dlpack
 
-    from plsc.data.loader import normalize_batch
-    from plsc.data.transforms import TrainTransform, flip_draws
+    from plsc.data.transforms import TrainTransform, flip_draws, normalize_batch
 
     transform = TrainTransform(spec.image_size)
     clock = PhaseClock()

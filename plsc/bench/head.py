@@ -139,16 +139,16 @@ class PhaseClock:
         self._last = now
 
 
-def timed_sampler(head, clock: PhaseClock):
-    """``head.sample_tensors`` that marks the end of the sample phase (it runs inside ``head.prepare``)."""
-    sample_tensors = head.sample_tensors
+def timed_gather(head, clock: PhaseClock):
+    """``head.strategy.prepare`` that first marks the end of the sample phase: ``head.prepare`` samples, then
+    hands the step to its strategy, which gathers what the loss reads."""
+    prepare = head.strategy.prepare
 
-    def sample_and_mark(all_labels, step):
-        result = sample_tensors(all_labels, step)
+    def mark_and_prepare(owner, pending):
         clock.mark("sample")
-        return result
+        prepare(owner, pending)
 
-    return sample_and_mark
+    return mark_and_prepare
 
 
 def head_step(head, embeddings, labels, step: int, clock: PhaseClock, update_in_backward: bool = True):
@@ -156,12 +156,12 @@ def head_step(head, embeddings, labels, step: int, clock: PhaseClock, update_in_
     their index (for the floor's shapes)."""
     from plsc.loss.partial_fc import CenterUpdate
 
-    head.sample_tensors = timed_sampler(head, clock)
+    head.strategy.prepare = timed_gather(head, clock)
     try:
         update = CenterUpdate(LR, MOMENTUM, WEIGHT_DECAY)
         pending = head.prepare(labels, step, update if update_in_backward else None)
     finally:  # unwrapped again: wrappers piling up across steps would mark old clocks
-        del head.sample_tensors
+        del head.strategy.prepare
     clock.mark("gather")
     loss = head.loss(head.comm.all_gather_with_grad(embeddings), pending)
     clock.mark("forward")

@@ -38,7 +38,7 @@ OUTSIDE = ("data", "optimizer")  # the share of a step spent outside backbone an
 PHASE_METHOD = {
     "data": "waiting on next(loader) (+ the learning-rate lookup)",
     "backbone": "trainer.step.backbone forward + loss.backward() from the embeddings' gradient hook to "
-                "step.all_reduce_backbone_grads",
+                "the backbone gradients' all-reduce",
     "head": "PartialFC.prepare + trainer.step.head_loss + loss.backward() until the embeddings' gradient "
             "arrives + PartialFC.apply",
     "optimizer": "gradient all-reduce, inf/nan check, clip factor, optimizer.step, clear_grad, loss-scale "
@@ -124,13 +124,14 @@ class StepPhaseTimer:
         head.prepare, head.apply, trainer.step.head_loss = timed_prepare, timed_apply, timed_loss
 
     def _wrap_grad_all_reduce(self, trainer) -> None:
-        all_reduce = trainer.step.all_reduce_backbone_grads
+        comm = trainer.step.comm
+        all_reduce = comm.all_reduce_sum_coalesced_
 
-        def timed_all_reduce():
+        def timed_all_reduce(*args):
             self.clock.mark("backbone")  # loss.backward() has returned
-            return all_reduce()
+            return all_reduce(*args)
 
-        trainer.step.all_reduce_backbone_grads = timed_all_reduce
+        comm.all_reduce_sum_coalesced_ = timed_all_reduce
 
 
 def build_trainer(config, output: str):

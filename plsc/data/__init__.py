@@ -6,26 +6,26 @@ module, e.g. plsc.data.verification_bin, stays cheap.
 
 from plsc.data.folder import FolderDataset, read_image
 from plsc.data.synthetic import SyntheticDataset
-from plsc.data.transforms import EvalTransform, TrainTransform, flip_draws
+from plsc.data.transforms import EvalTransform, TrainBatches, TrainTransform, flip_draws, normalize_batch
 
 _LOADER_NAMES = (
     "DistributedShuffleSampler",
-    "TrainBatches",
     "build_dataset",
     "count_samples",
     "build_train_loader",
     "build_train_loader_from_config",
     "TrainLoader",
-    "normalize_batch",
 )
 
 __all__ = [
     "EvalTransform",
     "FolderDataset",
     "SyntheticDataset",
+    "TrainBatches",
     "TrainTransform",
     "read_image",
     "flip_draws",
+    "normalize_batch",
     *_LOADER_NAMES,
 ]
 

@@ -360,10 +360,6 @@ class FolderDataset:
     def image_path(self, index: int) -> Path:
         return self.root / self.relative_path(index)
 
-    def _image_file(self, index: int) -> str:
-        """:meth:`image_path` as a string, without building a Path (a few us per sample)."""
-        return os.path.join(self._root_text, self._paths[index])
-
     def _check_index(self, index: int) -> int:
         index = int(index)
         size = len(self.labels)
@@ -375,7 +371,8 @@ class FolderDataset:
         index = self._check_index(index)
         if self.skip_bad:
             return self._read_or_substitute(index)
-        return read_image(self._image_file(index)), int(self.labels[index])
+        # the path as a string, without building a Path (a few us per sample)
+        return read_image(os.path.join(self._root_text, self._paths[index])), int(self.labels[index])
 
     def _read_or_substitute(self, index: int) -> tuple[np.ndarray, int]:
         """The sample itself, or the next readable one in index order (deterministic, see the module doc)."""
@@ -385,7 +382,8 @@ class FolderDataset:
             if candidate in self.unreadable_indices:
                 continue
             try:
-                return read_image(self._image_file(candidate)), int(self.labels[candidate])
+                image = read_image(os.path.join(self._root_text, self._paths[candidate]))
+                return image, int(self.labels[candidate])
             except PlscError as exc:
                 self.unreadable_indices.add(candidate)
                 log.warning("skip_bad_samples: %s; using the next sample instead", exc)

@@ -7,7 +7,8 @@ so the same seed gives the same batches with 0, 2 or 8 workers.
 A worker builds a whole batch per request (TrainBatches): each image is decoded and written straight into its
 slot of a shared batch array (plsc.data.workers), so there is no per-sample hand-over, no list of samples and
 no stacking copy.
-Batches are uint8 pixels in the model's layout; the trainer normalises them on its device (normalize_batch).
+Batches are uint8 pixels in the model's layout (plsc.data.transforms.TrainBatches); the training step
+normalises them on its device (plsc.data.transforms.normalize_batch).
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ import math
 from pathlib import Path
 
 import numpy as np
-import paddle
 
 from plsc.data.folder import FolderDataset, count_label_lines
 from plsc.data.synthetic import SyntheticDataset
-from plsc.data.transforms import PIXEL_SCALE, TrainTransform, check_data_format, check_image_size, flip_draws
+from plsc.data.transforms import TrainBatches, TrainTransform, check_data_format, check_image_size
 from plsc.data.workers import TrainLoader
 from plsc.errors import PlscError
 
@@ -105,64 +105,6 @@ class DistributedShuffleSampler:
 
     def __len__(self) -> int:
         return self.batches_per_epoch - self.start_batch
-
-
-# --- dataset adapter and batching ---
-
-DECODE_GROUP = 16  # images decoded back to back before they are written into the batch (TrainBatches.fill)
-
-
-class TrainBatches:
-    """A dataset under the training transform, up to normalisation, a whole batch per item: the key
-    (epoch, indices) gives (uint8 pixels [B, ...] in the model's layout, int64 labels [B])."""
-
-    def __init__(self, dataset, transform: TrainTransform, seed: int):
-        self.dataset = dataset
-        self.transform = transform
-        self.seed = int(seed)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, list[int]]) -> tuple[np.ndarray, np.ndarray]:
-        images = np.empty((len(key[1]), *self.transform.pixel_shape), dtype=np.uint8)
-        return images, self.fill(key, images)
-
-    def fill(self, key: tuple[int, list[int]], images: np.ndarray) -> np.ndarray:
-        """Write the batch's pixels into ``images`` ([B, ...] uint8, e.g. a shared-memory slot); returns
-        its labels."""
-        epoch, indices = key
-        labels = np.empty(len(indices), dtype=np.int64)
-        flips = flip_draws(self.seed, epoch, indices).tolist()
-        dataset, write_pixels = self.dataset, self.transform.write_pixels  # ~100 us per image: no lookups
-        # Decoded a group at a time, then written: back-to-back decodes keep the decoder's code and tables
-        # in cache (~2% per image), and a group's decoded images (16 x 37 KB at 112 px) still fit in L2.
-        for start in range(0, len(indices), DECODE_GROUP):
-            group = [dataset[index] for index in indices[start : start + DECODE_GROUP]]
-            for slot, (image, labels[slot]) in enumerate(group, start):
-                write_pixels(images[slot], image, flips[slot])
-        return labels
-
-    def in_process(self, keys, batch_size: int):
-        """The batches of ``keys`` as ``(images, labels)`` tensors, built one after the other in this process
-        (a loader without workers) in one array reused from batch to batch (the tensors are copies)."""
-        images = np.empty((batch_size, *self.transform.pixel_shape), dtype=np.uint8)
-        for key in keys:
-            labels = self.fill(key, images)
-            yield paddle.to_tensor(images), paddle.to_tensor(labels)
-
-
-def normalize_batch(pixels: paddle.Tensor) -> paddle.Tensor:
-    """A loader batch (uint8 pixels) -> the model's float32 input in [-1, 1], on the training device; the
-    same values as plsc.data.transforms.normalize_pixels (two roundings, as numpy makes them).
-
-    A batch lent by the loader's workers is host memory (plsc.data.workers); on an accelerator it is copied
-    to the device first, the one copy a batch needs there.
-    """
-    device = paddle.device.get_device()
-    if device != "cpu" and pixels.place.is_cpu_place():
-        pixels = paddle.to_tensor(pixels, place=device)
-    return pixels.astype("float32") * float(PIXEL_SCALE) - 1.0
 
 
 def build_train_loader(

@@ -134,7 +134,7 @@ class TrainLoader:
     layout and int64 labels, built by ``num_workers`` processes (0: in this process)."""
 
     def __init__(self, batches, sampler, num_workers: int):
-        self.batches = batches  # plsc.data.loader.TrainBatches
+        self.batches = batches  # plsc.data.transforms.TrainBatches
         self.sampler = sampler
         self.num_workers = num_workers
         self._workers: list[multiprocessing.Process] = []

@@ -29,7 +29,7 @@ from plsc.config import Config, OptimConfig
 from plsc.data import normalize_batch
 from plsc.engine.loss_scaler import DynamicLossScaler, found_inf_anywhere
 from plsc.errors import PlscError
-from plsc.loss.partial_fc import CenterUpdate, HeadStep, MicroBatch
+from plsc.loss.partial_fc import CenterUpdate
 
 log = logging.getLogger("plsc.train")
 
@@ -69,7 +69,7 @@ class TrainStep:
     def __call__(self, images: paddle.Tensor, labels: paddle.Tensor, step: int, lr: float) -> float:
         """Train on the optimizer step's rank batch, ``train.grad_accum`` equal micro-batches one after the
         other, at 0-based ``step`` with learning rate ``lr``; the global batch's mean loss."""
-        optim, scaler, micro_batches = self.optim, self.scaler, self.micro_batches
+        optim, scaler, comm, micro_batches = self.optim, self.scaler, self.comm, self.micro_batches
         self.model.train()
         unscale = (1.0 / scaler.scale) / optim.grad_divisor  # a disabled scaler's scale is 1
         # Center gradients were scaled with the loss too (train.unscale_center_grads: whether that is undone).
@@ -78,9 +78,29 @@ class TrainStep:
         assert not (self.update_in_backward and (scaler.enabled or micro_batches > 1)), \
             "a skippable or accumulating step updated in the backward"
         pending = self.head.prepare(labels, step, update if self.update_in_backward else None, micro_batches)
-        loss = self.accumulate(images, pending)
-        grads = self.all_reduce_backbone_grads()
-        if scaler.enabled and found_inf_anywhere(grads + self.head.center_grads(pending), self.comm):
+
+        # Forward and backward of each micro-batch, its loss divided by their number: the backbone's .grad
+        # and ``pending`` sum the step's gradient. Static mode runs two compiled programs here, the backbone
+        # and the head's loss; the all_gather of the embeddings between them stays eager: Paddle 3's static
+        # graph (PIR) has no all_gather, and Paddle 2.6's has no PyLayer with collectives in it.
+        loss = None
+        images_per_micro_batch = paddle.chunk(images, micro_batches) if micro_batches > 1 else [images]
+        for number, micro_images in enumerate(images_per_micro_batch):
+            with self.autocast():
+                embeddings = self.backbone(normalize_batch(micro_images))
+            # The margin softmax computes in float32; the loss is the global batch's, the same on every rank.
+            all_embeddings = comm.all_gather_with_grad(embeddings.astype("float32"))
+            micro_loss = self.head_loss(all_embeddings, pending.micro_batch(number))
+            if micro_batches > 1:
+                micro_loss = micro_loss / micro_batches
+            (micro_loss * scaler.scale if scaler.enabled else micro_loss).backward()
+            loss = micro_loss.detach() if loss is None else loss + micro_loss.detach()
+
+        # The backbone's gradients summed over the ranks in place: each rank's covers its own samples of the
+        # global-mean loss.
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        comm.all_reduce_sum_coalesced_(grads, self.train.allreduce_bucket_mb * 2**20)
+        if scaler.enabled and found_inf_anywhere(grads + self.head.center_grads(pending), comm):
             self.skip(step + 1)  # the head's step is dropped with ``pending``
             return float(loss)
         self.skipped_in_a_row = 0
@@ -104,44 +124,6 @@ class TrainStep:
             # rank, so every rank stops here; the weights this step changed are never saved.
             raise diverged(step + 1, f"the loss is {loss_value}", self.checkpoints.latest())
         return loss_value
-
-    def accumulate(self, images: paddle.Tensor, pending: HeadStep) -> paddle.Tensor:
-        """Forward and backward of each of the step's micro-batches (``images``: theirs one after the
-        other, as many as ``pending`` has, whose labels split alike), its loss divided by their number: the
-        backbone's ``.grad`` and the head's ``pending`` sum the step's gradient. The step's mean loss
-        (detached)."""
-        count, scaler = pending.micro_batches, self.scaler
-        total = None
-        for number, micro_images in enumerate(paddle.chunk(images, count) if count > 1 else [images]):
-            loss = self.forward_loss(micro_images, pending.micro_batch(number))
-            if count > 1:
-                loss = loss / count
-            (loss * scaler.scale if scaler.enabled else loss).backward()
-            total = loss.detach() if total is None else total + loss.detach()
-        return total
-
-    def forward_loss(self, images: paddle.Tensor, pending: HeadStep | MicroBatch) -> paddle.Tensor:
-        """A micro-batch's loss (its global batch's mean, the same on every rank) over the head's sampled
-        centers (``pending``: the micro-batch, or a step of one), gradients still to take; ``images`` is a
-        loader batch (uint8 pixels), normalised here.
-
-        Static mode runs two compiled programs here: the backbone, and the head's loss with its collectives.
-        The all_gather of the embeddings between them stays eager: Paddle 3's static graph (PIR) has no
-        all_gather (``dist.all_gather`` appends a legacy-program op), and Paddle 2.6's has no PyLayer with
-        collectives in it.
-        """
-        with self.autocast():
-            embeddings = self.backbone(normalize_batch(images))
-        if embeddings.dtype != paddle.float32:
-            embeddings = embeddings.astype("float32")  # the margin softmax computes in float32
-        return self.head_loss(self.comm.all_gather_with_grad(embeddings), pending)
-
-    def all_reduce_backbone_grads(self) -> list[paddle.Tensor]:
-        """The backbone's gradients (of the parameters that have one, in order), summed over the ranks in
-        place: each rank's covers its own samples of the global-mean loss."""
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        self.comm.all_reduce_sum_coalesced_(grads, self.train.allreduce_bucket_mb * 2**20)
-        return grads
 
     def skip(self, step: int) -> None:
         """An inf/nan gradient on some rank at (1-based) ``step``: every rank drops the step (backbone and

@@ -20,22 +20,14 @@ def peak_rss_mb() -> float:
 
 
 class LogWindow:
-    """Losses and time since the last log line, with evaluation time taken out of the throughput."""
+    """Losses and time since the last log line, with evaluation time taken out of the throughput. The loop
+    appends each step's loss to ``losses`` and adds what it spent evaluating to ``excluded``."""
 
     def __init__(self, start: float, first_step: int):
         self.start = start
         self.first_step = first_step
         self.losses: list[float] = []
         self.excluded = 0.0
-        self._last_step_end = start
-
-    def add(self, loss: float) -> None:
-        self.losses.append(loss)
-        self._last_step_end = time.time()
-
-    def exclude_since(self, now: float) -> None:
-        self.excluded += now - self._last_step_end
-        self._last_step_end = now
 
     def elapsed(self, now: float) -> float:
         return now - self.start - self.excluded

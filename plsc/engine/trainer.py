@@ -379,7 +379,7 @@ class Trainer:
         remaining = itertools.islice(self.loader, self.batches_per_epoch - self.state.step_in_epoch)
         for images, labels in step_batches(remaining, train.grad_accum):
             lr = self.schedule.lr(self.state.step)
-            window.add(self.step(images, labels, self.state.step, lr))
+            window.losses.append(self.step(images, labels, self.state.step, lr))
             self.state.step += 1
             self.state.step_in_epoch += train.grad_accum
             step = self.state.step
@@ -397,8 +397,9 @@ class Trainer:
                 self._log(window, lr, to_file=False)
             self._run_logged = True
             if evaluate:
+                evaluation_started = time.time()
                 self._evaluate_and_keep_best()
-                window.exclude_since(time.time())
+                window.excluded += time.time() - evaluation_started
             if save:
                 self._last_checkpoint = self.save_step_checkpoint()
             if stopping:

@@ -66,31 +66,23 @@ ARCFACE = Margin(1.0, 0.5, 0.0, 64.0)
 COSFACE = Margin(1.0, 0.0, 0.35, 64.0)
 
 
-def target_logit(cos_theta: paddle.Tensor, margin: Margin) -> paddle.Tensor:
-    """``cos(m1 * theta + m2) - m3`` with its exact derivative wherever it is finite."""
+def target_logit(cos_theta: paddle.Tensor, margin: Margin) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """``cos(m1 * theta + m2) - m3`` and its slope in ``cos_theta`` as autograd differentiates it: the exact
+    derivative wherever it is finite, 0 where the evaluation clips."""
     if margin.m1 == 1.0 and margin.m2 == 0.0:
-        return cos_theta - margin.m3  # CosFace: no trigonometry, no rounding
+        return cos_theta - margin.m3, paddle.ones_like(cos_theta)  # CosFace: no trigonometry, no rounding
     if margin.m1 == 1.0:
         # cos(theta + m2) = cos(theta) cos(m2) - sin(theta) sin(m2): no acos, so no clipping of cos(theta).
-        sin_theta = paddle.sqrt(paddle.clip(1.0 - cos_theta * cos_theta, min=_SIN_SQUARED_FLOOR))
-        return cos_theta * math.cos(margin.m2) - sin_theta * math.sin(margin.m2) - margin.m3
-    theta = paddle.acos(paddle.clip(cos_theta, -1.0 + _COS_EPS, 1.0 - _COS_EPS))
-    return paddle.cos(margin.m1 * theta + margin.m2) - margin.m3
-
-
-def target_logit_slope(cos_theta: paddle.Tensor, margin: Margin) -> paddle.Tensor:
-    """d target_logit / d cos_theta as autograd differentiates :func:`target_logit` (0 where it clips)."""
-    if margin.m1 == 1.0 and margin.m2 == 0.0:
-        return paddle.ones_like(cos_theta)
-    if margin.m1 == 1.0:
         sin_squared = 1.0 - cos_theta * cos_theta
-        unclipped = (sin_squared > _SIN_SQUARED_FLOOR).astype(cos_theta.dtype)
         sin_theta = paddle.sqrt(paddle.clip(sin_squared, min=_SIN_SQUARED_FLOOR))
-        return math.cos(margin.m2) + math.sin(margin.m2) * cos_theta / sin_theta * unclipped
+        unclipped = (sin_squared > _SIN_SQUARED_FLOOR).astype(cos_theta.dtype)
+        logit = cos_theta * math.cos(margin.m2) - sin_theta * math.sin(margin.m2) - margin.m3
+        return logit, math.cos(margin.m2) + math.sin(margin.m2) * cos_theta / sin_theta * unclipped
     clipped = paddle.clip(cos_theta, -1.0 + _COS_EPS, 1.0 - _COS_EPS)
     unclipped = ((cos_theta > -1.0 + _COS_EPS) & (cos_theta < 1.0 - _COS_EPS)).astype(cos_theta.dtype)
     angle = margin.m1 * paddle.acos(clipped) + margin.m2
-    return margin.m1 * paddle.sin(angle) / paddle.sqrt(1.0 - clipped * clipped) * unclipped
+    slope = margin.m1 * paddle.sin(angle) / paddle.sqrt(1.0 - clipped * clipped) * unclipped
+    return paddle.cos(angle) - margin.m3, slope
 
 
 def at_columns(matrix: paddle.Tensor, column: paddle.Tensor) -> paddle.Tensor:
@@ -272,8 +264,8 @@ class _MarginSoftmaxCrossEntropy(paddle.autograd.PyLayer):
             logits = zero_where(logits, filtered[0])
         # Rows whose class lives on another rank write their own logit back (filtered or not): no margin for
         # them.
-        target = paddle.where(has_target, margin.scale * target_logit(cos_target, margin),
-                              at_columns(logits, column))
+        target_logits, target_slopes = target_logit(cos_target, margin)
+        target = paddle.where(has_target, margin.scale * target_logits, at_columns(logits, column))
         logits = put_columns(logits, column, target)
         row_max = comm.all_reduce_max(max_per_row(logits))
         shifted = subtract_(logits, row_max)
@@ -281,7 +273,7 @@ class _MarginSoftmaxCrossEntropy(paddle.autograd.PyLayer):
         sum_exp = comm.all_reduce_sum_(row_sums(exp))
         has_target_float = has_target.astype(cosine.dtype)
         target_shifted = comm.all_reduce_sum_((target - row_max.squeeze(1)) * has_target_float)
-        slope = margin.scale * target_logit_slope(cos_target, margin) * has_target_float
+        slope = margin.scale * target_slopes * has_target_float
         ctx.save_for_backward(exp, sum_exp, column, has_target, slope, *filtered)
         ctx.scale = margin.scale
         return (paddle.log(sum_exp) - target_shifted).mean()

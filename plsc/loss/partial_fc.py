@@ -163,10 +163,6 @@ class MicroBatch:
     number: int
     remapped: paddle.Tensor
 
-    def micro_batch(self) -> MicroBatch:
-        """Itself: a loss takes a micro-batch or a step of one alike (:meth:`HeadStep.micro_batch`)."""
-        return self
-
 
 class HeadStrategy(Protocol):
     """How the head computes a step's loss, gradient and update over its sampled centers; every method is
@@ -331,25 +327,23 @@ class PartialFC:
         if micro_batches > 1:  # [ranks, micro, batch] -> [micro, ranks, batch]: micro-batch by micro-batch
             all_labels = all_labels.reshape([self.comm.world_size, micro_batches, -1]).transpose([1, 0, 2])
             all_labels = all_labels.reshape([-1])
-        pending = HeadStep(*self.sample_tensors(all_labels, step), update_in_backward, micro_batches)
-        self.strategy.prepare(self, pending)
-        return pending
-
-    def sample_tensors(self, all_labels: paddle.Tensor, step: int) -> tuple[paddle.Tensor, paddle.Tensor]:
-        """This rank's centers for the global batch's ``all_labels`` at ``step``, ``(index, remapped)``:
-        :func:`plsc.loss.sampling.sample_centers` on a host copy of the labels, or the constructor's
-        ``device_sampler`` (no copy to the host)."""
+        # This rank's centers, sampled on a host copy of the labels, or by the constructor's
+        # ``device_sampler`` (no copy to the host).
         count = self.shard.count
         if self.device_sampler is not None:
-            return self.device_sampler(all_labels, count, num_sampled(count, self.sample_ratio))
-        index, remapped = sample_centers(all_labels.numpy() - self.shard.start, count, self.sample_ratio,
-                                         self.seed, step, self.comm.rank)
-        return paddle.to_tensor(index), paddle.to_tensor(remapped)
+            index, remapped = self.device_sampler(all_labels, count, num_sampled(count, self.sample_ratio))
+        else:
+            index, remapped = self.sample(all_labels.numpy(), step)
+            index, remapped = paddle.to_tensor(index), paddle.to_tensor(remapped)
+        pending = HeadStep(index, remapped, update_in_backward, micro_batches)
+        self.strategy.prepare(self, pending)
+        return pending
 
     def loss(self, all_embeddings: paddle.Tensor, pending: HeadStep | MicroBatch) -> paddle.Tensor:
         """Margin softmax of a micro-batch's global batch over the step's sampled centers (``pending``: the
         micro-batch, or a step of one)."""
-        return self.strategy.loss(self, all_embeddings, pending.micro_batch())
+        micro = pending if isinstance(pending, MicroBatch) else pending.micro_batch()  # a step of one
+        return self.strategy.loss(self, all_embeddings, micro)
 
     def rows_loss(self, all_embeddings: paddle.Tensor, rows: paddle.Tensor, squared_norms: paddle.Tensor,
                   remapped: paddle.Tensor):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import importlib.util
 import inspect
 import os
 from types import SimpleNamespace
@@ -32,8 +31,6 @@ import paddle
 GATHER_WRITES_INTO = "out" in inspect.signature(paddle.index_select).parameters
 # Likewise its matmul.
 MATMUL_WRITES_INTO = "out" in inspect.signature(paddle.matmul).parameters
-# Whether the loops compiled by numba can run (else every caller takes the reference or the block walk).
-NUMBA_AVAILABLE = importlib.util.find_spec("numba") is not None
 # int8 codes are symmetric: -128 is never used, so a row's largest element maps to +-127 exactly.
 CODE_MAX = 127
 # Rows per block when a matrix is copied to or from the host (checkpoints): a few MB whatever its size.
@@ -106,9 +103,9 @@ def squared_row_norms(rows: paddle.Tensor) -> paddle.Tensor:
     On the CPU in eager mode, a compiled pass (numba) over the tensor's own memory, summing in float64: 8 ms
     against 58 ms for Paddle's batched dot products at 100,000 x 512 (3.3.1, 2 threads, AVX-512; numpy's
     einsum, one thread, 15 ms). A static program (no memory to view) and other devices take the reference."""
-    if compiles(rows):
+    if on_host(rows):
         norms = np.empty(rows.shape[0], dtype=np.float32)
-        _compiled("squared_norms")(host_view(rows), norms)
+        _compiled_loops().squared_norms(host_view(rows), norms)
         return paddle.to_tensor(norms, place=rows.place)
     return reference_squared_row_norms(rows)
 
@@ -123,8 +120,8 @@ def gather_into(out: paddle.Tensor, matrix: paddle.Tensor, index: paddle.Tensor)
     compiled copy of the rows (numba): 25 ms against 41 ms for Paddle's index_select at 100,000 x 512 rows of
     a 1M-row matrix (3.3.1, 2 threads, AVX-512); elsewhere Paddle 3.x's index_select into ``out``
     (:data:`GATHER_WRITES_INTO`)."""
-    if compiles(out, matrix):
-        _compiled("take_rows")(host_view(matrix), index.numpy(), host_view(out))
+    if on_host(out, matrix):
+        _compiled_loops().take_rows(host_view(matrix), index.numpy(), host_view(out))
         return out
     paddle.index_select(matrix, index, out=out)
     return out
@@ -151,8 +148,8 @@ def subtract_scaled_rows_(matrix: paddle.Tensor, rows: paddle.Tensor, factors: p
     when eager; returns the result. Products and differences are exact IEEE operations, so the compiled pass
     (numba, on the CPU: each row read once, no [n, width] temporary) gives Paddle's bits: 16 ms against 60 ms
     for the reference at 100,000 x 512 (3.3.1, 2 threads, AVX-512)."""
-    if compiles(matrix, rows, factors):
-        _compiled("subtract_scaled_rows")(host_view(matrix), host_view(rows), host_view(factors))
+    if on_host(matrix, rows, factors):
+        _compiled_loops().subtract_scaled_rows(host_view(matrix), host_view(rows), host_view(factors))
         return matrix
     return reference_subtract_scaled_rows_(matrix, rows, factors)
 
@@ -165,15 +162,10 @@ def reference_subtract_scaled_rows_(matrix: paddle.Tensor, rows: paddle.Tensor, 
 
 
 def on_host(*tensors: paddle.Tensor | None) -> bool:
-    """Whether numpy may work on these in place of Paddle: float32 CPU tensors, contiguous, eager (None: no
-    tensor)."""
+    """Whether numpy and the loops numba compiled may work on these in place of Paddle: float32 CPU tensors,
+    contiguous, eager (None: no tensor)."""
     return paddle.in_dynamic_mode() and all(
         t.dtype == paddle.float32 and is_cpu_and_contiguous(t) for t in tensors if t is not None)
-
-
-def compiles(*tensors: paddle.Tensor | None) -> bool:
-    """Whether a compiled pass (numba) may work on these (:func:`on_host`)."""
-    return NUMBA_AVAILABLE and on_host(*tensors)
 
 
 # The [batch, k] passes of the margin softmax. Products, differences and maxima are exact IEEE operations,
@@ -218,25 +210,20 @@ def momentum_rows_in_place_(weight: paddle.Tensor, velocity: paddle.Tensor, inde
     100,000 x 512 rows of a 1M-class matrix (3.3.1, 2 threads, AVX-512).
     """
     grad_rows = np.zeros((0, weight.shape[1]), dtype=np.float32) if grad is None else host_view(grad)
-    _compiled("step_rows")(host_view(weight), host_view(velocity), index.numpy(), grad_rows, grad is not None,
-                           *np.float32([lr, momentum, weight_decay, grad_scale]))
-
-
-def _compiled(name: str):
-    """The compiled loop ``name``, to run in the threads plsc runs Paddle with (OMP_NUM_THREADS)."""
-    kernels = _compile()
-    threads = int(os.environ.get("OMP_NUM_THREADS") or 0)
-    if threads:
-        kernels.numba.set_num_threads(min(threads, kernels.numba.config.NUMBA_NUM_THREADS))
-    return getattr(kernels, name)
+    _compiled_loops().step_rows(host_view(weight), host_view(velocity), index.numpy(), grad_rows,
+                                grad is not None, *np.float32([lr, momentum, weight_decay, grad_scale]))
 
 
 @functools.cache
-def _compile() -> SimpleNamespace:
+def _compiled_loops() -> SimpleNamespace:
     """The loops of :func:`momentum_rows_in_place_`, :func:`gather_into`, :func:`squared_row_norms` and
     :func:`subtract_scaled_rows_`: numba imported and each loop compiled on first use (its machine code
-    cached beside this module)."""
+    cached beside this module), to run in the threads plsc runs Paddle with (OMP_NUM_THREADS)."""
     import numba
+
+    threads = int(os.environ.get("OMP_NUM_THREADS") or 0)
+    if threads:
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
 
     @numba.njit(parallel=True, cache=True, boundscheck=False)
     def step_rows(weight, velocity, index, grad, has_grad, lr, momentum, weight_decay, grad_scale):
@@ -274,7 +261,7 @@ def _compile() -> SimpleNamespace:
             for j in range(matrix.shape[1]):
                 matrix[i, j] -= factor * rows[i, j]
 
-    return SimpleNamespace(numba=numba, step_rows=step_rows, take_rows=take_rows,
+    return SimpleNamespace(step_rows=step_rows, take_rows=take_rows,
                            squared_norms=squared_norms, subtract_scaled_rows=subtract_scaled_rows)
 
 

@@ -35,9 +35,9 @@ from plsc.loss.int8_rows import Int8Rows
 from plsc.loss.row_backend import (
     GATHER_WRITES_INTO,
     cast,
-    compiles,
     gather_into,
     momentum_rows_in_place_,
+    on_host,
     put_rows_,
     take_rows,
 )
@@ -79,7 +79,7 @@ class FloatRows:
         self.tensor = tensor
         self.shape = tensor.shape
         self.is_float32 = tensor.dtype == paddle.float32
-        self.gathers_into = self.is_float32 and (GATHER_WRITES_INTO or compiles(tensor))
+        self.gathers_into = self.is_float32 and (GATHER_WRITES_INTO or on_host(tensor))
 
     @property
     def dtype(self) -> str:
@@ -167,7 +167,7 @@ def lazy_update(
     few MB to the step's peak memory instead of another [rows, emb] float32 tensor. Both give the same bits.
     """
     if isinstance(weight, FloatRows) and isinstance(velocity, FloatRows) and \
-            compiles(weight.tensor, velocity.tensor, grad):
+            on_host(weight.tensor, velocity.tensor, grad):
         momentum_rows_in_place_(weight.tensor, velocity.tensor, index, grad, lr, momentum, weight_decay,
                                 grad_scale)
         return

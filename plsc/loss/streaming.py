@@ -56,7 +56,6 @@ from plsc.loss.margin import (
     put_columns,
     row_sums,
     target_logit,
-    target_logit_slope,
     zero_where,
 )
 from plsc.loss.row_backend import max_per_row, multiply_, squared_row_norms, subtract_
@@ -92,9 +91,9 @@ class RowTerms:
 
     @classmethod
     def of(cls, stats: SoftmaxStatistics, grad_per_row: float, margin) -> RowTerms:
-        target_logits = margin.scale * target_logit(stats.cos_target, margin)
+        logits, slopes = target_logit(stats.cos_target, margin)
+        target_logits, slope = margin.scale * logits, margin.scale * slopes
         softmax_target = paddle.exp(target_logits - stats.row_max.squeeze(1)) / stats.sum_exp
-        slope = margin.scale * target_logit_slope(stats.cos_target, margin)
         return cls(target_logits, (grad_per_row * margin.scale / stats.sum_exp).unsqueeze(1),
                    grad_per_row * (softmax_target - 1.0) * slope)
 
@@ -174,7 +173,7 @@ class _StreamingMarginLoss(paddle.autograd.PyLayer):
         micro.step.stats.append(stats)
         margin, comm = head.margin, head.comm
         has_target = (remapped >= 0).astype("float32")
-        target = margin.scale * target_logit(stats.cos_target, margin)
+        target = margin.scale * target_logit(stats.cos_target, margin)[0]
         target_shifted = comm.all_reduce_sum_((target - stats.row_max.squeeze(1)) * has_target)
         ctx.strategy, ctx.head, ctx.pending, ctx.stats = strategy, head, micro.step, stats
         return (paddle.log(stats.sum_exp) - target_shifted).mean()
@@ -262,7 +261,7 @@ class Streaming:
             if head.margin.interclass_filtering_threshold > 0:  # 0 stays 0 when scaled into a logit below
                 zero_where(chunk.cosine, filtered_entries(chunk.cosine, head.margin))
             logits = put_targets(chunk.cosine.scale_(scale), column, inside,
-                                 scale * target_logit(cos_at_column, head.margin))
+                                 scale * target_logit(cos_at_column, head.margin)[0])
             new_max = paddle.maximum(row_max, max_per_row(logits))
             sum_exp = sum_exp * paddle.exp(row_max - new_max).squeeze(1) + \
                 row_sums(subtract_(logits, new_max).exp_())
