@@ -88,9 +88,10 @@ class TrainStep:
         for number, micro_images in enumerate(images_per_micro_batch):
             with self.autocast():
                 embeddings = self.backbone(normalize_batch(micro_images))
-            # The margin softmax computes in float32; the loss is the global batch's, the same on every rank.
-            all_embeddings = comm.all_gather_with_grad(embeddings.astype("float32"))
-            micro_loss = self.head_loss(all_embeddings, pending.micro_batch(number))
+            if embeddings.dtype != paddle.float32:
+                embeddings = embeddings.astype("float32")  # the margin softmax computes in float32
+            # The loss is the global batch's mean, the same on every rank.
+            micro_loss = self.head_loss(comm.all_gather_with_grad(embeddings), pending.micro_batch(number))
             if micro_batches > 1:
                 micro_loss = micro_loss / micro_batches
             (micro_loss * scaler.scale if scaler.enabled else micro_loss).backward()
