@@ -359,11 +359,22 @@ class _PeakMeter:
 @functools.cache
 def probe_head(
     center_dtype: str, momentum_mode: str, margins: tuple[float, ...], scale: float, chunked: bool = False,
-    velocity_dtype: str = "same", interclass_filtering_threshold: float = 0.0,
+    velocity_dtype: str = "same", interclass_filtering_threshold: float = 0.0, device: str = "cpu",
 ) -> HeadProfile:
     """Measure :class:`HeadProfile` from plsc's PartialFC (``chunked``: the streaming head) on the CPU
-    (a few seconds). With inter-class filtering on, the margin softmax keeps its [G, S] mask (one byte per
-    entry) for the backward: measured with the rest."""
+    (a few seconds), running the code it runs on ``device``: for a GPU without the host's fast paths
+    (:func:`plsc.loss.row_backend.device_code_paths`). With inter-class filtering on, the margin softmax
+    keeps its [G, S] mask (one byte per entry) for the backward: measured with the rest."""
+    from plsc.loss.row_backend import device_code_paths
+
+    code_paths = device_code_paths() if device == "gpu" else contextlib.nullcontext()
+    with code_paths:
+        return _probe_head(center_dtype, momentum_mode, margins, scale, chunked, velocity_dtype,
+                           interclass_filtering_threshold)
+
+
+def _probe_head(center_dtype: str, momentum_mode: str, margins: tuple[float, ...], scale: float,
+                chunked: bool, velocity_dtype: str, interclass_filtering_threshold: float) -> HeadProfile:
     import paddle
 
     from plsc.loss.margin import Margin
@@ -566,7 +577,7 @@ def memory_model(config: Config, setting: Setting) -> MemoryModel:
     head = probe_head(
         config.loss.center_dtype, config.loss.momentum_mode, tuple(config.loss.margins), config.loss.scale,
         chunked=config.loss.chunk_size > 0, velocity_dtype=config.loss.velocity_dtype,
-        interclass_filtering_threshold=config.loss.interclass_filtering_threshold,
+        interclass_filtering_threshold=config.loss.interclass_filtering_threshold, device=setting.device,
     )
     backbone = probe_backbone(config.model, config.data.image_size)
     return MemoryModel(setting, head, backbone)

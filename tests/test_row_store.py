@@ -143,13 +143,15 @@ def test_subtracting_scaled_rows_is_paddles_ops_to_the_bit(monkeypatch):
     np.testing.assert_array_equal(fast.numpy()[7], matrix[7])
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("grad_scale, with_grad", [(1.0, True), (0.125, True), (1.0, False)])
-def test_momentum_in_place_is_the_gather_kernel_scatter_walk_to_the_bit(monkeypatch, grad_scale, with_grad):
+def test_momentum_in_place_is_the_gather_kernel_scatter_walk_to_the_bit(monkeypatch, grad_scale, with_grad,
+                                                                         dtype):
     """The compiled in-place step against the walk through Paddle's own momentum kernel (the reference),
     on a matrix whose sampled rows are scattered and unsorted, with a gradient scale and without gradient
-    (the dense mode's decay of unsampled rows)."""
-    weight = RNG.standard_normal((500, 48)).astype(np.float32)
-    velocity = (RNG.standard_normal((500, 48)) * 0.1).astype(np.float32)
+    (the dense mode's decay of unsampled rows); float16 matrices are read as float32 and rounded back."""
+    weight = RNG.standard_normal((500, 48)).astype(dtype)
+    velocity = (RNG.standard_normal((500, 48)) * 0.1).astype(dtype)
     index = paddle.to_tensor(RNG.permutation(500)[:130])
     grad = paddle.to_tensor(RNG.standard_normal((130, 48)).astype(np.float32)) if with_grad else None
     settings = dict(lr=0.3, momentum=0.9, weight_decay=5e-4, grad_scale=grad_scale)
@@ -160,19 +162,65 @@ def test_momentum_in_place_is_the_gather_kernel_scatter_walk_to_the_bit(monkeypa
             if in_place:  # the walk must not run
                 patch.setattr(rows_module, "momentum_", None)
             else:
-                patch.setattr(rows_module, "on_host", lambda *tensors: False)
+                patch.setattr(rows_module, "steps_in_place", lambda *tensors: False)
             rows_module.lazy_update(*stores, index, grad, **settings)
         stepped[in_place] = [bits(store.tensor) for store in stores]
     for fast, reference in zip(stepped[True], stepped[False], strict=True):
         np.testing.assert_array_equal(fast, reference)
     untouched = np.setdiff1d(np.arange(500), index.numpy())
-    np.testing.assert_array_equal(stepped[True][0].view(np.float32)[untouched], weight[untouched])
-    # And against numpy's float32 arithmetic, the formula of Paddle's Momentum with L2 decay.
+    np.testing.assert_array_equal(stepped[True][0].view(dtype)[untouched], weight[untouched])
+    # And against numpy's float32 arithmetic, the formula of Paddle's Momentum with L2 decay, rounded to the
+    # storage's dtype.
     rows = index.numpy()
+    w, v = weight[rows].astype(np.float32), velocity[rows].astype(np.float32)
     g = grad.numpy() * np.float32(grad_scale) if with_grad else np.zeros((130, 48), np.float32)
-    v = velocity[rows] * np.float32(0.9) + (g + np.float32(5e-4) * weight[rows])
-    np.testing.assert_array_equal(stepped[True][1].view(np.float32)[rows], v)
-    np.testing.assert_array_equal(stepped[True][0].view(np.float32)[rows], weight[rows] - np.float32(0.3) * v)
+    v = v * np.float32(0.9) + (g + np.float32(5e-4) * w)
+    np.testing.assert_array_equal(stepped[True][1].view(dtype)[rows], v.astype(dtype))
+    np.testing.assert_array_equal(stepped[True][0].view(dtype)[rows], (w - np.float32(0.3) * v).astype(dtype))
+
+
+def test_the_compiled_rounding_to_float16_is_numpys_for_every_kind_of_value():
+    """The float32 -> float16 rounding of the in-place float16 step (half_bits) against numpy's cast: every
+    float16 value, the midpoints between neighbours (ties to even) and the floats next to them, subnormals,
+    the overflow threshold, infinities, signed zeros, and random values across float32's range."""
+    loops = row_backend._compiled_loops()
+    halves = np.arange(1 << 16).astype(np.uint16).view(np.float16)
+    magnitudes = np.unique(np.abs(halves[np.isfinite(halves)]).astype(np.float32))
+    midpoints = ((magnitudes[1:].astype(np.float64) + magnitudes[:-1]) / 2).astype(np.float32)
+    beside = [np.nextafter(midpoints, np.float32(direction)) for direction in (0, np.inf)]
+    spread = RNG.standard_normal(20000) * np.exp(RNG.uniform(-110, 88, 20000))
+    special = [65504, 65519.996, 65520, 65536, np.inf, 0.0, 2**-24, 2**-25, 3 * 2**-26, 2**-26, 1e-40, 2**-14,
+               np.nextafter(np.float32(2**-14), np.float32(0))]
+    values = np.concatenate([magnitudes, midpoints, *beside, spread, special]).astype(np.float32)
+    values = np.concatenate([values, -values])
+    got = np.array([loops.half_bits(value, value_bits) for value, value_bits
+                    in zip(values.tolist(), values.view(np.uint32).tolist(), strict=True)], dtype=np.uint16)
+    with np.errstate(over="ignore"):
+        np.testing.assert_array_equal(got, values.astype(np.float16).view(np.uint16))
+    nan = np.float32(np.nan)
+    assert np.isnan(np.uint16(loops.half_bits(nan, nan.view(np.uint32))).view(np.float16))
+
+
+def test_device_code_paths_turn_every_host_path_off():
+    """What the memory model probes for a GPU (plsc.capacity): inside, nothing takes a host path."""
+    matrix = paddle.to_tensor(np.ones((4, 8), np.float32))
+    assert row_backend.on_host(matrix) and row_backend.steps_in_place(matrix, matrix, None)
+    with row_backend.device_code_paths():
+        assert not row_backend.on_host(matrix)
+        assert not row_backend.steps_in_place(matrix, matrix, None)
+        assert not FloatRows(paddle.to_tensor(np.ones((4, 8), np.float16))).gathers_into
+    assert row_backend.on_host(matrix)
+
+
+def test_float16_rows_gather_into_a_float32_buffer_exactly():
+    matrix = VALUES[:608].astype(np.float16).reshape(76, 8)
+    index = paddle.to_tensor(np.array([5, 0, 75, 33, 6]))
+    out = paddle.empty([5, 8], dtype="float32")
+    store = FloatRows(paddle.to_tensor(matrix))
+    assert store.gathers_into
+    got = store.gather(index, out)
+    assert got.data_ptr() == out.data_ptr()
+    np.testing.assert_array_equal(got.numpy(), matrix[index.numpy()].astype(np.float32))
 
 
 def test_int8_quantisation_on_the_host_matches_paddles_ops():

@@ -5,18 +5,22 @@ The tricks: numpy views of a CPU tensor's own memory (``host_view`` over ``data_
 casts by OpenCV (F16C instructions), float16 gathers through a bfloat16 view, float16 scatters and int8
 quantisation by numpy; the margin softmax's [batch, k] products, differences and maxima by numpy (exact
 operations: Paddle's bits); loops compiled by numba for the sampled rows' gather and squared norms, the
-centers' gradient pass and the sparse momentum step in place; and the two version tests, whether Paddle's
+centers' gradient pass and the sparse momentum step in place (float32, and float16 through its bits, rounded
+as a cast rounds); and the two version tests, whether Paddle's
 index_select and matmul can write into a given tensor (:data:`GATHER_WRITES_INTO`,
 :data:`MATMUL_WRITES_INTO`: 3.x can, 2.6 cannot). The row stores (:mod:`plsc.loss.rows`,
 :mod:`plsc.loss.int8_rows`) call the row moves and the momentum step, the heads (:mod:`plsc.loss.partial_fc`,
 :mod:`plsc.loss.streaming`) the norms, the cosine and softmax layers (:mod:`plsc.loss.margin`) the passes;
 the math modules call these functions, never the tricks themselves. Every trick runs in eager mode only: a
 static program (no memory to view) and other devices take the references, which compute the same numbers
-wherever the tests need them to (static mode against eager).
+wherever the tests need them to (static mode against eager); so do the memory model's probes of a GPU's run
+(:func:`device_code_paths`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import functools
 import inspect
@@ -116,12 +120,20 @@ def reference_squared_row_norms(rows: paddle.Tensor) -> paddle.Tensor:
 
 
 def gather_into(out: paddle.Tensor, matrix: paddle.Tensor, index: paddle.Tensor) -> paddle.Tensor:
-    """``out[:] = matrix[index]`` (float32; ``out`` [len(index), width]); returns ``out``. On the CPU a
-    compiled copy of the rows (numba): 25 ms against 41 ms for Paddle's index_select at 100,000 x 512 rows of
-    a 1M-row matrix (3.3.1, 2 threads, AVX-512); elsewhere Paddle 3.x's index_select into ``out``
+    """``out[:] = matrix[index]`` as float32 (``out`` [len(index), width]; ``matrix`` float32, or float16 on
+    the host); returns ``out``. On the CPU a compiled copy of the rows (numba): 25 ms against 41 ms for
+    Paddle's index_select at 100,000 x 512 rows of a 1M-row float32 matrix (3.3.1, 2 threads, AVX-512); from
+    float16, each value read through a table of the float32 of every float16 (exact): 63-68 ms against
+    121-125 ms for the float16 gather and the cast apart (``plsc bench head --precision fp16``'s gather phase,
+    norms included: 48-50 ms against 80-105). Elsewhere Paddle 3.x's index_select into ``out``
     (:data:`GATHER_WRITES_INTO`)."""
-    if on_host(out, matrix):
-        _compiled_loops().take_rows(host_view(matrix), index.numpy(), host_view(out))
+    if on_host(out) and on_host(matrix, dtype=matrix.dtype):
+        loops = _compiled_loops()
+        if matrix.dtype == paddle.float16:
+            halves = host_view(matrix).view(np.uint16)
+            loops.take_half_rows(halves, index.numpy(), host_view(out), loops.to_float)
+        else:
+            loops.take_rows(host_view(matrix), index.numpy(), host_view(out))
         return out
     paddle.index_select(matrix, index, out=out)
     return out
@@ -161,11 +173,27 @@ def reference_subtract_scaled_rows_(matrix: paddle.Tensor, rows: paddle.Tensor, 
     return matrix.subtract_(scaled_rows) if paddle.in_dynamic_mode() else matrix - scaled_rows
 
 
-def on_host(*tensors: paddle.Tensor | None) -> bool:
-    """Whether numpy and the loops numba compiled may work on these in place of Paddle: float32 CPU tensors,
-    contiguous, eager (None: no tensor)."""
-    return paddle.in_dynamic_mode() and all(
-        t.dtype == paddle.float32 and is_cpu_and_contiguous(t) for t in tensors if t is not None)
+# Off inside device_code_paths(): then on_host() is false everywhere.
+_HOST_PATHS = contextvars.ContextVar("plsc_host_paths", default=True)
+
+
+@contextlib.contextmanager
+def device_code_paths():
+    """Inside, every fast path :func:`on_host` guards takes its reference, as on a device: the memory model
+    (plsc.capacity) measures on the CPU what a GPU's run allocates, and the host's fast paths allocate
+    otherwise (kept buffers, no gather or scatter in the update)."""
+    token = _HOST_PATHS.set(False)
+    try:
+        yield
+    finally:
+        _HOST_PATHS.reset(token)
+
+
+def on_host(*tensors: paddle.Tensor | None, dtype=paddle.float32) -> bool:
+    """Whether numpy and the loops numba compiled may work on these in place of Paddle: CPU tensors of
+    ``dtype``, contiguous, eager (None: no tensor), outside :func:`device_code_paths`."""
+    return _HOST_PATHS.get() and paddle.in_dynamic_mode() and all(
+        t.dtype == dtype and is_cpu_and_contiguous(t) for t in tensors if t is not None)
 
 
 # The [batch, k] passes of the margin softmax. Products, differences and maxima are exact IEEE operations,
@@ -199,19 +227,36 @@ def max_per_row(matrix: paddle.Tensor) -> paddle.Tensor:
     return matrix.max(axis=1, keepdim=True)
 
 
+def steps_in_place(weight: paddle.Tensor, velocity: paddle.Tensor, grad: paddle.Tensor | None) -> bool:
+    """Whether :func:`momentum_rows_in_place_` may step these: float32 or float16 matrices of one dtype on the
+    host, a float32 gradient there (or none)."""
+    return weight.dtype in (paddle.float32, paddle.float16) and on_host(grad) and \
+        on_host(weight, velocity, dtype=weight.dtype)
+
+
 def momentum_rows_in_place_(weight: paddle.Tensor, velocity: paddle.Tensor, index: paddle.Tensor,
                             grad: paddle.Tensor | None, lr: float, momentum: float, weight_decay: float,
                             grad_scale: float) -> None:
     """Paddle's Momentum with L2 decay on rows ``index`` (unique) of ``weight`` and ``velocity``, in place:
     ``g = grad * grad_scale + weight_decay * w; v = momentum * v + g; w = w - lr * v`` (``grad``: [len(index),
     width], None for zero), the same float32 operations in the same order as Paddle's CPU kernel, so the same
-    bits (tested). One pass over the rows where they lie, compiled by numba, in the threads plsc runs Paddle
-    with (OMP_NUM_THREADS): 30 ms against 330 ms for a gather, Paddle's momentum kernel and two scatters at
-    100,000 x 512 rows of a 1M-class matrix (3.3.1, 2 threads, AVX-512).
+    bits (tested). float16 matrices are read exactly as float32 and their results rounded to the nearest
+    float16, ties to even, as the gather-kernel-scatter walk casts them: the same bits again (tested). One
+    pass over the rows where they lie, compiled by numba, in the threads plsc runs Paddle with
+    (OMP_NUM_THREADS): 30 ms against 330 ms for a gather, Paddle's momentum kernel and two scatters at
+    100,000 x 512 float32 rows of a 1M-class matrix (3.3.1, 2 threads, AVX-512); float16, 142-152 ms against
+    236-241 ms for the walk (``plsc bench head --precision fp16``'s update phase, whose hugepage malloc spares
+    the random rows' TLB misses: 75-81 ms against 212).
     """
     grad_rows = np.zeros((0, weight.shape[1]), dtype=np.float32) if grad is None else host_view(grad)
-    _compiled_loops().step_rows(host_view(weight), host_view(velocity), index.numpy(), grad_rows,
-                                grad is not None, *np.float32([lr, momentum, weight_decay, grad_scale]))
+    settings = (index.numpy(), grad_rows, grad is not None,
+                *np.float32([lr, momentum, weight_decay, grad_scale]))
+    loops = _compiled_loops()
+    if weight.dtype == paddle.float16:
+        halves = (host_view(weight).view(np.uint16), host_view(velocity).view(np.uint16))
+        loops.step_half_rows(*halves, *settings, loops.to_float)
+    else:
+        loops.step_rows(host_view(weight), host_view(velocity), *settings)
 
 
 @functools.cache
@@ -247,6 +292,56 @@ def _compiled_loops() -> SimpleNamespace:
                 total += value * value
             out[i] = total
 
+    # numba has no float16 arithmetic on the CPU: float16 matrices are viewed as their bits, read through the
+    # table of every float16's float32 (exact, 256 KB) and written back by half_bits.
+    to_float = np.arange(1 << 16).astype(np.uint16).view(np.float16).astype(np.float32)
+
+    @numba.njit(inline="always")
+    def half_bits(value, value_bits):
+        """The float16 nearest the float32 ``value`` (ties to even), as bits; ``value_bits``: its bits."""
+        sign = np.uint16((value_bits >> 16) & 0x8000)
+        magnitude = value_bits & 0x7FFFFFFF
+        if magnitude > 0x7F800000:  # NaN stays NaN, quiet, with the top of its payload
+            return sign | np.uint16(0x7E00 | ((magnitude >> 13) & 0x1FF))
+        if magnitude >= 0x477FF000:  # at or past 65520, half-way above the largest float16: infinity
+            return sign | np.uint16(0x7C00)
+        if magnitude >= 0x38800000:  # 2^-14 and up: a normal float16
+            # Rebiased exponent and the top 10 fraction bits, then the 13 dropped bits round to nearest,
+            # ties to even (a carry out of the fraction steps the exponent, as it should).
+            half = (magnitude - 0x38000000) >> 13
+            dropped = magnitude & 0x1FFF
+            half += 1 if dropped + (half & 1) > 0x1000 else 0  # above half-way, or half-way from an odd half
+            return sign | np.uint16(half)
+        # Below 2^-14: a subnormal float16 (or 0) is a whole multiple of 2^-24; the product is exact and
+        # rint rounds to nearest, ties to even (1024 is the smallest normal, correctly).
+        return sign | np.uint16(np.rint(abs(value) * np.float32(16777216.0)))
+
+    @numba.njit(parallel=True, cache=True, boundscheck=False)
+    def step_half_rows(weight, velocity, index, grad, has_grad, lr, momentum, weight_decay, grad_scale,
+                       to_float):
+        zero = np.float32(0.0)
+        width = weight.shape[1]
+        for i in numba.prange(index.shape[0]):
+            row = index[i]
+            stepped = np.empty(2 * width, dtype=np.float32)  # velocity, then weight, in float32
+            for j in range(width):
+                w = to_float[weight[row, j]]
+                g = grad[i, j] * grad_scale if has_grad else zero
+                v = to_float[velocity[row, j]] * momentum + (g + weight_decay * w)
+                stepped[j] = v
+                stepped[width + j] = w - lr * v
+            stepped_bits = stepped.view(np.uint32)
+            for j in range(width):
+                velocity[row, j] = half_bits(stepped[j], stepped_bits[j])
+                weight[row, j] = half_bits(stepped[width + j], stepped_bits[width + j])
+
+    @numba.njit(parallel=True, cache=True, boundscheck=False)
+    def take_half_rows(matrix, index, out, to_float):
+        for i in numba.prange(index.shape[0]):
+            row = index[i]
+            for j in range(matrix.shape[1]):
+                out[i, j] = to_float[matrix[row, j]]
+
     @numba.njit(parallel=True, cache=True, boundscheck=False)
     def take_rows(matrix, index, out):
         for i in numba.prange(index.shape[0]):
@@ -261,7 +356,8 @@ def _compiled_loops() -> SimpleNamespace:
             for j in range(matrix.shape[1]):
                 matrix[i, j] -= factor * rows[i, j]
 
-    return SimpleNamespace(step_rows=step_rows, take_rows=take_rows,
+    return SimpleNamespace(step_rows=step_rows, step_half_rows=step_half_rows, take_half_rows=take_half_rows,
+                           half_bits=half_bits, to_float=to_float, take_rows=take_rows,
                            squared_norms=squared_norms, subtract_scaled_rows=subtract_scaled_rows)
 
 

@@ -16,11 +16,11 @@ Momentum with L2 weight decay, ``v = mu * v + (g + wd * w); w = w - lr * v``:
 - ``dense``: PLSC v2.2's semantics, the optimizer seeing the whole matrix: unsampled rows get a zero gradient,
   but their velocity still decays and weight decay still applies to them. Cost follows all classes.
 
-Speed (see ``plsc bench head``): float32 matrices on the CPU step in place, in one compiled pass over the
-sampled rows (no gather, no scatter); other stores walk blocks of rows through Paddle's own fused momentum
-kernel, one pass over a block instead of five elementwise ops each allocating a fresh [rows, emb] tensor (on
-CPU a fresh tensor of that size costs more in page faults than the arithmetic itself). Both are Paddle's
-Momentum to the bit.
+Speed (see ``plsc bench head``): float32 and float16 matrices on the CPU (weight and velocity of one dtype)
+step in place, in one compiled pass over the sampled rows (no gather, no scatter); other stores walk blocks of
+rows through Paddle's own fused momentum kernel, one pass over a block instead of five elementwise ops each
+allocating a fresh [rows, emb] tensor (on CPU a fresh tensor of that size costs more in page faults than the
+arithmetic itself). Both are Paddle's Momentum to the bit.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from plsc.loss.row_backend import (
     momentum_rows_in_place_,
     on_host,
     put_rows_,
+    steps_in_place,
     take_rows,
 )
 
@@ -79,18 +80,19 @@ class FloatRows:
         self.tensor = tensor
         self.shape = tensor.shape
         self.is_float32 = tensor.dtype == paddle.float32
-        self.gathers_into = self.is_float32 and (GATHER_WRITES_INTO or on_host(tensor))
+        # float16 gathers into a float32 ``out`` on the host only (row_backend.gather_into)
+        self.gathers_into = on_host(tensor, dtype=tensor.dtype) or (self.is_float32 and GATHER_WRITES_INTO)
 
     @property
     def dtype(self) -> str:
         return str(self.tensor.dtype).split(".")[-1]
 
     def gather(self, index: paddle.Tensor, out: paddle.Tensor | None = None) -> paddle.Tensor:
+        if out is not None and self.gathers_into:
+            return gather_into(out, self.tensor, index)  # the same memory every step instead of fresh pages
         if not self.is_float32:
             return cast(take_rows(self.tensor, index), paddle.float32)
-        if out is None or not self.gathers_into:
-            return paddle.gather(self.tensor, index)
-        return gather_into(out, self.tensor, index)  # the same memory every step instead of fresh pages
+        return paddle.gather(self.tensor, index)
 
     def scatter_(self, index: paddle.Tensor, rows: paddle.Tensor) -> None:
         if self.is_float32:
@@ -160,14 +162,14 @@ def lazy_update(
     their owner (:func:`row_store` of a tensor). ``rows``: the weight's rows already gathered as float32 (the
     forward pass gathered them; they are overwritten), or None.
 
-    float32 matrices on the CPU step where they lie, in one compiled pass
+    float32 or float16 matrices of one dtype on the CPU step where they lie, in one compiled pass
     (:func:`~plsc.loss.row_backend.momentum_rows_in_place_`). Other stores walk the rows a block of
     ``block_rows`` at a time (UPDATE_BLOCK_ROWS by default): gathered as float32, stepped by Paddle's kernel,
     scattered back; the velocity rows (and float16 casts) exist for one block at a time, so the update adds a
     few MB to the step's peak memory instead of another [rows, emb] float32 tensor. Both give the same bits.
     """
     if isinstance(weight, FloatRows) and isinstance(velocity, FloatRows) and \
-            on_host(weight.tensor, velocity.tensor, grad):
+            steps_in_place(weight.tensor, velocity.tensor, grad):
         momentum_rows_in_place_(weight.tensor, velocity.tensor, index, grad, lr, momentum, weight_decay,
                                 grad_scale)
         return
