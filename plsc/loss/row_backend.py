@@ -6,15 +6,14 @@ casts by OpenCV (F16C instructions), float16 gathers through a bfloat16 view, fl
 quantisation by numpy; the margin softmax's [batch, k] products, differences and maxima by numpy (exact
 operations: Paddle's bits); loops compiled by numba for the sampled rows' gather and squared norms, the
 centers' gradient pass and the sparse momentum step in place (float32, and float16 through its bits, rounded
-as a cast rounds); and the two version tests, whether Paddle's
-index_select and matmul can write into a given tensor (:data:`GATHER_WRITES_INTO`,
-:data:`MATMUL_WRITES_INTO`: 3.x can, 2.6 cannot). The row stores (:mod:`plsc.loss.rows`,
-:mod:`plsc.loss.int8_rows`) call the row moves and the momentum step, the heads (:mod:`plsc.loss.partial_fc`,
-:mod:`plsc.loss.streaming`) the norms, the cosine and softmax layers (:mod:`plsc.loss.margin`) the passes;
-the math modules call these functions, never the tricks themselves. Every trick runs in eager mode only: a
-static program (no memory to view) and other devices take the references, which compute the same numbers
-wherever the tests need them to (static mode against eager); so do the memory model's probes of a GPU's run
-(:func:`device_code_paths`).
+as a cast rounds); and the two version tests, whether Paddle's index_select and matmul can write into a given
+tensor (:data:`GATHER_WRITES_INTO`, :data:`MATMUL_WRITES_INTO`: 3.x can, 2.6 cannot). The row stores
+(:mod:`plsc.loss.rows`, :mod:`plsc.loss.int8_rows`) call the row moves and the momentum step, the heads
+(:mod:`plsc.loss.partial_fc`, :mod:`plsc.loss.streaming`) the norms, the cosine and softmax layers
+(:mod:`plsc.loss.margin`) the passes; the math modules call these functions, never the tricks themselves.
+Every trick runs in eager mode only: a static program (no memory to view) and other devices take the
+references, which compute the same numbers wherever the tests need them to (static mode against eager); so do
+the memory model's probes of a GPU's run (:func:`device_code_paths`).
 """
 
 from __future__ import annotations
