@@ -179,6 +179,39 @@ def test_momentum_in_place_is_the_gather_kernel_scatter_walk_to_the_bit(monkeypa
     np.testing.assert_array_equal(stepped[True][0].view(dtype)[rows], (w - np.float32(0.3) * v).astype(dtype))
 
 
+@pytest.mark.parametrize("weight_dtype", ["float32", "float16"])
+@pytest.mark.parametrize("with_grad", [True, False])
+def test_int8_velocity_in_place_is_the_walk_to_the_bit(monkeypatch, weight_dtype, with_grad):
+    """The compiled step of a weight with int8 velocity (codes read as code * scale, requantised as
+    quantize_on_host does) against the walk: dequantised block, Paddle's kernel, requantised scatter; a row
+    whose velocity steps to zero keeps scale 0 and codes 0."""
+    weight = RNG.standard_normal((300, 32)).astype(weight_dtype)
+    weight[17] = 0.0
+    velocity = (RNG.standard_normal((300, 32)) * 0.1).astype(np.float32)
+    velocity[17] = 0.0
+    index = paddle.to_tensor(np.concatenate([[17], RNG.permutation(np.delete(np.arange(300), 17))[:79]]))
+    grad = RNG.standard_normal((80, 32)).astype(np.float32)
+    grad[0] = 0.0
+    settings = dict(lr=0.3, momentum=0.9, weight_decay=5e-4, grad_scale=0.5)
+    stepped = {}
+    for in_place in (True, False):
+        store = new_rows(300, 32, "int8")
+        store.write_block_(0, paddle.to_tensor(velocity))
+        weights = FloatRows(paddle.to_tensor(weight))
+        with monkeypatch.context() as patch:
+            if in_place:  # the walk must not run
+                patch.setattr(rows_module, "momentum_", None)
+            else:
+                patch.setattr(rows_module, "steps_in_place", lambda *tensors: False)
+            rows_module.lazy_update(weights, store, index, paddle.to_tensor(grad) if with_grad else None,
+                                    **settings)
+        stepped[in_place] = [bits(weights.tensor), bits(store.codes), bits(store.scale)]
+    for fast, reference in zip(stepped[True], stepped[False], strict=True):
+        np.testing.assert_array_equal(fast, reference)
+    if with_grad:
+        assert not stepped[True][2].view(np.float32)[17].any() and not stepped[True][1][17].any()
+
+
 def test_the_compiled_rounding_to_float16_is_numpys_for_every_kind_of_value():
     """The float32 -> float16 rounding of the in-place float16 step (half_bits) against numpy's cast: every
     float16 value, the midpoints between neighbours (ties to even) and the floats next to them, subnormals,

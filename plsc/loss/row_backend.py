@@ -226,32 +226,45 @@ def max_per_row(matrix: paddle.Tensor) -> paddle.Tensor:
     return matrix.max(axis=1, keepdim=True)
 
 
-def steps_in_place(weight: paddle.Tensor, velocity: paddle.Tensor, grad: paddle.Tensor | None) -> bool:
-    """Whether :func:`momentum_rows_in_place_` may step these: float32 or float16 matrices of one dtype on the
-    host, a float32 gradient there (or none)."""
-    return weight.dtype in (paddle.float32, paddle.float16) and on_host(grad) and \
-        on_host(weight, velocity, dtype=weight.dtype)
+def steps_in_place(weight: paddle.Tensor, velocity: paddle.Tensor, grad: paddle.Tensor | None,
+                   velocity_scale: paddle.Tensor | None = None) -> bool:
+    """Whether :func:`momentum_rows_in_place_` may step these on the host: a float32 or float16 weight, a
+    velocity of its dtype (or int8 codes in their float16 container with float32 ``velocity_scale``), a
+    float32 gradient (or none)."""
+    velocity_dtype = weight.dtype if velocity_scale is None else paddle.float16
+    return weight.dtype in (paddle.float32, paddle.float16) and on_host(grad, velocity_scale) and \
+        on_host(weight, dtype=weight.dtype) and on_host(velocity, dtype=velocity_dtype)
 
 
 def momentum_rows_in_place_(weight: paddle.Tensor, velocity: paddle.Tensor, index: paddle.Tensor,
                             grad: paddle.Tensor | None, lr: float, momentum: float, weight_decay: float,
-                            grad_scale: float) -> None:
+                            grad_scale: float, velocity_scale: paddle.Tensor | None = None) -> None:
     """Paddle's Momentum with L2 decay on rows ``index`` (unique) of ``weight`` and ``velocity``, in place:
     ``g = grad * grad_scale + weight_decay * w; v = momentum * v + g; w = w - lr * v`` (``grad``: [len(index),
     width], None for zero), the same float32 operations in the same order as Paddle's CPU kernel, so the same
     bits (tested). float16 matrices are read exactly as float32 and their results rounded to the nearest
-    float16, ties to even, as the gather-kernel-scatter walk casts them: the same bits again (tested). One
-    pass over the rows where they lie, compiled by numba, in the threads plsc runs Paddle with
-    (OMP_NUM_THREADS): 30 ms against 330 ms for a gather, Paddle's momentum kernel and two scatters at
-    100,000 x 512 float32 rows of a 1M-class matrix (3.3.1, 2 threads, AVX-512); float16, 142-152 ms against
-    236-241 ms for the walk (``plsc bench head --precision fp16``'s update phase, whose hugepage malloc spares
-    the random rows' TLB misses: 75-81 ms against 212).
+    float16, ties to even, as the gather-kernel-scatter walk casts them: the same bits again (tested). With
+    ``velocity_scale``, ``velocity`` holds int8 codes (:mod:`plsc.loss.int8_rows`): each row is read as
+    ``code * scale`` and requantised with :func:`quantize_on_host`'s float32 operations (tested to the bit
+    against the walk). One pass over the rows where they lie, compiled by numba, in the threads plsc runs
+    Paddle with (OMP_NUM_THREADS): 30 ms against 330 ms for a gather, Paddle's momentum kernel and two
+    scatters at 100,000 x 512 float32 rows of a 1M-class matrix (3.3.1, 2 threads, AVX-512); float16, 142-152
+    ms against 236-241 ms for the walk (``plsc bench head --precision fp16``'s update phase, whose hugepage
+    malloc spares the random rows' TLB misses: 75-81 ms against 212).
     """
     grad_rows = np.zeros((0, weight.shape[1]), dtype=np.float32) if grad is None else host_view(grad)
     settings = (index.numpy(), grad_rows, grad is not None,
                 *np.float32([lr, momentum, weight_decay, grad_scale]))
     loops = _compiled_loops()
-    if weight.dtype == paddle.float16:
+    half_weight = weight.dtype == paddle.float16
+    if velocity_scale is not None:
+        # One kernel for either weight dtype: the one not stepped is an empty array of the other.
+        weights = (np.empty((0, 0), np.float32), host_view(weight).view(np.uint16)) if half_weight else \
+            (host_view(weight), np.empty((0, 0), np.uint16))
+        codes = host_view(velocity).view(np.int8)
+        loops.step_rows_int8_velocity(*weights, half_weight, codes, host_view(velocity_scale), *settings,
+                                      loops.to_float)
+    elif half_weight:
         halves = (host_view(weight).view(np.uint16), host_view(velocity).view(np.uint16))
         loops.step_half_rows(*halves, *settings, loops.to_float)
     else:
@@ -335,6 +348,36 @@ def _compiled_loops() -> SimpleNamespace:
                 weight[row, j] = half_bits(stepped[width + j], stepped_bits[width + j])
 
     @numba.njit(parallel=True, cache=True, boundscheck=False)
+    def step_rows_int8_velocity(weight, half_weight_bits, half_weight, codes, scales, index, grad, has_grad,
+                                lr, momentum, weight_decay, grad_scale, to_float):
+        zero, code_max = np.float32(0.0), np.float32(CODE_MAX)
+        width = codes.shape[1]
+        for i in numba.prange(index.shape[0]):
+            row = index[i]
+            stepped = np.empty(2 * width, dtype=np.float32)  # velocity, then weight, in float32
+            scale, absmax, has_nan = scales[row, 0], zero, False
+            for j in range(width):
+                w = to_float[half_weight_bits[row, j]] if half_weight else weight[row, j]
+                g = grad[i, j] * grad_scale if has_grad else zero
+                v = np.float32(codes[row, j]) * scale * momentum + (g + weight_decay * w)
+                stepped[j] = v
+                stepped[width + j] = w - lr * v
+                absmax = max(absmax, abs(v))
+                has_nan |= v != v
+            # Requantised as quantize_on_host does: scale = max |v| / 127, codes floor(v / scale + 0.5)
+            # (a zero row keeps scale 0 and codes 0; a NaN makes the scale NaN, as numpy's maximum does).
+            new_scale = np.float32(np.nan) if has_nan else absmax / code_max
+            divisor = new_scale if absmax > zero else np.float32(1.0)
+            scales[row, 0] = new_scale
+            stepped_bits = stepped.view(np.uint32)
+            for j in range(width):
+                codes[row, j] = np.int8(np.floor(stepped[j] / divisor + np.float32(0.5)))
+                if half_weight:
+                    half_weight_bits[row, j] = half_bits(stepped[width + j], stepped_bits[width + j])
+                else:
+                    weight[row, j] = stepped[width + j]
+
+    @numba.njit(parallel=True, cache=True, boundscheck=False)
     def take_half_rows(matrix, index, out, to_float):
         for i in numba.prange(index.shape[0]):
             row = index[i]
@@ -355,7 +398,8 @@ def _compiled_loops() -> SimpleNamespace:
             for j in range(matrix.shape[1]):
                 matrix[i, j] -= factor * rows[i, j]
 
-    return SimpleNamespace(step_rows=step_rows, step_half_rows=step_half_rows, take_half_rows=take_half_rows,
+    return SimpleNamespace(step_rows=step_rows, step_half_rows=step_half_rows,
+                           step_rows_int8_velocity=step_rows_int8_velocity, take_half_rows=take_half_rows,
                            half_bits=half_bits, to_float=to_float, take_rows=take_rows,
                            squared_norms=squared_norms, subtract_scaled_rows=subtract_scaled_rows)
 

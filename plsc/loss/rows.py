@@ -16,11 +16,11 @@ Momentum with L2 weight decay, ``v = mu * v + (g + wd * w); w = w - lr * v``:
 - ``dense``: PLSC v2.2's semantics, the optimizer seeing the whole matrix: unsampled rows get a zero gradient,
   but their velocity still decays and weight decay still applies to them. Cost follows all classes.
 
-Speed (see ``plsc bench head``): float32 and float16 matrices on the CPU (weight and velocity of one dtype)
-step in place, in one compiled pass over the sampled rows (no gather, no scatter); other stores walk blocks of
-rows through Paddle's own fused momentum kernel, one pass over a block instead of five elementwise ops each
-allocating a fresh [rows, emb] tensor (on CPU a fresh tensor of that size costs more in page faults than the
-arithmetic itself). Both are Paddle's Momentum to the bit.
+Speed (see ``plsc bench head``): a float32 or float16 weight on the CPU, with a velocity of its dtype or int8,
+steps in place, in one compiled pass over the sampled rows (no gather, no scatter); other stores walk blocks
+of rows through Paddle's own fused momentum kernel, one pass over a block instead of five elementwise ops
+each allocating a fresh [rows, emb] tensor (on CPU a fresh tensor of that size costs more in page faults than
+the arithmetic itself). Both are Paddle's Momentum to the bit.
 """
 
 from __future__ import annotations
@@ -162,17 +162,21 @@ def lazy_update(
     their owner (:func:`row_store` of a tensor). ``rows``: the weight's rows already gathered as float32 (the
     forward pass gathered them; they are overwritten), or None.
 
-    float32 or float16 matrices of one dtype on the CPU step where they lie, in one compiled pass
-    (:func:`~plsc.loss.row_backend.momentum_rows_in_place_`). Other stores walk the rows a block of
-    ``block_rows`` at a time (UPDATE_BLOCK_ROWS by default): gathered as float32, stepped by Paddle's kernel,
-    scattered back; the velocity rows (and float16 casts) exist for one block at a time, so the update adds a
-    few MB to the step's peak memory instead of another [rows, emb] float32 tensor. Both give the same bits.
+    A float32 or float16 weight on the CPU with a velocity of its dtype or int8 steps where it lies, in one
+    compiled pass (:func:`~plsc.loss.row_backend.momentum_rows_in_place_`). Other stores walk the rows a
+    block of ``block_rows`` at a time (UPDATE_BLOCK_ROWS by default): gathered as float32, stepped by
+    Paddle's kernel, scattered back; the velocity rows (and float16 casts) exist for one block at a time, so
+    the update adds a few MB to the step's peak memory instead of another [rows, emb] float32 tensor. Both
+    give the same bits.
     """
-    if isinstance(weight, FloatRows) and isinstance(velocity, FloatRows) and \
-            steps_in_place(weight.tensor, velocity.tensor, grad):
-        momentum_rows_in_place_(weight.tensor, velocity.tensor, index, grad, lr, momentum, weight_decay,
-                                grad_scale)
-        return
+    if isinstance(weight, FloatRows):
+        # The velocity's tensors: a float matrix, or int8 codes in their container with their scales.
+        velocity_tensor, velocity_scale = (velocity.tensor, None) if isinstance(velocity, FloatRows) else \
+            (velocity.codes, velocity.scale)
+        if steps_in_place(weight.tensor, velocity_tensor, grad, velocity_scale):
+            momentum_rows_in_place_(weight.tensor, velocity_tensor, index, grad, lr, momentum, weight_decay,
+                                    grad_scale, velocity_scale)
+            return
     rows = None if rows is None else rows.detach()
     count, block_rows = index.shape[0], block_rows or UPDATE_BLOCK_ROWS
     zero_grad = None
