@@ -4,7 +4,9 @@ Row ``i`` of the matrix is ``codes[i] * scale[i]``: int8 codes in [-127, 127] an
 ``scale = max |row| / 127``, codes rounded to nearest (``floor(x + 0.5)``: the same on every Paddle). A row
 costs ``width + 4`` bytes instead of ``2 * width`` in float16, so with float16 centers a class costs 1.5x its
 center instead of 2x. The momentum step reads its rows as float32 (dequantised), steps them, and writes them
-back requantised, a block of rows at a time (:func:`plsc.loss.rows.lazy_update`, :mod:`plsc.loss.streaming`).
+back requantised: on the CPU in one compiled pass over the rows
+(:func:`plsc.loss.row_backend.momentum_rows_in_place_`), elsewhere a block of rows at a time
+(:func:`plsc.loss.rows.lazy_update`, :mod:`plsc.loss.streaming`).
 
 Why a float16 container: the codes' bytes live in a float16 tensor of half the width, viewed as int8 for
 the arithmetic. Gathers and scatters then move float16 rows, which every Paddle and device can
