@@ -15,7 +15,7 @@ import paddle
 from paddle.jit.dy2static.program_translator import StaticFunction
 
 from plsc.config import Config
-from plsc.loss.partial_fc import MicroBatch, PartialFC
+from plsc.loss.partial_fc import PartialFC
 from plsc.loss.row_backend import squared_row_norms
 from plsc.loss.rows import gather_rows
 from plsc.parity import on_gpu
@@ -57,7 +57,7 @@ class CompiledHeadLoss:
         self.program = program
 
     def __call__(self, all_embeddings, pending):
-        micro = pending if isinstance(pending, MicroBatch) else pending.micro_batch()  # a step of one
+        micro = pending.micro_batch()  # a step of one micro-batch, or the micro-batch itself
         step = micro.step
         return self.program(all_embeddings, step.rows, step.squared_norms, micro.remapped)
 

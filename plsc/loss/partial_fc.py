@@ -163,6 +163,10 @@ class MicroBatch:
     number: int
     remapped: paddle.Tensor
 
+    def micro_batch(self) -> MicroBatch:
+        """Itself: a loss takes a micro-batch or a step of one alike (:meth:`HeadStep.micro_batch`)."""
+        return self
+
 
 class HeadStrategy(Protocol):
     """How the head computes a step's loss, gradient and update over its sampled centers; every method is
@@ -342,8 +346,7 @@ class PartialFC:
     def loss(self, all_embeddings: paddle.Tensor, pending: HeadStep | MicroBatch) -> paddle.Tensor:
         """Margin softmax of a micro-batch's global batch over the step's sampled centers (``pending``: the
         micro-batch, or a step of one)."""
-        micro = pending if isinstance(pending, MicroBatch) else pending.micro_batch()  # a step of one
-        return self.strategy.loss(self, all_embeddings, micro)
+        return self.strategy.loss(self, all_embeddings, pending.micro_batch())
 
     def rows_loss(self, all_embeddings: paddle.Tensor, rows: paddle.Tensor, squared_norms: paddle.Tensor,
                   remapped: paddle.Tensor):

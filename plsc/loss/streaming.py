@@ -192,8 +192,8 @@ class Streaming:
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         self.chunk_size = chunk_size
-        # [chunk, emb] buffers kept across chunks and steps: a chunk's gathered rows (weight, velocity, where
-        # Paddle can gather into a given tensor) and its center gradient. A fresh buffer per chunk costs its
+        # [chunk, emb] buffers kept across chunks and steps: a chunk's gathered centers (where their store
+        # gathers into a given tensor) and its center gradient. A fresh buffer per chunk costs its
         # page faults and first touch: the gathers took 2-3x longer.
         self._chunk_buffers: defaultdict[tuple[str, int], ScratchRows] = defaultdict(ScratchRows)
 
