@@ -282,17 +282,23 @@ def _compiled_loops() -> SimpleNamespace:
     if threads:
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
 
+    # Paddle's Momentum with L2 decay on one element (weight w, velocity v, gradient g): its float32
+    # operations in its order, the one formula every compiled step below runs. Returns the new velocity and
+    # weight.
+    @numba.njit(inline="always")
+    def momentum_step(w, v, g, lr, momentum, weight_decay):
+        v = v * momentum + (g + weight_decay * w)
+        return v, w - lr * v
+
     @numba.njit(parallel=True, cache=True, boundscheck=False)
     def step_rows(weight, velocity, index, grad, has_grad, lr, momentum, weight_decay, grad_scale):
         zero = np.float32(0.0)
         for i in numba.prange(index.shape[0]):
             row = index[i]
             for j in range(weight.shape[1]):
-                w = weight[row, j]
                 g = grad[i, j] * grad_scale if has_grad else zero
-                v = velocity[row, j] * momentum + (g + weight_decay * w)
-                velocity[row, j] = v
-                weight[row, j] = w - lr * v
+                velocity[row, j], weight[row, j] = momentum_step(weight[row, j], velocity[row, j], g, lr,
+                                                                 momentum, weight_decay)
 
     # Reassociation lets the sum run in vector lanes (in float64: any order rounds to about the same float32).
     @numba.njit(parallel=True, cache=True, boundscheck=False, fastmath={"reassoc"})
@@ -337,11 +343,10 @@ def _compiled_loops() -> SimpleNamespace:
             row = index[i]
             stepped = np.empty(2 * width, dtype=np.float32)  # velocity, then weight, in float32
             for j in range(width):
-                w = to_float[weight[row, j]]
                 g = grad[i, j] * grad_scale if has_grad else zero
-                v = to_float[velocity[row, j]] * momentum + (g + weight_decay * w)
-                stepped[j] = v
-                stepped[width + j] = w - lr * v
+                stepped[j], stepped[width + j] = momentum_step(to_float[weight[row, j]],
+                                                               to_float[velocity[row, j]], g, lr, momentum,
+                                                               weight_decay)
             stepped_bits = stepped.view(np.uint32)
             for j in range(width):
                 velocity[row, j] = half_bits(stepped[j], stepped_bits[j])
@@ -359,9 +364,9 @@ def _compiled_loops() -> SimpleNamespace:
             for j in range(width):
                 w = to_float[half_weight_bits[row, j]] if half_weight else weight[row, j]
                 g = grad[i, j] * grad_scale if has_grad else zero
-                v = np.float32(codes[row, j]) * scale * momentum + (g + weight_decay * w)
+                v, stepped[width + j] = momentum_step(w, np.float32(codes[row, j]) * scale, g, lr, momentum,
+                                                      weight_decay)
                 stepped[j] = v
-                stepped[width + j] = w - lr * v
                 absmax = max(absmax, abs(v))
                 has_nan |= v != v
             # Requantised as quantize_on_host does: scale = max |v| / 127, codes floor(v / scale + 0.5)
