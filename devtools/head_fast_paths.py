@@ -32,17 +32,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--ratio", type=float, default=0.1)
     args = parser.parse_args(argv)
 
+    import contextlib
+
     import paddle
 
     from plsc.bench.head import HeadBenchSpec, PhaseClock, build_head, head_step, make_batch, matmul_floor
-    from plsc.loss import margin, partial_fc, row_backend
+    from plsc.loss import margin, row_backend
 
     def plain_matmul(out, x, y, transpose_x=False):
         return paddle.matmul(x, y, transpose_x=transpose_x)
 
-    # (row norms, whether numpy and numba may work on tensors, the matmul of the centers' gradient)
-    variants = {"fast": (row_backend.squared_row_norms, row_backend.on_host, row_backend.matmul_into),
-                "reference": (row_backend.reference_squared_row_norms, lambda *tensors: False, plain_matmul)}
+    # (the code paths numpy and numba take or leave, the matmul of the centers' gradient: not guarded by them)
+    variants = {"fast": (contextlib.nullcontext, row_backend.matmul_into),
+                "reference": (row_backend.device_code_paths, plain_matmul)}
     spec = HeadBenchSpec(classes=args.classes, ratio=args.ratio, batch=128, emb=512)
     head = build_head(spec)
     rng = np.random.default_rng(spec.seed)
@@ -50,10 +52,11 @@ def main(argv: list[str]) -> int:
     warmup = 2
     for step in range(warmup + 2 * args.pairs):
         name = list(variants)[step % 2]
-        partial_fc.squared_row_norms, row_backend.on_host, margin.matmul_into = variants[name]
+        code_paths, margin.matmul_into = variants[name]
         embeddings, labels = make_batch(spec, rng)
         clock = PhaseClock()
-        rows = head_step(head, embeddings, labels, step, clock)
+        with code_paths():
+            rows = head_step(head, embeddings, labels, step, clock)
         grad_logits = paddle.randn([spec.global_batch, rows.shape[0]])
         floor, _ = matmul_floor(embeddings.detach(), rows.detach(), grad_logits)
         if step >= warmup:
